@@ -1,0 +1,46 @@
+"""`fedpath-site`: the hospital IT's command. Check the slides, prepare the feature cache."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from client.check import check_site
+from client.prepare import prepare_site
+from client.site_config import load_site_config
+from shared.cli import add_command, run_cli
+
+
+def _check(args: argparse.Namespace) -> int:
+    report = check_site(load_site_config(args.config))
+    print(report.render())
+    return 0 if report.ok else 1
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    summary = prepare_site(load_site_config(args.config), progress=not args.no_progress)
+    print(summary.report())
+    return 0 if summary.count("skipped") == 0 and not summary.problems else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedpath-site", description=__doc__)
+    commands = parser.add_subparsers(title="commands")
+    check = add_command(commands, "check", _check,
+                        "report unreadable or missing slides, unknown labels, slides without tissue, duplicates, "
+                        "class counts and patients in more than one split; exit 1 on errors")
+    check.add_argument("--config", required=True, help="the site's site.yaml")
+    prepare = add_command(commands, "prepare", _prepare,
+                          "tile every slide and cache its tile vectors; bad slides are reported and skipped; "
+                          "exit 1 if any was skipped")
+    prepare.add_argument("--config", required=True, help="the site's site.yaml")
+    prepare.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

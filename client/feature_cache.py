@@ -1,0 +1,145 @@
+"""The per-site feature cache: one file of tile vectors per item, keyed by what produced it.
+
+A key is the sha256 of the item's file content, the backbone's weights and the tiling settings,
+so a rescanned slide, a new trunk or a new tile size each invalidate exactly the entries they
+affect, and a renamed slide still hits. Entries are written atomically (temporary file, fsync,
+rename): a run interrupted at any point leaves only complete entries, and the next run resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from client.slides import SlideError
+
+CACHE_FORMAT = 1  # bump when the file layout changes: old entries are then ignored
+_CHUNK = 1 << 20
+
+
+def content_sha256(files: Iterable[Path]) -> str:
+    """sha256 of the bytes of an item's files (and of the companion folder of an MRXS slide)."""
+    digest = hashlib.sha256()
+    for path in files:
+        members = [path]
+        companion = path.with_suffix("")
+        if path.suffix.lower() == ".mrxs" and companion.is_dir():
+            members += sorted(p for p in companion.rglob("*") if p.is_file())
+        for member in members:
+            try:
+                with member.open("rb") as handle:
+                    while chunk := handle.read(_CHUNK):
+                        digest.update(chunk)
+            except FileNotFoundError:
+                raise SlideError(member, "file not found") from None
+            except OSError as exc:
+                raise SlideError(member, f"cannot read: {exc.strerror or exc}") from None
+    return digest.hexdigest()
+
+
+def cache_key(content: str, backbone: str, tiling: dict) -> str:
+    payload = json.dumps({"format": CACHE_FORMAT, "content": content, "backbone": backbone, "tiling": tiling},
+                         sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class CachedFeatures:
+    features: np.ndarray  # (N, D) float32 tile vectors, in the grid's spatial order
+    coords: np.ndarray  # (N, 2) int64 level-0 x, y
+    cells: np.ndarray  # (N, 2) int64 grid column, row
+    meta: dict  # item id, label, content and backbone hashes, tiling settings, read plan
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """Call ``write(handle)`` on a temporary file beside ``path``, then move it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class FeatureCache:
+    """Feature files under ``root/features``, plus ``root/index.json`` naming the entry of each item."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def path_for(self, key: str) -> Path:
+        return self.root / "features" / f"{key}.npz"
+
+    def has(self, key: str) -> bool:
+        return self.path_for(key).is_file()
+
+    def save(self, key: str, entry: CachedFeatures) -> None:
+        def write(handle) -> None:
+            np.savez(handle, features=entry.features.astype(np.float32), coords=entry.coords,
+                     cells=entry.cells, meta=np.frombuffer(json.dumps(entry.meta).encode(), dtype=np.uint8))
+
+        atomic_write_bytes(self.path_for(key), write)
+
+    def load(self, key: str) -> CachedFeatures:
+        return self._read(key, lambda data: CachedFeatures(
+            data["features"].astype(np.float32), data["coords"], data["cells"], _meta(data)))
+
+    def meta(self, key: str) -> dict:
+        """The entry's description alone (an npz member is only decompressed when asked for)."""
+        return self._read(key, _meta)
+
+    def _read(self, key: str, take):
+        path = self.path_for(key)
+        try:
+            with np.load(path) as data:
+                return take(data)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: no cached features for this item; run `fedpath-site prepare`") from None
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            raise ValueError(f"{path}: damaged cache entry ({exc}); delete it and run `fedpath-site prepare`") from None
+
+    @property
+    def index_path(self) -> Path:
+        return self.root / "index.json"
+
+    def write_index(self, index: "CacheIndex") -> None:
+        atomic_write_bytes(self.index_path, lambda h: h.write(json.dumps(asdict(index), indent=1).encode()))
+
+    def read_index(self) -> "CacheIndex":
+        try:
+            data = json.loads(self.index_path.read_text())
+            return CacheIndex(**data)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{self.index_path}: no prepared features; run `fedpath-site prepare`") from None
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{self.index_path}: damaged index ({exc}); run `fedpath-site prepare` again") from None
+
+
+def _meta(data) -> dict:
+    return json.loads(data["meta"].tobytes().decode())
+
+
+@dataclass(frozen=True)
+class CacheIndex:
+    """What the last `prepare` produced: the cache entry of every usable item, and how it was made."""
+
+    backbone: str
+    tiling: dict
+    classes: list[str]
+    items: dict[str, dict]  # item id -> {key, label, patient, split, tiles}

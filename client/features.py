@@ -1,0 +1,39 @@
+"""Running the frozen trunk over tiles: batched, channels-last, no autograd, reading in parallel."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from shared.encoder import FEATURE_DIM, TileEncoder
+
+
+def extract_features(encoder: TileEncoder, tiles: Dataset, batch_size: int, num_workers: int,
+                     on_batch: Callable[[int], None] | None = None) -> np.ndarray:
+    """Vectors of every tile of ``tiles`` in order, (N, 2048) float32.
+
+    ``on_batch(n)`` is called after each batch with its number of tiles (for progress bars).
+    """
+    loader = DataLoader(tiles, batch_size=batch_size, num_workers=num_workers, shuffle=False)
+    encoder.eval()
+    out = []
+    with torch.inference_mode():
+        for batch in loader:
+            out.append(encoder(batch.contiguous(memory_format=torch.channels_last)).numpy())
+            if on_batch:
+                on_batch(len(batch))
+    if not out:
+        return np.zeros((0, FEATURE_DIM), dtype=np.float32)
+    return np.concatenate(out).astype(np.float32, copy=False)
+
+
+def load_encoder(weights: str, threads: int = 0) -> TileEncoder:
+    """The frozen trunk, ready for inference: eval mode, channels-last memory layout."""
+    if threads:
+        torch.set_num_threads(threads)
+    encoder = TileEncoder(weights).eval()
+    encoder.requires_grad_(False)
+    return encoder.to(memory_format=torch.channels_last)

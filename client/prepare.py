@@ -1,0 +1,129 @@
+"""`fedpath-site prepare`: tile every item once and cache its tile vectors.
+
+Bad items (unreadable slide, no tissue, unreadable tile) are reported and skipped; the rest go
+on. Each item is saved as soon as it is done, so an interrupted run resumes where it stopped and
+a second run only reads hashes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+
+from tqdm import tqdm
+
+from client.feature_cache import CacheIndex, CachedFeatures, FeatureCache, cache_key, content_sha256
+from client.features import extract_features, load_encoder
+from shared.encoder import weights_id
+from client.site_config import SiteConfig
+from client.slides import failure_reason
+from client.sources import Item, class_names, load_items
+from client.tile_datasets import TilePlan, plan_item, tile_dataset
+
+log = logging.getLogger("fedpath.site")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    item: Item
+    status: str  # "new", "cached", "skipped"
+    tiles: int = 0
+    reason: str = ""
+
+
+@dataclass
+class PrepareSummary:
+    outcomes: list[Outcome] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # manifest rows that named no usable item
+    seconds: float = 0.0
+    new_tiles: int = 0
+
+    def count(self, status: str) -> int:
+        return sum(o.status == status for o in self.outcomes)
+
+    @property
+    def tiles(self) -> int:
+        return sum(o.tiles for o in self.outcomes)
+
+    def report(self) -> str:
+        rows = [(o.item.item_id, o.item.label, o.item.split, str(o.tiles), o.status, o.reason) for o in self.outcomes]
+        lines = [format_table(("item", "label", "split", "tiles", "status", "reason"), rows)]
+        lines += [f"manifest problem: {p}" for p in self.problems]
+        rate = self.new_tiles / self.seconds if self.seconds > 0 else 0.0
+        lines.append(
+            f"{len(self.outcomes)} items: {self.count('new')} new, {self.count('cached')} from cache, "
+            f"{self.count('skipped')} skipped; {self.tiles} tiles ({self.new_tiles} computed) "
+            f"in {self.seconds:.1f} s ({rate:.1f} tiles/s)"
+        )
+        return "\n".join(lines)
+
+
+def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def tiling_settings(config: SiteConfig) -> dict:
+    """Everything about tiling that changes the vectors, and so belongs in the cache key."""
+    return {**asdict(config.tiling), "mpp_override": config.data.mpp_override}
+
+
+def prepare_site(config: SiteConfig, progress: bool = True) -> PrepareSummary:
+    start = time.perf_counter()
+    summary = PrepareSummary()
+    items, problems = load_items(config.data)
+    summary.problems = [f"{p.where}: {p.message}" for p in problems if p.fatal]
+    classes = class_names(config.data, items)
+    backbone = weights_id(config.features.backbone_weights)
+    tiling = tiling_settings(config)
+    cache = FeatureCache(config.features.cache_dir)
+    log.info("%s: %d items, backbone %s, cache %s", config.name, len(items), backbone[:12], cache.root)
+
+    keys: dict[str, str] = {}
+    todo: list[tuple[Item, TilePlan]] = []
+    for item in tqdm(items, desc="planning", unit="item", disable=not progress, leave=False):
+        try:
+            keys[item.item_id] = key = cache_key(content_sha256(item.files), backbone, tiling)
+            if cache.has(key):
+                summary.outcomes.append(Outcome(item, "cached", cache.meta(key)["tiles"]))
+                continue
+            plan = plan_item(item, config.tiling, config.data.mpp_override)
+        except Exception as exc:  # one bad slide must not stop the site: report it and go on
+            summary.outcomes.append(Outcome(item, "skipped", reason=failure_reason(exc)))
+            continue
+        if len(plan.grid) == 0:
+            summary.outcomes.append(Outcome(item, "skipped", reason=(
+                f"no tile with >= {config.tiling.min_tissue:.0%} tissue at {config.tiling.target_mpp} µm/px")))
+            continue
+        todo.append((item, plan))
+
+    total = sum(len(plan.grid) for _, plan in todo)
+    encoder = load_encoder(config.features.backbone_weights, config.features.threads) if todo else None
+    with tqdm(total=total, desc=f"{config.name} features", unit="tile", disable=not progress) as bar:
+        for item, plan in todo:
+            try:
+                dataset = tile_dataset(item, plan, config.tiling.tile_size)
+                vectors = extract_features(encoder, dataset, config.features.batch_size,
+                                           config.features.num_workers, bar.update)
+            except Exception as exc:  # e.g. a corrupt tile deep inside a slide
+                summary.outcomes.append(Outcome(item, "skipped", reason=failure_reason(exc)))
+                continue
+            meta = {"item_id": item.item_id, "label": item.label, "tiles": len(plan.grid), "backbone": backbone,
+                    "tiling": tiling, "dimensions": list(plan.dimensions),
+                    "read": asdict(plan.read) if plan.read else None}
+            cache.save(keys[item.item_id], CachedFeatures(vectors, plan.grid.coords, plan.grid.cells, meta))
+            summary.outcomes.append(Outcome(item, "new", len(plan.grid)))
+            summary.new_tiles += len(plan.grid)
+
+    order = {item.item_id: i for i, item in enumerate(items)}
+    summary.outcomes.sort(key=lambda o: order[o.item.item_id])
+    usable = {o.item.item_id: {"key": keys[o.item.item_id], "label": o.item.label, "patient": o.item.patient,
+                               "split": o.item.split, "tiles": o.tiles}
+              for o in summary.outcomes if o.status != "skipped"}
+    cache.write_index(CacheIndex(backbone, tiling, list(classes), usable))
+    summary.seconds = time.perf_counter() - start
+    return summary
+

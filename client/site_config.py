@@ -1,0 +1,74 @@
+"""A hospital's `site.yaml`: where its slides are, how to tile them, where the feature cache lives."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from shared.yaml_config import at_least, check, fraction, load_config, positive
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the site's labelled data is: a slide manifest or a folder of labelled tiles."""
+
+    manifest: Path | None = None  # CSV with columns slide, label[, patient][, split]
+    tile_folder: Path | None = None  # one sub-folder per class, image tiles inside
+    labels: tuple[str, ...] = ()  # allowed class names in model order; empty: sorted labels found
+    val_fraction: float = check(fraction, 0.2)  # patients held out when the manifest has no split
+    split_seed: int = 0
+    group_size: int = check(at_least(1), 1)  # tile folders: tiles of one class grouped into one item
+    mpp_override: float | None = check(positive, None)  # µm/px for slides that record neither mpp nor objective
+
+    def __post_init__(self) -> None:
+        if (self.manifest is None) == (self.tile_folder is None):
+            raise ValueError("data: set exactly one of 'manifest' (slides) or 'tile_folder' (tiles)")
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError("data.labels: class names must be unique")
+
+
+@dataclass(frozen=True)
+class TilingConfig:
+    target_mpp: float = check(positive, 0.5)  # µm per pixel of the tiles (0.5 is about 20x)
+    tile_size: int = check(at_least(75), 299)  # pixels; 299 is InceptionV3's native input
+    min_tissue: float = check(fraction, 0.5)  # keep tiles with at least this tissue fraction
+    mask_size: int = check(at_least(64), 1024)  # longest side of the thumbnail the tissue mask is made on
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    backbone_weights: str = "random"  # "random", "imagenet", or a path to a .pth state dict
+    cache_dir: Path | None = None  # default: cache/ beside site.yaml
+    batch_size: int = check(at_least(1), 32)
+    num_workers: int = check(at_least(0), 1)  # tile-reading processes next to the feature extractor
+    threads: int = check(at_least(0), 0)  # torch threads; 0 keeps torch's default
+
+
+@dataclass(frozen=True)
+class SequenceConfig:
+    length: int = check(at_least(1), 8)  # tiles per sequence fed to the recurrent head
+    windows_per_slide: int = check(at_least(1), 1)  # random training windows drawn per slide and epoch
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    name: str
+    data: DataConfig
+    tiling: TilingConfig = field(default_factory=TilingConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    sequences: SequenceConfig = field(default_factory=SequenceConfig)
+
+
+def load_site_config(path: str | Path) -> SiteConfig:
+    """Load and validate a site config; relative paths are taken from the config's folder."""
+    config = load_config(SiteConfig, path)
+    base = Path(path).resolve().parent
+    weights = config.features.backbone_weights
+    if weights not in BUILTIN_WEIGHTS:
+        weights = str((base / Path(weights).expanduser()).resolve())
+    features = replace(config.features, backbone_weights=weights,
+                       cache_dir=config.features.cache_dir or base / "cache")
+    return replace(config, features=features)
+
+
+BUILTIN_WEIGHTS = ("random", "imagenet")

@@ -1,0 +1,112 @@
+"""From an item to tiles: plan the tiles of a slide or tile group, and read their pixels.
+
+Planning (thumbnail, tissue mask, grid) happens once per item in the main process. Reading is a
+torch ``Dataset`` so a ``DataLoader`` with worker processes decodes tiles in parallel with the
+feature extractor; each worker opens its own OpenSlide handle, as handles are not shareable
+across processes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from client.site_config import TilingConfig
+from client.slides import ReadPlan, SlideError, open_slide, plan_for_slide, read_tile, thumbnail
+from client.sources import Item
+from client.tiling import TileGrid, tile_grid
+from client.tissue import tissue_mask
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    grid: TileGrid
+    read: ReadPlan | None  # None for image tiles, which are read whole
+    dimensions: tuple[int, int]  # level-0 width, height of the slide (tile size for image tiles)
+
+
+def plan_slide(path: Path, tiling: TilingConfig, mpp_override: float | None) -> TilePlan:
+    slide = open_slide(path)
+    try:
+        try:
+            read = plan_for_slide(slide, tiling.target_mpp, tiling.tile_size, mpp_override)
+        except ValueError as exc:
+            raise SlideError(path, str(exc)) from None
+        thumb, scale = thumbnail(slide, tiling.mask_size)
+        grid = tile_grid(tissue_mask(thumb), scale, slide.dimensions, read.footprint, tiling.min_tissue)
+        return TilePlan(grid, read, slide.dimensions)
+    finally:
+        slide.close()
+
+
+def plan_tiles(files: tuple[Path, ...], tile_size: int) -> TilePlan:
+    """Image tiles in a row: tile i sits in grid cell (i, 0)."""
+    cells = np.stack([np.arange(len(files)), np.zeros(len(files), dtype=np.int64)], axis=1).astype(np.int64)
+    grid = TileGrid(cells * tile_size, cells, np.ones(len(files), dtype=np.float32))
+    return TilePlan(grid, None, (tile_size, tile_size))
+
+
+def plan_item(item: Item, tiling: TilingConfig, mpp_override: float | None = None) -> TilePlan:
+    if item.kind == "slide":
+        return plan_slide(item.files[0], tiling, mpp_override)
+    return plan_tiles(item.files, tiling.tile_size)
+
+
+def to_tensor(rgb: np.ndarray) -> torch.Tensor:
+    """HWC uint8 -> CHW uint8; normalisation happens batched, in the encoder."""
+    return torch.from_numpy(np.array(rgb, copy=True)).permute(2, 0, 1)  # PIL's arrays are read-only
+
+
+class SlideTiles(Dataset):
+    """Pixels of the planned tiles of one slide, read on demand."""
+
+    def __init__(self, path: Path, coords: np.ndarray, read: ReadPlan):
+        self.path = path
+        self.coords = coords
+        self.read = read
+        self._slide = None  # opened lazily, once per worker process
+
+    def __len__(self) -> int:
+        return len(self.coords)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if self._slide is None:
+            self._slide = open_slide(self.path)
+        x, y = self.coords[index]
+        return to_tensor(read_tile(self._slide, x, y, self.read))
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_slide": None}
+
+
+class ImageTiles(Dataset):
+    """Image files of a tile dataset, resized to the tile size."""
+
+    def __init__(self, files: tuple[Path, ...], tile_size: int):
+        self.files = files
+        self.tile_size = tile_size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        path = self.files[index]
+        try:
+            with Image.open(path) as image:
+                rgb = image.convert("RGB")
+        except (OSError, UnidentifiedImageError) as exc:
+            raise SlideError(path, f"cannot read image tile: {exc}") from None
+        if rgb.size != (self.tile_size, self.tile_size):
+            rgb = rgb.resize((self.tile_size, self.tile_size), Image.BILINEAR)
+        return to_tensor(np.asarray(rgb))
+
+
+def tile_dataset(item: Item, plan: TilePlan, tile_size: int) -> Dataset:
+    if item.kind == "slide":
+        return SlideTiles(item.files[0], plan.grid.coords, plan.read)
+    return ImageTiles(item.files, tile_size)

@@ -1,0 +1,124 @@
+"""The tile encoder: torchvision's InceptionV3 trunk, one 2048-d vector per tile.
+
+Weights come from one of three places: ``random`` (a fixed seed, so every site builds the same
+trunk: tests and demos), a local ``.pth`` file (hospitals are offline), or ``imagenet``
+(torchvision's download, where a machine has internet or a copy in torch's hub cache).
+``weights_id`` names the exact trunk (the sha256 of a weights file) without building it, so a
+cache can tell whether its vectors are still valid in milliseconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models import Inception_V3_Weights, inception_v3
+
+from shared.errors import UserError
+
+FEATURE_DIM = 2048
+RANDOM_SEED = 0
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_DROPPED_PREFIXES = ("fc.", "AuxLogits.")  # classifier parts of a full InceptionV3 checkpoint
+_WRAPPER_PREFIXES = ("module.", "trunk.")
+
+
+class WeightsError(UserError, RuntimeError):
+    """Backbone weights that cannot be loaded, with what to do about it."""
+
+
+class TileEncoder(nn.Module):
+    """InceptionV3 without its classifier: uint8 RGB tiles [B, 3, H, W] -> features [B, 2048].
+
+    Normalisation is part of the module, so callers hand over raw pixels. Inputs of 75 px or more
+    work; 299 px is the trunk's native size.
+    """
+
+    def __init__(self, weights: str | Path = "random"):
+        super().__init__()
+        self.trunk = _build_trunk(str(weights))
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
+
+    def normalize(self, tiles: torch.Tensor) -> torch.Tensor:
+        return (tiles.float() - self.mean) / self.std
+
+    def forward(self, tiles: torch.Tensor) -> torch.Tensor:
+        return self.trunk(self.normalize(tiles))
+
+
+def _build_trunk(weights: str) -> nn.Module:
+    if weights == "imagenet":
+        trunk = _imagenet_trunk()
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_SEED)
+            trunk = inception_v3(weights=None, aux_logits=False, init_weights=True)
+    trunk.fc = nn.Identity()
+    trunk.dropout = nn.Identity()
+    if weights not in ("random", "imagenet"):
+        _load_local(trunk, Path(weights))
+    return trunk.eval()
+
+
+def _imagenet_trunk() -> nn.Module:
+    try:
+        trunk = inception_v3(weights=Inception_V3_Weights.IMAGENET1K_V1)
+    except Exception as exc:  # urllib, ssl and socket errors all mean the same thing here
+        raise WeightsError(
+            f"could not download torchvision's ImageNet InceptionV3 weights ({exc.__class__.__name__}: {exc}). "
+            "This machine is probably offline: copy the weights file here and set "
+            "features.backbone_weights: /path/to/inception_v3.pth in site.yaml"
+        ) from None
+    trunk.aux_logits = False
+    trunk.AuxLogits = None
+    return trunk
+
+
+def _load_local(trunk: nn.Module, path: Path) -> None:
+    if not path.is_file():
+        raise WeightsError(f"{path}: backbone weights file not found (features.backbone_weights)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeightsError(f"{path}: not a PyTorch weights file ({exc.__class__.__name__}: {exc})") from None
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path}: expected a state dict of InceptionV3 weights, got {type(state).__name__}")
+    cleaned = {}
+    for key, value in state.items():
+        for prefix in _WRAPPER_PREFIXES:
+            key = key.removeprefix(prefix)
+        if not key.startswith(_DROPPED_PREFIXES):
+            cleaned[key] = value
+    missing, unexpected = trunk.load_state_dict(cleaned, strict=False)
+    if missing or unexpected:
+        raise WeightsError(
+            f"{path}: does not hold InceptionV3 trunk weights "
+            f"(missing {len(missing)} keys, e.g. {missing[:3]}; unexpected {len(unexpected)}, e.g. {unexpected[:3]})"
+        )
+
+
+def weights_id(weights: str | Path) -> str:
+    """sha256 naming the trunk's weights: of the weights file, or of how built-in weights are made."""
+    weights = str(weights)
+    if weights == "random":  # seeded initialisation: identical wherever the same versions run it
+        recipe = f"random:seed={RANDOM_SEED}:torch={torch.__version__}:torchvision={torchvision.__version__}"
+    elif weights == "imagenet":
+        recipe = f"imagenet:{Inception_V3_Weights.IMAGENET1K_V1.url}"
+    else:
+        path = Path(weights)
+        if not path.is_file():
+            raise WeightsError(f"{path}: backbone weights file not found (features.backbone_weights)")
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+        return digest.hexdigest()
+    return hashlib.sha256(recipe.encode()).hexdigest()

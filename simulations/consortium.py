@@ -1,0 +1,31 @@
+"""A local demo consortium: generated hospitals, each with its slides, manifest and site.yaml."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from simulations.slide_generator import LABELS, SlideSpec, make_site_slides
+
+
+def write_site_config(manifest: Path, tile_size: int, backbone_weights: str = "random") -> Path:
+    """A site.yaml beside ``manifest``, as a hospital's IT would write it for these slides."""
+    site_dir = manifest.parent
+    config = {
+        "name": site_dir.name,
+        "data": {"manifest": manifest.name, "labels": list(LABELS)},
+        "tiling": {"target_mpp": 0.5, "tile_size": tile_size, "min_tissue": 0.5},
+        "features": {"backbone_weights": backbone_weights, "cache_dir": "cache"},
+    }
+    path = site_dir / "site.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def make_consortium(out: Path, sites: int, slides_per_site: int, seed: int, size: int, tile_size: int,
+                    progress: bool = True) -> list[Path]:
+    """Generate slides for ``sites`` hospitals and a site.yaml for each; returns the site.yaml paths."""
+    spec = SlideSpec(width=size, height=size)
+    manifests = make_site_slides(out, sites, slides_per_site, seed, spec, progress=progress)
+    return [write_site_config(m, tile_size) for m in manifests]

@@ -1,0 +1,53 @@
+import pytest
+import torch
+
+import shared.encoder as encoder_module
+from shared.encoder import FEATURE_DIM, TileEncoder, WeightsError, weights_id
+
+
+@pytest.fixture(scope="module")
+def random_encoder():
+    return TileEncoder("random").eval()
+
+
+def test_random_trunk_is_reproducible_and_gives_2048_d(random_encoder):
+    tiles = torch.randint(0, 256, (2, 3, 96, 96), dtype=torch.uint8)
+    with torch.inference_mode():
+        a = random_encoder(tiles)
+        b = TileEncoder("random").eval()(tiles)
+    assert a.shape == (2, FEATURE_DIM)
+    torch.testing.assert_close(a, b)
+
+
+def test_local_weights_file_round_trip(tmp_path, random_encoder):
+    path = tmp_path / "trunk.pth"
+    state = {f"module.{k}": v for k, v in random_encoder.trunk.state_dict().items()}
+    state["fc.weight"] = torch.zeros(1000, FEATURE_DIM)  # a full classifier checkpoint is fine
+    torch.save({"state_dict": state}, path)
+    loaded = TileEncoder(path)
+    first = next(iter(loaded.trunk.state_dict().values()))
+    torch.testing.assert_close(first, next(iter(random_encoder.trunk.state_dict().values())))
+    assert weights_id(path) != weights_id("random")
+    assert len(weights_id(path)) == 64
+
+
+def test_bad_weights_files(tmp_path):
+    with pytest.raises(WeightsError, match="weights file not found"):
+        TileEncoder(tmp_path / "missing.pth")
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"garbage")
+    with pytest.raises(WeightsError, match="not a PyTorch weights file"):
+        TileEncoder(junk)
+    other = tmp_path / "other.pth"
+    torch.save({"conv.weight": torch.zeros(1)}, other)
+    with pytest.raises(WeightsError, match="does not hold InceptionV3 trunk weights"):
+        TileEncoder(other)
+
+
+def test_offline_imagenet_says_to_use_a_local_file(monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(encoder_module, "inception_v3", offline)
+    with pytest.raises(WeightsError, match="backbone_weights: /path/to/inception_v3.pth"):
+        TileEncoder("imagenet")

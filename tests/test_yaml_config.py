@@ -1,0 +1,63 @@
+from pathlib import Path
+
+import pytest
+
+from client.site_config import load_site_config
+from shared.yaml_config import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "site.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_valid_config_resolves_paths_relative_to_the_file(tmp_path):
+    config = load_site_config(write(tmp_path, "name: a\ndata:\n  manifest: m.csv\ntiling:\n  tile_size: 128\n"))
+    assert config.data.manifest == tmp_path.resolve() / "m.csv"
+    assert config.tiling.tile_size == 128
+    assert config.tiling.target_mpp == 0.5  # default
+    assert config.features.cache_dir == tmp_path.resolve() / "cache"
+    assert config.features.backbone_weights == "random"
+
+
+def test_local_weights_path_is_resolved(tmp_path):
+    config = load_site_config(write(tmp_path, "name: a\ndata: {manifest: m.csv}\nfeatures: {backbone_weights: w/t.pth}\n"))
+    assert config.features.backbone_weights == str(tmp_path.resolve() / "w" / "t.pth")
+
+
+def test_unknown_key_names_line_and_suggests(tmp_path):
+    path = write(tmp_path, "name: a\ndata:\n  manifest: m.csv\ntiling:\n  tile_sise: 128\n")
+    with pytest.raises(ConfigError) as err:
+        load_site_config(path)
+    assert f"{path}:5: tiling.tile_sise: unknown setting (did you mean 'tile_size'?)" in str(err.value)
+
+
+def test_every_problem_reported_at_once(tmp_path):
+    path = write(tmp_path, "name: a\ndata:\n  manifest: m.csv\n  val_fraction: 1.5\ntiling:\n  tile_size: ten\n")
+    message = str(pytest.raises(ConfigError, load_site_config, path).value)
+    assert ":4: data.val_fraction: must be between 0 and 1 (got 1.5)" in message
+    assert ":6: tiling.tile_size: expected an integer, got 'ten'" in message
+
+
+def test_missing_required_and_cross_field_rule(tmp_path):
+    message = str(pytest.raises(ConfigError, load_site_config, write(tmp_path, "data: {}\n")).value)
+    assert "name: required setting is missing" in message
+    assert "set exactly one of 'manifest'" in message
+
+
+def test_yaml_syntax_error_has_line(tmp_path):
+    path = write(tmp_path, "name: a\ndata:\n  manifest: [m.csv\n")
+    message = str(pytest.raises(ConfigError, load_site_config, path).value)
+    assert message.startswith(f"{path}:") and "YAML syntax error" in message
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_site_config(tmp_path / "nope.yaml")
+
+
+def test_bool_is_not_an_integer(tmp_path):
+    path = write(tmp_path, "name: a\ndata: {manifest: m.csv}\nsequences: {length: true}\n")
+    with pytest.raises(ConfigError, match="sequences.length: expected an integer, got True"):
+        load_site_config(path)
