@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from client.tile_datasets import as_nchw, stack_tiles
 from shared.encoder import FEATURE_DIM, TileEncoder
 
 
@@ -17,12 +18,12 @@ def extract_features(encoder: TileEncoder, tiles: Dataset, batch_size: int, num_
 
     ``on_batch(n)`` is called after each batch with its number of tiles (for progress bars).
     """
-    loader = DataLoader(tiles, batch_size=batch_size, num_workers=num_workers, shuffle=False)
+    loader = DataLoader(tiles, batch_size=batch_size, num_workers=num_workers, shuffle=False, collate_fn=stack_tiles)
     encoder.eval()
     out = []
     with torch.inference_mode():
         for batch in loader:
-            out.append(encoder(batch.contiguous(memory_format=torch.channels_last)).numpy())
+            out.append(encoder(as_nchw(batch)).numpy())
             if on_batch:
                 on_batch(len(batch))
     if not out:

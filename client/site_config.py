@@ -32,7 +32,7 @@ class TilingConfig:
     target_mpp: float = check(positive, 0.5)  # µm per pixel of the tiles (0.5 is about 20x)
     tile_size: int = check(at_least(75), 299)  # pixels; 299 is InceptionV3's native input
     min_tissue: float = check(fraction, 0.5)  # keep tiles with at least this tissue fraction
-    mask_size: int = check(at_least(64), 1024)  # longest side of the thumbnail the tissue mask is made on
+    mask_size: int = check(at_least(64), 2048)  # upper bound on the tissue mask's longest side (pixels)
 
 
 @dataclass(frozen=True)

@@ -61,3 +61,8 @@ def test_bool_is_not_an_integer(tmp_path):
     path = write(tmp_path, "name: a\ndata: {manifest: m.csv}\nsequences: {length: true}\n")
     with pytest.raises(ConfigError, match="sequences.length: expected an integer, got True"):
         load_site_config(path)
+
+
+def test_example_site_config_is_valid():
+    config = load_site_config(Path(__file__).resolve().parents[1] / "configs" / "site.example.yaml")
+    assert config.name == "hospital-a" and config.data.labels == ("adenoma", "adenocarcinoma")

@@ -1,0 +1,54 @@
+"""Run benchmarks by name: ``python -m benchmarks NAME [--quick]`` or ``python -m benchmarks all``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import pkgutil
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def available() -> list[str]:
+    here = Path(__file__).resolve().parent
+    return sorted(m.name for m in pkgutil.iter_modules([str(here)]) if not m.name.startswith("_"))
+
+
+def machine() -> dict:
+    return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(), "python": platform.python_version(),
+            "torch": torch.__version__}
+
+
+def run_one(name: str, quick: bool) -> dict:
+    module = importlib.import_module(f"benchmarks.{name}")
+    start = time.perf_counter()
+    result = module.run(quick)
+    record = {"benchmark": name, "quick": quick, "seconds": round(time.perf_counter() - start, 1),
+              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), **result}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("name", choices=available() + ["all"])
+    parser.add_argument("--quick", action="store_true", help="small sizes, about a minute each")
+    args = parser.parse_args(argv)
+    names = available() if args.name == "all" else [args.name]
+    for name in names:
+        print(json.dumps(run_one(name, args.quick)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
