@@ -1,4 +1,4 @@
-"""`fedpath-site`: the hospital IT's command. Check the slides, prepare the feature cache."""
+"""`fedpath-site`: the hospital IT's command. Check the slides, prepare the feature cache, train locally."""
 
 from __future__ import annotations
 
@@ -23,6 +23,21 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0 if summary.count("skipped") == 0 and not summary.problems else 1
 
 
+def _train_local(args: argparse.Namespace) -> int:
+    import json
+
+    from client.train_local import train_local
+
+    run_dir = train_local(load_site_config(args.config), progress=not args.no_progress)
+    final = json.loads((run_dir / "metrics.json").read_text())
+    val = final["final"]["val"]
+    epsilon = final["round"]["epsilon"]
+    print(f"model and metrics in {run_dir}")
+    print(f"validation accuracy {val.get('accuracy')}, AUC {val.get('auc')}; "
+          f"ε spent {'n/a (DP off)' if epsilon is None else f'{epsilon:.3f}'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedpath-site", description=__doc__)
     commands = parser.add_subparsers(title="commands")
@@ -35,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "exit 1 if any was skipped")
     prepare.add_argument("--config", required=True, help="the site's site.yaml")
     prepare.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
+    train = add_command(commands, "train-local", _train_local,
+                        "train the head on this site's prepared features alone (the centralised baseline), "
+                        "with DP as configured; writes model.pt and metrics.json")
+    train.add_argument("--config", required=True, help="the site's site.yaml")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
     return parser
 
 

@@ -20,9 +20,14 @@ from typing import Iterable
 import numpy as np
 
 from client.slides import SlideError
+from shared.errors import UserError
 
 CACHE_FORMAT = 1  # bump when the file layout changes: old entries are then ignored
 _CHUNK = 1 << 20
+
+
+class CacheError(UserError):
+    """A missing or damaged cache entry or index, with what to run about it."""
 
 
 def content_sha256(files: Iterable[Path]) -> str:
@@ -110,9 +115,9 @@ class FeatureCache:
             with np.load(path) as data:
                 return take(data)
         except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: no cached features for this item; run `fedpath-site prepare`") from None
+            raise CacheError(f"{path}: no cached features for this item; run `fedpath-site prepare`") from None
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
-            raise ValueError(f"{path}: damaged cache entry ({exc}); delete it and run `fedpath-site prepare`") from None
+            raise CacheError(f"{path}: damaged cache entry ({exc}); delete it and run `fedpath-site prepare`") from None
 
     @property
     def index_path(self) -> Path:
@@ -126,9 +131,9 @@ class FeatureCache:
             data = json.loads(self.index_path.read_text())
             return CacheIndex(**data)
         except FileNotFoundError:
-            raise FileNotFoundError(f"{self.index_path}: no prepared features; run `fedpath-site prepare`") from None
+            raise CacheError(f"{self.index_path}: no prepared features; run `fedpath-site prepare`") from None
         except (ValueError, TypeError) as exc:
-            raise ValueError(f"{self.index_path}: damaged index ({exc}); run `fedpath-site prepare` again") from None
+            raise CacheError(f"{self.index_path}: damaged index ({exc}); run `fedpath-site prepare` again") from None
 
 
 def _meta(data) -> dict:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from shared.model import ModelConfig
+from shared.run_config import PrivacyConfig, TrainingConfig
 from shared.yaml_config import at_least, check, fraction, load_config, positive
 
 
@@ -57,6 +59,9 @@ class SiteConfig:
     tiling: TilingConfig = field(default_factory=TilingConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
     sequences: SequenceConfig = field(default_factory=SequenceConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
 
 def load_site_config(path: str | Path) -> SiteConfig:
@@ -68,7 +73,8 @@ def load_site_config(path: str | Path) -> SiteConfig:
         weights = str((base / Path(weights).expanduser()).resolve())
     features = replace(config.features, backbone_weights=weights,
                        cache_dir=config.features.cache_dir or base / "cache")
-    return replace(config, features=features)
+    training = replace(config.training, out_dir=config.training.out_dir or base / "runs" / "local")
+    return replace(config, features=features, training=training)
 
 
 BUILTIN_WEIGHTS = ("random", "imagenet")

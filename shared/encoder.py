@@ -23,6 +23,14 @@ FEATURE_DIM = 2048
 RANDOM_SEED = 0
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# torchvision's Inception3 forward, block by block, up to the map before pooling.
+TRUNK_BLOCKS = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
+                "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
+                "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c")
+# torchvision's Inception3 forward, block by block, up to the map before pooling.
+TRUNK_BLOCKS = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
+                "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
+                "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c")
 _DROPPED_PREFIXES = ("fc.", "AuxLogits.")  # classifier parts of a full InceptionV3 checkpoint
 _WRAPPER_PREFIXES = ("module.", "trunk.")
 
@@ -47,8 +55,15 @@ class TileEncoder(nn.Module):
     def normalize(self, tiles: torch.Tensor) -> torch.Tensor:
         return (tiles.float() - self.mean) / self.std
 
+    def feature_map(self, tiles: torch.Tensor) -> torch.Tensor:
+        """The last block's map [B, 2048, h, w] (8x8 at 299 px), before pooling."""
+        x = self.trunk._transform_input(self.normalize(tiles))  # ImageNet weights expect Google's scaling
+        for name in TRUNK_BLOCKS:
+            x = getattr(self.trunk, name)(x)
+        return x
+
     def forward(self, tiles: torch.Tensor) -> torch.Tensor:
-        return self.trunk(self.normalize(tiles))
+        return self.feature_map(tiles).mean(dim=(2, 3))
 
 
 def _build_trunk(weights: str) -> nn.Module:
@@ -59,7 +74,6 @@ def _build_trunk(weights: str) -> nn.Module:
             torch.manual_seed(RANDOM_SEED)
             trunk = inception_v3(weights=None, aux_logits=False, init_weights=True)
     trunk.fc = nn.Identity()
-    trunk.dropout = nn.Identity()
     if weights not in ("random", "imagenet"):
         _load_local(trunk, Path(weights))
     return trunk.eval()

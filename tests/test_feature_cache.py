@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from client.feature_cache import CachedFeatures, FeatureCache, cache_key, content_sha256
+from client.feature_cache import CacheError, CachedFeatures, FeatureCache, cache_key, content_sha256
 from client.slides import SlideError
 
 
@@ -40,11 +40,11 @@ def test_save_load_round_trip_and_meta_only(tmp_path):
 
 def test_damaged_and_missing_entries_say_what_to_do(tmp_path):
     cache = FeatureCache(tmp_path)
-    with pytest.raises(FileNotFoundError, match="fedpath-site prepare"):
+    with pytest.raises(CacheError, match="fedpath-site prepare"):
         cache.load("nothing")
     cache.path_for("bad").parent.mkdir(parents=True)
     cache.path_for("bad").write_bytes(b"PK\x03\x04 not really a zip")
-    with pytest.raises(ValueError, match="damaged cache entry"):
+    with pytest.raises(CacheError, match="damaged cache entry"):
         cache.load("bad")
 
 

@@ -1,0 +1,105 @@
+"""Local training of the sequence head, with Opacus DP-SGD and the site's privacy ledger.
+
+One call is one round of local training (``epochs`` passes). Noise is chosen once for the
+whole plan (``planned_rounds`` rounds of this size) and the ledger refuses a round that would
+overspend the budget before any gradient is computed. DP is off only when the config says
+``privacy.enabled: false``, and then every round says so in the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from opacus import PrivacyEngine
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from client.privacy_ledger import PrivacyBudget, PrivacyLedger
+from client.sequence_data import SlideFeatures, slide_windows
+from shared.run_config import PrivacyConfig, TrainingConfig
+
+log = logging.getLogger("fedpath.site")
+# Opacus hooks fire on module outputs when the head's input (cached vectors) needs no gradient:
+# expected here, not a problem.
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect to module outputs")
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    examples: int  # privacy units (patients) in the training set
+    loss: float  # mean training loss over the round's steps
+    steps: int
+    epsilon: float | None  # ε spent so far by this ledger; None without DP
+    delta: float | None
+    noise_multiplier: float | None
+
+
+def _loss(head: nn.Module, sequences: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    # Sum over the batch divided by its size, which is 0 <= n: a Poisson-sampled batch may be
+    # empty, and its (zero) gradient must still go through the noisy step.
+    return F.cross_entropy(head(sequences), labels, reduction="sum") / max(len(labels), 1)
+
+
+def train_round(head: nn.Module, dataset: Dataset, training: TrainingConfig, privacy: PrivacyConfig,
+                ledger_path: Path, round_id: str, progress: bool = True,
+                on_epoch: Callable[[int, float], None] | None = None) -> RoundResult:
+    """Train ``head`` in place for ``training.epochs`` epochs; returns what the round spent."""
+    torch.manual_seed(training.seed)
+    loader = DataLoader(dataset, batch_size=training.batch_size, shuffle=True)
+    optimizer = torch.optim.Adam(head.parameters(), lr=training.learning_rate)
+    head.train()
+    model, engine, ledger, sigma = head, None, None, None
+    if privacy.enabled:
+        ledger = PrivacyLedger(ledger_path, PrivacyBudget(privacy.epsilon, privacy.delta, privacy.accountant))
+        sample_rate = 1 / len(loader)  # what Opacus' Poisson loader uses
+        steps = len(loader) * training.epochs
+        sigma = ledger.noise_for_plan(sample_rate, steps, privacy.planned_rounds)
+        ledger.check_round(sigma, sample_rate, steps, round_id=round_id)
+        engine = PrivacyEngine(accountant=privacy.accountant)
+        ledger.attach(engine)
+        model, optimizer, loader = engine.make_private(
+            module=head, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
+            max_grad_norm=privacy.max_grad_norm, poisson_sampling=True)
+    else:
+        log.warning("DIFFERENTIAL PRIVACY IS OFF (privacy.enabled: false): this round's update "
+                    "is not private and must not leave the site")
+    model.train()
+    losses: list[float] = []
+    for epoch in range(1, training.epochs + 1):
+        epoch_losses = []
+        for sequences, labels in tqdm(loader, desc=f"epoch {epoch}/{training.epochs}", unit="batch",
+                                      disable=not progress, leave=False):
+            optimizer.zero_grad(set_to_none=True)
+            loss = _loss(model, sequences, labels)
+            loss.backward()
+            optimizer.step()
+            if len(labels):
+                epoch_losses.append(loss.item())
+        losses += epoch_losses
+        if on_epoch:
+            on_epoch(epoch, float(np.mean(epoch_losses)) if epoch_losses else float("nan"))
+    epsilon = None
+    if engine is not None:
+        epsilon = ledger.record_from_engine(engine, round_id)
+        model._close()  # drop Opacus' hooks so the plain head evaluates without them
+        log.info("round %s: ε spent %.3f of %.3f (δ=%g, σ=%.3f)", round_id, epsilon, privacy.epsilon,
+                 privacy.delta, sigma)
+    head.eval()
+    return RoundResult(len(dataset), float(np.mean(losses)) if losses else float("nan"),
+                       len(losses), epsilon, privacy.delta if privacy.enabled else None, sigma)
+
+
+@torch.inference_mode()
+def predict_slides(head: nn.Module, slides: list[SlideFeatures], length: int) -> np.ndarray:
+    """Class probabilities per slide: the mean over windows that cover the whole slide."""
+    head.eval()
+    probs = [torch.softmax(head(slide_windows(slide, length)), dim=-1).mean(dim=0).numpy() for slide in slides]
+    return np.stack(probs) if probs else np.zeros((0, 0), dtype=np.float32)

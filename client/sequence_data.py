@@ -1,0 +1,60 @@
+"""Training and evaluation data from the feature cache: sequences of tile vectors per slide.
+
+The privacy unit is the patient (each slide is its own patient when the manifest gives no ids):
+a training sample is one random window from one of the patient's slides, so a DP-SGD
+per-sample gradient is a per-patient gradient and clipping bounds what one patient can change.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from client.feature_cache import FeatureCache
+from client.sequences import evaluation_windows, training_windows
+
+
+@dataclass(frozen=True)
+class SlideFeatures:
+    item_id: str
+    patient: str
+    label: int
+    features: np.ndarray  # (N, 2048) float32, spatial order
+
+
+def load_split(cache: FeatureCache, split: str) -> tuple[list[SlideFeatures], list[str]]:
+    """The cached slides of one split, and the class names (model order)."""
+    index = cache.read_index()
+    slides = [SlideFeatures(item_id, rec["patient"], index.classes.index(rec["label"]), cache.load(rec["key"]).features)
+              for item_id, rec in sorted(index.items.items()) if rec["split"] == split]
+    return slides, index.classes
+
+
+class PatientSequences(Dataset):
+    """One sample per patient: a random window of ``length`` tiles from one of their slides."""
+
+    def __init__(self, slides: list[SlideFeatures], length: int, seed: int = 0):
+        by_patient: dict[str, list[SlideFeatures]] = defaultdict(list)
+        for slide in slides:
+            by_patient[slide.patient].append(slide)
+        self.units = [by_patient[p] for p in sorted(by_patient)]
+        self.length = length
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        slides = self.units[index]
+        slide = slides[self.rng.integers(len(slides))]
+        window = training_windows(len(slide.features), self.length, 1, self.rng)[0]
+        return torch.from_numpy(slide.features[window]), slide.label
+
+
+def slide_windows(slide: SlideFeatures, length: int) -> torch.Tensor:
+    """[K, length, D]: the fixed windows covering every tile of the slide."""
+    return torch.from_numpy(slide.features[evaluation_windows(len(slide.features), length)])

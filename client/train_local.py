@@ -1,0 +1,81 @@
+"""`fedpath-site train-local`: one site's data alone, the baseline a federation is compared with.
+
+Reads the feature cache made by `prepare`, trains the head (DP as configured), evaluates on the
+validation split after every epoch, and writes a run folder: ``model.pt`` (head weights, model
+config, classes), ``metrics.json`` (per-epoch curve, final metrics, ε) and its own privacy ledger:
+every run releases a model, so its ε counts on top of earlier runs on the same slides.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from client.feature_cache import FeatureCache, atomic_write_bytes
+from client.private_training import predict_slides, train_round
+from client.sequence_data import PatientSequences, load_split
+from client.site_config import SiteConfig
+from shared.errors import UserError
+from shared.metrics import classification_metrics, to_jsonable
+from shared.model import build_head
+
+log = logging.getLogger("fedpath.site")
+
+
+def evaluate(head, slides, classes, length: int, positive_class: str | None) -> dict:
+    if not slides:
+        return {}
+    probs = predict_slides(head, slides, length)
+    return classification_metrics(np.array([s.label for s in slides]), probs, classes, positive_class)
+
+
+def train_local(config: SiteConfig, progress: bool = True) -> Path:
+    """Train on this site alone; returns the run folder."""
+    if config.model.mode != "tiles" or config.model.trainable != "head":
+        raise UserError("train-local trains the head on cached tile vectors: it needs model.mode: tiles and "
+                        "model.trainable: head")
+    cache = FeatureCache(config.features.cache_dir)
+    train, classes = load_split(cache, "train")
+    val, _ = load_split(cache, "val")
+    if not train:
+        raise UserError(f"{cache.index_path}: no prepared training slides; run `fedpath-site prepare` first")
+    run_dir = config.training.out_dir / time.strftime("%Y%m%d-%H%M%S")
+    run_dir.mkdir(parents=True, exist_ok=False)
+    torch.manual_seed(config.training.seed)
+    head = build_head(config.model, len(classes))
+    dataset = PatientSequences(train, config.sequences.length, config.training.seed)
+    history: list[dict] = []
+
+    def after_epoch(epoch: int, loss: float) -> None:
+        metrics = evaluate(head, val, classes, config.sequences.length, config.training.positive_class)
+        history.append({"epoch": epoch, "train_loss": loss, **{f"val_{k}": metrics.get(k) for k in
+                                                               ("loss", "accuracy", "balanced_accuracy", "auc")}})
+        log.info("epoch %d: train loss %.4f, val accuracy %s, val AUC %s", epoch, loss,
+                 _fmt(metrics.get("accuracy")), _fmt(metrics.get("auc")))
+        head.train()
+
+    log.info("%s: training on %d slides of %d patients, validating on %d slides", config.name, len(train),
+             len(dataset), len(val))
+    result = train_round(head, dataset, config.training, config.privacy, run_dir / "privacy_ledger.json",
+                         round_id="local", progress=progress, on_epoch=after_epoch)
+    final = {"train": evaluate(head, train, classes, config.sequences.length, config.training.positive_class),
+             "val": evaluate(head, val, classes, config.sequences.length, config.training.positive_class)}
+    record = {"site": config.name, "classes": classes, "model": config.model.as_dict(),
+              "training": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config.training).items()},
+              "privacy": asdict(config.privacy), "round": asdict(result), "history": history, "final": final}
+    buffer = io.BytesIO()
+    torch.save({"model": config.model.as_dict(), "classes": classes, "state_dict": head.state_dict()}, buffer)
+    atomic_write_bytes(run_dir / "model.pt", lambda h: h.write(buffer.getvalue()))
+    atomic_write_bytes(run_dir / "metrics.json", lambda h: h.write(json.dumps(to_jsonable(record), indent=1).encode()))
+    return run_dir
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None or value != value else f"{value:.3f}"

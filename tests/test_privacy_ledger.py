@@ -1,0 +1,245 @@
+"""client.privacy_ledger: exact ε across rounds and restarts, refusals, plan, file safety."""
+
+import json
+import os
+
+import pytest
+import torch
+from opacus import PrivacyEngine
+from opacus.accountants import PRVAccountant, RDPAccountant
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from client.privacy_ledger import BudgetExceeded, LedgerError, PrivacyBudget, PrivacyLedger
+
+DELTA = 1e-5
+Q, STEPS = 1 / 13, 13  # 200 sequences, batch 16: Opacus' sample rate is 1 / len(loader)
+ACCOUNTANT = {"rdp": RDPAccountant, "prv": PRVAccountant}
+ROUNDS = {"rdp": 20, "prv": 6}  # PRV is ~5x slower per ε: fewer rounds keep the file under 60 s
+
+
+def _single_accountant_epsilon(kind: str, steps: list[tuple[float, float, int]]) -> float:
+    """ε of one accountant that saw every optimizer step of the federation."""
+    accountant = ACCOUNTANT[kind]()
+    for sigma, rate, count in steps:
+        for _ in range(count):
+            accountant.step(noise_multiplier=sigma, sample_rate=rate)
+    return accountant.get_epsilon(delta=DELTA)
+
+
+@pytest.mark.parametrize("kind", ["rdp", "prv"])
+def test_epsilon_across_restarts_equals_one_accountant(tmp_path, kind):
+    budget = PrivacyBudget(50.0, DELTA, kind)
+    path = tmp_path / "ledger.json"
+    for rnd in range(ROUNDS[kind]):
+        ledger = PrivacyLedger(path, budget)  # a fresh process every round
+        assert len(ledger.history) == rnd
+        epsilon = ledger.record_round(1.0, Q, STEPS, round_id=rnd)
+    reference = _single_accountant_epsilon(kind, ledger.history)
+    assert epsilon == reference
+    assert PrivacyLedger(path, budget).epsilon_spent() == reference
+    # The trap the ledger avoids: a new engine per round reports one round's ε.
+    assert reference > 1.5 * _single_accountant_epsilon(kind, [(1.0, Q, STEPS)])
+
+
+def test_mixed_settings_match_one_accountant(tmp_path):
+    budget = PrivacyBudget(50.0, DELTA)
+    rounds = [(1.0, Q, STEPS), (1.0, Q, STEPS), (1.3, 0.05, 20), (1.0, Q, 5)]
+    for rnd, segment in enumerate(rounds):
+        PrivacyLedger(tmp_path / "ledger.json", budget).record_round(*segment, round_id=rnd)
+    ledger = PrivacyLedger(tmp_path / "ledger.json", budget)
+    assert ledger.history == rounds
+    assert ledger.epsilon_spent() == pytest.approx(_single_accountant_epsilon("rdp", rounds), rel=1e-12)
+
+
+@pytest.mark.parametrize("kind, rounds", [("rdp", 20), ("prv", 4)])
+def test_noise_for_plan_spends_the_budget_over_the_planned_rounds(tmp_path, kind, rounds):
+    budget = PrivacyBudget(8.0, DELTA, kind)
+    path = tmp_path / "ledger.json"
+    sigma = PrivacyLedger(path, budget).noise_for_plan(Q, STEPS, rounds)
+    ledger = PrivacyLedger(path, budget)
+    assert ledger.noise_for_plan(Q, STEPS, rounds) == sigma  # stored, not searched again
+    for rnd in range(rounds):
+        ledger.check_round(sigma, Q, STEPS, round_id=rnd)
+        epsilon = ledger.record_round(sigma, Q, STEPS, round_id=rnd)
+    assert epsilon <= budget.epsilon
+    assert epsilon == pytest.approx(budget.epsilon, rel=0.01)
+    with pytest.raises(BudgetExceeded):
+        ledger.check_round(sigma, Q, STEPS)
+    with pytest.raises(LedgerError, match=r"holds the noise plan .* this round asks for"):
+        PrivacyLedger(path, budget).noise_for_plan(Q, STEPS, rounds + 5)
+
+
+def test_plan_after_unplanned_rounds_is_refused(tmp_path):
+    ledger = PrivacyLedger(tmp_path / "ledger.json", PrivacyBudget(8.0, DELTA))
+    ledger.record_round(1.0, Q, STEPS, round_id=1)
+    with pytest.raises(LedgerError, match="made without a noise plan"):
+        ledger.noise_for_plan(Q, STEPS, 10)
+
+
+def test_round_beyond_the_budget_is_refused_and_not_recorded(tmp_path):
+    path = tmp_path / "ledger.json"
+    ledger = PrivacyLedger(path, PrivacyBudget(3.5, DELTA))
+    spent = ledger.record_round(1.0, Q, STEPS, round_id=1)
+    would = ledger.projected_epsilon(1.0, Q, STEPS)
+    assert spent < 3.5 < would
+    with pytest.raises(BudgetExceeded) as before:
+        ledger.check_round(1.0, Q, STEPS)
+    message = str(before.value)
+    assert f"spent so far {spent:.4f}" in message and f"would be {would:.4f}" in message
+    assert "budget ε=3.5" in message and str(path) in message and "Do not train" in message
+    assert isinstance(before.value, RuntimeError) and before.value.would_spend == would
+    file_before = path.read_text()
+    with pytest.raises(BudgetExceeded, match="NOT recorded: discard its model update"):
+        ledger.record_round(1.0, Q, STEPS, round_id=2)
+    assert path.read_text() == file_before and len(ledger.history) == 1
+
+
+def test_duplicate_round_id_is_refused(tmp_path):
+    path = tmp_path / "ledger.json"
+    ledger = PrivacyLedger(path, PrivacyBudget(50.0, DELTA))
+    ledger.record_round(1.0, Q, STEPS, round_id=3)
+    file_before = path.read_text()
+    for again in (3, "3"):
+        with pytest.raises(LedgerError, match=r"round .*3.* is already recorded in .*ledger.json.*retry1"):
+            PrivacyLedger(path, ledger.budget).record_round(1.0, Q, STEPS, round_id=again)
+    with pytest.raises(LedgerError, match="already recorded"):
+        ledger.check_round(1.0, Q, STEPS, round_id=3)
+    assert path.read_text() == file_before
+    assert ledger.record_round(1.0, Q, STEPS, round_id="3-retry1") > 0
+
+
+def test_file_is_valid_json_after_every_record_and_no_temporaries_remain(tmp_path):
+    path = tmp_path / "sub" / "ledger.json"
+    ledger = PrivacyLedger(path, PrivacyBudget(50.0, DELTA))
+    for rnd in range(3):
+        epsilon = ledger.record_round(1.0, Q, STEPS, round_id=rnd)
+        document = json.loads(path.read_text())
+        assert len(document["rounds"]) == rnd + 1
+        entry = document["rounds"][-1]
+        assert entry["epsilon_after"] == epsilon and entry["steps"] == STEPS and entry["round_id"] == rnd
+        assert entry["noise_multiplier"] == 1.0 and entry["sample_rate"] == Q and entry["recorded_at"]
+        assert document["budget"] == {"epsilon": 50.0, "delta": DELTA, "accountant": "rdp"}
+    assert os.listdir(path.parent) == ["ledger.json"]
+
+
+def test_failed_write_keeps_the_old_file_and_state(tmp_path, monkeypatch):
+    path = tmp_path / "ledger.json"
+    ledger = PrivacyLedger(path, PrivacyBudget(50.0, DELTA))
+    ledger.record_round(1.0, Q, STEPS, round_id=1)
+    file_before = path.read_text()
+
+    def crash(*_args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        ledger.record_round(1.0, Q, STEPS, round_id=2)
+    assert path.read_text() == file_before and len(ledger.history) == 1
+    assert os.listdir(tmp_path) == ["ledger.json"]
+
+
+def test_second_writer_is_refused(tmp_path):
+    budget = PrivacyBudget(50.0, DELTA)
+    first, second = PrivacyLedger(tmp_path / "ledger.json", budget), PrivacyLedger(tmp_path / "ledger.json", budget)
+    first.record_round(1.0, Q, STEPS, round_id=1)
+    with pytest.raises(LedgerError, match="changed on disk since this ledger read it"):
+        second.record_round(1.0, Q, STEPS, round_id=2)
+    assert len(PrivacyLedger(tmp_path / "ledger.json", budget).history) == 1
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        ("{not json", "cannot be read as JSON"),
+        ('{"rounds": []}', "is not a fedpath-privacy-ledger/1 file"),
+        ('{"format": "fedpath-privacy-ledger/1", "rounds": []}', "budget is missing or invalid"),
+        (
+            '{"format": "fedpath-privacy-ledger/1", "budget": {"epsilon": 8, "delta": 1e-5, "accountant": "rdp"}, '
+            '"plan": null, "rounds": [{"round_id": 1, "noise_multiplier": -1, "sample_rate": 0.1, "steps": 3}]}',
+            "plan or rounds are malformed",
+        ),
+    ],
+)
+def test_corrupt_file_is_a_clear_error_naming_it(tmp_path, content, reason):
+    path = tmp_path / "ledger.json"
+    path.write_text(content)
+    with pytest.raises(LedgerError, match=reason) as error:
+        PrivacyLedger(path, PrivacyBudget(8.0, DELTA))
+    assert str(path) in str(error.value) and "do not delete it" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "other", [PrivacyBudget(8.0, 1e-6), PrivacyBudget(8.0, DELTA, "prv"), PrivacyBudget(4.0, DELTA)]
+)
+def test_ledger_for_another_budget_is_refused(tmp_path, other):
+    path = tmp_path / "ledger.json"
+    PrivacyLedger(path, PrivacyBudget(8.0, DELTA)).record_round(1.0, Q, STEPS, round_id=1)
+    with pytest.raises(LedgerError, match="was written for the budget .* but this site is configured with") as error:
+        PrivacyLedger(path, other)
+    assert str(path) in str(error.value)
+
+
+def test_invalid_arguments(tmp_path):
+    with pytest.raises(ValueError, match="accountant must be one of"):
+        PrivacyBudget(8.0, DELTA, "gdp")
+    with pytest.raises(ValueError, match="delta must be in"):
+        PrivacyBudget(8.0, 0.0)
+    ledger = PrivacyLedger(tmp_path / "ledger.json", PrivacyBudget(8.0, DELTA))
+    with pytest.raises(ValueError, match="σ = 0 means no privacy"):
+        ledger.check_round(0.0, Q, STEPS)
+    with pytest.raises(ValueError, match="1 / len"):
+        ledger.projected_epsilon(1.0, 16, STEPS)
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        ledger.record_round(1.0, Q, 2.5, round_id=1)
+    assert not (tmp_path / "ledger.json").exists()
+
+
+def _train_one_round(engine: PrivacyEngine, sigma: float, loader: DataLoader) -> None:
+    model = nn.Linear(4, 2)
+    model, optimizer, private_loader = engine.make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=loader,
+        noise_multiplier=sigma,
+        max_grad_norm=1.0,
+        poisson_sampling=True,
+    )
+    for features, labels in private_loader:
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(features), labels).backward()
+        optimizer.step()
+
+
+@pytest.mark.filterwarnings("ignore:Secure RNG turned off", "ignore:Full backward hook")
+def test_training_with_an_attached_engine_records_its_steps(tmp_path):
+    torch.manual_seed(0)
+    loader = DataLoader(TensorDataset(torch.randn(200, 4), torch.randint(0, 2, (200,))), batch_size=16)
+    path, budget = tmp_path / "ledger.json", PrivacyBudget(8.0, DELTA)
+    sample_rate = 1 / len(loader)
+    for rnd in range(3):
+        ledger = PrivacyLedger(path, budget)
+        sigma = ledger.noise_for_plan(sample_rate, len(loader), planned_rounds=10)
+        ledger.check_round(sigma, sample_rate, len(loader), round_id=rnd)
+        engine = PrivacyEngine(accountant="rdp")
+        ledger.attach(engine)
+        _train_one_round(engine, sigma, loader)
+        epsilon = ledger.record_from_engine(engine, rnd)
+        assert engine.get_epsilon(DELTA) == epsilon  # the engine reports the federation's total
+    assert ledger.history == [(sigma, sample_rate, len(loader))] * 3
+    assert epsilon == _single_accountant_epsilon("rdp", ledger.history)
+    with pytest.raises(LedgerError, match="no steps"):
+        ledger.record_from_engine(engine, "again")
+
+
+@pytest.mark.filterwarnings("ignore:Secure RNG turned off")
+def test_engine_misuse_is_refused(tmp_path):
+    ledger = PrivacyLedger(tmp_path / "ledger.json", PrivacyBudget(8.0, DELTA))
+    with pytest.raises(LedgerError, match=r"PrivacyEngine\(accountant='rdp'\)"):
+        ledger.attach(PrivacyEngine(accountant="prv"))
+    with pytest.raises(LedgerError, match="not attached"):
+        ledger.record_from_engine(PrivacyEngine(accountant="rdp"), 1)
+    used = PrivacyEngine(accountant="rdp")
+    used.accountant.step(noise_multiplier=1.0, sample_rate=Q)
+    with pytest.raises(LedgerError, match="already holds steps"):
+        ledger.attach(used)

@@ -1,0 +1,112 @@
+import json
+import logging
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from opacus import GradSampleModule
+
+from client.cli import main as site_main
+from client.prepare import prepare_site
+from client.privacy_ledger import BudgetExceeded
+from client.private_training import predict_slides, train_round
+from client.sequence_data import PatientSequences, SlideFeatures
+from client.site_config import load_site_config
+from shared.model import SequenceHead
+from shared.run_config import PrivacyConfig, TrainingConfig
+from tests.conftest import write_site_yaml
+
+
+def separable_slides(n_per_class=12, tiles=20, dim=2048, seed=0):
+    """Slides whose tile vectors point in a class-specific direction: learnable in a few epochs."""
+    rng = np.random.default_rng(seed)
+    directions = rng.standard_normal((2, dim)).astype(np.float32)
+    slides = []
+    for label in (0, 1):
+        for i in range(n_per_class):
+            features = directions[label] + 0.5 * rng.standard_normal((tiles, dim)).astype(np.float32)
+            slides.append(SlideFeatures(f"s{label}-{i}", f"p{label}-{i}", label, np.abs(features)))
+    return slides
+
+
+def test_per_sample_gradient_is_per_unit():
+    """Change one tile of one unit: only that unit's per-sample gradient changes."""
+    torch.manual_seed(0)
+    head = GradSampleModule(SequenceHead(2, "rnn", projection=16, hidden=8))
+    x = torch.randn(3, 6, 2048)  # three units (slides), six tiles each
+    y = torch.tensor([0, 1, 0])
+
+    def per_sample(inputs):
+        head.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(head(inputs), y, reduction="sum").backward()
+        return {n: p.grad_sample.clone() for n, p in head.named_parameters()}
+
+    before = per_sample(x)
+    changed = x.clone()
+    changed[1, 4] += 3.0  # one tile of unit 1
+    after = per_sample(changed)
+    for name in before:
+        assert before[name].shape[0] == 3
+        torch.testing.assert_close(after[name][[0, 2]], before[name][[0, 2]])
+    assert any(not torch.allclose(after[n][1], before[n][1]) for n in before)
+
+
+def test_patient_is_one_sample():
+    slides = [SlideFeatures("a", "p1", 0, np.zeros((5, 4), np.float32)),
+              SlideFeatures("b", "p1", 0, np.ones((5, 4), np.float32)),
+              SlideFeatures("c", "p2", 1, np.ones((3, 4), np.float32))]
+    dataset = PatientSequences(slides, length=4)
+    assert len(dataset) == 2
+    sequence, label = dataset[1]
+    assert sequence.shape == (4, 4) and label == 1
+
+
+def test_training_learns_without_dp(caplog):
+    slides = separable_slides()
+    head = SequenceHead(2, "rnn", projection=32, hidden=16)
+    with caplog.at_level(logging.WARNING, logger="fedpath.site"):
+        result = train_round(head, PatientSequences(slides, 8), TrainingConfig(epochs=6, batch_size=4),
+                             PrivacyConfig(enabled=False), ledger_path=None, round_id="r1", progress=False)
+    assert "DIFFERENTIAL PRIVACY IS OFF" in caplog.text
+    assert result.epsilon is None
+    accuracy = (predict_slides(head, slides, 8).argmax(1) == [s.label for s in slides]).mean()
+    assert accuracy >= 0.9
+
+
+def test_dp_rounds_spend_the_planned_budget_then_refuse(tmp_path):
+    slides = separable_slides(n_per_class=16)
+    privacy = PrivacyConfig(epsilon=4.0, planned_rounds=2)
+    training = TrainingConfig(epochs=2, batch_size=8)
+    ledger = tmp_path / "ledger.json"
+    head = SequenceHead(2, "gru", projection=16, hidden=8)
+    first = train_round(head, PatientSequences(slides, 8), training, privacy, ledger, "1", progress=False)
+    second = train_round(head, PatientSequences(slides, 8), training, privacy, ledger, "2", progress=False)
+    assert 0 < first.epsilon < second.epsilon <= 4.0 * (1 + 1e-6)
+    assert second.epsilon == pytest.approx(4.0, rel=0.01)  # noise was chosen for both rounds
+    assert first.noise_multiplier == second.noise_multiplier
+    with pytest.raises(BudgetExceeded):
+        train_round(head, PatientSequences(slides, 8), training, privacy, ledger, "3", progress=False)
+    assert len(json.loads(ledger.read_text())["rounds"]) == 2  # the refused round left no trace
+
+
+def test_train_local_end_to_end(tmp_path, generated_manifests, capsys):
+    folder = tmp_path / "site"
+    shutil.copytree(generated_manifests[1].parent, folder)
+    site = write_site_yaml(folder, {"manifest": "manifest.csv", "val_fraction": 0.25},
+                           training={"epochs": 2, "batch_size": 2}, sequences={"length": 4})
+    assert site_main(["train-local", "--config", str(site), "--no-progress"]) == 2  # not prepared yet
+    assert "fedpath-site prepare" in capsys.readouterr().err
+    prepare_site(load_site_config(site), progress=False)
+    assert site_main(["train-local", "--config", str(site), "--no-progress"]) == 0
+    assert "ε spent" in capsys.readouterr().out
+    run = next((folder / "runs" / "local").iterdir())
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2]
+    assert 0 < metrics["round"]["epsilon"] <= 8.0 * (1 + 1e-6)
+    assert set(metrics["final"]["val"]) >= {"accuracy", "auc", "sensitivity", "specificity", "confusion_matrix"}
+    checkpoint = torch.load(run / "model.pt", weights_only=False)
+    assert checkpoint["classes"] == ["adenocarcinoma", "adenoma"]
+    head = SequenceHead(2, checkpoint["model"]["core"], projection=checkpoint["model"]["projection"],
+                        hidden=checkpoint["model"]["hidden"])
+    head.load_state_dict(checkpoint["state_dict"])
