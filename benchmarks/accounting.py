@@ -13,11 +13,9 @@ round's ε, the trap the ledger avoids), ``accountant``, ``rounds`` and the plan
 mode uses the RDP accountant; the full run adds the same measurement with PRV under
 ``prv``.
 
-Run: ``python -m benchmarks.accounting [--quick]``; the last printed line is JSON.
+Run: ``python -m benchmarks accounting [--quick]``.
 """
 
-import argparse
-import json
 import multiprocessing
 import tempfile
 import time
@@ -125,9 +123,3 @@ def run(quick: bool) -> dict:
     if not quick:
         result["prv"] = _measure("prv")
     return result
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="RDP accountant only (< 30 s)")
-    print(json.dumps(run(parser.parse_args().quick)))

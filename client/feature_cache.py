@@ -2,16 +2,14 @@
 
 A key is the sha256 of the item's file content, the backbone's weights and the tiling settings,
 so a rescanned slide, a new trunk or a new tile size each invalidate exactly the entries they
-affect, and a renamed slide still hits. Entries are written atomically (temporary file, fsync,
-rename): a run interrupted at any point leaves only complete entries, and the next run resumes.
+affect, and a renamed slide still hits. Entries are written atomically (``shared.atomic_files``): a run interrupted at any point leaves
+only complete entries, and the next run resumes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Iterable
 import numpy as np
 
 from client.slides import SlideError
+from shared.atomic_files import atomic_write, atomic_write_json
 from shared.errors import UserError
 
 CACHE_FORMAT = 1  # bump when the file layout changes: old entries are then ignored
@@ -50,36 +49,21 @@ def content_sha256(files: Iterable[Path]) -> str:
     return digest.hexdigest()
 
 
-def cache_key(content: str, backbone: str, tiling: dict) -> str:
-    payload = json.dumps({"format": CACHE_FORMAT, "content": content, "backbone": backbone, "tiling": tiling},
+def cache_key(content: str, backbone: str, settings: dict) -> str:
+    payload = json.dumps({"format": CACHE_FORMAT, "content": content, "backbone": backbone, "settings": settings},
                          sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
 class CachedFeatures:
-    features: np.ndarray  # (N, D) float32 tile vectors, in the grid's spatial order
+    features: np.ndarray  # (N, D) float32 tile vectors in spatial order, or (N, positions, D) maps in grid mode
     coords: np.ndarray  # (N, 2) int64 level-0 x, y
     cells: np.ndarray  # (N, 2) int64 grid column, row
     meta: dict  # item id, label, content and backbone hashes, tiling settings, read plan
 
     def __len__(self) -> int:
         return len(self.features)
-
-
-def atomic_write_bytes(path: Path, write) -> None:
-    """Call ``write(handle)`` on a temporary file beside ``path``, then move it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class FeatureCache:
@@ -99,7 +83,7 @@ class FeatureCache:
             np.savez(handle, features=entry.features.astype(np.float32), coords=entry.coords,
                      cells=entry.cells, meta=np.frombuffer(json.dumps(entry.meta).encode(), dtype=np.uint8))
 
-        atomic_write_bytes(self.path_for(key), write)
+        atomic_write(self.path_for(key), write)
 
     def load(self, key: str) -> CachedFeatures:
         return self._read(key, lambda data: CachedFeatures(
@@ -124,7 +108,7 @@ class FeatureCache:
         return self.root / "index.json"
 
     def write_index(self, index: "CacheIndex") -> None:
-        atomic_write_bytes(self.index_path, lambda h: h.write(json.dumps(asdict(index), indent=1).encode()))
+        atomic_write_json(self.index_path, asdict(index))
 
     def read_index(self) -> "CacheIndex":
         try:
@@ -145,6 +129,6 @@ class CacheIndex:
     """What the last `prepare` produced: the cache entry of every usable item, and how it was made."""
 
     backbone: str
-    tiling: dict
+    settings: dict  # tiling, mpp override, grid mode
     classes: list[str]
     items: dict[str, dict]  # item id -> {key, label, patient, split, tiles}

@@ -10,20 +10,25 @@ from torch.utils.data import DataLoader, Dataset
 
 from client.tile_datasets import as_nchw, stack_tiles
 from shared.encoder import FEATURE_DIM, TileEncoder
+from shared.model import grid_sequence
 
 
 def extract_features(encoder: TileEncoder, tiles: Dataset, batch_size: int, num_workers: int,
-                     on_batch: Callable[[int], None] | None = None) -> np.ndarray:
-    """Vectors of every tile of ``tiles`` in order, (N, 2048) float32.
+                     on_batch: Callable[[int], None] | None = None, grid: bool = False) -> np.ndarray:
+    """Vectors of every tile of ``tiles`` in order: (N, 2048) float32, or with ``grid`` each tile's
+    last-block map as positions, (N, h*w, 2048) (64 positions at 299 px).
 
     ``on_batch(n)`` is called after each batch with its number of tiles (for progress bars).
     """
-    loader = DataLoader(tiles, batch_size=batch_size, num_workers=num_workers, shuffle=False, collate_fn=stack_tiles)
+    # A worker process costs ~0.5 s to start: not worth it for an item of one batch or less.
+    workers = num_workers if len(tiles) > batch_size else 0
+    loader = DataLoader(tiles, batch_size=batch_size, num_workers=workers, shuffle=False, collate_fn=stack_tiles)
     encoder.eval()
     out = []
     with torch.inference_mode():
         for batch in loader:
-            out.append(encoder(as_nchw(batch)).numpy())
+            tiles_nchw = as_nchw(batch)
+            out.append((grid_sequence(encoder.feature_map(tiles_nchw)) if grid else encoder(tiles_nchw)).numpy())
             if on_batch:
                 on_batch(len(batch))
     if not out:

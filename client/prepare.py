@@ -66,9 +66,9 @@ def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def tiling_settings(config: SiteConfig) -> dict:
-    """Everything about tiling that changes the vectors, and so belongs in the cache key."""
-    return {**asdict(config.tiling), "mpp_override": config.data.mpp_override}
+def feature_settings(config: SiteConfig) -> dict:
+    """Everything besides slide and weights that changes the vectors, and so belongs in the cache key."""
+    return {**asdict(config.tiling), "mpp_override": config.data.mpp_override, "grid": config.model.mode == "grid"}
 
 
 def prepare_site(config: SiteConfig, progress: bool = True) -> PrepareSummary:
@@ -78,7 +78,7 @@ def prepare_site(config: SiteConfig, progress: bool = True) -> PrepareSummary:
     summary.problems = [f"{p.where}: {p.message}" for p in problems if p.fatal]
     classes = class_names(config.data, items)
     backbone = weights_id(config.features.backbone_weights)
-    tiling = tiling_settings(config)
+    settings = feature_settings(config)
     cache = FeatureCache(config.features.cache_dir)
     log.info("%s: %d items, backbone %s, cache %s", config.name, len(items), backbone[:12], cache.root)
 
@@ -86,7 +86,7 @@ def prepare_site(config: SiteConfig, progress: bool = True) -> PrepareSummary:
     todo: list[tuple[Item, TilePlan]] = []
     for item in tqdm(items, desc="planning", unit="item", disable=not progress, leave=False):
         try:
-            keys[item.item_id] = key = cache_key(content_sha256(item.files), backbone, tiling)
+            keys[item.item_id] = key = cache_key(content_sha256(item.files), backbone, settings)
             if cache.has(key):
                 summary.outcomes.append(Outcome(item, "cached", cache.meta(key)["tiles"]))
                 continue
@@ -107,12 +107,12 @@ def prepare_site(config: SiteConfig, progress: bool = True) -> PrepareSummary:
             try:
                 dataset = tile_dataset(item, plan, config.tiling.tile_size)
                 vectors = extract_features(encoder, dataset, config.features.batch_size,
-                                           config.features.num_workers, bar.update)
+                                           config.features.num_workers, bar.update, grid=settings["grid"])
             except Exception as exc:  # e.g. a corrupt tile deep inside a slide
                 summary.outcomes.append(Outcome(item, "skipped", reason=failure_reason(exc)))
                 continue
             meta = {"item_id": item.item_id, "label": item.label, "tiles": len(plan.grid), "backbone": backbone,
-                    "tiling": tiling, "dimensions": list(plan.dimensions),
+                    "settings": settings, "dimensions": list(plan.dimensions),
                     "read": asdict(plan.read) if plan.read else None}
             cache.save(keys[item.item_id], CachedFeatures(vectors, plan.grid.coords, plan.grid.cells, meta))
             summary.outcomes.append(Outcome(item, "new", len(plan.grid)))
@@ -123,7 +123,7 @@ def prepare_site(config: SiteConfig, progress: bool = True) -> PrepareSummary:
     usable = {o.item.item_id: {"key": keys[o.item.item_id], "label": o.item.label, "patient": o.item.patient,
                                "split": o.item.split, "tiles": o.tiles}
               for o in summary.outcomes if o.status != "skipped"}
-    cache.write_index(CacheIndex(backbone, tiling, list(classes), usable))
+    cache.write_index(CacheIndex(backbone, settings, list(classes), usable))
     summary.seconds = time.perf_counter() - start
     return summary
 

@@ -30,8 +30,6 @@ accountant, so the ledger never trusts a step count computed separately. Do not 
 import functools
 import json
 import math
-import os
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -42,6 +40,7 @@ from opacus import PrivacyEngine
 from opacus.accountants import IAccountant, PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
+from shared.atomic_files import atomic_write_json
 from shared.errors import UserError
 
 FORMAT = "fedpath-privacy-ledger/1"
@@ -282,7 +281,7 @@ class PrivacyLedger:
             "plan": plan,
             "rounds": rounds,
         }
-        _write_atomically(self.path, document)
+        atomic_write_json(self.path, document)
         self._plan, self._rounds, self._on_disk = plan, rounds, document
 
     def _read(self) -> dict[str, Any]:
@@ -387,25 +386,3 @@ def _epsilon_cached(accountant: str, delta: float, history: tuple[Segment, ...])
 def _epsilon(accountant: str, delta: float, history: list[Segment]) -> float:
     """ε of a merged history; memoised because check, record and restarts ask for the same one."""
     return _epsilon_cached(accountant, delta, tuple(history)) if history else 0.0
-
-
-def _write_atomically(path: Path, document: dict[str, Any]) -> None:
-    """Replace ``path`` with the JSON document so a crash leaves either the old or the new file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            json.dump(document, file, indent=2, allow_nan=False)
-            file.write("\n")
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
-        directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)

@@ -1,6 +1,8 @@
 """Training and evaluation data from the feature cache: sequences of tile vectors per slide.
 
-The privacy unit is the patient (each slide is its own patient when the manifest gives no ids):
+In ``tiles`` mode a sequence is a window of consecutive tiles (cached (N, D) vectors); in
+``grid`` mode it is one tile's map read as positions (cached (N, P, D)), and a slide's
+windows are its tiles. The privacy unit is the patient (each slide is its own patient when the manifest gives no ids):
 a training sample is one random window from one of the patient's slides, so a DP-SGD
 per-sample gradient is a per-patient gradient and clipping bounds what one patient can change.
 """
@@ -23,7 +25,11 @@ class SlideFeatures:
     item_id: str
     patient: str
     label: int
-    features: np.ndarray  # (N, 2048) float32, spatial order
+    features: np.ndarray  # (N, 2048) float32 in spatial order, or (N, P, 2048) maps in grid mode
+
+    @property
+    def grid(self) -> bool:
+        return self.features.ndim == 3
 
 
 def load_split(cache: FeatureCache, split: str) -> tuple[list[SlideFeatures], list[str]]:
@@ -51,10 +57,14 @@ class PatientSequences(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         slides = self.units[index]
         slide = slides[self.rng.integers(len(slides))]
+        if slide.grid:
+            return torch.from_numpy(slide.features[self.rng.integers(len(slide.features))]), slide.label
         window = training_windows(len(slide.features), self.length, 1, self.rng)[0]
         return torch.from_numpy(slide.features[window]), slide.label
 
 
 def slide_windows(slide: SlideFeatures, length: int) -> torch.Tensor:
-    """[K, length, D]: the fixed windows covering every tile of the slide."""
+    """[K, length, D]: the fixed windows covering every tile of the slide (grid mode: its tiles' maps)."""
+    if slide.grid:
+        return torch.from_numpy(slide.features)
     return torch.from_numpy(slide.features[evaluation_windows(len(slide.features), length)])

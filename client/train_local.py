@@ -8,8 +8,6 @@ every run releases a model, so its ε counts on top of earlier runs on the same 
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import time
 from dataclasses import asdict
@@ -18,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from client.feature_cache import FeatureCache, atomic_write_bytes
+from client.feature_cache import FeatureCache
 from client.private_training import predict_slides, train_round
 from client.sequence_data import PatientSequences, load_split
 from client.site_config import SiteConfig
+from shared.atomic_files import atomic_write, atomic_write_json
 from shared.errors import UserError
 from shared.metrics import classification_metrics, to_jsonable
 from shared.model import build_head
@@ -38,10 +37,13 @@ def evaluate(head, slides, classes, length: int, positive_class: str | None) -> 
 
 def train_local(config: SiteConfig, progress: bool = True) -> Path:
     """Train on this site alone; returns the run folder."""
-    if config.model.mode != "tiles" or config.model.trainable != "head":
-        raise UserError("train-local trains the head on cached tile vectors: it needs model.mode: tiles and "
-                        "model.trainable: head")
+    if config.model.trainable != "head":
+        raise UserError("train-local trains the head on cached vectors: model.trainable: last_block is not "
+                        "supported here yet")
     cache = FeatureCache(config.features.cache_dir)
+    if cache.read_index().settings.get("grid") != (config.model.mode == "grid"):
+        raise UserError(f"{cache.index_path}: the cache was prepared for another model.mode than "
+                        f"'{config.model.mode}'; run `fedpath-site prepare` again")
     train, classes = load_split(cache, "train")
     val, _ = load_split(cache, "val")
     if not train:
@@ -70,10 +72,9 @@ def train_local(config: SiteConfig, progress: bool = True) -> Path:
     record = {"site": config.name, "classes": classes, "model": config.model.as_dict(),
               "training": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config.training).items()},
               "privacy": asdict(config.privacy), "round": asdict(result), "history": history, "final": final}
-    buffer = io.BytesIO()
-    torch.save({"model": config.model.as_dict(), "classes": classes, "state_dict": head.state_dict()}, buffer)
-    atomic_write_bytes(run_dir / "model.pt", lambda h: h.write(buffer.getvalue()))
-    atomic_write_bytes(run_dir / "metrics.json", lambda h: h.write(json.dumps(to_jsonable(record), indent=1).encode()))
+    atomic_write(run_dir / "model.pt", lambda handle: torch.save(
+        {"model": config.model.as_dict(), "classes": classes, "state_dict": head.state_dict()}, handle))
+    atomic_write_json(run_dir / "metrics.json", to_jsonable(record))
     return run_dir
 
 

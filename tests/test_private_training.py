@@ -8,6 +8,7 @@ import torch
 from opacus import GradSampleModule
 
 from client.cli import main as site_main
+from client.feature_cache import FeatureCache
 from client.prepare import prepare_site
 from client.privacy_ledger import BudgetExceeded
 from client.private_training import predict_slides, train_round
@@ -90,14 +91,19 @@ def test_dp_rounds_spend_the_planned_budget_then_refuse(tmp_path):
     assert len(json.loads(ledger.read_text())["rounds"]) == 2  # the refused round left no trace
 
 
-def test_train_local_end_to_end(tmp_path, generated_manifests, capsys):
+@pytest.mark.parametrize("mode", ["tiles", "grid"])
+def test_train_local_end_to_end(tmp_path, generated_manifests, capsys, mode):
     folder = tmp_path / "site"
     shutil.copytree(generated_manifests[1].parent, folder)
     site = write_site_yaml(folder, {"manifest": "manifest.csv", "val_fraction": 0.25},
-                           training={"epochs": 2, "batch_size": 2}, sequences={"length": 4})
+                           training={"epochs": 2, "batch_size": 2}, sequences={"length": 4},
+                           model={"mode": mode}, tiling={"tile_size": 128})
     assert site_main(["train-local", "--config", str(site), "--no-progress"]) == 2  # not prepared yet
     assert "fedpath-site prepare" in capsys.readouterr().err
     prepare_site(load_site_config(site), progress=False)
+    entry = FeatureCache(folder / "cache")
+    some = next(iter(entry.read_index().items.values()))
+    assert entry.load(some["key"]).features.shape[1:] == ((4, 2048) if mode == "grid" else (2048,))  # 2x2 map
     assert site_main(["train-local", "--config", str(site), "--no-progress"]) == 0
     assert "ε spent" in capsys.readouterr().out
     run = next((folder / "runs" / "local").iterdir())

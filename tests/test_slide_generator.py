@@ -196,7 +196,7 @@ def test_render_deterministic_and_seed_dependent():
 def test_site_slides_deterministic(tmp_path, sites):
     out, manifests = sites
     again = make_site_slides(tmp_path / "again", sites=1, slides_per_site=6, seed=3, spec=SMALL)
-    other = make_site_slides(tmp_path / "other", sites=1, slides_per_site=6, seed=4, spec=SMALL)
+    make_site_slides(tmp_path / "other", sites=1, slides_per_site=6, seed=4, spec=SMALL)
     rows = read_manifest(manifests[0])
     assert read_manifest(again[0]) == rows
     for name in ("slide-001.tif", "slide-004.tif"):

@@ -1,0 +1,77 @@
+"""What differential privacy costs in local training: the product's head and training loop, DP on and off.
+
+Sequences/s of ``train_round`` on cached-feature-like inputs (random non-negative 2048-d vectors,
+T = 8, batch 16, the site defaults) for the same ``SequenceHead``: without DP, with DP (Opacus,
+Poisson sampling, the ledger), and with DP using Opacus' stock ``DPRNN``/``DPGRU``/``DPLSTM`` in
+place of ``RecurrentCore``. Each setting keeps its fastest epoch, so a busy machine disturbs the
+ratios as little as possible.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from opacus.layers import DPGRU, DPLSTM, DPRNN
+from torch import nn
+
+from client.private_training import train_round
+from client.sequence_data import PatientSequences, SlideFeatures
+from shared.model import SequenceHead
+from shared.run_config import PrivacyConfig, TrainingConfig
+
+SEQ_LEN, BATCH_SIZE = 8, 16
+STOCK = {"rnn": DPRNN, "gru": DPGRU, "lstm": DPLSTM}
+
+
+class _StockCore(nn.Module):
+    """Opacus' reference layer behind RecurrentCore's interface (output sequence only)."""
+
+    def __init__(self, kind: str, size: int):
+        super().__init__()
+        self.layer = STOCK[kind](size, size, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)[0]
+
+
+def _slides(count: int) -> list[SlideFeatures]:
+    rng = np.random.default_rng(0)
+    return [SlideFeatures(f"s{i}", f"p{i}", i % 2, np.abs(rng.standard_normal((40, 2048), dtype=np.float32)))
+            for i in range(count)]
+
+
+def _best_seq_per_s(kind: str, setting: str, slides: list[SlideFeatures], epochs: int, folder: Path) -> float:
+    torch.manual_seed(0)
+    head = SequenceHead(2, kind)
+    if setting == "stock":
+        head.core = _StockCore(kind, 128)
+    times = [time.perf_counter()]
+    training = TrainingConfig(epochs=epochs, batch_size=BATCH_SIZE)
+    privacy = replace(PrivacyConfig(planned_rounds=1000), enabled=setting != "nondp")
+    train_round(head, PatientSequences(slides, SEQ_LEN), training, privacy, folder / f"{kind}-{setting}.json",
+                "1", progress=False, on_epoch=lambda *_: times.append(time.perf_counter()))
+    return len(slides) / float(np.min(np.diff(times[1:]))) if epochs > 1 else len(slides) / (times[1] - times[0])
+
+
+def run(quick: bool) -> dict:
+    count, epochs = (128, 3) if quick else (512, 6)
+    slides = _slides(count)
+    logging.getLogger("fedpath.site").setLevel(logging.ERROR)
+    per_kind = {}
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Opacus' secure-RNG notice
+        for kind in ("rnn", "gru", "lstm"):
+            speed = {s: _best_seq_per_s(kind, s, slides, epochs, Path(tmp)) for s in ("nondp", "dp", "stock")}
+            per_kind[kind] = {"nondp_seq_per_s": round(speed["nondp"], 1), "dp_seq_per_s": round(speed["dp"], 1),
+                              "stock_dp_seq_per_s": round(speed["stock"], 1),
+                              "overhead_ratio": round(speed["nondp"] / speed["dp"], 2),
+                              "opacus_stock_overhead_ratio": round(speed["nondp"] / speed["stock"], 2)}
+    return {"kind": "rnn", **per_kind["rnn"], "per_kind": per_kind, "batch_size": BATCH_SIZE, "seq_len": SEQ_LEN,
+            "sequences": count, "epochs": epochs, "torch_threads": torch.get_num_threads()}
