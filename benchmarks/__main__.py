@@ -35,7 +35,8 @@ def run_one(name: str, quick: bool) -> dict:
     record = {"benchmark": name, "quick": quick, "seconds": round(time.perf_counter() - start, 1),
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), **result}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    # Quick runs are smoke tests; they never overwrite the figures of a full run.
+    (RESULTS / f"{name}{'-quick' if quick else ''}.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
 
 

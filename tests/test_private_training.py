@@ -116,3 +116,39 @@ def test_train_local_end_to_end(tmp_path, generated_manifests, capsys, mode):
     head = SequenceHead(2, checkpoint["model"]["core"], projection=checkpoint["model"]["projection"],
                         hidden=checkpoint["model"]["hidden"])
     head.load_state_dict(checkpoint["state_dict"])
+
+
+@pytest.mark.parametrize("batch", [16, 0])
+def test_ghost_clipping_gives_the_per_patient_clipped_update(batch):
+    """train_round uses Opacus' ghost clipping; it must equal clipping materialised per-sample
+    gradients (hooks mode), clipping active, noise off; and survive an empty Poisson batch."""
+    import copy
+    import warnings
+
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 8, 2048).abs(), torch.randint(0, 2, (32,))
+    base = SequenceHead(2, "rnn")
+
+    def one_step(mode):
+        head = copy.deepcopy(base)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = PrivacyEngine().make_private(
+                module=head, optimizer=torch.optim.SGD(head.parameters(), lr=0.1),
+                data_loader=DataLoader(TensorDataset(x, y), batch_size=16), criterion=torch.nn.CrossEntropyLoss(),
+                noise_multiplier=0.0, max_grad_norm=0.5, poisson_sampling=True, grad_sample_mode=mode)
+        model, optimizer, criterion = (out[0], out[1], out[2]) if mode == "ghost" else (out[0], out[1], None)
+        logits = model(x[:batch])
+        loss = (criterion(logits, y[:batch]) if criterion else
+                torch.nn.functional.cross_entropy(logits, y[:batch], reduction="sum") / max(batch, 1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return [p.detach() for p in head.parameters()]
+
+    for ghost, hooks in zip(one_step("ghost"), one_step("hooks")):
+        assert torch.isfinite(ghost).all()
+        torch.testing.assert_close(ghost, hooks, rtol=1e-5, atol=1e-6)
