@@ -1,8 +1,8 @@
 """Privacy accounting across federated rounds: the site's ledger against one accountant.
 
-Trains ROUNDS rounds x LOCAL_EPOCHS local epoch of DP-SGD (Opacus, Poisson sampling) on
-a tiny model over 200 sequences in batches of 16, so Opacus' sample rate is 1/13 and a
-round takes 13 steps, with σ from the ledger's plan for ε = 8, δ = 1e-5. Every round
+Trains ROUNDS rounds x LOCAL_EPOCHS local epoch through the product's ``train_round``
+(Opacus DP-SGD, Poisson sampling) on a small head over 200 patients in batches of 16, so
+Opacus' sample rate is 1/13 and a round takes 13 steps, with σ from the ledger's plan for ε = 8, δ = 1e-5. Every round
 opens the ledger anew from disk, as a fresh Flower process would, and the second half of
 the rounds runs in a separate Python process (a restart).
 
@@ -16,60 +16,42 @@ mode uses the RDP accountant; the full run adds the same measurement with PRV un
 Run: ``python -m benchmarks accounting [--quick]``.
 """
 
+import logging
 import multiprocessing
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
-import torch
-from opacus import PrivacyEngine
+import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from client.privacy_ledger import PrivacyBudget, PrivacyLedger
+from client.private_training import train_round
+from client.sequence_data import PatientSequences, SlideFeatures
+from shared.model import SequenceHead
+from shared.run_config import PrivacyConfig, TrainingConfig
 
 ROUNDS, LOCAL_EPOCHS = 20, 1
-SEQUENCES, BATCH_SIZE, FEATURES = 200, 16, 8
+SEQUENCES, BATCH_SIZE, SEQ_LEN = 200, 16, 4
 TARGET_EPSILON, DELTA = 8.0, 1e-5
 ACCOUNTANTS = {"rdp": RDPAccountant, "prv": PRVAccountant}
 
 
-def _loader() -> DataLoader:
-    generator = torch.Generator().manual_seed(0)
-    features = torch.randn(SEQUENCES, FEATURES, generator=generator)
-    labels = torch.randint(0, 2, (SEQUENCES,), generator=generator)
-    return DataLoader(TensorDataset(features, labels), batch_size=BATCH_SIZE)
-
-
-def _train_rounds(path: Path, budget: PrivacyBudget, rounds: range) -> None:
-    """What each round's site process does: plan, check, train under DP, record."""
+def _train_rounds(path: Path, accountant: str, rounds: range) -> None:
+    """What each round's site process does: the product's train_round, which plans, checks,
+    trains under DP and records in the ledger at ``path``."""
     warnings.filterwarnings("ignore", message="Secure RNG turned off")
-    warnings.filterwarnings("ignore", message="Full backward hook")
-    loader = _loader()
-    sample_rate, steps = 1 / len(loader), len(loader) * LOCAL_EPOCHS
+    logging.getLogger("fedpath.site").setLevel(logging.ERROR)
+    rng = np.random.default_rng(0)
+    slides = [SlideFeatures(f"s{i}", f"p{i}", i % 2, np.abs(rng.standard_normal((8, 32), dtype=np.float32)))
+              for i in range(SEQUENCES)]
+    privacy = PrivacyConfig(epsilon=TARGET_EPSILON, delta=DELTA, accountant=accountant, planned_rounds=ROUNDS)
+    training = TrainingConfig(epochs=LOCAL_EPOCHS, batch_size=BATCH_SIZE)
+    head = SequenceHead(2, "rnn", input_dim=32, projection=8, hidden=8)
     for rnd in rounds:
-        ledger = PrivacyLedger(path, budget)
-        sigma = ledger.noise_for_plan(sample_rate, steps, ROUNDS)
-        ledger.check_round(sigma, sample_rate, steps, round_id=rnd)
-        engine = PrivacyEngine(accountant=budget.accountant)
-        ledger.attach(engine)
-        model = nn.Linear(FEATURES, 2)
-        model, optimizer, private_loader = engine.make_private(
-            module=model,
-            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-            data_loader=loader,
-            noise_multiplier=sigma,
-            max_grad_norm=1.0,
-            poisson_sampling=True,
-        )
-        for _ in range(LOCAL_EPOCHS):
-            for features, labels in private_loader:
-                optimizer.zero_grad()
-                nn.functional.cross_entropy(model(features), labels).backward()
-                optimizer.step()
-        ledger.record_from_engine(engine, rnd)
+        train_round(head, PatientSequences(slides, SEQ_LEN, seed=rnd), training, privacy, path, str(rnd),
+                    progress=False)
 
 
 def _measure(accountant: str) -> dict:
@@ -78,9 +60,9 @@ def _measure(accountant: str) -> dict:
     with tempfile.TemporaryDirectory() as directory:
         path = Path(directory) / "privacy_ledger.json"
         half = ROUNDS // 2
-        _train_rounds(path, budget, range(1, half + 1))
+        _train_rounds(path, accountant, range(1, half + 1))
         restarted = multiprocessing.get_context("spawn").Process(
-            target=_train_rounds, args=(path, budget, range(half + 1, ROUNDS + 1))
+            target=_train_rounds, args=(path, accountant, range(half + 1, ROUNDS + 1))
         )
         restarted.start()
         restarted.join()

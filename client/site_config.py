@@ -49,7 +49,6 @@ class FeatureConfig:
 @dataclass(frozen=True)
 class SequenceConfig:
     length: int = check(at_least(1), 8)  # tiles per sequence fed to the recurrent head
-    windows_per_slide: int = check(at_least(1), 1)  # random training windows drawn per slide and epoch
 
 
 @dataclass(frozen=True)
