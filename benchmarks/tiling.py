@@ -45,7 +45,7 @@ def _pipeline(path: Path, tiling: TilingConfig, workers: int) -> tuple[float, in
 
 
 def run(quick: bool) -> dict:
-    size, repeats = (4096, 1) if quick else (8192, 3)
+    size, repeats = (4096, 1) if quick else (12288, 3)
     tiling = TilingConfig(target_mpp=0.5, tile_size=299, min_tissue=0.25)
     with tempfile.TemporaryDirectory() as tmp:
         path = _slide(Path(tmp), size)

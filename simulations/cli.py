@@ -20,18 +20,30 @@ def _make_slides(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    import json
+
     from client.prepare import prepare_site
     from client.site_config import load_site_config
+    from client.train_local import train_local
     from simulations.consortium import make_consortium
 
     out = Path(args.out)
     print(f"generating {args.sites} hospitals x {args.slides_per_site} slides in {out} ...")
     configs = make_consortium(out, args.sites, args.slides_per_site, args.seed, args.size, args.tile_size)
     failed = 0
+    trained = []
     for path in configs:
-        summary = prepare_site(load_site_config(path))
+        config = load_site_config(path)
+        summary = prepare_site(config)
         print(f"\n== {path.parent.name} ==\n{summary.report()}")
         failed += summary.count("skipped")
+        run_dir = train_local(config)
+        record = json.loads((run_dir / "metrics.json").read_text())
+        trained.append((path.parent.name, record["final"]["val"].get("accuracy"), record["round"]["epsilon"], run_dir))
+    print("\nlocal training per site (DP on, random trunk: a smoke run, not a result):")
+    for name, accuracy, epsilon, run_dir in trained:
+        shown = "n/a" if accuracy is None else f"{accuracy:.2f}"
+        print(f"  {name}: validation accuracy {shown}, ε spent {epsilon:.2f}  ({run_dir})")
     print(f"\ndemo consortium ready in {out}: check a site with `fedpath-site check --config {configs[0]}`")
     return 1 if failed else 0
 
@@ -52,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "write pyramidal JPEG-tiled TIFF slides, a manifest.csv and a site.yaml per hospital")
     _add_generation_options(make, sites=3, slides=6)
     demo = add_command(commands, "demo", _demo,
-                       "the local demo: generate three hospitals' slides and prepare each site's feature cache")
+                       "the local demo: generate three hospitals' slides, prepare each site's feature cache, "
+                       "train each site's head alone under DP")
     _add_generation_options(demo, sites=3, slides=6)
     return parser
 
