@@ -34,8 +34,8 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing when gra
 @dataclass(frozen=True)
 class RoundResult:
     examples: int  # privacy units (patients) in the training set
-    loss: float  # mean training loss over the round's steps
-    steps: int
+    loss: float  # mean training loss over the round's non-empty batches
+    steps: int  # optimizer steps, empty Poisson batches included
     epsilon: float | None  # ε spent so far by this ledger; None without DP
     delta: float | None
     noise_multiplier: float | None
@@ -69,6 +69,7 @@ def train_round(head: nn.Module, dataset: Dataset, training: TrainingConfig, pri
                     "is not private and must not leave the site")
     model.train()
     losses: list[float] = []
+    taken = 0
     for epoch in range(1, training.epochs + 1):
         epoch_losses = []
         for sequences, labels in tqdm(loader, desc=f"epoch {epoch}/{training.epochs}", unit="batch",
@@ -77,6 +78,7 @@ def train_round(head: nn.Module, dataset: Dataset, training: TrainingConfig, pri
             loss = criterion(model(sequences), labels)
             loss.backward()
             optimizer.step()
+            taken += 1
             if len(labels):
                 epoch_losses.append(loss.item())
         losses += epoch_losses
@@ -90,7 +92,7 @@ def train_round(head: nn.Module, dataset: Dataset, training: TrainingConfig, pri
                  privacy.delta, sigma)
     head.eval()
     return RoundResult(len(dataset), float(np.mean(losses)) if losses else float("nan"),
-                       len(losses), epsilon, privacy.delta if privacy.enabled else None, sigma)
+                       taken, epsilon, privacy.delta if privacy.enabled else None, sigma)
 
 
 @torch.inference_mode()
