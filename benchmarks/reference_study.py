@@ -16,16 +16,15 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 
 from client.feature_cache import FeatureCache
 from client.prepare import prepare_site
-from client.private_training import predict_slides, train_round
+from client.private_training import train_round
 from client.sequence_data import PatientSequences, load_split
 from client.site_config import load_site_config
-from shared.metrics import classification_metrics
+from client.train_local import evaluate
 from shared.model import ModelConfig, build_head
 
 CRC_TILES = Path(__file__).resolve().parents[2] / "shared" / "data" / "crc-tiles"
@@ -45,8 +44,7 @@ def _link_dataset(root: Path, per_folder: int | None) -> Path:
 
 
 def _evaluate(head, slides, classes) -> dict:
-    metrics = classification_metrics(np.array([s.label for s in slides]), predict_slides(head, slides, 64),
-                                     classes, positive_class="adenocarcinoma")
+    metrics = evaluate(head, slides, classes, length=64, positive_class="adenocarcinoma")
     return {k: round(float(metrics[k]), 4) for k in ("accuracy", "loss", "auc", "sensitivity", "specificity")}
 
 

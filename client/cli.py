@@ -24,18 +24,17 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _train_local(args: argparse.Namespace) -> int:
-    import json
-
     from client.train_local import train_local
 
-    run_dir = train_local(load_site_config(args.config), progress=not args.no_progress)
-    final = json.loads((run_dir / "metrics.json").read_text())
-    val = final["final"]["val"]
-    epsilon = final["round"]["epsilon"]
-    print(f"model and metrics in {run_dir}")
-    print(f"validation accuracy {val.get('accuracy')}, AUC {val.get('auc')}; "
-          f"ε spent {'n/a (DP off)' if epsilon is None else f'{epsilon:.3f}'}")
+    run = train_local(load_site_config(args.config), progress=not args.no_progress)
+    print(f"model and metrics in {run.folder}")
+    print(f"validation accuracy {_fmt(run.val_accuracy)}, AUC {_fmt(run.record['final']['val'].get('auc'))}; "
+          f"ε spent {'n/a (DP off)' if run.epsilon is None else _fmt(run.epsilon)}")
     return 0
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def build_parser() -> argparse.ArgumentParser:

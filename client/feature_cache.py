@@ -2,8 +2,8 @@
 
 A key is the sha256 of the item's file content, the backbone's weights and the tiling settings,
 so a rescanned slide, a new trunk or a new tile size each invalidate exactly the entries they
-affect, and a renamed slide still hits. Entries are written atomically (``shared.atomic_files``): a run interrupted at any point leaves
-only complete entries, and the next run resumes.
+affect, and a renamed slide still hits. Entries are written atomically (``shared.atomic_files``):
+a run interrupted at any point leaves only complete entries, and the next run resumes.
 """
 
 from __future__ import annotations

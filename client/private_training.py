@@ -28,7 +28,8 @@ from shared.run_config import PrivacyConfig, TrainingConfig
 log = logging.getLogger("fedpath.site")
 # Opacus hooks fire on module outputs when the head's input (cached vectors) needs no gradient:
 # expected here, not a problem.
-warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect to module outputs")
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect to "
+                                          "module outputs")
 
 
 @dataclass(frozen=True)

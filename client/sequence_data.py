@@ -2,9 +2,10 @@
 
 In ``tiles`` mode a sequence is a window of consecutive tiles (cached (N, D) vectors); in
 ``grid`` mode it is one tile's map read as positions (cached (N, P, D)), and a slide's
-windows are its tiles. The privacy unit is the patient (each slide is its own patient when the manifest gives no ids):
-a training sample is one random window from one of the patient's slides, so a DP-SGD
-per-sample gradient is a per-patient gradient and clipping bounds what one patient can change.
+windows are its tiles. The privacy unit is the patient (each slide is its own patient when the
+manifest gives no ids): a training sample is one random window from one of the patient's slides,
+so a DP-SGD per-sample gradient is a per-patient gradient and clipping bounds what one patient
+can change.
 """
 
 from __future__ import annotations

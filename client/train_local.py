@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,20 @@ from shared.model import build_head
 log = logging.getLogger("fedpath.site")
 
 
+@dataclass(frozen=True)
+class LocalRun:
+    folder: Path  # model.pt, metrics.json, privacy_ledger.json
+    record: dict  # what metrics.json holds
+
+    @property
+    def val_accuracy(self) -> float | None:
+        return self.record["final"]["val"].get("accuracy")
+
+    @property
+    def epsilon(self) -> float | None:
+        return self.record["round"]["epsilon"]
+
+
 def evaluate(head, slides, classes, length: int, positive_class: str | None) -> dict:
     if not slides:
         return {}
@@ -35,8 +49,8 @@ def evaluate(head, slides, classes, length: int, positive_class: str | None) -> 
     return classification_metrics(np.array([s.label for s in slides]), probs, classes, positive_class)
 
 
-def train_local(config: SiteConfig, progress: bool = True) -> Path:
-    """Train on this site alone; returns the run folder."""
+def train_local(config: SiteConfig, progress: bool = True) -> LocalRun:
+    """Train on this site alone; returns the run folder and what was written there."""
     if config.model.trainable != "head":
         raise UserError("train-local trains the head on cached vectors: model.trainable: last_block is not "
                         "supported here yet")
@@ -48,8 +62,7 @@ def train_local(config: SiteConfig, progress: bool = True) -> Path:
     val, _ = load_split(cache, "val")
     if not train:
         raise UserError(f"{cache.index_path}: no prepared training slides; run `fedpath-site prepare` first")
-    run_dir = config.training.out_dir / time.strftime("%Y%m%d-%H%M%S")
-    run_dir.mkdir(parents=True, exist_ok=False)
+    run_dir = _new_run_folder(config.training.out_dir)
     torch.manual_seed(config.training.seed)
     head = build_head(config.model, len(classes))
     dataset = PatientSequences(train, config.sequences.length, config.training.seed)
@@ -74,8 +87,22 @@ def train_local(config: SiteConfig, progress: bool = True) -> Path:
               "privacy": asdict(config.privacy), "round": asdict(result), "history": history, "final": final}
     atomic_write(run_dir / "model.pt", lambda handle: torch.save(
         {"model": config.model.as_dict(), "classes": classes, "state_dict": head.state_dict()}, handle))
-    atomic_write_json(run_dir / "metrics.json", to_jsonable(record))
-    return run_dir
+    record = to_jsonable(record)
+    atomic_write_json(run_dir / "metrics.json", record)
+    return LocalRun(run_dir, record)
+
+
+def _new_run_folder(parent: Path) -> Path:
+    """runs/local/<time>, with a suffix when two runs start within the same second."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for attempt in range(1000):
+        folder = parent / (stamp if attempt == 0 else f"{stamp}-{attempt}")
+        try:
+            folder.mkdir(parents=True)
+            return folder
+        except FileExistsError:
+            continue
+    raise UserError(f"{parent}: cannot create a new run folder for {stamp}")
 
 
 def _fmt(value) -> str:

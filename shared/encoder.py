@@ -27,10 +27,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 TRUNK_BLOCKS = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
                 "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
                 "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c")
-# torchvision's Inception3 forward, block by block, up to the map before pooling.
-TRUNK_BLOCKS = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
-                "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
-                "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c")
 _DROPPED_PREFIXES = ("fc.", "AuxLogits.")  # classifier parts of a full InceptionV3 checkpoint
 _WRAPPER_PREFIXES = ("module.", "trunk.")
 

@@ -48,7 +48,6 @@ class SequenceHead(nn.Module):
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"a classifier needs at least 2 classes, got {num_classes}")
-        self.core_kind = core
         self.projection = nn.Linear(input_dim, projection)
         self.core = None if core == "mean" else RecurrentCore(core, projection, hidden)
         self.classifier = nn.Linear(projection if core == "mean" else hidden, num_classes)

@@ -20,8 +20,6 @@ def _make_slides(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import json
-
     from client.prepare import prepare_site
     from client.site_config import load_site_config
     from client.train_local import train_local
@@ -37,13 +35,11 @@ def _demo(args: argparse.Namespace) -> int:
         summary = prepare_site(config)
         print(f"\n== {path.parent.name} ==\n{summary.report()}")
         failed += summary.count("skipped")
-        run_dir = train_local(config)
-        record = json.loads((run_dir / "metrics.json").read_text())
-        trained.append((path.parent.name, record["final"]["val"].get("accuracy"), record["round"]["epsilon"], run_dir))
+        trained.append((path.parent.name, train_local(config)))
     print("\nlocal training per site (DP on, random trunk: a smoke run, not a result):")
-    for name, accuracy, epsilon, run_dir in trained:
-        shown = "n/a" if accuracy is None else f"{accuracy:.2f}"
-        print(f"  {name}: validation accuracy {shown}, ε spent {epsilon:.2f}  ({run_dir})")
+    for name, run in trained:
+        shown = "n/a" if run.val_accuracy is None else f"{run.val_accuracy:.2f}"
+        print(f"  {name}: validation accuracy {shown}, ε spent {run.epsilon:.2f}  ({run.folder})")
     print(f"\ndemo consortium ready in {out}: check a site with `fedpath-site check --config {configs[0]}`")
     return 1 if failed else 0
 

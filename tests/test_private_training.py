@@ -152,3 +152,11 @@ def test_ghost_clipping_gives_the_per_patient_clipped_update(batch):
     for ghost, hooks in zip(one_step("ghost"), one_step("hooks")):
         assert torch.isfinite(ghost).all()
         torch.testing.assert_close(ghost, hooks, rtol=1e-5, atol=1e-6)
+
+
+def test_runs_started_in_the_same_second_get_their_own_folder(tmp_path, monkeypatch):
+    from client import train_local as module
+
+    monkeypatch.setattr(module.time, "strftime", lambda fmt: "20260101-000000")
+    folders = {module._new_run_folder(tmp_path) for _ in range(3)}
+    assert {f.name for f in folders} == {"20260101-000000", "20260101-000000-1", "20260101-000000-2"}
