@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from client.check import check_site
 from client.prepare import prepare_site
@@ -33,6 +34,22 @@ def _train_local(args: argparse.Namespace) -> int:
     return 0
 
 
+def _start(args: argparse.Namespace) -> int:
+    from client.supernode import start_supernode
+
+    return start_supernode(load_site_config(args.config), Path(args.config), insecure=args.insecure,
+                           detach=args.detach)
+
+
+def _stop(args: argparse.Namespace) -> int:
+    from shared.processes import stop
+
+    config = load_site_config(args.config)
+    pid = stop(Path(config.state_dir) / "supernode.pid")
+    print("no SuperNode was running" if pid is None else f"{config.name}: SuperNode (pid {pid}) stopped")
+    return 0
+
+
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
@@ -54,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "with DP as configured; writes model.pt and metrics.json")
     train.add_argument("--config", required=True, help="the site's site.yaml")
     train.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
+    start = add_command(commands, "start", _start,
+                        "start this hospital's SuperNode: it joins the consortium's federated rounds (TLS unless "
+                        "--insecure) and keeps reconnecting while the server restarts; Ctrl-C stops it")
+    start.add_argument("--config", required=True, help="the site's site.yaml (federation.server, federation.ca_cert)")
+    start.add_argument("--insecure", action="store_true", help="no TLS (test machines only; warns loudly)")
+    start.add_argument("--detach", action="store_true", help="run in the background with a pid file")
+    stop = add_command(commands, "stop", _stop, "stop a SuperNode started with --detach")
+    stop.add_argument("--config", required=True, help="the site's site.yaml")
     return parser
 
 

@@ -253,6 +253,16 @@ class PrivacyLedger:
         self._attached = (accountant, _merged(self.history))
         return epsilon
 
+    def unused_round_id(self, round_id: str) -> str:
+        """``round_id``, or ``round_id-retryN`` when a crashed attempt already recorded it:
+        a retried round trains again, so it spends privacy again under its own id."""
+        recorded = {str(entry["round_id"]) for entry in self._rounds}
+        candidate, attempt = round_id, 0
+        while candidate in recorded:
+            attempt += 1
+            candidate = f"{round_id}-retry{attempt}"
+        return candidate
+
     def _refuse_duplicate(self, round_id: int | str) -> None:
         if isinstance(round_id, bool) or not isinstance(round_id, (int, str)):
             raise ValueError(f"round_id must be an int or a str, got {round_id!r}.")

@@ -44,9 +44,15 @@ class RoundResult:
 
 def train_round(head: nn.Module, dataset: Dataset, training: TrainingConfig, privacy: PrivacyConfig,
                 ledger_path: Path, round_id: str, progress: bool = True,
-                on_epoch: Callable[[int, float], None] | None = None) -> RoundResult:
-    """Train ``head`` in place for ``training.epochs`` epochs; returns what the round spent."""
+                on_epoch: Callable[[int, float], None] | None = None, proximal_mu: float = 0.0) -> RoundResult:
+    """Train ``head`` in place for ``training.epochs`` epochs; returns what the round spent.
+
+    ``proximal_mu`` > 0 (FedProx) pulls the weights towards the ones the round started from,
+    as a step after each DP-SGD step: the pull only uses weights that are already private,
+    so it costs no privacy, where a proximal term in the loss would be clipped per patient.
+    """
     torch.manual_seed(training.seed)
+    anchors = [p.detach().clone() for p in head.parameters()] if proximal_mu > 0 else []
     loader = DataLoader(dataset, batch_size=training.batch_size, shuffle=True)
     optimizer = torch.optim.Adam(head.parameters(), lr=training.learning_rate)
     head.train()
@@ -79,6 +85,10 @@ def train_round(head: nn.Module, dataset: Dataset, training: TrainingConfig, pri
             loss = criterion(model(sequences), labels)
             loss.backward()
             optimizer.step()
+            if anchors:
+                with torch.no_grad():
+                    for weight, anchor in zip(head.parameters(), anchors):
+                        weight.sub_(training.learning_rate * proximal_mu * (weight - anchor))
             taken += 1
             if len(labels):
                 epoch_losses.append(loss.item())

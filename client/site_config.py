@@ -52,6 +52,15 @@ class SequenceConfig:
 
 
 @dataclass(frozen=True)
+class FederationSite:
+    """How this site's SuperNode reaches the consortium's server."""
+
+    server: str | None = None  # host:port of the SuperLink, from the consortium admin
+    ca_cert: Path | None = None  # the consortium's ca.pem (TLS); required unless started with --insecure
+    port: int = check(lambda p: None if 1 <= p <= 65535 else "must be a TCP port (1-65535)", 9094)  # local
+
+
+@dataclass(frozen=True)
 class SiteConfig:
     name: str
     data: DataConfig
@@ -61,6 +70,8 @@ class SiteConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    federation: FederationSite = field(default_factory=FederationSite)
+    state_dir: Path | None = None  # privacy ledgers, SuperNode log and pid file; default: state/ beside site.yaml
 
 
 def load_site_config(path: str | Path) -> SiteConfig:
@@ -73,7 +84,7 @@ def load_site_config(path: str | Path) -> SiteConfig:
     features = replace(config.features, backbone_weights=weights,
                        cache_dir=config.features.cache_dir or base / "cache")
     training = replace(config.training, out_dir=config.training.out_dir or base / "runs" / "local")
-    return replace(config, features=features, training=training)
+    return replace(config, features=features, training=training, state_dir=config.state_dir or base / "state")
 
 
 BUILTIN_WEIGHTS = ("random", "imagenet")

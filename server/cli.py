@@ -1,20 +1,132 @@
 """`fedpath-server`: the consortium admin's command.
 
-Certificates, hospital registration, the SuperLink and federated runs come with the federation
-and security work; today this command only describes itself.
+Make the consortium's certificates, start the SuperLink, submit a federated run and follow it,
+see runs and sites, resume a run after a crash, and verify a run's audit log.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from shared.cli import run_cli
+from shared.cli import add_command, run_cli
+
+
+def _init(args: argparse.Namespace) -> int:
+    from server.certificates import describe, init_consortium
+
+    files = init_consortium(Path(args.out), args.name, args.san or (), days=args.days, force=args.force)
+    server = describe(files.server_cert)
+    print(f"consortium CA      {files.ca_cert}  (give this file to every hospital)\n"
+          f"CA private key     {files.ca_key}  (keep offline; only needed to renew)\n"
+          f"server certificate {files.server_cert}  valid until {server['not_valid_after']}, names "
+          f"{', '.join(server['sans'])}\n"
+          f"server private key {files.server_key}  (stays on the server; mode 0600)")
+    return 0
+
+
+def _start(args: argparse.Namespace) -> int:
+    from server.server_config import load_server_config
+    from server.superlink import start_superlink
+
+    return start_superlink(load_server_config(args.config), insecure=args.insecure, detach=args.detach)
+
+
+def _stop(args: argparse.Namespace) -> int:
+    from server.server_config import load_server_config
+    from server.superlink import StatePaths
+    from shared.processes import stop
+
+    paths = StatePaths(load_server_config(args.config))
+    pid = stop(paths.pid)
+    print("no SuperLink was running" if pid is None else f"SuperLink (pid {pid}) stopped")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from server.run_control import submit_and_follow
+    from server.run_folder import RunFolder
+    from server.server_config import load_server_config
+    from server.superlink import FlowerControl
+
+    config = load_server_config(args.config)  # validated before anything is created
+    control = FlowerControl(config, insecure=args.insecure)
+    return submit_and_follow(control, RunFolder.create(Path(args.config)), follow=not args.no_follow)
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from server.run_control import submit_and_follow
+    from server.run_folder import RunFolder
+    from server.superlink import FlowerControl
+
+    folder = RunFolder.open(Path(args.run_dir))
+    status = folder.status()
+    if status.get("state") == "finished":
+        print(f"{folder.path}: all {status.get('total_rounds')} rounds are done; nothing to resume")
+        return 0
+    print(f"{folder.path}: resuming after round {status.get('round', 0)} of {folder.run_info()['total_rounds']}")
+    return submit_and_follow(FlowerControl(folder.config(), insecure=args.insecure), folder,
+                             follow=not args.no_follow)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from server.server_config import load_server_config
+    from server.status_report import status_report
+    from server.superlink import FlowerControl
+
+    config = load_server_config(args.config)
+    print(status_report(config, FlowerControl(config, insecure=args.insecure)))
+    return 0
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    from server.audit import verify
+    from server.run_folder import RunFolder
+
+    folder = RunFolder.open(Path(args.run_dir))
+    count = verify(folder.audit_log, expected_last_hash=folder.status().get("audit_last_hash"))
+    print(f"{folder.audit_log}: {count} records, hash chain intact, last record matches status.json")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(prog="fedpath-server", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="fedpath-server", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(title="commands")
+
+    init = add_command(commands, "init", _init, "make the consortium CA and the SuperLink's TLS certificate")
+    init.add_argument("--name", required=True, help="the server's public host name (put into the certificate)")
+    init.add_argument("--san", action="append", help="another host name or IP the sites may use (repeatable)")
+    init.add_argument("--out", default="certs", help="folder for the files (default: certs)")
+    init.add_argument("--days", type=int, default=365, help="validity of the server certificate (default 365)")
+    init.add_argument("--force", action="store_true", help="overwrite existing files")
+
+    def with_config(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sub.add_argument("--config", required=True, help="the consortium's server.yaml")
+        sub.add_argument("--insecure", action="store_true", help="no TLS (test machines only; warns loudly)")
+        return sub
+
+    start = with_config(add_command(commands, "start", _start,
+                                    "start the SuperLink (SQLite state, log file, offline-safe); Ctrl-C stops it"))
+    start.add_argument("--detach", action="store_true", help="run in the background with a pid file")
+    add_command(commands, "stop", _stop, "stop a SuperLink started with --detach").add_argument(
+        "--config", required=True, help="the consortium's server.yaml")
+    run = with_config(add_command(commands, "run", _run,
+                                  "submit a federated run, print a line per round, exit 1 unless it completes"))
+    run.add_argument("--no-follow", action="store_true", help="submit and return at once")
+    with_config(add_command(commands, "status", _status, "runs, their state and round, sites online, ε per site"))
+    resume = add_command(commands, "resume", _resume,
+                         "continue a run from its last checkpoint; round numbers go on")
+    resume.add_argument("run_dir", help="the run folder (printed by `run`)")
+    resume.add_argument("--insecure", action="store_true", help="no TLS (test machines only)")
+    resume.add_argument("--no-follow", action="store_true", help="submit and return at once")
+
+    audit = commands.add_parser("audit", help="audit log commands").add_subparsers(title="audit commands")
+    add_command(audit, "verify", _audit_verify,
+                "check a run's audit log: every record unedited, none removed, reordered or cut off"
+                ).add_argument("run_dir", help="the run folder")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -85,6 +85,21 @@ def classification_metrics(
     return metrics
 
 
+def confusion_metrics(confusion: np.ndarray, class_names: Sequence[str], positive_class: str | None = None
+                      ) -> dict[str, float]:
+    """Accuracy, balanced accuracy and (binary) sensitivity/specificity from a confusion matrix
+    (rows true, columns predicted): what pooled counts from several sites allow, AUC excepted."""
+    confusion = np.asarray(confusion, dtype=np.float64)
+    total = float(confusion.sum())
+    recalls = [_ratio(confusion[i, i], confusion[i].sum()) for i in range(len(class_names))]
+    metrics = {"n": total, "accuracy": _ratio(float(np.trace(confusion)), total), "balanced_accuracy": _nanmean(recalls)}
+    if len(class_names) == 2:
+        positive = _positive_index(class_names, positive_class)
+        negative = 1 - positive
+        metrics.update(sensitivity=recalls[positive], specificity=recalls[negative])
+    return metrics
+
+
 def roc_auc(scores: np.ndarray, is_positive: np.ndarray) -> float:
     """ROC AUC as the Mann-Whitney statistic: P(score of a positive > score of a negative),
     ties counting one half (average ranks). nan unless both groups are present."""

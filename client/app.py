@@ -1,0 +1,60 @@
+"""The site's Flower ClientApp: finds site.yaml through the SuperNode's node config, then trains
+or evaluates the global model it receives (``client/federated_round.py``).
+
+Flower starts a fresh process for every message, so this module imports only Flower and
+numpy; torch and Opacus are imported by the stages that train or evaluate.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Context
+from flwr.client import ClientApp, NumPyClient
+
+SITE_CONFIG_KEY = "site-config"
+"""Node config key with the absolute path of the site's site.yaml (set by `fedpath-site start`)."""
+
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request otherwise
+
+
+class SiteClient(NumPyClient):
+    def __init__(self, site_yaml: Path) -> None:
+        self.site_yaml = site_yaml
+
+    def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
+        from client import federated_round
+        from shared.round_plan import RoundPlan
+
+        reply = federated_round.fit(self._site_config(), RoundPlan.from_config(config), parameters)
+        return reply.arrays, reply.examples, reply.metrics
+
+    def evaluate(self, parameters: list[np.ndarray], config: dict) -> tuple[float, int, dict]:
+        from client import federated_round
+        from shared.round_plan import RoundPlan
+
+        loss, reply = federated_round.evaluate(self._site_config(), RoundPlan.from_config(config), parameters)
+        return loss, reply.examples, reply.metrics
+
+    def _site_config(self):
+        from client.site_config import load_site_config
+
+        return load_site_config(self.site_yaml)
+
+
+def site_yaml_of(context: Context) -> Path:
+    value = context.node_config.get(SITE_CONFIG_KEY)
+    if not value:
+        raise ValueError(f"this SuperNode has no '{SITE_CONFIG_KEY}' in its node config: start it with "
+                         "`fedpath-site start --config site.yaml`")
+    return Path(str(value))
+
+
+def client_fn(context: Context):
+    return SiteClient(site_yaml_of(context)).to_client()
+
+
+app = ClientApp(client_fn=client_fn)

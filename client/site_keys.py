@@ -1,0 +1,114 @@
+"""A hospital's own key pair, with which its SuperNode proves who it is to the SuperLink.
+
+With ``--enable-supernode-auth`` the SuperLink accepts only nodes whose public key the
+consortium admin registered (``flwr supernode register KEY.pub ...``). Each site makes its pair
+here, keeps ``<name>.key`` on the SuperNode machine (``--auth-supernode-private-key``) and sends
+only ``<name>.pub`` to the admin. Flower wants EC P-384 keys in OpenSSH formats: the SuperNode
+reads the private key with ``load_ssh_private_key`` (flwr/supernode/cli/flower_supernode.py), so
+it is written as an unencrypted ``OPENSSH PRIVATE KEY``, not as PKCS8 PEM.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+from pathlib import Path
+
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from shared.atomic_files import atomic_write
+from shared.errors import UserError
+
+KEY_TYPE = "ecdsa-sha2-nistp384"
+# A public key line is well under 1 KiB; anything far larger was picked by mistake (a slide, an archive).
+MAX_PUBLIC_KEY_BYTES = 16 * 1024
+_SITE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class SiteKeyError(UserError):
+    """A site key file or site name that the person has to fix."""
+
+
+def keygen(out_dir: Path, name: str, force: bool = False) -> tuple[Path, Path]:
+    """Write ``<name>.key`` (owner-only) and ``<name>.pub`` in ``out_dir``; return both paths.
+
+    Existing files are refused unless ``force``: a new pair would lock the site out until the
+    admin registers the new public key.
+    """
+    if not isinstance(name, str) or not _SITE_NAME.match(name):
+        raise SiteKeyError(f"site name {name!r}: use 1 to 64 letters, digits, '-' or '_' "
+                           "(it names the key files)")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SiteKeyError(f"{out_dir}: exists and is not a folder")
+    private_path, public_path = out_dir / f"{name}.key", out_dir / f"{name}.pub"
+    existing = [str(path) for path in (private_path, public_path) if path.exists()]
+    if existing and not force:
+        raise SiteKeyError(f"{', '.join(existing)}: already exist; a new key pair must be registered "
+                           "again by the consortium admin before this site can join. Pass force to replace them")
+    key = ec.generate_private_key(ec.SECP384R1())
+    private_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                    serialization.NoEncryption())
+    public_line = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                serialization.PublicFormat.OpenSSH).decode()
+    # ``atomic_write`` creates its temporary file with os.open(..., 0o600) (tempfile.mkstemp):
+    # the private key is never readable by others, not even for a moment.
+    _write(private_path, private_pem, 0o600)
+    # The trailing comment tells the admin which site sent the file; Flower ignores it.
+    _write(public_path, f"{public_line} {name}\n".encode(), 0o644)
+    return private_path, public_path
+
+
+def read_public_key(path: Path) -> str:
+    """The normalized ``ecdsa-sha2-nistp384 AAAA...`` line in ``path``, checked before registering."""
+    path = Path(path)
+    if not path.is_file():
+        raise SiteKeyError(f"{path}: no such public key file")
+    size = path.stat().st_size
+    if size > MAX_PUBLIC_KEY_BYTES:
+        raise SiteKeyError(f"{path}: {size} bytes is far too large for a public key; "
+                           "expected the one-line <site>.pub file")
+    data = path.read_bytes()
+    if b"PRIVATE KEY" in data:
+        raise SiteKeyError(f"{path}: this is a PRIVATE key; it must stay at the site. "
+                           "Send or register the matching .pub file instead")
+    try:
+        text = data.decode("ascii")
+    except UnicodeDecodeError:
+        raise SiteKeyError(f"{path}: not a text file; expected one line '{KEY_TYPE} AAAA...'") from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) != 1:
+        raise SiteKeyError(f"{path}: holds {len(lines)} non-empty lines; expected exactly one "
+                           f"'{KEY_TYPE} AAAA...' line")
+    return _normalize(lines[0], str(path))
+
+
+def fingerprint(public_key_line: str) -> str:
+    """``SHA256:<base64>`` as ``ssh-keygen -lf`` prints it, for the admin and the site to compare."""
+    blob = base64.b64decode(_normalize(public_key_line.strip(), "public key").split()[1])
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(blob)
+    return "SHA256:" + base64.b64encode(digest.finalize()).decode().rstrip("=")
+
+
+def _normalize(line: str, source: str) -> str:
+    """The key re-encoded without comment, once it parsed as an EC P-384 OpenSSH public key."""
+    try:
+        key = serialization.load_ssh_public_key(line.encode())
+    except (ValueError, UnsupportedAlgorithm):
+        raise SiteKeyError(f"{source}: not an OpenSSH public key; expected '{KEY_TYPE} AAAA...'") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP384R1):
+        raise SiteKeyError(f"{source}: a {line.split()[0]} key; Flower SuperNode authentication here "
+                           f"uses {KEY_TYPE} keys (make one with the site key generator)")
+    return key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    def write(handle) -> None:
+        os.fchmod(handle.fileno(), mode)  # exact mode whatever the umask
+        handle.write(data)
+
+    atomic_write(path, write)

@@ -1,0 +1,136 @@
+"""What a person reads after a run: the metrics as JSON and CSV, learning curves, a console line.
+
+``rounds`` is the server's history, one entry per round::
+
+    {"round": 3, "global": {"loss": 0.51, "auc": 0.80, ...},
+     "sites": {"hospital-a": {"train_loss": 0.47, "epsilon": 2.9, ...}, ...}}
+
+Metrics may be missing, None or nan (a one-class validation set has no AUC); every output
+shows them as absent rather than failing or inventing a value. The CSV is in long format
+(``round,scope,metric,value``) so spreadsheets and pandas can pivot it any way without
+knowing the metric names in advance.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
+
+from shared.atomic_files import atomic_write, atomic_write_bytes, atomic_write_json
+from shared.metrics import to_jsonable
+
+GLOBAL = "global"
+"""The scope of the aggregated model's metrics, beside one scope per site."""
+
+PANELS = (
+    ("Loss", "cross-entropy", (("loss", "-"), ("train_loss", "--"))),
+    ("Accuracy", "accuracy", (("accuracy", "-"),)),
+    ("AUC", "ROC AUC", (("auc", "-"),)),
+)
+"""(title, y label, ((metric, line style), ...)) of each subplot of ``curves.png``."""
+
+LINE_LABELS = {"loss": "validation", "train_loss": "train"}
+"""How the loss panel's two line styles are named in the legend."""
+
+CONSOLE_METRICS = (("loss", "loss"), ("accuracy", "acc"), ("sensitivity", "sens"),
+                   ("specificity", "spec"), ("auc", "AUC"))
+"""(metric, short name) of the global metrics on the console line, in order."""
+
+
+def write_reports(run_dir: Path, rounds: list[dict[str, Any]]) -> None:
+    """Write ``metrics.json``, ``metrics.csv`` and ``curves.png`` into ``run_dir``, each atomically."""
+    run_dir = Path(run_dir)
+    atomic_write_json(run_dir / "metrics.json", to_jsonable(rounds))
+    atomic_write_bytes(run_dir / "metrics.csv", _csv_bytes(rounds))
+    figure = _curves(rounds)
+    atomic_write(run_dir / "curves.png", lambda handle: figure.savefig(handle, format="png", dpi=120))
+
+
+def round_line(entry: dict[str, Any]) -> str:
+    """One console line per round: global metrics, number of sites, the largest ε of any site.
+
+    ε is per site (each hospital spends its own budget), so the largest one is what a budget
+    is closest to running out.
+    """
+    parts = [f"round {entry['round']:>2}", f"sites {len(entry.get('sites', {}))}"]
+    metrics = entry.get("global", {})
+    parts += [f"{short} {_format(metrics.get(name), '.3f')}" for name, short in CONSOLE_METRICS]
+    epsilons = [value for site in entry.get("sites", {}).values() if _is_number(value := site.get("epsilon"))]
+    parts.append(f"ε max {_format(max(epsilons) if epsilons else None, '.2f')}")
+    return " | ".join(parts)
+
+
+def _scopes(entry: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    return [(GLOBAL, entry.get("global", {})), *entry.get("sites", {}).items()]
+
+
+def _csv_bytes(rounds: list[dict[str, Any]]) -> bytes:
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["round", "scope", "metric", "value"])
+    for entry in rounds:
+        for scope, metrics in _scopes(entry):
+            for metric, value in metrics.items():
+                writer.writerow([entry["round"], scope, metric, repr(float(value)) if _is_number(value) else ""])
+    return text.getvalue().encode("utf-8")
+
+
+def _curves(rounds: list[dict[str, Any]]) -> Figure:
+    """One row of panels (loss, accuracy, AUC) over rounds: global thick and black, sites thin."""
+    sites = list(dict.fromkeys(site for entry in rounds for site in entry.get("sites", {})))
+    colors = {GLOBAL: "black"} | {site: f"C{i % 10}" for i, site in enumerate(sites)}
+    widths = {GLOBAL: 2.5} | {site: 1.0 for site in sites}
+    x = [entry["round"] for entry in rounds]
+
+    figure = Figure(figsize=(15, 4.5), layout="constrained")
+    for axes, (title, ylabel, lines) in zip(figure.subplots(1, len(PANELS), sharex=True), PANELS):
+        drawn = False
+        for scope in [GLOBAL, *sites]:
+            for metric, style in lines:
+                y = [_value(entry, scope, metric) for entry in rounds]
+                if all(math.isnan(value) for value in y):
+                    continue
+                axes.plot(x, y, style, color=colors[scope], linewidth=widths[scope], marker="o",
+                          markersize=1.5 * widths[scope])
+                drawn = True
+        if not drawn:
+            axes.text(0.5, 0.5, "not reported", ha="center", va="center", transform=axes.transAxes, color="gray")
+        axes.set_title(title)
+        axes.set_xlabel("round")
+        axes.set_ylabel(ylabel)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        if x:  # half a round of margin: a single round gets a tick of its own, not 0.995 ... 1.005
+            axes.set_xlim(min(x) - 0.5, max(x) + 0.5)
+        axes.grid(alpha=0.3)
+
+    handles = [Line2D([], [], color=colors[scope], linewidth=widths[scope], label=scope) for scope in [GLOBAL, *sites]]
+    handles += [Line2D([], [], color="gray", linestyle=style, label=f"loss: {LINE_LABELS[metric]}")
+                for metric, style in PANELS[0][2]]
+    figure.legend(handles=handles, loc="outside right upper", fontsize="small")
+    return figure
+
+
+def _value(entry: dict[str, Any], scope: str, metric: str) -> float:
+    """The metric as a float; nan when the round did not report it (a gap in the line)."""
+    metrics = entry.get(GLOBAL, {}) if scope == GLOBAL else entry.get("sites", {}).get(scope, {})
+    value = metrics.get(metric)
+    return float(value) if _is_number(value) else math.nan
+
+
+def _is_number(value: Any) -> bool:
+    """True for a finite int or float (numpy scalars included), False for None, nan and the rest."""
+    try:
+        return not isinstance(value, bool) and math.isfinite(value)
+    except TypeError:
+        return False
+
+
+def _format(value: Any, spec: str) -> str:
+    return format(float(value), spec) if _is_number(value) else "n/a"

@@ -1,0 +1,92 @@
+"""Submit a federated run (new or resumed), follow it round by round, and report its real outcome.
+
+``flwr run`` returns 0 even when the run later fails, so the outcome here is the run's status
+as the SuperLink reports it, together with the run folder's own status.json.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from server.reports import round_line
+from server.run_folder import RunFolder
+from server.superlink import FlowerControl, FlowerError
+
+POLL_SECONDS = 2.0
+FINISHED = "finished"
+
+
+def submit_and_follow(control: FlowerControl, folder: RunFolder, follow: bool = True) -> int:
+    active = [r for r in folder.run_info().get("flower_runs", []) if not _state(control, r).startswith(FINISHED)]
+    if active:
+        raise FlowerError(f"{folder.path} already has an active Flower run ({active[-1]}); wait for it or "
+                          f"`flwr stop {active[-1]}` first")
+    run_id = control.submit(folder.path)
+    folder.add_flower_run(run_id)
+    print(f"run {run_id} submitted; results in {folder.path}", flush=True)
+    if not follow:
+        return 0
+    return follow_run(control, folder, run_id)
+
+
+def follow_run(control: FlowerControl, folder: RunFolder, run_id: int) -> int:
+    """Print a line per completed round until the run ends; 0 when it completed, 1 otherwise."""
+    printed = {entry["round"] for entry in _rounds(folder)}
+    state, checked = "pending", 0.0
+    try:
+        while True:
+            for entry in _rounds(folder):
+                if entry["round"] not in printed:
+                    printed.add(entry["round"])
+                    print(round_line(entry), flush=True)
+            if time.monotonic() - checked > 3 * POLL_SECONDS:
+                state, checked = _state(control, run_id), time.monotonic()
+                if state.startswith(FINISHED):
+                    break
+            time.sleep(POLL_SECONDS)
+    except KeyboardInterrupt:
+        print(f"\nstopped following; run {run_id} goes on at the SuperLink. Watch it with `fedpath-server status`, "
+              f"stop it with `flwr stop {run_id}`.")
+        return 130
+    for entry in _rounds(folder):  # rounds finished between the last poll and the end
+        if entry["round"] not in printed:
+            print(round_line(entry), flush=True)
+    _save_log(control, folder, run_id)
+    details = control.run(run_id).get("status-details", "")
+    status = folder.status()
+    if state == f"{FINISHED}:completed" and status.get("state") == "finished":
+        print(f"run {run_id} completed {status.get('round')} of {status.get('total_rounds')} rounds; results in "
+              f"{folder.path}\n  metrics.csv, curves.png, audit.jsonl, checkpoints/best.npz (round "
+              f"{status.get('best_round')})")
+        return 0
+    reason = status.get("message") if status.get("state") == "failed" else details
+    print(f"run {run_id} did not complete ({state}): {reason}\n  rounds done: {status.get('round', 0)}; "
+          f"log: {folder.path / f'flower-run-{run_id}.log'}; continue with `fedpath-server resume {folder.path}`")
+    return 1
+
+
+def _state(control: FlowerControl, run_id: int) -> str:
+    try:
+        return str(control.run(run_id).get("status", "unknown"))
+    except FlowerError as exc:
+        if "knows no run" in str(exc):  # a SuperLink without that database: the run is gone
+            return f"{FINISHED}:unknown"
+        return "unknown"
+
+
+def _rounds(folder: RunFolder) -> list[dict]:
+    path = folder.path / "metrics.json"
+    try:
+        return json.loads(path.read_text()) if path.exists() else []
+    except ValueError:  # being replaced right now: read it next time
+        return []
+
+
+def _save_log(control: FlowerControl, folder: RunFolder, run_id: int) -> None:
+    try:
+        (folder.path / f"flower-run-{run_id}.log").write_text(control.logs(run_id))
+    except (FlowerError, OSError) as exc:
+        print(f"(could not save the run's log: {exc})")
+

@@ -1,0 +1,103 @@
+"""The consortium's `server.yaml`: where the SuperLink listens, how rounds run, what is trained.
+
+Everything is validated before a process starts, with errors that name the key and line;
+combinations that cannot work (Krum with too few sites, a positive class that is not a class)
+are refused here rather than failing in round 3.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+from shared.model import ModelConfig
+from shared.round_plan import PrivacyTarget
+from shared.yaml_config import at_least, check, load_config, positive
+
+StrategyName = Literal["fedavg", "fedprox", "median", "trimmed_mean", "krum"]
+
+
+@dataclass(frozen=True)
+class SuperLinkConfig:
+    host: str = "127.0.0.1"  # interface the SuperLink listens on; 0.0.0.0 for hospitals on other machines
+    port: int = check(lambda p: None if 1 <= p <= 65535 else "must be a TCP port (1-65535)", 9092)
+    public_address: str | None = None  # host:port the sites connect to; default host:port
+    state_dir: Path | None = None  # state.db, superlink.log, superlink.pid; default state/ beside server.yaml
+    certs_dir: Path | None = None  # ca.pem, server.pem, server.key from `fedpath-server init`; default certs/
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    name: StrategyName = "fedavg"  # fedavg weights sites by their number of patients
+    proximal_mu: float = check(at_least(0), 0.01)  # fedprox: pull towards the global model
+    trim_beta: float = check(lambda b: None if 0 <= b < 0.5 else "must be in [0, 0.5)", 0.2)  # trimmed_mean
+    krum_malicious: int = check(at_least(0), 0)  # krum: sites assumed to be malicious
+    krum_keep: int = check(at_least(0), 0)  # krum: average the best k (0: pick one, plain Krum)
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    rounds: int = check(at_least(1), 5)
+    min_sites: int = check(at_least(1), 2)  # a round fails when fewer sites send an update
+    fraction: float = check(lambda f: None if 0 < f <= 1 else "must be in (0, 1]", 1.0)  # sites sampled per round
+    round_timeout: float = check(positive, 600.0)  # seconds to wait for the sites' replies in each phase
+    best_metric: Literal["auc", "accuracy", "balanced_accuracy"] = "auc"  # which checkpoint is `best`
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    """What every site does with the global model in one round."""
+
+    epochs: int = check(at_least(1), 1)
+    batch_size: int = check(at_least(1), 16)  # expected patients per DP-SGD step
+    learning_rate: float = check(positive, 1e-3)
+    sequence_length: int = check(at_least(1), 8)
+    seed: int = 0  # initial global model and the sites' sampling
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    classes: tuple[str, ...]  # class names in model order, the same at every site
+    name: str = "fedpath consortium"
+    positive_class: str | None = None  # binary: sensitivity/specificity/AUC of this class (default: the second)
+    superlink: SuperLinkConfig = field(default_factory=SuperLinkConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: LocalTraining = field(default_factory=LocalTraining)
+    privacy: PrivacyTarget = field(default_factory=PrivacyTarget)
+    results_dir: Path | None = None  # one folder per run; default runs/ beside server.yaml
+
+    def __post_init__(self) -> None:
+        if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"classes: need at least two distinct class names, got {list(self.classes)}")
+        if self.positive_class is not None and self.positive_class not in self.classes:
+            raise ValueError(f"positive_class '{self.positive_class}' is not one of classes {list(self.classes)}")
+        if self.model.trainable != "head":
+            raise ValueError("model.trainable: only 'head' is federated so far (last-block fine-tuning needs the "
+                             "cached block input)")
+        strategy = self.strategy
+        if strategy.name == "krum" and self.federation.min_sites < 2 * strategy.krum_malicious + 3:
+            raise ValueError(f"strategy krum with krum_malicious={strategy.krum_malicious} needs federation.min_sites "
+                             f">= {2 * strategy.krum_malicious + 3} (Krum scores each update against n - f - 2 others)")
+        if strategy.name == "trimmed_mean" and int(strategy.trim_beta * self.federation.min_sites) * 2 \
+                >= self.federation.min_sites:
+            raise ValueError("strategy trimmed_mean would trim every update with trim_beta "
+                             f"{strategy.trim_beta} and min_sites {self.federation.min_sites}")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_server_config(path: str | Path) -> ServerConfig:
+    """Load and validate server.yaml; relative paths are taken from its folder."""
+    config = load_config(ServerConfig, path)
+    base = Path(path).resolve().parent
+    superlink = replace(config.superlink, state_dir=config.superlink.state_dir or base / "state",
+                        certs_dir=config.superlink.certs_dir or base / "certs")
+    return replace(config, superlink=superlink, results_dir=config.results_dir or base / "runs")

@@ -1,0 +1,50 @@
+"""The parameter wire format: the trainable tensors of a model as an ordered list of arrays.
+
+Both sides agree on the order (the head's ``state_dict`` order) and the server checks names
+and shapes from the same place, so a site that built another model variant is refused
+instead of silently averaged into the wrong tensors.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class ParameterMismatch(ValueError):
+    """Arrays that do not fit the model they are meant for."""
+
+
+def model_arrays(model: nn.Module) -> OrderedDict[str, np.ndarray]:
+    """Name -> float32 copy of every tensor that travels (the module's state, in order)."""
+    return OrderedDict((name, tensor.detach().cpu().numpy().astype(np.float32, copy=True))
+                       for name, tensor in model.state_dict().items())
+
+
+def check_shapes(expected: Sequence[tuple[str, tuple[int, ...]]], arrays: Sequence[np.ndarray]) -> None:
+    """Raise ParameterMismatch naming the first tensor whose shape is wrong, or a wrong count."""
+    if len(arrays) != len(expected):
+        raise ParameterMismatch(f"expected {len(expected)} parameter arrays, got {len(arrays)}")
+    for (name, shape), array in zip(expected, arrays):
+        if tuple(array.shape) != tuple(shape):
+            raise ParameterMismatch(f"parameter '{name}': expected shape {tuple(shape)}, got {tuple(array.shape)}")
+
+
+def load_arrays(model: nn.Module, arrays: Sequence[np.ndarray]) -> None:
+    """Put ``arrays`` (wire order) into ``model``; shapes are checked first."""
+    state = model.state_dict()
+    check_shapes([(name, tuple(t.shape)) for name, t in state.items()], arrays)
+    model.load_state_dict(OrderedDict((name, torch.from_numpy(np.asarray(array, dtype=np.float32)).to(state[name].dtype))
+                                      for name, array in zip(state, arrays)))
+
+
+def subtract(new: Sequence[np.ndarray], old: Sequence[np.ndarray]) -> list[np.ndarray]:
+    return [np.asarray(a, dtype=np.float32) - np.asarray(b, dtype=np.float32) for a, b in zip(new, old)]
+
+
+def add(base: Sequence[np.ndarray], update: Sequence[np.ndarray]) -> list[np.ndarray]:
+    return [np.asarray(a, dtype=np.float32) + np.asarray(b, dtype=np.float32) for a, b in zip(base, update)]

@@ -1,0 +1,140 @@
+"""Starting and stopping Flower's long-running processes (SuperLink, SuperNode) the same way
+everywhere: offline-safe environment, a log file, a pid file, bounded waits, stop by PID."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from shared.errors import UserError
+
+
+class ProcessError(UserError):
+    pass
+
+
+def flower_env(flwr_home: Path | None = None) -> dict[str, str]:
+    """Environment for Flower commands: no telemetry, no update check, no package installs at run
+    time (hospitals are offline), and this Python's scripts first on PATH (Flower starts its
+    helper processes by name)."""
+    env = dict(os.environ)
+    env.update(FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
+               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", PYTHONUNBUFFERED="1")
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    if flwr_home is not None:
+        env["FLWR_HOME"] = str(flwr_home)
+    return env
+
+
+def executable(name: str) -> str:
+    path = Path(sys.executable).parent / name
+    return str(path) if path.exists() else name
+
+
+def running_pid(pid_file: Path) -> int | None:
+    """The pid in ``pid_file`` if that process is alive, else None (a stale file is removed)."""
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        pid_file.unlink(missing_ok=True)
+        return None
+    except PermissionError:
+        pass
+    return pid
+
+
+def start(command: Sequence[str], log_file: Path, pid_file: Path, env: dict[str, str], what: str,
+          ready_port: tuple[str, int] | None = None, ready_timeout: float = 60.0) -> subprocess.Popen:
+    """Start ``command`` in its own session with output to ``log_file``; write ``pid_file``;
+    wait (bounded) until ``ready_port`` accepts connections. Refuses a second copy."""
+    pid = running_pid(pid_file)
+    if pid is not None:
+        raise ProcessError(f"{what} is already running (pid {pid}, {pid_file}); stop it first")
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "ab") as log:
+        process = subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                   start_new_session=True)
+    pid_file.write_text(f"{process.pid}\n")
+    if ready_port is not None:
+        deadline = time.monotonic() + ready_timeout
+        while not port_open(*ready_port):
+            if process.poll() is not None or time.monotonic() > deadline:
+                stop_pid(process.pid)
+                pid_file.unlink(missing_ok=True)
+                state = f"exited with code {process.returncode}" if process.returncode is not None else \
+                    f"did not listen on {ready_port[0]}:{ready_port[1]} within {ready_timeout:g} s"
+                raise ProcessError(f"{what} {state}; last lines of {log_file}:\n{tail(log_file)}")
+            time.sleep(0.2)
+    return process
+
+
+def stop_pid(pid: int, timeout: float = 15.0) -> bool:
+    """SIGTERM the process group of ``pid``, SIGKILL after ``timeout``; True if it was running."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            finished, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:  # not our child: poll for existence
+            finished = 0 if _alive(pid) else pid
+        if finished == pid:
+            return True
+        time.sleep(0.1)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return True
+
+
+def stop(pid_file: Path) -> int | None:
+    """Stop the process named in ``pid_file``; its pid, or None if none was running."""
+    pid = running_pid(pid_file)
+    if pid is not None:
+        stop_pid(pid)
+    pid_file.unlink(missing_ok=True)
+    return pid
+
+
+def port_open(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host if host not in ("0.0.0.0", "") else "127.0.0.1", port)) == 0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,61 @@
+"""What the server asks of every site in a round, and the numeric codes a site answers with.
+
+The server sends one ``RoundPlan`` as JSON inside the Flower instruction (server -> site, so
+strings are fine there). Sites answer with numbers only: an update, example counts and the
+metrics below, never paths, patient ids or pixels.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from shared.model import ModelConfig
+from shared.yaml_config import at_least, check, parse_config, positive
+
+PLAN_KEY = "fedpath-plan"
+
+REFUSALS = {
+    0: None,
+    1: "privacy budget exhausted: this round would spend more than the site allows",
+    2: "privacy plan changed: the site's ledger was planned for other rounds, epochs or batch size",
+    3: "differential privacy is off at this site but the federation requires it",
+    4: "the site's classes differ from the federation's",
+    5: "the site has no prepared training data for the federation's model (run `fedpath-site prepare`)",
+}
+"""Why a site sat a round out; the code travels as the numeric metric ``refused``."""
+
+
+@dataclass(frozen=True)
+class PrivacyTarget:
+    """The consortium's plan; each site caps ε and δ with its own budget from site.yaml."""
+
+    required: bool = True  # a site with privacy.enabled: false refuses to train
+    epsilon: float = check(positive, 8.0)
+    delta: float = check(lambda d: None if 0 < d < 1 else "must be between 0 and 1 (exclusive)", 1e-5)
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    federation_id: str  # the run folder's name: sites keep one privacy ledger per federation
+    round: int = check(at_least(1), 1)
+    planned_rounds: int = check(at_least(1), 1)  # rounds the privacy budget must last
+    classes: tuple[str, ...] = ()
+    positive_class: str | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sequence_length: int = check(at_least(1), 8)
+    epochs: int = check(at_least(1), 1)
+    batch_size: int = check(at_least(1), 16)
+    learning_rate: float = check(positive, 1e-3)
+    proximal_mu: float = check(at_least(0), 0.0)  # FedProx; 0 is plain FedAvg local training
+    seed: int = 0
+    privacy: PrivacyTarget = field(default_factory=PrivacyTarget)
+
+    def to_config(self) -> dict[str, str]:
+        return {PLAN_KEY: json.dumps(asdict(self))}
+
+    @classmethod
+    def from_config(cls, config: dict) -> "RoundPlan":
+        if PLAN_KEY not in config:
+            raise ValueError(f"the server's instruction carries no '{PLAN_KEY}': is the server a fedpath server?")
+        return parse_config(cls, json.loads(str(config[PLAN_KEY])), "round plan from the server")

@@ -1,0 +1,124 @@
+"""A real consortium on 127.0.0.1: one SuperLink and one SuperNode per generated hospital, each a
+separate process started exactly as `fedpath-server start` and `fedpath-site start` start them.
+
+Used by `make demo`, the integration tests and the federation benchmarks. Ports are free ports
+picked at set-up, every wait is bounded, and ``close()`` (also on Ctrl-C or an error, through
+the context manager) stops every process it started, by PID.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from client.site_config import load_site_config
+from client.supernode import start_supernode
+from server.certificates import init_consortium
+from server.run_control import submit_and_follow
+from server.run_folder import RunFolder
+from server.server_config import load_server_config
+from server.superlink import FlowerControl, StatePaths, start_superlink
+from shared.processes import free_port, running_pid, stop
+
+
+@dataclass
+class LocalConsortium:
+    root: Path
+    site_yamls: list[Path]
+    tls: bool = True
+    server_settings: dict = field(default_factory=dict)  # merged into server.yaml (federation, training, ...)
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root).resolve()
+        self.server_yaml = self.root / "server" / "server.yaml"
+        self.port = free_port()
+        self._write_server_yaml()
+        for path in self.site_yamls:
+            self._join_site(Path(path))
+
+    # set-up
+    def _write_server_yaml(self) -> None:
+        settings = {"name": "local demo consortium", "classes": ["adenoma", "adenocarcinoma"],
+                    "positive_class": "adenocarcinoma", "superlink": {"host": "127.0.0.1", "port": self.port}}
+        for key, value in self.server_settings.items():
+            settings[key] = {**settings.get(key, {}), **value} if isinstance(value, dict) else value
+        self.server_yaml.parent.mkdir(parents=True, exist_ok=True)
+        self.server_yaml.write_text(yaml.safe_dump(settings, sort_keys=False))
+        if self.tls:
+            certs = Path(self.config.superlink.certs_dir)
+            if not (certs / "server.pem").exists():
+                init_consortium(certs, "localhost")
+
+    def _join_site(self, site_yaml: Path) -> None:
+        """Point a site at this SuperLink, as its IT would with what the admin handed over."""
+        document = yaml.safe_load(site_yaml.read_text())
+        document["federation"] = {"server": f"127.0.0.1:{self.port}", "port": free_port(),
+                                  **({"ca_cert": str(Path(self.config.superlink.certs_dir) / "ca.pem")}
+                                     if self.tls else {})}
+        site_yaml.write_text(yaml.safe_dump(document, sort_keys=False))
+
+    @property
+    def config(self):
+        return load_server_config(self.server_yaml)
+
+    @property
+    def control(self) -> FlowerControl:
+        return FlowerControl(self.config, insecure=not self.tls)
+
+    # processes
+    def start_server(self) -> None:
+        start_superlink(self.config, insecure=not self.tls, detach=True)
+
+    def start_site(self, index: int) -> None:
+        path = self.site_yamls[index]
+        start_supernode(load_site_config(path), path, insecure=not self.tls, detach=True)
+
+    def start_all(self) -> None:
+        self.start_server()
+        for index in range(len(self.site_yamls)):
+            self.start_site(index)
+
+    def kill_site(self, index: int) -> None:
+        """SIGKILL a SuperNode and its ClientApp processes: a hospital machine that dies."""
+        _kill(Path(load_site_config(self.site_yamls[index]).state_dir) / "supernode.pid")
+
+    def kill_server(self) -> None:
+        """SIGKILL the SuperLink and its ServerApp: a server that crashes mid-round."""
+        _kill(StatePaths(self.config).pid)
+
+    def run(self, follow: bool = True) -> tuple[int, RunFolder]:
+        folder = RunFolder.create(self.server_yaml)
+        return submit_and_follow(self.control, folder, follow=follow), folder
+
+    def resume(self, folder: RunFolder) -> int:
+        return submit_and_follow(self.control, folder)
+
+    def close(self) -> None:
+        for path in self.site_yamls:
+            stop(Path(load_site_config(path).state_dir) / "supernode.pid")
+        stop(StatePaths(self.config).pid)
+
+    def __enter__(self) -> "LocalConsortium":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _kill(pid_file: Path) -> None:
+    pid = running_pid(pid_file)
+    if pid is None:
+        return
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+    pid_file.unlink(missing_ok=True)
