@@ -20,8 +20,7 @@ import torch
 
 from client.feature_cache import CacheError, FeatureCache
 from client.privacy_ledger import BudgetExceeded, LedgerError, PrivacyBudget, PrivacyLedger
-from client.private_training import predict_slides, train_round
-from client.sequence_data import PatientSequences, SlideFeatures, load_split
+from client.sequence_data import PatientSequences, SlideFeatures, load_split, predict_slides
 from client.site_config import SiteConfig
 from shared.metrics import classification_metrics
 from shared.model import build_head
@@ -78,6 +77,8 @@ def fit(config: SiteConfig, plan: RoundPlan, received: list[np.ndarray]) -> Repl
         training = TrainingConfig(epochs=plan.epochs, batch_size=plan.batch_size, learning_rate=plan.learning_rate,
                                   seed=plan.seed * 100_003 + plan.round)
         dataset = PatientSequences(train, plan.sequence_length, training.seed)
+        from client.private_training import train_round  # Opacus: only where training happens
+
         try:
             result = train_round(head, dataset, training, privacy, path, round_id, progress=False,
                                  proximal_mu=plan.proximal_mu)
@@ -88,8 +89,8 @@ def fit(config: SiteConfig, plan: RoundPlan, received: list[np.ndarray]) -> Repl
             raise Refusal(2, str(exc)) from None
     except Refusal as refusal:
         log.warning("round %d: this site does not train: %s", plan.round, refusal)
-        metrics = _fit_metrics(refused=refusal.code, budget_epsilon=privacy.epsilon, delta=privacy.delta,
-                               train_seconds=time.perf_counter() - start, **refusal.numbers)
+        metrics = _fit_metrics(**{"refused": refusal.code, "budget_epsilon": privacy.epsilon, "delta": privacy.delta,
+                                  "train_seconds": time.perf_counter() - start, **refusal.numbers})
         return Reply([np.zeros_like(a, dtype=np.float32) for a in received], 0, metrics)
     update = subtract(list(model_arrays(head).values()), received)
     metrics = _fit_metrics(train_loss=result.loss, epsilon=result.epsilon, delta=result.delta,
@@ -165,4 +166,4 @@ def _epsilon_spent(config: SiteConfig, plan: RoundPlan) -> float:
     path = ledger_path(config, plan)
     if not (privacy.enabled and path.exists()):
         return math.nan
-    return PrivacyLedger(path, PrivacyBudget(privacy.epsilon, privacy.delta, privacy.accountant)).epsilon_spent()
+    return PrivacyLedger(path, PrivacyBudget(privacy.epsilon, privacy.delta, privacy.accountant)).recorded_epsilon()

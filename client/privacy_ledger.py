@@ -27,6 +27,8 @@ accountant, so the ledger never trusts a step count computed separately. Do not 
 ``make_private_with_epsilon``: it plans for one round from zero and ignores the history.
 """
 
+from __future__ import annotations
+
 import functools
 import json
 import math
@@ -34,17 +36,18 @@ import warnings
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
-
-from opacus import PrivacyEngine
-from opacus.accountants import IAccountant, PRVAccountant, RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
+from typing import TYPE_CHECKING, Any
 
 from shared.atomic_files import atomic_write_json
 from shared.errors import UserError
 
+if TYPE_CHECKING:  # Opacus takes seconds to import; stages that only read the ledger skip it
+    from opacus import PrivacyEngine
+    from opacus.accountants import IAccountant
+
 FORMAT = "fedpath-privacy-ledger/1"
-ACCOUNTANTS: dict[str, type[IAccountant]] = {"rdp": RDPAccountant, "prv": PRVAccountant}
+ACCOUNTANTS = ("rdp", "prv")
+"""Opacus accountants by name (Opacus' own ``mechanism()`` names)."""
 BUDGET_SLACK = 1e-6
 """A round may spend up to ε·(1 + BUDGET_SLACK): float noise must not refuse the last planned round."""
 PLAN_TOLERANCE = 1e-3
@@ -104,7 +107,7 @@ class PrivacyLedger:
         self._plan: dict[str, Any] | None = None
         self._rounds: list[dict[str, Any]] = []
         self._on_disk: dict[str, Any] | None = None
-        self._attached: tuple[IAccountant, list[Segment]] | None = None
+        self._attached: tuple[IAccountant, list[Segment]] | None = None  # noqa: F821 (TYPE_CHECKING)
         if self.path.exists():
             self._on_disk = self._read()
             self._plan, self._rounds = self._parse(self._on_disk)
@@ -117,6 +120,10 @@ class PrivacyLedger:
     def epsilon_spent(self) -> float:
         """ε spent by all recorded rounds together (at the budget's δ)."""
         return _epsilon(self.budget.accountant, self.budget.delta, _merged(self.history))
+
+    def recorded_epsilon(self) -> float:
+        """ε after the last recorded round, as recorded (no accountant needed: cheap to ask)."""
+        return float(self._rounds[-1]["epsilon_after"]) if self._rounds else 0.0
 
     def projected_epsilon(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
         """ε the site would have spent after one more round with these settings."""
@@ -166,6 +173,8 @@ class PrivacyLedger:
         try:
             with warnings.catch_warnings():  # the search probes extreme σ, where Opacus warns about alpha ranges
                 warnings.simplefilter("ignore")
+                from opacus.accountants.utils import get_noise_multiplier
+
                 sigma = get_noise_multiplier(
                     target_epsilon=self.budget.epsilon,
                     target_delta=self.budget.delta,
@@ -388,7 +397,9 @@ def _new_segments(base: list[Segment], history: list[Segment]) -> list[Segment]:
 
 @functools.lru_cache(maxsize=256)
 def _epsilon_cached(accountant: str, delta: float, history: tuple[Segment, ...]) -> float:
-    counter = ACCOUNTANTS[accountant]()
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    counter = {"rdp": RDPAccountant, "prv": PRVAccountant}[accountant]()
     counter.history = list(history)
     return float(counter.get_epsilon(delta=delta))
 

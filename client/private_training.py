@@ -21,8 +21,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+import shared.recurrent_grad_sampler  # noqa: F401  (registers the RNN core's per-sample gradients)
 from client.privacy_ledger import PrivacyBudget, PrivacyLedger
-from client.sequence_data import SlideFeatures, slide_windows
 from shared.run_config import PrivacyConfig, TrainingConfig
 
 log = logging.getLogger("fedpath.site")
@@ -104,11 +104,3 @@ def train_round(head: nn.Module, dataset: Dataset, training: TrainingConfig, pri
     head.eval()
     return RoundResult(len(dataset), float(np.mean(losses)) if losses else float("nan"),
                        taken, epsilon, privacy.delta if privacy.enabled else None, sigma)
-
-
-@torch.inference_mode()
-def predict_slides(head: nn.Module, slides: list[SlideFeatures], length: int) -> np.ndarray:
-    """Class probabilities per slide: the mean over windows that cover the whole slide."""
-    head.eval()
-    probs = [torch.softmax(head(slide_windows(slide, length)), dim=-1).mean(dim=0).numpy() for slide in slides]
-    return np.stack(probs) if probs else np.zeros((0, 0), dtype=np.float32)

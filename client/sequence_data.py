@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import Dataset
 
 from client.feature_cache import FeatureCache
@@ -69,3 +70,11 @@ def slide_windows(slide: SlideFeatures, length: int) -> torch.Tensor:
     if slide.grid:
         return torch.from_numpy(slide.features)
     return torch.from_numpy(slide.features[evaluation_windows(len(slide.features), length)])
+
+
+@torch.inference_mode()
+def predict_slides(head: nn.Module, slides: list[SlideFeatures], length: int) -> np.ndarray:
+    """Class probabilities per slide: the mean over windows that cover the whole slide."""
+    head.eval()
+    probs = [torch.softmax(head(slide_windows(slide, length)), dim=-1).mean(dim=0).numpy() for slide in slides]
+    return np.stack(probs) if probs else np.zeros((0, 0), dtype=np.float32)

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from client.feature_cache import FeatureCache
-from client.private_training import predict_slides, train_round
-from client.sequence_data import PatientSequences, load_split
+from client.private_training import train_round
+from client.sequence_data import PatientSequences, load_split, predict_slides
 from client.site_config import SiteConfig
 from shared.atomic_files import atomic_write, atomic_write_json
 from shared.errors import UserError

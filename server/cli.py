@@ -26,6 +26,17 @@ def _init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _renew_cert(args: argparse.Namespace) -> int:
+    from server.certificates import ConsortiumFiles, describe, renew_server_certificate
+
+    files = ConsortiumFiles.in_folder(Path(args.out))
+    renew_server_certificate(files, args.name, args.san or (), days=args.days)
+    server = describe(files.server_cert)
+    print(f"new server certificate {files.server_cert} valid until {server['not_valid_after']} (same CA: hospitals "
+          "keep their ca.pem); restart the SuperLink to use it")
+    return 0
+
+
 def _start(args: argparse.Namespace) -> int:
     from server.server_config import load_server_config
     from server.superlink import start_superlink
@@ -101,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--out", default="certs", help="folder for the files (default: certs)")
     init.add_argument("--days", type=int, default=365, help="validity of the server certificate (default 365)")
     init.add_argument("--force", action="store_true", help="overwrite existing files")
+
+    renew = add_command(commands, "renew-cert", _renew_cert,
+                        "issue a new server certificate from the existing consortium CA")
+    renew.add_argument("--name", required=True, help="the server's public host name")
+    renew.add_argument("--san", action="append", help="another host name or IP the sites may use (repeatable)")
+    renew.add_argument("--out", default="certs", help="the folder `init` wrote (default: certs)")
+    renew.add_argument("--days", type=int, default=365, help="validity (default 365)")
 
     def with_config(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
         sub.add_argument("--config", required=True, help="the consortium's server.yaml")

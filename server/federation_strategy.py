@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from typing import Callable
 
 import numpy as np
@@ -44,6 +45,7 @@ class FederationStrategy(Strategy):
         self.offset = first_round - 1
         self.plan_for, self.site_name = plan_for, site_name
         self.sites: dict[str, SiteRound] = {}
+        self.clock: dict[str, float] = {}  # phase boundaries of the current round (monotonic seconds)
 
     def __repr__(self) -> str:
         return f"FederationStrategy({self.inner!r})"
@@ -56,6 +58,7 @@ class FederationStrategy(Strategy):
         round_ = self.offset + server_round
         self.sites = {}
         self._wait_for_sites(client_manager, round_)
+        self.clock = {"start": time.monotonic()}
         plan = self.plan_for(round_).to_config()
         return [(proxy, FitIns(ins.parameters, {**ins.config, **plan}))
                 for proxy, ins in self.inner.configure_fit(server_round, parameters, client_manager)]
@@ -63,6 +66,7 @@ class FederationStrategy(Strategy):
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list) -> tuple[Parameters | None, dict]:
         round_ = self.offset + server_round
+        self.clock["fit_done"] = time.monotonic()
         accepted = []
         for proxy, res in results:
             name = self.site_name(proxy.node_id)
@@ -100,6 +104,7 @@ class FederationStrategy(Strategy):
     def configure_evaluate(self, server_round: int, parameters: Parameters,
                            client_manager: ClientManager) -> list[tuple[ClientProxy, EvaluateIns]]:
         plan = self.plan_for(self.offset + server_round).to_config()
+        self.clock["evaluate_start"] = time.monotonic()
         return [(proxy, EvaluateIns(ins.parameters, {**ins.config, **plan}))
                 for proxy, ins in self.inner.configure_evaluate(server_round, parameters, client_manager)]
 
@@ -113,9 +118,18 @@ class FederationStrategy(Strategy):
             site.confusion = confusion_from_metrics(res.metrics, len(self.config.classes))
             if math.isnan(site.epsilon):
                 site.epsilon = float(res.metrics.get("epsilon", math.nan))
-        entry = self.recorder.finish_round(round_, self.global_arrays, self.sites)
+        entry = self.recorder.finish_round(round_, self.global_arrays, self.sites, self._timing())
         loss = entry["global"]["loss"]
         return (None if math.isnan(loss) else loss), {}
+
+    def _timing(self) -> dict[str, float]:
+        """Where the round's time went: the sites' own training against everything else."""
+        now, clock = time.monotonic(), self.clock
+        train = [s.train_seconds for s in self.sites.values() if not math.isnan(s.train_seconds)]
+        start = clock.get("start", now)
+        return {"round_s": now - start, "fit_phase_s": clock.get("fit_done", now) - start,
+                "evaluate_phase_s": now - clock.get("evaluate_start", now),
+                "site_train_s_max": max(train) if train else math.nan}
 
     def evaluate(self, server_round: int, parameters: Parameters) -> None:
         return None  # the server holds no data: evaluation happens at the sites

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
-
 from server.reports import round_line
 from server.run_folder import RunFolder
 from server.superlink import FlowerControl, FlowerError
@@ -18,25 +16,35 @@ POLL_SECONDS = 2.0
 FINISHED = "finished"
 
 
-def submit_and_follow(control: FlowerControl, folder: RunFolder, follow: bool = True) -> int:
-    active = [r for r in folder.run_info().get("flower_runs", []) if not _state(control, r).startswith(FINISHED)]
-    if active:
-        raise FlowerError(f"{folder.path} already has an active Flower run ({active[-1]}); wait for it or "
-                          f"`flwr stop {active[-1]}` first")
+def submit_and_follow(control: FlowerControl, folder: RunFolder, follow: bool = True,
+                      timeout: float | None = None) -> int:
+    """Submit the app for ``folder``; with ``follow``, wait for the outcome (see follow_run)."""
+    for old in folder.run_info().get("flower_runs", []):
+        state = _state(control, old)
+        if not state.startswith(FINISHED):
+            # Left over from a crash (a killed SuperLink leaves its run 'running' in the database):
+            # two ServerApps must never write one run folder.
+            print(f"Flower run {old} of this folder is still '{state}' at the SuperLink; stopping it first",
+                  flush=True)
+            control.stop_run(old)
     run_id = control.submit(folder.path)
     folder.add_flower_run(run_id)
     print(f"run {run_id} submitted; results in {folder.path}", flush=True)
     if not follow:
         return 0
-    return follow_run(control, folder, run_id)
+    return follow_run(control, folder, run_id, timeout)
 
 
-def follow_run(control: FlowerControl, folder: RunFolder, run_id: int) -> int:
-    """Print a line per completed round until the run ends; 0 when it completed, 1 otherwise."""
+def follow_run(control: FlowerControl, folder: RunFolder, run_id: int, timeout: float | None = None) -> int:
+    """Print a line per completed round until the run ends; 0 when it completed, 1 otherwise.
+    With ``timeout`` (seconds), give up waiting with FlowerError; the run itself goes on."""
     printed = {entry["round"] for entry in _rounds(folder)}
     state, checked = "pending", 0.0
+    deadline = None if timeout is None else time.monotonic() + timeout
     try:
         while True:
+            if deadline is not None and time.monotonic() > deadline:
+                raise FlowerError(f"run {run_id} did not finish within {timeout:g} s (last state '{state}')")
             for entry in _rounds(folder):
                 if entry["round"] not in printed:
                     printed.add(entry["round"])

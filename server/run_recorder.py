@@ -58,9 +58,10 @@ class RunRecorder:
             write_reports(self.folder.path, self.rounds)
         return latest
 
-    def finish_round(self, round_: int, arrays: list[np.ndarray], sites: dict[str, SiteRound]) -> dict:
+    def finish_round(self, round_: int, arrays: list[np.ndarray], sites: dict[str, SiteRound],
+                     timing: dict[str, float] | None = None) -> dict:
         entry = {"round": round_, "global": pooled(sites, self.config.classes, self.config.positive_class),
-                 "sites": {name: site.as_entry() for name, site in sorted(sites.items())}}
+                 "sites": {name: site.as_entry() for name, site in sorted(sites.items())}, "timing": timing or {}}
         for name, site in sites.items():
             if not math.isnan(site.epsilon):
                 self.site_privacy[name] = {"epsilon": site.epsilon, "delta": site.delta}

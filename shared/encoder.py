@@ -13,9 +13,7 @@ import hashlib
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
-from torchvision.models import Inception_V3_Weights, inception_v3
 
 from shared.errors import UserError
 
@@ -63,6 +61,10 @@ class TileEncoder(nn.Module):
 
 
 def _build_trunk(weights: str) -> nn.Module:
+    # torchvision's model zoo costs about 2 s to import; processes that only run the head
+    # (a federated round's ClientApp) never pay for it.
+    from torchvision.models import inception_v3
+
     if weights == "imagenet":
         trunk = _imagenet_trunk()
     else:
@@ -76,6 +78,8 @@ def _build_trunk(weights: str) -> nn.Module:
 
 
 def _imagenet_trunk() -> nn.Module:
+    from torchvision.models import Inception_V3_Weights, inception_v3
+
     try:
         trunk = inception_v3(weights=Inception_V3_Weights.IMAGENET1K_V1)
     except Exception as exc:  # urllib, ssl and socket errors all mean the same thing here
@@ -117,6 +121,9 @@ def _load_local(trunk: nn.Module, path: Path) -> None:
 
 def weights_id(weights: str | Path) -> str:
     """sha256 naming the trunk's weights: of the weights file, or of how built-in weights are made."""
+    import torchvision
+    from torchvision.models import Inception_V3_Weights
+
     weights = str(weights)
     if weights == "random":  # seeded initialisation: identical wherever the same versions run it
         recipe = f"random:seed={RANDOM_SEED}:torch={torch.__version__}:torchvision={torchvision.__version__}"

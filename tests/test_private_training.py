@@ -11,7 +11,8 @@ from client.cli import main as site_main
 from client.feature_cache import FeatureCache
 from client.prepare import prepare_site
 from client.privacy_ledger import BudgetExceeded
-from client.private_training import predict_slides, train_round
+from client.private_training import train_round
+from client.sequence_data import predict_slides
 from client.sequence_data import PatientSequences, SlideFeatures
 from client.site_config import load_site_config
 from shared.model import SequenceHead

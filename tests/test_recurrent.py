@@ -10,7 +10,8 @@ from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from shared.recurrent import RecurrentCore, compute_recurrent_core_grad_sample
+from shared.recurrent import RecurrentCore
+from shared.recurrent_grad_sampler import compute_recurrent_core_grad_sample
 
 KINDS = ["rnn", "lstm", "gru"]
 TORCH_LAYER = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}

@@ -1,0 +1,186 @@
+"""A real consortium on 127.0.0.1: SuperLink and SuperNodes as processes, TLS with generated
+certificates, generated slides read through OpenSlide, Opacus DP at every site.
+
+Each test starts its processes through ``LocalConsortium`` (free ports, pid files) and stops
+every one of them, by PID, when it ends; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from client.feature_cache import FeatureCache
+from client.prepare import prepare_site
+from client.privacy_ledger import PrivacyBudget, PrivacyLedger
+from client.sequence_data import load_split
+from client.site_config import load_site_config
+from server.audit import AuditError, verify
+from server.checkpoints import load_checkpoint
+from server.cli import main as server_main
+from server.run_control import follow_run, submit_and_follow
+from server.run_folder import RunFolder
+from simulations.local_consortium import LocalConsortium
+from simulations.slide_generator import SlideSpec, make_site_slides
+from tests.conftest import write_site_yaml
+
+pytestmark = pytest.mark.slow
+
+CLASSES = ["adenoma", "adenocarcinoma"]
+TRAINING = {"epochs": 1, "batch_size": 2, "learning_rate": 0.003}
+RUN_TIMEOUT = 420  # seconds; a round takes about 30 s here
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """Three generated hospitals with prepared feature caches (made once, copied per test)."""
+    root = tmp_path_factory.mktemp("hospitals")
+    manifests = make_site_slides(root, sites=3, slides_per_site=5, seed=11, spec=SlideSpec(width=1024, height=1024))
+    for manifest in manifests:
+        site = write_site_yaml(manifest.parent, {"manifest": "manifest.csv", "labels": CLASSES})
+        prepare_site(load_site_config(site), progress=False)
+    return root
+
+
+def _sites(prepared: Path, tmp_path: Path, count: int) -> list[Path]:
+    copy = tmp_path / "hospitals"
+    shutil.copytree(prepared, copy)
+    sites = sorted(copy.glob("site-*/site.yaml"))[:count]
+    for site in sites:  # the cache path was written absolute: point it at the copy
+        document = yaml.safe_load(site.read_text())
+        document["features"]["cache_dir"] = str(site.parent / "cache")
+        site.write_text(yaml.safe_dump(document))
+    return sites
+
+
+def _wait_for_round(folder: RunFolder, round_: int, timeout: float = RUN_TIMEOUT) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        path = folder.path / "metrics.json"
+        try:
+            rounds = json.loads(path.read_text()) if path.exists() else []
+        except ValueError:
+            rounds = []
+        if any(entry["round"] >= round_ for entry in rounds) and folder.status().get("round", 0) >= round_:
+            return rounds
+        if folder.status().get("state") == "failed":
+            pytest.fail(f"run failed: {folder.status().get('message')}")
+        time.sleep(0.5)
+    pytest.fail(f"round {round_} not done within {timeout} s; status {folder.status()}")
+
+
+def _trained(entry: dict) -> set[str]:
+    return {name for name, site in entry["sites"].items() if site.get("examples")}
+
+
+def test_federated_run_over_tls(prepared, tmp_path, capsys):
+    sites = _sites(prepared, tmp_path, 3)
+    settings = {"federation": {"rounds": 2, "min_sites": 3, "round_timeout": 120}, "training": TRAINING}
+    with LocalConsortium(tmp_path / "consortium", sites, server_settings=settings) as consortium:
+        consortium.start_all()
+        folder = RunFolder.create(consortium.server_yaml)
+        code = submit_and_follow(consortium.control, folder, timeout=RUN_TIMEOUT)
+        assert server_main(["status", "--config", str(consortium.server_yaml)]) == 0
+        status_text = capsys.readouterr().out
+    assert code == 0, folder.status()
+    assert "round  1 |" in status_text and "round  2 |" in status_text  # printed while following
+    assert "3 site(s) online" in status_text and folder.path.name in status_text
+
+    rounds = json.loads((folder.path / "metrics.json").read_text())
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert all(len(_trained(r)) == 3 for r in rounds)
+    assert all(0 <= r["global"]["accuracy"] <= 1 for r in rounds)
+    for name in ("metrics.csv", "curves.png", "checkpoints/round-0001.npz", "checkpoints/best.npz"):
+        assert (folder.path / name).is_file(), name
+    latest = load_checkpoint(folder.path / "checkpoints" / "latest.npz")
+    assert latest.round == 2 and len(latest.card["sites_this_round"]) == 3
+    assert all(0 < p["epsilon"] <= 8.0 + 1e-6 for p in latest.card["privacy"].values())
+    status = folder.status()
+    assert status["state"] == "finished" and status["round"] == 2
+    assert verify(folder.audit_log, status["audit_last_hash"]) == 2
+
+    # every site kept one ledger for this federation, with both rounds, within its budget
+    for site in sites:
+        ledger = json.loads((site.parent / "state" / "ledgers" / f"{folder.federation_id}.json").read_text())
+        assert [r["round_id"] for r in ledger["rounds"]] == ["round-1", "round-2"]
+        assert ledger["rounds"][-1]["epsilon_after"] <= 8.0 + 1e-6
+
+    # an edited audit record is detected by the admin command
+    lines = folder.audit_log.read_text().splitlines()
+    lines[0] = lines[0].replace('"round":1', '"round":7')
+    folder.audit_log.write_text("\n".join(lines) + "\n")
+    with pytest.raises(AuditError, match="line 1"):
+        verify(folder.audit_log)
+    assert server_main(["audit", "verify", str(folder.path)]) == 2
+
+
+def _exhaust_budget(site_yaml: Path, federation_id: str, rounds: int) -> None:
+    """Give a site a ledger for this federation whose budget earlier rounds already spent."""
+    config = load_site_config(site_yaml)
+    train, _ = load_split(FeatureCache(config.features.cache_dir), "train")
+    batches = math.ceil(len({s.patient for s in train}) / TRAINING["batch_size"])
+    ledger = PrivacyLedger(config.state_dir / "ledgers" / f"{federation_id}.json", PrivacyBudget(8.0, 1e-5, "rdp"))
+    sigma = ledger.noise_for_plan(1 / batches, batches * TRAINING["epochs"], rounds)
+    for earlier in range(rounds):
+        ledger.record_round(sigma, 1 / batches, batches * TRAINING["epochs"], f"earlier-{earlier}")
+
+
+def test_site_killed_mid_run_refusing_site_and_rejoin(prepared, tmp_path):
+    sites = _sites(prepared, tmp_path, 3)
+    settings = {"federation": {"rounds": 3, "min_sites": 1, "round_timeout": 40}, "training": TRAINING}
+    with LocalConsortium(tmp_path / "consortium", sites, server_settings=settings) as consortium:
+        consortium.start_all()
+        folder = RunFolder.create(consortium.server_yaml)
+        _exhaust_budget(sites[2], folder.federation_id, rounds=3)
+        submit_and_follow(consortium.control, folder, follow=False)
+        first = _wait_for_round(folder, 1)[0]
+        assert len(_trained(first)) == 2  # site-3's ledger refused; the round went on
+        refusals = {name: site["refusal"] for name, site in folder.status()["sites"].items() if site["refusal"]}
+        assert len(refusals) == 1
+        refusal = next(iter(refusals.values()))
+        assert refusal["code"] == 1 and "budget" in refusal["reason"]
+        assert refusal["would_spend"] > refusal["budget_epsilon"]
+
+        consortium.kill_site(1)  # a hospital machine dies during round 2
+        consortium.start_site(1)  # and comes back (as a new node)
+        run_id = folder.run_info()["flower_runs"][-1]
+        assert follow_run(consortium.control, folder, run_id, timeout=RUN_TIMEOUT) == 0
+
+    rounds = json.loads((folder.path / "metrics.json").read_text())
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    survivors = _trained(first) & _trained(rounds[1])
+    assert len(_trained(rounds[1])) == 1 and len(survivors) == 1  # the killed site's update never came
+    rejoined = _trained(rounds[2]) - _trained(first)
+    assert len(_trained(rounds[2])) == 2 and len(rejoined) == 1  # the restarted site trains again
+    assert verify(folder.audit_log, folder.status()["audit_last_hash"]) == 3
+
+
+def test_server_killed_and_resumed(prepared, tmp_path):
+    sites = _sites(prepared, tmp_path, 2)
+    settings = {"federation": {"rounds": 3, "min_sites": 2, "round_timeout": 120}, "training": TRAINING}
+    with LocalConsortium(tmp_path / "consortium", sites, server_settings=settings) as consortium:
+        consortium.start_all()
+        folder = RunFolder.create(consortium.server_yaml)
+        submit_and_follow(consortium.control, folder, follow=False)
+        _wait_for_round(folder, 1)
+        consortium.kill_server()  # SuperLink and ServerApp die during round 2
+        consortium.start_server()  # same state database; the SuperNodes reconnect
+        assert consortium.resume(folder) == 0
+
+    rounds = json.loads((folder.path / "metrics.json").read_text())
+    assert [r["round"] for r in rounds] == [1, 2, 3]  # none lost, none twice
+    records = [json.loads(line) for line in folder.audit_log.read_text().splitlines()]
+    assert [r["round"] for r in records] == [1, 2, 3]
+    assert verify(folder.audit_log, folder.status()["audit_last_hash"]) == 3
+    assert len(folder.run_info()["flower_runs"]) == 2
+    assert load_checkpoint(folder.path / "checkpoints" / "latest.npz").round == 3
+    for site in sites:  # a round retried after the crash spends privacy under its own id
+        ledger = json.loads((site.parent / "state" / "ledgers" / f"{folder.federation_id}.json").read_text())
+        ids = [r["round_id"] for r in ledger["rounds"]]
+        assert len(ids) == len(set(ids)) and ids[0] == "round-1" and ids[-1] == "round-3"
