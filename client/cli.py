@@ -41,6 +41,17 @@ def _start(args: argparse.Namespace) -> int:
                            detach=args.detach)
 
 
+def _keygen(args: argparse.Namespace) -> int:
+    from shared.site_keys import fingerprint, keygen, read_public_key
+
+    config = load_site_config(args.config)
+    private, public = keygen(Path(config.federation.auth_key).parent, Path(config.federation.auth_key).stem,
+                             force=args.force)
+    print(f"{config.name}: private key {private} (stays here, mode 0600)\n"
+          f"send {public} to the consortium admin (fingerprint {fingerprint(read_public_key(public))})")
+    return 0
+
+
 def _stop(args: argparse.Namespace) -> int:
     from shared.processes import stop
 
@@ -77,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--config", required=True, help="the site's site.yaml (federation.server, federation.ca_cert)")
     start.add_argument("--insecure", action="store_true", help="no TLS (test machines only; warns loudly)")
     start.add_argument("--detach", action="store_true", help="run in the background with a pid file")
+    keys = add_command(commands, "keygen", _keygen,
+                       "make this hospital's key pair for joining the consortium; the private key never leaves")
+    keys.add_argument("--config", required=True, help="the site's site.yaml")
+    keys.add_argument("--force", action="store_true", help="replace an existing key pair (then register it again)")
     stop = add_command(commands, "stop", _stop, "stop a SuperNode started with --detach")
     stop.add_argument("--config", required=True, help="the site's site.yaml")
     return parser

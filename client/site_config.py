@@ -58,6 +58,7 @@ class FederationSite:
     server: str | None = None  # host:port of the SuperLink, from the consortium admin
     ca_cert: Path | None = None  # the consortium's ca.pem (TLS); required unless started with --insecure
     port: int = check(lambda p: None if 1 <= p <= 65535 else "must be a TCP port (1-65535)", 9094)  # local
+    auth_key: Path | None = None  # this site's private key; default: state/keys/<name>.key (`fedpath-site keygen`)
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,9 @@ def load_site_config(path: str | Path) -> SiteConfig:
     features = replace(config.features, backbone_weights=weights,
                        cache_dir=config.features.cache_dir or base / "cache")
     training = replace(config.training, out_dir=config.training.out_dir or base / "runs" / "local")
-    return replace(config, features=features, training=training, state_dir=config.state_dir or base / "state")
+    state_dir = config.state_dir or base / "state"
+    federation = replace(config.federation, auth_key=config.federation.auth_key or state_dir / "keys" / f"{config.name}.key")
+    return replace(config, features=features, training=training, state_dir=state_dir, federation=federation)
 
 
 BUILTIN_WEIGHTS = ("random", "imagenet")

@@ -40,7 +40,11 @@ def supernode_command(config: SiteConfig, site_yaml: Path, insecure: bool) -> li
         raise SiteStartError(f"{site_yaml}: federation.ca_cert "
                              f"{'is not set' if federation.ca_cert is None else f'({federation.ca_cert}) is missing'}"
                              ": TLS needs the consortium's ca.pem from the admin (or --insecure on a test machine)")
-    return [*command, "--root-certificates", str(federation.ca_cert)]
+    key = Path(federation.auth_key)
+    if not key.is_file():
+        raise SiteStartError(f"{site_yaml}: this site's private key {key} is missing: make it with `fedpath-site keygen "
+                             "--config site.yaml` and send the .pub file to the consortium admin to register")
+    return [*command, "--root-certificates", str(federation.ca_cert), "--auth-supernode-private-key", str(key)]
 
 
 def start_supernode(config: SiteConfig, site_yaml: Path, insecure: bool, detach: bool) -> int:

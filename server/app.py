@@ -22,6 +22,7 @@ from server.run_folder import RunFolder
 from server.run_recorder import RunRecorder
 from server.server_config import ServerConfig
 from server.site_registry import SiteRegistry
+from server.superlink import StatePaths
 from server.strategies import build_strategy
 from shared.model import build_head
 from shared.parameters import model_arrays
@@ -59,7 +60,7 @@ def run_federation(grid, context: Context, folder: RunFolder) -> None:
         return
     log.info("%s: rounds %d..%d of %d (%s)", folder.path, done + 1, config.federation.rounds,
              config.federation.rounds, "resumed" if done else "new run")
-    registry = SiteRegistry(Path(config.superlink.state_dir) / "sites.json")
+    registry = SiteRegistry(StatePaths(config).registry)
     strategy = FederationStrategy(
         config, build_strategy(config), recorder, [(n, tuple(a.shape)) for n, a in initial.items()], arrays,
         first_round=done + 1, plan_for=lambda round_: round_plan(config, folder.federation_id, round_),

@@ -91,6 +91,37 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_site(args: argparse.Namespace) -> int:
+    from server.registration import add_site
+    from server.server_config import load_server_config
+    from server.superlink import FlowerControl
+
+    config = load_server_config(args.config)
+    print(add_site(config, FlowerControl(config, insecure=False), args.name, Path(args.public_key)))
+    return 0
+
+
+def _remove_site(args: argparse.Namespace) -> int:
+    from server.registration import remove_site
+    from server.server_config import load_server_config
+    from server.superlink import FlowerControl
+
+    config = load_server_config(args.config)
+    node_id = remove_site(config, FlowerControl(config, insecure=False), args.name)
+    print(f"{args.name} (node {node_id}) removed: its SuperNode is cut off now, mid-run included")
+    return 0
+
+
+def _sites(args: argparse.Namespace) -> int:
+    from server.registration import sites_table
+    from server.server_config import load_server_config
+    from server.superlink import FlowerControl
+
+    config = load_server_config(args.config)
+    print(sites_table(config, FlowerControl(config, insecure=False)))
+    return 0
+
+
 def _audit_verify(args: argparse.Namespace) -> int:
     from server.audit import verify
     from server.run_folder import RunFolder
@@ -139,6 +170,17 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("run_dir", help="the run folder (printed by `run`)")
     resume.add_argument("--insecure", action="store_true", help="no TLS (test machines only)")
     resume.add_argument("--no-follow", action="store_true", help="submit and return at once")
+
+    add = add_command(commands, "add-site", _add_site,
+                      "register a hospital's public key (from `fedpath-site keygen`): only registered sites may join")
+    add.add_argument("name", help="the hospital's name, as it will appear in reports and the audit log")
+    add.add_argument("public_key", help="the hospital's .pub file")
+    add.add_argument("--config", required=True, help="the consortium's server.yaml")
+    remove = add_command(commands, "remove-site", _remove_site, "revoke a hospital at once (mid-run included)")
+    remove.add_argument("name", help="the registered name")
+    remove.add_argument("--config", required=True, help="the consortium's server.yaml")
+    add_command(commands, "sites", _sites, "registered hospitals, their node ids, key fingerprints, online or not"
+                ).add_argument("--config", required=True, help="the consortium's server.yaml")
 
     audit = commands.add_parser("audit", help="audit log commands").add_subparsers(title="audit commands")
     add_command(audit, "verify", _audit_verify,

@@ -8,11 +8,11 @@ from pathlib import Path
 from server.run_folder import RunFolder
 from server.server_config import ServerConfig
 from server.site_registry import SiteRegistry
-from server.superlink import FlowerControl, FlowerError
+from server.superlink import FlowerControl, FlowerError, StatePaths
 
 
 def status_report(config: ServerConfig, control: FlowerControl) -> str:
-    registry = SiteRegistry(Path(config.superlink.state_dir) / "sites.json")
+    registry = SiteRegistry(StatePaths(config).registry)
     lines: list[str] = []
     flower_runs: dict[int, dict] = {}
     try:

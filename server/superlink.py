@@ -37,6 +37,7 @@ class StatePaths:
     def __init__(self, config: ServerConfig) -> None:
         self.dir = Path(config.superlink.state_dir)
         self.database = self.dir / "state.db"
+        self.registry = self.dir / "sites.json"
         self.log = self.dir / "superlink.log"
         self.pid = self.dir / "superlink.pid"
         self.flwr_home = self.dir / "flwr"
@@ -66,8 +67,10 @@ def superlink_command(config: ServerConfig, insecure: bool) -> list[str]:
     files = tls_files(config, insecure)
     if files is None:
         return [*command, "--insecure"]
+    # Only hospitals registered with `fedpath-server add-site` may connect (Flower refuses
+    # authentication without TLS, so --insecure turns both off).
     return [*command, "--ssl-ca-certfile", str(files.ca_cert), "--ssl-certfile", str(files.server_cert),
-            "--ssl-keyfile", str(files.server_key)]
+            "--ssl-keyfile", str(files.server_key), "--enable-supernode-auth"]
 
 
 def start_superlink(config: ServerConfig, insecure: bool, detach: bool) -> int:
@@ -126,6 +129,14 @@ class FlowerControl:
 
     def nodes(self) -> list[dict]:
         return self._json(["supernode", "ls"]).get("nodes", [])
+
+    def register(self, public_key_file: Path, name: str) -> int:
+        """Register a hospital's public key at the SuperLink; the node id it will always have."""
+        out = self._json(["supernode", "register", str(public_key_file), CONNECTION, "--name", name])
+        return int(out["node-id"])
+
+    def unregister(self, node_id: int) -> None:
+        self._json(["supernode", "unregister", str(node_id), CONNECTION])
 
     def logs(self, run_id: int) -> str:
         return self._call(["log", str(run_id), CONNECTION, "--show"], timeout=60).stdout

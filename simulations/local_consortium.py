@@ -18,11 +18,14 @@ import yaml
 from client.site_config import load_site_config
 from client.supernode import start_supernode
 from server.certificates import init_consortium
+from server.registration import add_site
 from server.run_control import submit_and_follow
 from server.run_folder import RunFolder
 from server.server_config import load_server_config
+from server.site_registry import SiteRegistry
 from server.superlink import FlowerControl, StatePaths, start_superlink
 from shared.processes import free_port, running_pid, stop
+from shared.site_keys import keygen
 
 
 @dataclass
@@ -77,8 +80,23 @@ class LocalConsortium:
         path = self.site_yamls[index]
         start_supernode(load_site_config(path), path, insecure=not self.tls, detach=True)
 
+    def register_sites(self) -> None:
+        """Each hospital makes its key pair; the admin registers the public keys (TLS only:
+        Flower ties SuperNode authentication to TLS)."""
+        registered = SiteRegistry(StatePaths(self.config).registry).entries()
+        for path in self.site_yamls:
+            site = load_site_config(path)
+            if site.name in registered:
+                continue
+            key = Path(site.federation.auth_key)
+            if not key.exists():
+                keygen(key.parent, key.stem)
+            add_site(self.config, self.control, site.name, key.with_suffix(".pub"))
+
     def start_all(self) -> None:
         self.start_server()
+        if self.tls:
+            self.register_sites()
         for index in range(len(self.site_yamls)):
             self.start_site(index)
 

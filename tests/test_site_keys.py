@@ -10,7 +10,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from client.site_keys import SiteKeyError, fingerprint, keygen, read_public_key
+from shared.site_keys import SiteKeyError, fingerprint, keygen, read_public_key
 
 
 @pytest.fixture(scope="module")
