@@ -58,7 +58,12 @@ def start_supernode(config: SiteConfig, site_yaml: Path, insecure: bool, detach:
     if detach:
         return 0
     try:
-        return process.wait()
+        code = process.wait()
+        if code:
+            print(f"{config.name}: the SuperNode exited with code {code}. The SuperLink refused it or could not be "
+                  "reached: is this site's key registered (`fedpath-server sites` at the admin), is ca_cert the "
+                  f"consortium's, is {config.federation.server} right? See {state / 'supernode.log'}")
+        return code
     except KeyboardInterrupt:
         return 130
     finally:

@@ -38,19 +38,9 @@ def executable(name: str) -> str:
 
 
 def running_pid(pid_file: Path) -> int | None:
-    """The pid in ``pid_file`` if that process is alive, else None (a stale file is removed)."""
-    try:
-        pid = int(pid_file.read_text().strip())
-    except (FileNotFoundError, ValueError):
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        pid_file.unlink(missing_ok=True)
-        return None
-    except PermissionError:
-        pass
-    return pid
+    """The pid in ``pid_file`` if that process is alive, else None."""
+    pid = _read_pid(pid_file)
+    return pid if pid is not None and _alive(pid) else None
 
 
 def start(command: Sequence[str], log_file: Path, pid_file: Path, env: dict[str, str], what: str,
@@ -60,6 +50,9 @@ def start(command: Sequence[str], log_file: Path, pid_file: Path, env: dict[str,
     pid = running_pid(pid_file)
     if pid is not None:
         raise ProcessError(f"{what} is already running (pid {pid}, {pid_file}); stop it first")
+    stale = _read_pid(pid_file)
+    if stale is not None:  # its leader died: clear what is left of its process group
+        _signal_group(stale, signal.SIGKILL)
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "ab") as log:
         process = subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -79,32 +72,21 @@ def start(command: Sequence[str], log_file: Path, pid_file: Path, env: dict[str,
 
 
 def stop_pid(pid: int, timeout: float = 15.0) -> bool:
-    """SIGTERM the process group of ``pid``, SIGKILL after ``timeout``; True if it was running."""
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        os.kill(pid, signal.SIGTERM)
+    """SIGTERM the process group of ``pid``, wait for its leader, then SIGKILL what is left of the
+    group (Flower's helper processes outlive a SuperNode that exits); True if the leader ran."""
+    was_running = _alive(pid)
+    _signal_group(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            finished, _ = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:  # not our child: poll for existence
-            finished = 0 if _alive(pid) else pid
-        if finished == pid:
-            return True
+    while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    return True
+    _signal_group(pid, signal.SIGKILL)
+    _alive(pid)  # reap it if it is our child
+    return was_running
 
 
 def stop(pid_file: Path) -> int | None:
-    """Stop the process named in ``pid_file``; its pid, or None if none was running."""
-    pid = running_pid(pid_file)
+    """Stop the process group named in ``pid_file``; its pid, or None if none was recorded."""
+    pid = _read_pid(pid_file)
     if pid is not None:
         stop_pid(pid)
     pid_file.unlink(missing_ok=True)
@@ -130,7 +112,20 @@ def tail(path: Path, lines: int = 15) -> str:
         return "(no log)"
 
 
+def _read_pid(pid_file: Path) -> int | None:
+    try:
+        return int(pid_file.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs; reaps it first when it is our own exited child (else it stays a zombie)."""
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -138,3 +133,15 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _signal_group(pid: int, signum: int) -> None:
+    try:
+        os.killpg(pid, signum)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass

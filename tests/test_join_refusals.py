@@ -1,0 +1,92 @@
+"""Who may join: a real SuperLink (TLS, SuperNode authentication) refuses SuperNodes that are not
+registered or that do not trust the consortium's CA, and a revoked site is cut off."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from client.site_config import load_site_config
+from server.certificates import init_consortium
+from server.registration import add_site, remove_site
+from shared.processes import ProcessError, running_pid
+from shared.site_keys import keygen
+from simulations.local_consortium import LocalConsortium
+
+pytestmark = pytest.mark.slow
+
+
+def _site(root: Path, name: str) -> Path:
+    """A site.yaml without data: joining needs no slides."""
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / "manifest.csv").write_text("slide,label\n")
+    path = folder / "site.yaml"
+    path.write_text(yaml.safe_dump({"name": name, "data": {"manifest": "manifest.csv"}}))
+    return path
+
+
+def _exits(site_yaml: Path, timeout: float = 60) -> str:
+    """Wait until the site's SuperNode exits; its log."""
+    state = load_site_config(site_yaml).state_dir
+    deadline = time.monotonic() + timeout
+    while running_pid(state / "supernode.pid") is not None:
+        if time.monotonic() > deadline:
+            pytest.fail(f"the SuperNode of {site_yaml.parent.name} was not refused within {timeout} s")
+        time.sleep(0.5)
+    return (state / "supernode.log").read_text()
+
+
+def _refused(consortium: LocalConsortium, index: int, site_yaml: Path) -> str:
+    """Start a SuperNode that must be refused; its log once it has exited."""
+    try:
+        consortium.start_site(index)
+    except ProcessError:  # refused before its local port even opened
+        pass
+    return _exits(site_yaml)
+
+
+def _online(consortium: LocalConsortium) -> int:
+    return sum(1 for n in consortium.control.nodes() if n.get("status") == "online")
+
+
+def test_unregistered_untrusting_and_revoked_sites(tmp_path):
+    sites = [_site(tmp_path, name) for name in ("hospital-a", "stranger", "no-ca")]
+    with LocalConsortium(tmp_path / "consortium", sites) as consortium:
+        consortium.start_server()
+        registered = load_site_config(sites[0])
+        key = Path(registered.federation.auth_key)
+        keygen(key.parent, key.stem)
+        add_site(consortium.config, consortium.control, registered.name, key.with_suffix(".pub"))
+
+        # a site with its own key, never registered
+        stranger = Path(load_site_config(sites[1]).federation.auth_key)
+        keygen(stranger.parent, stranger.stem)
+        log = _refused(consortium, 1, sites[1])
+        assert "Failed to activate SuperNode" in log, log[-2000:]
+        server_log = (consortium.root / "server" / "state" / "superlink.log").read_text()
+        assert "activate-node][ApiError:2004] Attempted to register SuperNode with public key" in server_log
+
+        # a registered key, but the site trusts another CA: TLS fails before anything is sent
+        other_ca = init_consortium(tmp_path / "other-ca", "localhost")
+        document = yaml.safe_load(sites[2].read_text())
+        document["federation"]["ca_cert"] = str(other_ca.ca_cert)
+        sites[2].write_text(yaml.safe_dump(document))
+        untrusting = Path(load_site_config(sites[2]).federation.auth_key)
+        keygen(untrusting.parent, untrusting.stem)
+        add_site(consortium.config, consortium.control, "no-ca", untrusting.with_suffix(".pub"))
+        log = _refused(consortium, 2, sites[2])
+        assert "certificate" in log.lower() or "ssl" in log.lower(), log[-2000:]
+
+        # the registered site joins; revoking it cuts it off
+        consortium.start_site(0)
+        deadline = time.monotonic() + 60
+        while _online(consortium) < 1 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _online(consortium) == 1
+        remove_site(consortium.config, consortium.control, registered.name)
+        _exits(sites[0], timeout=120)
+        assert _online(consortium) == 0

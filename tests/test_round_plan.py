@@ -1,0 +1,163 @@
+"""shared.round_plan (the server's instruction as JSON) and shared.parameters (the wire format)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from shared.model import ModelConfig, SequenceHead
+from shared.parameters import ParameterMismatch, add, check_shapes, load_arrays, model_arrays, subtract
+from shared.round_plan import PLAN_KEY, REFUSALS, PrivacyTarget, RoundPlan
+from shared.yaml_config import ConfigError
+
+
+def _plan(**changes) -> RoundPlan:
+    values = dict(federation_id="20260101-000000", round=3, planned_rounds=5, classes=("adenoma", "adenocarcinoma"),
+                  positive_class="adenocarcinoma", model=ModelConfig(core="gru", projection=16, hidden=8),
+                  sequence_length=4, epochs=2, batch_size=3, learning_rate=0.01, proximal_mu=0.1, seed=7,
+                  privacy=PrivacyTarget(required=False, epsilon=2.5, delta=1e-6))
+    values.update(changes)
+    return RoundPlan(**values)
+
+
+# RoundPlan ---------------------------------------------------------------------------------------------------
+
+def test_plan_round_trips_through_the_flower_config():
+    plan = _plan()
+    config = plan.to_config()
+    assert list(config) == [PLAN_KEY] and isinstance(config[PLAN_KEY], str)  # Flower configs hold scalars
+    document = json.loads(config[PLAN_KEY])
+    assert document["classes"] == ["adenoma", "adenocarcinoma"] and document["model"]["core"] == "gru"
+    back = RoundPlan.from_config(config)
+    assert back == plan
+    assert isinstance(back.classes, tuple) and isinstance(back.model, ModelConfig)
+    assert isinstance(back.privacy, PrivacyTarget) and back.privacy.epsilon == 2.5
+
+
+def test_plan_defaults_round_trip_and_other_config_keys_are_ignored():
+    plan = RoundPlan(federation_id="f")
+    back = RoundPlan.from_config({**plan.to_config(), "proximal_mu": 0.5, "other": 1})
+    assert back == plan
+    assert back.positive_class is None and back.proximal_mu == 0.0 and back.privacy.required is True
+
+
+def test_plan_missing_from_the_config_is_refused_with_a_clear_message():
+    with pytest.raises(ValueError, match=f"carries no '{PLAN_KEY}': is the server a fedpath server"):
+        RoundPlan.from_config({"proximal_mu": 0.1})
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("epochs", 0, "epochs: must be >= 1 (got 0)"),
+    ("round", 0, "round: must be >= 1 (got 0)"),
+    ("batch_size", -2, "batch_size: must be >= 1 (got -2)"),
+    ("learning_rate", 0.0, "learning_rate: must be > 0"),
+    ("proximal_mu", -0.1, "proximal_mu: must be >= 0"),
+    ("epochs", "two", "epochs: expected an integer, got 'two'"),
+])
+def test_invalid_plan_values_are_refused_naming_the_key(key, value, message):
+    document = json.loads(_plan().to_config()[PLAN_KEY])
+    document[key] = value
+    with pytest.raises(ConfigError) as error:
+        RoundPlan.from_config({PLAN_KEY: json.dumps(document)})
+    assert "round plan from the server" in str(error.value)
+    assert message in str(error.value)
+
+
+def test_invalid_nested_privacy_and_model_and_unknown_keys_are_refused():
+    document = json.loads(_plan().to_config()[PLAN_KEY])
+    document["privacy"]["delta"] = 1.5
+    document["model"]["mode"] = "pixels"
+    document["epoch"] = 1
+    with pytest.raises(ConfigError) as error:
+        RoundPlan.from_config({PLAN_KEY: json.dumps(document)})
+    text = str(error.value)
+    assert "privacy.delta: must be between 0 and 1 (exclusive) (got 1.5)" in text
+    assert "model.mode: must be one of 'tiles', 'grid', got 'pixels'" in text
+    assert "epoch: unknown setting (did you mean 'epochs'?)" in text
+
+
+def test_a_plan_without_federation_id_is_refused():
+    document = json.loads(_plan().to_config()[PLAN_KEY])
+    del document["federation_id"]
+    with pytest.raises(ConfigError, match="federation_id: required setting is missing"):
+        RoundPlan.from_config({PLAN_KEY: json.dumps(document)})
+
+
+def test_refusal_codes_are_numbered_and_explained():
+    assert REFUSALS[0] is None
+    assert sorted(REFUSALS) == [0, 1, 2, 3, 4, 5]
+    assert all(isinstance(REFUSALS[code], str) and REFUSALS[code] for code in range(1, 6))
+
+
+# shared.parameters -------------------------------------------------------------------------------------------
+
+def _head(seed: int) -> SequenceHead:
+    torch.manual_seed(seed)
+    return SequenceHead(2, "rnn", input_dim=6, projection=4, hidden=3)
+
+
+def test_model_arrays_follow_state_dict_order_as_float32_copies():
+    head = _head(0)
+    arrays = model_arrays(head)
+    state = head.state_dict()
+    assert list(arrays) == list(state)
+    assert len(arrays) >= 4
+    for (name, array), tensor in zip(arrays.items(), state.values()):
+        assert array.dtype == np.float32 and array.shape == tuple(tensor.shape)
+        np.testing.assert_array_equal(array, tensor.numpy())
+    first = next(iter(arrays))
+    arrays[first][...] = 123.0  # a copy: the model is untouched
+    assert not torch.any(head.state_dict()[first] == 123.0)
+
+
+def test_load_arrays_round_trip_between_models():
+    source, target = _head(0), _head(1)
+    wire = list(model_arrays(source).values())
+    assert any(not np.array_equal(a, b) for a, b in zip(wire, model_arrays(target).values()))
+    load_arrays(target, wire)
+    for a, b in zip(wire, model_arrays(target).values()):
+        np.testing.assert_array_equal(a, b)
+    x = torch.randn(2, 5, 6)
+    torch.testing.assert_close(source(x), target(x))
+
+
+def test_check_shapes_names_the_wrong_parameter():
+    expected = [("projection.weight", (4, 6)), ("projection.bias", (4,)), ("classifier.weight", (2, 3))]
+    good = [np.zeros((4, 6)), np.zeros(4), np.zeros((2, 3))]
+    check_shapes(expected, good)  # no error
+    wrong = [np.zeros((4, 6)), np.zeros(4), np.zeros((3, 3))]
+    with pytest.raises(ParameterMismatch, match=r"parameter 'classifier.weight': expected shape \(2, 3\), "
+                                                r"got \(3, 3\)"):
+        check_shapes(expected, wrong)
+    with pytest.raises(ParameterMismatch, match="expected 3 parameter arrays, got 2"):
+        check_shapes(expected, good[:2])
+    with pytest.raises(ParameterMismatch, match="expected 3 parameter arrays, got 4"):
+        check_shapes(expected, good + [np.zeros(1)])
+
+
+def test_load_arrays_refuses_a_mismatch_and_leaves_the_model_unchanged():
+    head = _head(0)
+    before = model_arrays(head)
+    arrays = [np.full_like(a, 5.0) for a in before.values()]
+    name, first = next(iter(before.items()))
+    arrays[0] = np.zeros((first.shape[0] + 1, *first.shape[1:]), np.float32)
+    with pytest.raises(ParameterMismatch, match=f"parameter '{name}'"):
+        load_arrays(head, arrays)
+    with pytest.raises(ParameterMismatch, match=f"expected {len(before)} parameter arrays, got {len(before) - 1}"):
+        load_arrays(head, list(before.values())[:-1])
+    for a, b in zip(before.values(), model_arrays(head).values()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_add_and_subtract_are_elementwise_float32_inverses():
+    new = [np.array([[1.5, 2.0], [3.0, -4.0]], np.float64), np.array([0.25], np.float32)]
+    old = [np.array([[0.5, 2.0], [1.0, 1.0]], np.float32), np.array([1.0], np.float64)]
+    update = subtract(new, old)
+    assert [u.dtype for u in update] == [np.float32, np.float32]
+    np.testing.assert_array_equal(update[0], [[1.0, 0.0], [2.0, -5.0]])
+    np.testing.assert_array_equal(update[1], [-0.75])
+    back = add(old, update)
+    assert [b.dtype for b in back] == [np.float32, np.float32]
+    for b, n in zip(back, new):
+        np.testing.assert_array_equal(b, n.astype(np.float32))
