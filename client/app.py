@@ -11,8 +11,11 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Context
+from flwr.app import Context, Message
+from flwr.app.message_type import MessageType
 from flwr.client import ClientApp, NumPyClient
+from flwr.client.mod import secaggplus_mod
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 SITE_CONFIG_KEY = "site-config"
 """Node config key with the absolute path of the site's site.yaml (set by `fedpath-site start`)."""
@@ -57,4 +60,16 @@ def client_fn(context: Context):
     return SiteClient(site_yaml_of(context)).to_client()
 
 
-app = ClientApp(client_fn=client_fn)
+def secure_aggregation(msg: Message, context: Context, call_next) -> Message:
+    """Flower's SecAgg+ for training messages that run the protocol; plain otherwise.
+
+    With SecAgg+ the update is masked here before it leaves; Flower's mod alone would fail
+    on a consortium that turned secure aggregation off. The protocol's key-exchange and unmask
+    stages never reach ``SiteClient``, so they import neither torch nor Opacus.
+    """
+    if msg.metadata.message_type == MessageType.TRAIN and RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+app = ClientApp(client_fn=client_fn, mods=[secure_aggregation])

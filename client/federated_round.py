@@ -24,7 +24,7 @@ from client.sequence_data import PatientSequences, SlideFeatures, load_split, pr
 from client.site_config import SiteConfig
 from shared.metrics import classification_metrics
 from shared.model import build_head
-from shared.parameters import load_arrays, model_arrays, subtract
+from shared.parameters import load_arrays, model_arrays, subtract, update_problem
 from shared.round_plan import REFUSALS, RoundPlan
 from shared.run_config import PrivacyConfig, TrainingConfig
 
@@ -72,14 +72,14 @@ def fit(config: SiteConfig, plan: RoundPlan, received: list[np.ndarray]) -> Repl
             raise Refusal(5, "no prepared training slides")
         head = _global_head(plan, received)
         path = ledger_path(config, plan)
-        round_id = PrivacyLedger(path, PrivacyBudget(privacy.epsilon, privacy.delta, privacy.accountant)) \
-            .unused_round_id(f"round-{plan.round}") if privacy.enabled else f"round-{plan.round}"
         training = TrainingConfig(epochs=plan.epochs, batch_size=plan.batch_size, learning_rate=plan.learning_rate,
                                   seed=plan.seed * 100_003 + plan.round)
         dataset = PatientSequences(train, plan.sequence_length, training.seed)
         from client.private_training import train_round  # Opacus: only where training happens
 
-        try:
+        try:  # opening the ledger can refuse too (it was written for another budget, or is unreadable)
+            round_id = PrivacyLedger(path, PrivacyBudget(privacy.epsilon, privacy.delta, privacy.accountant)) \
+                .unused_round_id(f"round-{plan.round}") if privacy.enabled else f"round-{plan.round}"
             result = train_round(head, dataset, training, privacy, path, round_id, progress=False,
                                  proximal_mu=plan.proximal_mu)
         except BudgetExceeded as exc:
@@ -87,12 +87,15 @@ def fit(config: SiteConfig, plan: RoundPlan, received: list[np.ndarray]) -> Repl
                           budget_epsilon=exc.budget.epsilon) from None
         except LedgerError as exc:
             raise Refusal(2, str(exc)) from None
+        update = subtract(list(model_arrays(head).values()), received)
+        problem = _outgoing_problem(plan, head, update, result.examples)
+        if problem:  # the ledger recorded the round (privacy was spent), but nothing doubtful leaves
+            raise Refusal(6, problem, epsilon=result.epsilon)
     except Refusal as refusal:
-        log.warning("round %d: this site does not train: %s", plan.round, refusal)
+        log.warning("round %d: this site sits the round out: %s", plan.round, refusal)
         metrics = _fit_metrics(**{"refused": refusal.code, "budget_epsilon": privacy.epsilon, "delta": privacy.delta,
                                   "train_seconds": time.perf_counter() - start, **refusal.numbers})
         return Reply([np.zeros_like(a, dtype=np.float32) for a in received], 0, metrics)
-    update = subtract(list(model_arrays(head).values()), received)
     metrics = _fit_metrics(train_loss=result.loss, epsilon=result.epsilon, delta=result.delta,
                            noise_multiplier=result.noise_multiplier, budget_epsilon=privacy.epsilon,
                            train_seconds=time.perf_counter() - start)
@@ -125,6 +128,14 @@ def evaluate(config: SiteConfig, plan: RoundPlan, received: list[np.ndarray]) ->
         for j, count in enumerate(row):
             metrics[f"cm_{i}_{j}"] = float(count)
     return float(result["loss"]), Reply([], len(val), metrics)
+
+
+def _outgoing_problem(plan: RoundPlan, head: torch.nn.Module, update: list[np.ndarray], examples: int) -> str | None:
+    if plan.secagg_max_weight is not None and examples > plan.secagg_max_weight:
+        return (f"{examples} patients exceed secure_aggregation.max_weight {plan.secagg_max_weight} at the server: "
+                "the weighted sum would overflow")
+    shapes = [(name, tuple(t.shape)) for name, t in head.state_dict().items()]
+    return update_problem(shapes, update, plan.max_update_norm, plan.secagg_clipping_range)
 
 
 def _fit_metrics(**values: float | None) -> dict[str, float]:
@@ -166,4 +177,8 @@ def _epsilon_spent(config: SiteConfig, plan: RoundPlan) -> float:
     path = ledger_path(config, plan)
     if not (privacy.enabled and path.exists()):
         return math.nan
-    return PrivacyLedger(path, PrivacyBudget(privacy.epsilon, privacy.delta, privacy.accountant)).recorded_epsilon()
+    try:
+        return PrivacyLedger(path, PrivacyBudget(privacy.epsilon, privacy.delta, privacy.accountant)).recorded_epsilon()
+    except LedgerError as exc:  # fit refuses (code 2) and says why; evaluation goes on without ε
+        log.warning("round %d: ε spent unknown: %s", plan.round, exc)
+        return math.nan

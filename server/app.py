@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from flwr.app import Context
 from flwr.server import LegacyContext, ServerApp, ServerConfig as FlowerServerConfig
-from flwr.server.workflow import DefaultWorkflow
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
 from server.federation_strategy import FederationStrategy
 from server.grid_timeout import TimeoutGrid
@@ -24,6 +24,7 @@ from server.server_config import ServerConfig
 from server.site_registry import SiteRegistry
 from server.superlink import StatePaths
 from server.strategies import build_strategy
+from server.wire_log import WireLog
 from shared.model import build_head
 from shared.parameters import model_arrays
 from shared.round_plan import RoundPlan
@@ -68,7 +69,20 @@ def run_federation(grid, context: Context, folder: RunFolder) -> None:
     legacy = LegacyContext(context, config=FlowerServerConfig(num_rounds=remaining,
                                                               round_timeout=config.federation.round_timeout),
                            strategy=strategy)
-    DefaultWorkflow()(TimeoutGrid(grid, config.federation.round_timeout), legacy)
+    wire_log = WireLog(folder.path / "wire.jsonl") if config.federation.wire_log else None
+    DefaultWorkflow(fit_workflow=fit_workflow(config))(
+        TimeoutGrid(grid, config.federation.round_timeout, wire_log), legacy)
+
+
+def fit_workflow(config: ServerConfig):
+    """Plain FedAvg messages, or Flower's SecAgg+ (four exchanges; the server learns only the sum)."""
+    secagg = config.secure_aggregation
+    if not secagg.enabled:
+        return None
+    return SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=secagg.reconstruction_threshold,
+                              max_weight=float(secagg.max_weight), clipping_range=secagg.clipping_range,
+                              quantization_range=secagg.quantization_range, modulus_range=2**32,
+                              timeout=config.federation.round_timeout)
 
 
 def initial_model(config: ServerConfig):
@@ -78,11 +92,13 @@ def initial_model(config: ServerConfig):
 
 
 def round_plan(config: ServerConfig, federation_id: str, round_: int) -> RoundPlan:
-    training = config.training
+    training, secagg = config.training, config.secure_aggregation
     return RoundPlan(
         federation_id=federation_id, round=round_, planned_rounds=config.federation.rounds,
         classes=config.classes, positive_class=config.positive_class, model=config.model,
         sequence_length=training.sequence_length, epochs=training.epochs, batch_size=training.batch_size,
         learning_rate=training.learning_rate, seed=training.seed,
         proximal_mu=config.strategy.proximal_mu if config.strategy.name == "fedprox" else 0.0,
-        privacy=config.privacy)
+        privacy=config.privacy, max_update_norm=config.federation.max_update_norm,
+        secagg_clipping_range=secagg.clipping_range if secagg.enabled else None,
+        secagg_max_weight=secagg.max_weight if secagg.enabled else None)

@@ -26,7 +26,7 @@ from server.round_metrics import SiteRound, confusion_from_metrics
 from server.run_recorder import RunRecorder
 from server.server_config import ServerConfig
 from shared.errors import UserError
-from shared.parameters import ParameterMismatch, add, check_shapes
+from shared.parameters import add, update_problem
 from shared.round_plan import REFUSALS, RoundPlan
 
 log = logging.getLogger("fedpath.server")
@@ -81,6 +81,7 @@ class FederationStrategy(Strategy):
             problem = self._update_problem(parameters_to_ndarrays(res.parameters), res.num_examples)
             if problem:
                 log.warning("round %d: update of %s rejected: %s", round_, name, problem)
+                site.rejected = problem
                 continue
             site.examples = res.num_examples
             accepted.append((proxy, res))
@@ -136,23 +137,18 @@ class FederationStrategy(Strategy):
 
     def _wait_for_sites(self, client_manager: ClientManager, round_: int) -> None:
         minimum, timeout = self.config.federation.min_sites, self.config.federation.round_timeout
-        if not client_manager.wait_for(minimum, timeout=int(timeout)):
+        if not client_manager.wait_for(minimum, timeout=math.ceil(timeout)):
             raise FederationError(
                 f"round {round_} cannot start: {client_manager.num_available()} site(s) online after waiting "
                 f"{timeout:g} s, federation.min_sites is {minimum}. Start more sites (`fedpath-site start`) and "
                 "`fedpath-server resume` the run.")
 
     def _update_problem(self, arrays: list[np.ndarray], examples: int) -> str | None:
-        try:
-            check_shapes(self.shapes, arrays)
-        except ParameterMismatch as exc:
-            return str(exc)
-        for (name, _), array in zip(self.shapes, arrays):
-            if not np.all(np.isfinite(array)):
-                return f"parameter '{name}' has non-finite values"
         if examples <= 0:
             return "no training examples"
-        return None
+        # Under SecAgg+ every reply carries the unmasked sum; its norm bound is the same (a mean of
+        # updates within the bound stays within it).
+        return update_problem(self.shapes, arrays, self.config.federation.max_update_norm)
 
 
 def _failure_text(failure) -> str:

@@ -26,7 +26,8 @@ class SiteRound:
     train_loss: float = math.nan
     epsilon: float = math.nan
     delta: float = math.nan
-    refused: int = 0
+    refused: int = 0  # the site's own refusal code (shared/round_plan.py REFUSALS)
+    rejected: str | None = None  # why the server set the site's update aside
     would_spend: float = math.nan
     budget_epsilon: float = math.nan
     train_seconds: float = math.nan

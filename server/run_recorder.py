@@ -89,6 +89,7 @@ class RunRecorder:
             "sites_all": sorted({*self._all_sites(), *(n for n, s in sites.items() if s.examples > 0)}),
             "privacy": self.site_privacy,
             "refusals": self.refusals,
+            "rejected_updates": {name: site.rejected for name, site in sorted(sites.items()) if site.rejected},
             "metrics": entry,
         })
         path = save_checkpoint(self.folder.path, round_, OrderedDict(zip(self.names, arrays)), card, best=is_best)
@@ -128,4 +129,5 @@ def _audit_record(card: dict) -> dict:
     return {"event": "round", "round": card["round"], "model_sha256": card["checkpoint_sha256"],
             "sites": card["sites_this_round"], "privacy": card["privacy"],
             "refusals": {name: r for name, r in card["refusals"].items() if r["round"] == card["round"]},
+            "rejected_updates": card.get("rejected_updates", {}),
             "metrics": card["metrics"]["global"], "config_sha256": card["config_sha256"]}

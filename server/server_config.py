@@ -41,12 +41,25 @@ class StrategyConfig:
 
 
 @dataclass(frozen=True)
+class SecureAggregationConfig:
+    """Flower's SecAgg+: the server sees only the masked sum of the sites' updates."""
+
+    enabled: bool = True
+    reconstruction_threshold: int = check(at_least(2), 2)  # sites whose shares unmask a dropped site's mask
+    clipping_range: float = check(positive, 1.0)  # |update value| allowed; sites refuse rather than be clipped
+    quantization_range: int = check(lambda q: None if 1024 <= q <= 2**26 else "must be in [1024, 2**26]", 2**26)
+    max_weight: int = check(at_least(1), 1000)  # most patients one site may train on (precision depends on it)
+
+
+@dataclass(frozen=True)
 class FederationConfig:
     rounds: int = check(at_least(1), 5)
     min_sites: int = check(at_least(1), 2)  # a round fails when fewer sites send an update
     fraction: float = check(lambda f: None if 0 < f <= 1 else "must be in (0, 1]", 1.0)  # sites sampled per round
     round_timeout: float = check(positive, 600.0)  # seconds to wait for the sites' replies in each phase
     best_metric: Literal["auc", "accuracy", "balanced_accuracy"] = "auc"  # which checkpoint is `best`
+    max_update_norm: float = check(positive, 10.0)  # L2 norm bound of one site's update, checked at both ends
+    wire_log: bool = False  # write wire.jsonl: the structure of every reply the sites sent (audits, tests)
 
 
 @dataclass(frozen=True)
@@ -71,6 +84,7 @@ class ServerConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     training: LocalTraining = field(default_factory=LocalTraining)
     privacy: PrivacyTarget = field(default_factory=PrivacyTarget)
+    secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
     results_dir: Path | None = None  # one folder per run; default runs/ beside server.yaml
 
     def __post_init__(self) -> None:
@@ -81,14 +95,20 @@ class ServerConfig:
         if self.model.trainable != "head":
             raise ValueError("model.trainable: only 'head' is federated so far (last-block fine-tuning needs the "
                              "cached block input)")
-        strategy = self.strategy
+        strategy, secagg = self.strategy, self.secure_aggregation
+        if secagg.enabled and strategy.name in ("median", "trimmed_mean", "krum"):
+            raise ValueError(f"strategy {strategy.name} needs every site's update, but secure_aggregation shows the "
+                             "server only their sum: use fedavg/fedprox, or set secure_aggregation.enabled: false")
+        if secagg.enabled and self.federation.min_sites < secagg.reconstruction_threshold:
+            raise ValueError(f"federation.min_sites ({self.federation.min_sites}) is below "
+                             f"secure_aggregation.reconstruction_threshold ({secagg.reconstruction_threshold}): a round "
+                             "with that few sites could never unmask its sum")
+        if secagg.enabled and secagg.clipping_range < self.federation.max_update_norm / 1e3:
+            raise ValueError("secure_aggregation.clipping_range is so small that most updates allowed by "
+                             "federation.max_update_norm would be refused")
         if strategy.name == "krum" and self.federation.min_sites < 2 * strategy.krum_malicious + 3:
             raise ValueError(f"strategy krum with krum_malicious={strategy.krum_malicious} needs federation.min_sites "
                              f">= {2 * strategy.krum_malicious + 3} (Krum scores each update against n - f - 2 others)")
-        if strategy.name == "trimmed_mean" and int(strategy.trim_beta * self.federation.min_sites) * 2 \
-                >= self.federation.min_sites:
-            raise ValueError("strategy trimmed_mean would trim every update with trim_beta "
-                             f"{strategy.trim_beta} and min_sites {self.federation.min_sites}")
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -34,6 +34,28 @@ def check_shapes(expected: Sequence[tuple[str, tuple[int, ...]]], arrays: Sequen
             raise ParameterMismatch(f"parameter '{name}': expected shape {tuple(shape)}, got {tuple(array.shape)}")
 
 
+def update_problem(expected: Sequence[tuple[str, tuple[int, ...]]], update: Sequence[np.ndarray],
+                   max_norm: float, value_range: float | None = None) -> str | None:
+    """Why an update must not be used (wrong shapes, non-finite, L2 norm above ``max_norm``, a value
+    outside ±``value_range``), or None. Sites check before sending, the server before averaging."""
+    try:
+        check_shapes(expected, update)
+    except ParameterMismatch as exc:
+        return str(exc)
+    for (name, _), array in zip(expected, update):
+        if not np.all(np.isfinite(array)):
+            return f"parameter '{name}' has non-finite values"
+    norm = float(np.sqrt(sum(float(np.square(np.asarray(a, dtype=np.float64)).sum()) for a in update)))
+    if norm > max_norm:
+        return f"update L2 norm {norm:.4g} exceeds the bound {max_norm:g} (federation.max_update_norm)"
+    if value_range is not None:
+        largest = max((float(np.abs(a).max()) for a in update if np.size(a)), default=0.0)
+        if largest > value_range:
+            return (f"largest update value {largest:.4g} is outside secure aggregation's range ±{value_range:g}; "
+                    "it would be clipped silently (secure_aggregation.clipping_range)")
+    return None
+
+
 def load_arrays(model: nn.Module, arrays: Sequence[np.ndarray]) -> None:
     """Put ``arrays`` (wire order) into ``model``; shapes are checked first."""
     state = model.state_dict()

@@ -22,6 +22,7 @@ REFUSALS = {
     3: "differential privacy is off at this site but the federation requires it",
     4: "the site's classes differ from the federation's",
     5: "the site has no prepared training data for the federation's model (run `fedpath-site prepare`)",
+    6: "the site's update failed its own checks before leaving (non-finite, norm bound, or secure aggregation range)",
 }
 """Why a site sat a round out; the code travels as the numeric metric ``refused``."""
 
@@ -50,6 +51,9 @@ class RoundPlan:
     proximal_mu: float = check(at_least(0), 0.0)  # FedProx; 0 is plain FedAvg local training
     seed: int = 0
     privacy: PrivacyTarget = field(default_factory=PrivacyTarget)
+    max_update_norm: float = check(positive, 10.0)  # L2 bound of the update a site may send
+    secagg_clipping_range: float | None = None  # SecAgg+ on: every update value must lie within ± this
+    secagg_max_weight: int | None = None  # SecAgg+ on: a site with more patients would overflow the weights
 
     def to_config(self) -> dict[str, str]:
         return {PLAN_KEY: json.dumps(asdict(self))}

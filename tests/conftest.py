@@ -42,3 +42,35 @@ def write_site_yaml(folder: Path, data: dict, **sections) -> Path:
     path = folder / "site.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+FEDERATION_CLASSES = ["adenoma", "adenocarcinoma"]
+
+
+@pytest.fixture(scope="session")
+def prepared_hospitals(tmp_path_factory) -> Path:
+    """Three generated hospitals with prepared feature caches, made once; tests copy them."""
+    from client.prepare import prepare_site
+    from client.site_config import load_site_config
+    from simulations.slide_generator import SlideSpec, make_site_slides
+
+    root = tmp_path_factory.mktemp("hospitals")
+    manifests = make_site_slides(root, sites=3, slides_per_site=5, seed=11, spec=SlideSpec(width=1024, height=1024))
+    for manifest in manifests:
+        site = write_site_yaml(manifest.parent, {"manifest": "manifest.csv", "labels": FEDERATION_CLASSES})
+        prepare_site(load_site_config(site), progress=False)
+    return root
+
+
+def copy_hospitals(prepared: Path, tmp_path: Path, count: int) -> list[Path]:
+    """The site.yaml files of a private copy of ``count`` prepared hospitals."""
+    import shutil
+
+    copy = tmp_path / "hospitals"
+    shutil.copytree(prepared, copy)
+    sites = sorted(copy.glob("site-*/site.yaml"))[:count]
+    for site in sites:  # the cache path was written absolute: point it at the copy
+        document = yaml.safe_load(site.read_text())
+        document["features"]["cache_dir"] = str(site.parent / "cache")
+        site.write_text(yaml.safe_dump(document))
+    return sites

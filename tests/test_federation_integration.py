@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from client.feature_cache import FeatureCache
-from client.prepare import prepare_site
 from client.privacy_ledger import PrivacyBudget, PrivacyLedger
 from client.sequence_data import load_split
 from client.site_config import load_site_config
@@ -27,36 +24,12 @@ from server.cli import main as server_main
 from server.run_control import follow_run, submit_and_follow
 from server.run_folder import RunFolder
 from simulations.local_consortium import LocalConsortium
-from simulations.slide_generator import SlideSpec, make_site_slides
-from tests.conftest import write_site_yaml
+from tests.conftest import copy_hospitals
 
 pytestmark = pytest.mark.slow
 
-CLASSES = ["adenoma", "adenocarcinoma"]
 TRAINING = {"epochs": 1, "batch_size": 2, "learning_rate": 0.003}
 RUN_TIMEOUT = 420  # seconds; a round takes about 30 s here
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    """Three generated hospitals with prepared feature caches (made once, copied per test)."""
-    root = tmp_path_factory.mktemp("hospitals")
-    manifests = make_site_slides(root, sites=3, slides_per_site=5, seed=11, spec=SlideSpec(width=1024, height=1024))
-    for manifest in manifests:
-        site = write_site_yaml(manifest.parent, {"manifest": "manifest.csv", "labels": CLASSES})
-        prepare_site(load_site_config(site), progress=False)
-    return root
-
-
-def _sites(prepared: Path, tmp_path: Path, count: int) -> list[Path]:
-    copy = tmp_path / "hospitals"
-    shutil.copytree(prepared, copy)
-    sites = sorted(copy.glob("site-*/site.yaml"))[:count]
-    for site in sites:  # the cache path was written absolute: point it at the copy
-        document = yaml.safe_load(site.read_text())
-        document["features"]["cache_dir"] = str(site.parent / "cache")
-        site.write_text(yaml.safe_dump(document))
-    return sites
 
 
 def _wait_for_round(folder: RunFolder, round_: int, timeout: float = RUN_TIMEOUT) -> list[dict]:
@@ -79,8 +52,8 @@ def _trained(entry: dict) -> set[str]:
     return {name for name, site in entry["sites"].items() if site.get("examples")}
 
 
-def test_federated_run_over_tls(prepared, tmp_path, capsys):
-    sites = _sites(prepared, tmp_path, 3)
+def test_federated_run_over_tls(prepared_hospitals, tmp_path, capsys):
+    sites = copy_hospitals(prepared_hospitals, tmp_path, 3)
     settings = {"federation": {"rounds": 2, "min_sites": 3, "round_timeout": 120}, "training": TRAINING}
     with LocalConsortium(tmp_path / "consortium", sites, server_settings=settings) as consortium:
         consortium.start_all()
@@ -131,8 +104,8 @@ def _exhaust_budget(site_yaml: Path, federation_id: str, rounds: int) -> None:
         ledger.record_round(sigma, 1 / batches, batches * TRAINING["epochs"], f"earlier-{earlier}")
 
 
-def test_site_killed_mid_run_refusing_site_and_rejoin(prepared, tmp_path):
-    sites = _sites(prepared, tmp_path, 3)
+def test_site_killed_mid_run_refusing_site_and_rejoin(prepared_hospitals, tmp_path):
+    sites = copy_hospitals(prepared_hospitals, tmp_path, 3)
     settings = {"federation": {"rounds": 3, "min_sites": 1, "round_timeout": 40}, "training": TRAINING}
     with LocalConsortium(tmp_path / "consortium", sites, server_settings=settings) as consortium:
         consortium.start_all()
@@ -161,8 +134,8 @@ def test_site_killed_mid_run_refusing_site_and_rejoin(prepared, tmp_path):
     assert verify(folder.audit_log, folder.status()["audit_last_hash"]) == 3
 
 
-def test_server_killed_and_resumed(prepared, tmp_path):
-    sites = _sites(prepared, tmp_path, 2)
+def test_server_killed_and_resumed(prepared_hospitals, tmp_path):
+    sites = copy_hospitals(prepared_hospitals, tmp_path, 2)
     settings = {"federation": {"rounds": 3, "min_sites": 2, "round_timeout": 120}, "training": TRAINING}
     with LocalConsortium(tmp_path / "consortium", sites, server_settings=settings) as consortium:
         consortium.start_all()

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from shared.model import ModelConfig, SequenceHead
-from shared.parameters import ParameterMismatch, add, check_shapes, load_arrays, model_arrays, subtract
+from shared.parameters import (ParameterMismatch, add, check_shapes, load_arrays, model_arrays, subtract,
+                               update_problem)
 from shared.round_plan import PLAN_KEY, REFUSALS, PrivacyTarget, RoundPlan
 from shared.yaml_config import ConfigError
 
@@ -86,8 +87,8 @@ def test_a_plan_without_federation_id_is_refused():
 
 def test_refusal_codes_are_numbered_and_explained():
     assert REFUSALS[0] is None
-    assert sorted(REFUSALS) == [0, 1, 2, 3, 4, 5]
-    assert all(isinstance(REFUSALS[code], str) and REFUSALS[code] for code in range(1, 6))
+    assert sorted(REFUSALS) == list(range(len(REFUSALS))) and len(REFUSALS) >= 6
+    assert all(isinstance(REFUSALS[code], str) and REFUSALS[code] for code in range(1, len(REFUSALS)))
 
 
 # shared.parameters -------------------------------------------------------------------------------------------
@@ -161,3 +162,17 @@ def test_add_and_subtract_are_elementwise_float32_inverses():
     assert [b.dtype for b in back] == [np.float32, np.float32]
     for b, n in zip(back, new):
         np.testing.assert_array_equal(b, n.astype(np.float32))
+
+
+def test_update_problem_names_what_is_wrong():
+    expected = [("w", (2, 2)), ("b", (2,))]
+    good = [np.full((2, 2), 0.5, np.float32), np.array([0.5, -0.5], np.float32)]  # L2 norm sqrt(1.5)
+    assert update_problem(expected, good, max_norm=1.3) is None
+    assert update_problem(expected, good, max_norm=1.3, value_range=0.5) is None
+    assert update_problem(expected, good[:1], 10.0) == "expected 2 parameter arrays, got 1"
+    assert "parameter 'b': expected shape (2,), got (3,)" in update_problem(expected, [good[0], np.zeros(3)], 10.0)
+    nan = [good[0], np.array([0.0, np.inf], np.float32)]
+    assert update_problem(expected, nan, 10.0) == "parameter 'b' has non-finite values"
+    assert "update L2 norm 1.225 exceeds the bound 1.2" in update_problem(expected, good, max_norm=1.2)
+    assert "largest update value 0.5 is outside secure aggregation's range ±0.25" in update_problem(
+        expected, good, max_norm=10.0, value_range=0.25)
