@@ -72,8 +72,8 @@ def train_round(head: nn.Module, dataset: Dataset, training: TrainingConfig, pri
             module=head, optimizer=optimizer, data_loader=loader, criterion=criterion, noise_multiplier=sigma,
             max_grad_norm=privacy.max_grad_norm, poisson_sampling=True, grad_sample_mode="ghost")
     else:
-        log.warning("DIFFERENTIAL PRIVACY IS OFF (privacy.enabled: false): this round's update "
-                    "is not private and must not leave the site")
+        log.warning("DIFFERENTIAL PRIVACY IS OFF (privacy.enabled: false): this round's update is not "
+                    "differentially private; only a federation that does not require DP accepts it")
     model.train()
     losses: list[float] = []
     taken = 0

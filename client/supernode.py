@@ -8,12 +8,16 @@ with this site's site.yaml in its node config. Nothing is installed at run time.
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from client.app import SITE_CONFIG_KEY
 from client.site_config import SiteConfig
 from shared.errors import UserError
-from shared.processes import executable, flower_env, start, stop_pid
+from shared.processes import executable, flower_env, running_pid, start
 
 log = logging.getLogger("fedpath.site")
 
@@ -47,26 +51,67 @@ def supernode_command(config: SiteConfig, site_yaml: Path, insecure: bool) -> li
     return [*command, "--root-certificates", str(federation.ca_cert), "--auth-supernode-private-key", str(key)]
 
 
+RETRY_MAX_S = 60.0
+STABLE_S = 300.0  # a SuperNode that ran this long was connected: back off from the start again
+
+
 def start_supernode(config: SiteConfig, site_yaml: Path, insecure: bool, detach: bool) -> int:
+    """Run the SuperNode under a small supervisor that restarts it when the SuperLink refuses or
+    drops it: right after a crash the SuperLink still holds the old session (for about a
+    minute) and refuses the same key; a restart a little later is accepted."""
     state = Path(config.state_dir)
     state.mkdir(parents=True, exist_ok=True)
-    process = start(supernode_command(config, site_yaml, insecure), state / "supernode.log", state / "supernode.pid",
-                    flower_env(state / "flwr"), f"the SuperNode of {config.name}",
-                    ready_port=("127.0.0.1", config.federation.port))
-    print(f"{config.name}: SuperNode started (pid {process.pid}), connecting to {config.federation.server}; "
-          f"log {state / 'supernode.log'}", flush=True)
+    command = supernode_command(config, site_yaml, insecure)  # config errors surface here, in the foreground
+    pid_file, log_file = state / "supernode.pid", state / "supernode.log"
     if detach:
+        supervisor = [sys.executable, "-m", "client.supernode", str(Path(site_yaml).resolve()),
+                      *(["--insecure"] if insecure else [])]
+        process = start(supervisor, log_file, pid_file, flower_env(state / "flwr"), f"the SuperNode of {config.name}",
+                        ready_port=("127.0.0.1", config.federation.port))
+        print(f"{config.name}: SuperNode started (pid {process.pid}), connecting to {config.federation.server}; "
+              f"log {log_file}", flush=True)
         return 0
+    pid = running_pid(pid_file)
+    if pid is not None and pid != os.getpid():
+        raise SiteStartError(f"the SuperNode of {config.name} is already running (pid {pid}, {pid_file})")
+    pid_file.write_text(f"{os.getpid()}\n")
     try:
-        code = process.wait()
-        if code:
-            print(f"{config.name}: the SuperNode exited with code {code}. The SuperLink refused it or could not be "
-                  "reached: is this site's key registered (`fedpath-server sites` at the admin), is ca_cert the "
-                  f"consortium's, is {config.federation.server} right? See {state / 'supernode.log'}")
-        return code
-    except KeyboardInterrupt:
-        return 130
+        return supervise(command, flower_env(state / "flwr"), log_file, config.name)
     finally:
-        if process.poll() is None:
-            stop_pid(process.pid)
-        (state / "supernode.pid").unlink(missing_ok=True)
+        pid_file.unlink(missing_ok=True)
+
+
+def supervise(command: list[str], env: dict[str, str], log_file: Path, name: str) -> int:
+    delay = 2.0
+    while True:
+        started = time.monotonic()
+        with open(log_file, "ab") as log_handle:
+            process = subprocess.Popen(command, stdout=log_handle, stderr=subprocess.STDOUT, env=env)
+        try:
+            code = process.wait()
+        except KeyboardInterrupt:
+            process.terminate()
+            process.wait(timeout=30)
+            return 130
+        if code == 0:
+            return 0
+        if time.monotonic() - started > STABLE_S:
+            delay = 2.0
+        print(f"{time.strftime('%H:%M:%S')} {name}: the SuperNode exited with code {code}: the SuperLink refused or "
+              "dropped it (a key that is not registered or was revoked, a ca_cert that is not the consortium's, or a "
+              f"session still open from before a crash). Retrying in {delay:.0f} s; see {log_file}", flush=True)
+        time.sleep(delay)
+        delay = min(2 * delay, RETRY_MAX_S)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m client.supernode SITE_YAML [--insecure]``: the detached supervisor."""
+    from client.site_config import load_site_config
+
+    args = sys.argv[1:] if argv is None else argv
+    site_yaml = Path(args[0])
+    return start_supernode(load_site_config(site_yaml), site_yaml, insecure="--insecure" in args, detach=False)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -14,12 +14,13 @@ from pathlib import Path
 import torch
 from flwr.app import Context
 from flwr.server import LegacyContext, ServerApp, ServerConfig as FlowerServerConfig
-from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.server.workflow import DefaultWorkflow
 
 from server.federation_strategy import FederationStrategy
 from server.grid_timeout import TimeoutGrid
 from server.run_folder import RunFolder
 from server.run_recorder import RunRecorder
+from server.secure_aggregation import fit_workflow
 from server.server_config import ServerConfig
 from server.site_registry import SiteRegistry
 from server.superlink import StatePaths
@@ -72,17 +73,6 @@ def run_federation(grid, context: Context, folder: RunFolder) -> None:
     wire_log = WireLog(folder.path / "wire.jsonl") if config.federation.wire_log else None
     DefaultWorkflow(fit_workflow=fit_workflow(config))(
         TimeoutGrid(grid, config.federation.round_timeout, wire_log), legacy)
-
-
-def fit_workflow(config: ServerConfig):
-    """Plain FedAvg messages, or Flower's SecAgg+ (four exchanges; the server learns only the sum)."""
-    secagg = config.secure_aggregation
-    if not secagg.enabled:
-        return None
-    return SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=secagg.reconstruction_threshold,
-                              max_weight=float(secagg.max_weight), clipping_range=secagg.clipping_range,
-                              quantization_range=secagg.quantization_range, modulus_range=2**32,
-                              timeout=config.federation.round_timeout)
 
 
 def initial_model(config: ServerConfig):

@@ -6,8 +6,8 @@ JSONL; every record carries ``index`` (0-based), ``time`` (UTC), ``prev_hash`` (
 the record before it, 64 zeros for the first) and ``hash``, the sha256 of the record's
 canonical JSON without its ``hash`` key. Editing, removing, reordering or inserting a
 record breaks the chain at a line :func:`verify` names. Removing records from the end leaves
-a valid chain, so the server also stores the latest hash in the latest checkpoint's model
-card and passes it back as ``expected_last_hash``.
+a valid chain, so the server also stores the latest hash in the run's ``status.json`` and
+passes it back as ``expected_last_hash``.
 
 One server process writes the log. Every append re-reads and re-verifies the whole file (a
 few hundred short lines: milliseconds), so an append after a restart chains onto what is
@@ -50,7 +50,7 @@ def record_hash(record: dict[str, Any]) -> str:
 def verify(path: Path, expected_last_hash: str | None = None) -> int:
     """Check the whole chain of the log at ``path`` and return its number of records.
 
-    ``expected_last_hash`` is the hash the latest checkpoint's model card recorded; when given,
+    ``expected_last_hash`` is the hash the run's status.json recorded; when given,
     the last record must have it, which detects records removed from the end.
     Raises :class:`AuditError` naming the line and what is wrong.
     """

@@ -104,7 +104,12 @@ class FederationStrategy(Strategy):
 
     def configure_evaluate(self, server_round: int, parameters: Parameters,
                            client_manager: ClientManager) -> list[tuple[ClientProxy, EvaluateIns]]:
-        plan = self.plan_for(self.offset + server_round).to_config()
+        round_ = self.offset + server_round
+        if "fit_done" not in self.clock:  # SecAgg+ halted before unmasking: no update this round
+            raise FederationError(
+                f"round {round_} failed: secure aggregation stopped before the sum could be unmasked (fewer than "
+                f"secure_aggregation.reconstruction_threshold sites completed its stages). See the run's log.")
+        plan = self.plan_for(round_).to_config()
         self.clock["evaluate_start"] = time.monotonic()
         return [(proxy, EvaluateIns(ins.parameters, {**ins.config, **plan}))
                 for proxy, ins in self.inner.configure_evaluate(server_round, parameters, client_manager)]

@@ -104,56 +104,59 @@ def _exhaust_budget(site_yaml: Path, federation_id: str, rounds: int) -> None:
         ledger.record_round(sigma, 1 / batches, batches * TRAINING["epochs"], f"earlier-{earlier}")
 
 
-def test_site_killed_mid_run_refusing_site_and_rejoin(prepared_hospitals, tmp_path):
+def test_site_killed_during_secure_aggregation_and_rejoins(prepared_hospitals, tmp_path):
     sites = copy_hospitals(prepared_hospitals, tmp_path, 3)
-    settings = {"federation": {"rounds": 3, "min_sites": 1, "round_timeout": 40}, "training": TRAINING}
+    settings = {"federation": {"rounds": 4, "min_sites": 2, "round_timeout": 40}, "training": TRAINING}
+    with LocalConsortium(tmp_path / "consortium", sites, server_settings=settings) as consortium:
+        assert consortium.config.secure_aggregation.enabled  # the default
+        consortium.start_all()
+        folder = RunFolder.create(consortium.server_yaml)
+        submit_and_follow(consortium.control, folder, follow=False)
+        first = _wait_for_round(folder, 1)[0]
+        assert _trained(first) == {"site-1", "site-2", "site-3"}
+        consortium.kill_site(1)  # a hospital machine dies in round 2, amid the SecAgg+ stages
+        consortium.start_site(1)  # and comes back (same key, same node id)
+        run_id = folder.run_info()["flower_runs"][-1]
+        assert follow_run(consortium.control, folder, run_id, timeout=RUN_TIMEOUT) == 0
+
+    rounds = json.loads((folder.path / "metrics.json").read_text())
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4]
+    assert _trained(rounds[1]) == {"site-1", "site-3"}  # unmasked without the dead site's update
+    # the restarted site is refused while the SuperLink still holds its old session, then trains
+    # again (its supervisor retries; the server sees it back within a round or two)
+    assert "site-2" in _trained(rounds[2]) | _trained(rounds[3])
+    assert _trained(rounds[3]) == {"site-1", "site-2", "site-3"}
+    assert verify(folder.audit_log, folder.status()["audit_last_hash"]) == 4
+
+
+def test_server_killed_and_resumed_with_a_refusing_site(prepared_hospitals, tmp_path):
+    sites = copy_hospitals(prepared_hospitals, tmp_path, 3)
+    settings = {"federation": {"rounds": 3, "min_sites": 2, "round_timeout": 120}, "training": TRAINING}
     with LocalConsortium(tmp_path / "consortium", sites, server_settings=settings) as consortium:
         consortium.start_all()
         folder = RunFolder.create(consortium.server_yaml)
         _exhaust_budget(sites[2], folder.federation_id, rounds=3)
         submit_and_follow(consortium.control, folder, follow=False)
         first = _wait_for_round(folder, 1)[0]
-        assert len(_trained(first)) == 2  # site-3's ledger refused; the round went on
-        refusals = {name: site["refusal"] for name, site in folder.status()["sites"].items() if site["refusal"]}
-        assert len(refusals) == 1
-        refusal = next(iter(refusals.values()))
+        assert _trained(first) == {"site-1", "site-2"}  # site-3's ledger refused; the round went on
+        refusal = folder.status()["sites"]["site-3"]["refusal"]
         assert refusal["code"] == 1 and "budget" in refusal["reason"]
         assert refusal["would_spend"] > refusal["budget_epsilon"]
-
-        consortium.kill_site(1)  # a hospital machine dies during round 2
-        consortium.start_site(1)  # and comes back (as a new node)
-        run_id = folder.run_info()["flower_runs"][-1]
-        assert follow_run(consortium.control, folder, run_id, timeout=RUN_TIMEOUT) == 0
-
-    rounds = json.loads((folder.path / "metrics.json").read_text())
-    assert [r["round"] for r in rounds] == [1, 2, 3]
-    survivors = _trained(first) & _trained(rounds[1])
-    assert len(_trained(rounds[1])) == 1 and len(survivors) == 1  # the killed site's update never came
-    rejoined = _trained(rounds[2]) - _trained(first)
-    assert len(_trained(rounds[2])) == 2 and len(rejoined) == 1  # the restarted site trains again
-    assert verify(folder.audit_log, folder.status()["audit_last_hash"]) == 3
-
-
-def test_server_killed_and_resumed(prepared_hospitals, tmp_path):
-    sites = copy_hospitals(prepared_hospitals, tmp_path, 2)
-    settings = {"federation": {"rounds": 3, "min_sites": 2, "round_timeout": 120}, "training": TRAINING}
-    with LocalConsortium(tmp_path / "consortium", sites, server_settings=settings) as consortium:
-        consortium.start_all()
-        folder = RunFolder.create(consortium.server_yaml)
-        submit_and_follow(consortium.control, folder, follow=False)
-        _wait_for_round(folder, 1)
         consortium.kill_server()  # SuperLink and ServerApp die during round 2
         consortium.start_server()  # same state database; the SuperNodes reconnect
         assert consortium.resume(folder) == 0
+        assert server_main(["status", "--config", str(consortium.server_yaml)]) == 0
 
     rounds = json.loads((folder.path / "metrics.json").read_text())
     assert [r["round"] for r in rounds] == [1, 2, 3]  # none lost, none twice
+    assert all(_trained(r) == {"site-1", "site-2"} for r in rounds)
     records = [json.loads(line) for line in folder.audit_log.read_text().splitlines()]
     assert [r["round"] for r in records] == [1, 2, 3]
+    assert all("site-3" in r["refusals"] for r in records)
     assert verify(folder.audit_log, folder.status()["audit_last_hash"]) == 3
     assert len(folder.run_info()["flower_runs"]) == 2
     assert load_checkpoint(folder.path / "checkpoints" / "latest.npz").round == 3
-    for site in sites:  # a round retried after the crash spends privacy under its own id
+    for site in sites[:2]:  # a round retried after the crash spends privacy under its own id
         ledger = json.loads((site.parent / "state" / "ledgers" / f"{folder.federation_id}.json").read_text())
         ids = [r["round_id"] for r in ledger["rounds"]]
         assert len(ids) == len(set(ids)) and ids[0] == "round-1" and ids[-1] == "round-3"
