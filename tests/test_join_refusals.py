@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from client.site_config import load_site_config
+from client.supernode import start_supernode
 from server.certificates import init_consortium
 from server.registration import add_site, remove_site
 from shared.site_keys import keygen
@@ -47,8 +48,8 @@ def _online(consortium: LocalConsortium) -> int:
 
 
 def test_unregistered_untrusting_and_revoked_sites(tmp_path):
-    sites = [_site(tmp_path, name) for name in ("hospital-a", "stranger", "no-ca")]
-    with LocalConsortium(tmp_path / "consortium", sites) as consortium:
+    sites = [_site(tmp_path, name) for name in ("hospital-a", "stranger", "no-ca", "plain")]
+    with LocalConsortium(tmp_path / "consortium", sites) as consortium:  # TLS and authentication on
         consortium.start_server()
         registered = load_site_config(sites[0])
         key = Path(registered.federation.auth_key)
@@ -73,6 +74,15 @@ def test_unregistered_untrusting_and_revoked_sites(tmp_path):
         add_site(consortium.config, consortium.control, "no-ca", untrusting.with_suffix(".pub"))
         log = _refused(consortium, 2, sites[2])
         assert "certificate" in log.lower() or "ssl" in log.lower(), log[-2000:]
+
+        # plain HTTP (a site started with --insecure) to the TLS port never gets a session
+        start_supernode(load_site_config(sites[3]), sites[3], insecure=True, detach=True)
+        plain_log = load_site_config(sites[3]).state_dir / "supernode.log"
+        deadline = time.monotonic() + 60
+        while "Connection attempt failed" not in plain_log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert "Connection attempt failed" in plain_log.read_text()
+        assert _online(consortium) == 0
 
         # the registered site joins; revoking it cuts it off
         consortium.start_site(0)

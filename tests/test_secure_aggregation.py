@@ -1,4 +1,5 @@
-"""SecAgg+ end to end on a real consortium: the server never receives a site's plain update, the
+"""A federated run end to end on a real consortium (TLS, registered sites, SecAgg+, DP): what it
+writes and what the admin commands say; the server never receives a site's plain update, the
 aggregate equals the plain weighted mean, and every message a site sends holds only arrays of the
 model's trainable shapes (or SecAgg+ protocol material) and numbers."""
 
@@ -11,7 +12,9 @@ import pytest
 import yaml
 
 from server.app import initial_model
+from server.audit import AuditError, verify
 from server.checkpoints import load_checkpoint
+from server.cli import main as server_main
 from server.run_control import submit_and_follow
 from server.run_folder import RunFolder
 from simulations.local_consortium import LocalConsortium
@@ -44,13 +47,41 @@ def _strings(value) -> list[str]:
     return []
 
 
-def test_secure_aggregation_hides_updates_and_keeps_the_mean(prepared_hospitals, tmp_path):
+def _check_run_outputs(folder: RunFolder, sites: list, status_text: str) -> None:
+    assert "round  1 |" in status_text  # printed while following
+    assert "3 site(s) online" in status_text and folder.path.name in status_text
+    rounds = json.loads((folder.path / "metrics.json").read_text())
+    assert [r["round"] for r in rounds] == [1]
+    assert {n for n, s in rounds[0]["sites"].items() if s["examples"]} == {"site-1", "site-2", "site-3"}
+    assert 0 <= rounds[0]["global"]["accuracy"] <= 1
+    for name in ("metrics.csv", "curves.png", "checkpoints/round-0001.npz", "checkpoints/best.npz"):
+        assert (folder.path / name).is_file(), name
+    latest = load_checkpoint(folder.path / "checkpoints" / "latest.npz")
+    assert latest.round == 1 and latest.card["sites_this_round"] == ["site-1", "site-2", "site-3"]
+    assert all(0 < p["epsilon"] <= 8.0 + 1e-6 for p in latest.card["privacy"].values())
+    status = folder.status()
+    assert status["state"] == "finished" and status["round"] == 1
+    assert verify(folder.audit_log, status["audit_last_hash"]) == 1
+    for site in sites:  # one ledger per site for this federation, within its budget
+        ledger = json.loads((site.parent / "state" / "ledgers" / f"{folder.federation_id}.json").read_text())
+        assert [r["round_id"] for r in ledger["rounds"]] == ["round-1"]
+        assert ledger["rounds"][-1]["epsilon_after"] <= 8.0 + 1e-6
+    # an edited audit record is detected by the admin command
+    folder.audit_log.write_text(folder.audit_log.read_text().replace('"round":1', '"round":7', 1))
+    with pytest.raises(AuditError, match="line 1"):
+        verify(folder.audit_log)
+    assert server_main(["audit", "verify", str(folder.path)]) == 2
+
+
+def test_federated_run_with_secure_aggregation(prepared_hospitals, tmp_path, capsys):
     sites = copy_hospitals(prepared_hospitals, tmp_path, 3)
     settings = {"federation": {"rounds": 1, "min_sites": 3, "round_timeout": 180, "wire_log": True},
                 "training": {"epochs": 1, "batch_size": 2, "learning_rate": 0.003}}
     with LocalConsortium(tmp_path / "consortium", sites, server_settings=settings) as consortium:
         consortium.start_all()
         secure = _run(consortium, secure=True)
+        assert server_main(["status", "--config", str(consortium.server_yaml)]) == 0
+        status_text = capsys.readouterr().out
         plain = _run(consortium, secure=False)
         trainable = {name: list(array.shape) for name, array in initial_model(consortium.config).items()}
 
@@ -60,6 +91,7 @@ def test_secure_aggregation_hides_updates_and_keeps_the_mean(prepared_hospitals,
     assert max(float(np.abs(clear[k] - a).max()) for k, a in initial_model(consortium.config).items()) > 1e-3
 
     secure_wire, plain_wire = _wire(secure), _wire(plain)
+    _check_run_outputs(secure, sites, status_text)
     # without SecAgg+, each site's train reply is its update: float32 arrays of the trainable shapes
     plain_train = [m for m in plain_wire if m["type"] == TRAIN and not m["error"]]
     assert len(plain_train) == 3
