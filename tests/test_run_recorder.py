@@ -180,3 +180,16 @@ def test_resume_appends_a_missing_audit_record_from_the_card_exactly_once(tmp_pa
     again, _ = _recorder(folder)
     again.resume()
     assert verify(folder.audit_log) == 2  # not appended twice
+
+
+def test_a_rejected_update_is_recorded_with_its_reason(tmp_path):
+    folder = _folder(tmp_path)
+    recorder, initial = _recorder(folder)
+    sites = _round1()
+    sites["c"] = SiteRound(examples=0, rejected="parameter 'classifier.bias' has non-finite values")
+    recorder.finish_round(1, initial, sites)
+    (record,) = [json.loads(line) for line in folder.audit_log.read_text().splitlines()]
+    assert record["rejected_updates"] == {"c": "parameter 'classifier.bias' has non-finite values"}
+    assert "c" not in record["sites"]  # it did not enter the model
+    card = json.loads((folder.path / "checkpoints" / "round-0001.json").read_text())
+    assert card["rejected_updates"] == record["rejected_updates"]
