@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-import shared.encoder as encoder_module
 from shared.encoder import FEATURE_DIM, TileEncoder, WeightsError, weights_id
 
 
@@ -48,6 +47,8 @@ def test_offline_imagenet_says_to_use_a_local_file(monkeypatch):
     def offline(*args, **kwargs):
         raise OSError("[Errno -3] Temporary failure in name resolution")
 
-    monkeypatch.setattr(encoder_module, "inception_v3", offline)
+    import torchvision.models
+
+    monkeypatch.setattr(torchvision.models, "inception_v3", offline)  # the encoder imports it when building
     with pytest.raises(WeightsError, match="backbone_weights: /path/to/inception_v3.pth"):
         TileEncoder("imagenet")
