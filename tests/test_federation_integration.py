@@ -90,11 +90,11 @@ def test_site_killed_during_secure_aggregation_and_rejoins(prepared_hospitals, t
 
 def test_server_killed_and_resumed_with_a_refusing_site(prepared_hospitals, tmp_path):
     sites = copy_hospitals(prepared_hospitals, tmp_path, 3)
-    settings = {"federation": {"rounds": 3, "min_sites": 2, "round_timeout": 120}, "training": TRAINING}
+    settings = {"federation": {"rounds": 2, "min_sites": 2, "round_timeout": 120}, "training": TRAINING}
     with LocalConsortium(tmp_path / "consortium", sites, server_settings=settings) as consortium:
         consortium.start_all()
         folder = RunFolder.create(consortium.server_yaml)
-        _exhaust_budget(sites[2], folder.federation_id, rounds=3)
+        _exhaust_budget(sites[2], folder.federation_id, rounds=2)
         submit_and_follow(consortium.control, folder, follow=False)
         first = _wait_for_round(folder, 1)[0]
         assert _trained(first) == {"site-1", "site-2"}  # site-3's ledger refused; the round went on
@@ -107,15 +107,15 @@ def test_server_killed_and_resumed_with_a_refusing_site(prepared_hospitals, tmp_
         assert server_main(["status", "--config", str(consortium.server_yaml)]) == 0
 
     rounds = json.loads((folder.path / "metrics.json").read_text())
-    assert [r["round"] for r in rounds] == [1, 2, 3]  # none lost, none twice
+    assert [r["round"] for r in rounds] == [1, 2]  # none lost, none twice
     assert all(_trained(r) == {"site-1", "site-2"} for r in rounds)
     records = [json.loads(line) for line in folder.audit_log.read_text().splitlines()]
-    assert [r["round"] for r in records] == [1, 2, 3]
+    assert [r["round"] for r in records] == [1, 2]
     assert all("site-3" in r["refusals"] for r in records)
-    assert verify(folder.audit_log, folder.status()["audit_last_hash"]) == 3
+    assert verify(folder.audit_log, folder.status()["audit_last_hash"]) == 2
     assert len(folder.run_info()["flower_runs"]) == 2
-    assert load_checkpoint(folder.path / "checkpoints" / "latest.npz").round == 3
+    assert load_checkpoint(folder.path / "checkpoints" / "latest.npz").round == 2
     for site in sites[:2]:  # a round retried after the crash spends privacy under its own id
         ledger = json.loads((site.parent / "state" / "ledgers" / f"{folder.federation_id}.json").read_text())
         ids = [r["round_id"] for r in ledger["rounds"]]
-        assert len(ids) == len(set(ids)) and ids[0] == "round-1" and ids[-1] == "round-3"
+        assert len(ids) == len(set(ids)) and ids[0] == "round-1" and ids[-1].startswith("round-2")
