@@ -176,6 +176,9 @@ def test_configure_fit_sends_the_plan_to_every_site_and_continues_round_numbers(
         assert plan.round == 5 and plan.planned_rounds == 5 and plan.federation_id == "fed-1"
         for a, b in zip(parameters_to_ndarrays(ins.parameters), GLOBAL):
             np.testing.assert_array_equal(a, b)
+    with pytest.raises(FederationError, match="round 5 failed: secure aggregation stopped"):
+        strategy.configure_evaluate(2, parameters, manager)  # no aggregate_fit: SecAgg+ halted
+    strategy.aggregate_fit(2, [(p, _fit_res(_update(0.1), 5)) for p in proxies], [])
     evaluation = strategy.configure_evaluate(2, parameters, manager)
     assert len(evaluation) == 3
     assert all(RoundPlan.from_config(ins.config).round == 5 for _, ins in evaluation)
