@@ -1,7 +1,8 @@
 """What a federated round costs beyond the sites' own training, and what each site sends.
 
-Three generated hospitals on 127.0.0.1 as real processes (SuperLink, three SuperNodes, TLS),
-``rounds`` rounds. ``overhead_s``: per-round wall time measured by the ServerApp minus the
+Three generated hospitals on 127.0.0.1 as real processes (SuperLink, three SuperNodes, TLS,
+registered keys), ``rounds`` rounds, once with plain FedAvg messages and once with SecAgg+
+(``secagg_*`` keys). ``overhead_s``: per-round wall time measured by the ServerApp minus the
 slowest site's own time in `fit` (the sites train in parallel): process start-up, message
 passing, evaluation and the server's bookkeeping. ``bytes_per_site_round``: what the SuperLink
 received from the sites (Flower's own traffic counter for the run) per site and round, against
@@ -34,36 +35,45 @@ def _import_seconds(statement: str) -> float:
     return round(time.perf_counter() - start, 2)
 
 
+def _measure(root: Path, sites: list[Path], rounds: int, secure: bool) -> dict:
+    settings = {"federation": {"rounds": rounds, "min_sites": 3, "round_timeout": 300},
+                "training": {"epochs": 1, "batch_size": 2}, "secure_aggregation": {"enabled": secure}}
+    with LocalConsortium(root, sites, server_settings=settings) as consortium:
+        consortium.start_all()
+        code, folder = consortium.run()
+        if code != 0:
+            raise RuntimeError(f"the benchmark run failed: {folder.status()}")
+        flower = consortium.control.run(folder.run_info()["flower_runs"][-1])
+        config = consortium.config
+    timings = [e["timing"] for e in json.loads((folder.path / "metrics.json").read_text())]
+    param_bytes = sum(a.nbytes for a in initial_model(config).values())
+    per_site_round = flower["network-traffic"]["inbound-bytes"] / (len(sites) * rounds)
+    return {
+        "round_s": round(statistics.mean(t["round_s"] for t in timings), 2),
+        "fit_phase_s": round(statistics.mean(t["fit_phase_s"] for t in timings), 2),
+        "evaluate_phase_s": round(statistics.mean(t["evaluate_phase_s"] for t in timings), 2),
+        "site_train_s_max": round(statistics.mean(t["site_train_s_max"] for t in timings), 2),
+        "overhead_s": round(statistics.mean(t["round_s"] - t["site_train_s_max"] for t in timings), 2),
+        "bytes_per_site_round": int(per_site_round),
+        "trainable_param_bytes": int(param_bytes),
+        "bytes_ratio": round(per_site_round / param_bytes, 3),
+    }
+
+
 def run(quick: bool) -> dict:
     rounds, slides = (2, 4) if quick else (4, 6)
     with tempfile.TemporaryDirectory() as tmp:
         sites = make_consortium(Path(tmp) / "sites", 3, slides, seed=3, size=1536, tile_size=149, progress=False)
         for site in sites:
             prepare_site(load_site_config(site), progress=False)
-        settings = {"federation": {"rounds": rounds, "min_sites": 3, "round_timeout": 300},
-                    "training": {"epochs": 1, "batch_size": 2}}
-        with LocalConsortium(Path(tmp) / "consortium", sites, server_settings=settings) as consortium:
-            consortium.start_all()
-            code, folder = consortium.run()
-            if code != 0:
-                raise RuntimeError(f"the benchmark run failed: {folder.status()}")
-            flower = consortium.control.run(folder.run_info()["flower_runs"][-1])
-            config = consortium.config
-        entries = json.loads((folder.path / "metrics.json").read_text())
-    timings = [e["timing"] for e in entries]
-    overheads = [t["round_s"] - t["site_train_s_max"] for t in timings]
-    param_bytes = sum(a.nbytes for a in initial_model(config).values())
-    per_site_round = flower["network-traffic"]["inbound-bytes"] / (3 * rounds)
+        plain = _measure(Path(tmp) / "plain", sites, rounds, secure=False)
+        secure = _measure(Path(tmp) / "secagg", sites, rounds, secure=True)
     return {
-        "sites": 3, "rounds": rounds, "slides_per_site": slides,
-        "round_s": round(statistics.mean(t["round_s"] for t in timings), 2),
-        "fit_phase_s": round(statistics.mean(t["fit_phase_s"] for t in timings), 2),
-        "evaluate_phase_s": round(statistics.mean(t["evaluate_phase_s"] for t in timings), 2),
-        "site_train_s_max": round(statistics.mean(t["site_train_s_max"] for t in timings), 2),
-        "overhead_s": round(statistics.mean(overheads), 2),
-        "bytes_per_site_round": int(per_site_round),
-        "trainable_param_bytes": int(param_bytes),
-        "bytes_ratio": round(per_site_round / param_bytes, 3),
+        "sites": 3, "rounds": rounds, "slides_per_site": slides, "tls": True,
+        # plain FedAvg messages (secure_aggregation.enabled: false): the issue's figures
+        **plain,
+        # the default, SecAgg+: four exchanges per fit, masked vectors as 64-bit integers
+        **{f"secagg_{key}": value for key, value in secure.items() if key != "trainable_param_bytes"},
         # A ClientApp process imports only Flower; evaluation adds torch, training adds Opacus. Before
         # the split, every evaluation also imported Opacus and torchvision's model zoo:
         "clientapp_import_s": _import_seconds("import client.app"),

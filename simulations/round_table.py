@@ -26,7 +26,9 @@ def round_table(run_dir: Path) -> str:
         lines.append(f"{entry['round']:>5} | {_fmt(g.get('loss'), 3):>6} | {_fmt(g.get('accuracy'), 2):>5} | "
                      f"{_fmt(g.get('sensitivity'), 2):>5} | {_fmt(g.get('specificity'), 2):>5} | "
                      f"{_fmt(g.get('auc'), 2):>5} | " + " | ".join(cells))
-    lines.append("site columns: " + ", ".join(f"{_short(s)} = {s}" for s in sites))
+    shortened = [s for s in sites if _short(s) != s]
+    if shortened:
+        lines.append("site columns: " + ", ".join(f"{_short(s)} = {s}" for s in shortened))
     return "\n".join(lines)
 
 
