@@ -9,7 +9,6 @@ every run releases a model, so its ε counts on top of earlier runs on the same 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from client.site_config import SiteConfig
 from shared.atomic_files import atomic_write, atomic_write_json
 from shared.errors import UserError
 from shared.metrics import classification_metrics, to_jsonable
+from shared.run_dirs import new_run_dir
 from shared.model import build_head
 
 log = logging.getLogger("fedpath.site")
@@ -62,7 +62,7 @@ def train_local(config: SiteConfig, progress: bool = True) -> LocalRun:
     val, _ = load_split(cache, "val")
     if not train:
         raise UserError(f"{cache.index_path}: no prepared training slides; run `fedpath-site prepare` first")
-    run_dir = _new_run_folder(config.training.out_dir)
+    run_dir = new_run_dir(config.training.out_dir)
     torch.manual_seed(config.training.seed)
     head = build_head(config.model, len(classes))
     dataset = PatientSequences(train, config.sequences.length, config.training.seed)
@@ -91,18 +91,6 @@ def train_local(config: SiteConfig, progress: bool = True) -> LocalRun:
     atomic_write_json(run_dir / "metrics.json", record)
     return LocalRun(run_dir, record)
 
-
-def _new_run_folder(parent: Path) -> Path:
-    """runs/local/<time>, with a suffix when two runs start within the same second."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    for attempt in range(1000):
-        folder = parent / (stamp if attempt == 0 else f"{stamp}-{attempt}")
-        try:
-            folder.mkdir(parents=True)
-            return folder
-        except FileExistsError:
-            continue
-    raise UserError(f"{parent}: cannot create a new run folder for {stamp}")
 
 
 def _fmt(value) -> str:

@@ -13,7 +13,6 @@ Keys are EC P-384, the curve Flower uses for SuperNode authentication as well.
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from shared.atomic_files import atomic_write
+from shared.atomic_files import atomic_write_bytes
 from shared.errors import UserError
 
 # Long enough that hospitals are not re-sent a CA every year; the server certificate is the
@@ -241,20 +240,13 @@ def _load_ca_key(path: Path, ca_cert: x509.Certificate) -> ec.EllipticCurvePriva
 
 
 def _write_private_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    """PKCS8 PEM, owner-only. ``atomic_write`` creates its temporary file with
+    """PKCS8 PEM, owner-only. ``atomic_write_bytes`` creates its temporary file with
     ``os.open(..., 0o600)`` (``tempfile.mkstemp``), so the key is never readable by others."""
     data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
-    _write(path, data, 0o600)
+    atomic_write_bytes(path, data, 0o600)
 
 
 def _write_public(path: Path, data: bytes) -> None:
-    _write(path, data, 0o644)
+    atomic_write_bytes(path, data, 0o644)
 
-
-def _write(path: Path, data: bytes, mode: int) -> None:
-    def write(handle) -> None:
-        os.fchmod(handle.fileno(), mode)  # exact mode whatever the umask
-        handle.write(data)
-
-    atomic_write(path, write)

@@ -10,7 +10,7 @@ import json
 import time
 from server.reports import round_line
 from server.run_folder import RunFolder
-from server.superlink import FlowerControl, FlowerError
+from server.superlink import FlowerControl, FlowerError, UnknownRun
 
 POLL_SECONDS = 2.0
 FINISHED = "finished"
@@ -78,9 +78,9 @@ def follow_run(control: FlowerControl, folder: RunFolder, run_id: int, timeout: 
 def _state(control: FlowerControl, run_id: int) -> str:
     try:
         return str(control.run(run_id).get("status", "unknown"))
-    except FlowerError as exc:
-        if "knows no run" in str(exc):  # a SuperLink without that database: the run is gone
-            return f"{FINISHED}:unknown"
+    except UnknownRun:  # a SuperLink without that database: the run is gone
+        return f"{FINISHED}:unknown"
+    except FlowerError:
         return "unknown"
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from server.server_config import ServerConfig, load_server_config
 from shared.atomic_files import atomic_write_json
 from shared.errors import UserError
 from shared.metrics import to_jsonable
+from shared.run_dirs import new_run_dir
 from shared.yaml_config import parse_config
 
 
@@ -59,18 +59,7 @@ class RunFolder:
     def create(cls, config_path: Path) -> "RunFolder":
         """A new run folder under the config's results_dir, holding the config it was started with."""
         config = load_server_config(config_path)
-        parent = Path(config.results_dir)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        for attempt in range(1000):
-            path = parent / (stamp if attempt == 0 else f"{stamp}-{attempt}")
-            try:
-                path.mkdir(parents=True)
-                break
-            except FileExistsError:
-                continue
-        else:
-            raise RunFolderError(f"{parent}: cannot create a new run folder")
-        folder = cls(path)
+        folder = cls(new_run_dir(Path(config.results_dir)))
         shutil.copyfile(config_path, folder.path / "server.yaml")
         document = json.loads(json.dumps(to_jsonable(config.as_dict()), default=str))  # paths as text
         atomic_write_json(folder.config_json, document)

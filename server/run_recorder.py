@@ -43,17 +43,16 @@ class RunRecorder:
         """Reload what earlier processes of this run completed; the latest checkpoint, if any."""
         if self.folder.audit_log.exists():
             verify(self.folder.audit_log)
-        cards = sorted((self.folder.path / "checkpoints").glob("round-*.json"))
-        latest = None
-        for card_file in cards:
-            latest = load_checkpoint(card_file.with_suffix(".npz"))
-            self._absorb(latest.card)
+        checkpoints = [load_checkpoint(card.with_suffix(".npz"))
+                       for card in sorted((self.folder.path / "checkpoints").glob("round-*.json"))]
         audited = {record.get("round") for record in self.audit.records() if record.get("event") == "round"}
-        for card_file in cards:
-            card = load_checkpoint(card_file.with_suffix(".npz")).card
-            if card["round"] not in audited:  # crashed between checkpoint and audit record
-                log.warning("round %d: checkpoint without audit record; appending it from the model card", card["round"])
-                self.audit.append(_audit_record(card))
+        for checkpoint in checkpoints:
+            self._absorb(checkpoint.card)
+            if checkpoint.round not in audited:  # crashed between checkpoint and audit record
+                log.warning("round %d: checkpoint without audit record; appending it from the model card",
+                            checkpoint.round)
+                self.audit.append(_audit_record(checkpoint.card))
+        latest = checkpoints[-1] if checkpoints else None
         if latest is not None:
             write_reports(self.folder.path, self.rounds)
         return latest
@@ -69,15 +68,16 @@ class RunRecorder:
                 self.refusals[name] = {"round": round_, "code": site.refused, "reason": REFUSALS[site.refused],
                                        "epsilon_spent": site.epsilon, "would_spend": site.would_spend,
                                        "budget_epsilon": site.budget_epsilon}
+        run_info = self.folder.run_info()
         score = entry["global"].get(self.config.federation.best_metric)
         is_best = score is not None and not math.isnan(score) and (self.best is None or score > self.best)
         card = to_jsonable({
             "format": CARD_FORMAT,
             "consortium": self.config.name,
             "federation_id": self.folder.federation_id,
-            "config_sha256": self.folder.run_info()["config_sha256"],
+            "config_sha256": run_info["config_sha256"],
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "total_rounds": self.folder.run_info()["total_rounds"],
+            "total_rounds": run_info["total_rounds"],
             "model": self.config.model.as_dict(),
             "classes": list(self.config.classes),
             "positive_class": self.config.positive_class,

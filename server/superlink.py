@@ -33,6 +33,10 @@ class FlowerError(UserError):
     pass
 
 
+class UnknownRun(FlowerError):
+    """The SuperLink has no such run (e.g. it was started with another state database)."""
+
+
 class StatePaths:
     def __init__(self, config: ServerConfig) -> None:
         self.dir = Path(config.superlink.state_dir)
@@ -124,7 +128,7 @@ class FlowerControl:
     def run(self, run_id: int) -> dict:
         runs = self._json(["ls", "--run-id", str(run_id)]).get("runs", [])
         if not runs:
-            raise FlowerError(f"the SuperLink knows no run {run_id}")
+            raise UnknownRun(f"the SuperLink knows no run {run_id}")
         return runs[0]
 
     def nodes(self) -> list[dict]:

@@ -35,8 +35,15 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
         os.close(directory)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    atomic_write(path, lambda handle: handle.write(data))
+def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
+    """``mode`` (e.g. 0o600 for private keys) is set on the temporary file before any byte is
+    written, whatever the umask; ``mkstemp`` already creates it owner-only."""
+    def write(handle: BinaryIO) -> None:
+        if mode is not None:
+            os.fchmod(handle.fileno(), mode)
+        handle.write(data)
+
+    atomic_write(path, write)
 
 
 def atomic_write_json(path: Path, document: Any) -> None:

@@ -11,7 +11,6 @@ it is written as an unencrypted ``OPENSSH PRIVATE KEY``, not as PKCS8 PEM.
 from __future__ import annotations
 
 import base64
-import os
 import re
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from shared.atomic_files import atomic_write
+from shared.atomic_files import atomic_write_bytes
 from shared.errors import UserError
 
 KEY_TYPE = "ecdsa-sha2-nistp384"
@@ -56,9 +55,9 @@ def keygen(out_dir: Path, name: str, force: bool = False) -> tuple[Path, Path]:
                                                 serialization.PublicFormat.OpenSSH).decode()
     # ``atomic_write`` creates its temporary file with os.open(..., 0o600) (tempfile.mkstemp):
     # the private key is never readable by others, not even for a moment.
-    _write(private_path, private_pem, 0o600)
+    atomic_write_bytes(private_path, private_pem, 0o600)
     # The trailing comment tells the admin which site sent the file; Flower ignores it.
-    _write(public_path, f"{public_line} {name}\n".encode(), 0o644)
+    atomic_write_bytes(public_path, f"{public_line} {name}\n".encode(), 0o644)
     return private_path, public_path
 
 
@@ -105,10 +104,3 @@ def _normalize(line: str, source: str) -> str:
                            f"uses {KEY_TYPE} keys (make one with the site key generator)")
     return key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
 
-
-def _write(path: Path, data: bytes, mode: int) -> None:
-    def write(handle) -> None:
-        os.fchmod(handle.fileno(), mode)  # exact mode whatever the umask
-        handle.write(data)
-
-    atomic_write(path, write)

@@ -156,8 +156,8 @@ def test_ghost_clipping_gives_the_per_patient_clipped_update(batch):
 
 
 def test_runs_started_in_the_same_second_get_their_own_folder(tmp_path, monkeypatch):
-    from client import train_local as module
+    from shared import run_dirs as module
 
     monkeypatch.setattr(module.time, "strftime", lambda fmt: "20260101-000000")
-    folders = {module._new_run_folder(tmp_path) for _ in range(3)}
+    folders = {module.new_run_dir(tmp_path) for _ in range(3)}
     assert {f.name for f in folders} == {"20260101-000000", "20260101-000000-1", "20260101-000000-2"}
