@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 import numpy as np
 
 from server.audit import AuditLog, verify
-from server.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
+from shared.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
 from server.reports import round_line, write_reports
 from server.round_metrics import SiteRound, pooled
 from server.run_folder import RunFolder

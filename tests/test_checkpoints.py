@@ -1,4 +1,4 @@
-"""server.checkpoints: exact round-trips, latest/best copies, and refusal of anything tampered with."""
+"""shared.checkpoints: exact round-trips, latest/best copies, and refusal of anything tampered with."""
 
 import hashlib
 import json
@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from server.checkpoints import (
+from shared.checkpoints import (
     CheckpointError,
     card_path,
     latest_checkpoint,

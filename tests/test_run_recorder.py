@@ -9,7 +9,7 @@ import pytest
 
 from server.app import initial_model
 from server.audit import AuditLog, verify
-from server.checkpoints import load_checkpoint
+from shared.checkpoints import load_checkpoint
 from server.round_metrics import SiteRound
 from server.run_folder import RunFolder
 from server.run_recorder import CARD_FORMAT, RunRecorder

@@ -13,7 +13,7 @@ import yaml
 
 from server.app import initial_model
 from server.audit import AuditError, verify
-from server.checkpoints import load_checkpoint
+from shared.checkpoints import load_checkpoint
 from server.cli import main as server_main
 from server.run_control import submit_and_follow
 from server.run_folder import RunFolder
