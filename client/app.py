@@ -15,10 +15,14 @@ from flwr.app import Context, Message
 from flwr.app.message_type import MessageType
 from flwr.client import ClientApp, NumPyClient
 from flwr.client.mod import secaggplus_mod
+from flwr.common.constant import PARTITION_ID_KEY
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 SITE_CONFIG_KEY = "site-config"
 """Node config key with the absolute path of the site's site.yaml (set by `fedpath-site start`)."""
+SIMULATION_SITES_KEY = "simulation-sites"
+"""Run config key of a simulation (`fedpath-sim run`): the folder of the virtual hospitals' site.yaml files."""
+SIMULATED_NODE_ID_FILE = "node-id"
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request otherwise
@@ -48,8 +52,19 @@ class SiteClient(NumPyClient):
         return load_site_config(self.site_yaml)
 
 
+def simulated_site_name(partition_id: int) -> str:
+    """Flower's Simulation Engine numbers virtual SuperNodes 0..N-1; their sites are site-001..."""
+    return f"site-{partition_id + 1:03d}"
+
+
 def site_yaml_of(context: Context) -> Path:
     value = context.node_config.get(SITE_CONFIG_KEY)
+    sites = context.run_config.get(SIMULATION_SITES_KEY)
+    if not value and sites and PARTITION_ID_KEY in context.node_config:
+        site_dir = Path(str(sites)) / simulated_site_name(int(context.node_config[PARTITION_ID_KEY]))
+        # Simulated node ids are random: this file lets the simulation name the site in its reports.
+        (site_dir / SIMULATED_NODE_ID_FILE).write_text(f"{context.node_id}\n")
+        return site_dir / "site.yaml"
     if not value:
         raise ValueError(f"this SuperNode has no '{SITE_CONFIG_KEY}' in its node config: start it with "
                          "`fedpath-site start --config site.yaml`")

@@ -1,4 +1,5 @@
-"""`fedpath-site`: the hospital IT's command. Check the slides, prepare the feature cache, train locally."""
+"""`fedpath-site`: the hospital IT's command. Check the slides, prepare the feature cache, train locally,
+predict slides with a consortium model."""
 
 from __future__ import annotations
 
@@ -32,6 +33,16 @@ def _train_local(args: argparse.Namespace) -> int:
     print(f"validation accuracy {_fmt(run.val_accuracy)}, AUC {_fmt(run.record['final']['val'].get('auc'))}; "
           f"ε spent {'n/a (DP off)' if run.epsilon is None else _fmt(run.epsilon)}")
     return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from client.predict import predict
+
+    site = load_site_config(args.config) if args.config else None
+    run = predict(Path(args.model), [Path(p) for p in args.slides], Path(args.out), site=site, explain=args.explain,
+                  thumbnail_size=args.thumbnail_size, progress=not args.no_progress)
+    print(run.report())
+    return 1 if run.failed else 0
 
 
 def _start(args: argparse.Namespace) -> int:
@@ -82,6 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "with DP as configured; writes model.pt and metrics.json")
     train.add_argument("--config", required=True, help="the site's site.yaml")
     train.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
+    predict = add_command(commands, "predict", _predict,
+                          "classify slides with a consortium checkpoint; per slide a heatmap of which tiles drove "
+                          "the prediction, JSON and CSV; unreadable slides are reported and skipped (exit 1)")
+    predict.add_argument("slides", nargs="+", help="slide files or folders (searched recursively)")
+    predict.add_argument("--model", required=True, help="a checkpoint .npz with its model card .json beside it")
+    predict.add_argument("--out", required=True, help="folder for the results")
+    predict.add_argument("--config", help="the site's site.yaml: its tiling, backbone and feature cache "
+                                          "(default: default tiling, random trunk, no cache)")
+    predict.add_argument("--explain", help="class whose evidence the heatmap shows (default: the predicted class)")
+    predict.add_argument("--thumbnail-size", type=int, default=1024, help="longest side of the PNGs (default 1024)")
+    predict.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
     start = add_command(commands, "start", _start,
                         "start this hospital's SuperNode: it joins the consortium's federated rounds (TLS unless "
                         "--insecure) and keeps reconnecting while the server restarts; Ctrl-C stops it")

@@ -57,7 +57,8 @@ def cache_key(content: str, backbone: str, settings: dict) -> str:
 
 @dataclass(frozen=True)
 class CachedFeatures:
-    features: np.ndarray  # (N, D) float32 tile vectors in spatial order, or (N, positions, D) maps in grid mode
+    features: np.ndarray  # (N, D) float32 tile vectors in spatial order, (N, positions, D) maps in grid mode,
+    # or (N, 2048, h, w) float16 last-block inputs for `trainable: last_block`
     coords: np.ndarray  # (N, 2) int64 level-0 x, y
     cells: np.ndarray  # (N, 2) int64 grid column, row
     meta: dict  # item id, label, content and backbone hashes, tiling settings, read plan
@@ -80,14 +81,14 @@ class FeatureCache:
 
     def save(self, key: str, entry: CachedFeatures) -> None:
         def write(handle) -> None:
-            np.savez(handle, features=entry.features.astype(np.float32), coords=entry.coords,
+            np.savez(handle, features=_stored(entry.features), coords=entry.coords,
                      cells=entry.cells, meta=np.frombuffer(json.dumps(entry.meta).encode(), dtype=np.uint8))
 
         atomic_write(self.path_for(key), write)
 
     def load(self, key: str) -> CachedFeatures:
         return self._read(key, lambda data: CachedFeatures(
-            data["features"].astype(np.float32), data["coords"], data["cells"], _meta(data)))
+            _stored(data["features"]), data["coords"], data["cells"], _meta(data)))
 
     def meta(self, key: str) -> dict:
         """The entry's description alone (an npz member is only decompressed when asked for)."""
@@ -118,6 +119,11 @@ class FeatureCache:
             raise CacheError(f"{self.index_path}: no prepared features; run `fedpath-site prepare`") from None
         except (ValueError, TypeError) as exc:
             raise CacheError(f"{self.index_path}: damaged index ({exc}); run `fedpath-site prepare` again") from None
+
+
+def _stored(features: np.ndarray) -> np.ndarray:
+    """Block-input maps stay float16 (they are 32x larger than vectors); everything else is float32."""
+    return features if features.dtype == np.float16 else features.astype(np.float32)
 
 
 def _meta(data) -> dict:

@@ -14,9 +14,12 @@ from shared.model import grid_sequence
 
 
 def extract_features(encoder: TileEncoder, tiles: Dataset, batch_size: int, num_workers: int,
-                     on_batch: Callable[[int], None] | None = None, grid: bool = False) -> np.ndarray:
+                     on_batch: Callable[[int], None] | None = None, grid: bool = False,
+                     block_input: bool = False) -> np.ndarray:
     """Vectors of every tile of ``tiles`` in order: (N, 2048) float32, or with ``grid`` each tile's
-    last-block map as positions, (N, h*w, 2048) (64 positions at 299 px).
+    last-block map as positions, (N, h*w, 2048) (64 positions at 299 px), or with ``block_input``
+    the map entering the last block, (N, 2048, h, w), float16 where it fits (half the disk and memory;
+    the block computes in float32).
 
     ``on_batch(n)`` is called after each batch with its number of tiles (for progress bars).
     """
@@ -28,12 +31,21 @@ def extract_features(encoder: TileEncoder, tiles: Dataset, batch_size: int, num_
     with torch.inference_mode():
         for batch in loader:
             tiles_nchw = as_nchw(batch)
-            out.append((grid_sequence(encoder.feature_map(tiles_nchw)) if grid else encoder(tiles_nchw)).numpy())
+            if block_input:
+                out.append(half_if_it_fits(encoder.block_input(tiles_nchw).contiguous().numpy()))
+            else:
+                out.append((grid_sequence(encoder.feature_map(tiles_nchw)) if grid else encoder(tiles_nchw)).numpy())
             if on_batch:
                 on_batch(len(batch))
     if not out:
         return np.zeros((0, FEATURE_DIM), dtype=np.float32)
-    return np.concatenate(out).astype(np.float32, copy=False)
+    return np.concatenate(out) if block_input else np.concatenate(out).astype(np.float32, copy=False)
+
+
+def half_if_it_fits(maps: np.ndarray) -> np.ndarray:
+    """float16 unless a value would overflow it: a pretrained trunk's maps fit, but an untrained
+    one's activations grow to 1e11 (its BatchNorm statistics normalise nothing) and stay float32."""
+    return maps.astype(np.float16) if np.abs(maps).max(initial=0.0) < np.finfo(np.float16).max else maps
 
 
 def load_encoder(weights: str, threads: int = 0) -> TileEncoder:

@@ -23,7 +23,8 @@ from client.privacy_ledger import BudgetExceeded, LedgerError, PrivacyBudget, Pr
 from client.sequence_data import PatientSequences, SlideFeatures, load_split, predict_slides
 from client.site_config import SiteConfig
 from shared.metrics import classification_metrics
-from shared.model import build_head
+from shared.encoder import WeightsError, check_pinned
+from shared.model import build_trainable
 from shared.parameters import load_arrays, model_arrays, subtract, update_problem
 from shared.round_plan import REFUSALS, RoundPlan
 from shared.run_config import PrivacyConfig, TrainingConfig
@@ -148,15 +149,18 @@ def _fit_metrics(**values: float | None) -> dict[str, float]:
 
 
 def _global_head(plan: RoundPlan, received: list[np.ndarray]) -> torch.nn.Module:
-    head = build_head(plan.model, len(plan.classes))
+    head = build_trainable(plan.model, len(plan.classes))  # last_block: the received arrays fill the block
     load_arrays(head, received)
     return head
 
 
 def _site_split(config: SiteConfig, plan: RoundPlan, split: str) -> tuple[list[SlideFeatures], list[str]]:
     """The cached slides of ``split`` with labels renumbered into the federation's class order."""
-    if plan.model.trainable != "head":
-        raise Refusal(5, "only model.trainable: head is federated so far")
+    if plan.model.trunk_sha256 is not None:
+        try:
+            check_pinned(config.features.backbone_weights, plan.model.trunk_sha256)
+        except WeightsError as exc:
+            raise Refusal(7, str(exc)) from None
     cache = FeatureCache(config.features.cache_dir)
     try:
         index = cache.read_index()
@@ -164,6 +168,11 @@ def _site_split(config: SiteConfig, plan: RoundPlan, split: str) -> tuple[list[S
         raise Refusal(5, str(exc)) from None
     if index.settings.get("grid") != (plan.model.mode == "grid"):
         raise Refusal(5, f"the cache was prepared for another model.mode than '{plan.model.mode}'")
+    if index.settings.get("block_input", False) != (plan.model.trainable == "last_block"):
+        raise Refusal(5, f"the cache was prepared for another model.trainable than '{plan.model.trainable}'; set it "
+                         "in site.yaml and run `fedpath-site prepare`")
+    if plan.model.trunk_sha256 is not None and index.backbone != plan.model.trunk_sha256:
+        raise Refusal(5, "the cache was prepared with another trunk than the pinned one; run `fedpath-site prepare`")
     unknown = sorted(set(index.classes) - set(plan.classes))
     if unknown:
         raise Refusal(4, f"site classes {unknown} are not among the federation's {list(plan.classes)}")

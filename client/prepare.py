@@ -15,11 +15,11 @@ from tqdm import tqdm
 
 from client.feature_cache import CacheIndex, CachedFeatures, FeatureCache, cache_key, content_sha256
 from client.features import extract_features, load_encoder
-from shared.encoder import weights_id
+from shared.encoder import check_pinned
 from client.site_config import SiteConfig
 from client.slides import failure_reason
 from client.sources import Item, class_names, load_items
-from client.tile_datasets import TilePlan, plan_item, tile_dataset
+from client.tile_datasets import TilePlan, TileTransform, plan_item, tile_dataset
 
 log = logging.getLogger("fedpath.site")
 
@@ -67,18 +67,27 @@ def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
 
 
 def feature_settings(config: SiteConfig) -> dict:
-    """Everything besides slide and weights that changes the vectors, and so belongs in the cache key."""
-    return {**asdict(config.tiling), "mpp_override": config.data.mpp_override, "grid": config.model.mode == "grid"}
+    """Everything besides slide and weights that changes the vectors, and so belongs in the cache key.
+    Last-block training caches the block's input instead of vectors (a key only then: head caches keep theirs)."""
+    block = {"block_input": True} if config.model.trainable == "last_block" else {}
+    return {**asdict(config.tiling), "mpp_override": config.data.mpp_override, "grid": config.model.mode == "grid",
+            **block}
 
 
-def prepare_site(config: SiteConfig, progress: bool = True) -> PrepareSummary:
+def prepare_site(config: SiteConfig, progress: bool = True, items: list[Item] | None = None,
+                 tile_transform: TileTransform | None = None, encoder_loader=load_encoder) -> PrepareSummary:
+    """Cache the vectors of the site's items; a simulation passes the items it dealt to this site
+    (with their splits), the site's stain as ``tile_transform``, and a loader that builds the trunk
+    once for all its sites."""
     start = time.perf_counter()
     summary = PrepareSummary()
-    items, problems = load_items(config.data)
+    items, problems = load_items(config.data) if items is None else (items, [])
     summary.problems = [f"{p.where}: {p.message}" for p in problems if p.fatal]
     classes = class_names(config.data, items)
-    backbone = weights_id(config.features.backbone_weights)
+    backbone = check_pinned(config.features.backbone_weights, config.model.trunk_sha256)
     settings = feature_settings(config)
+    if tile_transform is not None:
+        settings = {**settings, **tile_transform.cache_settings()}
     cache = FeatureCache(config.features.cache_dir)
     log.info("%s: %d items, backbone %s, cache %s", config.name, len(items), backbone[:12], cache.root)
 
@@ -101,13 +110,14 @@ def prepare_site(config: SiteConfig, progress: bool = True) -> PrepareSummary:
         todo.append((item, plan))
 
     total = sum(len(plan.grid) for _, plan in todo)
-    encoder = load_encoder(config.features.backbone_weights, config.features.threads) if todo else None
+    encoder = encoder_loader(config.features.backbone_weights, config.features.threads) if todo else None
     with tqdm(total=total, desc=f"{config.name} features", unit="tile", disable=not progress) as bar:
         for item, plan in todo:
             try:
-                dataset = tile_dataset(item, plan, config.tiling.tile_size)
+                dataset = tile_dataset(item, plan, config.tiling.tile_size, tile_transform)
                 vectors = extract_features(encoder, dataset, config.features.batch_size,
-                                           config.features.num_workers, bar.update, grid=settings["grid"])
+                                           config.features.num_workers, bar.update, grid=settings["grid"],
+                                           block_input=settings.get("block_input", False))
             except Exception as exc:  # e.g. a corrupt tile deep inside a slide
                 summary.outcomes.append(Outcome(item, "skipped", reason=failure_reason(exc)))
                 continue

@@ -1,4 +1,5 @@
-"""Local training of the sequence head, with Opacus DP-SGD and the site's privacy ledger.
+"""Local training of the sequence head (or the trunk's last block + head), with Opacus DP-SGD and
+the site's privacy ledger.
 
 One call is one round of local training (``epochs`` passes). Noise is chosen once for the
 whole plan (``planned_rounds`` rounds of this size) and the ledger refuses a round that would
@@ -68,6 +69,8 @@ def train_round(head: nn.Module, dataset: Dataset, training: TrainingConfig, pri
         # Ghost clipping: per-patient gradient norms without materialising per-patient gradients
         # of the 2048 -> 128 projection, which dominated DP cost (same update as hooks mode,
         # checked in tests/test_private_training.py). Empty Poisson batches still take a noisy step.
+        # The last block (shared.model.FoldedBlock) has no hook rule: Opacus computes its per-sequence
+        # gradients with functorch, then clips them with the head's.
         model, optimizer, criterion, loader = engine.make_private(
             module=head, optimizer=optimizer, data_loader=loader, criterion=criterion, noise_multiplier=sigma,
             max_grad_norm=privacy.max_grad_norm, poisson_sampling=True, grad_sample_mode="ghost")

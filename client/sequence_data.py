@@ -73,8 +73,13 @@ def slide_windows(slide: SlideFeatures, length: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
+def window_probabilities(head: nn.Module, slide: SlideFeatures, length: int) -> torch.Tensor:
+    """[K, classes]: the head's class probabilities for each of the slide's covering windows."""
+    head.eval()
+    return torch.softmax(head(slide_windows(slide, length)), dim=-1)
+
+
 def predict_slides(head: nn.Module, slides: list[SlideFeatures], length: int) -> np.ndarray:
     """Class probabilities per slide: the mean over windows that cover the whole slide."""
-    head.eval()
-    probs = [torch.softmax(head(slide_windows(slide, length)), dim=-1).mean(dim=0).numpy() for slide in slides]
+    probs = [window_probabilities(head, slide, length).mean(dim=0).numpy() for slide in slides]
     return np.stack(probs) if probs else np.zeros((0, 0), dtype=np.float32)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -124,7 +125,26 @@ class ImageTiles(Dataset):
         return np.asarray(rgb)
 
 
-def tile_dataset(item: Item, plan: TilePlan, tile_size: int) -> Dataset:
-    if item.kind == "slide":
-        return SlideTiles(item.files[0], plan.grid.coords, plan.read)
-    return ImageTiles(item.files, tile_size)
+class TileTransform(Protocol):
+    """A pixel transform applied to every tile before the encoder (a simulated site's stain)."""
+
+    def __call__(self, tile: np.ndarray) -> np.ndarray: ...
+
+    def cache_settings(self) -> dict: ...  # its parameters: they change the vectors, so the cache key
+
+
+class TransformedTiles(Dataset):
+    def __init__(self, tiles: Dataset, transform: TileTransform):
+        self.tiles, self.transform = tiles, transform
+
+    def __len__(self) -> int:
+        return len(self.tiles)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self.transform(self.tiles[index])
+
+
+def tile_dataset(item: Item, plan: TilePlan, tile_size: int, transform: TileTransform | None = None) -> Dataset:
+    tiles = SlideTiles(item.files[0], plan.grid.coords, plan.read) if item.kind == "slide" \
+        else ImageTiles(item.files, tile_size)
+    return tiles if transform is None else TransformedTiles(tiles, transform)

@@ -1,7 +1,8 @@
 """`fedpath-site train-local`: one site's data alone, the baseline a federation is compared with.
 
-Reads the feature cache made by `prepare`, trains the head (DP as configured), evaluates on the
-validation split after every epoch, and writes a run folder: ``model.pt`` (head weights, model
+Reads the feature cache made by `prepare`, trains the head, or the trunk's last block and the head
+(``model.trainable``), DP as configured, evaluates on the
+validation split after every epoch, and writes a run folder: ``model.pt`` (trained weights, model
 config, classes), ``metrics.json`` (per-epoch curve, final metrics, ε) and its own privacy ledger:
 every run releases a model, so its ε counts on top of earlier runs on the same slides.
 """
@@ -16,14 +17,16 @@ import numpy as np
 import torch
 
 from client.feature_cache import FeatureCache
+from client.prepare import feature_settings
 from client.private_training import train_round
 from client.sequence_data import PatientSequences, load_split, predict_slides
 from client.site_config import SiteConfig
 from shared.atomic_files import atomic_write, atomic_write_json
+from shared.encoder import check_pinned
 from shared.errors import UserError
 from shared.metrics import classification_metrics, to_jsonable
+from shared.model import build_trainable
 from shared.run_dirs import new_run_dir
-from shared.model import build_head
 
 log = logging.getLogger("fedpath.site")
 
@@ -51,20 +54,21 @@ def evaluate(head, slides, classes, length: int, positive_class: str | None) -> 
 
 def train_local(config: SiteConfig, progress: bool = True) -> LocalRun:
     """Train on this site alone; returns the run folder and what was written there."""
-    if config.model.trainable != "head":
-        raise UserError("train-local trains the head on cached vectors: model.trainable: last_block is not "
-                        "supported here yet")
+    backbone = check_pinned(config.features.backbone_weights, config.model.trunk_sha256)
     cache = FeatureCache(config.features.cache_dir)
-    if cache.read_index().settings.get("grid") != (config.model.mode == "grid"):
-        raise UserError(f"{cache.index_path}: the cache was prepared for another model.mode than "
-                        f"'{config.model.mode}'; run `fedpath-site prepare` again")
+    index = cache.read_index()
+    expected = feature_settings(config)
+    # Extra settings (a simulated site's stain transform) describe the data, not a mismatch.
+    if {key: index.settings.get(key) for key in expected} != expected or index.backbone != backbone:
+        raise UserError(f"{cache.index_path}: the cache was prepared with other trunk weights, tiling or model "
+                        "settings than site.yaml now names; run `fedpath-site prepare` again")
     train, classes = load_split(cache, "train")
     val, _ = load_split(cache, "val")
     if not train:
         raise UserError(f"{cache.index_path}: no prepared training slides; run `fedpath-site prepare` first")
     run_dir = new_run_dir(config.training.out_dir)
     torch.manual_seed(config.training.seed)
-    head = build_head(config.model, len(classes))
+    head = build_trainable(config.model, len(classes), config.features.backbone_weights)
     dataset = PatientSequences(train, config.sequences.length, config.training.seed)
     history: list[dict] = []
 

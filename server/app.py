@@ -26,7 +26,7 @@ from server.site_registry import SiteRegistry
 from server.superlink import StatePaths
 from server.strategies import build_strategy
 from server.wire_log import WireLog
-from shared.model import build_head
+from shared.model import build_trainable
 from shared.parameters import model_arrays
 from shared.round_plan import RoundPlan
 
@@ -76,9 +76,10 @@ def run_federation(grid, context: Context, folder: RunFolder) -> None:
 
 
 def initial_model(config: ServerConfig):
-    """The round-0 global model: the configured head, seeded, so a run is reproducible."""
+    """The round-0 global model: the configured head, seeded, so a run is reproducible (last_block:
+    with the pinned trunk's last block in front)."""
     torch.manual_seed(config.training.seed)
-    return model_arrays(build_head(config.model, len(config.classes)))
+    return model_arrays(build_trainable(config.model, len(config.classes), config.trunk_weights))
 
 
 def round_plan(config: ServerConfig, federation_id: str, round_: int) -> RoundPlan:

@@ -1,7 +1,7 @@
 """`fedpath-server`: the consortium admin's command.
 
 Make the consortium's certificates, start the SuperLink, submit a federated run and follow it,
-see runs and sites, resume a run after a crash, and verify a run's audit log.
+see runs and sites, resume a run after a crash, verify a run's audit log, and show a checkpoint's model card.
 """
 
 from __future__ import annotations
@@ -132,6 +132,26 @@ def _audit_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pretrain_encoder(args: argparse.Namespace) -> int:
+    from server.encoder_pretraining import PretrainSettings, pretrain_encoder, summary
+
+    settings = PretrainSettings(tile_size=args.tile_size, epochs=args.epochs, batch_size=args.batch_size,
+                                learning_rate=args.lr, val_fraction=args.val_fraction, seed=args.seed,
+                                init=args.init, mpp=args.mpp, num_workers=args.workers)
+    print(summary(pretrain_encoder(Path(args.tiles), Path(args.out), settings, progress=not args.no_progress)))
+    return 0
+
+
+def _model_info(args: argparse.Namespace) -> int:
+    import json
+
+    from server.model_info import model_info, render
+
+    info = model_info(Path(args.checkpoint))
+    print(json.dumps(info, indent=2) if args.json else render(info))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedpath-server", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -181,6 +201,28 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("--config", required=True, help="the consortium's server.yaml")
     add_command(commands, "sites", _sites, "registered hospitals, their node ids, key fingerprints, online or not"
                 ).add_argument("--config", required=True, help="the consortium's server.yaml")
+
+    pretrain = add_command(commands, "pretrain-encoder", _pretrain_encoder,
+                           "train the InceptionV3 trunk on public labelled tiles (no DP, nothing private); "
+                           "rerun the same command to continue an interrupted run")
+    pretrain.add_argument("--tiles", required=True, help="folder with one sub-folder of image tiles per class")
+    pretrain.add_argument("--out", required=True, help="trunk weights to write (.pth); metadata goes beside as .json")
+    pretrain.add_argument("--tile-size", type=int, default=96, help="pixels, the size sites will tile at (default 96)")
+    pretrain.add_argument("--epochs", type=int, default=10, help="default 10")
+    pretrain.add_argument("--batch-size", type=int, default=32, help="default 32")
+    pretrain.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, one-cycle (default 1e-3)")
+    pretrain.add_argument("--val-fraction", type=float, default=0.1, help="tiles held out per class (default 0.1)")
+    pretrain.add_argument("--seed", type=int, default=0)
+    pretrain.add_argument("--init", default="random", help="starting trunk: random, imagenet or a .pth")
+    pretrain.add_argument("--mpp", type=float, help="µm/px of the tiles, recorded in the metadata")
+    pretrain.add_argument("--workers", type=int, default=1, help="tile-reading processes (default 1)")
+    pretrain.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    info = add_command(commands, "model-info", _model_info,
+                       "a checkpoint's model card (variant, training, rounds, sites, ε and δ per site, metrics, audit "
+                       "hash, sha256) after verifying the checkpoint against it; exit 2 if they do not match")
+    info.add_argument("checkpoint", help="a checkpoint .npz (round-NNNN, latest or best) with its .json beside it")
+    info.add_argument("--json", action="store_true", help="print the fields as JSON")
 
     audit = commands.add_parser("audit", help="audit log commands").add_subparsers(title="audit commands")
     add_command(audit, "verify", _audit_verify,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import OrderedDict
+from dataclasses import asdict
 from datetime import datetime, timezone
 
 import numpy as np
@@ -79,9 +80,11 @@ class RunRecorder:
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "total_rounds": run_info["total_rounds"],
             "model": self.config.model.as_dict(),
+            "trunk_sha256": self.config.model.trunk_sha256,  # the trunk every site's features came from
             "classes": list(self.config.classes),
             "positive_class": self.config.positive_class,
             "sequence_length": self.config.training.sequence_length,
+            "training": asdict(self.config.training),
             "strategy": self.config.strategy.name,
             "privacy_target": {"epsilon": self.config.privacy.epsilon, "delta": self.config.privacy.delta,
                                "required": self.config.privacy.required},
@@ -91,6 +94,9 @@ class RunRecorder:
             "refusals": self.refusals,
             "rejected_updates": {name: site.rejected for name, site in sorted(sites.items()) if site.rejected},
             "metrics": entry,
+            # This round's audit record chains onto this hash (its prev_hash): the card names the
+            # history it came from, though it cannot hold the hash of a record that hashes the card.
+            "audit_prev_hash": self.audit.last_hash(),
         })
         path = save_checkpoint(self.folder.path, round_, OrderedDict(zip(self.names, arrays)), card, best=is_best)
         card = load_checkpoint(path).card

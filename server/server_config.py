@@ -11,9 +11,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
+from shared.encoder import WeightsError, check_pinned
 from shared.model import ModelConfig
 from shared.round_plan import PrivacyTarget
-from shared.yaml_config import at_least, check, load_config, positive
+from shared.yaml_config import ConfigError, at_least, check, load_config, positive
 
 StrategyName = Literal["fedavg", "fedprox", "median", "trimmed_mean", "krum"]
 
@@ -86,15 +87,18 @@ class ServerConfig:
     privacy: PrivacyTarget = field(default_factory=PrivacyTarget)
     secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
     results_dir: Path | None = None  # one folder per run; default runs/ beside server.yaml
+    # The pinned trunk at the server (model.trainable: last_block starts the global block from it):
+    # "random" or a .pth whose sha256 is model.trunk_sha256
+    trunk_weights: str = "random"
 
     def __post_init__(self) -> None:
         if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
             raise ValueError(f"classes: need at least two distinct class names, got {list(self.classes)}")
         if self.positive_class is not None and self.positive_class not in self.classes:
             raise ValueError(f"positive_class '{self.positive_class}' is not one of classes {list(self.classes)}")
-        if self.model.trainable != "head":
-            raise ValueError("model.trainable: only 'head' is federated so far (last-block fine-tuning needs the "
-                             "cached block input)")
+        if self.model.trainable == "last_block" and self.model.trunk_sha256 is None:
+            raise ValueError("model.trainable: last_block needs model.trunk_sha256: the sites' cached block inputs "
+                             "and the global block must come from one trunk")
         strategy, secagg = self.strategy, self.secure_aggregation
         if secagg.enabled and strategy.name in ("median", "trimmed_mean", "krum"):
             raise ValueError(f"strategy {strategy.name} needs every site's update, but secure_aggregation shows the "
@@ -120,4 +124,12 @@ def load_server_config(path: str | Path) -> ServerConfig:
     base = Path(path).resolve().parent
     superlink = replace(config.superlink, state_dir=config.superlink.state_dir or base / "state",
                         certs_dir=config.superlink.certs_dir or base / "certs")
-    return replace(config, superlink=superlink, results_dir=config.results_dir or base / "runs")
+    trunk = config.trunk_weights
+    if trunk not in ("random", "imagenet"):
+        trunk = str((base / Path(trunk).expanduser()).resolve())
+    if config.model.trainable == "last_block":
+        try:
+            check_pinned(trunk, config.model.trunk_sha256)
+        except WeightsError as exc:
+            raise ConfigError(f"{path}: trunk_weights: {exc}") from None
+    return replace(config, superlink=superlink, results_dir=config.results_dir or base / "runs", trunk_weights=trunk)

@@ -25,12 +25,17 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 TRUNK_BLOCKS = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
                 "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
                 "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c")
+LAST_BLOCK = TRUNK_BLOCKS[-1]  # what `trainable: last_block` fine-tunes
 _DROPPED_PREFIXES = ("fc.", "AuxLogits.")  # classifier parts of a full InceptionV3 checkpoint
 _WRAPPER_PREFIXES = ("module.", "trunk.")
 
 
 class WeightsError(UserError, RuntimeError):
     """Backbone weights that cannot be loaded, with what to do about it."""
+
+
+class TrunkMismatch(WeightsError):
+    """The configured trunk is not the one the federation pinned by sha256."""
 
 
 class TileEncoder(nn.Module):
@@ -49,12 +54,17 @@ class TileEncoder(nn.Module):
     def normalize(self, tiles: torch.Tensor) -> torch.Tensor:
         return (tiles.float() - self.mean) / self.std
 
-    def feature_map(self, tiles: torch.Tensor) -> torch.Tensor:
-        """The last block's map [B, 2048, h, w] (8x8 at 299 px), before pooling."""
+    def block_input(self, tiles: torch.Tensor) -> torch.Tensor:
+        """The map entering the last block (Mixed_7b's output) [B, 2048, h, w]: what last-block
+        training caches, so a round never reruns the frozen part of the trunk."""
         x = self.trunk._transform_input(self.normalize(tiles))  # ImageNet weights expect Google's scaling
-        for name in TRUNK_BLOCKS:
+        for name in TRUNK_BLOCKS[:-1]:
             x = getattr(self.trunk, name)(x)
         return x
+
+    def feature_map(self, tiles: torch.Tensor) -> torch.Tensor:
+        """The last block's map [B, 2048, h, w] (8x8 at 299 px), before pooling."""
+        return getattr(self.trunk, LAST_BLOCK)(self.block_input(tiles))
 
     def forward(self, tiles: torch.Tensor) -> torch.Tensor:
         return self.feature_map(tiles).mean(dim=(2, 3))
@@ -139,3 +149,19 @@ def weights_id(weights: str | Path) -> str:
                 digest.update(chunk)
         return digest.hexdigest()
     return hashlib.sha256(recipe.encode()).hexdigest()
+
+
+def check_pinned(weights: str | Path, expected: str | None) -> str:
+    """The weights id of ``weights``; raises TrunkMismatch naming the file and the expected hash
+    when it is not ``expected`` (None: nothing pinned) or the file is missing."""
+    try:
+        actual = weights_id(weights)
+    except WeightsError as exc:
+        if expected is None:
+            raise
+        raise TrunkMismatch(f"{exc}; the federation expects trunk weights with sha256 {expected}") from None
+    if expected is not None and actual != expected:
+        raise TrunkMismatch(f"features.backbone_weights {weights} has sha256 {actual}, but the federation pinned "
+                            f"{expected} (model.trunk_sha256): copy the consortium's trunk file here and point "
+                            "features.backbone_weights at it")
+    return actual

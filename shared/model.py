@@ -9,13 +9,14 @@ configuration (``ModelConfig``), never copies of code.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
 from torch import nn
 
-from shared.encoder import FEATURE_DIM, TileEncoder
+from shared.encoder import FEATURE_DIM, LAST_BLOCK, TileEncoder
 from shared.recurrent import RecurrentCore
 from shared.yaml_config import at_least, check
 
@@ -29,6 +30,13 @@ class ModelConfig:
     projection: int = check(at_least(1), 128)  # 2048 -> projection before the core: cheap under DP
     hidden: int = check(at_least(1), 128)
     trainable: Literal["head", "last_block"] = "head"
+    # sha256 of the trunk weights file every site must use (`weights_id`); None: no pin (random trunk demos)
+    trunk_sha256: str | None = check(lambda h: None if re.fullmatch(r"[0-9a-f]{64}", h) else
+                                     "must be 64 lowercase hex digits (the sha256 printed by pretrain-encoder)", None)
+
+    def __post_init__(self) -> None:
+        if self.trainable == "last_block" and self.mode != "tiles":
+            raise ValueError("model.trainable: last_block works in mode 'tiles' (a grid sequence is one tile's map)")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -63,6 +71,94 @@ def build_head(config: ModelConfig, num_classes: int) -> SequenceHead:
     return SequenceHead(num_classes, config.core, FEATURE_DIM, config.projection, config.hidden)
 
 
+# InceptionV3's last block (torchvision's InceptionE, 2048 -> 2048 channels): conv name ->
+# (out, in, kernel height, kernel width); padding keeps the map's size.
+LAST_BLOCK_CONVS = {
+    "branch1x1": (320, 2048, 1, 1),
+    "branch3x3_1": (384, 2048, 1, 1), "branch3x3_2a": (384, 384, 1, 3), "branch3x3_2b": (384, 384, 3, 1),
+    "branch3x3dbl_1": (448, 2048, 1, 1), "branch3x3dbl_2": (384, 448, 3, 3),
+    "branch3x3dbl_3a": (384, 384, 1, 3), "branch3x3dbl_3b": (384, 384, 3, 1),
+    "branch_pool": (192, 2048, 1, 1),
+}
+
+
+class FoldedBlock(nn.Module):
+    """The trunk's last block as one trainable unit: [B, T, 2048, h, w] block inputs -> [B, T, 2048].
+
+    Each convolution's eval-mode BatchNorm is folded into its weight and bias (same features,
+    no batch statistics, nothing Opacus refuses) and ReLU is not in place. The parameters sit on
+    this module itself, not on sub-modules, and it takes whole sequences: Opacus then computes
+    one per-sample gradient per sequence (one slide) for the whole block, instead of hooking each
+    convolution, where the B*T tiles would each count as a sample (``../shared/notes/opacus.md``).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        for name, (out, inp, kh, kw) in LAST_BLOCK_CONVS.items():
+            self.register_parameter(f"{name}_weight", nn.Parameter(torch.zeros(out, inp, kh, kw)))
+            self.register_parameter(f"{name}_bias", nn.Parameter(torch.zeros(out)))
+
+    @classmethod
+    def from_trunk_block(cls, block: nn.Module) -> "FoldedBlock":
+        """Fold a torchvision InceptionE (conv without bias + BatchNorm, eval statistics) into convs with bias."""
+        folded = cls()
+        with torch.no_grad():
+            for name in LAST_BLOCK_CONVS:
+                basic = getattr(block, name)
+                scale = basic.bn.weight / torch.sqrt(basic.bn.running_var + basic.bn.eps)
+                getattr(folded, f"{name}_weight").copy_(basic.conv.weight * scale.view(-1, 1, 1, 1))
+                getattr(folded, f"{name}_bias").copy_(basic.bn.bias - basic.bn.running_mean * scale)
+        return folded
+
+    def _conv(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        _, _, kh, kw = LAST_BLOCK_CONVS[name]
+        weight, bias = getattr(self, f"{name}_weight"), getattr(self, f"{name}_bias")
+        return torch.relu(nn.functional.conv2d(x, weight, bias, padding=(kh // 2, kw // 2)))
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, 2048, h, w] -> [N, 2048, h, w], InceptionE's branches in torchvision's order."""
+        branch3x3 = self._conv("branch3x3_1", x)
+        double = self._conv("branch3x3dbl_2", self._conv("branch3x3dbl_1", x))
+        pooled = nn.functional.avg_pool2d(x, kernel_size=3, stride=1, padding=1)
+        return torch.cat([self._conv("branch1x1", x),
+                          self._conv("branch3x3_2a", branch3x3), self._conv("branch3x3_2b", branch3x3),
+                          self._conv("branch3x3dbl_3a", double), self._conv("branch3x3dbl_3b", double),
+                          self._conv("branch_pool", pooled)], dim=1)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        batch, length = inputs.shape[:2]
+        maps = self.feature_map(inputs.flatten(0, 1).float())  # cached block inputs are float16
+        return maps.mean(dim=(2, 3)).view(batch, length, -1)
+
+
+class LastBlockModel(nn.Module):
+    """What `trainable: last_block` trains and sends: the folded last block, then the head.
+    Reads [B, T, 2048, h, w] cached block inputs (T tiles of one slide per sequence)."""
+
+    def __init__(self, block: FoldedBlock, head: SequenceHead):
+        super().__init__()
+        self.block = block
+        self.head = head
+
+    def forward(self, block_inputs: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(block_inputs))
+
+
+def build_trainable(config: ModelConfig, num_classes: int, weights: str | None = None) -> nn.Module:
+    """The part of the model that trains and travels: the head, or the last block + head.
+
+    For ``last_block``, ``weights`` names the trunk whose block it starts from (the server's
+    initial model); without it the block is zeros, to be filled by ``load_arrays`` (a site
+    receiving the global model needs only the shapes).
+    """
+    head = build_head(config, num_classes)
+    if config.trainable == "head":
+        return head
+    block = FoldedBlock() if weights is None else FoldedBlock.from_trunk_block(
+        getattr(TileEncoder(weights).trunk, LAST_BLOCK))
+    return LastBlockModel(block, head)
+
+
 def grid_sequence(feature_map: torch.Tensor) -> torch.Tensor:
     """[B, C, H, W] InceptionV3 map -> [B, H*W, C], positions in row-major order."""
     return feature_map.flatten(2).transpose(1, 2)
@@ -72,27 +168,23 @@ class SlideClassifier(nn.Module):
     """Pixels to classes: ``TileEncoder`` + ``SequenceHead``.
 
     ``tiles`` mode takes [B, T, 3, H, W] (T tiles of a slide); ``grid`` mode takes [B, 3, H, W]
-    (one tile, read as its 8x8 map at 299 px). With ``trainable="head"`` the trunk is frozen and
-    stays in eval mode even while the model trains: in train mode its BatchNorm statistics would
-    move with private data and mix tiles across the batch.
+    (one tile, read as its 8x8 map at 299 px). The trunk is frozen and stays in eval mode even
+    while the model trains: in train mode its BatchNorm statistics would move with private data
+    and mix tiles across the batch. Fine-tuning the last block is ``LastBlockModel``'s job, on
+    cached block inputs.
     """
 
-    def __init__(self, encoder: TileEncoder, head: SequenceHead, mode: str = "tiles", trainable: str = "head"):
+    def __init__(self, encoder: TileEncoder, head: SequenceHead, mode: str = "tiles"):
         super().__init__()
         self.encoder = encoder
         self.head = head
         self.mode = mode
-        self.trainable = trainable
         encoder.requires_grad_(False)
-        if trainable == "last_block":
-            encoder.trunk.Mixed_7c.requires_grad_(True)
         self.train(False)
 
     def train(self, mode: bool = True) -> "SlideClassifier":
         super().train(mode)
         self.encoder.eval()
-        if mode and self.trainable == "last_block":
-            self.encoder.trunk.Mixed_7c.train()
         return self
 
     def forward(self, tiles: torch.Tensor) -> torch.Tensor:
@@ -104,4 +196,7 @@ class SlideClassifier(nn.Module):
 
 
 def build_classifier(config: ModelConfig, num_classes: int, weights: str = "random") -> SlideClassifier:
-    return SlideClassifier(TileEncoder(weights), build_head(config, num_classes), config.mode, config.trainable)
+    if config.trainable != "head":
+        raise ValueError("build_classifier composes a frozen trunk and the head; for trainable: last_block use "
+                         "build_trainable on cached block inputs")
+    return SlideClassifier(TileEncoder(weights), build_head(config, num_classes), config.mode)

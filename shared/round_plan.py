@@ -23,6 +23,7 @@ REFUSALS = {
     4: "the site's classes differ from the federation's",
     5: "the site has no prepared training data for the federation's model (run `fedpath-site prepare`)",
     6: "the site's update failed its own checks before leaving (non-finite, norm bound, or secure aggregation range)",
+    7: "the site's trunk weights are not the ones the federation pinned (model.trunk_sha256)",
 }
 """Why a site sat a round out; the code travels as the numeric metric ``refused``."""
 

@@ -1,4 +1,4 @@
-"""`fedpath-sim`: the researcher's command. Generated slides and a local demo consortium."""
+"""`fedpath-sim`: the researcher's command. Simulated federations, generated slides, a local demo consortium."""
 
 from __future__ import annotations
 
@@ -45,6 +45,63 @@ def _demo(args: argparse.Namespace) -> int:
     return code
 
 
+def _sim_out(args: argparse.Namespace) -> Path:
+    return Path(args.out) if args.out else Path(args.config).resolve().parent / "simulation"
+
+
+def _split(args: argparse.Namespace) -> int:
+    from simulations.sim_config import load_sim_config
+    from simulations.split_preview import preview_split
+
+    table, chart = preview_split(load_sim_config(args.config), _sim_out(args))
+    print(f"{table}\n\nchart: {chart}\ntable: {chart.with_suffix('.txt')}")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    import json
+
+    from simulations.materialise import materialise
+    from simulations.round_table import round_table
+    from simulations.sim_config import load_sim_config
+    from simulations.sim_runner import TEST_METRICS, run_simulation
+
+    config = load_sim_config(args.config)
+    out = _sim_out(args).resolve()
+    print(f"preparing {config.simulation.sites} virtual hospitals in {out} ...", flush=True)
+    layout = materialise(config, out)
+    print(f"running {config.federation.rounds} rounds on Flower's Simulation Engine "
+          f"({'DP at every site' if config.simulation.site_privacy.enabled else 'no DP'}) ...", flush=True)
+    run = run_simulation(config, layout, out)
+    test = json.loads((run / TEST_METRICS).read_text())
+    print("\n" + round_table(run))
+    print(f"\ntest set ({test['test_items']} items, {test['test_patients']} patients, checkpoint of round "
+          f"{test['round']}): accuracy {test['accuracy']:.3f}, AUC {test.get('auc', float('nan')):.3f}")
+    print(f"results: {run}  (metrics.csv, curves.png, audit.jsonl, checkpoints/, {TEST_METRICS})")
+    return 0
+
+
+def _experiment(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from simulations.experiment import run_experiment
+    from simulations.experiment_config import load_experiment_config
+
+    config = load_experiment_config(args.config)
+    if args.out:
+        config = replace(config, out_dir=Path(args.out).resolve())
+    print(f"experiment '{config.name}': {len(config.cells())} cells in {config.out_dir}", flush=True)
+    files = run_experiment(config)
+    print(f"report: {files[0]}  ({', '.join(path.name for path in files[1:])})")
+    return 0
+
+
+def _add_sim_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="sim.yaml (see configs/sim.example.yaml)")
+    parser.add_argument("--out", help="folder for the virtual hospitals and runs (default: simulation/ beside "
+                                      "sim.yaml)")
+
+
 def _add_generation_options(parser: argparse.ArgumentParser, sites: int, slides: int) -> None:
     parser.add_argument("--out", required=True, help="folder for the generated hospitals")
     parser.add_argument("--sites", type=int, default=sites, help=f"number of hospitals (default {sites})")
@@ -66,6 +123,22 @@ def build_parser() -> argparse.ArgumentParser:
                        "with DP at every site; every process is stopped at the end")
     _add_generation_options(demo, sites=3, slides=8)
     demo.add_argument("--rounds", type=int, default=5, help="federated rounds (default 5)")
+    run = add_command(commands, "run", _run,
+                      "simulate N hospitals on Flower's Simulation Engine with the deployed ServerApp and ClientApp "
+                      "(DP and privacy ledgers included): split the data, prepare every site's feature cache, run, "
+                      "then score the best checkpoint on the held-out test patients")
+    _add_sim_options(run)
+    split = add_command(commands, "split", _split,
+                        "preview a simulation's split without training: class counts, patients and train/val per "
+                        "site in a table and a PNG bar chart")
+    _add_sim_options(split)
+    experiment = add_command(commands, "experiment", _experiment,
+                             "run a grid of simulations (strategy, DP and ε, Dirichlet α, sites, seeds) with the "
+                             "centralised and local-only baselines, all scored on one held-out test set, then write "
+                             "report.md with mean ± std over seeds and PNG plots; finished cells are kept on a rerun")
+    experiment.add_argument("--config", required=True, help="exp.yaml (see configs/experiment.example.yaml)")
+    experiment.add_argument("--out", help="folder for the experiment (default: out_dir of exp.yaml, else "
+                                          "experiments/<name>/ beside it)")
     return parser
 
 

@@ -7,14 +7,20 @@ import math
 from pathlib import Path
 
 
+SITE_NAMES = "site_names.json"
+"""In a simulation's run folder: Flower's node name (``node-<id>``) -> the virtual hospital's name."""
+
+
 def round_table(run_dir: Path) -> str:
     rounds = json.loads((Path(run_dir) / "metrics.json").read_text()) if (Path(run_dir) / "metrics.json").exists() \
         else []
     if not rounds:
         return "no round completed"
-    sites = sorted({name for entry in rounds for name in entry["sites"]})
+    names_file = Path(run_dir) / SITE_NAMES
+    names = json.loads(names_file.read_text()) if names_file.exists() else {}
+    sites = sorted({name for entry in rounds for name in entry["sites"]}, key=lambda s: names.get(s, s))
     header = f"{'round':>5} | {'loss':>6} | {'acc':>5} | {'sens':>5} | {'spec':>5} | {'AUC':>5} | " + \
-        " | ".join(f"{_short(s):>14}" for s in sites)
+        " | ".join(f"{_short(names.get(s, s)):>14}" for s in sites)
     lines = [header, "-" * len(header)]
     for entry in rounds:
         g = entry["global"]
@@ -26,7 +32,7 @@ def round_table(run_dir: Path) -> str:
         lines.append(f"{entry['round']:>5} | {_fmt(g.get('loss'), 3):>6} | {_fmt(g.get('accuracy'), 2):>5} | "
                      f"{_fmt(g.get('sensitivity'), 2):>5} | {_fmt(g.get('specificity'), 2):>5} | "
                      f"{_fmt(g.get('auc'), 2):>5} | " + " | ".join(cells))
-    shortened = [s for s in sites if _short(s) != s]
+    shortened = [s for s in (names.get(s, s) for s in sites) if _short(s) != s]
     if shortened:
         lines.append("site columns: " + ", ".join(f"{_short(s)} = {s}" for s in shortened))
     return "\n".join(lines)

@@ -64,6 +64,8 @@ def test_interrupted_write_leaves_old_entry(tmp_path):
 
 
 class _Exploding:
+    dtype = np.dtype(np.float32)
+
     def __init__(self, error):
         self.error = error
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from shared.model import ModelConfig, SequenceHead, SlideClassifier, build_classifier, build_head, grid_sequence
+from shared.model import ModelConfig, SequenceHead, build_classifier, build_head, grid_sequence
 
 
 @pytest.mark.parametrize("core", ["rnn", "lstm", "gru", "mean"])
@@ -50,9 +50,6 @@ def test_frozen_trunk_stays_in_eval_mode_while_training(classifier):
     assert not any(p.requires_grad for p in classifier.encoder.parameters())
 
 
-def test_last_block_scope_trains_only_mixed_7c():
-    model = SlideClassifier(build_classifier(ModelConfig(), 2).encoder, SequenceHead(2), trainable="last_block")
-    trainable = {n.split(".")[1] for n, p in model.encoder.named_parameters() if p.requires_grad}
-    assert trainable == {"Mixed_7c"}
-    model.train()
-    assert model.encoder.trunk.Mixed_7c.training and not model.encoder.trunk.Mixed_7b.training
+def test_classifier_refuses_the_last_block_scope():
+    with pytest.raises(ValueError, match="build_trainable"):
+        build_classifier(ModelConfig(trainable="last_block"), 2)

@@ -85,7 +85,7 @@ def test_settings_are_read(tmp_path):
     ("classes: [adenoma, adenoma]\n", "classes: need at least two distinct class names, got ['adenoma', 'adenoma']"),
     (CLASSES + "positive_class: carcinoma\n",
      "positive_class 'carcinoma' is not one of classes ['adenoma', 'adenocarcinoma']"),
-    (CLASSES + "model:\n  trainable: last_block\n", "model.trainable: only 'head' is federated so far"),
+    (CLASSES + "model:\n  trainable: last_block\n", "model.trainable: last_block needs model.trunk_sha256"),
     (CLASSES + NO_SECAGG + "strategy:\n  name: krum\n  krum_malicious: 1\nfederation:\n  min_sites: 4\n",
      "strategy krum with krum_malicious=1 needs federation.min_sites >= 5"),
     (CLASSES + NO_SECAGG + "strategy:\n  name: krum\n",

@@ -1,0 +1,278 @@
+"""`fedpath-server pretrain-encoder`: the consortium trains the InceptionV3 trunk on public tiles.
+
+Central training without DP on a public labelled tile dataset (one sub-folder per class), before
+any federated round: nothing private is involved. The trunk learns tissue from tiles of the size
+the sites will use, with H&E augmentation (flips, 90° rotations, jitter of the haematoxylin and
+eosin optical densities rather than of hue, so the colours stay those of a stain). Every epoch
+is checkpointed to ``OUT.partial``; running the same command again continues from there. The
+result is a trunk state dict that ``TileEncoder`` loads as a local ``.pth``, and a metadata JSON
+beside it whose ``sha256`` is what ``model.trunk_sha256`` pins in server.yaml.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from shared.atomic_files import atomic_write, atomic_write_json
+from shared.encoder import FEATURE_DIM, TileEncoder, weights_id
+from shared.errors import UserError
+from shared.metrics import classification_metrics, to_jsonable
+
+log = logging.getLogger("fedpath.server")
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+METADATA_FORMAT = "fedpath-encoder/1"
+# Ruifrok & Johnston's stain vectors (rows: haematoxylin, eosin, DAB optical density per RGB channel).
+RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+RGB_FROM_HED = RGB_FROM_HED / np.linalg.norm(RGB_FROM_HED, axis=1, keepdims=True)
+HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED)
+
+
+class PretrainError(UserError):
+    """A tile folder or a resume state that pretraining cannot use, with what to do about it."""
+
+
+@dataclass(frozen=True)
+class PretrainSettings:
+    tile_size: int = 96  # pixels; small so a CPU can train, and the size the sites tile at
+    epochs: int = 10
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    val_fraction: float = 0.1
+    seed: int = 0
+    init: str = "random"  # starting trunk: random, imagenet, or a .pth
+    mpp: float | None = None  # µm/px of the tiles, recorded so sites can tile at the same scale
+    stain_jitter: float = 0.05  # scale and shift of each stain's optical density
+    num_workers: int = 1
+
+    def __post_init__(self) -> None:
+        if self.tile_size < 75:
+            raise PretrainError(f"tile size {self.tile_size}: InceptionV3 needs at least 75 px")
+        if self.epochs < 1 or self.batch_size < 2:
+            raise PretrainError("epochs must be >= 1 and batch size >= 2 (BatchNorm trains on batch statistics)")
+        if not 0 < self.val_fraction < 1:
+            raise PretrainError(f"validation fraction {self.val_fraction} must be between 0 and 1 (exclusive)")
+        if self.learning_rate <= 0:
+            raise PretrainError("learning rate must be positive")
+
+
+@dataclass(frozen=True)
+class PretrainResult:
+    weights: Path
+    metadata: Path
+    sha256: str
+    record: dict
+
+
+def find_tiles(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    """Class names (sorted folder names) and (tile, class index) pairs; clear errors for bad folders."""
+    root = Path(root)
+    if not root.is_dir():
+        raise PretrainError(f"{root}: tile folder not found")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir())
+    if len(class_dirs) < 2:
+        raise PretrainError(f"{root}: found {len(class_dirs)} class folder(s); pretraining needs one sub-folder of "
+                            "image tiles per class, at least two classes")
+    tiles, empty = [], []
+    for index, class_dir in enumerate(class_dirs):
+        files = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            empty.append(class_dir.name)
+        tiles += [(path, index) for path in files]
+    if empty:
+        raise PretrainError(f"{root}: class folder(s) {', '.join(empty)} hold no image tiles "
+                            f"({', '.join(IMAGE_SUFFIXES)}); remove them or add tiles")
+    return [p.name for p in class_dirs], tiles
+
+
+def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of training and validation tiles, the same fraction of every class held out."""
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        n_val = min(max(1, round(len(members) * val_fraction)), len(members) - 1) if len(members) > 1 else 0
+        val += members[:n_val].tolist()
+        train += members[n_val:].tolist()
+    return np.sort(np.array(train, dtype=np.int64)), np.sort(np.array(val, dtype=np.int64))
+
+
+def stain_jitter(tile: np.ndarray, rng: np.random.Generator, amount: float) -> np.ndarray:
+    """Scale and shift each stain's optical density (HED space), as staining differs between labs."""
+    od = -np.log((tile.astype(np.float32) + 1.0) / 256.0)
+    hed = od.reshape(-1, 3) @ HED_FROM_RGB
+    scale = rng.uniform(1 - amount, 1 + amount, size=3)
+    shift = rng.uniform(-amount, amount, size=3)
+    od = ((hed * scale + shift) @ RGB_FROM_HED).reshape(tile.shape)
+    return np.clip(256.0 * np.exp(-od) - 1.0, 0, 255).astype(np.uint8)
+
+
+def augment(tile: np.ndarray, rng: np.random.Generator, amount: float) -> np.ndarray:
+    """H&E tiles have no orientation: any flip and quarter turn, then stain jitter."""
+    tile = np.rot90(tile, k=int(rng.integers(4)))
+    if rng.random() < 0.5:
+        tile = tile[:, ::-1]
+    return stain_jitter(np.ascontiguousarray(tile), rng, amount) if amount > 0 else np.ascontiguousarray(tile)
+
+
+class TileImages(Dataset):
+    """(uint8 HWC tile, class index) at ``tile_size``, augmented when ``augment_amount`` is given."""
+
+    def __init__(self, tiles: list[tuple[Path, int]], tile_size: int, augment_amount: float | None, seed: int):
+        self.tiles, self.tile_size, self.amount, self.seed = tiles, tile_size, augment_amount, seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.tiles)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        path, label = self.tiles[index]
+        try:
+            with Image.open(path) as image:
+                rgb = image.convert("RGB")
+        except (OSError, UnidentifiedImageError) as exc:
+            raise PretrainError(f"{path}: cannot read image tile: {exc}") from None
+        if rgb.size != (self.tile_size, self.tile_size):
+            rgb = rgb.resize((self.tile_size, self.tile_size), Image.BILINEAR)
+        tile = np.asarray(rgb)
+        if self.amount is not None:  # seeded per tile and epoch: a resumed run sees the same augmentations
+            tile = augment(tile, np.random.default_rng((self.seed, self.epoch, index)), self.amount)
+        return tile, label
+
+
+def _collate(batch: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    tiles = torch.from_numpy(np.stack([t for t, _ in batch])).permute(0, 3, 1, 2)
+    return tiles, torch.tensor([label for _, label in batch])
+
+
+class TrunkClassifier(nn.Module):
+    """The trunk with a linear classifier on its pooled vector: what pretraining optimises."""
+
+    def __init__(self, encoder: TileEncoder, num_classes: int):
+        super().__init__()
+        self.encoder = encoder
+        self.classifier = nn.Linear(FEATURE_DIM, num_classes)
+
+    def forward(self, tiles: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.encoder(tiles))
+
+
+@torch.inference_mode()
+def _validate(model: TrunkClassifier, loader: DataLoader, classes: list[str]) -> dict:
+    model.eval()
+    probs, labels = [], []
+    for tiles, batch_labels in loader:
+        probs.append(torch.softmax(model(tiles), dim=-1).numpy())
+        labels.append(batch_labels.numpy())
+    metrics = classification_metrics(np.concatenate(labels), np.concatenate(probs), classes)
+    return {k: float(metrics[k]) for k in ("accuracy", "balanced_accuracy", "loss")}
+
+
+def partial_path(out: Path) -> Path:
+    return out.with_name(out.name + ".partial")
+
+
+def metadata_path(out: Path) -> Path:
+    return out.with_suffix(".json")
+
+
+def pretrain_encoder(tiles_dir: Path, out: Path, settings: PretrainSettings = PretrainSettings(),
+                     progress: bool = True) -> PretrainResult:
+    """Train the trunk on ``tiles_dir``; write ``out`` (trunk state dict) and its metadata JSON."""
+    out = Path(out)
+    classes, tiles = find_tiles(tiles_dir)
+    train_idx, val_idx = stratified_split(np.array([label for _, label in tiles]), settings.val_fraction, settings.seed)
+    train_set = TileImages([tiles[i] for i in train_idx], settings.tile_size, settings.stain_jitter, settings.seed)
+    val_set = TileImages([tiles[i] for i in val_idx], settings.tile_size, None, settings.seed)
+    torch.manual_seed(settings.seed)
+    model = TrunkClassifier(TileEncoder(settings.init), len(classes))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    steps_per_epoch = -(-len(train_set) // settings.batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, settings.learning_rate,
+                                                   total_steps=settings.epochs * steps_per_epoch, pct_start=0.15)
+    # What a checkpoint must match to be continued (reader processes do not change the result).
+    identity = {"tiles": str(Path(tiles_dir).resolve()), "classes": classes, "tiles_total": len(tiles),
+                "settings": {k: v for k, v in asdict(settings).items() if k != "num_workers"}}
+    history: list[dict] = []
+    first_epoch = 1
+    partial = partial_path(out)
+    if partial.exists():
+        state = _load_partial(partial, identity)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        history, first_epoch = state["history"], state["epoch"] + 1
+        log.info("%s: continuing after epoch %d of %d", partial, state["epoch"], settings.epochs)
+
+    workers = settings.num_workers
+    start = time.perf_counter()
+    for epoch in range(first_epoch, settings.epochs + 1):
+        train_set.epoch = epoch
+        generator = torch.Generator().manual_seed(settings.seed * 1000 + epoch)
+        loader = DataLoader(train_set, batch_size=settings.batch_size, shuffle=True, generator=generator,
+                            drop_last=len(train_set) > settings.batch_size, num_workers=workers,
+                            collate_fn=_collate)
+        model.train()
+        losses = []
+        for batch, labels in tqdm(loader, desc=f"epoch {epoch}/{settings.epochs}", unit="batch",
+                                  disable=not progress, leave=False):
+            optimizer.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(model(batch), labels)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+        val = _validate(model, DataLoader(val_set, batch_size=64, num_workers=workers, collate_fn=_collate), classes)
+        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), **{f"val_{k}": v for k, v in val.items()}})
+        log.info("epoch %d/%d: train loss %.4f, val accuracy %.3f", epoch, settings.epochs, history[-1]["train_loss"],
+                 val["accuracy"])
+        atomic_write(partial, lambda handle: torch.save(
+            {"identity": identity, "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "schedule": schedule.state_dict(), "history": history}, handle))
+
+    atomic_write(out, lambda handle: torch.save(model.encoder.trunk.state_dict(), handle))
+    digest = weights_id(out)
+    record = to_jsonable({
+        "format": METADATA_FORMAT, "weights": out.name, "sha256": digest, "classes": classes,
+        "tile_size": settings.tile_size, "mpp": settings.mpp, "tiles": identity["tiles"],
+        "train_tiles": len(train_set), "val_tiles": len(val_set), "settings": asdict(settings),
+        "seconds_this_run": round(time.perf_counter() - start, 1), "history": history,
+        "validation": {k.removeprefix("val_"): v for k, v in history[-1].items() if k.startswith("val_")},
+        "use": {"site.yaml": {"features": {"backbone_weights": str(out)}, "tiling": {"tile_size": settings.tile_size}},
+                "server.yaml": {"model": {"trunk_sha256": digest}}},
+    })
+    atomic_write_json(metadata_path(out), record)
+    partial.unlink(missing_ok=True)  # the finished weights replace it; a rerun starts afresh
+    return PretrainResult(out, metadata_path(out), digest, record)
+
+
+def _load_partial(path: Path, identity: dict) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise PretrainError(f"{path}: unreadable checkpoint ({exc.__class__.__name__}); delete it to start over") \
+            from None
+    if state.get("identity") != identity:
+        raise PretrainError(f"{path}: an interrupted run with other tiles or settings; rerun with the same options "
+                            "to continue it, or delete the file to start over")
+    return state
+
+
+def summary(result: PretrainResult) -> str:
+    val = result.record["validation"]
+    return (f"trunk weights  {result.weights}\nmetadata       {result.metadata}\nsha256         {result.sha256}\n"
+            f"validation     accuracy {val['accuracy']:.3f}, balanced accuracy {val['balanced_accuracy']:.3f} "
+            f"on {result.record['val_tiles']} tiles\n"
+            f"sites set features.backbone_weights to this file (tiling.tile_size {result.record['tile_size']}); "
+            f"server.yaml pins it with model.trunk_sha256: {result.sha256}")

@@ -1,0 +1,77 @@
+"""A process and everything under it, from Linux's /proc: stop them all by PID, or add up their memory.
+
+A simulation's SuperLink starts Flower's executor in a session of its own, which starts the
+simulation process, which starts Ray's processes and workers: stopping the SuperLink's process
+group misses most of them, and memory must be counted over the whole tree.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+from shared.processes import running_pid, stop
+
+PROC = Path("/proc")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def descendants(pid: int) -> list[int]:
+    """Every living process below ``pid`` (children first-found order)."""
+    children: dict[int, list[int]] = {}
+    for entry in PROC.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            # Field 4 of /proc/PID/stat, after the parenthesised command name (which may hold spaces).
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def rss_bytes(pids: list[int]) -> int:
+    """Resident memory of ``pids`` together (processes gone meanwhile count 0)."""
+    total = 0
+    for pid in pids:
+        try:
+            total += int((PROC / str(pid) / "statm").read_text().split()[1]) * PAGE
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+def stop_tree(pid_file: Path, timeout: float = 10.0) -> None:
+    """Stop the process named in ``pid_file`` and every process below it, by PID."""
+    pid = running_pid(pid_file)
+    family = descendants(pid) if pid is not None else []
+    stop(pid_file)
+    _signal(family, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_alive(p) for p in family):
+        time.sleep(0.2)
+    _signal([p for p in family if _alive(p)], signal.SIGKILL)
+
+
+def _signal(pids: list[int], signum: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = (PROC / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"  # a zombie has exited; its parent (gone too) no longer reaps it

@@ -1,0 +1,51 @@
+"""simulations.membership_inference: the loss-threshold attack's AUC at its two extremes, and on a head."""
+
+import numpy as np
+import pytest
+import torch
+
+from client.sequence_data import SlideFeatures
+from shared.model import SequenceHead
+from simulations.membership_inference import attack_auc, item_losses, membership_attack
+
+
+def test_perfectly_separating_losses_give_auc_one():
+    members = np.array([0.01, 0.02, 0.05, 0.1])
+    non_members = np.array([0.5, 0.9, 1.3])
+    assert attack_auc(members, non_members) == 1.0
+    assert attack_auc(non_members, members) == 0.0  # members with the higher loss: the attack is always wrong
+
+
+def test_identical_distributions_give_auc_one_half():
+    rng = np.random.default_rng(0)
+    losses = rng.exponential(0.5, size=4000)
+    assert attack_auc(losses[:2000], losses[2000:]) == pytest.approx(0.5, abs=0.03)
+    assert attack_auc(np.full(5, 0.3), np.full(7, 0.3)) == 0.5  # ties count one half
+
+
+def _items(rng, count, offset):
+    return [SlideFeatures(f"item-{offset + i}", f"p{offset + i}", i % 2,
+                          rng.normal(size=(6, 32)).astype(np.float32)) for i in range(count)]
+
+
+def test_attack_on_a_memorising_head():
+    """A head trained to memorise random items: its members have low loss, fresh items do not."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(1)
+    members, non_members = _items(rng, 16, 0), _items(rng, 16, 100)
+    head = SequenceHead(2, "mean", input_dim=32, projection=64)
+    optimizer = torch.optim.Adam(head.parameters(), lr=0.01)
+    windows = torch.from_numpy(np.stack([m.features[:4] for m in members]))
+    labels = torch.tensor([m.label for m in members])
+    for _ in range(300):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(head(windows), labels).backward()
+        optimizer.step()
+    result = membership_attack(head, members, non_members, length=4)
+    assert result.members == result.non_members == 16
+    assert result.member_loss < result.non_member_loss
+    assert result.auc > 0.9
+    losses = item_losses(head, members, 4)
+    assert losses.shape == (16,) and np.all(losses >= 0)
+    with pytest.raises(ValueError, match="non-members"):
+        membership_attack(head, members, [], length=4)
