@@ -26,16 +26,13 @@ from tqdm import tqdm
 from shared.atomic_files import atomic_write, atomic_write_json
 from shared.encoder import FEATURE_DIM, TileEncoder, weights_id
 from shared.errors import UserError
+from shared.he_stains import compose, concentrations, stain_matrix
 from shared.metrics import classification_metrics, to_jsonable
 
 log = logging.getLogger("fedpath.server")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 METADATA_FORMAT = "fedpath-encoder/1"
-# Ruifrok & Johnston's stain vectors (rows: haematoxylin, eosin, DAB optical density per RGB channel).
-RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
-RGB_FROM_HED = RGB_FROM_HED / np.linalg.norm(RGB_FROM_HED, axis=1, keepdims=True)
-HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED)
 
 
 class PretrainError(UserError):
@@ -109,13 +106,10 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
 
 
 def stain_jitter(tile: np.ndarray, rng: np.random.Generator, amount: float) -> np.ndarray:
-    """Scale and shift each stain's optical density (HED space), as staining differs between labs."""
-    od = -np.log((tile.astype(np.float32) + 1.0) / 256.0)
-    hed = od.reshape(-1, 3) @ HED_FROM_RGB
-    scale = rng.uniform(1 - amount, 1 + amount, size=3)
-    shift = rng.uniform(-amount, amount, size=3)
-    od = ((hed * scale + shift) @ RGB_FROM_HED).reshape(tile.shape)
-    return np.clip(256.0 * np.exp(-od) - 1.0, 0, 255).astype(np.uint8)
+    """Scale and shift each stain's concentration (HED space), as staining differs between labs."""
+    scale = rng.uniform(1 - amount, 1 + amount, size=3).astype(np.float32)
+    shift = rng.uniform(-amount, amount, size=3).astype(np.float32)
+    return compose(concentrations(tile) * scale + shift, stain_matrix(), tile.shape)
 
 
 def augment(tile: np.ndarray, rng: np.random.Generator, amount: float) -> np.ndarray:
