@@ -63,7 +63,10 @@ def site_yaml_of(context: Context) -> Path:
     if not value and sites and PARTITION_ID_KEY in context.node_config:
         site_dir = Path(str(sites)) / simulated_site_name(int(context.node_config[PARTITION_ID_KEY]))
         # Simulated node ids are random: this file lets the simulation name the site in its reports.
-        (site_dir / SIMULATED_NODE_ID_FILE).write_text(f"{context.node_id}\n")
+        # Written once per run (every message of the run would write the same id).
+        node_file = site_dir / SIMULATED_NODE_ID_FILE
+        if not node_file.is_file() or node_file.read_text() != f"{context.node_id}\n":
+            node_file.write_text(f"{context.node_id}\n")
         return site_dir / "site.yaml"
     if not value:
         raise ValueError(f"this SuperNode has no '{SITE_CONFIG_KEY}' in its node config: start it with "

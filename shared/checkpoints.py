@@ -116,11 +116,16 @@ def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
 
     An npz without a card is an interrupted save and is skipped (the round is saved again).
     """
+    rounds = saved_rounds(run_dir)
+    return load_checkpoint(rounds[-1][1]) if rounds else None
+
+
+def saved_rounds(run_dir: Path) -> list[tuple[int, Path]]:
+    """(round, npz) of every completed save of a run (its card is on disk), in round order."""
     folder = Path(run_dir) / CHECKPOINT_DIR
-    rounds = [int(match.group(1)) for card in folder.glob("round-*.json") if (match := ROUND_CARD.fullmatch(card.name))]
-    if not rounds:
-        return None
-    return load_checkpoint(folder / f"round-{max(rounds):04d}.npz")
+    found = [(int(match.group(1)), card.with_suffix(".npz")) for card in folder.glob("round-*.json")
+             if (match := ROUND_CARD.fullmatch(card.name))]
+    return sorted(found)
 
 
 def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:

@@ -16,24 +16,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 from shared.atomic_files import atomic_write_json
-from shared.checkpoints import CHECKPOINT_DIR
+from shared.checkpoints import saved_rounds
 from shared.metrics import to_jsonable
 from simulations.baselines import FINAL_METRICS, BaselinePlan, centralised, local_only
 from simulations.experiment_config import Cell, ExperimentConfig, cell_config
 from simulations.materialise import SimLayout, materialise
 from simulations.report import write_report
 from simulations.sim_config import SimConfig
-from simulations.sim_runner import evaluate_checkpoint, run_simulation
+from simulations.sim_runner import cached_items, evaluate_checkpoint, run_simulation
 
 RESULT = "result.json"
-ROUND_CHECKPOINT = re.compile(r"round-(\d{4,})\.npz")
 
 
 def run_experiment(config: ExperimentConfig, progress: bool = True) -> list[Path]:
@@ -76,21 +74,15 @@ def run_cell(cell: Cell, sim: SimConfig, layout: SimLayout, folder: Path) -> dic
     if cell.strategy == "local":
         return local_only(layout, BaselinePlan.of(sim), folder)
     run_dir = run_simulation(sim, layout, folder)
-    curve = [{"round": r, **_final(evaluate_checkpoint(path, layout))} for r, path in round_checkpoints(run_dir)]
+    test = cached_items(layout.test_config, "test", sim.classes)  # read once, not once per round
+    curve = [{"round": r, **_final(evaluate_checkpoint(path, layout, test))} for r, path in saved_rounds(run_dir)]
     return {**{k: v for k, v in curve[-1].items() if k != "round"}, "epsilon": epsilon_spent(run_dir),
             "curve": curve, "run_dir": str(run_dir)}
 
 
-def round_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """(round, npz) of every saved round of a run, in round order."""
-    found = [(int(m.group(1)), path) for path in (Path(run_dir) / CHECKPOINT_DIR).glob("round-*.npz")
-             if (m := ROUND_CHECKPOINT.fullmatch(path.name))]
-    return sorted(found)
-
-
 def epsilon_spent(run_dir: Path) -> float | None:
     """The largest ε any site had spent by the end of the run (its last model card), None without DP."""
-    last = round_checkpoints(run_dir)[-1][1]
+    last = saved_rounds(run_dir)[-1][1]
     card = json.loads(last.with_suffix(".json").read_text())
     spent = [site["epsilon"] for site in card.get("privacy", {}).values() if site.get("epsilon") is not None]
     return max(spent) if spent else None

@@ -95,13 +95,17 @@ def run_simulation(config: SimConfig, layout: SimLayout, out: Path) -> Path:
     return folder.path
 
 
-def evaluate_checkpoint(checkpoint: Path, layout: SimLayout) -> dict:
-    """Metrics of a global-model checkpoint on the held-out test patients (slides or tile groups)."""
+def evaluate_checkpoint(checkpoint: Path, layout: SimLayout, test: list[SlideFeatures] | None = None) -> dict:
+    """Metrics of a global-model checkpoint on the held-out test patients (slides or tile groups).
+
+    ``test``: the test items in the checkpoint's class order, when a caller scores many checkpoints
+    of one run (read once with ``cached_items``); by default they are read from the test cache.
+    """
     model = load_model(Path(checkpoint))
     if model.block is not None:
         raise SimulationError(f"{checkpoint}: trainable: last_block is not simulated yet (the test cache holds "
                               "tile vectors, not block inputs)")
-    slides = cached_items(layout.test_config, "test", model.classes)
+    slides = cached_items(layout.test_config, "test", model.classes) if test is None else test
     if not slides:
         raise SimulationError(f"{layout.test_config}: no test item was prepared")
     metrics = evaluate(model.head, slides, list(model.classes), model.length, model.positive_class)

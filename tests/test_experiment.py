@@ -70,16 +70,17 @@ def test_cells_share_the_virtual_hospitals_of_their_data_setting(tmp_path):
         "sites3_alpha0.5_seed1_nodp"]
 
 
-def test_round_checkpoints_and_epsilon_spent(tmp_path):
+def test_saved_rounds_and_epsilon_spent(tmp_path):
     import numpy as np
 
     from shared.checkpoints import save_checkpoint
-    from simulations.experiment import epsilon_spent, round_checkpoints
+    from shared.checkpoints import saved_rounds
+    from simulations.experiment import epsilon_spent
 
     for round_, spent in ((2, {"a": 3.0, "b": 4.5}), (1, {"a": 1.0}), (10, {"a": 7.9, "b": 6.0})):
         card = {"privacy": {site: {"epsilon": eps, "delta": 1e-5} for site, eps in spent.items()}}
         save_checkpoint(tmp_path, round_, {"w": np.zeros(2, np.float32)}, card, best=False)
-    assert [r for r, _ in round_checkpoints(tmp_path)] == [1, 2, 10]  # latest.npz is not a round
+    assert [r for r, _ in saved_rounds(tmp_path)] == [1, 2, 10]  # latest.npz is not a round
     assert epsilon_spent(tmp_path) == 7.9
     save_checkpoint(tmp_path, 11, {"w": np.zeros(2, np.float32)}, {"privacy": {}}, best=False)
     assert epsilon_spent(tmp_path) is None  # no DP: no site recorded ε
