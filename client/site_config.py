@@ -59,6 +59,12 @@ class FederationSite:
     ca_cert: Path | None = None  # the consortium's ca.pem (TLS); required unless started with --insecure
     port: int = check(lambda p: None if 1 <= p <= 65535 else "must be a TCP port (1-65535)", 9094)  # local
     auth_key: Path | None = None  # this site's private key; default: state/keys/<name>.key (`fedpath-site keygen`)
+    # The site's own conditions for taking part, whatever the server asks:
+    require_secure_aggregation: bool = True  # refuse plain (unmasked) training messages (refusal 8)
+    min_round_sites: int = check(at_least(2), 3)  # refuse a SecAgg+ round with fewer sites (refusal 9)
+    # sha256 content digests of app bundles this site accepts besides its own installed fedpath version
+    # (`fedpath-site bundle-digest`); a run with any other bundle is refused (refusal 12)
+    allowed_bundles: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,14 @@ class SiteConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     federation: FederationSite = field(default_factory=FederationSite)
     state_dir: Path | None = None  # privacy ledgers, SuperNode log and pid file; default: state/ beside site.yaml
+    # The only per-site values that leave in plain form (everything else travels inside the masked sum
+    # or stays here): see DISCLOSABLE.
+    disclose: tuple[str, ...] = ("epsilon", "refused")
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.disclose) - set(DISCLOSABLE))
+        if unknown:
+            raise ValueError(f"disclose: {unknown} cannot be disclosed; choose from {list(DISCLOSABLE)}")
 
 
 def load_site_config(path: str | Path) -> SiteConfig:
@@ -91,3 +105,5 @@ def load_site_config(path: str | Path) -> SiteConfig:
 
 
 BUILTIN_WEIGHTS = ("random", "imagenet")
+DISCLOSABLE = ("epsilon", "delta", "refused", "would_spend", "budget_epsilon", "noise_multiplier", "train_seconds")
+"""Per-site numbers a hospital may list in `disclose:` (each a plain number in its training reply)."""

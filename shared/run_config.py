@@ -29,3 +29,6 @@ class PrivacyConfig:
     accountant: Literal["rdp", "prv"] = "rdp"
     max_grad_norm: float = check(positive, 1.0)  # per-slide gradient clipping bound
     planned_rounds: int = check(at_least(1), 1)  # rounds the budget must last (noise is chosen for all of them)
+    # The site's limit over all federations on the same data (every ledger in state/ledgers composed in one
+    # accountant); a federation whose plan would exceed it is refused before training. None: no lifetime limit.
+    lifetime_epsilon: float | None = check(lambda e: None if e is None or e > 0 else "must be > 0", None)
