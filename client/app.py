@@ -1,22 +1,39 @@
-"""The site's Flower ClientApp: finds site.yaml through the SuperNode's node config, then trains
-or evaluates the global model it receives (``client/federated_round.py``).
+"""The site's Flower ClientApp: finds site.yaml through the SuperNode's node config, then answers the
+server's training messages (``client/federated_round.py``: evaluation rides in the same message).
 
-Flower starts a fresh process for every message, so this module imports only Flower and
-numpy; torch and Opacus are imported by the stages that train or evaluate.
+Two mods stand between Flower and the training code, and they are where the site insists on its
+own conditions whatever the server asks:
+
+- ``no_text_leaves`` (outermost): Flower turns an uncaught exception into an error reply whose
+  text (paths, slide names, values) goes to the server. Here every failure, SecAgg+ stages and
+  configuration errors included, becomes a numeric refusal code with no text; details stay in
+  the site's log.
+- ``secure_aggregation``: Flower's SecAgg+ for training messages that run the protocol, behind the
+  site's own conditions: a plain training message is refused when the site requires SecAgg+; a
+  SecAgg+ round is refused when its reconstruction threshold is below a strict majority of its
+  sites, when it has fewer sites than the site's minimum, or when the unmask request names a site
+  both active and dropped (or this site as dropped): Flower's mod takes those from the server as
+  given, and a curious server could otherwise unmask one site's update.
+
+Flower may start a fresh process for every message, so this module imports only Flower and
+numpy; torch and Opacus are imported by the stage that trains.
 """
 
 from __future__ import annotations
 
 import logging
+import zlib
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Context, Message
+from flwr.app import Context, Error, Message
 from flwr.app.message_type import MessageType
 from flwr.client import ClientApp, NumPyClient
 from flwr.client.mod import secaggplus_mod
 from flwr.common.constant import PARTITION_ID_KEY
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+
+from shared.refusals import REFUSAL_ERROR_BASE, InvalidFederationId, refusal_text
 
 SITE_CONFIG_KEY = "site-config"
 """Node config key with the absolute path of the site's site.yaml (set by `fedpath-site start`)."""
@@ -26,30 +43,48 @@ SIMULATED_NODE_ID_FILE = "node-id"
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request otherwise
+log = logging.getLogger("fedpath.site")
+
+
+class SiteRefusal(Exception):
+    """The site refuses this message; only ``code`` (shared/round_plan.py REFUSALS) leaves the site."""
+
+    def __init__(self, code: int, detail: str = "") -> None:
+        super().__init__(f"{refusal_text(code)}{f': {detail}' if detail else ''}")
+        self.code = code
 
 
 class SiteClient(NumPyClient):
-    def __init__(self, site_yaml: Path) -> None:
-        self.site_yaml = site_yaml
+    def __init__(self, site_yaml: Path, simulated_site: int | None = None) -> None:
+        self.site_yaml, self.simulated_site = site_yaml, simulated_site
 
     def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
         from client import federated_round
         from shared.round_plan import RoundPlan
 
-        reply = federated_round.fit(self._site_config(), RoundPlan.from_config(config), parameters)
+        try:
+            plan = RoundPlan.from_config(config)
+        except InvalidFederationId as exc:  # checked before anything at the site is touched
+            raise SiteRefusal(10, str(exc)) from None
+        reply = federated_round.fit(site_config(self.site_yaml), plan, parameters, noise_seed=self._noise_seed(plan))
         return reply.arrays, reply.examples, reply.metrics
 
     def evaluate(self, parameters: list[np.ndarray], config: dict) -> tuple[float, int, dict]:
-        from client import federated_round
-        from shared.round_plan import RoundPlan
+        # Evaluation rides in the training message, inside the masked sum; a separate evaluate
+        # message would send per-site metrics in plain form.
+        raise SiteRefusal(13, "fedpath sites answer no separate evaluate messages")
 
-        loss, reply = federated_round.evaluate(self._site_config(), RoundPlan.from_config(config), parameters)
-        return loss, reply.examples, reply.metrics
+    def _noise_seed(self, plan) -> int | None:
+        """Reproducible DP noise only for a virtual site of a simulation that asked for it."""
+        if self.simulated_site is None or not plan.reproducible_noise:
+            return None
+        return zlib.crc32(f"{plan.seed}:{plan.round}:{self.simulated_site}".encode())
 
-    def _site_config(self):
-        from client.site_config import load_site_config
 
-        return load_site_config(self.site_yaml)
+def site_config(site_yaml: Path):
+    from client.site_config import load_site_config
+
+    return load_site_config(site_yaml)
 
 
 def simulated_site_name(partition_id: int) -> str:
@@ -57,11 +92,19 @@ def simulated_site_name(partition_id: int) -> str:
     return f"site-{partition_id + 1:03d}"
 
 
+def simulated_site(context: Context) -> int | None:
+    """The partition id of a virtual site of `fedpath-sim run`; None for a deployed SuperNode (whose node
+    config, set by the hospital, names its site.yaml and has no partition id)."""
+    if context.node_config.get(SITE_CONFIG_KEY) or not context.run_config.get(SIMULATION_SITES_KEY):
+        return None
+    return int(context.node_config[PARTITION_ID_KEY]) if PARTITION_ID_KEY in context.node_config else None
+
+
 def site_yaml_of(context: Context) -> Path:
     value = context.node_config.get(SITE_CONFIG_KEY)
-    sites = context.run_config.get(SIMULATION_SITES_KEY)
-    if not value and sites and PARTITION_ID_KEY in context.node_config:
-        site_dir = Path(str(sites)) / simulated_site_name(int(context.node_config[PARTITION_ID_KEY]))
+    partition = simulated_site(context)
+    if partition is not None:
+        site_dir = Path(str(context.run_config[SIMULATION_SITES_KEY])) / simulated_site_name(partition)
         # Simulated node ids are random: this file lets the simulation name the site in its reports.
         # Written once per run (every message of the run would write the same id).
         node_file = site_dir / SIMULATED_NODE_ID_FILE
@@ -75,19 +118,56 @@ def site_yaml_of(context: Context) -> Path:
 
 
 def client_fn(context: Context):
-    return SiteClient(site_yaml_of(context)).to_client()
+    return SiteClient(site_yaml_of(context), simulated_site(context)).to_client()
+
+
+def no_text_leaves(msg: Message, context: Context, call_next) -> Message:
+    """Outermost mod: any failure below becomes ``Error(REFUSAL_ERROR_BASE + code)`` without a reason."""
+    try:
+        reply = call_next(msg, context)
+    except SiteRefusal as refusal:
+        log.warning("refused a %s message of run %s: %s", msg.metadata.message_type, msg.metadata.run_id, refusal)
+        return Message(Error(code=REFUSAL_ERROR_BASE + refusal.code), reply_to=msg)
+    except Exception:  # noqa: BLE001 - nothing may leave as text; the site's log keeps the traceback
+        log.exception("could not handle a %s message of run %s", msg.metadata.message_type, msg.metadata.run_id)
+        return Message(Error(code=REFUSAL_ERROR_BASE + 13), reply_to=msg)
+    if reply.has_error() and reply.error.reason:
+        log.warning("an error reply carried text; sent without it: %s", reply.error.reason)
+        return Message(Error(code=reply.error.code), reply_to=msg)
+    return reply
 
 
 def secure_aggregation(msg: Message, context: Context, call_next) -> Message:
-    """Flower's SecAgg+ for training messages that run the protocol; plain otherwise.
+    """Flower's SecAgg+ for training messages that run the protocol (its key-exchange and unmask stages
+    never reach ``SiteClient``, so they import neither torch nor Opacus), behind the site's own
+    conditions, checked before Flower's mod acts."""
+    if msg.metadata.message_type != MessageType.TRAIN:
+        return call_next(msg, context)
+    config = site_config(site_yaml_of(context))
+    if RECORD_KEY_CONFIGS not in msg.content.config_records:
+        if config.federation.require_secure_aggregation:
+            raise SiteRefusal(8, "a plain training message; set federation.require_secure_aggregation: false "
+                                 "in site.yaml to accept unmasked rounds")
+        return call_next(msg, context)
+    configs = msg.content.config_records[RECORD_KEY_CONFIGS]
+    stage = configs.get(Key.STAGE)
+    if stage == Stage.SETUP:
+        sites, threshold = int(configs.get(Key.SAMPLE_NUMBER, 0)), int(configs.get(Key.THRESHOLD, 0))
+        shares = int(configs.get(Key.SHARE_NUMBER, 0))
+        if sites < config.federation.min_round_sites:
+            raise SiteRefusal(9, f"{sites} sites in the round; this site requires at least "
+                                 f"{config.federation.min_round_sites} (federation.min_round_sites)")
+        if threshold < sites // 2 + 1 or threshold < shares // 2 + 1:
+            raise SiteRefusal(9, f"reconstruction threshold {threshold} with {sites} sites ({shares} shares): "
+                                 f"fewer than a strict majority could unmask a site's update")
+    elif stage == Stage.UNMASK:
+        active = set(configs.get(Key.ACTIVE_NODE_ID_LIST, []))
+        dropped = set(configs.get(Key.DEAD_NODE_ID_LIST, []))
+        if active & dropped:
+            raise SiteRefusal(9, f"sites {sorted(active & dropped)} named both active and dropped")
+        if msg.metadata.dst_node_id in dropped:
+            raise SiteRefusal(9, "this site, which sent its masked vector, named as dropped")
+    return secaggplus_mod(msg, context, call_next)
 
-    With SecAgg+ the update is masked here before it leaves; Flower's mod alone would fail
-    on a consortium that turned secure aggregation off. The protocol's key-exchange and unmask
-    stages never reach ``SiteClient``, so they import neither torch nor Opacus.
-    """
-    if msg.metadata.message_type == MessageType.TRAIN and RECORD_KEY_CONFIGS in msg.content.config_records:
-        return secaggplus_mod(msg, context, call_next)
-    return call_next(msg, context)
 
-
-app = ClientApp(client_fn=client_fn, mods=[secure_aggregation])
+app = ClientApp(client_fn=client_fn, mods=[no_text_leaves, secure_aggregation])

@@ -1,10 +1,17 @@
-"""One federated round at a site: train on the global model under the ledger, or evaluate it.
+"""One federated round at a site: score the received model, train it under the ledger, reply.
 
-The ClientApp (``client/app.py``) calls these in a fresh process per message. What they return
-is what leaves the site: the update (new minus received parameters), the number of privacy
-units, and numeric metrics. A site that cannot train this round (budget spent, another model,
-DP off where the federation requires it) answers with a zero-weight reply and a numeric
-refusal code (``shared.round_plan.REFUSALS``), so the round goes on without it.
+The ClientApp (``client/app.py``) calls :func:`fit` for every training message. What it returns is
+what leaves the site, and it is built so that the server can only read it summed over sites
+(``shared/round_sums.py``): one vector holding the patient-weighted update, the number of
+training patients, and noisy evaluation counts of the model the site received (a private release,
+charged to the site's ledger), plus in plain form only the per-site numbers the hospital lists in
+``disclose:`` (by default its ε spent and its refusal code). The plaintext weight of every reply is
+the same constant, so nothing about the site's size leaves beside the masked sum.
+
+Everything else (training loss, the exact validation metrics, patient counts) stays at the site:
+its log and its local round records (``client/site_rounds.py``). A site that cannot take part this
+round (budget spent, another model, DP off where the federation requires it) answers with zeros
+and a numeric refusal code (``shared.round_plan.REFUSALS``), so the round goes on without it.
 """
 
 from __future__ import annotations
@@ -19,28 +26,27 @@ import numpy as np
 import torch
 
 from client.feature_cache import CacheError, FeatureCache
-from client.privacy_ledger import BudgetExceeded, LedgerError, PrivacyBudget, PrivacyLedger
+from client.privacy_ledger import BudgetExceeded, LedgerError, LifetimeBudgetExceeded, PrivacyLedger
 from client.sequence_data import PatientSequences, SlideFeatures, load_split, predict_slides
 from client.site_config import SiteConfig
-from shared.metrics import classification_metrics
+from client.site_rounds import keep_reply, record_round
 from shared.encoder import WeightsError, check_pinned
+from shared.metrics import classification_metrics
 from shared.model import build_trainable
 from shared.parameters import load_arrays, model_arrays, subtract, update_problem
-from shared.round_plan import REFUSALS, RoundPlan
+from shared.refusals import REFUSALS
+from shared.round_plan import RoundPlan
+from shared.round_sums import CountLayout, EvaluationCounts, encode_reply
 from shared.run_config import PrivacyConfig, TrainingConfig
 
 log = logging.getLogger("fedpath.site")
-
-FIT_METRICS = ("train_loss", "epsilon", "delta", "noise_multiplier", "refused", "would_spend", "budget_epsilon",
-               "train_seconds")
-"""Every fit reply carries exactly these keys (Flower needs the same keys from every site)."""
 
 
 @dataclass(frozen=True)
 class Reply:
     arrays: list[np.ndarray]
-    examples: int
-    metrics: dict[str, float]
+    examples: int  # the plaintext weight: the same constant for every site (RoundPlan.weight_scale)
+    metrics: dict[str, float]  # only the disclosed values
 
 
 class Refusal(Exception):
@@ -50,6 +56,7 @@ class Refusal(Exception):
 
 
 def ledger_path(config: SiteConfig, plan: RoundPlan) -> Path:
+    # federation_id was validated when the plan was parsed: a plain file name, never a path.
     return Path(config.state_dir) / "ledgers" / f"{plan.federation_id}.json"
 
 
@@ -58,94 +65,130 @@ def round_privacy(config: SiteConfig, plan: RoundPlan) -> PrivacyConfig:
     own = config.privacy
     return PrivacyConfig(enabled=own.enabled, epsilon=min(own.epsilon, plan.privacy.epsilon),
                          delta=min(own.delta, plan.privacy.delta), accountant=own.accountant,
-                         max_grad_norm=own.max_grad_norm, planned_rounds=plan.planned_rounds)
+                         max_grad_norm=own.max_grad_norm, planned_rounds=plan.planned_rounds,
+                         lifetime_epsilon=own.lifetime_epsilon)
 
 
-def fit(config: SiteConfig, plan: RoundPlan, received: list[np.ndarray]) -> Reply:
-    """Train the received global model for one round; the update and what it cost."""
+def fit(config: SiteConfig, plan: RoundPlan, received: list[np.ndarray], noise_seed: int | None = None) -> Reply:
+    """Score the received global model (when the plan asks), train it for one round, and build the reply.
+
+    Args:
+        config: the site's site.yaml.
+        plan: what the server asks of this round (validated: a bad federation id never gets here).
+        received: the global model's trainable tensors, in the model's order.
+        noise_seed: only for a simulated site of a simulation that asked for reproducible noise;
+            a deployed site always draws its noise from the operating system.
+
+    Returns:
+        Reply: the reply arrays (``shared/round_sums.py``), the constant plaintext weight, and the
+        disclosed numbers.
+    """
     start = time.perf_counter()
     privacy = round_privacy(config, plan)
+    layout = CountLayout(len(plan.classes), plan.evaluation_bins, _positive_index(plan))
+    releases_evaluation = plan.evaluate and config.privacy.release_evaluation
+    record: dict = {"round": plan.round, "train": plan.train, "evaluate": releases_evaluation}
+    counts = np.zeros(layout.size)
+    update = [np.zeros_like(a, dtype=np.float32) for a in received]
+    patients, numbers = 0, {}
     try:
+        if plan.reproducible_noise and noise_seed is None:
+            raise Refusal(15, "this is a deployed site; its noise is drawn from the operating system")
         if plan.privacy.required and not privacy.enabled:
             raise Refusal(3, "set privacy.enabled: true in site.yaml")
-        train, _ = _site_split(config, plan, "train")
-        if not train:
+        train = _site_split(config, plan, "train")
+        if not train:  # also for the last, evaluation-only exchange: the noise plan is made from the training set
             raise Refusal(5, "no prepared training slides")
+        val = _site_split(config, plan, "val") if releases_evaluation else []
         head = _global_head(plan, received)
-        path = ledger_path(config, plan)
-        training = TrainingConfig(epochs=plan.epochs, batch_size=plan.batch_size, learning_rate=plan.learning_rate,
-                                  seed=plan.seed * 100_003 + plan.round)
-        dataset = PatientSequences(train, plan.sequence_length, training.seed)
-        from client.private_training import train_round  # Opacus: only where training happens
+        from client.private_training import PrivateRound  # Opacus: only where training happens
 
-        try:  # opening the ledger can refuse too (it was written for another budget, or is unreadable)
-            round_id = PrivacyLedger(path, PrivacyBudget(privacy.epsilon, privacy.delta, privacy.accountant)) \
-                .unused_round_id(f"round-{plan.round}") if privacy.enabled else f"round-{plan.round}"
-            result = train_round(head, dataset, training, privacy, path, round_id, progress=False,
-                                 proximal_mu=plan.proximal_mu)
+        training = TrainingConfig(epochs=plan.epochs, batch_size=plan.batch_size, learning_rate=plan.learning_rate)
+        # The public seed picks which windows of a slide are drawn; DP noise and Poisson sampling do
+        # not depend on it (private_training.private_generator).
+        dataset = PatientSequences(train, plan.sequence_length, plan.seed * 100_003 + plan.round)
+        try:
+            session = PrivateRound(head, dataset, training, privacy, ledger_path(config, plan),
+                                   evaluations=plan.evaluations if config.privacy.release_evaluation else 0,
+                                   evaluation_share=plan.privacy.evaluation_share, noise_seed=noise_seed)
+            round_id = session.ledger.unused_round_id(f"round-{plan.round}") if session.ledger else f"round-{plan.round}"
+            session.check(round_id, train=plan.train, evaluation=bool(val))
+            if val:
+                exact = _evaluate(head, val, plan, layout)
+                record["val"] = exact.pop("local")
+                counts = session.release(exact["counts"].vector(), layout.sensitivity, f"{round_id}-evaluation")
+            if plan.train:
+                result = session.train(round_id, progress=False, proximal_mu=plan.proximal_mu)
+                update = subtract(list(model_arrays(head).values()), received)
+                patients = result.examples
+                record.update(patients=patients, train_loss=result.loss, steps=result.steps)
+                numbers.update(noise_multiplier=result.noise_multiplier)
+        except LifetimeBudgetExceeded as exc:
+            raise Refusal(11, str(exc), epsilon=exc.spent, would_spend=exc.would_spend,
+                          budget_epsilon=exc.lifetime) from None
         except BudgetExceeded as exc:
             raise Refusal(1, str(exc), epsilon=exc.spent, would_spend=exc.would_spend,
                           budget_epsilon=exc.budget.epsilon) from None
         except LedgerError as exc:
             raise Refusal(2, str(exc)) from None
-        update = subtract(list(model_arrays(head).values()), received)
-        problem = _outgoing_problem(plan, head, update, result.examples)
+        problem = _outgoing_problem(plan, head, update, patients)
         if problem:  # the ledger recorded the round (privacy was spent), but nothing doubtful leaves
-            raise Refusal(6, problem, epsilon=result.epsilon)
+            raise Refusal(6, problem)
+        numbers.update(epsilon=_epsilon_spent(session), delta=privacy.delta if privacy.enabled else None)
     except Refusal as refusal:
         log.warning("round %d: this site sits the round out: %s", plan.round, refusal)
-        metrics = _fit_metrics(**{"refused": refusal.code, "budget_epsilon": privacy.epsilon, "delta": privacy.delta,
-                                  "train_seconds": time.perf_counter() - start, **refusal.numbers})
-        return Reply([np.zeros_like(a, dtype=np.float32) for a in received], 0, metrics)
-    metrics = _fit_metrics(train_loss=result.loss, epsilon=result.epsilon, delta=result.delta,
-                           noise_multiplier=result.noise_multiplier, budget_epsilon=privacy.epsilon,
-                           train_seconds=time.perf_counter() - start)
-    log.info("round %d: trained on %d patients, loss %.4f, ε spent %s", plan.round, result.examples, result.loss,
-             "n/a (DP off)" if result.epsilon is None else f"{result.epsilon:.3f}")
-    return Reply(update, result.examples, metrics)
+        counts = np.zeros(layout.size)
+        update = [np.zeros_like(a, dtype=np.float32) for a in received]
+        patients = 0
+        numbers = {"refused": refusal.code, **refusal.numbers}
+        record.update(refused=refusal.code, reason=str(refusal))
+        if "epsilon" not in numbers:
+            numbers["epsilon"] = _epsilon_spent_on_disk(config, plan, privacy)
+    numbers.update(budget_epsilon=numbers.get("budget_epsilon", privacy.epsilon),
+                   train_seconds=time.perf_counter() - start)
+    arrays = encode_reply(update, patients, counts, plan.weight_scale)
+    if plan.secagg_clipping_range is not None:  # noisy counts may stray past the range: clip, never be clipped
+        arrays[-1] = np.clip(arrays[-1], -plan.secagg_clipping_range, plan.secagg_clipping_range)
+    record.update({key: value for key, value in numbers.items() if value is not None})
+    record_round(config, plan.federation_id, record)
+    if config.federation.keep_sent_replies:
+        keep_reply(config, plan.federation_id, plan.round, arrays)
+    if not record.get("refused"):
+        log.info("round %d: trained on %d patients, ε spent %s", plan.round, patients,
+                 "n/a (DP off)" if numbers.get("epsilon") is None else f"{numbers['epsilon']:.3f}")
+    return Reply(arrays, plan.weight_scale, disclosed(config, numbers))
 
 
-def evaluate(config: SiteConfig, plan: RoundPlan, received: list[np.ndarray]) -> tuple[float, Reply]:
-    """Metrics of the global model on this site's validation split (slides, not patients)."""
-    num_classes = len(plan.classes)
-    try:
-        val, _ = _site_split(config, plan, "val")
-    except Refusal as refusal:
-        log.warning("round %d: this site does not evaluate: %s", plan.round, refusal)
-        val = []
-    metrics = {"accuracy": math.nan, "balanced_accuracy": math.nan, "sensitivity": math.nan,
-               "specificity": math.nan, "auc": math.nan,
-               **{f"cm_{i}_{j}": 0.0 for i in range(num_classes) for j in range(num_classes)},
-               "epsilon": _epsilon_spent(config, plan)}
-    if not val:
-        return 0.0, Reply([], 0, metrics)
-    head = _global_head(plan, received)
-    probs = predict_slides(head, val, plan.sequence_length)
-    result = classification_metrics(np.array([s.label for s in val]), probs, list(plan.classes), plan.positive_class)
-    for key in ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "auc"):
-        if key in result:
-            metrics[key] = float(result[key])
-    for i, row in enumerate(result["confusion_matrix"]):
-        for j, count in enumerate(row):
-            metrics[f"cm_{i}_{j}"] = float(count)
-    return float(result["loss"]), Reply([], len(val), metrics)
-
-
-def _outgoing_problem(plan: RoundPlan, head: torch.nn.Module, update: list[np.ndarray], examples: int) -> str | None:
-    if plan.secagg_max_weight is not None and examples > plan.secagg_max_weight:
-        return (f"{examples} patients exceed secure_aggregation.max_weight {plan.secagg_max_weight} at the server: "
-                "the weighted sum would overflow")
-    shapes = [(name, tuple(t.shape)) for name, t in head.state_dict().items()]
-    return update_problem(shapes, update, plan.max_update_norm, plan.secagg_clipping_range)
-
-
-def _fit_metrics(**values: float | None) -> dict[str, float]:
-    """All FIT_METRICS keys, numbers only (a missing value is 0 for counts and nan otherwise)."""
+def disclosed(config: SiteConfig, numbers: dict[str, float | None]) -> dict[str, float]:
+    """The numbers this site lists in ``disclose:`` (every listed key present, as a float; nan when unknown)."""
     out = {}
-    for key in FIT_METRICS:
-        value = values.get(key)
+    for key in config.disclose:
+        value = numbers.get(key)
         out[key] = float(0 if key == "refused" and value is None else math.nan if value is None else value)
     return out
+
+
+def _evaluate(head: torch.nn.Module, val: list[SlideFeatures], plan: RoundPlan, layout: CountLayout) -> dict:
+    """The received model on the validation slides: counts to release, and exact metrics kept here."""
+    probs = predict_slides(head, val, plan.sequence_length)
+    labels = np.array([s.label for s in val])
+    counts = EvaluationCounts.from_predictions(layout, probs, labels, [s.patient for s in val])
+    exact = classification_metrics(labels, probs, list(plan.classes), plan.positive_class)
+    local = {key: float(exact[key]) for key in ("loss", "accuracy", "balanced_accuracy", "sensitivity",
+                                                "specificity", "auc") if key in exact}
+    return {"counts": counts, "local": {**local, "slides": len(val), "patients": len({s.patient for s in val})}}
+
+
+def _positive_index(plan: RoundPlan) -> int:
+    return plan.classes.index(plan.positive_class) if plan.positive_class in plan.classes else 1
+
+
+def _outgoing_problem(plan: RoundPlan, head: torch.nn.Module, update: list[np.ndarray], patients: int) -> str | None:
+    if patients > plan.weight_scale:
+        return (f"{patients} patients exceed secure_aggregation.max_weight {plan.weight_scale} at the server: "
+                "the weighted sum would leave the secure aggregation range")
+    shapes = [(name, tuple(t.shape)) for name, t in head.state_dict().items()]
+    return update_problem(shapes, update, plan.max_update_norm, plan.secagg_clipping_range)
 
 
 def _global_head(plan: RoundPlan, received: list[np.ndarray]) -> torch.nn.Module:
@@ -154,7 +197,7 @@ def _global_head(plan: RoundPlan, received: list[np.ndarray]) -> torch.nn.Module
     return head
 
 
-def _site_split(config: SiteConfig, plan: RoundPlan, split: str) -> tuple[list[SlideFeatures], list[str]]:
+def _site_split(config: SiteConfig, plan: RoundPlan, split: str) -> list[SlideFeatures]:
     """The cached slides of ``split`` with labels renumbered into the federation's class order."""
     if plan.model.trunk_sha256 is not None:
         try:
@@ -178,16 +221,22 @@ def _site_split(config: SiteConfig, plan: RoundPlan, split: str) -> tuple[list[S
         raise Refusal(4, f"site classes {unknown} are not among the federation's {list(plan.classes)}")
     slides, classes = load_split(cache, split)
     renumber = [plan.classes.index(name) for name in classes]
-    return [SlideFeatures(s.item_id, s.patient, renumber[s.label], s.features) for s in slides], list(plan.classes)
+    return [SlideFeatures(s.item_id, s.patient, renumber[s.label], s.features) for s in slides]
 
 
-def _epsilon_spent(config: SiteConfig, plan: RoundPlan) -> float:
-    privacy = round_privacy(config, plan)
+def _epsilon_spent(session) -> float | None:
+    return None if session.ledger is None else session.ledger.recorded_epsilon()
+
+
+def _epsilon_spent_on_disk(config: SiteConfig, plan: RoundPlan, privacy: PrivacyConfig) -> float | None:
+    """ε this federation's ledger recorded so far (for a refusal's report); None without DP or ledger."""
+    from client.privacy_ledger import PrivacyBudget
+
     path = ledger_path(config, plan)
     if not (privacy.enabled and path.exists()):
-        return math.nan
+        return None
     try:
         return PrivacyLedger(path, PrivacyBudget(privacy.epsilon, privacy.delta, privacy.accountant)).recorded_epsilon()
-    except LedgerError as exc:  # fit refuses (code 2) and says why; evaluation goes on without ε
+    except LedgerError as exc:
         log.warning("round %d: ε spent unknown: %s", plan.round, exc)
-        return math.nan
+        return None

@@ -7,24 +7,39 @@ The ledger is the one accountant of the site: a JSON file with the budget, the n
 plan and every recorded round (σ, sample rate, steps), from which ε is recomputed with
 an Opacus accountant exactly as if one accountant had seen every step.
 
-How a round's training code uses it (one process records for a site at a time)::
+How a round's training code uses it (``client/private_training.py``; one process records for
+a site at a time)::
 
     ledger = PrivacyLedger(site_dir / "privacy_ledger.json", PrivacyBudget(8.0, 1e-5, "rdp"))
-    sample_rate = 1 / len(train_loader)              # Opacus' sample rate, not batch / N
-    steps = len(train_loader) * local_epochs
-    sigma = ledger.noise_for_plan(sample_rate, steps, planned_rounds)  # same σ every round
-    ledger.check_round(sigma, sample_rate, steps, round_id=rnd)        # refuse before training
+    loader = DPDataLoader.from_data_loader(train_loader, generator=private)  # Opacus' Poisson loader
+    plan = ledger.plan(1 / len(loader), len(loader) * local_epochs, planned_rounds,
+                       evaluations=planned_rounds + 1, evaluation_share=0.25)  # same σ every round
+    ledger.check_segments([plan.evaluation_segment, plan.training_segment], round_id=rnd)
+    noisy = counts + Normal(0, plan.evaluation_noise * sensitivity)     # an evaluation release
+    ledger.record_segment(plan.evaluation_segment, f"{rnd}-evaluation", kind="evaluation")
     engine = PrivacyEngine(accountant=ledger.budget.accountant)
     ledger.attach(engine)                            # engine.get_epsilon() = federation total
     model, optimizer, loader = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=train_loader,
-        noise_multiplier=sigma, max_grad_norm=clip, poisson_sampling=True)
+        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=plan.noise_multiplier,
+        max_grad_norm=clip, poisson_sampling=False, noise_generator=private)
     ...train local_epochs...
     epsilon = ledger.record_from_engine(engine, rnd)  # before the update leaves the site
 
-``record_from_engine`` takes the steps the optimizer really took from the engine's
-accountant, so the ledger never trusts a step count computed separately. Do not use
-``make_private_with_epsilon``: it plans for one round from zero and ignores the history.
+The plan is made from the loader Opacus trains with: its accountant records the sample rate
+``1 / len(loader)`` of the *wrapped* loader and ``len(loader)`` steps per epoch, which differ from
+the plain loader's for some sizes (k batches become k - 1), so planning from anything else would
+make the ledger record more than planned and refuse the last round. ``record_from_engine`` takes
+the steps the optimizer really took from the engine's accountant, so the ledger never trusts a
+step count computed separately. Do not use ``make_private_with_epsilon``: it plans for one round
+from zero and ignores the history.
+
+An evaluation release (noisy counts of a model's predictions on the site's validation patients) is
+the Gaussian mechanism without sampling: one segment (σ_e, 1.0, 1) in the same accountant, so the
+budget covers training and evaluation together and a server cannot query a site's data for free.
+
+A site may also set a lifetime ε over every federation on the same data: all ledgers in the
+folder are composed in one accountant (what they recorded plus what their plans still reserve),
+and a plan or round that would exceed it is refused (:class:`LifetimeBudgetExceeded`).
 """
 
 from __future__ import annotations
@@ -47,11 +62,15 @@ if TYPE_CHECKING:  # Opacus takes seconds to import; stages that only read the l
 
 FORMAT = "fedpath-privacy-ledger/1"
 ACCOUNTANTS = ("rdp", "prv")
-"""Opacus accountants by name (Opacus' own ``mechanism()`` names)."""
+"""Opacus accountants by name (Opacus' own ``mechanism()`` names, for ``create_accountant``)."""
+KINDS = ("training", "evaluation")
+"""What a recorded segment was: DP-SGD steps, or one evaluation release (Gaussian mechanism)."""
 BUDGET_SLACK = 1e-6
 """A round may spend up to ε·(1 + BUDGET_SLACK): float noise must not refuse the last planned round."""
 PLAN_TOLERANCE = 1e-3
 """The planned rounds spend between ε·(1 - PLAN_TOLERANCE) and ε (binary search on σ)."""
+MAX_SIGMA = 1e6
+"""Beyond this σ a budget counts as too small to plan for (the bound Opacus' own search uses)."""
 
 Segment = tuple[float, float, int]
 """(noise_multiplier, sample_rate, steps), the unit of Opacus' accountant history."""
@@ -93,6 +112,54 @@ class BudgetExceeded(UserError, RuntimeError):
         )
 
 
+class LifetimeBudgetExceeded(BudgetExceeded):
+    """A plan or round would take the site past its lifetime ε over all federations on its data."""
+
+    def __init__(self, spent: float, would_spend: float, budget: PrivacyBudget, path: Path, lifetime: float) -> None:
+        self.lifetime = lifetime
+        UserError.__init__(
+            self,
+            f"lifetime privacy budget exceeded: the federations in {path.parent} have spent or reserved "
+            f"ε={spent:.4f} together (δ={budget.delta:g}); with {path.name} it would be {would_spend:.4f}, above the "
+            f"site's privacy.lifetime_epsilon {lifetime:g}. This federation is refused before any training; the "
+            "site's data custodian decides whether the lifetime limit may grow.")
+        self.spent, self.would_spend, self.budget = spent, would_spend, budget
+
+
+@dataclass(frozen=True)
+class ReleasePlan:
+    """The noise of every release of a federation, fixed before its first round."""
+
+    noise_multiplier: float  # σ of DP-SGD
+    sample_rate: float  # Poisson rate Opacus records: 1 / len(the wrapped loader)
+    steps_per_round: int
+    planned_rounds: int
+    evaluations: int = 0  # planned evaluation releases
+    evaluation_share: float = 0.0  # of ε, spent by the evaluation releases together
+    evaluation_noise: float | None = None  # σ_e: noise std of a release, in units of its L2 sensitivity
+
+    @property
+    def training_segment(self) -> Segment:
+        return (self.noise_multiplier, self.sample_rate, self.steps_per_round)
+
+    @property
+    def evaluation_segment(self) -> Segment:
+        if self.evaluation_noise is None:
+            raise ValueError("this plan has no evaluation releases")
+        return (self.evaluation_noise, 1.0, 1)
+
+    def reserved(self, recorded: list[dict[str, Any]]) -> list[Segment]:
+        """What the plan still allows after the rounds in ``recorded``."""
+        trained = sum(1 for entry in recorded if entry.get("kind", "training") == "training")
+        evaluated = sum(1 for entry in recorded if entry.get("kind") == "evaluation")
+        out = []
+        if self.planned_rounds > trained:
+            out.append((self.noise_multiplier, self.sample_rate, self.steps_per_round * (self.planned_rounds - trained)))
+        if self.evaluations > evaluated:
+            out.append((self.evaluation_noise, 1.0, self.evaluations - evaluated))
+        return out
+
+
 class PrivacyLedger:
     """The site's privacy spending across rounds and process restarts, stored in one JSON file.
 
@@ -101,9 +168,10 @@ class PrivacyLedger:
     the site forget privacy it spent.
     """
 
-    def __init__(self, path: Path, budget: PrivacyBudget) -> None:
+    def __init__(self, path: Path, budget: PrivacyBudget, lifetime_epsilon: float | None = None) -> None:
         self.path = Path(path)
         self.budget = budget
+        self.lifetime_epsilon = lifetime_epsilon
         self._plan: dict[str, Any] | None = None
         self._rounds: list[dict[str, Any]] = []
         self._on_disk: dict[str, Any] | None = None
@@ -114,8 +182,13 @@ class PrivacyLedger:
 
     @property
     def history(self) -> list[Segment]:
-        """One (noise_multiplier, sample_rate, steps) per recorded round, oldest first."""
+        """One (noise_multiplier, sample_rate, steps) per recorded round or release, oldest first."""
         return [(entry["noise_multiplier"], entry["sample_rate"], entry["steps"]) for entry in self._rounds]
+
+    @property
+    def release_plan(self) -> ReleasePlan | None:
+        """The federation's noise plan, once made."""
+        return None if self._plan is None else _plan_of(self._plan)
 
     def epsilon_spent(self) -> float:
         """ε spent by all recorded rounds together (at the budget's δ)."""
@@ -127,70 +200,84 @@ class PrivacyLedger:
 
     def projected_epsilon(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
         """ε the site would have spent after one more round with these settings."""
-        segment = _segment(noise_multiplier, sample_rate, steps)
-        return _epsilon(self.budget.accountant, self.budget.delta, _merged([*self.history, segment]))
+        return self._projected([_segment(noise_multiplier, sample_rate, steps)])
 
     def check_round(
         self, noise_multiplier: float, sample_rate: float, steps: int, *, round_id: int | str | None = None
     ) -> None:
         """Raise before training if the round would exceed the budget (BudgetExceeded) or if
         ``round_id`` is already recorded (LedgerError), so no data is touched in vain."""
+        self.check_segments([(noise_multiplier, sample_rate, steps)], round_id=round_id)
+
+    def check_segments(self, segments: list[Segment], *, round_id: int | str | None = None) -> None:
+        """:meth:`check_round` for several releases at once (an evaluation release and a training
+        round): refused if together they would exceed the federation's budget or the lifetime ε."""
         if round_id is not None:
             self._refuse_duplicate(round_id)
-        projected = self.projected_epsilon(noise_multiplier, sample_rate, steps)
+        segments = [_segment(*segment) for segment in segments]
+        projected = self._projected(segments)
         if projected > self.budget.epsilon * (1 + BUDGET_SLACK):
             raise BudgetExceeded(
                 self.epsilon_spent(), projected, self.budget, self.path, "Do not train this round."
             )
+        self._check_lifetime(self._rounds, segments)
 
-    def noise_for_plan(self, sample_rate: float, steps_per_round: int, planned_rounds: int) -> float:
-        """The noise multiplier with which ``planned_rounds`` rounds of ``steps_per_round``
-        steps at ``sample_rate`` spend the whole budget (within PLAN_TOLERANCE, never above).
+    def plan(self, sample_rate: float, steps_per_round: int, planned_rounds: int, *, evaluations: int = 0,
+             evaluation_share: float = 0.0) -> ReleasePlan:
+        """The noise with which ``planned_rounds`` rounds of ``steps_per_round`` DP-SGD steps at
+        ``sample_rate`` plus ``evaluations`` evaluation releases spend the whole budget (within
+        PLAN_TOLERANCE, never above); the releases together spend ``evaluation_share`` of ε.
 
-        The first call stores the plan in the file; later calls (other rounds, other
-        processes) with the same plan return the same σ, so every round adds the same noise.
-        A different plan is refused: σ is fixed once rounds have spent privacy under it.
+        The first call stores the plan in the file; later calls (other rounds, other processes)
+        with the same plan return it unchanged, so every round adds the same noise. A different plan
+        is refused: σ is fixed once rounds have spent privacy under it. With a lifetime ε, a plan
+        whose whole spending would exceed it (with every other federation's) is refused.
         """
         _segment(1.0, sample_rate, steps_per_round)  # validates the rate and the steps
         if not (isinstance(planned_rounds, int) and planned_rounds >= 1):
             raise ValueError(f"planned_rounds must be a positive integer, got {planned_rounds!r}.")
-        plan = {"sample_rate": float(sample_rate), "steps_per_round": steps_per_round, "planned_rounds": planned_rounds}
+        if not (isinstance(evaluations, int) and evaluations >= 0):
+            raise ValueError(f"evaluations must be a non-negative integer, got {evaluations!r}.")
+        if evaluations and not 0 < evaluation_share < 1:
+            raise ValueError(f"evaluation_share must be in (0, 1) when there are evaluation releases, "
+                             f"got {evaluation_share!r}.")
+        request = {"sample_rate": float(sample_rate), "steps_per_round": steps_per_round,
+                   "planned_rounds": planned_rounds, "evaluations": evaluations,
+                   "evaluation_share": float(evaluation_share) if evaluations else 0.0}
         if self._plan is not None:
-            stored = {key: self._plan[key] for key in plan}
-            if stored != plan:
+            stored = {key: self._plan.get(key, 0 if key == "evaluations" else 0.0) for key in request}
+            if stored != request:
                 raise LedgerError(
                     f"{self.path} holds the noise plan {stored} (σ={self._plan['noise_multiplier']:.6g}), "
-                    f"but this round asks for {plan}. σ is fixed for the whole federation once planned: "
-                    "keep the number of rounds, local epochs, batch size and training set of the plan, "
-                    "or start a new federation with a new ledger file."
+                    f"but this round asks for {request}. σ is fixed for the whole federation once planned: "
+                    "keep the number of rounds, local epochs, batch size, evaluations and training set of the "
+                    "plan, or start a new federation with a new ledger file."
                 )
-            return self._plan["noise_multiplier"]
+            return self.release_plan
         if self._rounds:
             raise LedgerError(
                 f"{self.path} already records {len(self._rounds)} round(s) made without a noise plan; "
                 "the plan must be made before the first round. Keep passing the σ those rounds used."
             )
-        try:
-            with warnings.catch_warnings():  # the search probes extreme σ, where Opacus warns about alpha ranges
-                warnings.simplefilter("ignore")
-                from opacus.accountants.utils import get_noise_multiplier
+        evaluation_noise = None
+        fixed: list[Segment] = []
+        if evaluations:
+            evaluation_noise = self._search_sigma(
+                [], 1.0, evaluations, self.budget.epsilon * evaluation_share,
+                f"{evaluations} evaluation releases within {evaluation_share:g} of ε={self.budget.epsilon:g}")
+            fixed = [(evaluation_noise, 1.0, evaluations)]
+        sigma = self._search_sigma(fixed, float(sample_rate), planned_rounds * steps_per_round, self.budget.epsilon,
+                                   f"{planned_rounds} rounds x {steps_per_round} steps at sample rate "
+                                   f"{sample_rate:g}{f' and {evaluations} evaluation releases' if evaluations else ''}")
+        plan = ReleasePlan(sigma, float(sample_rate), steps_per_round, planned_rounds, evaluations,
+                           request["evaluation_share"], evaluation_noise)
+        self._check_lifetime([], plan.reserved([]))
+        self._commit({**request, "noise_multiplier": sigma, "evaluation_noise": evaluation_noise}, self._rounds)
+        return plan
 
-                sigma = get_noise_multiplier(
-                    target_epsilon=self.budget.epsilon,
-                    target_delta=self.budget.delta,
-                    sample_rate=sample_rate,
-                    steps=planned_rounds * steps_per_round,
-                    accountant=self.budget.accountant,
-                    epsilon_tolerance=self.budget.epsilon * PLAN_TOLERANCE,
-                )
-        except ValueError as error:  # Opacus: "The privacy budget is too low."
-            raise LedgerError(
-                f"no noise multiplier keeps {planned_rounds} rounds x {steps_per_round} steps at sample rate "
-                f"{sample_rate:g} within ε={self.budget.epsilon:g}, δ={self.budget.delta:g} ({error}). "
-                "Plan fewer rounds or steps, or a larger budget."
-            ) from error
-        self._commit({**plan, "noise_multiplier": float(sigma)}, self._rounds)
-        return float(sigma)
+    def noise_for_plan(self, sample_rate: float, steps_per_round: int, planned_rounds: int) -> float:
+        """σ of a plan without evaluation releases (see :meth:`plan`)."""
+        return self.plan(sample_rate, steps_per_round, planned_rounds).noise_multiplier
 
     def record_round(self, noise_multiplier: float, sample_rate: float, steps: int, round_id: int | str) -> float:
         """Add a trained round to the file and return the total ε spent.
@@ -199,9 +286,15 @@ class PrivacyLedger:
         when ``round_id`` is already in the ledger (LedgerError) or the round exceeds the
         budget (BudgetExceeded: the update must then be discarded, never sent).
         """
+        return self.record_segment((noise_multiplier, sample_rate, steps), round_id)
+
+    def record_segment(self, segment: Segment, round_id: int | str, kind: str = "training") -> float:
+        """:meth:`record_round` for any release: ``kind`` is "training" or "evaluation"."""
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}.")
         self._refuse_duplicate(round_id)
-        segment = _segment(noise_multiplier, sample_rate, steps)
-        epsilon = self.projected_epsilon(*segment)
+        segment = _segment(*segment)
+        epsilon = self._projected([segment])
         if epsilon > self.budget.epsilon * (1 + BUDGET_SLACK):
             raise BudgetExceeded(
                 self.epsilon_spent(),
@@ -210,8 +303,10 @@ class PrivacyLedger:
                 self.path,
                 "The round was NOT recorded: discard its model update, do not send it.",
             )
+        self._check_lifetime(self._rounds, [segment])
         entry = {
             "round_id": round_id,
+            "kind": kind,
             "recorded_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "noise_multiplier": segment[0],
             "sample_rate": segment[1],
@@ -220,6 +315,72 @@ class PrivacyLedger:
         }
         self._commit(self._plan, [*self._rounds, entry])
         return epsilon
+
+    def lifetime_spent(self) -> float:
+        """ε of every federation in this ledger's folder together: what they recorded plus what their
+        plans still reserve (this ledger included), at this budget's δ."""
+        return _epsilon(self.budget.accountant, self.budget.delta, self._lifetime_history(self._rounds, []))
+
+    def _projected(self, segments: list[Segment]) -> float:
+        return _epsilon(self.budget.accountant, self.budget.delta, _merged([*self.history, *segments]))
+
+    def _search_sigma(self, fixed: list[Segment], sample_rate: float, steps: int, target: float, what: str) -> float:
+        """The smallest σ (to PLAN_TOLERANCE) with which (σ, ``sample_rate``, ``steps``) composed with ``fixed``
+        spends at most ``target``: Opacus' own bisection, over a composed history."""
+        def spent(sigma: float) -> float:
+            return _epsilon(self.budget.accountant, self.budget.delta, [*fixed, (sigma, sample_rate, steps)])
+
+        with warnings.catch_warnings():  # the search probes extreme σ, where Opacus warns about alpha ranges
+            warnings.simplefilter("ignore")
+            low, high = 0.0, 10.0
+            while spent(high) > target:
+                high *= 2
+                if high > MAX_SIGMA:
+                    raise LedgerError(
+                        f"no noise multiplier keeps {what} within ε={self.budget.epsilon:g}, δ={self.budget.delta:g}. "
+                        "Plan fewer rounds or steps, fewer evaluations, or a larger budget.")
+            while target - spent(high) > target * PLAN_TOLERANCE:
+                middle = (low + high) / 2
+                if spent(middle) < target:
+                    high = middle
+                else:
+                    low = middle
+        return float(high)
+
+    def _lifetime_history(self, own_rounds: list[dict[str, Any]], extra: list[Segment]) -> list[Segment]:
+        """Every federation's recorded segments plus what their plans still reserve; this ledger's from
+        ``own_rounds`` + ``extra`` (its plan's remainder counted after them)."""
+        history: list[Segment] = []
+        for other in sorted(self.path.parent.glob("*.json")):
+            if other.resolve() == self.path.resolve():
+                continue
+            try:
+                document = json.loads(other.read_text(encoding="utf-8"))
+                if not isinstance(document, dict) or document.get("format") != FORMAT:
+                    continue  # not a ledger (the folder is the site's own; nothing else is written there)
+                plan, rounds = self._parse_structure(document)
+            except (OSError, ValueError, KeyError, TypeError) as error:
+                raise LedgerError(f"{other} cannot be read ({error}); the site's lifetime ε cannot be computed "
+                                  "without it. Restore it from a backup.") from error
+            history += [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in rounds]
+            if plan is not None:
+                history += _plan_of(plan).reserved(rounds)
+        history += [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in own_rounds] + list(extra)
+        plan = self.release_plan
+        if plan is not None:
+            evaluation = plan.evaluation_segment if plan.evaluation_noise is not None else None
+            pretend = [*own_rounds, *({"kind": "evaluation" if s == evaluation else "training"} for s in extra)]
+            history += plan.reserved(pretend)
+        return _merged(history)
+
+    def _check_lifetime(self, own_rounds: list[dict[str, Any]], extra: list[Segment]) -> None:
+        if self.lifetime_epsilon is None:
+            return
+        total = _epsilon(self.budget.accountant, self.budget.delta, self._lifetime_history(own_rounds, extra))
+        if total > self.lifetime_epsilon * (1 + BUDGET_SLACK):
+            before = _epsilon(self.budget.accountant, self.budget.delta, self._lifetime_history(self._rounds, []))
+            raise LifetimeBudgetExceeded(before, total, self.budget, self.path, self.lifetime_epsilon)
+
 
     def attach(self, privacy_engine: PrivacyEngine) -> None:
         """Load the ledger's history into a new engine's accountant, before training.
@@ -323,22 +484,31 @@ class PrivacyLedger:
                 "The ε already spent was measured against the stored budget: configure the stored values again, "
                 "or start a new federation with a new ledger file (never delete this one)."
             )
-        plan, rounds = document.get("plan"), document.get("rounds")
-        if not isinstance(rounds, list):
-            raise self._invalid("it has no list of rounds")
         try:
-            if plan is not None:
-                _segment(plan["noise_multiplier"], plan["sample_rate"], plan["steps_per_round"])
-                if not isinstance(plan["planned_rounds"], int):
-                    raise ValueError("planned_rounds is not an integer")
-            for entry in rounds:
-                _segment(entry["noise_multiplier"], entry["sample_rate"], entry["steps"])
-                if isinstance(entry["round_id"], bool) or not isinstance(entry["round_id"], (int, str)):
-                    raise ValueError(f"round_id {entry['round_id']!r} is not an int or a str")
-                if missing := {"recorded_at", "epsilon_after"} - entry.keys():
-                    raise KeyError(", ".join(sorted(missing)))
+            return self._parse_structure(document)
         except (KeyError, TypeError, ValueError) as error:
             raise self._invalid(f"its plan or rounds are malformed ({type(error).__name__}: {error})") from error
+
+    @staticmethod
+    def _parse_structure(document: dict[str, Any]) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+        """The plan and rounds of a ledger document, validated; raises KeyError/TypeError/ValueError."""
+        plan, rounds = document.get("plan"), document.get("rounds")
+        if not isinstance(rounds, list):
+            raise ValueError("it has no list of rounds")
+        if plan is not None:
+            _segment(plan["noise_multiplier"], plan["sample_rate"], plan["steps_per_round"])
+            if not isinstance(plan["planned_rounds"], int):
+                raise ValueError("planned_rounds is not an integer")
+            if plan.get("evaluations"):
+                _segment(plan["evaluation_noise"], 1.0, plan["evaluations"])
+        for entry in rounds:
+            _segment(entry["noise_multiplier"], entry["sample_rate"], entry["steps"])
+            if isinstance(entry["round_id"], bool) or not isinstance(entry["round_id"], (int, str)):
+                raise ValueError(f"round_id {entry['round_id']!r} is not an int or a str")
+            if entry.get("kind", "training") not in KINDS:
+                raise ValueError(f"kind {entry['kind']!r} is not one of {KINDS}")
+            if missing := {"recorded_at", "epsilon_after"} - entry.keys():
+                raise KeyError(", ".join(sorted(missing)))
         return plan, rounds
 
     def _invalid(self, reason: str) -> LedgerError:
@@ -395,11 +565,16 @@ def _new_segments(base: list[Segment], history: list[Segment]) -> list[Segment]:
     return ([(history[last][0], history[last][1], extra)] if extra else []) + history[len(base) :]
 
 
+def _plan_of(plan: dict[str, Any]) -> ReleasePlan:
+    return ReleasePlan(plan["noise_multiplier"], plan["sample_rate"], plan["steps_per_round"], plan["planned_rounds"],
+                       plan.get("evaluations", 0), plan.get("evaluation_share", 0.0), plan.get("evaluation_noise"))
+
+
 @functools.lru_cache(maxsize=256)
 def _epsilon_cached(accountant: str, delta: float, history: tuple[Segment, ...]) -> float:
-    from opacus.accountants import PRVAccountant, RDPAccountant
+    from opacus.accountants import create_accountant
 
-    counter = {"rdp": RDPAccountant, "prv": PRVAccountant}[accountant]()
+    counter = create_accountant(mechanism=accountant)
     counter.history = list(history)
     return float(counter.get_epsilon(delta=delta))
 

@@ -65,6 +65,9 @@ class FederationSite:
     # sha256 content digests of app bundles this site accepts besides its own installed fedpath version
     # (`fedpath-site bundle-digest`); a run with any other bundle is refused (refusal 12)
     allowed_bundles: tuple[str, ...] = ()
+    # Keep a copy of every reply vector this site sent (before SecAgg+ masks it) in state/sent/<federation>/,
+    # for the hospital's own audits: the masked sum the server read can be checked against them.
+    keep_sent_replies: bool = False
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
-"""The consortium's Flower ServerApp: rounds of train-at-the-sites, aggregate, evaluate-at-the-sites.
+"""The consortium's Flower ServerApp: exchanges in which the sites score the model they receive,
+train it, and reply with one vector the server reads only summed over sites.
 
 `fedpath-server run` creates the run folder and submits this app with ``run-dir`` in the run
 config; `fedpath-server resume` submits it again for the same folder, and the app continues
-after the last checkpoint. It runs on Flower's legacy workflow because Flower's SecAgg+
-runs only there (``../shared/notes/flower.md``).
+after the last checkpoint. A run of T rounds is T + 1 exchanges: the last one only scores the
+final model. It runs on Flower's legacy workflow because Flower's SecAgg+ runs only there
+(``docs/library-notes.md``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from shared.parameters import model_arrays
 from shared.round_plan import RoundPlan
 
 RUN_DIR_KEY = "run-dir"
+REPRODUCIBLE_NOISE_KEY = "reproducible-noise"
+"""Run config key `fedpath-sim run` sets when sim.yaml asks for replayable DP noise (deployed sites refuse it)."""
 
 log = logging.getLogger("fedpath.server")
 app = ServerApp()
@@ -49,30 +53,37 @@ def main(grid, context: Context) -> None:
 
 def run_federation(grid, context: Context, folder: RunFolder) -> None:
     config = folder.config()
-    folder.write_status(state="running", message="starting", total_rounds=config.federation.rounds)
+    total = config.federation.rounds
+    folder.write_status(state="running", message="starting", total_rounds=total)
     initial = initial_model(config)
     names = list(initial)
-    recorder = RunRecorder(folder, config, names)
+    reproducible = str(context.run_config.get(REPRODUCIBLE_NOISE_KEY, "")).lower() == "true"
+    recorder = RunRecorder(folder, config, names, reproducible_noise=reproducible)
     latest = recorder.resume()
-    arrays = list(initial.values()) if latest is None else list(latest.arrays.values())
-    done = 0 if latest is None else latest.round
-    remaining = config.federation.rounds - done
-    if remaining <= 0:
-        log.info("%s: all %d rounds are already done", folder.path, config.federation.rounds)
+    if latest is None:  # round 0: the initial model, scored by the sites in the first exchange
+        recorder.save_model(0, list(initial.values()), {})
+        latest = recorder.latest
+    done = latest.round
+    exchanges = (total - done) + (0 if done >= total and recorder.latest_closed else 1)
+    if exchanges <= 0:
+        log.info("%s: all %d rounds are already done and scored", folder.path, total)
         return
-    log.info("%s: rounds %d..%d of %d (%s)", folder.path, done + 1, config.federation.rounds,
-             config.federation.rounds, "resumed" if done else "new run")
+    log.info("%s: rounds %d..%d of %d%s (%s)", folder.path, done + 1, total, total,
+             ", then scoring the final model", "resumed" if done else "new run")
     registry = SiteRegistry(StatePaths(config).registry)
+    workflow = fit_workflow(config)
     strategy = FederationStrategy(
-        config, build_strategy(config), recorder, [(n, tuple(a.shape)) for n, a in initial.items()], arrays,
-        first_round=done + 1, plan_for=lambda round_: round_plan(config, folder.federation_id, round_),
-        site_name=registry.name_for)
-    legacy = LegacyContext(context, config=FlowerServerConfig(num_rounds=remaining,
+        config, build_strategy(config), recorder, [(n, tuple(a.shape)) for n, a in initial.items()],
+        list(latest.arrays.values()), first_round=done + 1,
+        plan_for=lambda round_: round_plan(config, folder.federation_id, round_, reproducible),
+        site_name=registry.name_for, on_sampled=None if workflow is None else workflow.round_size)
+    legacy = LegacyContext(context, config=FlowerServerConfig(num_rounds=exchanges,
                                                               round_timeout=config.federation.round_timeout),
                            strategy=strategy)
-    wire_log = WireLog(folder.path / "wire.jsonl") if config.federation.wire_log else None
-    DefaultWorkflow(fit_workflow=fit_workflow(config))(
-        TimeoutGrid(grid, config.federation.round_timeout, wire_log), legacy)
+    observers = [strategy.observe]
+    if config.federation.wire_log:
+        observers.append(WireLog(folder.path / "wire.jsonl").record)
+    DefaultWorkflow(fit_workflow=workflow)(TimeoutGrid(grid, config.federation.round_timeout, observers), legacy)
 
 
 def initial_model(config: ServerConfig):
@@ -82,14 +93,22 @@ def initial_model(config: ServerConfig):
     return model_arrays(build_trainable(config.model, len(config.classes), config.trunk_weights))
 
 
-def round_plan(config: ServerConfig, federation_id: str, round_: int) -> RoundPlan:
-    training, secagg = config.training, config.secure_aggregation
+def evaluated(config: ServerConfig, round_: int) -> bool:
+    """Whether the sites score the model they receive in fedpath round ``round_`` (model ``round_ - 1``):
+    every ``evaluate_every`` rounds, and always in the last, scoring-only exchange."""
+    return (round_ - 1) % config.federation.evaluate_every == 0 or round_ == config.federation.rounds + 1
+
+
+def round_plan(config: ServerConfig, federation_id: str, round_: int, reproducible_noise: bool = False) -> RoundPlan:
+    training, secagg, rounds = config.training, config.secure_aggregation, config.federation.rounds
     return RoundPlan(
-        federation_id=federation_id, round=round_, planned_rounds=config.federation.rounds,
+        federation_id=federation_id, round=round_, planned_rounds=rounds,
         classes=config.classes, positive_class=config.positive_class, model=config.model,
         sequence_length=training.sequence_length, epochs=training.epochs, batch_size=training.batch_size,
         learning_rate=training.learning_rate, seed=training.seed,
         proximal_mu=config.strategy.proximal_mu if config.strategy.name == "fedprox" else 0.0,
         privacy=config.privacy, max_update_norm=config.federation.max_update_norm,
-        secagg_clipping_range=secagg.clipping_range if secagg.enabled else None,
-        secagg_max_weight=secagg.max_weight if secagg.enabled else None)
+        secagg_clipping_range=secagg.clipping_range if secagg.enabled else None, weight_scale=secagg.max_weight,
+        train=round_ <= rounds, evaluate=evaluated(config, round_),
+        evaluations=sum(evaluated(config, r) for r in range(1, rounds + 2)),
+        evaluation_bins=config.federation.evaluation_bins, reproducible_noise=reproducible_noise)

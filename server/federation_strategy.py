@@ -1,11 +1,18 @@
-"""The round logic around Flower's aggregation rule: who takes part, what they are told, what is
-accepted, and what is recorded.
+"""The round logic around Flower's sampling and aggregation rules: who takes part, what they are told,
+what is read back from their replies, and what is recorded.
 
-``FederationStrategy`` wraps a Flower strategy (``server/strategies.py``): it waits for the
-minimum number of sites (with the round timeout, then fails with a clear message), sends
-every site the ``RoundPlan``, sets refused and malformed updates aside, applies the
-aggregated update to the global model, and hands every round to the ``RunRecorder``.
-Round numbers continue across a resume (``first_round``).
+Every exchange is one Flower training round. In fedpath round ``r`` the sites score the model they
+received (the global model after round ``r - 1``), train it, and reply with one vector that the
+server reads only summed over sites (``shared/round_sums.py``): the patient-weighted update, the
+number of training patients and the evaluation counts. A last exchange after the final round only
+scores the final model. So round ``r``'s reply completes model ``r - 1``'s record (its metrics)
+and creates model ``r``; the ``RunRecorder`` writes both.
+
+Under SecAgg+ every reply the strategy sees carries the same unmasked mean of the vectors, and
+``m`` (the number of replies) times it is their sum. Without SecAgg+ the replies are the sites'
+own vectors: each is checked (shapes, finite, norm) and the robust rules (median, trimmed mean,
+Krum: Flower's own) aggregate the sites' decoded updates. FedAvg and FedProx need no rule: the sum
+of ``patients · update`` over the sum of ``patients`` is FedAvg weighted by patients.
 """
 
 from __future__ import annotations
@@ -16,20 +23,27 @@ import time
 from typing import Callable
 
 import numpy as np
-from flwr.common import (EvaluateIns, EvaluateRes, FitIns, FitRes, Parameters, ndarrays_to_parameters,
-                         parameters_to_ndarrays)
+from flwr.app import Message
+from flwr.common import (Code, EvaluateIns, EvaluateRes, FitIns, FitRes, Parameters, Status,
+                         ndarrays_to_parameters, parameters_to_ndarrays)
+from flwr.app.message_type import MessageType
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
-from server.round_metrics import SiteRound, confusion_from_metrics
+from server.round_metrics import SiteRound
 from server.run_recorder import RunRecorder
 from server.server_config import ServerConfig
 from shared.errors import UserError
 from shared.parameters import add, update_problem
-from shared.round_plan import REFUSALS, RoundPlan
+from shared.refusals import REFUSAL_ERROR_BASE, refusal_text
+from shared.round_plan import RoundPlan
+from shared.round_sums import CountLayout, RoundSums, decode_sum
 
 log = logging.getLogger("fedpath.server")
+
+SUMMED = ("fedavg", "fedprox")
+"""Strategies whose aggregate is the patient-weighted mean: read straight from the summed replies."""
 
 
 class FederationError(UserError):
@@ -37,21 +51,51 @@ class FederationError(UserError):
 
 
 class FederationStrategy(Strategy):
+    """Args:
+        config: the consortium's server.yaml.
+        inner: Flower's strategy of ``strategy.name``: samples the sites, and aggregates the decoded
+            per-site updates for the robust rules (plain replies only).
+        recorder: writes checkpoints, cards, audit records and reports.
+        shapes: (name, shape) of every trainable tensor, in the wire order.
+        global_arrays: the global model to start from.
+        first_round: fedpath's number of the first exchange (rounds continue across a resume).
+        plan_for: the round plan of a fedpath round.
+        site_name: a node id's hospital name.
+        on_sampled: called with the number of sites sampled for a round, before the round starts
+            (SecAgg+ sets the round's reconstruction threshold from it).
+    """
+
     def __init__(self, config: ServerConfig, inner: Strategy, recorder: RunRecorder,
                  shapes: list[tuple[str, tuple[int, ...]]], global_arrays: list[np.ndarray], first_round: int,
-                 plan_for: Callable[[int], RoundPlan], site_name: Callable[[int], str]) -> None:
+                 plan_for: Callable[[int], RoundPlan], site_name: Callable[[int], str],
+                 on_sampled: Callable[[int], None] | None = None) -> None:
         self.config, self.inner, self.recorder = config, inner, recorder
         self.shapes, self.global_arrays = shapes, global_arrays
         self.offset = first_round - 1
-        self.plan_for, self.site_name = plan_for, site_name
+        self.plan_for, self.site_name, self.on_sampled = plan_for, site_name, on_sampled
+        self.layout = CountLayout(len(config.classes), config.federation.evaluation_bins,
+                                  config.classes.index(config.positive_class) if config.positive_class else 1)
         self.sites: dict[str, SiteRound] = {}
         self.clock: dict[str, float] = {}  # phase boundaries of the current round (monotonic seconds)
+        self.aggregated: int | None = None  # the last fedpath round whose replies were read
 
     def __repr__(self) -> str:
         return f"FederationStrategy({self.inner!r})"
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters:
         return ndarrays_to_parameters(self.global_arrays)
+
+    def observe(self, replies: list[Message]) -> None:
+        """Every reply of the round's exchanges (TimeoutGrid): error replies name their site's refusal."""
+        for reply in replies:
+            if reply.metadata.message_type != MessageType.TRAIN or not reply.has_error():
+                continue
+            site = self.sites.setdefault(self.site_name(reply.metadata.src_node_id), SiteRound())
+            code = reply.error.code
+            site.refused = code - REFUSAL_ERROR_BASE if code >= REFUSAL_ERROR_BASE else site.refused
+            log.warning("round %d: %s answered with an error: %s", self.offset + int(reply.metadata.group_id or 0),
+                        self.site_name(reply.metadata.src_node_id),
+                        refusal_text(site.refused) if code >= REFUSAL_ERROR_BASE else f"Flower error {code}")
 
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
@@ -60,85 +104,107 @@ class FederationStrategy(Strategy):
         self._wait_for_sites(client_manager, round_)
         self.clock = {"start": time.monotonic()}
         plan = self.plan_for(round_).to_config()
-        return [(proxy, FitIns(ins.parameters, {**ins.config, **plan}))
-                for proxy, ins in self.inner.configure_fit(server_round, parameters, client_manager)]
+        sampled = self.inner.configure_fit(server_round, parameters, client_manager)
+        if self.on_sampled is not None:
+            self.on_sampled(len(sampled))
+        return [(proxy, FitIns(ins.parameters, {**ins.config, **plan})) for proxy, ins in sampled]
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list) -> tuple[Parameters | None, dict]:
         round_ = self.offset + server_round
+        plan = self.plan_for(round_)
         self.clock["fit_done"] = time.monotonic()
-        accepted = []
         for proxy, res in results:
-            name = self.site_name(proxy.node_id)
-            site = self.sites.setdefault(name, SiteRound())
-            metrics = res.metrics
-            site.refused = int(metrics.get("refused", 0))
-            for key in ("train_loss", "epsilon", "delta", "would_spend", "budget_epsilon", "train_seconds"):
-                setattr(site, key, float(metrics.get(key, math.nan)))
+            site = self.sites.setdefault(self.site_name(proxy.node_id), SiteRound())
+            site.answered = True
+            site.disclosed = {key: float(value) for key, value in res.metrics.items()}
+            site.refused = int(res.metrics.get("refused", 0))
             if site.refused:
-                log.warning("round %d: %s sat out: %s", round_, name, REFUSALS.get(site.refused, site.refused))
-                continue
-            problem = self._update_problem(parameters_to_ndarrays(res.parameters), res.num_examples)
-            if problem:
-                log.warning("round %d: update of %s rejected: %s", round_, name, problem)
-                site.rejected = problem
-                continue
-            site.examples = res.num_examples
-            accepted.append((proxy, res))
+                log.warning("round %d: %s sat out: %s", round_, self.site_name(proxy.node_id),
+                            refusal_text(site.refused))
         if failures:
-            log.warning("round %d: %d site(s) failed or did not answer: %s", round_, len(failures),
-                        "; ".join(_failure_text(f) for f in failures))
-        minimum = self.config.federation.min_sites
-        if len(accepted) < minimum:
-            raise FederationError(
-                f"round {round_} failed: {len(accepted)} site(s) sent a usable update, the minimum is {minimum} "
-                f"(federation.min_sites); {len(failures)} failed or timed out, "
-                f"{sum(1 for s in self.sites.values() if s.refused)} refused. See `fedpath-server status`.")
-        aggregated, _ = self.inner.aggregate_fit(server_round, accepted, failures)
-        update = parameters_to_ndarrays(aggregated)
-        problem = self._update_problem(update, 1)
-        if problem:
-            raise FederationError(f"round {round_} failed: the aggregated update is unusable: {problem}")
-        self.global_arrays = add(self.global_arrays, update)
+            log.warning("round %d: %d reply/replies failed or did not arrive", round_, len(failures))
+        sums, trained = self._read(round_, results, plan.train)
+        if plan.train:
+            minimum = self.config.federation.min_sites
+            if sums is None or sums.update is None or trained < minimum:
+                raise FederationError(
+                    f"round {round_} failed: {trained} site(s) sent a usable update, the minimum is {minimum} "
+                    f"(federation.min_sites); {len(failures)} failed or timed out, "
+                    f"{sum(1 for s in self.sites.values() if s.refused)} refused. See `fedpath-server status`.")
+            problem = update_problem(self.shapes, sums.update, self.config.federation.max_update_norm)
+            if problem:
+                raise FederationError(f"round {round_} failed: the aggregated update is unusable: {problem}")
+        evaluation = sums.evaluation.metrics(self.config.classes, self.config.positive_class) \
+            if sums is not None and plan.evaluate else None
+        self.recorder.close_model(round_ - 1, evaluation)
+        if plan.train:
+            self.global_arrays = add(self.global_arrays, sums.update)
+            self.recorder.save_model(round_, self.global_arrays, self.sites, self._timing(),
+                                     patients=sums.patients)
+        self.aggregated = round_
         return ndarrays_to_parameters(self.global_arrays), {}
+
+    def _read(self, round_: int, results: list[tuple[ClientProxy, FitRes]],
+              training: bool) -> tuple[RoundSums | None, int]:
+        """The round's sums from the replies, and how many sites contributed an update."""
+        scale = self.config.secure_aggregation.max_weight
+        replies = [(proxy, self.site_name(proxy.node_id), parameters_to_ndarrays(res.parameters))
+                   for proxy, res in results]
+        if not replies:
+            return None, 0
+        if self.config.secure_aggregation.enabled:
+            # Every reply carries the unmasked mean of the m masked vectors: m times it is their sum.
+            mean = replies[0][2]
+            trained = sum(1 for _, name, _ in replies if self.sites[name].trained)
+            return decode_sum([a * len(replies) for a in mean], self.layout, scale), trained
+        usable = []
+        for proxy, name, vector in replies:  # plain replies: each site's own vector, checked one by one
+            one = decode_sum(vector, self.layout, scale)
+            if one.update is None:
+                problem = "no training patients" if training and self.sites[name].trained else None
+            else:
+                problem = update_problem(self.shapes, one.update, self.config.federation.max_update_norm)
+            if problem:
+                log.warning("round %d: reply of %s rejected: %s", round_, name, problem)
+                self.sites[name].rejected = problem
+                continue
+            usable.append((proxy, vector, one))
+        if not usable:
+            return None, 0
+        total = decode_sum([sum(parts) for parts in zip(*(vector for _, vector, _ in usable))], self.layout, scale)
+        trained = [(proxy, one) for proxy, _, one in usable if one.update is not None]
+        if self.config.strategy.name in SUMMED or not trained:
+            return total, len(trained)
+        robust = [(proxy, FitRes(Status(code=Code.OK, message=""), ndarrays_to_parameters(one.update),
+                                 max(1, round(one.patients)), {})) for proxy, one in trained]
+        aggregated, _ = self.inner.aggregate_fit(round_ - self.offset, robust, [])
+        return RoundSums(parameters_to_ndarrays(aggregated), total.patients, total.evaluation), len(trained)
 
     def configure_evaluate(self, server_round: int, parameters: Parameters,
                            client_manager: ClientManager) -> list[tuple[ClientProxy, EvaluateIns]]:
         round_ = self.offset + server_round
-        if "fit_done" not in self.clock:  # SecAgg+ halted before unmasking: no update this round
+        if self.aggregated != round_:  # SecAgg+ halted before unmasking: nothing was read this round
             raise FederationError(
-                f"round {round_} failed: secure aggregation stopped before the sum could be unmasked (fewer than "
-                f"secure_aggregation.reconstruction_threshold sites completed its stages). See the run's log.")
-        plan = self.plan_for(round_).to_config()
-        self.clock["evaluate_start"] = time.monotonic()
-        return [(proxy, EvaluateIns(ins.parameters, {**ins.config, **plan}))
-                for proxy, ins in self.inner.configure_evaluate(server_round, parameters, client_manager)]
+                f"round {round_} failed: secure aggregation stopped before the sum could be unmasked (fewer sites "
+                "than the round's reconstruction threshold completed its stages, or sites refused its settings). "
+                "See the run's log and `fedpath-server status`.")
+        return []  # evaluation rides in the next training exchange, inside the masked sum
 
     def aggregate_evaluate(self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]],
                            failures: list) -> tuple[float | None, dict]:
-        round_ = self.offset + server_round
-        for proxy, res in results:
-            site = self.sites.setdefault(self.site_name(proxy.node_id), SiteRound())
-            site.val_slides, site.val_loss = res.num_examples, float(res.loss)
-            site.eval = {k: float(v) for k, v in res.metrics.items() if not k.startswith("cm_")}
-            site.confusion = confusion_from_metrics(res.metrics, len(self.config.classes))
-            if math.isnan(site.epsilon):
-                site.epsilon = float(res.metrics.get("epsilon", math.nan))
-        entry = self.recorder.finish_round(round_, self.global_arrays, self.sites, self._timing())
-        loss = entry["global"]["loss"]
-        return (None if math.isnan(loss) else loss), {}
-
-    def _timing(self) -> dict[str, float]:
-        """Where the round's time went: the sites' own training against everything else."""
-        now, clock = time.monotonic(), self.clock
-        train = [s.train_seconds for s in self.sites.values() if not math.isnan(s.train_seconds)]
-        start = clock.get("start", now)
-        return {"round_s": now - start, "fit_phase_s": clock.get("fit_done", now) - start,
-                "evaluate_phase_s": now - clock.get("evaluate_start", now),
-                "site_train_s_max": max(train) if train else math.nan}
+        return None, {}
 
     def evaluate(self, server_round: int, parameters: Parameters) -> None:
         return None  # the server holds no data: evaluation happens at the sites
+
+    def _timing(self) -> dict[str, float]:
+        """Where the round's time went; sites disclose their own training time only if they choose to."""
+        now, clock = time.monotonic(), self.clock
+        train = [s.value("train_seconds") for s in self.sites.values() if not math.isnan(s.value("train_seconds"))]
+        start = clock.get("start", now)
+        return {"round_s": now - start, "fit_phase_s": clock.get("fit_done", now) - start,
+                "site_train_s_max": max(train) if train else math.nan}
 
     def _wait_for_sites(self, client_manager: ClientManager, round_: int) -> None:
         minimum, timeout = self.config.federation.min_sites, self.config.federation.round_timeout
@@ -147,17 +213,3 @@ class FederationStrategy(Strategy):
                 f"round {round_} cannot start: {client_manager.num_available()} site(s) online after waiting "
                 f"{timeout:g} s, federation.min_sites is {minimum}. Start more sites (`fedpath-site start`) and "
                 "`fedpath-server resume` the run.")
-
-    def _update_problem(self, arrays: list[np.ndarray], examples: int) -> str | None:
-        if examples <= 0:
-            return "no training examples"
-        # Under SecAgg+ every reply carries the unmasked sum; its norm bound is the same (a mean of
-        # updates within the bound stays within it).
-        return update_problem(self.shapes, arrays, self.config.federation.max_update_norm)
-
-
-def _failure_text(failure) -> str:
-    if isinstance(failure, BaseException):
-        return str(failure) or type(failure).__name__
-    proxy, res = failure
-    return f"node {proxy.node_id}: {res.status.message}"

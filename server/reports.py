@@ -1,9 +1,12 @@
 """What a person reads after a run: the metrics as JSON and CSV, learning curves, a console line.
 
-``rounds`` is the server's history, one entry per round::
+``rounds`` is the server's history, one entry per scored model (round 0 is the initial model)::
 
-    {"round": 3, "global": {"loss": 0.51, "auc": 0.80, ...},
-     "sites": {"hospital-a": {"train_loss": 0.47, "epsilon": 2.9, ...}, ...}}
+    {"round": 3, "global": {"accuracy": 0.81, "auc": 0.80, "examples": 120, ...},
+     "sites": {"hospital-a": {"epsilon": 2.9, "refused": 0, "trained": true}, ...}}
+
+Global metrics come from the masked sum of the sites' noisy evaluation counts; per site there is
+only what a hospital discloses (by default its ε and refusal code).
 
 Metrics may be missing, None or nan (a one-class validation set has no AUC); every output
 shows them as absent rather than failing or inventing a value. The CSV is in long format
@@ -30,16 +33,18 @@ GLOBAL = "global"
 """The scope of the aggregated model's metrics, beside one scope per site."""
 
 PANELS = (
-    ("Loss", "cross-entropy", (("loss", "-"), ("train_loss", "--"))),
-    ("Accuracy", "accuracy", (("accuracy", "-"),)),
+    ("Accuracy", "accuracy", (("accuracy", "-"), ("balanced_accuracy", "--"))),
+    ("Sensitivity / specificity", "rate", (("sensitivity", "-"), ("specificity", "--"))),
     ("AUC", "ROC AUC", (("auc", "-"),)),
+    ("ε spent per site", "ε", (("epsilon", "-"),)),
 )
 """(title, y label, ((metric, line style), ...)) of each subplot of ``curves.png``."""
 
-LINE_LABELS = {"loss": "validation", "train_loss": "train"}
-"""How the loss panel's two line styles are named in the legend."""
+LINE_LABELS = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "sensitivity": "sensitivity",
+               "specificity": "specificity"}
+"""How the line styles of a panel with two metrics are named in the legend."""
 
-CONSOLE_METRICS = (("loss", "loss"), ("accuracy", "acc"), ("sensitivity", "sens"),
+CONSOLE_METRICS = (("accuracy", "acc"), ("balanced_accuracy", "bal"), ("sensitivity", "sens"),
                    ("specificity", "spec"), ("auc", "AUC"))
 """(metric, short name) of the global metrics on the console line, in order."""
 
@@ -59,7 +64,8 @@ def round_line(entry: dict[str, Any]) -> str:
     ε is per site (each hospital spends its own budget), so the largest one is what a budget
     is closest to running out.
     """
-    parts = [f"round {entry['round']:>2}", f"sites {len(entry.get('sites', {}))}"]
+    trained = sum(1 for site in entry.get("sites", {}).values() if site.get("trained"))
+    parts = [f"round {entry['round']:>2}", f"sites {trained}"]
     metrics = entry.get("global", {})
     parts += [f"{short} {_format(metrics.get(name), '.3f')}" for name, short in CONSOLE_METRICS]
     epsilons = [value for site in entry.get("sites", {}).values() if _is_number(value := site.get("epsilon"))]
@@ -89,7 +95,7 @@ def _curves(rounds: list[dict[str, Any]]) -> Figure:
     widths = {GLOBAL: 2.5} | {site: 1.0 for site in sites}
     x = [entry["round"] for entry in rounds]
 
-    figure = Figure(figsize=(15, 4.5), layout="constrained")
+    figure = Figure(figsize=(19, 4.5), layout="constrained")
     for axes, (title, ylabel, lines) in zip(figure.subplots(1, len(PANELS), sharex=True), PANELS):
         drawn = False
         for scope in [GLOBAL, *sites]:
@@ -111,8 +117,8 @@ def _curves(rounds: list[dict[str, Any]]) -> Figure:
         axes.grid(alpha=0.3)
 
     handles = [Line2D([], [], color=colors[scope], linewidth=widths[scope], label=scope) for scope in [GLOBAL, *sites]]
-    handles += [Line2D([], [], color="gray", linestyle=style, label=f"loss: {LINE_LABELS[metric]}")
-                for metric, style in PANELS[0][2]]
+    handles += [Line2D([], [], color="gray", linestyle=style, label=LINE_LABELS[metric])
+                for _, _, lines in PANELS for metric, style in lines if metric in LINE_LABELS]
     figure.legend(handles=handles, loc="outside right upper", fontsize="small")
     return figure
 

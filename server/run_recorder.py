@@ -1,9 +1,17 @@
-"""After every round: checkpoint with model card, audit record, reports and status, in that order.
+"""After every exchange: the new model's checkpoint, then the previous model's metrics, audit record,
+reports and status, in that order.
 
-The checkpoint is written first and the audit record second, so after a crash between the two
-the resumed run appends the missing record from the checkpoint's own card: no round is lost
-from the log and none is recorded twice. Everything the reports show is rebuilt from the
-round cards, so a resumed run's curves cover all rounds.
+A model's metrics arrive one exchange after the model itself (sites score the model they receive,
+inside the masked sum of their next reply), so each checkpoint is saved at once with an open card
+(who trained it, ε per site, patients) and closed when its evaluation arrives: the card gets the
+metrics, the audit log gets the round's record, the reports and ``best.*`` are updated. Round 0 is
+the initial model; the run's last exchange only scores the final model.
+
+The checkpoint is written first and the audit record last, so after a crash the resumed run finds
+either an open card (the next exchange scores that model) or a closed card without its record (it
+appends the record from the card): no round is lost from the log and none is recorded twice.
+Everything the reports show is rebuilt from the closed cards, so a resumed run's curves cover all
+rounds.
 """
 
 from __future__ import annotations
@@ -17,28 +25,36 @@ from datetime import datetime, timezone
 import numpy as np
 
 from server.audit import AuditLog, verify
-from shared.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
 from server.reports import round_line, write_reports
-from server.round_metrics import SiteRound, pooled
+from server.round_metrics import SiteRound
 from server.run_folder import RunFolder
 from server.server_config import ServerConfig
+from shared.checkpoints import Checkpoint, load_checkpoint, save_checkpoint, update_card
 from shared.metrics import to_jsonable
-from shared.round_plan import REFUSALS
+from shared.refusals import refusal_text
 
 log = logging.getLogger("fedpath.server")
 
-CARD_FORMAT = "fedpath-model-card/1"
+CARD_FORMAT = "fedpath-model-card/2"
 
 
 class RunRecorder:
-    def __init__(self, folder: RunFolder, config: ServerConfig, names: list[str]) -> None:
+    def __init__(self, folder: RunFolder, config: ServerConfig, names: list[str],
+                 reproducible_noise: bool = False) -> None:
         self.folder, self.config, self.names = folder, config, names
+        self.reproducible_noise = reproducible_noise
         self.audit = AuditLog(folder.audit_log)
-        self.rounds: list[dict] = []  # one entry per completed round, from the cards
-        self.site_privacy: dict[str, dict] = {}  # site -> latest {epsilon, delta}
-        self.refusals: dict[str, dict] = {}  # site -> {round, reason} of its latest refusal
+        self.rounds: list[dict] = []  # one entry per closed (scored) model, from the cards
+        self.site_privacy: dict[str, dict] = {}  # site -> latest disclosed {epsilon, delta}
+        self.refusals: dict[str, dict] = {}  # site -> {round, code, reason, ...} of its latest refusal
         self.best: float | None = None  # best_metric of the best round so far
         self.best_round: int | None = None
+        self.latest: Checkpoint | None = None
+
+    @property
+    def latest_closed(self) -> bool:
+        """Whether the latest model already has its metrics (then nothing is left to score)."""
+        return self.latest is not None and self.latest.card.get("closed", True)
 
     def resume(self) -> Checkpoint | None:
         """Reload what earlier processes of this run completed; the latest checkpoint, if any."""
@@ -48,30 +64,33 @@ class RunRecorder:
                        for card in sorted((self.folder.path / "checkpoints").glob("round-*.json"))]
         audited = {record.get("round") for record in self.audit.records() if record.get("event") == "round"}
         for checkpoint in checkpoints:
-            self._absorb(checkpoint.card)
-            if checkpoint.round not in audited:  # crashed between checkpoint and audit record
-                log.warning("round %d: checkpoint without audit record; appending it from the model card",
+            card = checkpoint.card
+            self.site_privacy, self.refusals = dict(card.get("privacy", {})), dict(card.get("refusals", {}))
+            if not card.get("closed", True):
+                continue
+            self._absorb(card)
+            if checkpoint.round not in audited:  # crashed between closing the card and the audit record
+                log.warning("round %d: closed model card without audit record; appending it from the card",
                             checkpoint.round)
-                self.audit.append(_audit_record(checkpoint.card))
-        latest = checkpoints[-1] if checkpoints else None
-        if latest is not None:
+                self.audit.append(_audit_record(card))
+        self.latest = checkpoints[-1] if checkpoints else None
+        if self.rounds:
             write_reports(self.folder.path, self.rounds)
-        return latest
+        return self.latest
 
-    def finish_round(self, round_: int, arrays: list[np.ndarray], sites: dict[str, SiteRound],
-                     timing: dict[str, float] | None = None) -> dict:
-        entry = {"round": round_, "global": pooled(sites, self.config.classes, self.config.positive_class),
-                 "sites": {name: site.as_entry() for name, site in sorted(sites.items())}, "timing": timing or {}}
+    def save_model(self, round_: int, arrays: list[np.ndarray], sites: dict[str, SiteRound],
+                   timing: dict[str, float] | None = None, patients: float = 0.0) -> None:
+        """Checkpoint the model that round ``round_`` produced, with an open card (metrics to come)."""
         for name, site in sites.items():
-            if not math.isnan(site.epsilon):
-                self.site_privacy[name] = {"epsilon": site.epsilon, "delta": site.delta}
+            if not math.isnan(site.value("epsilon")):
+                self.site_privacy[name] = {"epsilon": site.value("epsilon"), "delta": site.value("delta")}
             if site.refused:
-                self.refusals[name] = {"round": round_, "code": site.refused, "reason": REFUSALS[site.refused],
-                                       "epsilon_spent": site.epsilon, "would_spend": site.would_spend,
-                                       "budget_epsilon": site.budget_epsilon}
+                self.refusals[name] = {"round": round_, "code": site.refused, "reason": refusal_text(site.refused),
+                                       "epsilon_spent": _number(site.value("epsilon")),
+                                       "would_spend": _number(site.value("would_spend")),
+                                       "budget_epsilon": _number(site.value("budget_epsilon"))}
         run_info = self.folder.run_info()
-        score = entry["global"].get(self.config.federation.best_metric)
-        is_best = score is not None and not math.isnan(score) and (self.best is None or score > self.best)
+        trained = sorted(name for name, site in sites.items() if site.trained)
         card = to_jsonable({
             "format": CARD_FORMAT,
             "consortium": self.config.name,
@@ -87,24 +106,42 @@ class RunRecorder:
             "training": asdict(self.config.training),
             "strategy": self.config.strategy.name,
             "privacy_target": {"epsilon": self.config.privacy.epsilon, "delta": self.config.privacy.delta,
-                               "required": self.config.privacy.required},
-            "sites_this_round": sorted(n for n, s in sites.items() if s.examples > 0),
-            "sites_all": sorted({*self._all_sites(), *(n for n, s in sites.items() if s.examples > 0)}),
+                               "required": self.config.privacy.required,
+                               "evaluation_share": self.config.privacy.evaluation_share},
+            # Simulations only: the sites' DP noise was seeded from the plan, so it can be replayed.
+            "reproducible_noise": self.reproducible_noise,
+            "secure_aggregation": self.config.secure_aggregation.enabled,
+            "sites_this_round": trained,
+            "sites_all": sorted({*self._all_sites(), *trained}),
             "privacy": self.site_privacy,
             "refusals": self.refusals,
             "rejected_updates": {name: site.rejected for name, site in sorted(sites.items()) if site.rejected},
-            "metrics": entry,
-            # This round's audit record chains onto this hash (its prev_hash): the card names the
-            # history it came from, though it cannot hold the hash of a record that hashes the card.
-            "audit_prev_hash": self.audit.last_hash(),
+            "metrics": {"round": round_, "global": {"examples": patients},
+                        "sites": {name: site.as_entry() for name, site in sorted(sites.items())}, "timing": timing or {}},
+            "closed": False,
         })
-        path = save_checkpoint(self.folder.path, round_, OrderedDict(zip(self.names, arrays)), card, best=is_best)
-        card = load_checkpoint(path).card
+        path = save_checkpoint(self.folder.path, round_, OrderedDict(zip(self.names, arrays)), card, best=False)
+        self.latest = load_checkpoint(path)
+        self.folder.write_status(state="running", round=round_, total_rounds=run_info["total_rounds"],
+                                 sites=self._site_status(card), best_round=self.best_round)
+
+    def close_model(self, round_: int, evaluation: dict[str, float] | None) -> dict | None:
+        """Complete model ``round_``'s card with its evaluation (None: not scored this time), append its audit
+        record, refresh reports and status; the round's metrics entry (None if already closed)."""
+        if self.latest is None or self.latest.round != round_ or self.latest.card.get("closed", True):
+            return None  # scored again after a resume: the first scoring stands
+        card = self.latest.card
+        entry = card["metrics"]
+        entry["global"] = {**entry["global"], **(evaluation or {}), "evaluated": evaluation is not None}
+        score = (evaluation or {}).get(self.config.federation.best_metric)
+        is_best = score is not None and not math.isnan(score) and (self.best is None or score > self.best)
+        card = update_card(self.folder.path, round_, {"metrics": entry, "closed": True,
+                                                      "audit_prev_hash": self.audit.last_hash()}, best=is_best)
         record = self.audit.append(_audit_record(card))
+        self.latest = load_checkpoint(self.latest.path)
         self._absorb(card)
         write_reports(self.folder.path, self.rounds)
-        self.folder.write_status(state="running", round=round_, total_rounds=card["total_rounds"],
-                                 sites=self._site_status(), audit_last_hash=record["hash"],
+        self.folder.write_status(state="running", evaluated_round=round_, audit_last_hash=record["hash"],
                                  best_round=self.best_round)
         line = round_line(entry)
         log.info("%s", line)
@@ -113,22 +150,24 @@ class RunRecorder:
 
     def _absorb(self, card: dict) -> None:
         self.rounds = [r for r in self.rounds if r["round"] != card["round"]] + [card["metrics"]]
-        self.site_privacy = dict(card.get("privacy", {}))
-        self.refusals = dict(card.get("refusals", {}))
         score = card["metrics"]["global"].get(self.config.federation.best_metric)
         if score is not None and (self.best is None or score > self.best):
             self.best, self.best_round = score, card["round"]
 
     def _all_sites(self) -> set[str]:
-        return {name for entry in self.rounds for name, site in entry["sites"].items() if site.get("examples")}
+        return {name for entry in self.rounds for name, site in entry["sites"].items() if site.get("trained")}
 
-    def _site_status(self) -> dict:
-        names = sorted({*self.site_privacy, *self.refusals, *self._all_sites()})
-        last = self.rounds[-1]["sites"] if self.rounds else {}
+    def _site_status(self, card: dict) -> dict:
+        names = sorted({*self.site_privacy, *self.refusals, *card["metrics"]["sites"]})
+        last = card["metrics"]["sites"]
         return {name: {"epsilon": self.site_privacy.get(name, {}).get("epsilon"),
                        "delta": self.site_privacy.get(name, {}).get("delta"),
-                       "in_last_round": bool(last.get(name, {}).get("examples")),
+                       "in_last_round": bool(last.get(name, {}).get("trained")),
                        "refusal": self.refusals.get(name)} for name in names}
+
+
+def _number(value: float) -> float | None:
+    return None if math.isnan(value) else value
 
 
 def _audit_record(card: dict) -> dict:

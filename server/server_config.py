@@ -41,15 +41,33 @@ class StrategyConfig:
     krum_keep: int = check(at_least(0), 0)  # krum: average the best k (0: pick one, plain Krum)
 
 
+def _threshold_rule(value) -> str | None:
+    if value == "majority" or (isinstance(value, int) and value >= 1):
+        return None
+    return "must be 'majority' or a number of sites >= 1"
+
+
 @dataclass(frozen=True)
 class SecureAggregationConfig:
-    """Flower's SecAgg+: the server sees only the masked sum of the sites' updates."""
+    """Flower's SecAgg+: the server sees only the masked sum of the sites' replies."""
 
     enabled: bool = True
-    reconstruction_threshold: int = check(at_least(2), 2)  # sites whose shares unmask a dropped site's mask
+    # Sites whose shares are needed to unmask: a strict majority of the round's sites (n // 2 + 1, computed
+    # every round) unless a larger number is given. A smaller number lets fewer colluding sites (with the
+    # server) unmask one site's reply; it is refused unless allow_weak_threshold, and sites refuse it anyway.
+    reconstruction_threshold: int | Literal["majority"] = check(_threshold_rule, "majority")
+    allow_weak_threshold: bool = False  # accept a reconstruction_threshold below a strict majority (logged loudly)
     clipping_range: float = check(positive, 1.0)  # |update value| allowed; sites refuse rather than be clipped
     quantization_range: int = check(lambda q: None if 1024 <= q <= 2**26 else "must be in [1024, 2**26]", 2**26)
     max_weight: int = check(at_least(1), 1000)  # most patients one site may train on (precision depends on it)
+
+    def threshold_for(self, sites: int) -> int:
+        """The reconstruction threshold of a round with ``sites`` sampled sites."""
+        majority = sites // 2 + 1
+        if self.reconstruction_threshold == "majority":
+            return majority
+        return self.reconstruction_threshold if self.allow_weak_threshold else max(self.reconstruction_threshold,
+                                                                                     majority)
 
 
 @dataclass(frozen=True)
@@ -61,6 +79,10 @@ class FederationConfig:
     best_metric: Literal["auc", "accuracy", "balanced_accuracy"] = "auc"  # which checkpoint is `best`
     max_update_norm: float = check(positive, 10.0)  # L2 norm bound of one site's update, checked at both ends
     wire_log: bool = False  # write wire.jsonl: the structure of every reply the sites sent (audits, tests)
+    # Sites score the model they receive every this many rounds (and the final model always); each
+    # evaluation is a private release charged to every site's ledger.
+    evaluate_every: int = check(at_least(1), 1)
+    evaluation_bins: int = check(lambda b: None if b >= 2 and b % 2 == 0 else "must be an even number >= 2", 10)
 
 
 @dataclass(frozen=True)
@@ -103,10 +125,20 @@ class ServerConfig:
         if secagg.enabled and strategy.name in ("median", "trimmed_mean", "krum"):
             raise ValueError(f"strategy {strategy.name} needs every site's update, but secure_aggregation shows the "
                              "server only their sum: use fedavg/fedprox, or set secure_aggregation.enabled: false")
-        if secagg.enabled and self.federation.min_sites < secagg.reconstruction_threshold:
-            raise ValueError(f"federation.min_sites ({self.federation.min_sites}) is below "
-                             f"secure_aggregation.reconstruction_threshold ({secagg.reconstruction_threshold}): a round "
-                             "with that few sites could never unmask its sum")
+        if secagg.enabled and self.federation.min_sites < 2:
+            raise ValueError("federation.min_sites must be at least 2 with secure_aggregation (a sum of one site's "
+                             "reply is that reply)")
+        threshold = secagg.reconstruction_threshold
+        if secagg.enabled and threshold != "majority":
+            if threshold < self.federation.min_sites // 2 + 1 and not secagg.allow_weak_threshold:
+                raise ValueError(f"secure_aggregation.reconstruction_threshold {threshold} is below a strict majority "
+                                 f"of federation.min_sites ({self.federation.min_sites}): fewer colluding sites could "
+                                 "unmask one site's reply. Use 'majority' (the default); sites refuse weaker rounds "
+                                 "anyway. allow_weak_threshold: true overrides this check (logged every round)")
+            if self.federation.min_sites < threshold:
+                raise ValueError(f"federation.min_sites ({self.federation.min_sites}) is below "
+                                 f"secure_aggregation.reconstruction_threshold ({threshold}): a round with that few "
+                                 "sites could never unmask its sum")
         if secagg.enabled and secagg.clipping_range < self.federation.max_update_norm / 1e3:
             raise ValueError("secure_aggregation.clipping_range is so small that most updates allowed by "
                              "federation.max_update_norm would be refused")

@@ -90,6 +90,28 @@ def save_checkpoint(run_dir: Path, round: int, arrays: dict[str, np.ndarray], ca
     return npz
 
 
+def update_card(run_dir: Path, round: int, changes: dict[str, Any], best: bool) -> dict[str, Any]:
+    """Merge ``changes`` into round ``round``'s model card (its parameters and sha256 stay as saved), refresh
+    ``latest.json`` when that round is the latest and ``best.*`` when ``best``; the new card.
+
+    A round's metrics arrive one exchange after its model (sites score the model they receive), so
+    the card is completed then; the npz never changes."""
+    clashing = sorted(set(changes) & set(CARD_FIELDS))
+    if clashing:
+        raise ValueError(f"a card update must not change {clashing}.")
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    npz = folder / f"round-{round:04d}.npz"
+    card = {**_read_card(npz), **to_jsonable(changes)}
+    atomic_write_json(card_path(npz), card)
+    latest = folder / "latest.json"
+    if latest.is_file() and json.loads(latest.read_text(encoding="utf-8")).get("round") == round:
+        atomic_write_json(latest, card)
+    if best:
+        atomic_write_bytes(folder / "best.npz", npz.read_bytes())
+        atomic_write_json(folder / "best.json", card)
+    return card
+
+
 def load_checkpoint(path: Path) -> Checkpoint:
     """Load any checkpoint npz (round, latest or best) after verifying it against its card."""
     path = Path(path)

@@ -57,12 +57,12 @@ def classification_metrics(
     metrics: dict[str, Any] = {
         "n": int(len(y_true)),
         "accuracy": float(np.mean(predicted == y_true)),
-        "balanced_accuracy": _nanmean(recalls),
+        "balanced_accuracy": nanmean(recalls),
         "loss": float(-np.mean(np.log(np.clip(probs[np.arange(len(y_true)), y_true], PROB_CLIP, 1.0)))),
         "confusion_matrix": confusion.tolist(),
     }
     if num_classes == 2:
-        positive = _positive_index(class_names, positive_class)
+        positive = positive_index(class_names, positive_class)
         stats = per_class[class_names[positive]]
         metrics.update(
             positive_class=class_names[positive],
@@ -77,10 +77,10 @@ def classification_metrics(
                 f"{num_classes} classes; leave it out (multi-class metrics are reported per class)."
             )
         metrics.update(
-            auc=_nanmean([stats["auc"] for stats in per_class.values()]),
+            auc=nanmean([stats["auc"] for stats in per_class.values()]),
             per_class=per_class,
-            macro_sensitivity=_nanmean(recalls),
-            macro_specificity=_nanmean([stats["specificity"] for stats in per_class.values()]),
+            macro_sensitivity=nanmean(recalls),
+            macro_specificity=nanmean([stats["specificity"] for stats in per_class.values()]),
         )
     return metrics
 
@@ -91,10 +91,10 @@ def confusion_metrics(confusion: np.ndarray, class_names: Sequence[str], positiv
     (rows true, columns predicted): what pooled counts from several sites allow, AUC excepted."""
     confusion = np.asarray(confusion, dtype=np.float64)
     total = float(confusion.sum())
-    recalls = [_ratio(confusion[i, i], confusion[i].sum()) for i in range(len(class_names))]
-    metrics = {"n": total, "accuracy": _ratio(float(np.trace(confusion)), total), "balanced_accuracy": _nanmean(recalls)}
+    recalls = [safe_ratio(confusion[i, i], confusion[i].sum()) for i in range(len(class_names))]
+    metrics = {"n": total, "accuracy": safe_ratio(float(np.trace(confusion)), total), "balanced_accuracy": nanmean(recalls)}
     if len(class_names) == 2:
-        positive = _positive_index(class_names, positive_class)
+        positive = positive_index(class_names, positive_class)
         negative = 1 - positive
         metrics.update(sensitivity=recalls[positive], specificity=recalls[negative])
     return metrics
@@ -136,15 +136,15 @@ def _one_vs_rest(confusion: np.ndarray, index: int, scores: np.ndarray, is_posit
     predicted_pos = float(confusion[:, index].sum())
     actual_neg = float(confusion.sum()) - actual_pos
     true_neg = actual_neg - (predicted_pos - true_pos)
-    sensitivity = _ratio(true_pos, actual_pos)
-    precision = _ratio(true_pos, predicted_pos)
+    sensitivity = safe_ratio(true_pos, actual_pos)
+    precision = safe_ratio(true_pos, predicted_pos)
     if math.isnan(sensitivity) or math.isnan(precision):
         f1 = math.nan
     else:
-        f1 = _ratio(2 * precision * sensitivity, precision + sensitivity, zero_over_zero=0.0)
+        f1 = safe_ratio(2 * precision * sensitivity, precision + sensitivity, zero_over_zero=0.0)
     return {
         "sensitivity": sensitivity,
-        "specificity": _ratio(true_neg, actual_neg),
+        "specificity": safe_ratio(true_neg, actual_neg),
         "precision": precision,
         "f1": f1,
         "auc": roc_auc(scores, is_positive),
@@ -188,7 +188,7 @@ def _validated(y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str]
     return y_true.astype(np.int64), probs
 
 
-def _positive_index(class_names: Sequence[str], positive_class: str | None) -> int:
+def positive_index(class_names: Sequence[str], positive_class: str | None) -> int:
     if positive_class is None:
         return 1
     if positive_class not in class_names:
@@ -196,10 +196,10 @@ def _positive_index(class_names: Sequence[str], positive_class: str | None) -> i
     return list(class_names).index(positive_class)
 
 
-def _ratio(numerator: float, denominator: float, zero_over_zero: float = math.nan) -> float:
+def safe_ratio(numerator: float, denominator: float, zero_over_zero: float = math.nan) -> float:
     return float(numerator / denominator) if denominator else zero_over_zero
 
 
-def _nanmean(values: Sequence[float]) -> float:
+def nanmean(values: Sequence[float]) -> float:
     defined = [value for value in values if not math.isnan(value)]
     return float(np.mean(defined)) if defined else math.nan

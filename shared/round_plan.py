@@ -1,59 +1,20 @@
-"""What the server asks of every site in a round, and the numeric codes a site answers with.
+"""What the server asks of every site in a round.
 
 The server sends one ``RoundPlan`` as JSON inside the Flower instruction (server -> site, so
-strings are fine there). Sites answer with numbers only: an update, example counts and the
-metrics below, never paths, patient ids or pixels.
+strings are fine there). Sites answer with numbers only (``shared/round_sums.py``), and refuse
+with numeric codes (``shared/refusals.py``), never paths, patient ids or pixels.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, dataclass, field
 
 from shared.model import ModelConfig
+from shared.refusals import InvalidFederationId, federation_id_problem
 from shared.yaml_config import at_least, check, parse_config, positive
 
 PLAN_KEY = "fedpath-plan"
-
-REFUSALS = {
-    0: None,
-    1: "privacy budget exhausted: this round would spend more than the site allows",
-    2: "privacy plan changed: the site's ledger was planned for other rounds, epochs or batch size",
-    3: "differential privacy is off at this site but the federation requires it",
-    4: "the site's classes differ from the federation's",
-    5: "the site has no prepared training data for the federation's model (run `fedpath-site prepare`)",
-    6: "the site's update failed its own checks before leaving (non-finite, norm bound, or secure aggregation range)",
-    7: "the site's trunk weights are not the ones the federation pinned (model.trunk_sha256)",
-    8: "the site requires secure aggregation but the server sent a plain training message",
-    9: "the round's secure-aggregation settings are unsafe for this site (reconstruction threshold below a strict "
-       "majority, fewer sites than the site's minimum, or a site named both active and dropped)",
-    10: "the server's federation_id is not a valid name (letters, digits, '.', '_', '-'; at most 64)",
-    11: "the site's lifetime privacy budget (over all federations on its data) would be exceeded",
-    12: "the submitted app bundle is not on this site's allow-list: the site runs only its approved fedpath version",
-    13: "the site could not handle the message (details in the site's own log)",
-    14: "the reply did not pass the site's egress policy (fields outside its `disclose:` list)",
-}
-"""Why a site sat a round out or refused a message. In a training reply the code travels as the
-numeric metric ``refused``; a message the site refuses outright is answered with a Flower error
-whose code is ``REFUSAL_ERROR_BASE + code`` and whose reason is empty (no text leaves a site)."""
-
-REFUSAL_ERROR_BASE = 1000
-"""Flower error codes at or above this are fedpath refusal codes (``code - REFUSAL_ERROR_BASE``)."""
-
-FEDERATION_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$")
-"""What a federation id may look like: it names the site's ledger file, so it can never be a path."""
-
-
-def federation_id_problem(value: str) -> str | None:
-    if isinstance(value, str) and FEDERATION_ID.match(value):
-        return None
-    return "must be 1-64 letters, digits, '.', '_' or '-', not starting with '.'"
-
-
-def refusal_text(code: int) -> str:
-    """What a refusal code means, for logs and reports (an unknown code is shown as a number)."""
-    return REFUSALS.get(code) or f"refusal code {code}"
 
 
 @dataclass(frozen=True)
@@ -63,6 +24,9 @@ class PrivacyTarget:
     required: bool = True  # a site with privacy.enabled: false refuses to train
     epsilon: float = check(positive, 8.0)
     delta: float = check(lambda d: None if 0 < d < 1 else "must be between 0 and 1 (exclusive)", 1e-5)
+    # The part of ε that the run's evaluation releases spend together (noisy counts of the received model's
+    # predictions on each site's validation patients); the rest goes to DP-SGD.
+    evaluation_share: float = check(lambda s: None if 0 < s < 1 else "must be between 0 and 1 (exclusive)", 0.25)
 
 
 @dataclass(frozen=True)
@@ -82,7 +46,12 @@ class RoundPlan:
     privacy: PrivacyTarget = field(default_factory=PrivacyTarget)
     max_update_norm: float = check(positive, 10.0)  # L2 bound of the update a site may send
     secagg_clipping_range: float | None = None  # SecAgg+ on: every update value must lie within ± this
-    secagg_max_weight: int | None = None  # SecAgg+ on: a site with more patients would overflow the weights
+    weight_scale: int = check(at_least(1), 1000)  # S: reply values are x / S (and every reply's plaintext weight)
+    train: bool = True  # False: the run's last exchange, which only evaluates the final model
+    evaluate: bool = True  # score the received model on the validation patients before training
+    evaluations: int = check(at_least(0), 2)  # evaluation releases the whole run makes (the ledger plans for them)
+    evaluation_bins: int = check(lambda b: None if b >= 2 and b % 2 == 0 else "must be an even number >= 2", 10)
+    reproducible_noise: bool = False  # simulations only: DP noise seeded from `seed` (deployed sites refuse, code 15)
 
     def to_config(self) -> dict[str, str]:
         return {PLAN_KEY: json.dumps(asdict(self))}
@@ -91,4 +60,9 @@ class RoundPlan:
     def from_config(cls, config: dict) -> "RoundPlan":
         if PLAN_KEY not in config:
             raise ValueError(f"the server's instruction carries no '{PLAN_KEY}': is the server a fedpath server?")
-        return parse_config(cls, json.loads(str(config[PLAN_KEY])), "round plan from the server")
+        document = json.loads(str(config[PLAN_KEY]))
+        if not isinstance(document, dict) or federation_id_problem(document.get("federation_id")):
+            raise InvalidFederationId(f"round plan from the server: federation_id {document.get('federation_id')!r} "
+                                      f"{federation_id_problem(None)}")
+        return parse_config(cls, document, "round plan from the server")
+

@@ -32,3 +32,6 @@ class PrivacyConfig:
     # The site's limit over all federations on the same data (every ledger in state/ledgers composed in one
     # accountant); a federation whose plan would exceed it is refused before training. None: no lifetime limit.
     lifetime_epsilon: float | None = check(lambda e: None if e is None or e > 0 else "must be > 0", None)
+    # Release noisy evaluation counts of the models the server sends (charged to the ledger). false: this site
+    # never evaluates for the federation and its whole budget goes to training.
+    release_evaluation: bool = True

@@ -39,7 +39,8 @@ def _demo(args: argparse.Namespace) -> int:
     with LocalConsortium(out / "consortium", configs, server_settings=settings) as consortium:
         consortium.start_all()
         code, folder = consortium.run()
-    print("\n" + round_table(folder.path))
+    sites = {config.name: config for config in (load_site_config(path) for path in configs)}
+    print("\n" + round_table(folder.path, sites))
     print(f"\nresults: {folder.path}  (metrics.csv, curves.png, audit.jsonl, checkpoints/)\n"
           "the trunk is random offline, so accuracy is a smoke check, not a result")
     return code
@@ -74,7 +75,9 @@ def _run(args: argparse.Namespace) -> int:
           f"({'DP at every site' if config.simulation.site_privacy.enabled else 'no DP'}) ...", flush=True)
     run = run_simulation(config, layout, out)
     test = json.loads((run / TEST_METRICS).read_text())
-    print("\n" + round_table(run))
+    from client.site_config import load_site_config
+
+    print("\n" + round_table(run, {path.parent.name: load_site_config(path) for path in layout.site_configs}))
     print(f"\ntest set ({test['test_items']} items, {test['test_patients']} patients, checkpoint of round "
           f"{test['round']}): accuracy {test['accuracy']:.3f}, AUC {test.get('auc', float('nan')):.3f}")
     print(f"results: {run}  (metrics.csv, curves.png, audit.jsonl, checkpoints/, {TEST_METRICS})")

@@ -59,7 +59,8 @@ class LocalConsortium:
     def _join_site(self, site_yaml: Path) -> None:
         """Point a site at this SuperLink, as its IT would with what the admin handed over."""
         document = yaml.safe_load(site_yaml.read_text())
-        document["federation"] = {"server": f"127.0.0.1:{self.port}", "port": free_port(),
+        document["federation"] = {**document.get("federation", {}), "server": f"127.0.0.1:{self.port}",
+                                  "port": free_port(),
                                   **({"ca_cert": str(Path(self.config.superlink.certs_dir) / "ca.pem")}
                                      if self.tls else {})}
         site_yaml.write_text(yaml.safe_dump(document, sort_keys=False))

@@ -92,7 +92,10 @@ def _write_site(config: SimConfig, folder: Path, name: str, items: list[Item] | 
     document = {"name": name, "data": {**data, "labels": list(config.classes), "val_fraction": sim.val_fraction,
                                        "split_seed": sim.seed},
                 "tiling": asdict(sim.tiling), "features": features, "model": asdict(config.model),
-                "privacy": privacy}
+                "privacy": privacy,
+                # the researcher plays every hospital: its sites accept the simulation's own settings
+                "federation": {"require_secure_aggregation": config.secure_aggregation.enabled,
+                               "min_round_sites": min(2, sim.sites)}}
     path = folder / "site.yaml"
     path.write_text("# written by fedpath-sim: one virtual hospital of a simulation\n"
                     + yaml.safe_dump(document, sort_keys=False))

@@ -99,6 +99,10 @@ class SimulationSection:
     features: FeatureConfig = field(default_factory=FeatureConfig)  # cache_dir: shared feature store
     site_privacy: SitePrivacy = field(default_factory=SitePrivacy)
     backend: BackendConfig = field(default_factory=BackendConfig)
+    # Seed the virtual sites' DP noise and Poisson sampling from `seed` (reproducible research). Deployed
+    # sites never do this: their noise comes from the OS, so a server cannot replay it. Written into the
+    # model card as reproducible_noise.
+    reproducible_noise: bool = False
 
 
 def _no_secure_aggregation() -> SecureAggregationConfig:

@@ -23,7 +23,7 @@ from client.sequence_data import SlideFeatures, load_split
 from client.site_config import load_site_config
 from client.train_local import evaluate
 from client.trained_model import load_model
-from server.app import RUN_DIR_KEY
+from server.app import REPRODUCIBLE_NOISE_KEY, RUN_DIR_KEY
 from server.run_control import submit_and_follow
 from server.run_folder import RunFolder
 from server.server_config import ServerConfig
@@ -55,8 +55,10 @@ class SimulationControl(FlowerControl):
         backend = self.sim.backend
         federation = [f"num-supernodes={self.sim.sites}", f"client-resources-num-cpus={backend.cpus_per_site}",
                       *([f"init-args-num-cpus={backend.cpus}"] if backend.cpus else [])]
-        out = self._json(["run", str(APP_DIR), CONNECTION,
-                          "--run-config", f"{RUN_DIR_KEY}='{run_dir}' {SIMULATION_SITES_KEY}='{self.sites_dir}'",
+        run_config = f"{RUN_DIR_KEY}='{run_dir}' {SIMULATION_SITES_KEY}='{self.sites_dir}'"
+        if self.sim.reproducible_noise:
+            run_config += f" {REPRODUCIBLE_NOISE_KEY}='true'"
+        out = self._json(["run", str(APP_DIR), CONNECTION, "--run-config", run_config,
                           "--federation-config", " ".join(federation)])
         return int(out["run-id"])
 
@@ -147,5 +149,5 @@ def _plain(document: dict) -> dict:
 
 
 def _run_timeout(config: SimConfig) -> float:
-    """Bound on the whole run: every round may take its full timeout in each phase, plus start-up."""
-    return 300.0 + 2 * config.federation.rounds * config.federation.round_timeout
+    """Bound on the whole run: every exchange (rounds + the final scoring) may take its full timeout, plus start-up."""
+    return 300.0 + 2 * (config.federation.rounds + 1) * config.federation.round_timeout

@@ -38,7 +38,7 @@ def write_site_yaml(folder: Path, data: dict, **sections) -> Path:
     config = {"name": folder.name, "data": data, "tiling": dict(FAST_TILING),
               "features": {"batch_size": 16, "num_workers": 0, "cache_dir": str(folder / "cache")}}
     for key, value in sections.items():
-        config[key] = {**config.get(key, {}), **value}
+        config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
     path = folder / "site.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -74,3 +74,17 @@ def copy_hospitals(prepared: Path, tmp_path: Path, count: int) -> list[Path]:
         document["features"]["cache_dir"] = str(site.parent / "cache")
         site.write_text(yaml.safe_dump(document))
     return sites
+
+
+def disclosed_site(epsilon: float = 1.0, refused: int = 0, **numbers):
+    """What the server knows of a site in a round: it answered, and its disclosed numbers."""
+    from server.round_metrics import SiteRound
+
+    return SiteRound(answered=True, refused=refused,
+                     disclosed={"epsilon": epsilon, "delta": 1e-5, "refused": float(refused), **numbers})
+
+
+def record_round(recorder, round_: int, arrays, sites=None, evaluation=None) -> dict:
+    """A model saved by an exchange and scored by the next one, as the ServerApp records them."""
+    recorder.save_model(round_, list(arrays), sites or {})
+    return recorder.close_model(round_, evaluation if evaluation is not None else {"accuracy": 0.5, "auc": 0.5})

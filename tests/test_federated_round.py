@@ -1,4 +1,5 @@
-"""client.federated_round on one tiny prepared generated site: training under the ledger, refusals, evaluation."""
+"""client.federated_round on one tiny prepared generated site: what a reply carries (only the masked-sum
+vector and the disclosed numbers), private noise, evaluation releases under the ledger, refusals."""
 
 import json
 import math
@@ -12,12 +13,14 @@ import torch
 import client.prepare as prepare_module
 from client import federated_round
 from client.feature_cache import FeatureCache
-from client.federated_round import FIT_METRICS, ledger_path, round_privacy
+from client.federated_round import ledger_path, round_privacy
 from client.prepare import prepare_site
 from client.site_config import load_site_config
 from shared.model import ModelConfig, build_head
 from shared.parameters import model_arrays
+from client.site_rounds import read_rounds
 from shared.round_plan import PrivacyTarget, RoundPlan
+from shared.round_sums import CountLayout, decode_sum
 from simulations.slide_generator import SlideSpec, make_site_slides
 from tests.conftest import write_site_yaml
 
@@ -70,7 +73,7 @@ def _site(prepared: dict, folder: Path, **sections):
 def _plan(**changes) -> RoundPlan:
     values = dict(federation_id="fed-test", round=1, planned_rounds=2, classes=SITE_CLASSES, model=MODEL,
                   sequence_length=2, epochs=1, batch_size=2, learning_rate=0.01,
-                  privacy=PrivacyTarget(required=True, epsilon=8.0, delta=1e-5))
+                  privacy=PrivacyTarget(required=True, epsilon=8.0, delta=1e-5), evaluations=3, weight_scale=50)
     values.update(changes)
     return RoundPlan(**values)
 
@@ -84,162 +87,202 @@ def _ledger(config, plan) -> dict:
     return json.loads(ledger_path(config, plan).read_text())
 
 
-def _assert_refused(reply, received, code):
+def _read(reply, plan):
+    """What the server would read if this site were the only one in the round."""
+    layout = CountLayout(len(plan.classes), plan.evaluation_bins, 1)
+    return decode_sum(reply.arrays, layout, plan.weight_scale)
+
+
+def _assert_refused(reply, plan, received, code):
     assert reply.metrics["refused"] == code
-    assert reply.examples == 0
-    assert set(reply.metrics) == set(FIT_METRICS)
-    assert [a.shape for a in reply.arrays] == [a.shape for a in received]
-    assert all(a.dtype == np.float32 and not a.any() for a in reply.arrays)
+    assert reply.examples == plan.weight_scale  # the same plaintext weight as everyone's
+    assert set(reply.metrics) == {"epsilon", "refused"}
+    assert [a.shape for a in reply.arrays[:-1]] == [a.shape for a in received]
+    assert all(a.dtype == np.float32 and not a.any() for a in reply.arrays)  # zeros: nothing of the site
 
 
-def test_fit_trains_under_the_ledger(prepared, tmp_path):
+def test_fit_sends_one_vector_and_only_the_disclosed_numbers(prepared, tmp_path):
     config, plan = _site(prepared, tmp_path / "site"), _plan()
     received = _global(plan)
     reply = federated_round.fit(config, plan, received)
-    assert set(reply.metrics) == set(FIT_METRICS)
-    assert reply.metrics["refused"] == 0 and reply.examples == 2  # two training patients
-    assert [a.shape for a in reply.arrays] == [a.shape for a in received]
-    assert all(np.isfinite(a).all() for a in reply.arrays)
-    assert any(np.abs(a).max() > 0 for a in reply.arrays)  # an update, not the model
-    metrics = reply.metrics
-    assert 0 < metrics["epsilon"] <= 8.0 * (1 + 1e-6)
-    assert metrics["delta"] == 1e-5 and metrics["budget_epsilon"] == 8.0
-    assert metrics["noise_multiplier"] > 0 and math.isfinite(metrics["train_loss"]) and metrics["train_seconds"] > 0
-    assert math.isnan(metrics["would_spend"])
-    path = Path(config.state_dir) / "ledgers" / "fed-test.json"
-    assert ledger_path(config, plan) == path and path.is_file()
-    ledger = json.loads(path.read_text())
-    assert [r["round_id"] for r in ledger["rounds"]] == ["round-1"]
-    assert ledger["plan"]["planned_rounds"] == 2 and ledger["budget"]["epsilon"] == 8.0
-    assert ledger["rounds"][0]["epsilon_after"] == pytest.approx(metrics["epsilon"])
+    assert set(reply.metrics) == {"epsilon", "refused"}  # the default disclose list
+    assert reply.metrics["refused"] == 0 and 0 < reply.metrics["epsilon"] <= 8.0 * (1 + 1e-6)
+    assert reply.examples == plan.weight_scale
+    assert [a.shape for a in reply.arrays[:-1]] == [a.shape for a in received]
+    assert all(a.dtype == np.float32 and np.isfinite(a).all() for a in reply.arrays)
+    assert all(np.abs(a).max() <= 1.0 for a in reply.arrays)  # within SecAgg+'s clipping range
+    read = _read(reply, plan)
+    assert read.patients == pytest.approx(2, abs=1e-3)  # two training patients, inside the vector
+    assert any(np.abs(u).max() > 0 for u in read.update)  # an update, not the model
+    # the received model's evaluation counts, noisy: two validation patients' worth, give or take the noise
+    assert read.evaluation.vector().shape == (2 * plan.evaluation_bins,)
+
+    ledger = _ledger(config, plan)
+    assert [(r["round_id"], r["kind"]) for r in ledger["rounds"]] == [("round-1-evaluation", "evaluation"),
+                                                                       ("round-1", "training")]
+    assert ledger["plan"]["evaluations"] == 3 and ledger["plan"]["evaluation_share"] == 0.25
+    assert ledger["rounds"][-1]["epsilon_after"] == pytest.approx(reply.metrics["epsilon"])
+    # per-site numbers stay at the site
+    [record] = read_rounds(config, plan.federation_id)
+    assert record["patients"] == 2 and math.isfinite(record["train_loss"]) and record["steps"] >= 1
+    assert record["val"]["slides"] == 2 and 0 <= record["val"]["accuracy"] <= 1
 
     # the same round again (the first reply was lost): trains and spends again under its own id
     again = federated_round.fit(config, plan, received)
-    assert again.metrics["refused"] == 0 and again.examples == 2
-    rounds = _ledger(config, plan)["rounds"]
-    assert [r["round_id"] for r in rounds] == ["round-1", "round-1-retry1"]
-    assert metrics["epsilon"] < again.metrics["epsilon"] <= 8.0 * (1 + 1e-6)
+    assert again.metrics["refused"] == 0
+    assert [r["round_id"] for r in _ledger(config, plan)["rounds"]][2:] == ["round-1-retry1-evaluation",
+                                                                           "round-1-retry1"]
+    assert reply.metrics["epsilon"] < again.metrics["epsilon"] <= 8.0 * (1 + 1e-6)
+
+
+def test_the_noise_is_private_not_replayable_from_the_plan(prepared, tmp_path):
+    """The same plan and model at two copies of the site give different updates (the server knows both
+    inputs); only a simulation's explicit noise seed makes them equal."""
+    plan = _plan()
+    received = _global(plan)
+    updates = [_read(federated_round.fit(_site(prepared, tmp_path / f"site-{i}"), plan, received), plan).update
+               for i in range(2)]
+    assert max(float(np.abs(a - b).max()) for a, b in zip(*updates)) > 1e-4
+    seeded = [_read(federated_round.fit(_site(prepared, tmp_path / f"seeded-{i}"), replace(plan, reproducible_noise=True),
+                                        received, noise_seed=1234), plan).update for i in range(2)]
+    assert max(float(np.abs(a - b).max()) for a, b in zip(*seeded)) == 0.0
+    # a deployed site (no simulation seed) refuses a plan that asks for replayable noise
+    refused = federated_round.fit(_site(prepared, tmp_path / "deployed"), replace(plan, reproducible_noise=True),
+                                  received)
+    _assert_refused(refused, plan, received, 15)
+
+
+def test_disclose_decides_the_plain_numbers(prepared, tmp_path):
+    plan = _plan()
+    received = _global(plan)
+    silent = federated_round.fit(_site(prepared, tmp_path / "silent", disclose=[]), plan, received)
+    assert silent.metrics == {} and _read(silent, plan).patients == pytest.approx(2, abs=1e-3)
+    chatty = federated_round.fit(_site(prepared, tmp_path / "chatty", disclose=["epsilon", "delta", "train_seconds"]),
+                                 plan, received)
+    assert set(chatty.metrics) == {"epsilon", "delta", "train_seconds"} and chatty.metrics["delta"] == 1e-5
+
+
+def test_evaluation_only_and_no_evaluation(prepared, tmp_path):
+    config, plan = _site(prepared, tmp_path / "site"), _plan()
+    received = _global(plan)
+    final = federated_round.fit(config, replace(plan, round=3, train=False), received)
+    read = _read(final, plan)
+    assert final.metrics["refused"] == 0 and read.update is None and read.patients == pytest.approx(0, abs=1e-3)
+    assert [(r["round_id"], r["kind"]) for r in _ledger(config, plan)["rounds"]] == [
+        ("round-3-evaluation", "evaluation")]
+    # a site that never releases evaluations: all of its budget goes to training, nothing is counted
+    quiet = _site(prepared, tmp_path / "quiet", privacy={"release_evaluation": False})
+    reply = federated_round.fit(quiet, plan, received)
+    assert not _read(reply, plan).evaluation.vector().any()
+    assert [r["kind"] for r in _ledger(quiet, plan)["rounds"]] == ["training"]
+    assert _ledger(quiet, plan)["plan"]["evaluations"] == 0
 
 
 def test_spent_budget_refuses_with_the_numbers(prepared, tmp_path):
-    config, plan = _site(prepared, tmp_path / "site"), _plan(planned_rounds=1)
+    config = _site(prepared, tmp_path / "site", disclose=["epsilon", "refused", "would_spend", "budget_epsilon"])
+    plan = _plan(planned_rounds=1, evaluations=2)
     received = _global(plan)
     first = federated_round.fit(config, plan, received)
-    assert first.metrics["refused"] == 0 and first.metrics["epsilon"] == pytest.approx(8.0, rel=0.01)
+    assert first.metrics["refused"] == 0 and first.metrics["epsilon"] < 8.0
     second = federated_round.fit(config, replace(plan, round=2), received)
-    _assert_refused(second, received, 1)
+    assert second.metrics["refused"] == 1
     metrics = second.metrics
     assert metrics["budget_epsilon"] == 8.0
     assert metrics["would_spend"] > metrics["budget_epsilon"]
     assert metrics["epsilon"] == pytest.approx(first.metrics["epsilon"])  # what was spent so far
-    assert math.isnan(metrics["train_loss"])
-    assert [r["round_id"] for r in _ledger(config, plan)["rounds"]] == ["round-1"]  # nothing recorded
+    assert [r["round_id"] for r in _ledger(config, plan)["rounds"]] == ["round-1-evaluation", "round-1"]
+    assert not any(a.any() for a in second.arrays)
+
+
+def test_a_lifetime_budget_refuses_a_new_federation_before_training(prepared, tmp_path):
+    config = _site(prepared, tmp_path / "site", privacy={"lifetime_epsilon": 10.0})
+    plan = _plan()
+    received = _global(plan)
+    assert federated_round.fit(config, plan, received).metrics["refused"] == 0  # reserves ε = 8 for its plan
+    second = replace(plan, federation_id="fed-second")
+    refused = federated_round.fit(config, second, received)
+    _assert_refused(refused, plan, received, 11)
+    assert not ledger_path(config, second).exists()  # nothing planned, nothing trained
+    # a smaller second federation fits under the lifetime limit
+    small = _site(prepared, tmp_path / "site", privacy={"lifetime_epsilon": 10.0, "epsilon": 1.0})
+    assert federated_round.fit(small, replace(second, federation_id="fed-small"), received).metrics["refused"] == 0
 
 
 def test_a_changed_plan_is_refused(prepared, tmp_path):
     config, plan = _site(prepared, tmp_path / "site"), _plan()
     received = _global(plan)
     assert federated_round.fit(config, plan, received).metrics["refused"] == 0
-    changed = federated_round.fit(config, replace(plan, round=2, planned_rounds=5), received)
-    _assert_refused(changed, received, 2)
-
-    # the site lowered its budget after the ledger was written: refused too, and evaluation still works
+    _assert_refused(federated_round.fit(config, replace(plan, round=2, planned_rounds=5), received), plan, received, 2)
+    # the site lowered its budget after the ledger was written: refused too
     lowered = _site(prepared, tmp_path / "site", privacy={"epsilon": 4.0})
-    _assert_refused(federated_round.fit(lowered, replace(plan, round=2), received), received, 2)
-    assert [r["round_id"] for r in _ledger(config, plan)["rounds"]] == ["round-1"]
+    _assert_refused(federated_round.fit(lowered, replace(plan, round=2), received), plan, received, 2)
+    assert [r["round_id"] for r in _ledger(config, plan)["rounds"]] == ["round-1-evaluation", "round-1"]
     assert _ledger(config, plan)["budget"]["epsilon"] == 8.0
-    _, evaluation = federated_round.evaluate(lowered, replace(plan, round=2), received)
-    assert evaluation.examples == 2 and math.isnan(evaluation.metrics["epsilon"])
 
 
 def test_an_update_failing_the_outgoing_checks_is_withheld(prepared, tmp_path):
     config, plan = _site(prepared, tmp_path / "site"), _plan(max_update_norm=1e-9)
     received = _global(plan)
     reply = federated_round.fit(config, plan, received)
-    _assert_refused(reply, received, 6)
-    assert 0 < reply.metrics["epsilon"] <= 8.0 * (1 + 1e-6)  # the round was trained: its privacy is spent
-    assert [r["round_id"] for r in _ledger(config, plan)["rounds"]] == ["round-1"]
-    heavy = federated_round.fit(config, _plan(round=2, secagg_max_weight=1, secagg_clipping_range=1.0), received)
-    _assert_refused(heavy, received, 6)  # 2 patients > max_weight 1
+    _assert_refused(reply, plan, received, 6)
+    assert [r["round_id"] for r in _ledger(config, plan)["rounds"]][-1] == "round-1"  # privacy was spent
+    heavy = federated_round.fit(config, _plan(round=2, weight_scale=1, secagg_clipping_range=1.0), received)
+    _assert_refused(heavy, _plan(weight_scale=1), received, 6)  # 2 patients > max_weight 1
 
 
 def test_site_without_dp_refuses_when_the_federation_requires_it(prepared, tmp_path):
     config = _site(prepared, tmp_path / "site", privacy={"enabled": False})
     plan = _plan()
     received = _global(plan)
-    reply = federated_round.fit(config, plan, received)
-    _assert_refused(reply, received, 3)
+    _assert_refused(federated_round.fit(config, plan, received), plan, received, 3)
     assert not ledger_path(config, plan).exists()
-
-    # a federation that does not require DP gets a non-private update (and no ledger)
+    # a federation that does not require DP gets a non-private update, exact counts, and no ledger
     open_plan = replace(plan, privacy=PrivacyTarget(required=False))
     trained = federated_round.fit(config, open_plan, received)
-    assert trained.metrics["refused"] == 0 and trained.examples == 2
-    assert math.isnan(trained.metrics["epsilon"]) and not ledger_path(config, open_plan).exists()
+    assert trained.metrics["refused"] == 0 and math.isnan(trained.metrics["epsilon"])
+    read = _read(trained, plan)
+    assert read.patients == pytest.approx(2, abs=1e-3) and read.evaluation.patients == pytest.approx(2, abs=1e-3)
+    assert not ledger_path(config, open_plan).exists()
 
 
 def test_other_classes_are_refused(prepared, tmp_path):
     config = _site(prepared, tmp_path / "site")
     plan = _plan(classes=("adenoma", "carcinoma"))
     received = _global(plan)
-    _assert_refused(federated_round.fit(config, plan, received), received, 4)
-    loss, reply = federated_round.evaluate(config, plan, received)  # no evaluation either
-    assert loss == 0.0 and reply.examples == 0
-    assert sum(v for k, v in reply.metrics.items() if k.startswith("cm_")) == 0
+    _assert_refused(federated_round.fit(config, plan, received), plan, received, 4)
 
 
 def test_federation_classes_in_another_order_and_with_more_classes(prepared, tmp_path):
-    config = _site(prepared, tmp_path / "site")
-    plan = _plan(classes=("normal", "adenoma", "adenocarcinoma"))
+    config = _site(prepared, tmp_path / "site", privacy={"enabled": False})
+    plan = _plan(classes=("normal", "adenoma", "adenocarcinoma"), privacy=PrivacyTarget(required=False))
     received = _global(plan)
     reply = federated_round.fit(config, plan, received)
-    assert reply.metrics["refused"] == 0 and [a.shape for a in reply.arrays] == [a.shape for a in received]
+    assert reply.metrics["refused"] == 0 and [a.shape for a in reply.arrays[:-1]] == [a.shape for a in received]
     assert received[-1].shape == (3,)  # the classifier's bias: a three-class head
-    _, evaluation = federated_round.evaluate(config, plan, received)
-    cm = {k: v for k, v in evaluation.metrics.items() if k.startswith("cm_")}
-    assert len(cm) == 9 and sum(cm.values()) == 2
+    confusion = _read(reply, plan).evaluation.confusion  # exact without DP
     # the site's two val slides are one adenocarcinoma (class 2 here) and one adenoma (class 1); none is normal
-    assert sum(cm[f"cm_0_{j}"] for j in range(3)) == 0
-    assert sum(cm[f"cm_1_{j}"] for j in range(3)) == 1 and sum(cm[f"cm_2_{j}"] for j in range(3)) == 1
+    assert confusion.sum() == pytest.approx(2, abs=1e-3)
+    assert confusion[0].sum() == pytest.approx(0, abs=1e-3)
+    assert confusion[1].sum() == pytest.approx(1, abs=1e-3) and confusion[2].sum() == pytest.approx(1, abs=1e-3)
 
 
 def test_grid_model_against_a_tiles_cache_is_refused(prepared, tmp_path):
     config = _site(prepared, tmp_path / "site")
     plan = _plan(model=replace(MODEL, mode="grid"))
     received = _global(plan)
-    reply = federated_round.fit(config, plan, received)
-    _assert_refused(reply, received, 5)
+    _assert_refused(federated_round.fit(config, plan, received), plan, received, 5)
 
 
 def test_unprepared_site_is_refused(prepared, tmp_path):
     config = _site(prepared, tmp_path / "site", features={"cache_dir": str(tmp_path / "empty-cache")})
     plan = _plan()
     received = _global(plan)
-    _assert_refused(federated_round.fit(config, plan, received), received, 5)
-
-
-def test_evaluate_reports_loss_slides_confusion_and_epsilon(prepared, tmp_path):
-    config, plan = _site(prepared, tmp_path / "site"), _plan()
-    received = _global(plan)
-    loss, reply = federated_round.evaluate(config, plan, received)
-    assert math.isfinite(loss) and loss > 0
-    assert reply.examples == 2 and reply.arrays == []  # validation slides, not patients
-    cm = {k: v for k, v in reply.metrics.items() if k.startswith("cm_")}
-    assert set(cm) == {"cm_0_0", "cm_0_1", "cm_1_0", "cm_1_1"} and sum(cm.values()) == reply.examples
-    assert cm["cm_0_0"] + cm["cm_0_1"] == 1 and cm["cm_1_0"] + cm["cm_1_1"] == 1  # one val slide per class
-    assert reply.metrics["accuracy"] == pytest.approx((cm["cm_0_0"] + cm["cm_1_1"]) / 2)
-    assert {"balanced_accuracy", "sensitivity", "specificity", "auc"} <= set(reply.metrics)
-    assert math.isnan(reply.metrics["epsilon"])  # nothing spent yet in this federation
-
-    fit = federated_round.fit(config, plan, received)
-    _, after = federated_round.evaluate(config, plan, received)
-    assert after.metrics["epsilon"] == pytest.approx(fit.metrics["epsilon"])
-    assert math.isnan(federated_round.evaluate(config, replace(plan, federation_id="other"), received)[1]
-                      .metrics["epsilon"])
+    _assert_refused(federated_round.fit(config, plan, received), plan, received, 5)
 
 
 def test_the_site_budget_caps_the_federation_target(prepared, tmp_path):
-    config = _site(prepared, tmp_path / "site", privacy={"epsilon": 2.0, "delta": 1e-6, "max_grad_norm": 0.5})
+    config = _site(prepared, tmp_path / "site", privacy={"epsilon": 2.0, "delta": 1e-6, "max_grad_norm": 0.5},
+                   disclose=["epsilon", "delta", "budget_epsilon", "refused"])
     plan = _plan()
     privacy = round_privacy(config, plan)
     assert (privacy.epsilon, privacy.delta, privacy.planned_rounds) == (2.0, 1e-6, 2)

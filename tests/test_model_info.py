@@ -7,7 +7,7 @@ import numpy as np
 
 from server.app import initial_model
 from server.cli import main
-from server.round_metrics import SiteRound
+from tests.conftest import disclosed_site, record_round
 from server.run_folder import RunFolder
 from server.run_recorder import RunRecorder
 
@@ -22,10 +22,8 @@ privacy: {epsilon: 8.0, delta: 1.0e-5}
 """
 
 
-def _site(examples, epsilon, auc, refused=0):
-    return SiteRound(examples=examples, train_loss=0.5, epsilon=epsilon, delta=1e-5, val_slides=4, val_loss=0.6,
-                     eval={"auc": auc}, confusion=np.array([[2.0, 0.0], [1.0, 1.0]]), refused=refused,
-                     would_spend=9.0 if refused else float("nan"), budget_epsilon=8.0 if refused else float("nan"))
+def _site(epsilon, refused=0):
+    return disclosed_site(epsilon, refused, **({"would_spend": 9.0, "budget_epsilon": 8.0} if refused else {}))
 
 
 def _run(tmp_path):
@@ -34,9 +32,10 @@ def _run(tmp_path):
     config = folder.config()
     initial = initial_model(config)
     recorder = RunRecorder(folder, config, list(initial))
-    recorder.finish_round(1, list(initial.values()), {"north": _site(10, 1.5, 0.7), "south": _site(6, 2.5, 0.7)})
-    recorder.finish_round(2, [a + 1.0 for a in initial.values()],
-                          {"north": _site(10, 3.0, 0.9), "south": _site(0, 7.9, 0.9, refused=1)})
+    record_round(recorder, 1, initial.values(), {"north": _site(1.5), "south": _site(2.5)},
+                 {"accuracy": 0.75, "auc": 0.7, "val_patients": 8.0})
+    record_round(recorder, 2, [a + 1.0 for a in initial.values()], {"north": _site(3.0), "south": _site(7.9, refused=1)},
+                 {"accuracy": 0.75, "auc": 0.9, "val_patients": 8.0})
     return folder
 
 

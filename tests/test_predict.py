@@ -18,14 +18,13 @@ from client.prepare import prepare_site
 from client.sequence_data import load_split, predict_slides
 from client.sequences import training_windows
 from client.site_config import load_site_config
-from server.round_metrics import SiteRound
 from server.run_folder import RunFolder
 from server.run_recorder import RunRecorder
 from shared.checkpoints import save_checkpoint
 from shared.model import ModelConfig, build_head, build_trainable
 from shared.parameters import load_arrays, model_arrays
 from simulations.slide_generator import SlideSpec, Stain, make_slide
-from tests.conftest import FEDERATION_CLASSES, REAL_SLIDES, requires_real_slides, write_site_yaml
+from tests.conftest import FEDERATION_CLASSES, REAL_SLIDES, requires_real_slides, write_site_yaml, disclosed_site, record_round
 
 LENGTH = 8
 HEAD = {"projection": 16, "hidden": 8}
@@ -65,9 +64,8 @@ def trained(tmp_path_factory):
                                       f"training: {{sequence_length: {LENGTH}}}\n")
     folder = RunFolder.create(root / "server.yaml")
     recorder = RunRecorder(folder, folder.config(), list(model_arrays(head)))
-    recorder.finish_round(1, list(model_arrays(head).values()), {"north": SiteRound(
-        examples=4, train_loss=0.1, epsilon=1.0, delta=1e-5, val_slides=2, val_loss=0.1, eval={"auc": 1.0},
-        confusion=np.eye(2))})
+    record_round(recorder, 1, model_arrays(head).values(), {"north": disclosed_site(1.0)},
+                 {"accuracy": 1.0, "auc": 1.0})
 
     query = root / "query"
     make_slide(query / "region.tif", "adenocarcinoma", QUERY, Stain(), np.random.default_rng(99), cancer_region=REGION)

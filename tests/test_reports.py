@@ -16,9 +16,12 @@ def _rounds() -> list[dict]:
          "sites": {"hospital-a": {"train_loss": 0.7, "loss": 0.68, "accuracy": 0.55, "epsilon": 1.2},
                    "hospital, b": {"train_loss": 0.72, "auc": None, "epsilon": 1.5}}},
         {"round": 2,
-         "global": {"loss": 0.512, "accuracy": 0.7333, "sensitivity": 0.7, "specificity": 0.76, "auc": 0.801},
-         "sites": {"hospital-a": {"train_loss": 0.55, "loss": 0.5, "accuracy": 0.7, "auc": 0.8, "epsilon": 2.1},
-                   "hospital, b": {"train_loss": 0.6, "loss": 0.52, "accuracy": 0.75, "auc": 0.79, "epsilon": 2.906}}},
+         "global": {"loss": 0.512, "accuracy": 0.7333, "balanced_accuracy": 0.73, "sensitivity": 0.7,
+                    "specificity": 0.76, "auc": 0.801},
+         "sites": {"hospital-a": {"train_loss": 0.55, "loss": 0.5, "accuracy": 0.7, "auc": 0.8, "epsilon": 2.1,
+                                  "trained": True},
+                   "hospital, b": {"train_loss": 0.6, "loss": 0.52, "accuracy": 0.75, "auc": 0.79, "epsilon": 2.906,
+                                   "trained": True}}},
     ]
 
 
@@ -43,7 +46,7 @@ def test_write_reports_files(tmp_path):
 
     rows = _csv(tmp_path)
     assert list(rows[0]) == ["round", "scope", "metric", "value"]
-    assert len(rows) == sum(len(e["global"]) + sum(map(len, e["sites"].values())) for e in rounds) == 27
+    assert len(rows) == sum(len(e["global"]) + sum(map(len, e["sites"].values())) for e in rounds) == 30
     assert {"round": "2", "scope": "global", "metric": "auc", "value": "0.801"} in rows
     assert {"round": "2", "scope": "hospital, b", "metric": "epsilon", "value": "2.906"} in rows
     assert {"round": "1", "scope": "global", "metric": "auc", "value": ""} in rows
@@ -63,10 +66,10 @@ def test_single_round_with_missing_metrics(tmp_path):
 
 def test_round_line_formats_every_field():
     assert round_line(_rounds()[1]) == (
-        "round  2 | sites 2 | loss 0.512 | acc 0.733 | sens 0.700 | spec 0.760 | AUC 0.801 | ε max 2.91")
+        "round  2 | sites 2 | acc 0.733 | bal 0.730 | sens 0.700 | spec 0.760 | AUC 0.801 | ε max 2.91")
 
 
 def test_round_line_shows_missing_as_na():
-    line = round_line({"round": 12, "global": {"loss": 0.25, "auc": math.nan, "accuracy": None},
-                       "sites": {"a": {"epsilon": None}}})
-    assert line == "round 12 | sites 1 | loss 0.250 | acc n/a | sens n/a | spec n/a | AUC n/a | ε max n/a"
+    line = round_line({"round": 12, "global": {"auc": math.nan, "accuracy": None},
+                       "sites": {"a": {"epsilon": None, "trained": True}}})
+    assert line == "round 12 | sites 1 | acc n/a | bal n/a | sens n/a | spec n/a | AUC n/a | ε max n/a"

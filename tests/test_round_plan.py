@@ -9,7 +9,8 @@ import torch
 from shared.model import ModelConfig, SequenceHead
 from shared.parameters import (ParameterMismatch, add, check_shapes, load_arrays, model_arrays, subtract,
                                update_problem)
-from shared.round_plan import PLAN_KEY, REFUSALS, PrivacyTarget, RoundPlan
+from shared.refusals import REFUSALS, InvalidFederationId
+from shared.round_plan import PLAN_KEY, PrivacyTarget, RoundPlan
 from shared.yaml_config import ConfigError
 
 
@@ -81,7 +82,15 @@ def test_invalid_nested_privacy_and_model_and_unknown_keys_are_refused():
 def test_a_plan_without_federation_id_is_refused():
     document = json.loads(_plan().to_config()[PLAN_KEY])
     del document["federation_id"]
-    with pytest.raises(ConfigError, match="federation_id: required setting is missing"):
+    with pytest.raises(InvalidFederationId, match="federation_id None"):
+        RoundPlan.from_config({PLAN_KEY: json.dumps(document)})
+
+
+@pytest.mark.parametrize("bad", ["../x", "/etc/passwd", "..", ".hidden", "a/b", "", "x" * 65, 7])
+def test_a_federation_id_that_could_name_a_path_is_refused(bad):
+    document = json.loads(_plan().to_config()[PLAN_KEY])
+    document["federation_id"] = bad
+    with pytest.raises(InvalidFederationId):
         RoundPlan.from_config({PLAN_KEY: json.dumps(document)})
 
 

@@ -54,7 +54,7 @@ def test_defaults_and_paths_beside_server_yaml(tmp_path):
     assert (config.training.epochs, config.training.batch_size, config.training.sequence_length) == (1, 16, 8)
     assert config.privacy == PrivacyTarget(required=True, epsilon=8.0, delta=1e-5)
     assert config.federation.max_update_norm == 10.0 and config.federation.wire_log is False
-    assert config.secure_aggregation == SecureAggregationConfig(enabled=True, reconstruction_threshold=2,
+    assert config.secure_aggregation == SecureAggregationConfig(enabled=True, reconstruction_threshold="majority",
                                                                 clipping_range=1.0, max_weight=1000)
 
 
@@ -93,7 +93,11 @@ def test_settings_are_read(tmp_path):
     (CLASSES + "strategy:\n  name: median\n",
      "strategy median needs every site's update, but secure_aggregation shows the server only their sum"),
     (CLASSES + "federation:\n  min_sites: 1\n",
-     "federation.min_sites (1) is below secure_aggregation.reconstruction_threshold (2)"),
+     "federation.min_sites must be at least 2 with secure_aggregation"),
+    (CLASSES + "federation:\n  min_sites: 4\nsecure_aggregation:\n  reconstruction_threshold: 2\n",
+     "reconstruction_threshold 2 is below a strict majority of federation.min_sites (4)"),
+    (CLASSES + "secure_aggregation:\n  reconstruction_threshold: 0\n",
+     "must be 'majority' or a number of sites >= 1"),
     (CLASSES + "secure_aggregation:\n  clipping_range: 0.001\n", "secure_aggregation.clipping_range is so small"),
     (CLASSES + "federation:\n  max_update_norm: 0\n", "federation.max_update_norm: must be > 0 (got 0)"),
     (CLASSES + "strategy:\n  name: trimmed_mean\n  trim_beta: 0.5\n",
@@ -165,10 +169,24 @@ def test_round_plan_carries_the_config(tmp_path):
                              model=ModelConfig(core="gru", projection=16, hidden=8), sequence_length=6, epochs=3,
                              batch_size=5, learning_rate=0.02, proximal_mu=0.0, seed=9,
                              privacy=PrivacyTarget(required=True, epsilon=4.0, delta=1e-6), max_update_norm=10.0,
-                             secagg_clipping_range=0.5, secagg_max_weight=200)
+                             secagg_clipping_range=0.5, weight_scale=200, train=True, evaluate=True, evaluations=5,
+                             evaluation_bins=10)
     assert RoundPlan.from_config(plan.to_config()) == plan
+    assert not round_plan(config, "f", 5).train and round_plan(config, "f", 5).evaluate  # the scoring-only exchange
     plain = round_plan(_load(tmp_path, CLASSES + NO_SECAGG + "federation:\n  max_update_norm: 3\n"), "f", 1)
-    assert (plain.max_update_norm, plain.secagg_clipping_range, plain.secagg_max_weight) == (3.0, None, None)
+    assert (plain.max_update_norm, plain.secagg_clipping_range, plain.weight_scale) == (3.0, None, 1000)
+    sparse = _load(tmp_path, CLASSES + "federation:\n  rounds: 5\n  evaluate_every: 2\n")
+    assert [round_plan(sparse, "f", r).evaluate for r in range(1, 7)] == [True, False, True, False, True, True]
+    assert round_plan(sparse, "f", 1).evaluations == 4
+
+
+def test_the_reconstruction_threshold_is_a_strict_majority_of_each_round(tmp_path):
+    default = _load(tmp_path, CLASSES).secure_aggregation
+    assert [default.threshold_for(n) for n in (2, 3, 4, 5, 10, 64)] == [2, 2, 3, 3, 6, 33]
+    higher = _load(tmp_path, CLASSES + "federation:\n  min_sites: 4\nsecure_aggregation:\n  reconstruction_threshold: 4\n")
+    assert [higher.secure_aggregation.threshold_for(n) for n in (4, 10)] == [4, 6]  # never below a majority
+    weak = _load(tmp_path, CLASSES + "secure_aggregation:\n  reconstruction_threshold: 1\n  allow_weak_threshold: true\n")
+    assert weak.secure_aggregation.threshold_for(5) == 1  # the admin's loud override (sites refuse it)
 
 
 @pytest.mark.parametrize("name, expected_mu", [("fedprox", 0.05), ("fedavg", 0.0), ("median", 0.0)])

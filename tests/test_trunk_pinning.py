@@ -14,16 +14,16 @@ from client.site_config import load_site_config
 from server.app import initial_model, round_plan
 from server.run_folder import RunFolder
 from server.run_recorder import RunRecorder
-from server.round_metrics import SiteRound
 from server.server_config import load_server_config
 from shared.checkpoints import load_checkpoint
 from shared.encoder import TileEncoder, TrunkMismatch, check_pinned, weights_id
 from shared.model import ModelConfig, build_head
 from shared.parameters import model_arrays
-from shared.round_plan import REFUSALS, PrivacyTarget, RoundPlan
+from shared.refusals import REFUSALS
+from shared.round_plan import PrivacyTarget, RoundPlan
 from shared.yaml_config import ConfigError
 from simulations.slide_generator import SlideSpec, make_site_slides
-from tests.conftest import write_site_yaml
+from tests.conftest import write_site_yaml, disclosed_site, record_round
 
 CLASSES = ("adenocarcinoma", "adenoma")
 
@@ -80,10 +80,8 @@ def test_another_or_a_missing_trunk_file_is_refused_naming_file_and_hash(site, t
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="fedpath.site"):
             reply = federated_round.fit(moved, plan, _received(plan))
-        assert reply.metrics["refused"] == 7 and reply.examples == 0
+        assert reply.metrics["refused"] == 7 and not any(a.any() for a in reply.arrays)  # not scored either
         assert str(weights) in caplog.text and expected in caplog.text
-        _, evaluation = federated_round.evaluate(moved, plan, _received(plan))
-        assert evaluation.examples == 0  # features of another trunk are not scored either
     assert "pinned" in REFUSALS[7] and all(REFUSALS[code] for code in range(1, 7))
 
 
@@ -108,9 +106,7 @@ def test_the_server_checks_its_own_trunk_and_the_card_records_the_hash(tmp_path,
     assert round_plan(config, folder.federation_id, 1).model.trunk_sha256 == pin
     initial = initial_model(config)
     recorder = RunRecorder(folder, config, list(initial))
-    site_round = SiteRound(examples=3, train_loss=0.5, epsilon=1.0, delta=1e-5, val_slides=2, val_loss=0.5,
-                           eval={"auc": 0.5}, confusion=np.array([[1.0, 0.0], [0.0, 1.0]]))
-    recorder.finish_round(1, list(initial.values()), {"a": site_round})
+    record_round(recorder, 1, initial.values(), {"a": disclosed_site(1.0)})
     card = load_checkpoint(folder.path / "checkpoints" / "round-0001.npz").card
     assert card["trunk_sha256"] == pin and card["model"]["trunk_sha256"] == pin
     assert any(name.startswith("block.") for name in initial)  # last_block: the block travels with the head
