@@ -1,13 +1,20 @@
-"""Privacy accounting across federated rounds: the site's ledger against one accountant.
+"""Privacy accounting across federated rounds: the site's ledger against an independent accountant.
 
 Trains ROUNDS rounds x LOCAL_EPOCHS local epoch through the product's ``train_round``
-(Opacus DP-SGD, Poisson sampling) on a small head over 200 patients in batches of 16, so
-Opacus' sample rate is 1/13 and a round takes 13 steps, with σ from the ledger's plan for ε = 8, δ = 1e-5. Every round
-opens the ledger anew from disk, as a fresh Flower process would, and the second half of
-the rounds runs in a separate Python process (a restart).
+(Opacus DP-SGD, Poisson sampling) on a small head over 200 patients in batches of 16 (13
+batches), with σ from the ledger's plan for ε = 8, δ = 1e-5. Every round opens the ledger
+anew from disk, as a fresh Flower process would, and the second half of the rounds runs in a
+separate Python process (a restart).
 
-Keys: ``epsilon_ledger`` (the ledger's total), ``epsilon_reference`` (one accountant fed
-every step of the federation), ``rel_error`` between them (goal <= 0.01),
+The reference is built from outside the ledger: each round reports the optimizer steps its
+loop actually took, the noise multiplier the DP optimizer actually used and the sample rate
+of the Poisson loader Opacus actually trained with (1 / its length); a fresh Opacus accountant
+is stepped once per counted step with those values. If the ledger planned or recorded
+anything else (a plan from the unwrapped loader's 1/k while Opacus samples over k - 1
+batches, a missed retry, a lost round after the restart), the two disagree.
+
+Keys: ``epsilon_ledger`` (the ledger's total), ``epsilon_reference`` (the independent
+accountant), ``rel_error`` between them (goal <= 0.01, can fail),
 ``epsilon_naive_per_round_engine`` (what a new PrivacyEngine per round reports: one
 round's ε, the trap the ledger avoids), ``accountant``, ``rounds`` and the plan. Quick
 mode uses the RDP accountant; the full run adds the same measurement with PRV under
@@ -16,6 +23,7 @@ mode uses the RDP accountant; the full run adds the same measurement with PRV un
 Run: ``python -m benchmarks accounting [--quick]``.
 """
 
+import json
 import logging
 import multiprocessing
 import tempfile
@@ -40,7 +48,9 @@ ACCOUNTANTS = {"rdp": RDPAccountant, "prv": PRVAccountant}
 
 def _train_rounds(path: Path, accountant: str, rounds: range) -> None:
     """What each round's site process does: the product's train_round, which plans, checks,
-    trains under DP and records in the ledger at ``path``."""
+    trains under DP and records in the ledger at ``path``. What each round really did (steps
+    counted by the loop, σ and sample rate read from the optimizer and the loader) is appended to
+    ``path``.taken.jsonl, the benchmark's own record."""
     warnings.filterwarnings("ignore", message="Secure RNG turned off")
     logging.getLogger("fedpath.site").setLevel(logging.ERROR)
     rng = np.random.default_rng(0)
@@ -50,8 +60,10 @@ def _train_rounds(path: Path, accountant: str, rounds: range) -> None:
     training = TrainingConfig(epochs=LOCAL_EPOCHS, batch_size=BATCH_SIZE)
     head = SequenceHead(2, "rnn", input_dim=32, projection=8, hidden=8)
     for rnd in rounds:
-        train_round(head, PatientSequences(slides, SEQ_LEN, seed=rnd), training, privacy, path, str(rnd),
-                    progress=False)
+        result = train_round(head, PatientSequences(slides, SEQ_LEN, seed=rnd), training, privacy, path, str(rnd),
+                             progress=False)
+        with open(f"{path}.taken.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps([result.noise_multiplier, result.sample_rate, result.steps]) + "\n")
 
 
 def _measure(accountant: str) -> dict:
@@ -73,22 +85,24 @@ def _measure(accountant: str) -> dict:
         ledger = PrivacyLedger(path, budget)
         history = ledger.history
         epsilon_ledger = ledger.epsilon_spent()
+        taken = [tuple(json.loads(line)) for line in Path(f"{path}.taken.jsonl").read_text().splitlines()]
 
     reference = ACCOUNTANTS[accountant]()
-    for sigma, sample_rate, steps in history:
+    for sigma, sample_rate, steps in taken:
         for _ in range(steps):
             reference.step(noise_multiplier=sigma, sample_rate=sample_rate)
     naive = ACCOUNTANTS[accountant]()
-    naive.history = [history[-1]]
+    naive.history = [taken[-1]]
     epsilon_reference = float(reference.get_epsilon(delta=DELTA))
     return {
         "accountant": accountant,
-        "rounds": len(history),
+        "rounds": len(taken),
+        "rounds_in_ledger": len(history),
         "local_epochs": LOCAL_EPOCHS,
         "restart": f"new ledger from disk every round; rounds {half + 1}..{ROUNDS} in another process",
-        "sample_rate": history[0][1],
-        "steps_per_round": history[0][2],
-        "noise_multiplier": history[0][0],
+        "sample_rate": taken[0][1],
+        "steps_per_round": taken[0][2],
+        "noise_multiplier": taken[0][0],
         "target_epsilon": TARGET_EPSILON,
         "delta": DELTA,
         "epsilon_ledger": epsilon_ledger,

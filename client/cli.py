@@ -63,6 +63,13 @@ def _keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status(args: argparse.Namespace) -> int:
+    from client.site_status import status_report
+
+    print(status_report(load_site_config(args.config), last=args.last))
+    return 0
+
+
 def _stop(args: argparse.Namespace) -> int:
     from shared.processes import stop
 
@@ -114,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "make this hospital's key pair for joining the consortium; the private key never leaves")
     keys.add_argument("--config", required=True, help="the site's site.yaml")
     keys.add_argument("--force", action="store_true", help="replace an existing key pair (then register it again)")
+    status = add_command(commands, "status", _status,
+                         "this site's federations: ε spent against each budget and the lifetime limit, the noise "
+                         "plan, and the site's own numbers of the last rounds (which never leave it)")
+    status.add_argument("--config", required=True, help="the site's site.yaml")
+    status.add_argument("--last", type=int, default=3, help="round records shown per federation (default 3)")
     stop = add_command(commands, "stop", _stop, "stop a SuperNode started with --detach")
     stop.add_argument("--config", required=True, help="the site's site.yaml")
     return parser

@@ -47,7 +47,7 @@ class RoundResult:
     examples: int  # privacy units (patients) in the training set
     loss: float  # mean training loss over the round's non-empty batches
     steps: int  # optimizer steps, empty Poisson batches included
-    sample_rate: float | None  # the Poisson sample rate the accountant recorded; None without DP
+    sample_rate: float | None  # 1 / len(the Poisson loader Opacus trained with); None without DP
     epsilon: float | None  # ε spent so far by this ledger; None without DP
     delta: float | None
     noise_multiplier: float | None
@@ -180,16 +180,17 @@ class PrivateRound:
             losses += epoch_losses
             if on_epoch:
                 on_epoch(epoch, float(np.mean(epoch_losses)) if epoch_losses else float("nan"))
-        epsilon = sigma = None
+        epsilon = sigma = sample_rate = None
         if engine is not None:
-            sigma = self.plan.noise_multiplier
+            # What the optimizer and the loader really used, read from them (not from the plan).
+            sigma, sample_rate = float(optimizer.noise_multiplier), 1 / len(loader)
             epsilon = self.ledger.record_from_engine(engine, round_id)
             model.to_standard_module()  # drop Opacus' hooks so the plain head evaluates without them
             log.info("round %s: ε spent %.3f of %.3f (δ=%g, σ=%.3f)", round_id, epsilon, privacy.epsilon,
                      privacy.delta, sigma)
         head.eval()
         return RoundResult(len(self.dataset), float(np.mean(losses)) if losses else float("nan"), taken,
-                           self.sample_rate, epsilon, privacy.delta if privacy.enabled else None, sigma)
+                           sample_rate, epsilon, privacy.delta if privacy.enabled else None, sigma)
 
 
 def train_round(head: nn.Module, dataset: Dataset, training: TrainingConfig, privacy: PrivacyConfig,

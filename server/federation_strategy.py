@@ -185,10 +185,12 @@ class FederationStrategy(Strategy):
                            client_manager: ClientManager) -> list[tuple[ClientProxy, EvaluateIns]]:
         round_ = self.offset + server_round
         if self.aggregated != round_:  # SecAgg+ halted before unmasking: nothing was read this round
+            refusals = "; ".join(f"{name} refused: {refusal_text(site.refused)} (code {site.refused})"
+                                 for name, site in sorted(self.sites.items()) if site.refused)
             raise FederationError(
                 f"round {round_} failed: secure aggregation stopped before the sum could be unmasked (fewer sites "
-                "than the round's reconstruction threshold completed its stages, or sites refused its settings). "
-                "See the run's log and `fedpath-server status`.")
+                "than the round's reconstruction threshold completed its stages, or sites refused its settings)"
+                + (f": {refusals}" if refusals else "") + ". See the run's log and `fedpath-server status`.")
         return []  # evaluation rides in the next training exchange, inside the masked sum
 
     def aggregate_evaluate(self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]],

@@ -15,7 +15,8 @@ from typing import Any
 from server.audit import AuditLog
 from shared.checkpoints import CHECKPOINT_DIR, load_checkpoint
 
-METRICS = ("accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity", "val_loss", "val_slides")
+METRICS = ("accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity", "val_patients", "examples")
+"""The federation's numbers of a checkpoint: read by the sites from their noisy evaluation counts (masked sum)."""
 
 
 def model_info(path: Path) -> dict[str, Any]:
@@ -41,6 +42,8 @@ def model_info(path: Path) -> dict[str, Any]:
         "sites": card.get("sites_all", []),
         "sites_last_round": card.get("sites_this_round", []),
         "privacy_target": card.get("privacy_target"),
+        "reproducible_noise": card.get("reproducible_noise", False),
+        "secure_aggregation": card.get("secure_aggregation"),
         "privacy": card.get("privacy", {}),
         "refusals": card.get("refusals", {}),
         "metrics": card.get("metrics", {}).get("global", {}),
@@ -66,6 +69,7 @@ def render(info: dict[str, Any]) -> str:
     model = info["model"] or {}
     training = info["training"] or {}
     target = info["privacy_target"] or {}
+    share = target.get("evaluation_share")
     lines = [
         f"checkpoint    {info['checkpoint']}",
         f"sha256        {info['checkpoint_sha256']} (matches the model card)",
@@ -78,7 +82,10 @@ def render(info: dict[str, Any]) -> str:
         f"rounds        {info['round']} of {info['total_rounds']}",
         f"sites         {', '.join(info['sites']) or 'none'} (last round: {', '.join(info['sites_last_round']) or 'none'})",
         f"privacy       target ε {target.get('epsilon')}, δ {target.get('delta')}"
-        f"{' (required)' if target.get('required') else ''}",
+        f"{' (required)' if target.get('required') else ''}"
+        f"{'' if share is None else f', evaluation share {share}'}"
+        f"{'; SecAgg+' if info['secure_aggregation'] else ''}"
+        f"{'; REPRODUCIBLE (replayable) DP NOISE: a simulation, not a private deployment' if info['reproducible_noise'] else ''}",
     ]
     for site in sorted(set(info["sites"]) | set(info["privacy"])):
         spent = info["privacy"].get(site, {})
@@ -86,7 +93,8 @@ def render(info: dict[str, Any]) -> str:
         lines.append(f"  {site:<12} ε {_number(spent.get('epsilon'))}  δ {spent.get('delta')}"
                      + (f"  (sat out round {refusal['round']}: {refusal['reason']})" if refusal else ""))
     metrics = info["metrics"]
-    lines.append("metrics       " + (", ".join(f"{k} {_number(metrics[k])}" for k in METRICS if k in metrics) or "none"))
+    lines.append("metrics       " + (", ".join(f"{k} {_number(metrics[k])}" for k in METRICS if k in metrics) or "none")
+                 + ("" if metrics.get("evaluated", True) else " (not scored by the sites)"))
     audit = info["audit"]
     lines.append(f"audit         this round's record chains onto {audit['prev_hash'] or 'the start of the log'}")
     if audit["log"]:

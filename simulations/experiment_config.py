@@ -142,7 +142,8 @@ def cell_config(base: SimConfig, cell: Cell) -> SimConfig:
     sim = base.simulation
     partition = sim.partition if cell.alpha is None else replace(sim.partition, scheme="dirichlet", alpha=cell.alpha)
     simulation = replace(sim, sites=cell.sites, seed=cell.seed, partition=partition,
-                         site_privacy=replace(sim.site_privacy, enabled=cell.dp))
+                         # the cell is scored on the test set: its sites spend no ε on evaluation releases
+                         site_privacy=replace(sim.site_privacy, enabled=cell.dp, release_evaluation=False))
     privacy = replace(base.privacy, required=cell.dp, epsilon=cell.epsilon if cell.dp else base.privacy.epsilon)
     strategy = base.strategy
     if cell.federated:

@@ -87,7 +87,7 @@ def _write_site(config: SimConfig, folder: Path, name: str, items: list[Item] | 
         _write_manifest(folder / "manifest.csv", items)
     privacy = {"enabled": sim.site_privacy.enabled, "epsilon": config.privacy.epsilon, "delta": config.privacy.delta,
                "accountant": sim.site_privacy.accountant, "max_grad_norm": sim.site_privacy.max_grad_norm,
-               "planned_rounds": config.federation.rounds}
+               "planned_rounds": config.federation.rounds, "release_evaluation": sim.site_privacy.release_evaluation}
     features = {**asdict(sim.features), "cache_dir": "cache"}
     document = {"name": name, "data": {**data, "labels": list(config.classes), "val_fraction": sim.val_fraction,
                                        "split_seed": sim.seed},

@@ -76,6 +76,10 @@ class SitePrivacy:
     enabled: bool = True
     accountant: Literal["rdp", "prv"] = "rdp"
     max_grad_norm: float = check(positive, 1.0)
+    # Sites score the models they receive and release noisy counts (part of ε, privacy.evaluation_share).
+    # Experiments score checkpoints on the held-out test set instead and turn this off, so the federated
+    # arms spend their whole budget on training, like the baselines.
+    release_evaluation: bool = True
 
 
 @dataclass(frozen=True)

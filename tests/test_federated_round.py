@@ -295,3 +295,18 @@ def test_the_site_budget_caps_the_federation_target(prepared, tmp_path):
     assert reply.metrics["refused"] == 0 and reply.metrics["budget_epsilon"] == 2.0
     assert 0 < reply.metrics["epsilon"] <= 2.0 * (1 + 1e-6) and reply.metrics["delta"] == 1e-6
     assert _ledger(config, plan)["budget"] == {"epsilon": 2.0, "delta": 1e-6, "accountant": "rdp"}
+
+
+def test_site_status_shows_the_ledgers_and_the_sites_own_numbers(prepared, tmp_path, capsys):
+    from client.cli import main as site_main
+
+    config = _site(prepared, tmp_path / "site", privacy={"lifetime_epsilon": 20.0})
+    plan = _plan()
+    federated_round.fit(config, plan, _global(plan))
+    federated_round.fit(config, replace(plan, round=2, classes=("adenoma", "carcinoma")), _global(plan))
+    assert site_main(["status", "--config", str(tmp_path / "site" / "site.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "fed-test" in out and "of 8 (δ 1e-05, rdp); 1 training round(s), 1 evaluation release(s)" in out
+    assert "trained on 2 patients" in out and "validation patients: accuracy" in out
+    assert "round 2: sat out, code 4" in out
+    assert "lifetime ε 7.99" in out and "of 20 over all federations" in out  # the plan reserves ε 8

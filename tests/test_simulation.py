@@ -111,7 +111,7 @@ def test_three_sites_two_rounds_on_the_simulation_engine(prepared_hospitals, tmp
                  "checkpoints/latest.npz", "checkpoints/latest.json", "test_metrics.json"):
         assert (run / name).is_file(), name
     rounds = json.loads((run / "metrics.json").read_text())
-    assert [r["round"] for r in rounds] == [1, 2]
+    assert [r["round"] for r in rounds] == [0, 1, 2]  # the initial model, then every round
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "finished" and len(status["sites"]) == 3
     assert all(0 < site["epsilon"] <= 8.0 for site in status["sites"].values())  # DP ran under the ledger

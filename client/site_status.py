@@ -1,0 +1,68 @@
+"""`fedpath-site status`: what a hospital's IT and data-protection officer check first at their own site:
+every federation it took part in, the privacy each spent against its budget, the lifetime total, and
+the site's own numbers of the last rounds (which never left it).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from client.privacy_ledger import LedgerError, PrivacyBudget, PrivacyLedger
+from client.site_config import SiteConfig
+from client.site_rounds import federations, read_rounds
+
+
+def status_report(config: SiteConfig, last: int = 3) -> str:
+    """The site's federations, newest last, each with its ledger and its last ``last`` round records."""
+    names = federations(config)
+    lines = [f"{config.name}: {len(names)} federation(s); disclosed per round: {', '.join(config.disclose) or 'nothing'}"]
+    ledger_dir = Path(config.state_dir) / "ledgers"
+    lifetime_ledger = None
+    for name in names:
+        path = ledger_dir / f"{name}.json"
+        lines.append(f"\n{name}")
+        if path.is_file():
+            try:
+                document = json.loads(path.read_text(encoding="utf-8"))
+                budget = PrivacyBudget(**document["budget"])
+                ledger = PrivacyLedger(path, budget, lifetime_epsilon=config.privacy.lifetime_epsilon)
+                lifetime_ledger = ledger
+                plan = ledger.release_plan
+                kinds = [entry.get("kind", "training") for entry in document["rounds"]]
+                lines.append(f"  ε spent {ledger.recorded_epsilon():.3f} of {budget.epsilon:g} (δ {budget.delta:g}, "
+                             f"{budget.accountant}); {kinds.count('training')} training round(s), "
+                             f"{kinds.count('evaluation')} evaluation release(s)")
+                if plan is not None:
+                    lines.append(f"  plan: {plan.planned_rounds} rounds, σ {plan.noise_multiplier:.3f}, sample rate "
+                                 f"{plan.sample_rate:.4g}, {plan.steps_per_round} steps per round"
+                                 + (f"; {plan.evaluations} evaluations at σ {plan.evaluation_noise:.3f} "
+                                    f"({plan.evaluation_share:.0%} of ε)" if plan.evaluations else ""))
+            except (LedgerError, OSError, ValueError, KeyError, TypeError) as exc:
+                lines.append(f"  ledger {path}: UNREADABLE ({exc}); restore it from a backup")
+        for record in read_rounds(config, name)[-last:]:
+            lines.append("  " + _record_line(record))
+    if config.privacy.lifetime_epsilon is not None:
+        spent = lifetime_ledger.lifetime_spent() if lifetime_ledger is not None else 0.0
+        lines.append(f"\nlifetime ε {spent:.3f} of {config.privacy.lifetime_epsilon:g} over all federations "
+                     "(recorded plus what their plans still reserve)")
+    return "\n".join(lines)
+
+
+def _record_line(record: dict) -> str:
+    parts = [f"round {record.get('round')}"]
+    if record.get("refused"):
+        return f"round {record.get('round')}: sat out, code {record['refused']}: {record.get('reason', '')}"
+    if "patients" in record:
+        parts.append(f"trained on {record['patients']} patients, loss {record.get('train_loss', float('nan')):.4f}")
+    val = record.get("val")
+    if val:
+        parts.append(f"received model on {val.get('patients')} validation patients: accuracy "
+                     f"{val.get('accuracy', float('nan')):.3f}, AUC {_fmt(val.get('auc'))}")
+    if record.get("epsilon") is not None:
+        parts.append(f"ε {record['epsilon']:.3f}")
+    return "; ".join(parts)
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None or value != value else f"{value:.3f}"
