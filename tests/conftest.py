@@ -74,3 +74,15 @@ def copy_hospitals(prepared: Path, tmp_path: Path, count: int) -> list[Path]:
         document["features"]["cache_dir"] = str(site.parent / "cache")
         site.write_text(yaml.safe_dump(document))
     return sites
+
+
+@pytest.fixture(scope="session")
+def nginx():
+    """The installed nginx (the SuperLink's proxy). Absent, the test fails, never skips: the
+    control plane's protection is nginx, and `make install` installs it when run as root."""
+    from server.fleet_proxy import ProxyError, find_nginx
+
+    try:
+        return find_nginx()
+    except ProxyError as exc:
+        pytest.fail(f"this test needs nginx: {exc}", pytrace=False)
