@@ -100,9 +100,31 @@ def start_server(config: ServerConfig, insecure: bool, detach: bool) -> int:
     """Start the SuperLink and its proxy; with ``detach`` return once both serve, else wait until
     one of them ends or Ctrl-C (or SIGTERM), and stop both."""
     paths = StatePaths(config)
+    files = tls_files(config, insecure)
+    with sigterm_as_interrupt():  # also during start-up: never leave one of the two running alone
+        server, proxy = _start_both(config, paths, files)
+        superlink = config.superlink
+        print(f"SuperLink on {superlink.loopback_address} (pid {server.pid}; admin commands on this host only), log "
+              f"{paths.log}, state {paths.database}\n"
+              f"proxy on {superlink.address} for the sites, Fleet API only (nginx pid {proxy.pid}), log "
+              f"{paths.proxy.access_log}", flush=True)
+        if detach:
+            print(f"stop both with `fedpath-server stop --config ...` (pid files {paths.pid}, {paths.proxy.pid})")
+            return 0
+        try:
+            name, code = wait_first_exit([("the SuperLink", server), ("the proxy", proxy)])
+            print(f"{name} exited with code {code}; stopping the other (logs: {paths.log}, "
+                  f"{paths.proxy.error_log})", flush=True)
+            return code if code >= 0 else 128 - code
+        finally:
+            stop_server(paths)
+
+
+def _start_both(config: ServerConfig, paths: StatePaths,
+                files: ConsortiumFiles | None) -> tuple[subprocess.Popen, subprocess.Popen]:
+    """The SuperLink, then the proxy in front of it; on any failure neither is left running."""
     superlink = config.superlink
     paths.dir.mkdir(parents=True, exist_ok=True)
-    files = tls_files(config, insecure)
     _refuse_second_start(paths)
     for host, port, setting in ((superlink.host, superlink.port, "port"),
                                 (LOOPBACK, superlink.loopback, "loopback_port")):
@@ -113,25 +135,10 @@ def start_server(config: ServerConfig, insecure: bool, detach: bool) -> int:
     server = start(superlink_command(config, files), paths.dir / "superlink.out", paths.pid,
                    superlink_env(paths), "the SuperLink", ready_port=(LOOPBACK, superlink.loopback))
     try:
-        proxy = start_proxy(superlink, paths.proxy, files, nginx)
+        return server, start_proxy(superlink, paths.proxy, files, nginx)
     except BaseException:
         stop(paths.pid)
         raise
-    print(f"SuperLink on {superlink.loopback_address} (pid {server.pid}; admin commands on this host only), log "
-          f"{paths.log}, state {paths.database}\n"
-          f"proxy on {superlink.address} for the sites, Fleet API only (nginx pid {proxy.pid}), log "
-          f"{paths.proxy.access_log}", flush=True)
-    if detach:
-        print(f"stop both with `fedpath-server stop --config ...` (pid files {paths.pid}, {paths.proxy.pid})")
-        return 0
-    try:
-        with sigterm_as_interrupt():
-            name, code = wait_first_exit([("the SuperLink", server), ("the proxy", proxy)])
-        print(f"{name} exited with code {code}; stopping the other (logs: {paths.log}, {paths.proxy.error_log})",
-              flush=True)
-        return code if code >= 0 else 128 - code
-    finally:
-        stop_server(paths)
 
 
 def stop_server(paths: StatePaths) -> list[str]:

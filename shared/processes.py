@@ -59,16 +59,20 @@ def start(command: Sequence[str], log_file: Path, pid_file: Path, env: dict[str,
         process = subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT, env=env,
                                    start_new_session=True)
     pid_file.write_text(f"{process.pid}\n")
-    if ready_port is not None:
-        deadline = time.monotonic() + ready_timeout
+    if ready_port is None:
+        return process
+    deadline = time.monotonic() + ready_timeout
+    try:
         while not port_open(*ready_port):
             if process.poll() is not None or time.monotonic() > deadline:
-                stop_pid(process.pid)
-                pid_file.unlink(missing_ok=True)
                 state = f"exited with code {process.returncode}" if process.returncode is not None else \
                     f"did not listen on {ready_port[0]}:{ready_port[1]} within {ready_timeout:g} s"
                 raise ProcessError(f"{what} {state}; last lines of {log_file}:\n{tail(log_file)}")
             time.sleep(0.2)
+    except BaseException:  # not ready, or Ctrl-C while waiting: nothing half-started is left behind
+        stop_pid(process.pid)
+        pid_file.unlink(missing_ok=True)
+        raise
     return process
 
 
