@@ -117,7 +117,9 @@ def start_server(config: ServerConfig, insecure: bool, detach: bool) -> int:
                   f"{paths.proxy.error_log})", flush=True)
             return code if code >= 0 else 128 - code
         finally:
-            stop_server(paths)
+            stopped = stop_server(paths)
+            if stopped:
+                print(f"stopped: {', '.join(stopped)}", flush=True)
 
 
 def _start_both(config: ServerConfig, paths: StatePaths,

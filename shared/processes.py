@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Collection, Iterator, Sequence
@@ -134,6 +135,9 @@ def sigterm_as_interrupt() -> Iterator[None]:
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
+    if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
+        yield
+        return
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         yield
