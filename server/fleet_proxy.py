@@ -270,20 +270,18 @@ def _check_chain(superlink: SuperLinkConfig, files: ProxyFiles, tls: ConsortiumF
         if problem is None and status not in (502, 503, 504):
             return
         if time.monotonic() > deadline:
-            detail = problem or f"HTTP {status}"
+            detail = problem or f"HTTP {status}: nginx cannot connect to it or does not trust its certificate"
             raise ProxyError(f"the proxy on {superlink.address} does not reach the SuperLink on "
                              f"{superlink.loopback_address} ({detail}); last lines of {files.error_log}:\n"
-                             f"{tail(files.error_log)}")
+                             f"{tail(files.error_log, 3)}")
         time.sleep(0.5)
 
 
 def _probe(superlink: SuperLinkConfig, tls: ConsortiumFiles | None) -> tuple[int | None, str | None]:
     try:
-        sock = socket.create_connection((connect_host(superlink.host), superlink.port), timeout=10)
-        if tls is not None:
-            context = ssl.create_default_context(cafile=str(tls.ca_cert))
-            sock = context.wrap_socket(sock, server_hostname=UPSTREAM_NAME)
-        with sock:
+        raw = socket.create_connection((connect_host(superlink.host), superlink.port), timeout=10)
+        with raw if tls is None else ssl.create_default_context(cafile=str(tls.ca_cert)).wrap_socket(
+                raw, server_hostname=UPSTREAM_NAME) as sock:  # a failed handshake closes raw with it
             sock.sendall(b"POST /v1/fleet/get-run HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/protobuf\r\n"
                          b"Content-Length: 0\r\nConnection: close\r\n\r\n")
             response = http.client.HTTPResponse(sock)

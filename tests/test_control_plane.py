@@ -13,6 +13,7 @@ stopped by PID.
 from __future__ import annotations
 
 import http.client
+import http.server
 import json
 import os
 import re
@@ -21,18 +22,23 @@ import signal
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
+import yaml
 from flwr.proto.message_pb2 import PushObjectRequest  # pylint: disable=no-name-in-module
 
+from server.certificates import init_consortium
 from server.cli import main as server_main
+from server.fleet_proxy import ProxyError, ProxyFiles, prepare_proxy, start_proxy
 from server.run_control import follow_run
 from server.run_folder import RunFolder
+from server.server_config import load_server_config
 from server.site_registry import SiteRegistry
 from server.superlink import APP_DIR, CONNECTION, StatePaths
-from shared.processes import executable, flower_env, port_open, running_pid, stop_pid
+from shared.processes import executable, flower_env, free_port, port_open, running_pid, stop, stop_pid
 from shared.site_keys import keygen
 from simulations.local_consortium import LocalConsortium
 from tests.conftest import copy_hospitals
@@ -242,3 +248,41 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_the_proxy_passes_nothing_to_a_loopback_listener_the_consortium_ca_did_not_certify(tmp_path, nginx):
+    """Whoever takes the loopback port first (the SuperLink down, another local program) gets no
+    site's request: the proxy checks the SuperLink's certificate against the consortium CA."""
+    ours = init_consortium(tmp_path / "ours", "fl.example")
+    other = init_consortium(tmp_path / "other", "fl.example")
+    loopback = free_port()
+    path = tmp_path / "server.yaml"
+    path.write_text(yaml.safe_dump({"classes": ["a", "b"], "superlink": {
+        "port": free_port(avoid={loopback}), "loopback_port": loopback}}))
+    superlink = load_server_config(path).superlink
+    requests: list[str] = []
+
+    class Impostor(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            requests.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+
+    impostor = http.server.ThreadingHTTPServer(("127.0.0.1", loopback), Impostor)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(other.server_cert, other.server_key)
+    impostor.socket = context.wrap_socket(impostor.socket, server_side=True)
+    thread = threading.Thread(target=impostor.serve_forever, daemon=True)
+    thread.start()
+    files = ProxyFiles.in_state_dir(superlink.state_dir)
+    try:
+        binary = prepare_proxy(superlink, files, ours)
+        with pytest.raises(ProxyError, match=r"(?s)does not reach the SuperLink .*does not trust its certificate.*certificate verify error"):
+            start_proxy(superlink, files, ours, binary, ready_timeout=5)
+        assert running_pid(files.pid) is None and not port_open("127.0.0.1", superlink.port)
+        assert requests == []
+    finally:
+        stop(files.pid)
+        impostor.shutdown()
+        impostor.server_close()
+        thread.join(timeout=10)
