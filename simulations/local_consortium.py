@@ -110,8 +110,10 @@ class LocalConsortium:
         _kill(Path(load_site_config(self.site_yamls[index]).state_dir) / "supernode.pid")
 
     def kill_server(self) -> None:
-        """SIGKILL the SuperLink and its ServerApp: a server that crashes mid-round."""
-        _kill(StatePaths(self.config).pid)
+        """SIGKILL the SuperLink, its ServerApp and its proxy: a server machine that crashes mid-round."""
+        paths = StatePaths(self.config)
+        _kill(paths.proxy.pid)
+        _kill(paths.pid)
 
     def run(self, follow: bool = True) -> tuple[int, RunFolder]:
         folder = RunFolder.create(self.server_yaml)
