@@ -91,7 +91,7 @@ def find_nginx() -> Nginx:
         raise ProxyError(f"nginx is not installed, and the SuperLink's public port is an nginx proxy that passes "
                          f"only the Fleet API to it (docs/control-plane.md): {INSTALL_ADVICE}")
     try:
-        out = subprocess.run([path, "-V"], capture_output=True, text=True, timeout=30)
+        out = subprocess.run([path, "-V"], capture_output=True, text=True, timeout=30, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise ProxyError(f"{path} does not run ({exc}): reinstall nginx; {INSTALL_ADVICE}") from None
     text = out.stderr + out.stdout
@@ -237,7 +237,7 @@ def prepare_proxy(superlink: SuperLinkConfig, files: ProxyFiles, tls: Consortium
     atomic_write_bytes(files.conf, nginx_config(superlink, files, tls, nginx).encode(), mode=0o600)
     try:
         result = subprocess.run([*_base_command(nginx, files), "-t", "-q"], capture_output=True, text=True,
-                                timeout=60)
+                                timeout=60, check=False)
     except subprocess.TimeoutExpired:
         raise ProxyError(f"`{nginx.path} -t` did not finish within 60 s checking {files.conf}") from None
     if result.returncode != 0:
