@@ -1,6 +1,6 @@
 """`fedpath-server`: the consortium admin's command.
 
-Make the consortium's certificates, start the SuperLink, submit a federated run and follow it,
+Make the consortium's certificates, start the SuperLink and its proxy, submit a federated run and follow it,
 see runs and sites, resume a run after a crash, verify a run's audit log, and show a checkpoint's model card.
 """
 
@@ -39,19 +39,17 @@ def _renew_cert(args: argparse.Namespace) -> int:
 
 def _start(args: argparse.Namespace) -> int:
     from server.server_config import load_server_config
-    from server.superlink import start_superlink
+    from server.superlink import start_server
 
-    return start_superlink(load_server_config(args.config), insecure=args.insecure, detach=args.detach)
+    return start_server(load_server_config(args.config), insecure=args.insecure, detach=args.detach)
 
 
 def _stop(args: argparse.Namespace) -> int:
     from server.server_config import load_server_config
-    from server.superlink import StatePaths
-    from shared.processes import stop
+    from server.superlink import StatePaths, stop_server
 
-    paths = StatePaths(load_server_config(args.config))
-    pid = stop(paths.pid)
-    print("no SuperLink was running" if pid is None else f"SuperLink (pid {pid}) stopped")
+    stopped = stop_server(StatePaths(load_server_config(args.config)))
+    print(f"stopped: {', '.join(stopped)}" if stopped else "neither the SuperLink nor its proxy was running")
     return 0
 
 
@@ -118,8 +116,9 @@ def _sites(args: argparse.Namespace) -> int:
     from server.superlink import FlowerControl
 
     config = load_server_config(args.config)
-    print(sites_table(config, FlowerControl(config, insecure=False)))
-    return 0
+    text, flagged = sites_table(config, FlowerControl(config, insecure=args.insecure))
+    print(text)
+    return 1 if flagged else 0
 
 
 def _audit_verify(args: argparse.Namespace) -> int:
@@ -177,9 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     start = with_config(add_command(commands, "start", _start,
-                                    "start the SuperLink (SQLite state, log file, offline-safe); Ctrl-C stops it"))
-    start.add_argument("--detach", action="store_true", help="run in the background with a pid file")
-    add_command(commands, "stop", _stop, "stop a SuperLink started with --detach").add_argument(
+                                    "start the SuperLink on 127.0.0.1:loopback_port (SQLite state, log file, "
+                                    "offline-safe) and its nginx proxy on the sites' port, which passes only the "
+                                    "Fleet API; Ctrl-C stops both"))
+    start.add_argument("--detach", action="store_true", help="run both in the background with pid files")
+    add_command(commands, "stop", _stop, "stop the SuperLink and its proxy started with --detach").add_argument(
         "--config", required=True, help="the consortium's server.yaml")
     run = with_config(add_command(commands, "run", _run,
                                   "submit a federated run, print a line per round, exit 1 unless it completes"))
@@ -199,8 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     remove = add_command(commands, "remove-site", _remove_site, "revoke a hospital at once (mid-run included)")
     remove.add_argument("name", help="the registered name")
     remove.add_argument("--config", required=True, help="the consortium's server.yaml")
-    add_command(commands, "sites", _sites, "registered hospitals, their node ids, key fingerprints, online or not"
-                ).add_argument("--config", required=True, help="the consortium's server.yaml")
+    with_config(add_command(commands, "sites", _sites,
+                            "every node the SuperLink knows, with the registered hospital's name, key fingerprint "
+                            "and online state; flags nodes the registry does not name (exit 1 if any)"))
 
     pretrain = add_command(commands, "pretrain-encoder", _pretrain_encoder,
                            "train the InceptionV3 trunk on public labelled tiles (no DP, nothing private); "

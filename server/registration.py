@@ -3,6 +3,11 @@
 A hospital makes its own key pair (`fedpath-site keygen`; the private key never leaves it) and
 sends the admin the public key. Registering it at the SuperLink is what lets that SuperNode
 connect; removing it cuts the node off at once, mid-run included.
+
+`sites` starts from what the SuperLink knows, not from the registry: a key registered at the
+SuperLink by any other way (``flwr supernode register`` on the loopback port, an old state.db)
+can connect like a hospital, so every node the registry does not name is flagged, and so is a
+registered site the SuperLink does not know.
 """
 
 from __future__ import annotations
@@ -12,7 +17,12 @@ from pathlib import Path
 from server.server_config import ServerConfig
 from server.site_registry import SiteRegistry
 from server.superlink import FlowerControl, FlowerError, StatePaths
+from shared.processes import WILDCARD_HOSTS
 from shared.site_keys import fingerprint, read_public_key
+
+UNKNOWN = "UNKNOWN — not in the consortium registry"
+MISSING = "MISSING — registered here, unknown to the SuperLink"
+REVOKED = "unregistered"  # Flower's status of a removed key: it can no longer connect
 
 
 def add_site(config: ServerConfig, control: FlowerControl, name: str, public_key_file: Path) -> str:
@@ -22,7 +32,10 @@ def add_site(config: ServerConfig, control: FlowerControl, name: str, public_key
     registry.check_new(name, key)
     node_id = control.register(Path(public_key_file), name)
     registry.add(name, node_id, key, fingerprint(key))
-    address = config.superlink.public_address or config.superlink.address
+    superlink = config.superlink
+    address = superlink.public_address or (f"<this server's host name>:{superlink.port} (set superlink.public_address "
+                                           "to print it here)" if superlink.host in WILDCARD_HOSTS
+                                           else superlink.address)
     return (f"registered {name} as node {node_id} (key {fingerprint(key)}).\n"
             f"Give {name}: the CA certificate {StatePaths(config).certs.ca_cert} and the address {address}\n"
             "(site.yaml: federation.server and federation.ca_cert). Compare the key fingerprint with the "
@@ -39,16 +52,45 @@ def remove_site(config: ServerConfig, control: FlowerControl, name: str) -> int:
     return int(entry["node_id"])
 
 
-def sites_table(config: ServerConfig, control: FlowerControl) -> str:
-    entries = SiteRegistry(StatePaths(config).registry).entries()
+def sites_table(config: ServerConfig, control: FlowerControl) -> tuple[str, int]:
+    """Every node the SuperLink knows (removed keys counted, not listed) beside the registry; the
+    table and how many lines are flagged (unknown nodes, registered sites the SuperLink lacks)."""
+    paths = StatePaths(config)
+    entries = SiteRegistry(paths.registry).entries()
     try:
-        online = {int(n["node-id"]) for n in control.nodes() if n.get("status") == "online"}
-    except FlowerError:
-        online = set()
-    if not entries:
-        return "no sites registered; `fedpath-server add-site NAME SITE.pub --config server.yaml`"
-    lines = [f"{'site':<20} {'node id':<22} {'online':<7} {'key fingerprint':<52} registered"]
+        nodes = {int(n["node-id"]): n for n in control.nodes()}
+    except FlowerError as exc:
+        raise FlowerError(f"cannot list the SuperLink's nodes ({exc}); {len(entries)} site(s) in {paths.registry}") \
+            from None
+    by_node = {int(entry["node_id"]): name for name, entry in entries.items()}
+    revoked = {node_id for node_id, node in nodes.items() if node.get("status") == REVOKED}
+    rows = []
+    for node_id, node in sorted(nodes.items()):
+        if node_id in revoked and node_id not in by_node:
+            continue
+        name = by_node.get(node_id)
+        if name is None:
+            rows.append(("UNKNOWN", node_id, node.get("status", "?"), "-", str(node.get("created-at") or "-"), UNKNOWN))
+            continue
+        entry = entries[name]
+        flag = MISSING if node_id in revoked else ""
+        rows.append((name, node_id, node.get("status", "?"), entry["fingerprint"], entry["registered"], flag))
     for name, entry in sorted(entries.items()):
-        lines.append(f"{name:<20} {entry['node_id']:<22} {'yes' if entry['node_id'] in online else 'no':<7} "
-                     f"{entry['fingerprint']:<52} {entry['registered']}")
-    return "\n".join(lines)
+        if int(entry["node_id"]) not in nodes:
+            rows.append((name, int(entry["node_id"]), "-", entry["fingerprint"], entry["registered"], MISSING))
+    if not rows:
+        return "no sites registered; `fedpath-server add-site NAME SITE.pub --config server.yaml`", 0
+    lines = [f"{'site':<20} {'node id':<22} {'status':<10} {'key fingerprint':<52} {'registered':<25} flag"]
+    lines += [f"{name:<20} {node_id:<22} {status:<10} {key:<52} {registered:<25} {flag}".rstrip()
+              for name, node_id, status, key, registered, flag in rows]
+    flagged = [row for row in rows if row[5]]
+    if revoked - set(by_node):
+        lines.append(f"({len(revoked - set(by_node))} removed key(s) not shown: they can no longer connect)")
+    if any(row[5] == UNKNOWN for row in flagged):
+        lines.append(f"\n{UNKNOWN}: a key registered at the SuperLink by some other way than `fedpath-server "
+                     "add-site`; it can connect and train like a hospital. Find out whose it is; revoke it with "
+                     f"`FLWR_HOME={paths.flwr_home} flwr supernode unregister NODE_ID fedpath` on this host.")
+    if any(row[5] == MISSING for row in flagged):
+        lines.append(f"\n{MISSING}: {paths.registry} names it, but the SuperLink does not (another state.db, or "
+                     "the key was unregistered directly): `fedpath-server remove-site NAME`, then `add-site` again.")
+    return "\n".join(lines), len(flagged)

@@ -14,22 +14,52 @@ from typing import Literal
 from shared.encoder import WeightsError, check_pinned
 from shared.model import ModelConfig
 from shared.round_plan import PrivacyTarget
-from shared.yaml_config import ConfigError, at_least, check, load_config, positive
+from shared.yaml_config import ConfigError, SettingError, at_least, check, load_config, positive
 
 StrategyName = Literal["fedavg", "fedprox", "median", "trimmed_mean", "krum"]
 
 
+def _tcp_port(port: int) -> str | None:
+    return None if 1 <= port <= 65535 else "must be a TCP port (1-65535)"
+
+
+LOOPBACK = "127.0.0.1"
+
+
 @dataclass(frozen=True)
 class SuperLinkConfig:
-    host: str = "127.0.0.1"  # interface the SuperLink listens on; 0.0.0.0 for hospitals on other machines
-    port: int = check(lambda p: None if 1 <= p <= 65535 else "must be a TCP port (1-65535)", 9092)
-    public_address: str | None = None  # host:port the sites connect to; default host:port
-    state_dir: Path | None = None  # state.db, superlink.log, superlink.pid; default state/ beside server.yaml
+    """Where the consortium server listens. Two ports: the sites' port (``host:port``) is the
+    proxy, which passes only the Fleet API; the SuperLink itself, with its unauthenticated Control
+    and Runtime APIs, listens on ``127.0.0.1:loopback_port`` and is reached from this host only."""
+
+    host: str = LOOPBACK  # interface of the sites' port; 0.0.0.0 for hospitals on other machines
+    port: int = check(_tcp_port, 9092)  # the sites' port: the proxy, Fleet API only
+    loopback_port: int | None = check(_tcp_port, None)  # the SuperLink on 127.0.0.1 (admin commands); default port + 1
+    public_address: str | None = None  # host:port `add-site` tells hospitals to connect to; default host:port
+    max_request_mb: int = check(lambda m: None if 1 <= m <= 2048 else "must be in 1-2048", 64)  # largest request body
+    state_dir: Path | None = None  # state.db, logs, pid files, the proxy's files; default state/ beside server.yaml
     certs_dir: Path | None = None  # ca.pem, server.pem, server.key from `fedpath-server init`; default certs/
+
+    def __post_init__(self) -> None:
+        if self.loopback_port is None and self.port == 65535:
+            raise SettingError("loopback_port", "port 65535 leaves no default (port + 1): set superlink.loopback_port")
+        if self.loopback == self.port:
+            raise SettingError("loopback_port", f"must differ from superlink.port ({self.port}): the sites' port is "
+                                                "the proxy, the loopback port the SuperLink behind it")
 
     @property
     def address(self) -> str:
+        """The sites' port, as it is bound."""
         return f"{self.host}:{self.port}"
+
+    @property
+    def loopback(self) -> int:
+        return self.port + 1 if self.loopback_port is None else self.loopback_port
+
+    @property
+    def loopback_address(self) -> str:
+        """The SuperLink itself: the admin commands' (and the proxy's) only way in."""
+        return f"{LOOPBACK}:{self.loopback}"
 
 
 @dataclass(frozen=True)

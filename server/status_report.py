@@ -18,10 +18,11 @@ def status_report(config: ServerConfig, control: FlowerControl) -> str:
     try:
         nodes = [n for n in control.nodes() if n.get("status") == "online"]
         flower_runs = {int(r["run-id"]): r for r in control.runs()}
-        lines.append(f"SuperLink {config.superlink.address}: {len(nodes)} site(s) online")
+        lines.append(f"SuperLink {config.superlink.loopback_address} (sites' port {config.superlink.address}): "
+                     f"{len(nodes)} site(s) online")
         lines += [f"  {registry.name_for(int(n['node-id']))}  online since {n.get('online-at')}" for n in nodes]
     except FlowerError as exc:
-        lines.append(f"SuperLink {config.superlink.address}: not reachable ({exc})")
+        lines.append(f"SuperLink {config.superlink.loopback_address}: not reachable ({exc})")
     results = Path(config.results_dir)
     folders = sorted(p for p in results.iterdir() if (p / "run.json").is_file()) if results.is_dir() else []
     lines.append(f"\nruns in {results}: {len(folders)}")

@@ -1,10 +1,16 @@
-"""The consortium's SuperLink process and the `flwr` control commands that talk to it.
+"""The consortium server's processes and the `flwr` control commands that talk to them.
 
-`fedpath-server start` runs ``flower-superlink`` with a SQLite state database (runs and
-registered sites survive a restart), a log file, no run-time package installation, and TLS
-unless ``--insecure``. The admin commands (`run`, `status`, `resume`) drive Flower's own
-``flwr`` CLI through a private ``FLWR_HOME`` in the state folder, whose one connection is
-this SuperLink, so nothing points at Flower's public servers.
+`fedpath-server start` runs two processes as one unit: ``flower-superlink`` on
+``127.0.0.1:loopback_port`` only, with a SQLite state database (runs and registered sites survive
+a restart), a log file, no run-time package installation and TLS unless ``--insecure``; and in
+front of it the proxy on the sites' port (server/fleet_proxy.py), which passes only the Fleet
+API. Flower 1.42 serves its unauthenticated Control and Runtime APIs on the SuperLink's port, so
+that port must not be reachable from other machines. `fedpath-server stop` stops both by PID.
+
+The admin commands (`run`, `status`, `resume`, `add-site`, `sites`...) drive Flower's own ``flwr``
+CLI on this host against the loopback port, through a private ``FLWR_HOME`` in the state folder
+whose one connection is this SuperLink, so nothing points at Flower's public servers. A remote
+admin reaches that port through an SSH tunnel (docs/control-plane.md).
 """
 
 from __future__ import annotations
@@ -15,9 +21,11 @@ import subprocess
 from pathlib import Path
 
 from server.certificates import ConsortiumFiles
-from server.server_config import ServerConfig
+from server.fleet_proxy import ProxyFiles, prepare_proxy, start_proxy
+from server.server_config import LOOPBACK, ServerConfig
 from shared.errors import UserError
-from shared.processes import executable, flower_env, start
+from shared.processes import (executable, flower_env, port_open, running_pid, sigterm_as_interrupt, start, stop,
+                              wait_first_exit)
 
 log = logging.getLogger("fedpath.server")
 
@@ -46,6 +54,7 @@ class StatePaths:
         self.pid = self.dir / "superlink.pid"
         self.flwr_home = self.dir / "flwr"
         self.certs = ConsortiumFiles.in_folder(Path(config.superlink.certs_dir))
+        self.proxy = ProxyFiles.in_state_dir(self.dir)
 
 
 def tls_files(config: ServerConfig, insecure: bool) -> ConsortiumFiles | None:
@@ -63,50 +72,102 @@ def tls_files(config: ServerConfig, insecure: bool) -> ConsortiumFiles | None:
     return files
 
 
-def superlink_command(config: ServerConfig, insecure: bool) -> list[str]:
+def superlink_command(config: ServerConfig, files: ConsortiumFiles | None) -> list[str]:
+    """``flower-superlink`` on loopback only: its port also serves the Control and Runtime APIs."""
     paths = StatePaths(config)
-    command = [executable("flower-superlink"), "--host", config.superlink.host, "--port", str(config.superlink.port),
+    command = [executable("flower-superlink"), "--host", LOOPBACK, "--port", str(config.superlink.loopback),
                "--database", str(paths.database), "--log-file", str(paths.log),
                "--disable-runtime-dependency-installation"]
-    files = tls_files(config, insecure)
     if files is None:
         return [*command, "--insecure"]
     # Only hospitals registered with `fedpath-server add-site` may connect (Flower refuses
-    # authentication without TLS, so --insecure turns both off).
+    # authentication without TLS, so --insecure turns both off). TLS stays on over loopback
+    # for that reason; the proxy checks this certificate against the consortium CA.
     return [*command, "--ssl-ca-certfile", str(files.ca_cert), "--ssl-certfile", str(files.server_cert),
             "--ssl-keyfile", str(files.server_key), "--enable-supernode-auth"]
 
 
-def start_superlink(config: ServerConfig, insecure: bool, detach: bool) -> int:
-    """Start the SuperLink; with ``detach`` return once it listens, else wait for it (Ctrl-C stops it)."""
-    paths = StatePaths(config)
-    paths.dir.mkdir(parents=True, exist_ok=True)
-    command = superlink_command(config, insecure)
+def superlink_env(paths: StatePaths) -> dict[str, str]:
+    """Flower's environment without its switches for the legacy gRPC Control and Fleet servers:
+    those would listen on 0.0.0.0 (ports 9093, 9092), past the proxy, with no login."""
     env = flower_env(paths.flwr_home)
-    host = "127.0.0.1" if config.superlink.host in ("0.0.0.0", "") else config.superlink.host
-    process = start(command, paths.dir / "superlink.out", paths.pid, env, "the SuperLink",
-                    ready_port=(host, config.superlink.port))
-    print(f"SuperLink listening on {config.superlink.address} (pid {process.pid}); log {paths.log}, "
-          f"state {paths.database}", flush=True)
-    if detach:
-        print(f"stop it with `fedpath-server stop --config ...` (pid file {paths.pid})")
-        return 0
+    for name in [name for name in env if name.startswith("FLWR_INTERNAL_GRPC_")]:
+        del env[name]
+    return env
+
+
+def start_server(config: ServerConfig, insecure: bool, detach: bool) -> int:
+    """Start the SuperLink and its proxy; with ``detach`` return once both serve, else wait until
+    one of them ends or Ctrl-C (or SIGTERM), and stop both."""
+    paths = StatePaths(config)
+    files = tls_files(config, insecure)
+    with sigterm_as_interrupt():  # also during start-up: never leave one of the two running alone
+        server, proxy = _start_both(config, paths, files)
+        superlink = config.superlink
+        print(f"SuperLink on {superlink.loopback_address} (pid {server.pid}; admin commands on this host only), log "
+              f"{paths.log}, state {paths.database}\n"
+              f"proxy on {superlink.address} for the sites, Fleet API only (nginx pid {proxy.pid}), log "
+              f"{paths.proxy.access_log}", flush=True)
+        if detach:
+            print(f"stop both with `fedpath-server stop --config ...` (pid files {paths.pid}, {paths.proxy.pid})")
+            return 0
+        try:
+            name, code = wait_first_exit([("the SuperLink", server), ("the proxy", proxy)])
+            print(f"{name} exited with code {code}; stopping the other (logs: {paths.log}, "
+                  f"{paths.proxy.error_log})", flush=True)
+            return code if code >= 0 else 128 - code
+        finally:
+            stopped = stop_server(paths)
+            if stopped:
+                print(f"stopped: {', '.join(stopped)}", flush=True)
+
+
+def _start_both(config: ServerConfig, paths: StatePaths,
+                files: ConsortiumFiles | None) -> tuple[subprocess.Popen, subprocess.Popen]:
+    """The SuperLink, then the proxy in front of it; on any failure neither is left running."""
+    superlink = config.superlink
+    paths.dir.mkdir(parents=True, exist_ok=True)
+    _refuse_second_start(paths)
+    for host, port, setting in ((superlink.host, superlink.port, "port"),
+                                (LOOPBACK, superlink.loopback, "loopback_port")):
+        if port_open(host, port):
+            raise FlowerError(f"{host}:{port} is already in use by another program: stop it, or choose another "
+                              f"superlink.{setting} in the server config")
+    nginx = prepare_proxy(superlink, paths.proxy, files)  # a missing or refusing nginx stops us before anything runs
+    server = start(superlink_command(config, files), paths.dir / "superlink.out", paths.pid,
+                   superlink_env(paths), "the SuperLink", ready_port=(LOOPBACK, superlink.loopback))
     try:
-        return process.wait()
-    finally:
-        if process.poll() is None:
-            from shared.processes import stop_pid
-            stop_pid(process.pid)
-        paths.pid.unlink(missing_ok=True)
+        return server, start_proxy(superlink, paths.proxy, files, nginx)
+    except BaseException:
+        stop(paths.pid)
+        raise
+
+
+def stop_server(paths: StatePaths) -> list[str]:
+    """Stop the proxy first (the sites are cut off at once), then the SuperLink; what was stopped."""
+    stopped = []
+    for what, pid_file in (("proxy", paths.proxy.pid), ("SuperLink", paths.pid)):
+        pid = stop(pid_file)
+        if pid is not None:
+            stopped.append(f"{what} (pid {pid})")
+    return stopped
+
+
+def _refuse_second_start(paths: StatePaths) -> None:
+    running = [f"{what} (pid {pid}, {pid_file})" for what, pid_file in
+               (("the SuperLink", paths.pid), ("its proxy", paths.proxy.pid))
+               if (pid := running_pid(pid_file)) is not None]
+    if running:
+        raise FlowerError(f"already running: {', '.join(running)}; `fedpath-server stop --config ...` first")
 
 
 class FlowerControl:
-    """`flwr` commands against this consortium's SuperLink."""
+    """`flwr` commands against this consortium's SuperLink, on its loopback port."""
 
     def __init__(self, config: ServerConfig, insecure: bool) -> None:
         self.paths = StatePaths(config)
-        address = config.superlink.public_address or \
-            f"{'127.0.0.1' if config.superlink.host in ('0.0.0.0', '') else config.superlink.host}:{config.superlink.port}"
+        # The SuperLink itself, never the sites' port: the proxy passes only the Fleet API.
+        address = config.superlink.loopback_address
         self.paths.flwr_home.mkdir(parents=True, exist_ok=True)
         security = "insecure = true" if insecure else f'root-certificates = "{self.paths.certs.ca_cert}"'
         (self.paths.flwr_home / "config.toml").write_text(
@@ -166,4 +227,4 @@ class FlowerControl:
                                   timeout=timeout, cwd=self.paths.dir)
         except subprocess.TimeoutExpired:
             raise FlowerError(f"`flwr {' '.join(args)}` did not answer within {timeout:g} s: is the SuperLink "
-                              f"running? (log: {self.paths.log})") from None
+                              f"running on this host? (log: {self.paths.log})") from None

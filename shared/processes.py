@@ -1,16 +1,18 @@
-"""Starting and stopping Flower's long-running processes (SuperLink, SuperNode) the same way
-everywhere: offline-safe environment, a log file, a pid file, bounded waits, stop by PID."""
+"""Starting and stopping fedpath's long-running processes (SuperLink, its proxy, SuperNode) the
+same way everywhere: offline-safe environment, a log file, a pid file, bounded waits, stop by PID."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Collection, Iterator, Sequence
 
 from shared.errors import UserError
 
@@ -58,16 +60,20 @@ def start(command: Sequence[str], log_file: Path, pid_file: Path, env: dict[str,
         process = subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT, env=env,
                                    start_new_session=True)
     pid_file.write_text(f"{process.pid}\n")
-    if ready_port is not None:
-        deadline = time.monotonic() + ready_timeout
+    if ready_port is None:
+        return process
+    deadline = time.monotonic() + ready_timeout
+    try:
         while not port_open(*ready_port):
             if process.poll() is not None or time.monotonic() > deadline:
-                stop_pid(process.pid)
-                pid_file.unlink(missing_ok=True)
                 state = f"exited with code {process.returncode}" if process.returncode is not None else \
                     f"did not listen on {ready_port[0]}:{ready_port[1]} within {ready_timeout:g} s"
                 raise ProcessError(f"{what} {state}; last lines of {log_file}:\n{tail(log_file)}")
             time.sleep(0.2)
+    except BaseException:  # not ready, or Ctrl-C while waiting: nothing half-started is left behind
+        stop_pid(process.pid)
+        pid_file.unlink(missing_ok=True)
+        raise
     return process
 
 
@@ -93,16 +99,60 @@ def stop(pid_file: Path) -> int | None:
     return pid
 
 
+WILDCARD_HOSTS = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
+
+
+def connect_host(host: str) -> str:
+    """Where to connect to reach a listener bound to ``host`` from this machine: a wildcard bind
+    (0.0.0.0, ::, empty) is not an address one can connect to, its loopback is."""
+    return WILDCARD_HOSTS.get(host, host)
+
+
 def port_open(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex((host if host not in ("0.0.0.0", "") else "127.0.0.1", port)) == 0
+    """Whether something accepts TCP connections at ``host:port`` (a wildcard host: on loopback)."""
+    try:
+        with socket.create_connection((connect_host(host), port), timeout=0.5):
+            return True
+    except OSError:
+        return False
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def wait_first_exit(processes: Sequence[tuple[str, subprocess.Popen]], poll: float = 0.5) -> tuple[str, int]:
+    """Block until one of ``processes`` exits; its name and exit code. Processes that run as one
+    unit (the SuperLink and its proxy) are waited for together, so neither is left alone."""
+    while True:
+        for name, process in processes:
+            code = process.poll()
+            if code is not None:
+                return name, code
+        time.sleep(poll)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM like Ctrl-C while a foreground command waits for its children: they run in
+    sessions of their own and would outlive a command killed without its clean-up."""
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def free_port(avoid: Collection[int] = ()) -> int:
+    """A TCP port free on 127.0.0.1 now, not one of ``avoid`` (ports picked for something else)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in avoid:
+            return port
 
 
 def tail(path: Path, lines: int = 15) -> str:

@@ -27,6 +27,15 @@ class ConfigError(UserError, ValueError):
     """A configuration problem, already phrased for the person who wrote the file."""
 
 
+class SettingError(ValueError):
+    """A cross-field rule (``__post_init__``) broken by one setting: reported at that setting's
+    line rather than its section's. ``key`` is the field's name within the dataclass."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
 def check(rule: Check, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
     """A dataclass field with a validation rule: ``rule(value)`` returns an error text or None."""
     return dataclasses.field(default=default, metadata={"check": rule}, **kwargs)
@@ -132,6 +141,9 @@ class _Reader:
             return None
         try:
             return cls(**kwargs)
+        except SettingError as exc:
+            self.error(path + (exc.key,), str(exc))
+            return None
         except (ValueError, TypeError) as exc:  # cross-field rules in __post_init__
             self.error(path, str(exc))
             return None

@@ -34,8 +34,8 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"\n== {path.parent.name} ==\n{summary.report()}")
     settings = {"federation": {"rounds": args.rounds, "min_sites": 2, "round_timeout": 300},
                 "training": {"epochs": 2, "batch_size": 2, "learning_rate": 0.003}}
-    print(f"\nstarting a SuperLink and {len(configs)} SuperNodes on 127.0.0.1 (TLS, registered site keys, SecAgg+), "
-          f"{args.rounds} rounds, DP at every site ...")
+    print(f"\nstarting a SuperLink behind its proxy and {len(configs)} SuperNodes on 127.0.0.1 (TLS, registered "
+          f"site keys, SecAgg+), {args.rounds} rounds, DP at every site ...")
     with LocalConsortium(out / "consortium", configs, server_settings=settings) as consortium:
         consortium.start_all()
         code, folder = consortium.run()

@@ -1,5 +1,7 @@
-"""A real consortium on 127.0.0.1: one SuperLink and one SuperNode per generated hospital, each a
-separate process started exactly as `fedpath-server start` and `fedpath-site start` start them.
+"""A real consortium on 127.0.0.1: one SuperLink behind its proxy and one SuperNode per generated
+hospital, each a separate process started exactly as `fedpath-server start` and `fedpath-site
+start` start them. Sites connect to the proxy's port, as hospitals do; the admin commands use the
+SuperLink's loopback port, as on a consortium server.
 
 Used by `make demo`, the integration tests and the federation benchmarks. Ports are free ports
 picked at set-up, every wait is bounded, and ``close()`` (also on Ctrl-C or an error, through
@@ -23,7 +25,7 @@ from server.run_control import submit_and_follow
 from server.run_folder import RunFolder
 from server.server_config import load_server_config
 from server.site_registry import SiteRegistry
-from server.superlink import FlowerControl, StatePaths, start_superlink
+from server.superlink import FlowerControl, StatePaths, start_server, stop_server
 from shared.processes import free_port, running_pid, stop
 from shared.site_keys import keygen
 
@@ -38,7 +40,8 @@ class LocalConsortium:
     def __post_init__(self) -> None:
         self.root = Path(self.root).resolve()
         self.server_yaml = self.root / "server" / "server.yaml"
-        self.port = free_port()
+        self.port = free_port()  # the sites' port: the proxy
+        self.loopback_port = free_port(avoid={self.port})  # the SuperLink itself
         self._write_server_yaml()
         for path in self.site_yamls:
             self._join_site(Path(path))
@@ -46,7 +49,8 @@ class LocalConsortium:
     # set-up
     def _write_server_yaml(self) -> None:
         settings = {"name": "local demo consortium", "classes": ["adenoma", "adenocarcinoma"],
-                    "positive_class": "adenocarcinoma", "superlink": {"host": "127.0.0.1", "port": self.port}}
+                    "positive_class": "adenocarcinoma",
+                    "superlink": {"host": "127.0.0.1", "port": self.port, "loopback_port": self.loopback_port}}
         for key, value in self.server_settings.items():
             settings[key] = {**settings.get(key, {}), **value} if isinstance(value, dict) else value
         self.server_yaml.parent.mkdir(parents=True, exist_ok=True)
@@ -57,7 +61,7 @@ class LocalConsortium:
                 init_consortium(certs, "localhost")
 
     def _join_site(self, site_yaml: Path) -> None:
-        """Point a site at this SuperLink, as its IT would with what the admin handed over."""
+        """Point a site at this consortium's public port, as its IT would with what the admin handed over."""
         document = yaml.safe_load(site_yaml.read_text())
         document["federation"] = {**document.get("federation", {}), "server": f"127.0.0.1:{self.port}",
                                   "port": free_port(),
@@ -75,7 +79,8 @@ class LocalConsortium:
 
     # processes
     def start_server(self) -> None:
-        start_superlink(self.config, insecure=not self.tls, detach=True)
+        """The SuperLink and its proxy, as `fedpath-server start --detach` starts them."""
+        start_server(self.config, insecure=not self.tls, detach=True)
 
     def start_site(self, index: int) -> None:
         path = self.site_yamls[index]
@@ -106,8 +111,10 @@ class LocalConsortium:
         _kill(Path(load_site_config(self.site_yamls[index]).state_dir) / "supernode.pid")
 
     def kill_server(self) -> None:
-        """SIGKILL the SuperLink and its ServerApp: a server that crashes mid-round."""
-        _kill(StatePaths(self.config).pid)
+        """SIGKILL the SuperLink, its ServerApp and its proxy: a server machine that crashes mid-round."""
+        paths = StatePaths(self.config)
+        _kill(paths.proxy.pid)
+        _kill(paths.pid)
 
     def run(self, follow: bool = True) -> tuple[int, RunFolder]:
         folder = RunFolder.create(self.server_yaml)
@@ -119,7 +126,7 @@ class LocalConsortium:
     def close(self) -> None:
         for path in self.site_yamls:
             stop(Path(load_site_config(path).state_dir) / "supernode.pid")
-        stop(StatePaths(self.config).pid)
+        stop_server(StatePaths(self.config))
 
     def __enter__(self) -> "LocalConsortium":
         return self

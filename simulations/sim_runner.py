@@ -124,7 +124,9 @@ def cached_items(site_config: Path, split: str, classes: Sequence[str]) -> list[
 def _write_server_yaml(server: ServerConfig, out: Path, port: int) -> Path:
     """The server.yaml a consortium admin would have written for this run (the run folder keeps a copy)."""
     document = _plain(server.as_dict())
-    document["superlink"].update(host="127.0.0.1", port=port)
+    # No site connects to a simulation, so no proxy runs: `port` (the SuperLink) is the loopback
+    # port the admin commands use; the sites' port is a placeholder that must only differ from it.
+    document["superlink"].update(host="127.0.0.1", loopback_port=port, port=free_port(avoid={port}))
     document = {k: v for k, v in document.items() if v is not None}
     document["superlink"] = {k: v for k, v in document["superlink"].items() if v is not None}
     path = out / "server.yaml"

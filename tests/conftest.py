@@ -88,3 +88,15 @@ def record_round(recorder, round_: int, arrays, sites=None, evaluation=None) -> 
     """A model saved by an exchange and scored by the next one, as the ServerApp records them."""
     recorder.save_model(round_, list(arrays), sites or {})
     return recorder.close_model(round_, evaluation if evaluation is not None else {"accuracy": 0.5, "auc": 0.5})
+
+
+@pytest.fixture(scope="session")
+def nginx():
+    """The installed nginx (the SuperLink's proxy). Absent, the test fails, never skips: the
+    control plane's protection is nginx, and `make install` installs it when run as root."""
+    from server.fleet_proxy import ProxyError, find_nginx
+
+    try:
+        return find_nginx()
+    except ProxyError as exc:
+        pytest.fail(f"this test needs nginx: {exc}", pytrace=False)

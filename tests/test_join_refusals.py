@@ -1,5 +1,7 @@
-"""Who may join: a real SuperLink (TLS, SuperNode authentication) refuses SuperNodes that are not
-registered or that do not trust the consortium's CA, and a revoked site is cut off."""
+"""Who may join: a real SuperLink (TLS, SuperNode authentication) behind its proxy refuses
+SuperNodes that are not registered or that do not trust the consortium's CA, and a revoked site is
+cut off. Sites reach only the proxy's port; node authentication is decided by the SuperLink behind
+it (the signed headers pass through), TLS by the proxy."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from client.site_config import load_site_config
 from client.supernode import start_supernode
 from server.certificates import init_consortium
 from server.registration import add_site, remove_site
+from server.superlink import StatePaths
 from shared.site_keys import keygen
 from simulations.local_consortium import LocalConsortium
 
@@ -47,10 +50,19 @@ def _online(consortium: LocalConsortium) -> int:
     return sum(1 for n in consortium.control.nodes() if n.get("status") == "online")
 
 
+def _proxied(consortium: LocalConsortium, route: str) -> list[tuple[str, str]]:
+    """(status, upstream) of each request for a Fleet route in the proxy's access log."""
+    lines = StatePaths(consortium.config).proxy.access_log.read_text().splitlines()
+    return [(line.split('" ')[1].split()[0], line.split("upstream=")[1].split()[0])
+            for line in lines if f"POST /v1/fleet/{route} " in line]
+
+
 def test_unregistered_untrusting_and_revoked_sites(tmp_path):
     sites = [_site(tmp_path, name) for name in ("hospital-a", "stranger", "no-ca", "plain")]
     with LocalConsortium(tmp_path / "consortium", sites) as consortium:  # TLS and authentication on
         consortium.start_server()
+        superlink = f"127.0.0.1:{consortium.loopback_port}"
+        assert all(load_site_config(s).federation.server == f"127.0.0.1:{consortium.port}" for s in sites)
         registered = load_site_config(sites[0])
         key = Path(registered.federation.auth_key)
         keygen(key.parent, key.stem)
@@ -63,6 +75,7 @@ def test_unregistered_untrusting_and_revoked_sites(tmp_path):
         assert "Failed to activate SuperNode" in log, log[-2000:]
         server_log = (consortium.root / "server" / "state" / "superlink.log").read_text()
         assert "activate-node][ApiError:2004] Attempted to register SuperNode with public key" in server_log
+        assert ("412", superlink) in _proxied(consortium, "activate-node")  # refused by the SuperLink, via the proxy
 
         # a registered key, but the site trusts another CA: TLS fails before anything is sent
         other_ca = init_consortium(tmp_path / "other-ca", "localhost")
@@ -82,6 +95,7 @@ def test_unregistered_untrusting_and_revoked_sites(tmp_path):
         while "Connection attempt failed" not in plain_log.read_text() and time.monotonic() < deadline:
             time.sleep(0.5)
         assert "Connection attempt failed" in plain_log.read_text()
+        assert set(_proxied(consortium, "register-node")) == {("400", "-")}  # the proxy's TLS port refused it
         assert _online(consortium) == 0
 
         # the registered site joins; revoking it cuts it off

@@ -44,6 +44,8 @@ def test_defaults_and_paths_beside_server_yaml(tmp_path):
     assert config.classes == ("adenoma", "adenocarcinoma")
     assert config.name == "fedpath consortium" and config.positive_class is None
     assert config.superlink.address == "127.0.0.1:9092" and config.superlink.public_address is None
+    assert config.superlink.loopback == 9093 and config.superlink.loopback_address == "127.0.0.1:9093"
+    assert config.superlink.max_request_mb == 64
     assert config.superlink.state_dir == base / "state"
     assert config.superlink.certs_dir == base / "certs"
     assert config.results_dir == base / "runs"
@@ -67,6 +69,7 @@ def test_relative_and_absolute_paths_are_resolved(tmp_path):
     assert config.superlink.certs_dir == absolute
     assert config.results_dir == base / ".." / "results"
     assert config.superlink.address == "0.0.0.0:9500"
+    assert config.superlink.loopback_address == "127.0.0.1:9501"  # the SuperLink never listens beyond loopback
 
 
 def test_settings_are_read(tmp_path):
@@ -110,6 +113,14 @@ def test_settings_are_read(tmp_path):
      "server.yaml:3: superlink.port: must be a TCP port (1-65535) (got 70000)"),
     (CLASSES + "superlink:\n  port: 0\n", "superlink.port: must be a TCP port (1-65535) (got 0)"),
     (CLASSES + "superlink:\n  port: http\n", "superlink.port: expected an integer, got 'http'"),
+    (CLASSES + "superlink:\n  port: 9092\n  loopback_port: 9092\n",
+     "server.yaml:4: superlink.loopback_port: must differ from superlink.port (9092)"),
+    (CLASSES + "superlink:\n  loopback_port: 9092\n",  # the default port
+     "server.yaml:3: superlink.loopback_port: must differ from superlink.port (9092)"),
+    (CLASSES + "superlink:\n  port: 65535\n",  # no loopback_port line: the section's
+     "server.yaml:2: superlink.loopback_port: port 65535 leaves no default (port + 1): set superlink.loopback_port"),
+    (CLASSES + "superlink:\n  loopback_port: 0\n", "superlink.loopback_port: must be a TCP port (1-65535) (got 0)"),
+    (CLASSES + "superlink:\n  max_request_mb: 0\n", "superlink.max_request_mb: must be in 1-2048 (got 0)"),
     (CLASSES + "strategy:\n  name: fedsgd\n", "strategy.name: must be one of 'fedavg', 'fedprox', 'median'"),
     (CLASSES + "federation:\n  fraction: 0\n", "federation.fraction: must be in (0, 1] (got 0)"),
 ])

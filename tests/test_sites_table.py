@@ -1,0 +1,74 @@
+"""`fedpath-server sites` from what the SuperLink knows: every node listed, the registry's names
+beside them, unknown nodes and missing sites flagged (the real processes: test_control_plane.py)."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from server.registration import MISSING, UNKNOWN, sites_table
+from server.server_config import load_server_config
+from server.site_registry import SiteRegistry
+from server.superlink import FlowerError, StatePaths
+
+
+class FakeControl:
+    def __init__(self, nodes: list[dict] | None) -> None:
+        self._nodes = nodes
+
+    def nodes(self) -> list[dict]:
+        if self._nodes is None:
+            raise FlowerError("`flwr supernode ls` did not answer within 120 s")
+        return self._nodes
+
+
+def _config(tmp_path, sites: dict[str, int]):
+    path = tmp_path / "server.yaml"
+    path.write_text(yaml.safe_dump({"classes": ["a", "b"]}))
+    config = load_server_config(path)
+    registry = SiteRegistry(StatePaths(config).registry)
+    for name, node_id in sites.items():
+        registry.add(name, node_id, f"key-{name}", f"SHA256:{name}")
+    return config
+
+
+def _node(node_id: int, status: str) -> dict:
+    return {"node-id": str(node_id), "status": status, "created-at": "2026-01-01 10:00:00Z"}
+
+
+def _line(table: str, start: str) -> str:
+    (line,) = [line for line in table.splitlines() if line.startswith(start)]
+    return line
+
+
+def test_registered_sites_only(tmp_path):
+    config = _config(tmp_path, {"hospital-a": 11, "hospital-b": 12})
+    table, flagged = sites_table(config, FakeControl([_node(11, "online"), _node(12, "offline")]))
+    assert flagged == 0 and UNKNOWN not in table and MISSING not in table
+    assert "online" in _line(table, "hospital-a") and "SHA256:hospital-a" in _line(table, "hospital-a")
+    assert "offline" in _line(table, "hospital-b")
+
+
+def test_unknown_nodes_and_missing_sites_are_flagged(tmp_path):
+    config = _config(tmp_path, {"hospital-a": 11, "gone": 13, "revoked-directly": 14})
+    nodes = [_node(11, "online"), _node(99, "registered"), _node(98, "online"), _node(14, "unregistered"),
+             _node(50, "unregistered")]  # 50: a key removed with remove-site, kept by Flower as unregistered
+    table, flagged = sites_table(config, FakeControl(nodes))
+    assert flagged == 4
+    for node_id, status in ((99, "registered"), (98, "online")):
+        line = _line(table, f"UNKNOWN              {node_id} ")
+        assert status in line and line.endswith(UNKNOWN)
+    assert _line(table, "gone").endswith(MISSING) and _line(table, "revoked-directly").endswith(MISSING)
+    assert "50" not in table.split("\n(")[0] and "(1 removed key(s) not shown" in table
+    assert "flwr supernode unregister NODE_ID fedpath" in table and "remove-site NAME" in table
+
+
+def test_an_unreachable_superlink_is_an_error_not_an_empty_list(tmp_path):
+    config = _config(tmp_path, {"hospital-a": 11})
+    with pytest.raises(FlowerError, match=r"cannot list the SuperLink's nodes .*; 1 site\(s\) in .*sites.json"):
+        sites_table(config, FakeControl(None))
+
+
+def test_no_node_and_no_site(tmp_path):
+    assert sites_table(_config(tmp_path, {}), FakeControl([])) == (
+        "no sites registered; `fedpath-server add-site NAME SITE.pub --config server.yaml`", 0)
