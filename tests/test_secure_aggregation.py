@@ -78,6 +78,10 @@ def test_federated_run_with_secure_aggregation(prepared_hospitals, tmp_path, cap
     settings = {"federation": {"rounds": 1, "min_sites": 3, "round_timeout": 180, "wire_log": True},
                 "training": {"epochs": 1, "batch_size": 2, "learning_rate": 0.003}}
     with LocalConsortium(tmp_path / "consortium", sites, server_settings=settings) as consortium:
+        for site in sites:  # the comparison needs a plain run too, which sites refuse by default
+            document = yaml.safe_load(site.read_text())
+            document["federation"]["require_secure_aggregation"] = False
+            site.write_text(yaml.safe_dump(document))
         consortium.start_all()
         secure = _run(consortium, secure=True)
         assert server_main(["status", "--config", str(consortium.server_yaml)]) == 0
