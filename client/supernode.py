@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from client.app import SITE_CONFIG_KEY
+from client.egress_log import EGRESS_FILE
 from client.site_config import SiteConfig
 from shared.atomic_files import atomic_write_bytes
 from shared.errors import UserError
@@ -103,8 +104,6 @@ def supernode_command(config: SiteConfig, site_yaml: Path, insecure: bool) -> li
 
 RETRY_MAX_S = 60.0
 STABLE_S = 300.0  # a SuperNode that ran this long was connected: back off from the start again
-
-
 RUNNER_READY_S = 180.0  # the runner imports Flower and fedpath's ClientApp first: seconds, more on a busy machine
 
 
@@ -113,7 +112,7 @@ def wait_for_runner(config: SiteConfig, supervisor: subprocess.Popen, log_file: 
     """Return once the task runner of a just-started site has written its ``start`` record to the
     egress log (it then serves tasks). If it exits first or takes too long, stop the whole unit and
     say why: a SuperNode without its runner would take messages it never answers."""
-    egress_file = Path(config.state_dir) / "egress.jsonl"
+    egress_file = Path(config.state_dir) / EGRESS_FILE
     deadline = time.monotonic() + timeout
     while True:
         if any(record.get("event") == "start" for record in _records_after(egress_file, records_before)):
@@ -183,12 +182,12 @@ def start_supernode(config: SiteConfig, site_yaml: Path, insecure: bool, detach:
         supervisor = [sys.executable, "-m", "client.supernode", str(Path(site_yaml).resolve()),
                       *(["--insecure"] if insecure else [])]
         log_offset = log_file.stat().st_size if log_file.exists() else 0
-        records_before = _line_count(state / "egress.jsonl")
+        records_before = _line_count(state / EGRESS_FILE)
         process = start(supervisor, log_file, pid_file, flower_env(state / "flwr"), f"the SuperNode of {config.name}",
                         ready_port=(RUNTIME_HOST, config.federation.port))
         wait_for_runner(config, process, log_file, log_offset, records_before)
         print(f"{config.name}: SuperNode and task runner started (pid {process.pid}), connecting to "
-              f"{config.federation.server}; log {log_file}, egress log {state / 'egress.jsonl'}", flush=True)
+              f"{config.federation.server}; log {log_file}, egress log {state / EGRESS_FILE}", flush=True)
         return 0
     pid = running_pid(pid_file)
     if pid is not None and pid != os.getpid():

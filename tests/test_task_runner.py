@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import logging
 import stat
+import subprocess
 import sys
 import time
 import zipfile
@@ -19,7 +20,14 @@ from flwr.supercore.fab import Fab
 from client.egress_log import ERROR, REFUSED, SENT, WITHHELD, EgressLog
 from client.egress_policy import EgressPolicy
 from client.site_config import load_site_config
-from client.supernode import Child, read_superexec_secret, supervise, write_superexec_secret
+from client.supernode import (
+    Child,
+    SiteStartError,
+    read_superexec_secret,
+    supervise,
+    wait_for_runner,
+    write_superexec_secret,
+)
 from client.task_runner import BundleApproval, TaskRunner
 from shared.app_bundle import bundle_digest, installed_bundle
 from tests.flower_messages import evaluate_reply, fit_reply, server_message, site_context
@@ -195,3 +203,43 @@ def test_a_reply_that_cannot_be_described_leaves_as_a_recorded_code(tmp_path, in
     assert answer.outcome == ERROR and answer.reply.error.code == 1013
     (record,) = runner.egress.verify()
     assert record["outcome"] == ERROR and record["error_code"] == 1013
+
+
+def _stand_in_supervisor(tmp_path, script: str) -> tuple:
+    """A site and a process standing in for its supervisor (``script``)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "manifest.csv").write_text("slide,label\n")
+    (tmp_path / "site.yaml").write_text("name: h\ndata: {manifest: manifest.csv}\n")
+    config = load_site_config(tmp_path / "site.yaml")
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    log_file = config.state_dir / "supernode.log"
+    supervisor = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+    return config, supervisor, log_file
+
+
+def test_detached_start_waits_for_the_runner(tmp_path):
+    config, supervisor, log_file = _stand_in_supervisor(tmp_path, "import time; time.sleep(30)")
+    try:
+        EgressLog(config.state_dir).append({"event": "start", "pid": 1})  # an old start: not this one
+        before = 1
+        EgressLog(config.state_dir).append({"event": "start", "pid": supervisor.pid})
+        wait_for_runner(config, supervisor, log_file, 0, before, timeout=5)
+        assert supervisor.poll() is None  # ready: the unit keeps running
+    finally:
+        supervisor.kill()
+        supervisor.wait()
+
+
+def test_detached_start_stops_the_unit_when_the_runner_cannot_start(tmp_path):
+    line = "h: the task runner exited with code 2: the lines above say why. Retrying in 2 s"
+    script = f"import time; open({str(tmp_path / 'state' / 'supernode.log')!r}, 'a').write({line!r}); time.sleep(30)"
+    (tmp_path / "state").mkdir()
+    config, supervisor, log_file = _stand_in_supervisor(tmp_path, script)
+    (config.state_dir / "supernode.pid").write_text(f"{supervisor.pid}\n")
+    with pytest.raises(SiteStartError, match="the task runner of h exited, so the site was stopped again"):
+        wait_for_runner(config, supervisor, log_file, 0, 0, timeout=20)
+    assert supervisor.poll() is not None and not (config.state_dir / "supernode.pid").exists()
+    config, supervisor, log_file = _stand_in_supervisor(tmp_path / "slow", "import time; time.sleep(30)")
+    with pytest.raises(SiteStartError, match="did not start within 1 s"):
+        wait_for_runner(config, supervisor, log_file, 0, 0, timeout=1)
+    assert supervisor.poll() is not None
