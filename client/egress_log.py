@@ -242,7 +242,7 @@ def _render(record: dict[str, Any]) -> str:
     if "error_code" in record:
         code = record["error_code"]
         meaning = refusal_text(code - REFUSAL_ERROR_BASE) if code >= REFUSAL_ERROR_BASE else "Flower error"
-        line += f" error {code} ({meaning})"
+        line += f" code {code} ({meaning})"
     if record.get("violation"):
         line += f" [policy rule ({record['violation']['rule']}) at {record['violation']['field']}]"
     if record.get("content"):

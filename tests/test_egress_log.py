@@ -145,7 +145,7 @@ def test_dpo_commands(tmp_path, capsys):
     shown = capsys.readouterr().out.splitlines()
     assert len(shown) == 2
     assert "run 7 round 3 evaluate: sent" in shown[0] and "epsilon=1.5" in shown[0] and "num_examples=4" in shown[0]
-    assert "train/setup: error error 1013 (the site could not handle the message" in shown[1]
+    assert "train/setup: error code 1013 (the site could not handle the message" in shown[1]
     _rewrite(egress.path, lambda lines: lines.__setitem__(1, lines[1].replace('"round":"1"', '"round":"9"')))
     assert site_main(["egress", "verify", "--config", str(site)]) == 2
     assert "line 2: the record was edited" in capsys.readouterr().err
