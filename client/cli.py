@@ -1,5 +1,5 @@
 """`fedpath-site`: the hospital IT's command. Check the slides, prepare the feature cache, train locally,
-predict slides with a consortium model."""
+predict slides with a consortium model, join the federation, and show what left the site."""
 
 from __future__ import annotations
 
@@ -75,7 +75,65 @@ def _stop(args: argparse.Namespace) -> int:
 
     config = load_site_config(args.config)
     pid = stop(Path(config.state_dir) / "supernode.pid")
-    print("no SuperNode was running" if pid is None else f"{config.name}: SuperNode (pid {pid}) stopped")
+    print("no SuperNode was running" if pid is None else
+          f"{config.name}: SuperNode and task runner (pid {pid}) stopped")
+    return 0
+
+
+def _bundle_digest(args: argparse.Namespace) -> int:
+    from shared.app_bundle import installed_bundle_report
+
+    config = load_site_config(args.config)
+    print(installed_bundle_report())
+    allowed = config.federation.allowed_bundles
+    print(f"{config.name} also accepts (federation.allowed_bundles): "
+          f"{', '.join(allowed) if allowed else 'nothing else'}")
+    return 0
+
+
+def _egress_verify(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from client.egress_log import EgressLog
+
+    config = load_site_config(args.config)
+    egress = EgressLog(config.state_dir)
+    records = egress.verify(args.expect_last_hash)
+    outcomes = Counter(r.get("outcome") for r in records if r.get("event") == "reply")
+    counts = ", ".join(f"{n} {o}" for o, n in sorted(outcomes.items())) or "none"
+    last = records[-1]["hash"] if records else "(empty log)"
+    print(f"{egress.path}: chain intact, {len(records)} records, ends where {egress.head_path.name} says"
+          f"{', and contains the hash noted earlier' if args.expect_last_hash else ''}\n"
+          f"  replies: {sum(outcomes.values())} ({counts})"
+          f"\n  last hash {last}\n"
+          "  note it elsewhere; `fedpath-site egress verify --config site.yaml --expect-last-hash HASH` later "
+          "shows that nothing before it was rewritten")
+    return 0
+
+
+def _egress_show(args: argparse.Namespace) -> int:
+    import json
+
+    from client.egress_log import EgressError, EgressLog, render
+
+    config = load_site_config(args.config)
+    egress = EgressLog(config.state_dir)
+    try:
+        records, problem = egress.verify(), None
+    except EgressError as error:  # still show what is there: the DPO wants to see it
+        problem = error
+        records = []
+        if egress.path.exists():
+            for line in egress.path.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    records.append({"index": "?", "time": "?", "event": f"(unreadable line: {line[:60]!r})"})
+    shown = records[-args.last:] if args.last else records
+    print(render(shown) if shown else f"{egress.path}: no records")
+    if problem is not None:
+        print(f"fedpath-site: error: {problem}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -112,8 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--thumbnail-size", type=int, default=1024, help="longest side of the PNGs (default 1024)")
     predict.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
     start = add_command(commands, "start", _start,
-                        "start this hospital's SuperNode: it joins the consortium's federated rounds (TLS unless "
-                        "--insecure) and keeps reconnecting while the server restarts; Ctrl-C stops it")
+                        "start this hospital's SuperNode and task runner: they join the consortium's federated rounds "
+                        "(TLS unless --insecure), run only this site's installed fedpath ClientApp, log what leaves in "
+                        "state_dir/egress.jsonl, and keep reconnecting while the server restarts; Ctrl-C stops them")
     start.add_argument("--config", required=True, help="the site's site.yaml (federation.server, federation.ca_cert)")
     start.add_argument("--insecure", action="store_true", help="no TLS (test machines only; warns loudly)")
     start.add_argument("--detach", action="store_true", help="run in the background with a pid file")
@@ -126,8 +185,27 @@ def build_parser() -> argparse.ArgumentParser:
                          "plan, and the site's own numbers of the last rounds (which never leave it)")
     status.add_argument("--config", required=True, help="the site's site.yaml")
     status.add_argument("--last", type=int, default=3, help="round records shown per federation (default 3)")
-    stop = add_command(commands, "stop", _stop, "stop a SuperNode started with --detach")
+    stop = add_command(commands, "stop", _stop, "stop a SuperNode (and its task runner) started with --detach")
     stop.add_argument("--config", required=True, help="the site's site.yaml")
+    digest = add_command(commands, "bundle-digest", _bundle_digest,
+                         "print the content digest of this site's installed fedpath app bundle: compare it with the "
+                         "digest the consortium announces for a release; only bundles with this digest (or listed in "
+                         "federation.allowed_bundles) run here")
+    digest.add_argument("--config", required=True, help="the site's site.yaml")
+    about = "the site's own log of everything that left it (state_dir/egress.jsonl)"
+    egress = commands.add_parser("egress", help=about, description=about)
+    egress.set_defaults(handler=lambda _args: (egress.print_help(), 2)[1])
+    egress_commands = egress.add_subparsers(title="egress commands")
+    verify = add_command(egress_commands, "verify", _egress_verify,
+                         "check the egress log's hash chain (edits, removals, reordering, truncation against "
+                         "egress.head); exit 2 naming the first broken line")
+    verify.add_argument("--config", required=True, help="the site's site.yaml")
+    verify.add_argument("--expect-last-hash", help="a last hash noted earlier: it must still be in the log")
+    show = add_command(egress_commands, "show", _egress_show,
+                       "one readable line per record: run, round, message, outcome, what the reply held (arrays as "
+                       "dtype and shape, disclosed numbers as values, bytes as sizes)")
+    show.add_argument("--config", required=True, help="the site's site.yaml")
+    show.add_argument("--last", type=int, default=0, help="only the last N records (default: all)")
     return parser
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from shared.app_bundle import digest_problem
 from shared.model import ModelConfig
 from shared.run_config import PrivacyConfig, TrainingConfig
 from shared.yaml_config import at_least, check, fraction, load_config, positive
@@ -64,7 +65,7 @@ class FederationSite:
     min_round_sites: int = check(at_least(2), 3)  # refuse a SecAgg+ round with fewer sites (refusal 9)
     # sha256 content digests of app bundles this site accepts besides its own installed fedpath version
     # (`fedpath-site bundle-digest`); a run with any other bundle is refused (refusal 12)
-    allowed_bundles: tuple[str, ...] = ()
+    allowed_bundles: tuple[str, ...] = check(lambda digests: _first_problem(digests, digest_problem), ())
     # Keep a copy of every reply vector this site sent (before SecAgg+ masks it) in state/sent/<federation>/,
     # for the hospital's own audits: the masked sum the server read can be checked against them.
     keep_sent_replies: bool = False
@@ -90,6 +91,10 @@ class SiteConfig:
         unknown = sorted(set(self.disclose) - set(DISCLOSABLE))
         if unknown:
             raise ValueError(f"disclose: {unknown} cannot be disclosed; choose from {list(DISCLOSABLE)}")
+
+
+def _first_problem(values, rule) -> str | None:
+    return next((f"item {i + 1}: {problem}" for i, value in enumerate(values) if (problem := rule(value))), None)
 
 
 def load_site_config(path: str | Path) -> SiteConfig:

@@ -1,23 +1,37 @@
-"""`fedpath-site start`: this hospital's SuperNode, the one process that talks to the consortium.
+"""`fedpath-site start`: this hospital's two federation processes, run and restarted as one unit.
 
-It connects out to the SuperLink (TLS with the consortium's CA unless ``--insecure``), keeps
-retrying while the server is down or restarting, and starts the ClientApp for each message
-with this site's site.yaml in its node config. Nothing is installed at run time.
+- ``flower-supernode --isolation process`` connects out to the SuperLink (TLS with the
+  consortium's CA unless ``--insecure``), keeps retrying while the server is down or
+  restarting, and queues each message as a task on its Runtime API (loopback only,
+  ``127.0.0.1:federation.port``). It starts no ClientApp and installs nothing.
+- ``python -m client.task_runner`` (``client/task_runner.py``) takes those tasks and runs the
+  locally installed ClientApp, for approved app bundles only, and writes the site's egress log.
+
+A small supervisor starts both in its own process group (so ``fedpath-site stop`` stops all
+three by the one PID in the pid file), restarts either when it exits, and writes a fresh random
+secret (``state_dir/superexec.secret``, mode 0600) at every start, which both get: the SuperNode
+then hands tasks only to a runner that holds it (Flower's SuperExec authentication).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import secrets
+import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from client.app import SITE_CONFIG_KEY
+from client.egress_log import EGRESS_FILE
 from client.site_config import SiteConfig
+from shared.atomic_files import atomic_write_bytes
 from shared.errors import UserError
-from shared.processes import executable, flower_env, running_pid, start
+from shared.processes import executable, flower_env, running_pid, start, stop_pid, tail
 
 log = logging.getLogger("fedpath.site")
 
@@ -29,12 +43,49 @@ class SiteStartError(UserError):
     pass
 
 
+RUNTIME_HOST = "127.0.0.1"  # the SuperNode's Runtime API never listens beyond this machine
+SECRET_FILE = "superexec.secret"
+
+
+def runtime_address(config: SiteConfig) -> str:
+    """host:port of the SuperNode's Runtime API, where the task runner takes its tasks."""
+    return f"{RUNTIME_HOST}:{config.federation.port}"
+
+
+def superexec_secret_path(config: SiteConfig) -> Path:
+    return Path(config.state_dir) / SECRET_FILE
+
+
+def write_superexec_secret(config: SiteConfig) -> Path:
+    """A fresh random secret for this start (mode 0600 from creation): only processes started
+    now, by this site's account, can take the SuperNode's tasks."""
+    path = superexec_secret_path(config)
+    atomic_write_bytes(path, secrets.token_hex(32).encode("ascii"), mode=0o600)
+    return path
+
+
+def read_superexec_secret(config: SiteConfig) -> bytes:
+    path = superexec_secret_path(config)
+    try:
+        secret = path.read_bytes()
+    except FileNotFoundError:
+        raise SiteStartError(f"{path} is missing: the task runner is started by `fedpath-site start --config "
+                             "site.yaml`, which writes it for the SuperNode and the runner") from None
+    if not secret:
+        raise SiteStartError(f"{path} is empty: start the site again with `fedpath-site start`")
+    return secret
+
+
 def supernode_command(config: SiteConfig, site_yaml: Path, insecure: bool) -> list[str]:
     federation = config.federation
     if not federation.server:
         raise SiteStartError(f"{site_yaml}: federation.server is not set; put the host:port the consortium "
                              "admin gave you there")
-    command = [executable("flower-supernode"), "--superlink", federation.server, "--port", str(federation.port),
+    # --isolation process: the SuperNode runs no ClientApp and installs no bundle; the task runner
+    # takes its tasks, authenticated by the secret both get (Flower checks it in this mode only).
+    command = [executable("flower-supernode"), "--superlink", federation.server,
+               "--isolation", "process", "--host", RUNTIME_HOST, "--port", str(federation.port),
+               "--superexec-auth-secret-file", str(superexec_secret_path(config)),
                "--node-config", f"{SITE_CONFIG_KEY}='{Path(site_yaml).resolve()}'"]
     if insecure:
         print(INSECURE_WARNING, flush=True)
@@ -53,12 +104,76 @@ def supernode_command(config: SiteConfig, site_yaml: Path, insecure: bool) -> li
 
 RETRY_MAX_S = 60.0
 STABLE_S = 300.0  # a SuperNode that ran this long was connected: back off from the start again
+RUNNER_READY_S = 180.0  # the runner imports Flower and fedpath's ClientApp first: seconds, more on a busy machine
+
+
+def wait_for_runner(config: SiteConfig, supervisor: subprocess.Popen, log_file: Path, log_offset: int,
+                    records_before: int, timeout: float = RUNNER_READY_S) -> None:
+    """Return once the task runner of a just-started site has written its ``start`` record to the
+    egress log (it then serves tasks). If it exits first or takes too long, stop the whole unit and
+    say why: a SuperNode without its runner would take messages it never answers."""
+    egress_file = Path(config.state_dir) / EGRESS_FILE
+    deadline = time.monotonic() + timeout
+    while True:
+        if any(record.get("event") == "start" for record in _records_after(egress_file, records_before)):
+            return
+        failed = "the task runner exited with code" in _read_from(log_file, log_offset)
+        if failed or supervisor.poll() is not None or time.monotonic() > deadline:
+            why = ("exited" if failed else "stopped" if supervisor.poll() is not None
+                   else f"did not start within {timeout:g} s")
+            stop_pid(supervisor.pid)
+            Path(config.state_dir, "supernode.pid").unlink(missing_ok=True)
+            raise SiteStartError(f"the task runner of {config.name} {why}, so the site was stopped again; "
+                                 f"last lines of {log_file}:\n{tail(log_file, 25)}")
+        time.sleep(0.5)
+
+
+def _line_count(path: Path) -> int:
+    try:
+        return len(path.read_bytes().splitlines())
+    except FileNotFoundError:
+        return 0
+
+
+def _records_after(path: Path, count: int) -> list[dict]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()[count:]
+    except FileNotFoundError:
+        return []
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except ValueError:  # a line being written right now
+            continue
+    return records
+
+
+def _read_from(path: Path, offset: int) -> str:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            return handle.read().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def runner_command(site_yaml: Path) -> list[str]:
+    return [sys.executable, "-m", "client.task_runner", str(Path(site_yaml).resolve())]
 
 
 def start_supernode(config: SiteConfig, site_yaml: Path, insecure: bool, detach: bool) -> int:
-    """Run the SuperNode under a small supervisor that restarts it when the SuperLink refuses or
-    drops it: right after a crash the SuperLink still holds the old session (for about a
-    minute) and refuses the same key; a restart a little later is accepted."""
+    """Run the SuperNode and the task runner under a small supervisor that restarts either when it
+    exits: the SuperNode when the SuperLink refuses or drops it (right after a crash the SuperLink
+    still holds the old session for about a minute and refuses the same key; a restart a little
+    later is accepted), the runner when it fails.
+
+    Args:
+        config: the site's configuration.
+        site_yaml: its file (passed on to the SuperNode's node config and to the runner).
+        insecure: no TLS towards the SuperLink (test machines only).
+        detach: start the supervisor in the background (pid file ``state_dir/supernode.pid``).
+    """
     state = Path(config.state_dir)
     state.mkdir(parents=True, exist_ok=True)
     command = supernode_command(config, site_yaml, insecure)  # config errors surface here, in the foreground
@@ -66,42 +181,105 @@ def start_supernode(config: SiteConfig, site_yaml: Path, insecure: bool, detach:
     if detach:
         supervisor = [sys.executable, "-m", "client.supernode", str(Path(site_yaml).resolve()),
                       *(["--insecure"] if insecure else [])]
+        log_offset = log_file.stat().st_size if log_file.exists() else 0
+        records_before = _line_count(state / EGRESS_FILE)
         process = start(supervisor, log_file, pid_file, flower_env(state / "flwr"), f"the SuperNode of {config.name}",
-                        ready_port=("127.0.0.1", config.federation.port))
-        print(f"{config.name}: SuperNode started (pid {process.pid}), connecting to {config.federation.server}; "
-              f"log {log_file}", flush=True)
+                        ready_port=(RUNTIME_HOST, config.federation.port))
+        wait_for_runner(config, process, log_file, log_offset, records_before)
+        print(f"{config.name}: SuperNode and task runner started (pid {process.pid}), connecting to "
+              f"{config.federation.server}; log {log_file}, egress log {state / EGRESS_FILE}", flush=True)
         return 0
     pid = running_pid(pid_file)
     if pid is not None and pid != os.getpid():
         raise SiteStartError(f"the SuperNode of {config.name} is already running (pid {pid}, {pid_file})")
     pid_file.write_text(f"{os.getpid()}\n")
     try:
-        return supervise(command, flower_env(state / "flwr"), log_file, config.name)
+        write_superexec_secret(config)
+        children = [
+            Child("the SuperNode", command,
+                  "the SuperLink refused or dropped it (a key that is not registered or was revoked, a ca_cert that is "
+                  "not the consortium's, or a session still open from before a crash)", ends_all_on_success=True),
+            Child("the task runner", runner_command(site_yaml),
+                  "the lines above say why (the site's messages wait in the SuperNode meanwhile)"),
+        ]
+        return supervise(children, flower_env(state / "flwr"), log_file, config.name)
     finally:
         pid_file.unlink(missing_ok=True)
 
 
-def supervise(command: list[str], env: dict[str, str], log_file: Path, name: str) -> int:
-    delay = 2.0
-    while True:
-        started = time.monotonic()
-        with open(log_file, "ab") as log_handle:
-            process = subprocess.Popen(command, stdout=log_handle, stderr=subprocess.STDOUT, env=env)
+@dataclass
+class Child:
+    """One supervised process and its restart schedule."""
+
+    name: str
+    command: list[str]
+    exit_reason: str  # said after "exited with code N:"
+    ends_all_on_success: bool = False  # its clean exit stops the whole unit
+    process: subprocess.Popen | None = None
+    started: float = 0.0
+    delay: float = 2.0
+    restart_at: float = field(default=0.0)
+
+    def start(self, env: dict[str, str], log_file: Path) -> None:
+        with open(log_file, "ab") as log_handle:  # no new session: the children stay in the supervisor's group
+            self.process = subprocess.Popen(self.command, stdout=log_handle, stderr=subprocess.STDOUT, env=env)
+        self.started = time.monotonic()
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
         try:
-            code = process.wait()
-        except KeyboardInterrupt:
-            process.terminate()
-            process.wait(timeout=30)
-            return 130
-        if code == 0:
-            return 0
-        if time.monotonic() - started > STABLE_S:
-            delay = 2.0
-        print(f"{time.strftime('%H:%M:%S')} {name}: the SuperNode exited with code {code}: the SuperLink refused or "
-              "dropped it (a key that is not registered or was revoked, a ca_cert that is not the consortium's, or a "
-              f"session still open from before a crash). Retrying in {delay:.0f} s; see {log_file}", flush=True)
-        time.sleep(delay)
-        delay = min(2 * delay, RETRY_MAX_S)
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=timeout)
+
+
+class _Terminated(Exception):
+    """SIGTERM reached the supervisor (`fedpath-site stop`, a service manager)."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise _Terminated
+
+
+def supervise(children: list[Child], env: dict[str, str], log_file: Path, name: str) -> int:
+    """Keep ``children`` running: start each, restart it after it exits (backing off 2 s to
+    ``RETRY_MAX_S``, from 2 s again once it had run ``STABLE_S``), stop them all on Ctrl-C or
+    SIGTERM. Returns when a child with ``ends_all_on_success`` exits with code 0."""
+    try:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread: SIGTERM keeps its default
+        pass
+    try:
+        while True:
+            now = time.monotonic()
+            for child in children:
+                if child.process is None:
+                    if now >= child.restart_at:
+                        child.start(env, log_file)
+                    continue
+                code = child.process.poll()
+                if code is None:
+                    continue
+                child.process = None
+                if code == 0 and child.ends_all_on_success:
+                    return 0
+                if now - child.started > STABLE_S:
+                    child.delay = 2.0
+                print(f"{time.strftime('%H:%M:%S')} {name}: {child.name} exited with code {code}: {child.exit_reason}. "
+                      f"Retrying in {child.delay:.0f} s; see {log_file}", flush=True)
+                child.restart_at = now + child.delay
+                child.delay = min(2 * child.delay, RETRY_MAX_S)
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        return 130
+    except _Terminated:
+        return 143
+    finally:
+        for child in children:
+            child.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

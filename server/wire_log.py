@@ -1,6 +1,7 @@
 """What crossed the wire from the sites, for an auditor: one JSON line per reply the ServerApp
-received (round, node, message type, and for every record: arrays as dtype and shape, numbers as
-their type, strings verbatim, bytes as length and sha256). No array values are written.
+received (round, node, message type, an error reply's code and reason text verbatim, and for every
+record: arrays as dtype and shape, numbers as their type, strings verbatim, bytes as length and
+sha256). No array values are written.
 
 On with ``federation.wire_log: true``; the tests read it to check that sites send nothing but
 arrays of the trainable shapes (or SecAgg+ protocol material) and numbers.
@@ -18,7 +19,10 @@ from flwr.app import Message
 def describe(message: Message) -> dict:
     entry = {"round": message.metadata.group_id, "node": message.metadata.src_node_id,
              "type": message.metadata.message_type, "error": message.has_error(), "arrays": {}, "values": {}}
-    if message.has_error() or not message.has_content():
+    if message.has_error():
+        entry.update(error_code=message.error.code, error_reason=message.error.reason)
+        return entry
+    if not message.has_content():
         return entry
     content = message.content
     for name, record in content.array_records.items():

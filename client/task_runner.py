@@ -1,0 +1,384 @@
+"""The site's task runner: the one process that runs fedpath's ClientApp, and only the installed one.
+
+Flower's default SuperNode (``--isolation subprocess``) installs the app bundle (FAB) the server
+submitted and runs the ClientApp *from that bundle*: whoever can submit a run decides which code
+runs inside the hospital, the site's own checks included. ``fedpath-site start`` therefore runs
+``flower-supernode --isolation process`` (it connects to the consortium and queues messages, but
+starts no ClientApp) beside this runner, which takes the SuperNode's tasks from its loopback
+Runtime API the way Flower's SuperExec does, and for each task:
+
+1. pulls its input (message, context, run, FAB) with Flower's own ``pull_task_input``;
+2. checks the run's bundle: its content digest (``shared/app_bundle.py``) must be the installed
+   fedpath version's or be listed in ``federation.allowed_bundles``; otherwise it answers
+   ``Error(REFUSAL_ERROR_BASE + 12)`` and runs nothing. The bundle is never installed or imported;
+3. runs the locally installed ClientApp (``client.app:app``, imported once, in this process: torch
+   is imported once and stays warm) with the message and context, with a task heartbeat;
+4. checks the reply with the site's egress policy (``client/egress_policy.py``); a reply that
+   fails is replaced by ``Error(REFUSAL_ERROR_BASE + 14)``;
+5. records what leaves in the site's egress log (``client/egress_log.py``), then pushes the reply
+   and the context (SecAgg+ keeps its state there) back to the SuperNode.
+
+Any exception while handling a task is answered with ``Error(REFUSAL_ERROR_BASE + 13)``; its
+details go to the site's log only (no error leaves with text, and the task output's ``details``
+stays empty), and the runner goes on with the next task.
+
+Only this runner can take the site's tasks: ``fedpath-site start`` writes a fresh random secret
+(``state_dir/superexec.secret``, mode 0600) and passes it to both processes; the SuperNode then
+requires Flower's SuperExec HMAC authentication on ``AcquireTask`` (Flower supports it with
+``--isolation process`` only). Every later call of a task is authenticated by the one-time token
+``AcquireTask`` returned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import httpx
+from flwr.app import Context, Error, Message
+from flwr.common.constant import SubStatus
+from flwr.proto.runtime_pb2 import AcquireTaskRequest, SendTaskHeartbeatRequest  # pylint: disable=E0611
+from flwr.supercore.constant import TaskType
+from flwr.supercore.fab import Fab
+from flwr.supercore.heartbeat import HeartbeatSender
+from flwr.supercore.interceptors import (
+    RuntimeTokenHttpInterceptor,
+    RuntimeVersionHttpInterceptor,
+    SuperExecAuthHttpInterceptor,
+)
+from flwr.supercore.retry import RetryInvoker, exponential
+from flwr.supercore.runtime import RuntimeHttpClient
+
+# Flower's module-level functions of its ClientApp process (flwr/supernode/runtime/run_clientapp.py):
+# pull a task's input, push the reply, push the task output. Flower has no public class for them,
+# and re-implementing them would copy its object-tree protocol.
+from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+from client.egress_log import ERROR, REFUSED, SENT, WITHHELD, EgressLog, describe_reply
+from client.egress_policy import EgressPolicy, Violation, secagg_stage
+from client.site_config import SiteConfig, load_site_config
+from client.supernode import read_superexec_secret, runtime_address
+from shared.app_bundle import BundleError, bundle_digest, installed_bundle_info, normalise_digest
+from shared.errors import UserError
+from shared.refusals import REFUSAL_ERROR_BASE
+
+log = logging.getLogger("fedpath.runner")
+
+BUNDLE_NOT_ALLOWED = REFUSAL_ERROR_BASE + 12
+HANDLING_FAILED = REFUSAL_ERROR_BASE + 13
+POLICY_FAILED = REFUSAL_ERROR_BASE + 14
+
+COMPONENT = "fedpath-task-runner"
+ACQUIRE_METHOD = "/flwr.proto.Runtime/AcquireTask"  # the one Runtime method SuperExec auth protects
+POLL_S = 0.5  # between AcquireTask calls while idle (Flower's SuperExec: 1 s)
+WAIT_MAX_S = 10.0  # longest pause while the SuperNode is unreachable or refuses
+
+
+def refusal(message: Message, code: int) -> Message:
+    """An error reply with a code and no reason text: nothing but the number leaves the site."""
+    return Message(Error(code=code), reply_to=message)
+
+
+class BundleApproval:
+    """Which app bundles this site accepts: the installed fedpath version's, plus the site's list.
+
+    Args:
+        installed: content digest of the installed version (None if it cannot be built here:
+            then only ``allowed`` bundles run).
+        allowed: site.yaml ``federation.allowed_bundles``.
+    """
+
+    CACHED = 16  # bundles whose digest is kept (a run repeats its bundle for every message)
+
+    def __init__(self, installed: str | None, allowed: Iterable[str]) -> None:
+        self.installed = installed
+        self.allowed = frozenset(normalise_digest(d) for d in allowed)
+        self._digests: dict[str, str | None] = {}  # sha256 of the bundle's bytes -> content digest
+
+    def digest(self, fab: Fab) -> str | None:
+        """The content digest of ``fab`` (None if it is not a readable bundle)."""
+        # Keyed by the bytes received, not by the hash the run names (which the server side sets).
+        key = hashlib.sha256(fab.content).hexdigest()
+        if key not in self._digests:
+            try:
+                digest: str | None = bundle_digest(fab.content)
+            except BundleError as error:
+                log.warning("the run's bundle (%d bytes, sha256 %s) cannot be read: %s", len(fab.content), key, error)
+                digest = None
+            if len(self._digests) >= self.CACHED:
+                self._digests.pop(next(iter(self._digests)))
+            self._digests[key] = digest
+        return self._digests[key]
+
+    def allows(self, digest: str | None) -> bool:
+        return digest is not None and (digest == self.installed or digest in self.allowed)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What the runner sends for one message, and why."""
+
+    reply: Message
+    outcome: str  # egress_log.SENT, REFUSED, ERROR, WITHHELD
+    stage: str | None  # SecAgg+ stage of the message answered
+    bundle: str | None  # content digest of the run's bundle
+    violation: Violation | None = None
+
+
+class TaskRunner:
+    """Serves the SuperNode's ClientApp tasks with the installed ClientApp.
+
+    Args:
+        app: the ClientApp to run (``client.app.app``), called as ``app(message=, context=)``.
+        approval: which bundles may run.
+        policy: the egress policy every reply must pass.
+        egress: the site's egress log.
+        address: the SuperNode's Runtime API, host:port on loopback.
+        secret: the SuperExec auth secret shared with the SuperNode (None: no authentication).
+        secret_reader: re-reads the secret after the SuperNode refused it (a restarted site).
+    """
+
+    def __init__(self, app: Callable[..., Message], approval: BundleApproval, policy: EgressPolicy,
+                 egress: EgressLog, address: str, secret: bytes | None,
+                 secret_reader: Callable[[], bytes] | None = None) -> None:
+        self.app, self.approval, self.policy, self.egress = app, approval, policy, egress
+        self.address, self.secret, self.secret_reader = address, secret, secret_reader
+
+    # One message: decide the reply. Never raises.
+    def answer(self, message: Message, context: Context, fab: Fab) -> Answer:
+        """The reply to ``message``: a refusal for a bundle that is not allowed, else the installed
+        ClientApp's reply if it passes the egress policy; an error code for anything that fails."""
+        stage, bundle = None, None
+        try:
+            stage = secagg_stage(message)  # before the ClientApp runs: Flower's SecAgg+ mod pops it
+            bundle = self.approval.digest(fab)
+            what = _what(message, stage)
+            if not self.approval.allows(bundle):
+                log.warning("%s: refused (code %d): the run's app bundle %s is neither this site's installed fedpath "
+                            "(%s) nor in federation.allowed_bundles; nothing ran", what, BUNDLE_NOT_ALLOWED,
+                            f"sha256:{bundle}" if bundle else "(unreadable)", self.approval.installed)
+                return Answer(refusal(message, BUNDLE_NOT_ALLOWED), REFUSED, stage, bundle)
+            log.info("%s: running the ClientApp", what)
+            reply = self.app(message=message, context=context)
+            if not isinstance(reply, Message) or reply.metadata.reply_to_message_id != message.metadata.message_id:
+                raise TypeError(f"the ClientApp returned {type(reply).__name__}, not a reply to the message")
+            violation = self.policy.check(reply, stage)
+            if violation is not None:
+                log.error("%s: the ClientApp's reply failed the egress policy and was withheld (code %d): %s",
+                          what, POLICY_FAILED, violation)
+                return Answer(refusal(message, POLICY_FAILED), WITHHELD, stage, bundle, violation)
+            return Answer(reply, SENT, stage, bundle)
+        except (Exception, SystemExit):  # SystemExit: a library calling sys.exit must not end the runner
+            log.exception("%s: failed; answering with code %d and no text (the details stay in this log)",
+                          _what(message, stage), HANDLING_FAILED)
+            return Answer(refusal(message, HANDLING_FAILED), ERROR, stage, bundle)
+
+    def record(self, message: Message, answer: Answer) -> Answer:
+        """Write ``answer`` to the egress log before it leaves. A reply that cannot be described is
+        replaced by error code 13 (recorded); a log that cannot be written (disk full, a chain
+        someone broke) lets only a bare error code leave, and says so loudly."""
+        try:
+            entry = describe_reply(message, answer.reply, answer.stage, answer.outcome, answer.bundle,
+                                   answer.violation)
+        except Exception:  # noqa: BLE001 - what cannot be described does not leave
+            log.exception("%s: the reply cannot be described for the egress log; answering with code %d instead",
+                          _what(message, answer.stage), HANDLING_FAILED)
+            answer = Answer(refusal(message, HANDLING_FAILED), ERROR, answer.stage, answer.bundle)
+            entry = describe_reply(message, answer.reply, answer.stage, answer.outcome, answer.bundle)
+        try:
+            self.egress.append(entry)
+            return answer
+        except Exception:  # noqa: BLE001 - whatever failed, nothing unrecorded leaves but a bare code
+            log.exception("CANNOT WRITE THE EGRESS LOG %s: the reply is replaced by error code %d, which leaves "
+                          "unrecorded; fix the log (`fedpath-site egress verify`) and restart the site",
+                          self.egress.path, HANDLING_FAILED)
+            return Answer(refusal(message, HANDLING_FAILED), ERROR, answer.stage, answer.bundle)
+
+    # The Runtime API.
+    def serve_forever(self) -> None:
+        """Acquire and serve ClientApp tasks until the process is stopped."""
+        acquirer = self._acquire_client()
+        waiting, pause = False, POLL_S
+        while True:
+            try:
+                response = acquirer.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+            except httpx.TransportError as error:
+                if not waiting:
+                    log.info("waiting for the SuperNode's Runtime API at %s (%s)", self.address, type(error).__name__)
+                waiting, pause = True, min(2 * pause, WAIT_MAX_S)
+                time.sleep(pause)
+                continue
+            except httpx.HTTPStatusError as error:
+                log.error("the SuperNode at %s answered AcquireTask with HTTP %d: %s", self.address,
+                          error.response.status_code, _auth_hint(error.response.status_code))
+                if self.secret_reader is not None and error.response.status_code in (401, 403):
+                    self.secret = self.secret_reader()
+                    acquirer.close()
+                    acquirer = self._acquire_client()
+                time.sleep(WAIT_MAX_S)
+                continue
+            if waiting:
+                log.info("connected to the SuperNode's Runtime API at %s", self.address)
+                waiting, pause = False, POLL_S
+            if response.HasField("task") and response.token:
+                try:
+                    self.serve_task(response.token, response.task.task_id)
+                except Exception:  # noqa: BLE001 - one task's failure must not end the runner
+                    log.exception("task %d: failed while talking to the SuperNode; going on with the next task",
+                                  response.task.task_id)
+            else:
+                time.sleep(POLL_S)
+
+    def serve_task(self, token: str, task_id: int) -> None:
+        """Pull one task's input, answer it, record and push the reply and the context back."""
+        client = RuntimeHttpClient.from_server_address(
+            server_address=self.address, insecure=True, root_certificates=None,
+            interceptors=[RuntimeVersionHttpInterceptor(component_name=COMPONENT), RuntimeTokenHttpInterceptor(token)],
+            retry_invoker=_task_retry_invoker())
+        heartbeat = HeartbeatSender(_heartbeat_fn(client, task_id))
+        heartbeat.start()
+        context = None
+        try:
+            try:
+                message, context, _run, fab = pull_task_input(client)
+            except Exception:  # noqa: BLE001 - no message to answer: Flower's own ClientApp process does the same
+                log.exception("task %d: its input could not be pulled from the SuperNode", task_id)
+                push_task_output(client=client, context=None, sub_status=SubStatus.FAILED, details="")
+                return
+            answer = self.record(message, self.answer(message, context, fab))
+            try:
+                push_message(client, answer.reply, context)
+            except Exception:  # noqa: BLE001
+                log.exception("%s: the reply could not be handed to the SuperNode", _what(message, answer.stage))
+                self._note_push_failure()
+            # details stays empty: the SuperNode keeps it, and no text describes a failure outside this log
+            push_task_output(client=client, context=context, sub_status=SubStatus.COMPLETED, details="")
+        finally:
+            if heartbeat.is_running:
+                heartbeat.stop()
+            client.close()
+
+    def _note_push_failure(self) -> None:
+        try:
+            records = self.egress.chain.records()
+            self.egress.append({"event": "push-failed", "record": records[-1]["index"] if records else None})
+        except Exception:  # noqa: BLE001 - already logged above; the egress log's own failure is logged here
+            log.exception("cannot note the failed push in the egress log")
+
+    def _acquire_client(self) -> RuntimeHttpClient:
+        interceptors: list[Any] = [RuntimeVersionHttpInterceptor(component_name=COMPONENT)]
+        if self.secret:
+            interceptors.append(SuperExecAuthHttpInterceptor(master_secret=self.secret,
+                                                             protected_methods={ACQUIRE_METHOD}))
+        # No retry invoker: Flower's stock one stops the process on HTTP 401 and raises on 403,
+        # which suits a one-task ClientApp process, not a long-lived runner; serve_forever retries.
+        return RuntimeHttpClient.from_server_address(server_address=self.address, insecure=True,
+                                                     root_certificates=None, interceptors=interceptors)
+
+
+def _task_retry_invoker() -> RetryInvoker:
+    """A task's calls survive short transport hiccups (bounded), and never stop the process."""
+    return RetryInvoker(lambda: exponential(max_delay=5), httpx.TransportError, max_tries=6, max_time=60)
+
+
+def _heartbeat_fn(client: RuntimeHttpClient, task_id: int) -> Callable[[], bool]:
+    """Flower's task heartbeat, minus its reaction to a lost task (it signals SIGINT to its own
+    process: right for a one-task ClientApp process, fatal for this runner)."""
+    request = SendTaskHeartbeatRequest()
+
+    def beat() -> bool:
+        try:
+            response = client.SendTaskHeartbeat(request)
+        except httpx.TransportError:
+            return False  # retried by HeartbeatSender
+        except httpx.HTTPStatusError as error:
+            if error.response.status_code in (503, 504):
+                return False
+            log.warning("task %d: heartbeat refused (HTTP %d)", task_id, error.response.status_code)
+            return True
+        except Exception:  # noqa: BLE001 - the heartbeat thread must not die while the task runs
+            log.exception("task %d: heartbeat failed", task_id)
+            return False
+        if not response.success:
+            log.warning("task %d: the SuperNode no longer holds this task (it expired or the run stopped)", task_id)
+        return True
+
+    return beat
+
+
+def _auth_hint(status: int) -> str:
+    if status in (401, 403):
+        return ("it refused this runner's SuperExec credentials: the SuperNode and the runner must be started "
+                "together by `fedpath-site start` (they share state_dir/superexec.secret); retrying")
+    return "retrying"
+
+
+def _what(message: Message, stage: str | None) -> str:
+    metadata = message.metadata
+    kind = metadata.message_type + (f"/{stage}" if stage else "")
+    return f"run {metadata.run_id} round {metadata.group_id or '-'} {kind}"
+
+
+def build_runner(config: SiteConfig, secret: bytes | None) -> TaskRunner:
+    """The runner of a site: its egress log opened and verified, the installed version's digest,
+    the ClientApp imported; a ``start`` record written. Raises UserError with what to fix."""
+    egress = EgressLog(config.state_dir)
+    egress.open_for_writing()
+    try:
+        info = installed_bundle_info()
+        installed, version, app_dir = info.digest, info.version, str(info.app_dir)
+    except BundleError as error:
+        if not config.federation.allowed_bundles:
+            raise UserError(f"{error}; without it this site can only run bundles listed in "
+                            "federation.allowed_bundles, and that list is empty") from None
+        log.warning("%s; only the bundles in federation.allowed_bundles will run", error)
+        installed, version, app_dir = None, None, None
+    approval = BundleApproval(installed, config.federation.allowed_bundles)
+    policy = EgressPolicy.for_site(config)
+    from client.app import app  # the installed ClientApp, imported once for every task
+
+    egress.append({"event": "start", "version": version, "app_digest": installed, "app_dir": app_dir,
+                   "allowed_bundles": sorted(approval.allowed), "disclose": sorted(config.disclose),
+                   "require_secure_aggregation": config.federation.require_secure_aggregation,
+                   "pid": os.getpid()})
+    log.info("%s: task runner for fedpath %s (bundle sha256:%s), SuperNode Runtime API %s; egress log %s",
+             config.name, version, installed, runtime_address(config), egress.path)
+    return TaskRunner(app, approval, policy, egress, runtime_address(config), secret,
+                      secret_reader=lambda: read_superexec_secret(config))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m client.task_runner SITE_YAML``: started by `fedpath-site start` beside the SuperNode.
+
+    Args:
+        argv: command-line arguments (default ``sys.argv[1:]``).
+    """
+    parser = argparse.ArgumentParser(prog="python -m client.task_runner", description=__doc__.split("\n")[0])
+    parser.add_argument("site_yaml", help="the site's site.yaml")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for handler in logging.getLogger().handlers:  # Flower sets its own logger to DEBUG: keep the site log readable
+        handler.setLevel(logging.INFO)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request otherwise
+    try:
+        config = load_site_config(args.site_yaml)
+        runner = build_runner(config, read_superexec_secret(config))
+    except UserError as error:
+        print(f"fedpath task runner: error: {error}", file=sys.stderr, flush=True)
+        return 2
+    try:
+        runner.serve_forever()
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

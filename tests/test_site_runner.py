@@ -1,0 +1,268 @@
+"""The site's task runner on a real consortium (SuperLink, three SuperNodes with their runners, TLS,
+registered keys, SecAgg+, DP), every process started by `fedpath-site start` / `fedpath-server
+start` on 127.0.0.1 with free ports and stopped by PID at the end:
+
+- a federated run completes with the runners, every site's egress log verifies and lists exactly
+  the replies the server received from it; an exception inside one site's ClientApp reaches the
+  server as an error code without text, and that site's runner goes on serving;
+- a bundle whose client code differs from the sites' installed version is refused at every site:
+  nothing trains, no ledger is written, no cache is read, the run does not complete.
+
+Both tests share one consortium (module fixture): starting one costs about a minute here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+import server.superlink
+from client.egress_log import ERROR, REFUSED, SENT, EgressLog
+from client.site_config import load_site_config
+from server.run_control import submit_and_follow
+from server.run_folder import RunFolder
+from shared.app_bundle import installed_app_dir, installed_digest
+from shared.checkpoints import load_checkpoint
+from simulations.local_consortium import LocalConsortium
+from simulations.process_tree import descendants
+from tests.conftest import copy_hospitals
+
+pytestmark = pytest.mark.slow
+
+TRAINING = {"epochs": 1, "batch_size": 2, "learning_rate": 0.003}
+WAIT_S = 90
+
+
+def _runner_pid(site_yaml: Path) -> int:
+    """The pid of the site's task runner once it has written its start record (bounded wait)."""
+    state = load_site_config(site_yaml).state_dir
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        supervisor = (state / "supernode.pid").read_text().strip() if (state / "supernode.pid").exists() else ""
+        runners = [pid for pid in (descendants(int(supervisor)) if supervisor else [])
+                   if b"client.task_runner" in _cmdline(pid)]
+        starts = [r for r in _records(state) if r.get("event") == "start"]
+        if runners and starts and starts[-1]["pid"] in runners:
+            return starts[-1]["pid"]
+        time.sleep(0.5)
+    pytest.fail(f"the task runner of {site_yaml.parent.name} did not start within {WAIT_S} s; log:\n"
+                f"{(state / 'supernode.log').read_text()[-3000:]}")
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _records(state: Path) -> list[dict]:
+    path = state / "egress.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _replies(site_yaml: Path) -> list[dict]:
+    """The site's egress log, verified (chain and head file), reply records only."""
+    return [r for r in EgressLog(load_site_config(site_yaml).state_dir).verify() if r["event"] == "reply"]
+
+
+def _wire_by_node(folder: RunFolder) -> dict[int, list[dict]]:
+    by_node: dict[int, list[dict]] = {}
+    for line in (folder.path / "wire.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        by_node.setdefault(entry["node"], []).append(entry)
+    return by_node
+
+
+@pytest.fixture(scope="module")
+def consortium(prepared_hospitals, tmp_path_factory):
+    """One consortium for both tests (starting one takes about a minute here): min_sites 2 lets a
+    round finish without a failing site; the attack needs every site to refuse anyway."""
+    root = tmp_path_factory.mktemp("runner")
+    sites = copy_hospitals(prepared_hospitals, root, 3)
+    settings = {"federation": {"rounds": 1, "min_sites": 2, "round_timeout": 120, "wire_log": True},
+                "training": TRAINING}
+    with LocalConsortium(root / "consortium", sites, server_settings=settings) as started:
+        started.start_all()
+        for site in sites:
+            _runner_pid(site)
+        yield started
+
+
+def test_runner_serves_a_secure_run_and_survives_an_exception(consortium):
+    sites = consortium.site_yamls
+    pids = [_runner_pid(site) for site in sites]
+    before = {site: len(_replies(site)) for site in sites}
+    # Site 3's ClientApp reads site.yaml for every message; its runner read it at start. A broken
+    # file makes the ClientApp raise in every stage that trains or evaluates.
+    broken = sites[2]
+    original = broken.read_text()
+    broken.write_text(original + "\nfederation: [not yaml\n")
+    try:
+        folder = RunFolder.create(consortium.server_yaml)
+        assert submit_and_follow(consortium.control, folder, timeout=300) == 0, folder.status()
+    finally:
+        broken.write_text(original)  # close() reads every site.yaml to find the pid files
+    # no runner was restarted: the exception did not end site 3's
+    assert [_runner_pid(site) for site in sites] == pids
+    rounds = json.loads((folder.path / "metrics.json").read_text())
+    assert {name for name, site in rounds[0]["sites"].items() if site["examples"]} == {"site-1", "site-2"}
+    card = load_checkpoint(folder.path / "checkpoints" / "latest.npz").card
+    wire = _wire_by_node(folder)
+    assert not any(entry.get("error_reason") for entries in wire.values() for entry in entries)
+
+    for index, site in enumerate(sites):
+        replies = _replies(site)[before[site]:]
+        (node,) = {r["node"] for r in replies}
+        received = wire[node]
+        # the egress log lists exactly what the server received from this site, in order
+        assert [(r["type"], r.get("error_code")) for r in replies] == \
+               [(w["type"], w.get("error_code")) for w in received]
+        assert {r["bundle"] for r in replies} == {installed_digest()}
+        masked = [r for r in replies if r["stage"] == "collect_masked_vectors" and r["outcome"] == SENT]
+        wired = [v["masked_params"] for w in received for v in w["values"].values() if "masked_params" in v]
+        assert [m["content"]["configs"]["secaggplus_configs"]["masked_params"]["bytes"] for m in masked] == \
+               [sum(item["bytes"] for item in vector) for vector in wired]
+        if index < 2:
+            assert [(r["type"], r["stage"], r["outcome"]) for r in replies] == [
+                ("train", "setup", SENT), ("train", "share_keys", SENT), ("train", "collect_masked_vectors", SENT),
+                ("train", "unmask", SENT), ("evaluate", None, SENT)]
+            (update,) = masked  # the disclosed numbers are in the site's own record, as values
+            assert update["content"]["arrays"] == {"fitres.parameters": {}}
+            assert update["content"]["configs"]["fitres.metrics"]["epsilon"] == \
+                pytest.approx(card["privacy"][f"site-{index + 1}"]["epsilon"])
+            assert update["content"]["metrics"]["fitres.num_examples"]["num_examples"] > 0
+        else:
+            assert [(r["stage"], r["outcome"], r.get("error_code")) for r in replies] == [
+                ("setup", SENT, None), ("share_keys", SENT, None), ("collect_masked_vectors", ERROR, 1013),
+                (None, ERROR, 1013)]  # and the evaluate message after the exception was served
+            log = (load_site_config(site).state_dir / "supernode.log").read_text()
+            assert "YAML syntax error" in log and "answering with code 1013 and no text" in log
+            assert "task runner exited" not in log
+
+
+def test_a_bundle_with_other_client_code_is_refused_everywhere(consortium, tmp_path, monkeypatch):
+    sites = consortium.site_yamls
+    # the consortium admin's copy of the repository, one client file changed
+    attack = tmp_path / "fedpath"
+    shutil.copytree(installed_app_dir(), attack, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "__pycache__", "demo", "tests", "docs", "benchmarks", "*.egg-info"))
+    with open(attack / "client" / "federated_round.py", "a") as handle:
+        handle.write("\nprint('an unreviewed change to what the sites run')\n")
+    attack_digest = installed_digest(attack)
+    assert attack_digest != installed_digest()
+
+    configs = [load_site_config(site) for site in sites]
+    before = {site: len(_replies(site)) for site in sites}
+    logs = {site: len((config.state_dir / "supernode.log").read_text())
+            for site, config in zip(sites, configs, strict=True)}
+    ledgers = _ledgers(configs)
+    caches = [config.features.cache_dir for config in configs]
+    accessed = _age_access_times(caches)
+    monkeypatch.setattr(server.superlink, "APP_DIR", attack)  # FlowerControl.submit runs `flwr run APP_DIR`
+    folder = RunFolder.create(consortium.server_yaml)
+    assert submit_and_follow(consortium.control, folder, timeout=240) != 0
+    assert folder.status().get("state") != "finished"
+
+    for site, config in zip(sites, configs, strict=True):
+        replies = _replies(site)[before[site]:]
+        assert replies and all(r["outcome"] == REFUSED and r["error_code"] == 1012 for r in replies), replies
+        assert {r["bundle"] for r in replies} == {attack_digest}
+        assert not (config.state_dir / "ledgers" / f"{folder.federation_id}.json").exists()
+        log = (config.state_dir / "supernode.log").read_text()[logs[site]:]
+        assert "refused (code 1012)" in log and "running the ClientApp" not in log
+    assert _ledgers(configs) == ledgers  # no ledger written or changed: nothing trained
+    if accessed is not None:  # this file system records reads
+        assert _access_times(caches) == accessed, "a site read its feature cache"
+    wire = [entry for entries in _wire_by_node(folder).values() for entry in entries]
+    assert wire and all(entry["error_code"] == 1012 and not entry["error_reason"] for entry in wire)
+
+
+def _ledgers(configs) -> dict[str, tuple[float, bytes]]:
+    return {str(p): (p.stat().st_mtime, p.read_bytes()) for config in configs
+            for p in sorted((config.state_dir / "ledgers").glob("*.json"))}
+
+
+def _age_access_times(folders: list[Path]) -> dict[str, float] | None:
+    """Set every cache file's access time before its modification time, so a read would move it
+    (relatime); None if this file system does not record reads."""
+    probe = folders[0] / ".atime-probe"
+    probe.write_bytes(b"x")
+    os.utime(probe, (time.time() - 3600, time.time()))
+    before = probe.stat().st_atime
+    probe.read_bytes()
+    recorded = probe.stat().st_atime != before
+    probe.unlink()
+    if not recorded:
+        return None
+    for folder in folders:
+        for path in folder.rglob("*"):
+            if path.is_file():
+                stat = path.stat()
+                os.utime(path, (stat.st_mtime - 3600, stat.st_mtime))
+    return _access_times(folders)
+
+
+def _access_times(folders: list[Path]) -> dict[str, float]:
+    return {str(p): p.stat().st_atime for folder in folders for p in folder.rglob("*") if p.is_file()}
+
+
+def _site_without_server(root: Path) -> Path:
+    """A site pointed at a SuperLink that is not there: its SuperNode serves the Runtime API while it
+    keeps retrying the connection, which is all the start and stop need."""
+    from shared.processes import free_port
+
+    root.mkdir(parents=True)
+    (root / "manifest.csv").write_text("slide,label\n")
+    site = root / "site.yaml"
+    site.write_text(f"name: lonely\ndata: {{manifest: manifest.csv}}\n"
+                    f"federation: {{server: '127.0.0.1:{free_port()}', port: {free_port()}}}\n")
+    return site
+
+
+def _group(pid: int) -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _pgid(int(p.name)) == pid]
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
+def _all_gone(pids: list[int], timeout: float = 15.0) -> bool:
+    """Whether every pid ended (zombies waiting for their parent count as ended)."""
+    def living(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] != b"Z"
+        except (OSError, IndexError):
+            return False
+
+    deadline = time.monotonic() + timeout
+    while any(living(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return not any(living(pid) for pid in pids)
+
+
+def test_start_runs_supernode_and_runner_as_one_unit_that_stop_ends(tmp_path, capsys):
+    """(A runner that cannot start: tests/test_task_runner.py, with a stand-in supervisor.)"""
+    from client.cli import main as site_main
+
+    site = _site_without_server(tmp_path / "lonely")
+    state = load_site_config(site).state_dir
+    assert site_main(["start", "--config", str(site), "--insecure", "--detach"]) == 0
+    assert "SuperNode and task runner started" in capsys.readouterr().out  # returned once the runner was ready
+    supervisor = int((state / "supernode.pid").read_text())
+    members = {pid: _cmdline(pid) for pid in _group(supervisor)}
+    assert any(b"flower-supernode" in c and b"--isolation\x00process" in c for c in members.values()), members
+    assert any(b"client.task_runner" in c for c in members.values()), members
+    assert (state / "superexec.secret").stat().st_mode & 0o777 == 0o600
+    assert site_main(["stop", "--config", str(site)]) == 0
+    assert _all_gone(list(members)), "a process of the site outlived `fedpath-site stop`"
+

@@ -1,0 +1,245 @@
+"""The task runner's decisions without processes: which bundle runs, what an exception or a policy
+failure sends (a code, no text), what the egress log gets; and the supervisor that keeps the
+SuperNode and the runner running."""
+
+from __future__ import annotations
+
+import io
+import logging
+import stat
+import subprocess
+import sys
+import time
+import zipfile
+
+import pytest
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.supercore.fab import Fab
+
+from client.egress_log import ERROR, REFUSED, SENT, WITHHELD, EgressLog
+from client.egress_policy import EgressPolicy
+from client.site_config import load_site_config
+from client.supernode import (
+    Child,
+    SiteStartError,
+    read_superexec_secret,
+    supervise,
+    wait_for_runner,
+    write_superexec_secret,
+)
+from client.task_runner import BundleApproval, TaskRunner
+from shared.app_bundle import bundle_digest, installed_bundle
+from tests.flower_messages import evaluate_reply, fit_reply, server_message, site_context
+
+
+class ToyClientApp:
+    """Stands for client.app:app; counts its calls (the bundle check must come first)."""
+
+    def __init__(self, reply=None, fail: BaseException | None = None) -> None:
+        self.calls, self.fail = 0, fail
+        self.app = ClientApp()
+
+        @self.app.evaluate()
+        def evaluate(message: Message, context) -> Message:
+            self.calls += 1
+            if self.fail is not None:
+                raise self.fail
+            return (reply or (lambda m: evaluate_reply(m, {"epsilon": 1.0})))(message)
+
+    def __call__(self, message: Message, context) -> Message:
+        return self.app(message=message, context=context)
+
+
+@pytest.fixture(scope="module")
+def installed_fab() -> Fab:
+    content = installed_bundle()
+    return Fab("h1", content, {})
+
+
+def _changed_fab(fab: Fab) -> Fab:
+    """The installed bundle with one client file changed (an admin's modified ClientApp)."""
+    source = zipfile.ZipFile(io.BytesIO(fab.content))
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for info in source.infolist():
+            data = source.read(info)
+            archive.writestr(info, data + b"\n# changed\n" if info.filename == "client/app.py" else data)
+    return Fab("h2", buffer.getvalue(), {})
+
+
+def _runner(tmp_path, app, installed_fab, allowed=()) -> TaskRunner:
+    approval = BundleApproval(bundle_digest(installed_fab.content), allowed)
+    policy = EgressPolicy(frozenset({"epsilon", "refused"}), True)
+    return TaskRunner(app, approval, policy, EgressLog(tmp_path), "127.0.0.1:1", None)
+
+
+def _evaluate() -> Message:
+    return server_message(message_type="evaluate")
+
+
+def test_the_installed_bundle_runs_the_local_clientapp(tmp_path, installed_fab):
+    app = ToyClientApp()
+    answer = _runner(tmp_path, app, installed_fab).answer(_evaluate(), site_context(), installed_fab)
+    assert answer.outcome == SENT and not answer.reply.has_error() and app.calls == 1
+    assert answer.bundle == bundle_digest(installed_fab.content)
+
+
+def test_another_bundle_is_refused_and_nothing_runs(tmp_path, installed_fab, caplog):
+    app = ToyClientApp()
+    changed = _changed_fab(installed_fab)
+    answer = _runner(tmp_path, app, installed_fab).answer(_evaluate(), site_context(), changed)
+    assert answer.outcome == REFUSED and app.calls == 0
+    assert answer.reply.error.code == 1012 and not answer.reply.error.reason
+    assert f"bundle sha256:{bundle_digest(changed.content)}" in caplog.text
+    # the run's own name for its bundle proves nothing: the bytes are what is checked
+    runner = _runner(tmp_path, app, installed_fab)
+    assert runner.answer(_evaluate(), site_context(), installed_fab).outcome == SENT
+    disguised = Fab(installed_fab.hash_str, changed.content, {})
+    assert runner.answer(_evaluate(), site_context(), disguised).outcome == REFUSED and app.calls == 1
+    app.calls = 0
+    # unreadable bundles too
+    answer = _runner(tmp_path, app, installed_fab).answer(_evaluate(), site_context(), Fab("h3", b"junk", {}))
+    assert answer.outcome == REFUSED and app.calls == 0 and answer.bundle is None
+
+
+def test_a_bundle_the_site_listed_runs(tmp_path, installed_fab):
+    app = ToyClientApp()
+    changed = _changed_fab(installed_fab)
+    runner = _runner(tmp_path, app, installed_fab, allowed=[f"sha256:{bundle_digest(changed.content)}"])
+    assert runner.answer(_evaluate(), site_context(), changed).outcome == SENT and app.calls == 1
+
+
+def test_an_exception_leaves_as_a_code_only_and_the_runner_goes_on(tmp_path, installed_fab, caplog):
+    app = ToyClientApp(fail=KeyError("patient P-0017 has no slides in /data/hospital-a"))
+    runner = _runner(tmp_path, app, installed_fab)
+    with caplog.at_level(logging.INFO, logger="fedpath.runner"):
+        answer = runner.answer(_evaluate(), site_context(), installed_fab)
+    assert answer.outcome == ERROR and answer.reply.error.code == 1013 and not answer.reply.error.reason
+    assert "P-0017" in caplog.text  # the details stay in the site's log
+    app.fail = SystemExit(3)  # not even sys.exit in a library ends the runner
+    assert runner.answer(_evaluate(), site_context(), installed_fab).reply.error.code == 1013
+    app.fail = None
+    assert runner.answer(_evaluate(), site_context(), installed_fab).outcome == SENT
+
+
+def test_a_reply_that_fails_the_policy_is_withheld(tmp_path, installed_fab, caplog):
+    app = ToyClientApp(reply=lambda m: evaluate_reply(m, {"epsilon": 1.0, "slide": "S-17"}))
+    answer = _runner(tmp_path, app, installed_fab).answer(_evaluate(), site_context(), installed_fab)
+    assert answer.outcome == WITHHELD and answer.reply.error.code == 1014 and not answer.reply.error.reason
+    assert answer.violation.field == "configs:evaluateres.metrics/slide"
+    assert "rule (a) at configs:evaluateres.metrics/slide" in caplog.text and "S-17" not in caplog.text
+
+
+def test_a_reply_to_another_message_is_an_error(tmp_path, installed_fab):
+    other = server_message(RecordDict({"x": ConfigRecord({"a": 1})}), message_type="evaluate", round_=9)
+    other.metadata.__dict__["_message_id"] = "not-the-one"  # as the SuperNode numbers messages
+    app = ToyClientApp(reply=lambda m: evaluate_reply(other, {"epsilon": 1.0}))
+    answer = _runner(tmp_path, app, installed_fab).answer(_evaluate(), site_context(), installed_fab)
+    assert answer.outcome == ERROR and answer.reply.error.code == 1013
+
+
+def test_every_answer_is_recorded_before_it_leaves(tmp_path, installed_fab):
+    runner = _runner(tmp_path, ToyClientApp(), installed_fab)
+    message = _evaluate()
+    answer = runner.record(message, runner.answer(message, site_context(), installed_fab))
+    refused = runner.record(message, runner.answer(message, site_context(), _changed_fab(installed_fab)))
+    records = runner.egress.verify()
+    assert [r["outcome"] for r in records] == [SENT, REFUSED]
+    assert records[1]["error_code"] == 1012 and records[1]["bundle"] == refused.bundle
+    assert answer.reply is not None
+    runner.egress.path.write_text("broken\n")  # a log that cannot be appended to: only a bare code leaves
+    blocked = runner.record(message, runner.answer(message, site_context(), installed_fab))
+    assert blocked.reply.error.code == 1013 and not blocked.reply.error.reason
+
+
+def test_fit_reply_under_secure_aggregation_requirement(tmp_path, installed_fab):
+    """The plain update never leaves a site that requires SecAgg+, whatever the ClientApp does."""
+    def plain_update(message: Message, context) -> Message:
+        return fit_reply(message, {"epsilon": 1.0}, arrays=True)
+
+    answer = _runner(tmp_path, plain_update, installed_fab).answer(server_message(), site_context(), installed_fab)
+    assert answer.outcome == WITHHELD and answer.violation.rule == "c"
+
+
+def test_superexec_secret_is_fresh_and_private(tmp_path):
+    (tmp_path / "manifest.csv").write_text("slide,label\n")
+    (tmp_path / "site.yaml").write_text("name: h\ndata: {manifest: manifest.csv}\n")
+    config = load_site_config(tmp_path / "site.yaml")
+    path = write_superexec_secret(config)
+    first = read_superexec_secret(config)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and len(first) == 64
+    write_superexec_secret(config)
+    assert read_superexec_secret(config) != first
+
+
+def test_supervisor_restarts_a_child_that_exits_and_stops_with_the_supernode(tmp_path, capsys):
+    counter, log_file = tmp_path / "starts", tmp_path / "site.log"
+    flaky = [sys.executable, "-c", f"open({str(counter)!r}, 'a').write('x'); raise SystemExit(3)"]
+    supernode = [sys.executable, "-c", "import time; time.sleep(3.5)"]  # exits 0: the unit ends
+    started = time.monotonic()
+    code = supervise([Child("the SuperNode", supernode, "refused", ends_all_on_success=True),
+                      Child("the task runner", flaky, "the lines above say why")], {}, log_file, "hospital-a")
+    assert code == 0 and time.monotonic() - started < 12
+    assert counter.read_text() == "xx"  # started, exited, restarted 2 s later; the next try would be 4 s after that
+    assert "hospital-a: the task runner exited with code 3: the lines above say why. Retrying in 2 s" in \
+        capsys.readouterr().out
+
+
+def test_a_reply_that_cannot_be_described_leaves_as_a_recorded_code(tmp_path, installed_fab):
+    """The egress log records what leaves; what it cannot describe does not leave."""
+    from flwr.app import Array, ArrayRecord
+
+    def garbled(message: Message, context) -> Message:
+        reply = fit_reply(message, {"epsilon": 1.0})
+        reply.content.array_records["fitres.parameters"] = ArrayRecord(
+            {"0": Array(dtype="", shape=(), stype="numpy.ndarray", data=b"not an array")})
+        return reply
+
+    runner = _runner(tmp_path, garbled, installed_fab)
+    runner.policy = EgressPolicy(frozenset({"epsilon"}), require_secure_aggregation=False)
+    message = server_message()
+    answer = runner.record(message, runner.answer(message, site_context(), installed_fab))
+    assert answer.outcome == ERROR and answer.reply.error.code == 1013
+    (record,) = runner.egress.verify()
+    assert record["outcome"] == ERROR and record["error_code"] == 1013
+
+
+def _stand_in_supervisor(tmp_path, script: str) -> tuple:
+    """A site and a process standing in for its supervisor (``script``)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "manifest.csv").write_text("slide,label\n")
+    (tmp_path / "site.yaml").write_text("name: h\ndata: {manifest: manifest.csv}\n")
+    config = load_site_config(tmp_path / "site.yaml")
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    log_file = config.state_dir / "supernode.log"
+    supervisor = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+    return config, supervisor, log_file
+
+
+def test_detached_start_waits_for_the_runner(tmp_path):
+    config, supervisor, log_file = _stand_in_supervisor(tmp_path, "import time; time.sleep(30)")
+    try:
+        EgressLog(config.state_dir).append({"event": "start", "pid": 1})  # an old start: not this one
+        before = 1
+        EgressLog(config.state_dir).append({"event": "start", "pid": supervisor.pid})
+        wait_for_runner(config, supervisor, log_file, 0, before, timeout=5)
+        assert supervisor.poll() is None  # ready: the unit keeps running
+    finally:
+        supervisor.kill()
+        supervisor.wait()
+
+
+def test_detached_start_stops_the_unit_when_the_runner_cannot_start(tmp_path):
+    line = "h: the task runner exited with code 2: the lines above say why. Retrying in 2 s"
+    script = f"import time; open({str(tmp_path / 'state' / 'supernode.log')!r}, 'a').write({line!r}); time.sleep(30)"
+    (tmp_path / "state").mkdir()
+    config, supervisor, log_file = _stand_in_supervisor(tmp_path, script)
+    (config.state_dir / "supernode.pid").write_text(f"{supervisor.pid}\n")
+    with pytest.raises(SiteStartError, match="the task runner of h exited, so the site was stopped again"):
+        wait_for_runner(config, supervisor, log_file, 0, 0, timeout=20)
+    assert supervisor.poll() is not None and not (config.state_dir / "supernode.pid").exists()
+    config, supervisor, log_file = _stand_in_supervisor(tmp_path / "slow", "import time; time.sleep(30)")
+    with pytest.raises(SiteStartError, match="did not start within 1 s"):
+        wait_for_runner(config, supervisor, log_file, 0, 0, timeout=1)
+    assert supervisor.poll() is not None
