@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from shared.metrics import classification_metrics, roc_auc, to_jsonable
+from shared.metrics import classification_metrics, format_metric, roc_auc, to_jsonable
 
 BINARY = ["benign", "tumour"]
 
@@ -180,3 +180,12 @@ def test_float32_softmax_rows_are_accepted():
 def test_invalid_input_is_rejected_with_a_clear_message(y, probs, names, positive, message):
     with pytest.raises(ValueError, match=message):
         classification_metrics(y, probs, names, positive_class=positive)
+
+
+@pytest.mark.parametrize(
+    "value, digits, text",
+    [(0.12345, 3, "0.123"), (np.float32(0.5), 2, "0.50"), (7, 1, "7.0"), (None, 3, "n/a"), (math.nan, 3, "n/a"),
+     (math.inf, 2, "n/a"), (True, 3, "n/a"), ("0.5", 3, "n/a")],
+)
+def test_format_metric_shows_missing_and_undefined_values_as_na(value, digits, text):
+    assert format_metric(value, digits) == text
