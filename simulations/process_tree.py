@@ -12,7 +12,7 @@ import signal
 import time
 from pathlib import Path
 
-from shared.processes import running_pid, stop
+from shared.processes import is_alive, running_pid, stop
 
 PROC = Path("/proc")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -56,9 +56,9 @@ def stop_tree(pid_file: Path, timeout: float = 10.0) -> None:
     stop(pid_file)
     _signal(family, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(_alive(p) for p in family):
+    while time.monotonic() < deadline and any(is_alive(p) for p in family):
         time.sleep(0.2)
-    _signal([p for p in family if _alive(p)], signal.SIGKILL)
+    _signal([p for p in family if is_alive(p)], signal.SIGKILL)
 
 
 def _signal(pids: list[int], signum: int) -> None:
@@ -67,11 +67,3 @@ def _signal(pids: list[int], signum: int) -> None:
             os.kill(pid, signum)
         except (ProcessLookupError, PermissionError):
             pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = (PROC / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"  # a zombie has exited; its parent (gone too) no longer reaps it
