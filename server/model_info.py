@@ -76,7 +76,8 @@ def render(info: dict[str, Any]) -> str:
         f"windows of {info['sequence_length']} tiles",
         f"training      strategy {info['strategy']}" + "".join(f", {k} {v}" for k, v in training.items()),
         f"rounds        {info['round']} of {info['total_rounds']}",
-        f"sites         {', '.join(info['sites']) or 'none'} (last round: {', '.join(info['sites_last_round']) or 'none'})",
+        f"sites         {', '.join(info['sites']) or 'none'} "
+        f"(last round: {', '.join(info['sites_last_round']) or 'none'})",
         f"privacy       target ε {target.get('epsilon')}, δ {target.get('delta')}"
         f"{' (required)' if target.get('required') else ''}",
     ]
@@ -86,7 +87,8 @@ def render(info: dict[str, Any]) -> str:
         lines.append(f"  {site:<12} ε {_number(spent.get('epsilon'))}  δ {spent.get('delta')}"
                      + (f"  (sat out round {refusal['round']}: {refusal['reason']})" if refusal else ""))
     metrics = info["metrics"]
-    lines.append("metrics       " + (", ".join(f"{k} {_number(metrics[k])}" for k in METRICS if k in metrics) or "none"))
+    reported = ", ".join(f"{k} {_number(metrics[k])}" for k in METRICS if k in metrics)
+    lines.append("metrics       " + (reported or "none"))
     audit = info["audit"]
     lines.append(f"audit         this round's record chains onto {audit['prev_hash'] or 'the start of the log'}")
     if audit["log"]:

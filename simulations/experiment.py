@@ -26,8 +26,8 @@ from shared.checkpoints import saved_rounds
 from shared.metrics import format_metric, to_jsonable
 from simulations.baselines import FINAL_METRICS, BaselinePlan, centralised, local_only
 from simulations.experiment_config import Cell, ExperimentConfig, cell_config
-from simulations.materialise import SimLayout, materialise
 from simulations.experiment_report import write_report
+from simulations.materialise import SimLayout, materialise
 from simulations.sim_config import SimConfig
 from simulations.sim_runner import cached_items, evaluate_checkpoint, run_simulation
 

@@ -19,10 +19,10 @@ from client.privacy_ledger import PrivacyBudget, PrivacyLedger
 from client.sequence_data import load_split
 from client.site_config import load_site_config
 from server.audit import verify
-from shared.checkpoints import load_checkpoint
 from server.cli import main as server_main
 from server.run_control import follow_run, submit_and_follow
 from server.run_folder import RunFolder
+from shared.checkpoints import load_checkpoint
 from simulations.local_consortium import LocalConsortium
 from tests.conftest import copy_hospitals
 

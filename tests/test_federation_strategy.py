@@ -5,8 +5,7 @@ import time
 
 import numpy as np
 import pytest
-from flwr.common import (Code, EvaluateRes, FitRes, Status, ndarrays_to_parameters,
-                         parameters_to_ndarrays)
+from flwr.common import Code, EvaluateRes, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 
@@ -96,7 +95,7 @@ def test_fedavg_adds_the_example_weighted_mean_update_to_the_global_model():
     np.testing.assert_array_equal(new[0], np.full((2, 2), 2.0, np.float32))
     np.testing.assert_array_equal(new[1], np.full(2, -1.0, np.float32))
     assert metrics == {}
-    for a, b in zip(new, strategy.global_arrays):
+    for a, b in zip(new, strategy.global_arrays, strict=True):
         np.testing.assert_array_equal(a, b)
     assert strategy.sites["site-1"].examples == 1 and strategy.sites["site-2"].examples == 3
     assert strategy.sites["site-1"].epsilon == 1.5 and strategy.sites["site-2"].train_seconds == 2.0
@@ -174,7 +173,7 @@ def test_configure_fit_sends_the_plan_to_every_site_and_continues_round_numbers(
         plan = RoundPlan.from_config(ins.config)
         assert plan == round_plan(config, "fed-1", 5)  # server round 2 after 3 earlier rounds
         assert plan.round == 5 and plan.planned_rounds == 5 and plan.federation_id == "fed-1"
-        for a, b in zip(parameters_to_ndarrays(ins.parameters), GLOBAL):
+        for a, b in zip(parameters_to_ndarrays(ins.parameters), GLOBAL, strict=True):
             np.testing.assert_array_equal(a, b)
     with pytest.raises(FederationError, match="round 5 failed: secure aggregation stopped"):
         strategy.configure_evaluate(2, parameters, manager)  # no aggregate_fit: SecAgg+ halted

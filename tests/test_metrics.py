@@ -70,7 +70,7 @@ def test_multiclass_hand_computed():
     assert m["balanced_accuracy"] == pytest.approx(0.5)
     assert m["macro_sensitivity"] == pytest.approx(0.5)
     assert m["macro_specificity"] == pytest.approx(0.75)
-    for name, auc in zip(MULTI, [0.875, 0.875, 0.8125]):
+    for name, auc in zip(MULTI, [0.875, 0.875, 0.8125], strict=True):
         stats = m["per_class"][name]
         expected = {"sensitivity": 0.5, "specificity": 0.75, "precision": 0.5, "f1": 0.5, "auc": auc}
         assert stats == pytest.approx(expected)

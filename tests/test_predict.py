@@ -169,7 +169,8 @@ def test_a_last_block_checkpoint_runs_its_own_block(trained, tmp_path):
                                                                "sequence_length": LENGTH}, best=False)
     out = tmp_path / "out"
     assert main(["predict", "--model", str(tmp_path / "run" / "checkpoints" / "latest.npz"), "--out", str(out),
-                 "--config", str(trained["site"]), "--no-progress", str(trained["root"] / "slides" / "slide-1.tif")]) == 0
+                 "--config", str(trained["site"]), "--no-progress",
+                 str(trained["root"] / "slides" / "slide-1.tif")]) == 0
     doc = json.loads((out / "slide-1.json").read_text())
     assert doc["features"] == "computed"  # the cached vectors never went through a fine-tuned block
     evaluated = predict_slides(trained["head"], [trained["slides"][1]], LENGTH)[0]

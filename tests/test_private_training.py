@@ -12,8 +12,7 @@ from client.feature_cache import FeatureCache
 from client.prepare import prepare_site
 from client.privacy_ledger import BudgetExceeded
 from client.private_training import train_round
-from client.sequence_data import predict_slides
-from client.sequence_data import PatientSequences, SlideFeatures
+from client.sequence_data import PatientSequences, SlideFeatures, predict_slides
 from client.site_config import load_site_config
 from shared.model import SequenceHead
 from shared.run_config import PrivacyConfig, TrainingConfig
@@ -150,7 +149,7 @@ def test_ghost_clipping_gives_the_per_patient_clipped_update(batch):
         optimizer.step()
         return [p.detach() for p in head.parameters()]
 
-    for ghost, hooks in zip(one_step("ghost"), one_step("hooks")):
+    for ghost, hooks in zip(one_step("ghost"), one_step("hooks"), strict=True):
         assert torch.isfinite(ghost).all()
         torch.testing.assert_close(ghost, hooks, rtol=1e-5, atol=1e-6)
 

@@ -13,10 +13,10 @@ import yaml
 
 from server.app import initial_model
 from server.audit import AuditError, verify
-from shared.checkpoints import load_checkpoint
 from server.cli import main as server_main
 from server.run_control import submit_and_follow
 from server.run_folder import RunFolder
+from shared.checkpoints import load_checkpoint
 from simulations.local_consortium import LocalConsortium
 from tests.conftest import copy_hospitals
 

@@ -7,7 +7,7 @@ import pytest
 from flwr.server.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum
 
 from server.app import initial_model, round_plan
-from server.server_config import (SecureAggregationConfig, ServerConfig, load_server_config)
+from server.server_config import SecureAggregationConfig, ServerConfig, load_server_config
 from server.strategies import build_strategy
 from shared.model import ModelConfig, build_head
 from shared.round_plan import PrivacyTarget, RoundPlan
@@ -183,7 +183,7 @@ def test_initial_model_is_the_seeded_configured_head(tmp_path):
     head = build_head(config.model, 2)
     assert list(first) == list(head.state_dict())
     assert [a.shape for a in first.values()] == [tuple(t.shape) for t in head.state_dict().values()]
-    for a, b in zip(first.values(), again.values()):
+    for a, b in zip(first.values(), again.values(), strict=True):
         np.testing.assert_array_equal(a, b)
     other = initial_model(_load(tmp_path, CLASSES + "model:\n  projection: 8\n  hidden: 4\ntraining:\n  seed: 4\n"))
-    assert any(not np.array_equal(a, b) for a, b in zip(first.values(), other.values()))
+    assert any(not np.array_equal(a, b) for a, b in zip(first.values(), other.values(), strict=True))

@@ -12,9 +12,9 @@ from client import federated_round
 from client.prepare import prepare_site
 from client.site_config import load_site_config
 from server.app import initial_model, round_plan
+from server.round_metrics import SiteRound
 from server.run_folder import RunFolder
 from server.run_recorder import RunRecorder
-from server.round_metrics import SiteRound
 from server.server_config import load_server_config
 from shared.checkpoints import load_checkpoint
 from shared.encoder import TileEncoder, TrunkMismatch, check_pinned, weights_id
