@@ -1,4 +1,4 @@
-"""A process and everything under it, from Linux's /proc: stop them all by PID, or add up their memory.
+"""A process and everything under it, from Linux's /proc: stop them all by PID, add up their memory, name them.
 
 A simulation's SuperLink starts Flower's executor in a session of its own, which starts the
 simulation process, which starts Ray's processes and workers: stopping the SuperLink's process
@@ -47,6 +47,14 @@ def rss_bytes(pids: list[int]) -> int:
         except (OSError, IndexError, ValueError):
             continue
     return total
+
+
+def command_line(pid: int) -> str:
+    """The process's command line, arguments joined by spaces ("" once it is gone)."""
+    try:
+        return (PROC / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
 
 
 def stop_tree(pid_file: Path, timeout: float = 10.0) -> None:
