@@ -14,6 +14,9 @@ from pathlib import Path
 
 import torch
 
+from shared.atomic_files import atomic_write_json
+from shared.metrics import to_jsonable
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -28,15 +31,23 @@ def machine() -> dict:
             "torch": torch.__version__}
 
 
+RUNNER_FIELDS = ("benchmark", "quick", "total_seconds", "date", "machine")
+"""What the runner records about every run (``total_seconds``: the whole benchmark's wall time), beside
+the benchmark's own figures, which may not reuse these names (a benchmark's ``seconds`` is its own)."""
+
+
 def run_one(name: str, quick: bool) -> dict:
     module = importlib.import_module(f"benchmarks.{name}")
     start = time.perf_counter()
     result = module.run(quick)
-    record = {"benchmark": name, "quick": quick, "seconds": round(time.perf_counter() - start, 1),
-              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), **result}
-    RESULTS.mkdir(exist_ok=True)
+    clash = sorted(set(result) & set(RUNNER_FIELDS))
+    if clash:
+        raise ValueError(f"benchmarks/{name}.py returns {clash}, which the runner records itself: rename them")
+    record = to_jsonable({"benchmark": name, "quick": quick,
+                          "total_seconds": round(time.perf_counter() - start, 1),
+                          "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), **result})
     # Quick runs are smoke tests; they never overwrite the figures of a full run.
-    (RESULTS / f"{name}{'-quick' if quick else ''}.json").write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_json(RESULTS / f"{name}{'-quick' if quick else ''}.json", record)
     return record
 
 

@@ -7,7 +7,8 @@ training message (the sites score the model they receive, inside the masked vect
 is no evaluate phase. ``overhead_s``: per-round wall time measured by the ServerApp minus the
 slowest site's own time in `fit` (the sites disclose ``train_seconds`` here; they train in
 parallel): process start-up, message passing and the server's bookkeeping.
-``secagg_ratio``: SecAgg+ round time over plain round time, same run (goal <= 1.3). ``bytes_per_site_round``: what the SuperLink
+``secagg_ratio``: SecAgg+ round time over plain round time, same run (goal <= 1.3).
+``bytes_per_site_round``: what the SuperLink
 received from the sites (Flower's own traffic counter for the run) per site and round, against
 ``trainable_param_bytes``, the float32 bytes of what is trained. The import times show where a
 ClientApp process spends its start: Flower starts one per message, so stages that do not

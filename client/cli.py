@@ -11,6 +11,7 @@ from client.check import check_site
 from client.prepare import prepare_site
 from client.site_config import load_site_config
 from shared.cli import add_command, run_cli
+from shared.metrics import format_metric
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -30,8 +31,9 @@ def _train_local(args: argparse.Namespace) -> int:
 
     run = train_local(load_site_config(args.config), progress=not args.no_progress)
     print(f"model and metrics in {run.folder}")
-    print(f"validation accuracy {_fmt(run.val_accuracy)}, AUC {_fmt(run.record['final']['val'].get('auc'))}; "
-          f"ε spent {'n/a (DP off)' if run.epsilon is None else _fmt(run.epsilon)}")
+    print(f"validation accuracy {format_metric(run.val_accuracy)}, "
+          f"AUC {format_metric(run.record['final']['val'].get('auc'))}; "
+          f"ε spent {'n/a (DP off)' if run.epsilon is None else format_metric(run.epsilon)}")
     return 0
 
 
@@ -135,10 +137,6 @@ def _egress_show(args: argparse.Namespace) -> int:
         print(f"fedpath-site: error: {problem}", file=sys.stderr)
         return 2
     return 0
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -111,7 +111,9 @@ def fit(config: SiteConfig, plan: RoundPlan, received: list[np.ndarray], noise_s
             session = PrivateRound(head, dataset, training, privacy, ledger_path(config, plan),
                                    evaluations=plan.evaluations if config.privacy.release_evaluation else 0,
                                    evaluation_share=plan.privacy.evaluation_share, noise_seed=noise_seed)
-            round_id = session.ledger.unused_round_id(f"round-{plan.round}") if session.ledger else f"round-{plan.round}"
+            round_id = f"round-{plan.round}"
+            if session.ledger is not None:  # a retried round spends again, under its own id
+                round_id = session.ledger.unused_round_id(round_id)
             session.check(round_id, train=plan.train, evaluation=bool(val))
             if val:
                 exact = _evaluate(head, val, plan, layout)

@@ -36,7 +36,7 @@ def render_heatmap(thumb: np.ndarray, scale: tuple[float, float], coords: np.nda
     tint = np.zeros((height, width, 3))
     alpha = np.zeros((height, width, 1))
     sx, sy = scale
-    for (x, y), colour, strength in zip(np.asarray(coords), colours, np.abs(relative)):
+    for (x, y), colour, strength in zip(np.asarray(coords), colours, np.abs(relative), strict=True):
         x0, y0 = int(round(x / sx)), int(round(y / sy))
         x1, y1 = max(x0 + 1, int(round((x + footprint) / sx))), max(y0 + 1, int(round((y + footprint) / sy)))
         tint[y0:y1, x0:x1] = colour

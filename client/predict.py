@@ -130,7 +130,24 @@ def output_names(slides: Sequence[Path]) -> list[str]:
 
 def predict(model_path: Path, inputs: Sequence[Path], out: Path, site: SiteConfig | None = None,
             explain: str | None = None, thumbnail_size: int = THUMBNAIL_SIZE, progress: bool = True) -> PredictRun:
-    """Predict and explain every slide of ``inputs``; write the files described above into ``out``."""
+    """Predict and explain every slide of ``inputs``; write the files described above into ``out``.
+
+    Args:
+        model_path: a consortium checkpoint (``.npz``) with its model card (``.json``) beside it;
+            it is verified against the card (CheckpointError) and its pinned trunk against the
+            site's weights (TrunkMismatch) before any slide is read.
+        inputs: slide files, and folders searched recursively for whole-slide image suffixes.
+        out: the folder for each slide's JSON, CSV, thumbnail and heatmap and the run's summary.
+        site: the site's config: its tiling, µm/px override, trunk weights and feature cache (the
+            vectors of a prepared slide are reused). None: default tiling, random trunk, no cache.
+        explain: the class whose evidence the heatmaps show; None: each slide's predicted class.
+        thumbnail_size: the longest side of the PNGs in pixels, at least 64.
+        progress: progress bars on stderr.
+
+    Returns every slide's result; a slide that could not be read is one with its reason, and the
+    others go on. Raises PredictError when there is nothing to do (no slides, an unknown class, a
+    thumbnail too small to show tiles).
+    """
     model = load_model(model_path)
     if thumbnail_size < 64:
         raise PredictError(f"--thumbnail-size {thumbnail_size}: too small to show tiles; use at least 64 pixels")
@@ -143,7 +160,7 @@ def predict(model_path: Path, inputs: Sequence[Path], out: Path, site: SiteConfi
     pipeline = _Pipeline(model, settings, None if explain is None else model.classes.index(explain))
     results = []
     out = Path(out)
-    for path, name in tqdm(list(zip(slides, output_names(slides))), desc="slides", unit="slide",
+    for path, name in tqdm(list(zip(slides, output_names(slides), strict=True)), desc="slides", unit="slide",
                            disable=not progress):
         try:
             results.append(pipeline.run(path, name, out, thumbnail_size, progress))
@@ -190,7 +207,8 @@ class _Pipeline:
         timing["head_s"] = time.perf_counter() - start
         self._write(out, name, path, thumb, scale, coords, read, source, explanation, timing)
         classes = self.model.classes
-        return SlideResult(path, name, True, probabilities=dict(zip(classes, map(float, explanation.probabilities))),
+        probabilities = dict(zip(classes, map(float, explanation.probabilities), strict=True))
+        return SlideResult(path, name, True, probabilities=probabilities,
                            predicted=classes[explanation.predicted], tiles=len(coords), features=source,
                            timing={k: round(v, 4) for k, v in timing.items()})
 
@@ -223,7 +241,7 @@ class _Pipeline:
         tiles = [{"x": int(x), "y": int(y), "w": side, "h": side, "importance": float(importance),
                   "probability": float(probability)}
                  for (x, y), importance, probability in zip(coords, explanation.importance,
-                                                            explanation.tile_probability)]
+                                                            explanation.tile_probability, strict=True)]
         write_png(out / f"{name}.thumbnail.png", thumb)
         write_png(out / f"{name}.heatmap.png", render_heatmap(thumb, scale, coords, side, explanation.importance))
         atomic_write_bytes(out / f"{name}.tiles.csv", _csv(("x", "y", "w", "h", "importance", "probability"),
@@ -234,7 +252,7 @@ class _Pipeline:
             "model": self.model.config.as_dict(),
             "classes": list(classes),
             "predicted_class": classes[explanation.predicted],
-            "probabilities": dict(zip(classes, explanation.probabilities)),
+            "probabilities": dict(zip(classes, explanation.probabilities, strict=True)),
             "explained_class": classes[explanation.explained],
             "importance": "Shapley value of the tile for explained_class within its windows; the slide's sum is its "
                           "probability of explained_class minus chance",

@@ -13,13 +13,13 @@ from dataclasses import asdict, dataclass, field
 
 from tqdm import tqdm
 
-from client.feature_cache import CacheIndex, CachedFeatures, FeatureCache, cache_key, content_sha256
+from client.feature_cache import CachedFeatures, CacheIndex, FeatureCache, cache_key, content_sha256
 from client.features import extract_features, load_encoder
-from shared.encoder import check_pinned
 from client.site_config import SiteConfig
 from client.slides import failure_reason
 from client.sources import Item, class_names, load_items
 from client.tile_datasets import TilePlan, TileTransform, plan_item, tile_dataset
+from shared.encoder import check_pinned
 
 log = logging.getLogger("fedpath.site")
 
@@ -76,9 +76,24 @@ def feature_settings(config: SiteConfig) -> dict:
 
 def prepare_site(config: SiteConfig, progress: bool = True, items: list[Item] | None = None,
                  tile_transform: TileTransform | None = None, encoder_loader=load_encoder) -> PrepareSummary:
-    """Cache the vectors of the site's items; a simulation passes the items it dealt to this site
-    (with their splits), the site's stain as ``tile_transform``, and a loader that builds the trunk
-    once for all its sites."""
+    """Tile every item of the site and cache its vectors (or last-block inputs); resumable.
+
+    Args:
+        config: the site's config: data source, tiling, trunk weights (checked against a pinned
+            ``model.trunk_sha256``), feature cache and model (what is cached depends on its mode
+            and trainable part).
+        progress: progress bars on stderr.
+        items: the items to prepare, with their splits; None: the site's manifest or tile folder.
+            A simulation passes the items it dealt to this site.
+        tile_transform: a change to every tile before the trunk (a simulated site's stain); it
+            becomes part of each cache key.
+        encoder_loader: builds the trunk from its weights; a simulation passes one that builds it
+            once for all its sites.
+
+    Returns what happened to each item (new, cached, skipped and why). An item already cached
+    under the same key (slide bytes, trunk, tiling) is only checked; a bad slide is reported and
+    skipped, the others go on.
+    """
     start = time.perf_counter()
     summary = PrepareSummary()
     items, problems = load_items(config.data) if items is None else (items, [])

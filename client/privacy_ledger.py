@@ -154,7 +154,8 @@ class ReleasePlan:
         evaluated = sum(1 for entry in recorded if entry.get("kind") == "evaluation")
         out = []
         if self.planned_rounds > trained:
-            out.append((self.noise_multiplier, self.sample_rate, self.steps_per_round * (self.planned_rounds - trained)))
+            steps = self.steps_per_round * (self.planned_rounds - trained)
+            out.append((self.noise_multiplier, self.sample_rate, steps))
         if self.evaluations > evaluated:
             out.append((self.evaluation_noise, 1.0, self.evaluations - evaluated))
         return out

@@ -110,7 +110,8 @@ class PrivateRound:
         would take the site past its budget; no-op without DP."""
         if self.ledger is None:
             return
-        segments = ([self.plan.evaluation_segment] if evaluation else []) + ([self.plan.training_segment] if train else [])
+        segments = [*([self.plan.evaluation_segment] if evaluation else []),
+                    *([self.plan.training_segment] if train else [])]
         if segments:
             self.ledger.check_segments(segments, round_id=round_id)
 
@@ -172,7 +173,7 @@ class PrivateRound:
                 optimizer.step()
                 if anchors:
                     with torch.no_grad():
-                        for weight, anchor in zip(head.parameters(), anchors):
+                        for weight, anchor in zip(head.parameters(), anchors, strict=True):
                             weight.sub_(training.learning_rate * proximal_mu * (weight - anchor))
                 taken += 1
                 if len(labels):

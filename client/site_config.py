@@ -108,7 +108,8 @@ def load_site_config(path: str | Path) -> SiteConfig:
                        cache_dir=config.features.cache_dir or base / "cache")
     training = replace(config.training, out_dir=config.training.out_dir or base / "runs" / "local")
     state_dir = config.state_dir or base / "state"
-    federation = replace(config.federation, auth_key=config.federation.auth_key or state_dir / "keys" / f"{config.name}.key")
+    federation = replace(config.federation,
+                         auth_key=config.federation.auth_key or state_dir / "keys" / f"{config.name}.key")
     return replace(config, features=features, training=training, state_dir=state_dir, federation=federation)
 
 

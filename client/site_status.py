@@ -16,7 +16,8 @@ from client.site_rounds import federations, read_rounds
 def status_report(config: SiteConfig, last: int = 3) -> str:
     """The site's federations, newest last, each with its ledger and its last ``last`` round records."""
     names = federations(config)
-    lines = [f"{config.name}: {len(names)} federation(s); disclosed per round: {', '.join(config.disclose) or 'nothing'}"]
+    disclosed = ", ".join(config.disclose) or "nothing"
+    lines = [f"{config.name}: {len(names)} federation(s); disclosed per round: {disclosed}"]
     ledger_dir = Path(config.state_dir) / "ledgers"
     lifetime_ledger = None
     for name in names:

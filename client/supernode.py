@@ -97,8 +97,9 @@ def supernode_command(config: SiteConfig, site_yaml: Path, insecure: bool) -> li
                              ": TLS needs the consortium's ca.pem from the admin (or --insecure on a test machine)")
     key = Path(federation.auth_key)
     if not key.is_file():
-        raise SiteStartError(f"{site_yaml}: this site's private key {key} is missing: make it with `fedpath-site keygen "
-                             "--config site.yaml` and send the .pub file to the consortium admin to register")
+        raise SiteStartError(f"{site_yaml}: this site's private key {key} is missing: make it with "
+                             "`fedpath-site keygen --config site.yaml` and send the .pub file to the consortium "
+                             "admin to register")
     return [*command, "--root-certificates", str(federation.ca_cert), "--auth-supernode-private-key", str(key)]
 
 

@@ -24,7 +24,7 @@ from client.site_config import SiteConfig
 from shared.atomic_files import atomic_write, atomic_write_json
 from shared.encoder import check_pinned
 from shared.errors import UserError
-from shared.metrics import classification_metrics, to_jsonable
+from shared.metrics import classification_metrics, format_metric, to_jsonable
 from shared.model import build_trainable
 from shared.run_dirs import new_run_dir
 
@@ -77,7 +77,7 @@ def train_local(config: SiteConfig, progress: bool = True) -> LocalRun:
         history.append({"epoch": epoch, "train_loss": loss, **{f"val_{k}": metrics.get(k) for k in
                                                                ("loss", "accuracy", "balanced_accuracy", "auc")}})
         log.info("epoch %d: train loss %.4f, val accuracy %s, val AUC %s", epoch, loss,
-                 _fmt(metrics.get("accuracy")), _fmt(metrics.get("auc")))
+                 format_metric(metrics.get("accuracy")), format_metric(metrics.get("auc")))
         head.train()
 
     log.info("%s: training on %d slides of %d patients, validating on %d slides", config.name, len(train),
@@ -95,7 +95,3 @@ def train_local(config: SiteConfig, progress: bool = True) -> LocalRun:
     atomic_write_json(run_dir / "metrics.json", record)
     return LocalRun(run_dir, record)
 
-
-
-def _fmt(value) -> str:
-    return "n/a" if value is None or value != value else f"{value:.3f}"

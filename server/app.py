@@ -25,8 +25,8 @@ from server.run_recorder import RunRecorder
 from server.secure_aggregation import fit_workflow
 from server.server_config import ServerConfig
 from server.site_registry import SiteRegistry
-from server.superlink import StatePaths
 from server.strategies import build_strategy
+from server.superlink import StatePaths
 from server.wire_log import WireLog
 from shared.model import build_trainable
 from shared.parameters import model_arrays

@@ -11,6 +11,7 @@ beside it whose ``sha256`` is what ``model.trunk_sha256`` pins in server.yaml.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -228,12 +229,13 @@ def pretrain_encoder(tiles_dir: Path, out: Path, settings: PretrainSettings = Pr
             schedule.step()
             losses.append(loss.item())
         val = _validate(model, DataLoader(val_set, batch_size=64, num_workers=workers, collate_fn=_collate), classes)
-        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), **{f"val_{k}": v for k, v in val.items()}})
+        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)),
+                        **{f"val_{k}": v for k, v in val.items()}})
         log.info("epoch %d/%d: train loss %.4f, val accuracy %.3f", epoch, settings.epochs, history[-1]["train_loss"],
                  val["accuracy"])
-        atomic_write(partial, lambda handle: torch.save(
-            {"identity": identity, "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "schedule": schedule.state_dict(), "history": history}, handle))
+        state = {"identity": identity, "epoch": epoch, "model": model.state_dict(),
+                 "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "history": history}
+        atomic_write(partial, functools.partial(torch.save, state))
 
     atomic_write(out, lambda handle: torch.save(model.encoder.trunk.state_dict(), handle))
     digest = weights_id(out)

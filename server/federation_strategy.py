@@ -24,9 +24,18 @@ from typing import Callable
 
 import numpy as np
 from flwr.app import Message
-from flwr.common import (Code, EvaluateIns, EvaluateRes, FitIns, FitRes, Parameters, Status,
-                         ndarrays_to_parameters, parameters_to_ndarrays)
 from flwr.app.message_type import MessageType
+from flwr.common import (
+    Code,
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    Parameters,
+    Status,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
@@ -172,7 +181,8 @@ class FederationStrategy(Strategy):
             usable.append((proxy, vector, one))
         if not usable:
             return None, 0
-        total = decode_sum([sum(parts) for parts in zip(*(vector for _, vector, _ in usable))], self.layout, scale)
+        total = decode_sum([sum(parts) for parts in zip(*(vector for _, vector, _ in usable), strict=True)],
+                           self.layout, scale)
         trained = [(proxy, one) for proxy, _, one in usable if one.update is not None]
         if self.config.strategy.name in SUMMED or not trained:
             return total, len(trained)

@@ -15,6 +15,7 @@ from typing import Any
 from server.audit import AuditLog
 from shared.checkpoints import CHECKPOINT_DIR, load_checkpoint
 
+REPLAYABLE = "; REPRODUCIBLE (replayable) DP NOISE: a simulation, not a private deployment"
 METRICS = ("accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity", "val_patients", "examples")
 """The federation's numbers of a checkpoint: read by the sites from their noisy evaluation counts (masked sum)."""
 
@@ -80,12 +81,13 @@ def render(info: dict[str, Any]) -> str:
         f"windows of {info['sequence_length']} tiles",
         f"training      strategy {info['strategy']}" + "".join(f", {k} {v}" for k, v in training.items()),
         f"rounds        {info['round']} of {info['total_rounds']}",
-        f"sites         {', '.join(info['sites']) or 'none'} (last round: {', '.join(info['sites_last_round']) or 'none'})",
+        f"sites         {', '.join(info['sites']) or 'none'} "
+        f"(last round: {', '.join(info['sites_last_round']) or 'none'})",
         f"privacy       target ε {target.get('epsilon')}, δ {target.get('delta')}"
         f"{' (required)' if target.get('required') else ''}"
         f"{'' if share is None else f', evaluation share {share}'}"
         f"{'; SecAgg+' if info['secure_aggregation'] else ''}"
-        f"{'; REPRODUCIBLE (replayable) DP NOISE: a simulation, not a private deployment' if info['reproducible_noise'] else ''}",
+        f"{REPLAYABLE if info['reproducible_noise'] else ''}",
     ]
     for site in sorted(set(info["sites"]) | set(info["privacy"])):
         spent = info["privacy"].get(site, {})
@@ -93,7 +95,8 @@ def render(info: dict[str, Any]) -> str:
         lines.append(f"  {site:<12} ε {_number(spent.get('epsilon'))}  δ {spent.get('delta')}"
                      + (f"  (sat out round {refusal['round']}: {refusal['reason']})" if refusal else ""))
     metrics = info["metrics"]
-    lines.append("metrics       " + (", ".join(f"{k} {_number(metrics[k])}" for k in METRICS if k in metrics) or "none")
+    reported = ", ".join(f"{k} {_number(metrics[k])}" for k in METRICS if k in metrics)
+    lines.append("metrics       " + (reported or "none")
                  + ("" if metrics.get("evaluated", True) else " (not scored by the sites)"))
     audit = info["audit"]
     lines.append(f"audit         this round's record chains onto {audit['prev_hash'] or 'the start of the log'}")

@@ -27,7 +27,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from shared.atomic_files import atomic_write, atomic_write_bytes, atomic_write_json
-from shared.metrics import to_jsonable
+from shared.metrics import format_metric, is_number, to_jsonable
 
 GLOBAL = "global"
 """The scope of the aggregated model's metrics, beside one scope per site."""
@@ -67,9 +67,9 @@ def round_line(entry: dict[str, Any]) -> str:
     trained = sum(1 for site in entry.get("sites", {}).values() if site.get("trained"))
     parts = [f"round {entry['round']:>2}", f"sites {trained}"]
     metrics = entry.get("global", {})
-    parts += [f"{short} {_format(metrics.get(name), '.3f')}" for name, short in CONSOLE_METRICS]
-    epsilons = [value for site in entry.get("sites", {}).values() if _is_number(value := site.get("epsilon"))]
-    parts.append(f"ε max {_format(max(epsilons) if epsilons else None, '.2f')}")
+    parts += [f"{short} {format_metric(metrics.get(name))}" for name, short in CONSOLE_METRICS]
+    epsilons = [value for site in entry.get("sites", {}).values() if is_number(value := site.get("epsilon"))]
+    parts.append(f"ε max {format_metric(max(epsilons) if epsilons else None, 2)}")
     return " | ".join(parts)
 
 
@@ -84,7 +84,7 @@ def _csv_bytes(rounds: list[dict[str, Any]]) -> bytes:
     for entry in rounds:
         for scope, metrics in _scopes(entry):
             for metric, value in metrics.items():
-                writer.writerow([entry["round"], scope, metric, repr(float(value)) if _is_number(value) else ""])
+                writer.writerow([entry["round"], scope, metric, repr(float(value)) if is_number(value) else ""])
     return text.getvalue().encode("utf-8")
 
 
@@ -96,7 +96,7 @@ def _curves(rounds: list[dict[str, Any]]) -> Figure:
     x = [entry["round"] for entry in rounds]
 
     figure = Figure(figsize=(19, 4.5), layout="constrained")
-    for axes, (title, ylabel, lines) in zip(figure.subplots(1, len(PANELS), sharex=True), PANELS):
+    for axes, (title, ylabel, lines) in zip(figure.subplots(1, len(PANELS), sharex=True), PANELS, strict=True):
         drawn = False
         for scope in [GLOBAL, *sites]:
             for metric, style in lines:
@@ -127,16 +127,5 @@ def _value(entry: dict[str, Any], scope: str, metric: str) -> float:
     """The metric as a float; nan when the round did not report it (a gap in the line)."""
     metrics = entry.get(GLOBAL, {}) if scope == GLOBAL else entry.get("sites", {}).get(scope, {})
     value = metrics.get(metric)
-    return float(value) if _is_number(value) else math.nan
+    return float(value) if is_number(value) else math.nan
 
-
-def _is_number(value: Any) -> bool:
-    """True for a finite int or float (numpy scalars included), False for None, nan and the rest."""
-    try:
-        return not isinstance(value, bool) and math.isfinite(value)
-    except TypeError:
-        return False
-
-
-def _format(value: Any, spec: str) -> str:
-    return format(float(value), spec) if _is_number(value) else "n/a"

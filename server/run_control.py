@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+
 from server.reports import round_line
 from server.run_folder import RunFolder
 from server.superlink import FlowerControl, FlowerError, UnknownRun

@@ -117,10 +117,12 @@ class RunRecorder:
             "refusals": self.refusals,
             "rejected_updates": {name: site.rejected for name, site in sorted(sites.items()) if site.rejected},
             "metrics": {"round": round_, "global": {"examples": patients},
-                        "sites": {name: site.as_entry() for name, site in sorted(sites.items())}, "timing": timing or {}},
+                        "sites": {name: site.as_entry() for name, site in sorted(sites.items())},
+                        "timing": timing or {}},
             "closed": False,
         })
-        path = save_checkpoint(self.folder.path, round_, OrderedDict(zip(self.names, arrays)), card, best=False)
+        named = OrderedDict(zip(self.names, arrays, strict=True))
+        path = save_checkpoint(self.folder.path, round_, named, card, best=False)
         self.latest = load_checkpoint(path)
         self.folder.write_status(state="running", round=round_, total_rounds=run_info["total_rounds"],
                                  sites=self._site_status(card), best_round=self.best_round)

@@ -14,6 +14,17 @@ from server.server_config import ServerConfig
 
 
 def build_strategy(config: ServerConfig) -> Strategy:
+    """Flower's strategy for ``strategy.name`` in server.yaml, with the federation's sampling.
+
+    Args:
+        config: the server's config. ``federation.fraction`` of the sites train each round, at
+            least ``federation.min_sites`` of them, and every site evaluates; ``strategy`` names the
+            rule (``fedavg``, ``fedprox`` with ``proximal_mu``, ``median``, ``trimmed_mean`` with
+            ``trim_beta``, ``krum`` with ``krum_malicious`` and ``krum_keep``).
+
+    Returns a ``flwr.server.strategy`` strategy (the legacy stack SecAgg+ needs) whose metrics
+    aggregation is empty: fedpath aggregates the sites' metrics itself (``server/round_metrics.py``).
+    """
     federation, strategy = config.federation, config.strategy
     common = dict(fraction_fit=federation.fraction, fraction_evaluate=1.0, min_fit_clients=federation.min_sites,
                   min_evaluate_clients=1, min_available_clients=federation.min_sites,

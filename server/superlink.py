@@ -24,8 +24,16 @@ from server.certificates import ConsortiumFiles
 from server.fleet_proxy import ProxyFiles, prepare_proxy, start_proxy
 from server.server_config import LOOPBACK, ServerConfig
 from shared.errors import UserError
-from shared.processes import (executable, flower_env, port_open, running_pid, sigterm_as_interrupt, start, stop,
-                              wait_first_exit)
+from shared.processes import (
+    executable,
+    flower_env,
+    port_open,
+    running_pid,
+    sigterm_as_interrupt,
+    start,
+    stop,
+    wait_first_exit,
+)
 
 log = logging.getLogger("fedpath.server")
 

@@ -21,11 +21,8 @@ FEATURE_DIM = 2048
 RANDOM_SEED = 0
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# torchvision's Inception3 forward, block by block, up to the map before pooling.
-TRUNK_BLOCKS = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
-                "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
-                "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c")
-LAST_BLOCK = TRUNK_BLOCKS[-1]  # what `trainable: last_block` fine-tunes
+LAST_BLOCK = "Mixed_7c"  # what `trainable: last_block` fine-tunes: the last InceptionE of torchvision's Inception3
+BLOCK_INPUT = "Mixed_7b"  # the block whose output enters it
 _DROPPED_PREFIXES = ("fc.", "AuxLogits.")  # classifier parts of a full InceptionV3 checkpoint
 _WRAPPER_PREFIXES = ("module.", "trunk.")
 
@@ -50,6 +47,8 @@ class TileEncoder(nn.Module):
         self.trunk = _build_trunk(str(weights))
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
+        # Outside the module tree (see _up_to_block_input): set through __dict__, not registered.
+        self.__dict__["_up_to_block"] = None
 
     def normalize(self, tiles: torch.Tensor) -> torch.Tensor:
         return (tiles.float() - self.mean) / self.std
@@ -57,14 +56,28 @@ class TileEncoder(nn.Module):
     def block_input(self, tiles: torch.Tensor) -> torch.Tensor:
         """The map entering the last block (Mixed_7b's output) [B, 2048, h, w]: what last-block
         training caches, so a round never reruns the frozen part of the trunk."""
-        x = self.trunk._transform_input(self.normalize(tiles))  # ImageNet weights expect Google's scaling
-        for name in TRUNK_BLOCKS[:-1]:
-            x = getattr(self.trunk, name)(x)
-        return x
+        return self._up_to_block_input()(self.normalize(tiles))["block_input"]
 
     def feature_map(self, tiles: torch.Tensor) -> torch.Tensor:
-        """The last block's map [B, 2048, h, w] (8x8 at 299 px), before pooling."""
+        """The last block's map [B, 2048, h, w] (8x8 at 299 px), before pooling. The block is looked up
+        by name on every call, so a fine-tuned block put in its place (prediction) is the one that runs."""
         return getattr(self.trunk, LAST_BLOCK)(self.block_input(tiles))
+
+    def _up_to_block_input(self) -> nn.Module:
+        """The trunk's own forward cut after ``BLOCK_INPUT``: torchvision's feature extractor (torch.fx),
+        so the rescaling ImageNet weights expect (``transform_input``) and the order of the blocks are
+        torchvision's, not a copy kept here. Traced on first use: tracing costs about half a second,
+        which processes that only load the trunk's weights (the server's initial model) never pay.
+        Kept out of the module tree: its modules are the trunk's own objects, which ``state_dict``,
+        ``parameters`` and ``to`` must see once, under ``trunk`` (a weights file or a pretraining
+        checkpoint has the same keys whether or not it ran)."""
+        if self._up_to_block is None:
+            from torchvision.models.feature_extraction import create_feature_extractor
+
+            self.__dict__["_up_to_block"] = create_feature_extractor(self.trunk, {BLOCK_INPUT: "block_input"})
+        if self._up_to_block.training != self.trunk.training:  # its train and eval graphs follow the trunk's mode
+            self._up_to_block.train(self.trunk.training)
+        return self._up_to_block
 
     def forward(self, tiles: torch.Tensor) -> torch.Tensor:
         return self.feature_map(tiles).mean(dim=(2, 3))

@@ -3,7 +3,8 @@
 A pixel's optical density (OD = -log(I / 255)) is a mix of the stains' OD vectors plus a
 residual for what neither explains; inverting that mix gives per-pixel stain concentrations.
 Working there, not in RGB or hue, keeps a changed tile looking like a stained tissue: the
-simulation's per-site stain shift and pretraining's stain jitter both do it this way.
+simulation's per-site stain shift and pretraining's stain jitter both do it this way, and the
+generated slides are stained by composing amounts of H and E (``simulations/tissue_rendering.py``).
 """
 
 from __future__ import annotations
@@ -37,7 +38,10 @@ def concentrations(rgb: np.ndarray) -> np.ndarray:
     return od.reshape(-1, 3) @ _INVERSE
 
 
-def compose(amounts: np.ndarray, matrix: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Concentrations stained with ``matrix``'s vectors back to a uint8 image of ``shape``."""
+def compose(amounts: np.ndarray, matrix: np.ndarray, shape: tuple[int, ...], background=255.0) -> np.ndarray:
+    """Concentrations stained with ``matrix``'s vectors back to a uint8 image of ``shape``: Beer-Lambert,
+    ``background * exp(-OD)``. ``background`` is the light through bare glass, one value or one per
+    channel; 255 (the default) inverts ``concentrations``."""
     od = amounts @ matrix.astype(np.float32)
-    return np.clip(np.rint(255.0 * np.exp(-od.reshape(shape))), 0, 255).astype(np.uint8)
+    light = np.asarray(background, dtype=np.float32) * np.exp(-od.reshape(shape))
+    return np.clip(np.rint(light), 0, 255).astype(np.uint8)

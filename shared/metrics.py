@@ -92,7 +92,8 @@ def confusion_metrics(confusion: np.ndarray, class_names: Sequence[str], positiv
     confusion = np.asarray(confusion, dtype=np.float64)
     total = float(confusion.sum())
     recalls = [safe_ratio(confusion[i, i], confusion[i].sum()) for i in range(len(class_names))]
-    metrics = {"n": total, "accuracy": safe_ratio(float(np.trace(confusion)), total), "balanced_accuracy": nanmean(recalls)}
+    metrics = {"n": total, "accuracy": safe_ratio(float(np.trace(confusion)), total),
+               "balanced_accuracy": nanmean(recalls)}
     if len(class_names) == 2:
         positive = positive_index(class_names, positive_class)
         negative = 1 - positive
@@ -128,6 +129,20 @@ def to_jsonable(value: Any) -> Any:
     if isinstance(value, (float, np.floating)):
         return float(value) if math.isfinite(value) else None
     return value
+
+
+def is_number(value: Any) -> bool:
+    """True for a finite int or float (numpy scalars included), False for None, nan, bools and the rest."""
+    try:
+        return not isinstance(value, (bool, np.bool_)) and math.isfinite(value)
+    except TypeError:
+        return False
+
+
+def format_metric(value: Any, digits: int = 3) -> str:
+    """A metric for people to read: ``digits`` decimals, or ``n/a`` when there is no number (None: not
+    reported; nan: undefined for the data, see the module docstring)."""
+    return f"{float(value):.{digits}f}" if is_number(value) else "n/a"
 
 
 def _one_vs_rest(confusion: np.ndarray, index: int, scores: np.ndarray, is_positive: np.ndarray) -> dict[str, float]:

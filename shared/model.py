@@ -15,6 +15,7 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from shared.encoder import FEATURE_DIM, LAST_BLOCK, TileEncoder
 from shared.recurrent import RecurrentCore
@@ -89,7 +90,7 @@ class FoldedBlock(nn.Module):
     no batch statistics, nothing Opacus refuses) and ReLU is not in place. The parameters sit on
     this module itself, not on sub-modules, and it takes whole sequences: Opacus then computes
     one per-sample gradient per sequence (one slide) for the whole block, instead of hooking each
-    convolution, where the B*T tiles would each count as a sample (``../shared/notes/opacus.md``).
+    convolution, where the B*T tiles would each count as a sample (``docs/library-notes.md``, Opacus).
     """
 
     def __init__(self) -> None:
@@ -104,10 +105,11 @@ class FoldedBlock(nn.Module):
         folded = cls()
         with torch.no_grad():
             for name in LAST_BLOCK_CONVS:
-                basic = getattr(block, name)
-                scale = basic.bn.weight / torch.sqrt(basic.bn.running_var + basic.bn.eps)
-                getattr(folded, f"{name}_weight").copy_(basic.conv.weight * scale.view(-1, 1, 1, 1))
-                getattr(folded, f"{name}_bias").copy_(basic.bn.bias - basic.bn.running_mean * scale)
+                conv, bn = getattr(block, name).conv, getattr(block, name).bn
+                weight, bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
+                                                    bn.weight, bn.bias)
+                getattr(folded, f"{name}_weight").copy_(weight)
+                getattr(folded, f"{name}_bias").copy_(bias)
         return folded
 
     def _conv(self, name: str, x: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ def check_shapes(expected: Sequence[tuple[str, tuple[int, ...]]], arrays: Sequen
     """Raise ParameterMismatch naming the first tensor whose shape is wrong, or a wrong count."""
     if len(arrays) != len(expected):
         raise ParameterMismatch(f"expected {len(expected)} parameter arrays, got {len(arrays)}")
-    for (name, shape), array in zip(expected, arrays):
+    for (name, shape), array in zip(expected, arrays, strict=True):
         if tuple(array.shape) != tuple(shape):
             raise ParameterMismatch(f"parameter '{name}': expected shape {tuple(shape)}, got {tuple(array.shape)}")
 
@@ -42,7 +42,7 @@ def update_problem(expected: Sequence[tuple[str, tuple[int, ...]]], update: Sequ
         check_shapes(expected, update)
     except ParameterMismatch as exc:
         return str(exc)
-    for (name, _), array in zip(expected, update):
+    for (name, _), array in zip(expected, update, strict=True):
         if not np.all(np.isfinite(array)):
             return f"parameter '{name}' has non-finite values"
     norm = float(np.sqrt(sum(float(np.square(np.asarray(a, dtype=np.float64)).sum()) for a in update)))
@@ -60,13 +60,16 @@ def load_arrays(model: nn.Module, arrays: Sequence[np.ndarray]) -> None:
     """Put ``arrays`` (wire order) into ``model``; shapes are checked first."""
     state = model.state_dict()
     check_shapes([(name, tuple(t.shape)) for name, t in state.items()], arrays)
-    model.load_state_dict(OrderedDict((name, torch.from_numpy(np.asarray(array, dtype=np.float32)).to(state[name].dtype))
-                                      for name, array in zip(state, arrays)))
+    model.load_state_dict(OrderedDict(
+        (name, torch.from_numpy(np.asarray(array, dtype=np.float32)).to(state[name].dtype))
+        for name, array in zip(state, arrays, strict=True)))
 
 
 def subtract(new: Sequence[np.ndarray], old: Sequence[np.ndarray]) -> list[np.ndarray]:
-    return [np.asarray(a, dtype=np.float32) - np.asarray(b, dtype=np.float32) for a, b in zip(new, old)]
+    return [np.asarray(a, dtype=np.float32) - np.asarray(b, dtype=np.float32)
+            for a, b in zip(new, old, strict=True)]
 
 
 def add(base: Sequence[np.ndarray], update: Sequence[np.ndarray]) -> list[np.ndarray]:
-    return [np.asarray(a, dtype=np.float32) + np.asarray(b, dtype=np.float32) for a, b in zip(base, update)]
+    return [np.asarray(a, dtype=np.float32) + np.asarray(b, dtype=np.float32)
+            for a, b in zip(base, update, strict=True)]

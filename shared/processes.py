@@ -42,7 +42,7 @@ def executable(name: str) -> str:
 def running_pid(pid_file: Path) -> int | None:
     """The pid in ``pid_file`` if that process is alive, else None."""
     pid = _read_pid(pid_file)
-    return pid if pid is not None and _alive(pid) else None
+    return pid if pid is not None and is_alive(pid) else None
 
 
 def start(command: Sequence[str], log_file: Path, pid_file: Path, env: dict[str, str], what: str,
@@ -80,13 +80,13 @@ def start(command: Sequence[str], log_file: Path, pid_file: Path, env: dict[str,
 def stop_pid(pid: int, timeout: float = 15.0) -> bool:
     """SIGTERM the process group of ``pid``, wait for its leader, then SIGKILL what is left of the
     group (Flower's helper processes outlive a SuperNode that exits); True if the leader ran."""
-    was_running = _alive(pid)
+    was_running = is_alive(pid)
     _signal_group(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while _alive(pid) and time.monotonic() < deadline:
+    while is_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     _signal_group(pid, signal.SIGKILL)
-    _alive(pid)  # reap it if it is our child
+    is_alive(pid)  # reap it if it is our child
     return was_running
 
 
@@ -169,8 +169,9 @@ def _read_pid(pid_file: Path) -> int | None:
         return None
 
 
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` runs; reaps it first when it is our own exited child (else it stays a zombie)."""
+def is_alive(pid: int) -> bool:
+    """Whether ``pid`` runs. Our own exited child is reaped first (else it stays a zombie); any other
+    zombie counts as exited: its parent, gone too, will not reap it soon (Ray's workers, for one)."""
     try:
         if os.waitpid(pid, os.WNOHANG)[0] == pid:
             return False
@@ -181,8 +182,11 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    try:  # Linux: the state letter after the parenthesised command name, which may hold spaces
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True  # no /proc here (the signal found it), or it was just reaped
 
 
 def _signal_group(pid: int, signum: int) -> None:

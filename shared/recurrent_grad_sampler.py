@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from opacus.grad_sample import register_grad_sampler
 from torch import Tensor, nn
 
-from shared.recurrent import _CELLS, RecurrentCore, _fused_sequence
+from shared.recurrent import _CELLS, RecurrentCore
 
 
 @register_grad_sampler(RecurrentCore)
@@ -33,7 +33,7 @@ def compute_recurrent_core_grad_sample(
     w_ih, w_hh, b_ih, b_hh = (w.detach() for w in weights)
     local, step, _ = _CELLS[layer.kind]
 
-    h = _fused_sequence(layer.kind, x, [w_ih, w_hh, b_ih, b_hh], False)
+    h = layer.outputs(x)  # under no_grad: no graph
     h_prev = F.pad(h, (0, 0, 1, 0))[:, :-1]  # h_{t-1}, with h_{-1} = 0
     local_grads = local(F.linear(x, w_ih, b_ih), F.linear(h_prev, w_hh, b_hh), h, h_prev)
 

@@ -90,7 +90,7 @@ class EvaluationCounts:
         for patient in patients:
             slides_of[patient] = slides_of.get(patient, 0) + 1
         scored = [layout.positive_index] if layout.binary else range(layout.num_classes)
-        for row, label, patient in zip(probs, labels, patients):
+        for row, label, patient in zip(probs, labels, patients, strict=True):
             weight = 1.0 / slides_of[patient]
             counts.confusion[label, int(row.argmax())] += weight
             for channel, column in enumerate(scored):
@@ -126,7 +126,10 @@ class EvaluationCounts:
         """accuracy, balanced_accuracy, auc, val_patients; binary adds sensitivity and specificity.
         Negative (noisy) counts are read as zero; undefined values are nan."""
         histograms = np.clip(self.histograms, 0, None)
-        confusion = _binary_confusion(self.layout, histograms) if self.layout.binary else np.clip(self.confusion, 0, None)
+        if self.layout.binary:
+            confusion = _binary_confusion(self.layout, histograms)
+        else:
+            confusion = np.clip(self.confusion, 0, None)
         total = float(confusion.sum())
         recalls = [safe_ratio(confusion[i, i], confusion[i].sum()) for i in range(len(classes))]
         out = {"accuracy": safe_ratio(float(np.trace(confusion)), total), "balanced_accuracy": nanmean(recalls),

@@ -23,11 +23,11 @@ from pathlib import Path
 
 from shared.atomic_files import atomic_write_json
 from shared.checkpoints import saved_rounds
-from shared.metrics import to_jsonable
+from shared.metrics import format_metric, to_jsonable
 from simulations.baselines import FINAL_METRICS, BaselinePlan, centralised, local_only
 from simulations.experiment_config import Cell, ExperimentConfig, cell_config
+from simulations.experiment_report import write_report
 from simulations.materialise import SimLayout, materialise
-from simulations.report import write_report
 from simulations.sim_config import SimConfig
 from simulations.sim_runner import cached_items, evaluate_checkpoint, run_simulation
 
@@ -105,10 +105,8 @@ def config_sha256(sim: SimConfig) -> str:
 
 
 def summary_line(row: dict) -> str:
-    def number(key: str, spec: str = ".3f") -> str:
-        value = row.get(key)
-        return "n/a" if value is None else format(value, spec)
-    return (f"test accuracy {number('accuracy')}, AUC {number('auc')}, ε {number('epsilon', '.2f')} "
+    return (f"test accuracy {format_metric(row.get('accuracy'))}, AUC {format_metric(row.get('auc'))}, "
+            f"ε {format_metric(row.get('epsilon'), 2)} "
             f"({row['seconds']:.0f} s)")
 
 

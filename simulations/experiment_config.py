@@ -94,7 +94,7 @@ class Cell:
         return f"{self.setting}_seed{self.seed}"
 
     def row(self) -> dict:
-        """The cell's fields as a report row starts them (``simulations/report.py``)."""
+        """The cell's fields as a report row starts them (``simulations/experiment_report.py``)."""
         return {"cell": self.name, "setting": self.setting, "strategy": self.strategy,
                 "proximal_mu": self.proximal_mu, "dp": self.dp, "epsilon_target": self.epsilon,
                 "alpha": self.alpha, "sites": self.sites, "seed": self.seed}

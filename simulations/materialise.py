@@ -64,8 +64,8 @@ def materialise(config: SimConfig, out: Path, progress: bool = True) -> SimLayou
     for index, site_items in enumerate(split.sites):
         name = site_name(index)
         path = _write_site(config, out / "sites" / name, name, site_items, store)
-        _prepare(path, site_items, site_shift(config.simulation.seed, index + 1, config.simulation.stain_shift.strength),
-                 encoder, progress)
+        shift = site_shift(config.simulation.seed, index + 1, config.simulation.stain_shift.strength)
+        _prepare(path, site_items, shift, encoder, progress)
         sites.append(path)
     test = _write_site(config, out / "test", "test", split.test, store)
     _prepare(test, split.test, None, encoder, progress)

@@ -60,10 +60,49 @@ def membership_attack(head: nn.Module, members: list[SlideFeatures], non_members
                         float(outside.mean()))
 
 
-def attack_checkpoint(checkpoint: Path, layout: SimLayout) -> AttackResult:
-    """Attack a simulated federation's global model: members are the items the sites trained on,
-    non-members the held-out test items (same source, same classes, never seen in training)."""
+def checkpoint_losses(checkpoint: Path, layout: SimLayout) -> tuple[np.ndarray, np.ndarray]:
+    """Each member's and each non-member's loss under a simulated federation's global model: members
+    are the items the sites trained on, non-members the held-out test items (same source, same
+    classes, never seen in training)."""
     model = load_model(Path(checkpoint))
     members = [item for path in layout.site_configs for item in cached_items(path, "train", model.classes)]
-    return membership_attack(model.head, members, cached_items(layout.test_config, "test", model.classes),
-                             model.length)
+    non_members = cached_items(layout.test_config, "test", model.classes)
+    if not members or not non_members:
+        raise ValueError(f"the attack needs members and non-members, got {len(members)} and {len(non_members)}")
+    return item_losses(model.head, members, model.length), item_losses(model.head, non_members, model.length)
+
+
+def attack_checkpoint(checkpoint: Path, layout: SimLayout) -> AttackResult:
+    """Attack a simulated federation's global model (``checkpoint_losses``)."""
+    inside, outside = checkpoint_losses(checkpoint, layout)
+    return AttackResult(attack_auc(inside, outside), len(inside), len(outside), float(inside.mean()),
+                        float(outside.mean()))
+
+
+def mean_auc_interval(runs: list[tuple[np.ndarray, np.ndarray]], level: float = 0.95, draws: int = 2000,
+                      seed: int = 0) -> tuple[float, float, float]:
+    """The attack AUC averaged over runs (seeds) and a bootstrap interval for that mean.
+
+    Args:
+        runs: per run, the members' and the non-members' losses.
+        level: the interval's coverage, e.g. 0.95.
+        draws: bootstrap draws; each resamples every run's members and non-members with
+            replacement (each group on its own) and averages the runs' AUCs.
+        seed: the resampling's seed: the same losses give the same interval.
+
+    Returns (mean, low, high): the mean of the runs' AUCs and the percentile interval.
+    """
+    if not runs or any(len(inside) == 0 or len(outside) == 0 for inside, outside in runs):
+        raise ValueError("every run needs members and non-members")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be between 0 and 1, got {level}")
+    rng = np.random.default_rng(seed)
+    means = np.zeros(draws)
+    for inside, outside in runs:
+        inside, outside = np.asarray(inside, float), np.asarray(outside, float)
+        for draw in range(draws):
+            means[draw] += attack_auc(rng.choice(inside, len(inside)), rng.choice(outside, len(outside)))
+    means /= len(runs)
+    mean = float(np.mean([attack_auc(inside, outside) for inside, outside in runs]))
+    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return mean, float(low), float(high)

@@ -106,7 +106,7 @@ def _cut(patients: list[str], shares: np.ndarray) -> dict[str, int]:
     bounds = np.round(np.cumsum(shares) * len(patients)).astype(int)
     bounds[-1] = len(patients)
     site_of = np.searchsorted(bounds, np.arange(len(patients)), side="right")
-    return {patient: int(site) for patient, site in zip(patients, site_of)}
+    return {patient: int(site) for patient, site in zip(patients, site_of, strict=True)}
 
 
 def _redraw(draw: Callable[[], dict[str, int]], sites: int, what: str) -> dict[str, int]:

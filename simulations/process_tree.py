@@ -1,4 +1,4 @@
-"""A process and everything under it, from Linux's /proc: stop them all by PID, or add up their memory.
+"""A process and everything under it, from Linux's /proc: stop them all by PID, add up their memory, name them.
 
 A simulation's SuperLink starts Flower's executor in a session of its own, which starts the
 simulation process, which starts Ray's processes and workers: stopping the SuperLink's process
@@ -12,7 +12,7 @@ import signal
 import time
 from pathlib import Path
 
-from shared.processes import running_pid, stop
+from shared.processes import is_alive, running_pid, stop
 
 PROC = Path("/proc")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -49,6 +49,14 @@ def rss_bytes(pids: list[int]) -> int:
     return total
 
 
+def command_line(pid: int) -> str:
+    """The process's command line, arguments joined by spaces ("" once it is gone)."""
+    try:
+        return (PROC / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
 def stop_tree(pid_file: Path, timeout: float = 10.0) -> None:
     """Stop the process named in ``pid_file`` and every process below it, by PID."""
     pid = running_pid(pid_file)
@@ -56,9 +64,9 @@ def stop_tree(pid_file: Path, timeout: float = 10.0) -> None:
     stop(pid_file)
     _signal(family, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(_alive(p) for p in family):
+    while time.monotonic() < deadline and any(is_alive(p) for p in family):
         time.sleep(0.2)
-    _signal([p for p in family if _alive(p)], signal.SIGKILL)
+    _signal([p for p in family if is_alive(p)], signal.SIGKILL)
 
 
 def _signal(pids: list[int], signum: int) -> None:
@@ -67,11 +75,3 @@ def _signal(pids: list[int], signum: int) -> None:
             os.kill(pid, signum)
         except (ProcessLookupError, PermissionError):
             pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = (PROC / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"  # a zombie has exited; its parent (gone too) no longer reaps it

@@ -9,13 +9,16 @@ read from the sites' local round records (``client/site_rounds.py``), as a hospi
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 from client.site_config import SiteConfig
 from client.site_rounds import read_rounds
+from shared.metrics import format_metric
 
 SITE_NAMES = "site_names.json"
+GLOBAL_COLUMNS = {"accuracy": "acc", "balanced_accuracy": "bal", "sensitivity": "sens", "specificity": "spec",
+                  "auc": "AUC"}
+"""The global model's columns: metric -> heading."""
 """In a simulation's run folder: Flower's node name (``node-<id>``) -> the virtual hospital's name."""
 
 
@@ -29,8 +32,8 @@ def round_table(run_dir: Path, sites: dict[str, SiteConfig] | None = None) -> st
     names = json.loads(names_file.read_text()) if names_file.exists() else {}
     columns = sorted({name for entry in rounds for name in entry["sites"]}, key=lambda s: names.get(s, s))
     local = _local_accuracy(run_dir.name, sites or {})
-    header = f"{'round':>5} | {'acc':>5} | {'bal':>5} | {'sens':>5} | {'spec':>5} | {'AUC':>5} | " + \
-        " | ".join(f"{_short(names.get(s, s)):>16}" for s in columns)
+    header = " | ".join([f"{'round':>5}", *(f"{heading:>5}" for heading in GLOBAL_COLUMNS.values()),
+                         *(f"{_short(names.get(s, s)):>16}" for s in columns)])
     lines = [header, "-" * len(header)]
     for entry in rounds:
         g = entry["global"]
@@ -38,12 +41,11 @@ def round_table(run_dir: Path, sites: dict[str, SiteConfig] | None = None) -> st
         for name in columns:
             site = entry["sites"].get(name, {})
             accuracy = local.get((names.get(name, name), entry["round"]))
-            text = ("sat out" if site.get("refused") else
-                    f"{'acc ' + _fmt(accuracy, 2) + ' ' if accuracy is not None else ''}ε {_fmt(site.get('epsilon'), 1)}")
+            own = "" if accuracy is None else f"acc {format_metric(accuracy, 2)} "
+            text = "sat out" if site.get("refused") else f"{own}ε {format_metric(site.get('epsilon'), 1)}"
             cells.append(f"{text:>16}")
-        lines.append(f"{entry['round']:>5} | {_fmt(g.get('accuracy'), 2):>5} | {_fmt(g.get('balanced_accuracy'), 2):>5} | "
-                     f"{_fmt(g.get('sensitivity'), 2):>5} | {_fmt(g.get('specificity'), 2):>5} | "
-                     f"{_fmt(g.get('auc'), 2):>5} | " + " | ".join(cells))
+        numbers = [f"{format_metric(g.get(key), 2):>5}" for key in GLOBAL_COLUMNS]
+        lines.append(" | ".join([f"{entry['round']:>5}", *numbers, *cells]))
     lines.append("round 0 is the initial model; global columns: the federation's validation patients, from the "
                  "masked sum of the sites' noisy counts" + ("; acc per site: the site's own exact validation accuracy"
                                                             if local else ""))
@@ -67,6 +69,3 @@ def _local_accuracy(federation_id: str, sites: dict[str, SiteConfig]) -> dict[tu
 def _short(name: str) -> str:
     return name if len(name) <= 16 else name[:7] + "…" + name[-8:]
 
-
-def _fmt(value, digits: int) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"

@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from client.site_config import BUILTIN_WEIGHTS, FeatureConfig, TilingConfig
-from server.server_config import (FederationConfig, LocalTraining, SecureAggregationConfig, ServerConfig,
-                                  StrategyConfig)
+from server.server_config import FederationConfig, LocalTraining, SecureAggregationConfig, ServerConfig, StrategyConfig
 from shared.model import ModelConfig
 from shared.round_plan import PrivacyTarget
 from shared.yaml_config import at_least, check, fraction, load_config, parse_config, positive

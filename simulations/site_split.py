@@ -96,7 +96,7 @@ def split_sites(config: SimConfig, items: list[Item], unused: int = 0) -> SiteSp
                       sim.seed, alpha=sim.partition.alpha, beta=sim.partition.beta)
     sites = []
     for site in range(sim.sites):
-        own = [it for it, where in zip(pool, index) if where == site]
+        own = [it for it, where in zip(pool, index, strict=True) if where == site]
         split = tuple(assign_splits(own, sim.val_fraction, sim.seed + site))
         if not any(it.split == "train" for it in split):
             raise PartitionError(f"{site_name(site)} would hold no training item ({len(split)} item(s), all in "

@@ -52,7 +52,7 @@ def split_chart(rows: list[dict], classes: tuple[str, ...], path: Path, title: s
     for name in classes:
         counts = [row[name] for row in rows]
         axes.bar(names, counts, bottom=bottom, label=name)
-        bottom = [b + c for b, c in zip(bottom, counts)]
+        bottom = [b + c for b, c in zip(bottom, counts, strict=True)]
     axes.set_ylabel("items")
     axes.set_title(title)
     axes.legend(fontsize="small")

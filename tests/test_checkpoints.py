@@ -94,7 +94,8 @@ def test_tampered_npz_byte_is_refused(tmp_path):
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
     expected = json.loads(card_path(path).read_text())["checkpoint_sha256"]
-    with pytest.raises(CheckpointError, match=rf"round-0001.npz.*expected sha256 {expected}, actual {sha256_file(path)}"):
+    actual = sha256_file(path)
+    with pytest.raises(CheckpointError, match=rf"round-0001.npz.*expected sha256 {expected}, actual {actual}"):
         load_checkpoint(path)
 
 

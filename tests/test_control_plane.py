@@ -277,7 +277,8 @@ def test_the_proxy_passes_nothing_to_a_loopback_listener_the_consortium_ca_did_n
     files = ProxyFiles.in_state_dir(superlink.state_dir)
     try:
         binary = prepare_proxy(superlink, files, ours)
-        with pytest.raises(ProxyError, match=r"(?s)does not reach the SuperLink .*does not trust its certificate.*certificate verify error"):
+        expected = r"(?s)does not reach the SuperLink .*does not trust its certificate.*certificate verify error"
+        with pytest.raises(ProxyError, match=expected):
             start_proxy(superlink, files, ours, binary, ready_timeout=5)
         assert running_pid(files.pid) is None and not port_open("127.0.0.1", superlink.port)
         assert requests == []

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from shared.encoder import FEATURE_DIM, TileEncoder, WeightsError, weights_id
+from shared.encoder import BLOCK_INPUT, FEATURE_DIM, LAST_BLOCK, TileEncoder, WeightsError, weights_id
 
 
 @pytest.fixture(scope="module")
@@ -16,6 +16,27 @@ def test_random_trunk_is_reproducible_and_gives_2048_d(random_encoder):
         b = TileEncoder("random").eval()(tiles)
     assert a.shape == (2, FEATURE_DIM)
     torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("transform_input", [False, True])
+def test_vectors_and_maps_are_those_of_torchvisions_own_forward(transform_input):
+    """block_input, feature_map and the vector match what torchvision's Inception3.forward computes, also
+    with the input rescaling of ImageNet weights (transform_input)."""
+    encoder = TileEncoder("random").eval()
+    encoder.trunk.transform_input = transform_input
+    captured = {}
+    hooks = [getattr(encoder.trunk, name).register_forward_hook(
+        lambda module, inputs, output, name=name: captured.__setitem__(name, output.clone()))
+        for name in (BLOCK_INPUT, LAST_BLOCK)]
+    tiles = torch.randint(0, 256, (2, 3, 96, 96), dtype=torch.uint8)
+    with torch.inference_mode():
+        pooled = encoder.trunk(encoder.normalize(tiles))  # torchvision's forward; fc is the identity
+        for hook in hooks:
+            hook.remove()
+        torch.testing.assert_close(encoder.block_input(tiles), captured[BLOCK_INPUT], rtol=1e-6, atol=0)
+        torch.testing.assert_close(encoder.feature_map(tiles), captured[LAST_BLOCK], rtol=1e-6, atol=0)
+        torch.testing.assert_close(encoder(tiles), pooled, rtol=1e-6, atol=0)
+    assert set(encoder.state_dict()) == {f"trunk.{key}" for key in encoder.trunk.state_dict()}
 
 
 def test_local_weights_file_round_trip(tmp_path, random_encoder):

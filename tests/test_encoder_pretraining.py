@@ -10,8 +10,14 @@ import torch
 from PIL import Image
 
 from server.cli import main as server_main
-from server.encoder_pretraining import (PretrainError, PretrainSettings, augment, find_tiles, partial_path,
-                                        pretrain_encoder)
+from server.encoder_pretraining import (
+    PretrainError,
+    PretrainSettings,
+    augment,
+    find_tiles,
+    partial_path,
+    pretrain_encoder,
+)
 from shared.encoder import TileEncoder
 
 SETTINGS = PretrainSettings(tile_size=75, epochs=1, batch_size=4, val_fraction=0.25, num_workers=0)
@@ -42,7 +48,8 @@ def test_pretraining_writes_loadable_weights_and_metadata(tmp_path):
     assert meta["use"]["server.yaml"]["model"]["trunk_sha256"] == result.sha256
     assert not partial_path(out).exists()
     trained = TileEncoder(out)  # the site's loader takes the file as features.backbone_weights
-    assert not torch.equal(trained.trunk.Conv2d_1a_3x3.conv.weight, TileEncoder("random").trunk.Conv2d_1a_3x3.conv.weight)
+    random_trunk = TileEncoder("random").trunk
+    assert not torch.equal(trained.trunk.Conv2d_1a_3x3.conv.weight, random_trunk.Conv2d_1a_3x3.conv.weight)
 
 
 def interrupt_at_epoch_two(tiles, out, settings):
@@ -94,7 +101,8 @@ def test_augmentation_keeps_shape_and_stays_near_the_stain(tmp_path):
     tile[:8] = (90, 40, 140)  # a strip of nuclei: rotations and flips move it
     out = augment(tile, np.random.default_rng(1), 0.05)
     assert out.shape == tile.shape and out.dtype == np.uint8
-    assert abs(float(np.sort(out.reshape(-1, 3), axis=0).mean()) - float(np.sort(tile.reshape(-1, 3), axis=0).mean())) < 20
+    sorted_mean = [float(np.sort(image.reshape(-1, 3), axis=0).mean()) for image in (out, tile)]
+    assert abs(sorted_mean[0] - sorted_mean[1]) < 20
     assert np.array_equal(augment(tile, np.random.default_rng(1), 0.05), out)  # seeded: a resumed run repeats it
 
 

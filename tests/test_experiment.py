@@ -73,8 +73,7 @@ def test_cells_share_the_virtual_hospitals_of_their_data_setting(tmp_path):
 def test_saved_rounds_and_epsilon_spent(tmp_path):
     import numpy as np
 
-    from shared.checkpoints import save_checkpoint
-    from shared.checkpoints import saved_rounds
+    from shared.checkpoints import save_checkpoint, saved_rounds
     from simulations.experiment import epsilon_spent
 
     for round_, spent in ((2, {"a": 3.0, "b": 4.5}), (1, {"a": 1.0}), (10, {"a": 7.9, "b": 6.0})):
@@ -134,11 +133,11 @@ def _hand_made_layout(prepared_hospitals, tmp_path):
 
 def test_baselines_on_prepared_sites(prepared_hospitals, tmp_path):
     """Centralised and local-only models under DP, scored on the held-out site like a federated checkpoint."""
-    from shared.model import ModelConfig
-    from shared.run_config import TrainingConfig
     from client.feature_cache import FeatureCache
     from client.sequence_data import load_split
     from client.site_config import load_site_config
+    from shared.model import ModelConfig
+    from shared.run_config import TrainingConfig
     from simulations.baselines import BaselinePlan, centralised, local_only
     from simulations.membership_inference import attack_checkpoint
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from client.feature_cache import CacheError, CachedFeatures, FeatureCache, cache_key, content_sha256
+from client.feature_cache import CachedFeatures, CacheError, FeatureCache, cache_key, content_sha256
 from client.slides import SlideError
 
 

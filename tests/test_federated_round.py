@@ -16,9 +16,9 @@ from client.feature_cache import FeatureCache
 from client.federated_round import ledger_path, round_privacy
 from client.prepare import prepare_site
 from client.site_config import load_site_config
+from client.site_rounds import read_rounds
 from shared.model import ModelConfig, build_head
 from shared.parameters import model_arrays
-from client.site_rounds import read_rounds
 from shared.round_plan import PrivacyTarget, RoundPlan
 from shared.round_sums import CountLayout, decode_sum
 from simulations.slide_generator import SlideSpec, make_site_slides
@@ -142,10 +142,11 @@ def test_the_noise_is_private_not_replayable_from_the_plan(prepared, tmp_path):
     received = _global(plan)
     updates = [_read(federated_round.fit(_site(prepared, tmp_path / f"site-{i}"), plan, received), plan).update
                for i in range(2)]
-    assert max(float(np.abs(a - b).max()) for a, b in zip(*updates)) > 1e-4
-    seeded = [_read(federated_round.fit(_site(prepared, tmp_path / f"seeded-{i}"), replace(plan, reproducible_noise=True),
-                                        received, noise_seed=1234), plan).update for i in range(2)]
-    assert max(float(np.abs(a - b).max()) for a, b in zip(*seeded)) == 0.0
+    assert max(float(np.abs(a - b).max()) for a, b in zip(*updates, strict=True)) > 1e-4
+    replayable = replace(plan, reproducible_noise=True)
+    seeded = [_read(federated_round.fit(_site(prepared, tmp_path / f"seeded-{i}"), replayable, received,
+                                        noise_seed=1234), plan).update for i in range(2)]
+    assert max(float(np.abs(a - b).max()) for a, b in zip(*seeded, strict=True)) == 0.0
     # a deployed site (no simulation seed) refuses a plan that asks for replayable noise
     refused = federated_round.fit(_site(prepared, tmp_path / "deployed"), replace(plan, reproducible_noise=True),
                                   received)

@@ -19,13 +19,13 @@ from client.private_training import PrivateRound
 from client.sequence_data import PatientSequences, load_split
 from client.site_config import load_site_config
 from server.audit import verify
-from shared.checkpoints import load_checkpoint
 from server.cli import main as server_main
 from server.run_control import follow_run, submit_and_follow
 from server.run_folder import RunFolder
-from simulations.local_consortium import LocalConsortium
+from shared.checkpoints import load_checkpoint
 from shared.model import SequenceHead
 from shared.run_config import PrivacyConfig, TrainingConfig
+from simulations.local_consortium import LocalConsortium
 from tests.conftest import copy_hospitals
 
 pytestmark = pytest.mark.slow

@@ -1,7 +1,6 @@
 """server.federation_strategy around real Flower strategies, with fake sites (no network, no processes):
 what it reads from the sites' reply vectors, plain and as SecAgg+ hands them over."""
 
-import math
 import time
 
 import numpy as np
@@ -69,7 +68,8 @@ def _config(strategy: str = "fedavg", min_sites: int = 2, timeout: float = 1.0, 
                         federation=FederationConfig(rounds=5, min_sites=min_sites, round_timeout=timeout,
                                                     max_update_norm=max_norm),
                         strategy=StrategyConfig(name=strategy, proximal_mu=mu),
-                        secure_aggregation=SecureAggregationConfig(enabled=secure, max_weight=SCALE, clipping_range=100.0))
+                        secure_aggregation=SecureAggregationConfig(enabled=secure, max_weight=SCALE,
+                                                                   clipping_range=100.0))
 
 
 def _strategy(config: ServerConfig, first_round: int = 1, on_sampled=None):
@@ -103,7 +103,7 @@ def _fit_res(update, patients: int, counts=None, **disclosed) -> FitRes:
 def _as_secagg(results):
     """What Flower's SecAgg+ workflow hands the strategy: every reply carries the unmasked mean."""
     vectors = [parameters_to_ndarrays(res.parameters) for _, res in results]
-    mean = ndarrays_to_parameters([np.mean(parts, axis=0) for parts in zip(*vectors)])
+    mean = ndarrays_to_parameters([np.mean(parts, axis=0) for parts in zip(*vectors, strict=True)])
     return [(proxy, FitRes(res.status, mean, res.num_examples, res.metrics)) for proxy, res in results]
 
 
@@ -220,7 +220,7 @@ def test_configure_fit_sends_the_plan_tells_the_round_size_and_continues_round_n
         assert plan == round_plan(config, "fed-1", 5)  # server round 2 after 3 earlier rounds
         assert plan.round == 5 and plan.planned_rounds == 5 and plan.train and plan.evaluate
         assert plan.evaluations == 6 and plan.weight_scale == SCALE  # 5 rounds + the final scoring
-        for a, b in zip(parameters_to_ndarrays(ins.parameters), GLOBAL):
+        for a, b in zip(parameters_to_ndarrays(ins.parameters), GLOBAL, strict=True):
             np.testing.assert_array_equal(a, b)
     with pytest.raises(FederationError, match="round 5 failed: secure aggregation stopped"):
         strategy.configure_evaluate(2, parameters, manager)  # no aggregate_fit: SecAgg+ halted

@@ -53,7 +53,8 @@ def test_a_tile_that_changes_nothing_gets_nothing():
     # Mean pooling of identical tiles: any subset scores the same, so every tile's share is equal
     # and they add up to the slide's margin over chance.
     head = _head("mean")
-    slide = SlideFeatures("s", "p", 0, np.tile(np.random.default_rng(1).normal(size=(1, DIM)), (8, 1)).astype(np.float32))
+    vector = np.random.default_rng(1).normal(size=(1, DIM))
+    slide = SlideFeatures("s", "p", 0, np.tile(vector, (8, 1)).astype(np.float32))
     explanation = explain_slide(head, slide, length=4)
     np.testing.assert_allclose(explanation.importance, explanation.importance[0], rtol=1e-5)
 

@@ -26,6 +26,7 @@ MODEL = ModelConfig(projection=8, hidden=4, trainable="last_block", trunk_sha256
 
 
 def test_folded_block_keeps_the_trunks_features():
+    torch.manual_seed(0)
     block = getattr(TileEncoder("random").trunk, LAST_BLOCK)
     with torch.no_grad():  # pretrained-like BatchNorm statistics, so the folding has something to fold
         for bn in (m for m in block.modules() if isinstance(m, torch.nn.BatchNorm2d)):
@@ -33,7 +34,8 @@ def test_folded_block_keeps_the_trunks_features():
             bn.bias.uniform_(-1, 1)
         maps = torch.randn(3, 2048, 3, 3)
         expected, folded = block(maps), FoldedBlock.from_trunk_block(block).feature_map(maps)
-    assert torch.allclose(folded, expected, atol=1e-4 * float(expected.abs().max()))
+    # torch.nn.utils.fusion folds in float32: within float rounding of the unfolded block (measured 5e-7).
+    assert torch.allclose(folded, expected, rtol=0, atol=2e-6 * float(expected.abs().max()))
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in FoldedBlock().modules())
 
 

@@ -6,7 +6,7 @@ import torch
 
 from client.sequence_data import SlideFeatures
 from shared.model import SequenceHead
-from simulations.membership_inference import attack_auc, item_losses, membership_attack
+from simulations.membership_inference import attack_auc, item_losses, mean_auc_interval, membership_attack
 
 
 def test_perfectly_separating_losses_give_auc_one():
@@ -21,6 +21,26 @@ def test_identical_distributions_give_auc_one_half():
     losses = rng.exponential(0.5, size=4000)
     assert attack_auc(losses[:2000], losses[2000:]) == pytest.approx(0.5, abs=0.03)
     assert attack_auc(np.full(5, 0.3), np.full(7, 0.3)) == 0.5  # ties count one half
+
+
+def test_mean_auc_interval_over_seeds():
+    rng = np.random.default_rng(1)
+    chance = [(rng.exponential(0.5, 200), rng.exponential(0.5, 200)) for _ in range(3)]
+    mean, low, high = mean_auc_interval(chance)
+    assert mean == pytest.approx(np.mean([attack_auc(a, b) for a, b in chance]))
+    # Three runs of 200 + 200: the mean's standard error is about 0.029 / sqrt(3), so the 95 % interval
+    # spans about 0.066 around the mean.
+    assert low < mean < high and 0.04 < high - low < 0.1
+    assert low < 0.5 < high
+    _, one_low, one_high = mean_auc_interval(chance[:1])
+    assert one_high - one_low > 1.4 * (high - low)  # one run alone: about sqrt(3) times wider
+    assert mean_auc_interval(chance) == (mean, low, high)  # seeded resampling
+
+    leaky = [(rng.exponential(0.1, 50), rng.exponential(1.0, 50)) for _ in range(3)]
+    mean, low, high = mean_auc_interval(leaky)
+    assert 0.85 < low <= mean <= high <= 1.0
+    with pytest.raises(ValueError, match="members and non-members"):
+        mean_auc_interval([(np.ones(3), np.array([]))])
 
 
 def _items(rng, count, offset):

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from shared.metrics import classification_metrics, roc_auc, to_jsonable
+from shared.metrics import classification_metrics, format_metric, roc_auc, to_jsonable
 
 BINARY = ["benign", "tumour"]
 
@@ -70,7 +70,7 @@ def test_multiclass_hand_computed():
     assert m["balanced_accuracy"] == pytest.approx(0.5)
     assert m["macro_sensitivity"] == pytest.approx(0.5)
     assert m["macro_specificity"] == pytest.approx(0.75)
-    for name, auc in zip(MULTI, [0.875, 0.875, 0.8125]):
+    for name, auc in zip(MULTI, [0.875, 0.875, 0.8125], strict=True):
         stats = m["per_class"][name]
         expected = {"sensitivity": 0.5, "specificity": 0.75, "precision": 0.5, "f1": 0.5, "auc": auc}
         assert stats == pytest.approx(expected)
@@ -180,3 +180,12 @@ def test_float32_softmax_rows_are_accepted():
 def test_invalid_input_is_rejected_with_a_clear_message(y, probs, names, positive, message):
     with pytest.raises(ValueError, match=message):
         classification_metrics(y, probs, names, positive_class=positive)
+
+
+@pytest.mark.parametrize(
+    "value, digits, text",
+    [(0.12345, 3, "0.123"), (np.float32(0.5), 2, "0.50"), (7, 1, "7.0"), (None, 3, "n/a"), (math.nan, 3, "n/a"),
+     (math.inf, 2, "n/a"), (True, 3, "n/a"), ("0.5", 3, "n/a")],
+)
+def test_format_metric_shows_missing_and_undefined_values_as_na(value, digits, text):
+    assert format_metric(value, digits) == text

@@ -3,13 +3,11 @@
 import json
 import shutil
 
-import numpy as np
-
 from server.app import initial_model
 from server.cli import main
-from tests.conftest import disclosed_site, record_round
 from server.run_folder import RunFolder
 from server.run_recorder import RunRecorder
+from tests.conftest import disclosed_site, record_round
 
 SERVER_YAML = """\
 name: card consortium
@@ -34,7 +32,8 @@ def _run(tmp_path):
     recorder = RunRecorder(folder, config, list(initial))
     record_round(recorder, 1, initial.values(), {"north": _site(1.5), "south": _site(2.5)},
                  {"accuracy": 0.75, "auc": 0.7, "val_patients": 8.0})
-    record_round(recorder, 2, [a + 1.0 for a in initial.values()], {"north": _site(3.0), "south": _site(7.9, refused=1)},
+    record_round(recorder, 2, [a + 1.0 for a in initial.values()],
+                 {"north": _site(3.0), "south": _site(7.9, refused=1)},
                  {"accuracy": 0.75, "auc": 0.9, "val_patients": 8.0})
     return folder
 

@@ -21,7 +21,7 @@ def pool(patients_per_class: int = 200, classes: tuple[str, ...] = ("a", "b"), s
 
 
 def class_share(labels, sites, site: int, label: str) -> float:
-    mine = [lab for lab, s in zip(labels, sites) if s == site]
+    mine = [lab for lab, s in zip(labels, sites, strict=True) if s == site]
     return mine.count(label) / len(mine)
 
 
@@ -32,7 +32,7 @@ def test_every_item_gets_one_site_and_patients_stay_together(scheme):
     assert sites.shape == (len(labels),)
     assert set(sites) == set(range(5))  # every item once (an array), every site used
     where = {}
-    for patient, site in zip(patients, sites):
+    for patient, site in zip(patients, sites, strict=True):
         assert where.setdefault(patient, site) == site
 
 

@@ -24,7 +24,14 @@ from shared.checkpoints import save_checkpoint
 from shared.model import ModelConfig, build_head, build_trainable
 from shared.parameters import load_arrays, model_arrays
 from simulations.slide_generator import SlideSpec, Stain, make_slide
-from tests.conftest import FEDERATION_CLASSES, REAL_SLIDES, requires_real_slides, write_site_yaml, disclosed_site, record_round
+from tests.conftest import (
+    FEDERATION_CLASSES,
+    REAL_SLIDES,
+    disclosed_site,
+    record_round,
+    requires_real_slides,
+    write_site_yaml,
+)
 
 LENGTH = 8
 HEAD = {"projection": 16, "hidden": 8}
@@ -167,7 +174,8 @@ def test_a_last_block_checkpoint_runs_its_own_block(trained, tmp_path):
                                                                "sequence_length": LENGTH}, best=False)
     out = tmp_path / "out"
     assert main(["predict", "--model", str(tmp_path / "run" / "checkpoints" / "latest.npz"), "--out", str(out),
-                 "--config", str(trained["site"]), "--no-progress", str(trained["root"] / "slides" / "slide-1.tif")]) == 0
+                 "--config", str(trained["site"]), "--no-progress",
+                 str(trained["root"] / "slides" / "slide-1.tif")]) == 0
     doc = json.loads((out / "slide-1.json").read_text())
     assert doc["features"] == "computed"  # the cached vectors never went through a fine-tuned block
     evaluated = predict_slides(trained["head"], [trained["slides"][1]], LENGTH)[0]

@@ -10,11 +10,9 @@ from opacus import GradSampleModule, PrivacyEngine
 from client.cli import main as site_main
 from client.feature_cache import FeatureCache
 from client.prepare import prepare_site
-from client.privacy_ledger import BudgetExceeded
-from client.privacy_ledger import PrivacyBudget, PrivacyLedger
+from client.privacy_ledger import BudgetExceeded, PrivacyLedger
 from client.private_training import PrivateRound, train_round
-from client.sequence_data import predict_slides
-from client.sequence_data import PatientSequences, SlideFeatures
+from client.sequence_data import PatientSequences, SlideFeatures, predict_slides
 from client.site_config import load_site_config
 from shared.model import SequenceHead
 from shared.run_config import PrivacyConfig, TrainingConfig
@@ -216,7 +214,7 @@ def test_ghost_clipping_gives_the_per_patient_clipped_update(batch):
         optimizer.step()
         return [p.detach() for p in head.parameters()]
 
-    for ghost, hooks in zip(one_step("ghost"), one_step("hooks")):
+    for ghost, hooks in zip(one_step("ghost"), one_step("hooks"), strict=True):
         assert torch.isfinite(ghost).all()
         torch.testing.assert_close(ghost, hooks, rtol=1e-5, atol=1e-6)
 

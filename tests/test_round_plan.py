@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from shared.model import ModelConfig, SequenceHead
-from shared.parameters import (ParameterMismatch, add, check_shapes, load_arrays, model_arrays, subtract,
-                               update_problem)
+from shared.parameters import ParameterMismatch, add, check_shapes, load_arrays, model_arrays, subtract, update_problem
 from shared.refusals import REFUSALS, InvalidFederationId
 from shared.round_plan import PLAN_KEY, PrivacyTarget, RoundPlan
 from shared.yaml_config import ConfigError
@@ -113,7 +112,7 @@ def test_model_arrays_follow_state_dict_order_as_float32_copies():
     state = head.state_dict()
     assert list(arrays) == list(state)
     assert len(arrays) >= 4
-    for (name, array), tensor in zip(arrays.items(), state.values()):
+    for array, tensor in zip(arrays.values(), state.values(), strict=True):
         assert array.dtype == np.float32 and array.shape == tuple(tensor.shape)
         np.testing.assert_array_equal(array, tensor.numpy())
     first = next(iter(arrays))
@@ -124,9 +123,9 @@ def test_model_arrays_follow_state_dict_order_as_float32_copies():
 def test_load_arrays_round_trip_between_models():
     source, target = _head(0), _head(1)
     wire = list(model_arrays(source).values())
-    assert any(not np.array_equal(a, b) for a, b in zip(wire, model_arrays(target).values()))
+    assert any(not np.array_equal(a, b) for a, b in zip(wire, model_arrays(target).values(), strict=True))
     load_arrays(target, wire)
-    for a, b in zip(wire, model_arrays(target).values()):
+    for a, b in zip(wire, model_arrays(target).values(), strict=True):
         np.testing.assert_array_equal(a, b)
     x = torch.randn(2, 5, 6)
     torch.testing.assert_close(source(x), target(x))
@@ -156,7 +155,7 @@ def test_load_arrays_refuses_a_mismatch_and_leaves_the_model_unchanged():
         load_arrays(head, arrays)
     with pytest.raises(ParameterMismatch, match=f"expected {len(before)} parameter arrays, got {len(before) - 1}"):
         load_arrays(head, list(before.values())[:-1])
-    for a, b in zip(before.values(), model_arrays(head).values()):
+    for a, b in zip(before.values(), model_arrays(head).values(), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -169,7 +168,7 @@ def test_add_and_subtract_are_elementwise_float32_inverses():
     np.testing.assert_array_equal(update[1], [-0.75])
     back = add(old, update)
     assert [b.dtype for b in back] == [np.float32, np.float32]
-    for b, n in zip(back, new):
+    for b, n in zip(back, new, strict=True):
         np.testing.assert_array_equal(b, n.astype(np.float32))
 
 

@@ -66,9 +66,9 @@ def test_reply_vectors_sum_to_the_patient_weighted_mean_update():
     updates = [[np.full((2, 3), 0.5, np.float32), np.full(3, -0.2, np.float32)],
                [np.full((2, 3), -0.1, np.float32), np.full(3, 0.4, np.float32)]]
     counts = [np.arange(layout.size, dtype=float), np.ones(layout.size)]
-    replies = [encode_reply(u, n, c, scale) for u, n, c in zip(updates, (30, 10), counts)]
+    replies = [encode_reply(u, n, c, scale) for u, n, c in zip(updates, (30, 10), counts, strict=True)]
     assert all(np.abs(a).max() <= 1.0 for reply in replies for a in reply)  # inside SecAgg+'s clipping range
-    read = decode_sum([a + b for a, b in zip(*replies)], layout, scale)
+    read = decode_sum([a + b for a, b in zip(*replies, strict=True)], layout, scale)
     assert read.patients == pytest.approx(40, abs=1e-4)
     np.testing.assert_allclose(read.update[0], np.full((2, 3), (30 * 0.5 - 10 * 0.1) / 40), atol=1e-6)
     np.testing.assert_allclose(read.update[1], np.full(3, (30 * -0.2 + 10 * 0.4) / 40), atol=1e-6)

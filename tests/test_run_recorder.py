@@ -10,10 +10,10 @@ import pytest
 
 from server.app import initial_model
 from server.audit import AuditLog, verify
-from shared.checkpoints import load_checkpoint
 from server.round_metrics import SiteRound
 from server.run_folder import RunFolder
 from server.run_recorder import CARD_FORMAT, RunRecorder
+from shared.checkpoints import load_checkpoint
 from shared.refusals import REFUSALS
 
 SERVER_YAML = """\
@@ -90,7 +90,7 @@ def test_two_rounds_write_checkpoints_audit_reports_and_status(tmp_path, capsys)
     for round_, model in enumerate(models):
         checkpoint = load_checkpoint(checkpoints / f"round-{round_:04d}.npz")
         assert checkpoint.round == round_ and list(checkpoint.arrays) == names and checkpoint.card["closed"]
-        for saved, expected in zip(checkpoint.arrays.values(), model):
+        for saved, expected in zip(checkpoint.arrays.values(), model, strict=True):
             np.testing.assert_array_equal(saved, expected)
     latest = load_checkpoint(checkpoints / "latest.npz")
     assert latest.round == 2
@@ -154,7 +154,7 @@ def test_resume_returns_the_latest_checkpoint_and_rebuilds_the_rounds(tmp_path):
     recorder, _ = _recorder(RunFolder.open(folder.path))
     latest = recorder.resume()
     assert latest.round == 2 and recorder.latest_closed
-    for saved, expected in zip(latest.arrays.values(), models[2]):
+    for saved, expected in zip(latest.arrays.values(), models[2], strict=True):
         np.testing.assert_array_equal(saved, expected)
     assert [entry["round"] for entry in recorder.rounds] == [0, 1, 2]
     assert recorder.best_round == 1 and recorder.best == pytest.approx(0.8)

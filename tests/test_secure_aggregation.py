@@ -105,11 +105,14 @@ def test_a_curious_server_reads_only_the_masked_sum_and_the_disclosed_numbers(pr
     configs = [load_site_config(site) for site in sites]
     for exchange, check in ((1, "update"), (2, "evaluation")):
         sent = [np.load(sent_reply_path(c, secure.federation_id, exchange)) for c in configs]
-        total = decode_sum([sum(parts) for parts in zip(*([f[k] for k in f.files] for f in sent))], layout, 50)
+        total = decode_sum([sum(parts) for parts in zip(*([f[k] for k in f.files] for f in sent), strict=True)],
+                         layout, 50)
         if check == "update":
             model = load_checkpoint(secure.path / "checkpoints" / "round-0001.npz").arrays
             initial = initial_model(config)
-            assert max(float(np.abs(model[k] - initial[k] - u).max()) for k, u in zip(initial, total.update)) <= 1e-4
+            difference = max(float(np.abs(model[k] - initial[k] - u).max())
+                             for k, u in zip(initial, total.update, strict=True))
+            assert difference <= 1e-4
             assert max(float(np.abs(u).max()) for u in total.update) > 1e-3
             assert rounds[1]["global"]["examples"] == pytest.approx(total.patients, abs=1e-3)
         else:  # the final exchange scored model 1: the recorded metrics are those of the summed counts

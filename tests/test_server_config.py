@@ -7,7 +7,7 @@ import pytest
 from flwr.server.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum
 
 from server.app import initial_model, round_plan
-from server.server_config import (SecureAggregationConfig, ServerConfig, load_server_config)
+from server.server_config import SecureAggregationConfig, ServerConfig, load_server_config
 from server.strategies import build_strategy
 from shared.model import ModelConfig, build_head
 from shared.round_plan import PrivacyTarget, RoundPlan
@@ -194,9 +194,11 @@ def test_round_plan_carries_the_config(tmp_path):
 def test_the_reconstruction_threshold_is_a_strict_majority_of_each_round(tmp_path):
     default = _load(tmp_path, CLASSES).secure_aggregation
     assert [default.threshold_for(n) for n in (2, 3, 4, 5, 10, 64)] == [2, 2, 3, 3, 6, 33]
-    higher = _load(tmp_path, CLASSES + "federation:\n  min_sites: 4\nsecure_aggregation:\n  reconstruction_threshold: 4\n")
+    higher = _load(tmp_path, CLASSES + "federation:\n  min_sites: 4\n"
+                             "secure_aggregation:\n  reconstruction_threshold: 4\n")
     assert [higher.secure_aggregation.threshold_for(n) for n in (4, 10)] == [4, 6]  # never below a majority
-    weak = _load(tmp_path, CLASSES + "secure_aggregation:\n  reconstruction_threshold: 1\n  allow_weak_threshold: true\n")
+    weak = _load(tmp_path, CLASSES + "secure_aggregation:\n  reconstruction_threshold: 1\n"
+                           "  allow_weak_threshold: true\n")
     assert weak.secure_aggregation.threshold_for(5) == 1  # the admin's loud override (sites refuse it)
 
 
@@ -212,7 +214,7 @@ def test_initial_model_is_the_seeded_configured_head(tmp_path):
     head = build_head(config.model, 2)
     assert list(first) == list(head.state_dict())
     assert [a.shape for a in first.values()] == [tuple(t.shape) for t in head.state_dict().values()]
-    for a, b in zip(first.values(), again.values()):
+    for a, b in zip(first.values(), again.values(), strict=True):
         np.testing.assert_array_equal(a, b)
     other = initial_model(_load(tmp_path, CLASSES + "model:\n  projection: 8\n  hidden: 4\ntraining:\n  seed: 4\n"))
-    assert any(not np.array_equal(a, b) for a, b in zip(first.values(), other.values()))
+    assert any(not np.array_equal(a, b) for a, b in zip(first.values(), other.values(), strict=True))

@@ -208,6 +208,20 @@ def test_site_slides_deterministic(tmp_path, sites):
     assert a.shape != b.shape or not np.array_equal(a, b)
 
 
+def test_a_seed_gives_the_same_bytes_and_another_seed_other_bytes(tmp_path):
+    spec = SlideSpec(width=512, height=512)
+    for name, seed in (("a", 7), ("b", 7), ("c", 8)):
+        make_site_slides(tmp_path / name, sites=2, slides_per_site=2, seed=seed, spec=spec)
+
+    def files(root: Path) -> dict[Path, bytes]:
+        return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    first, again, other = (files(tmp_path / name) for name in "abc")
+    assert len(first) == 6 and first == again  # 2 sites x (2 slides + manifest)
+    assert other.keys() == first.keys()
+    assert all(other[path] != first[path] for path in first if path.suffix == ".tif")
+
+
 # --------------------------------------------------------------------------- manifests
 
 
@@ -246,7 +260,7 @@ def test_patients_with_two_slides_exist():
     counts = {p: pats.count(p) for p in pats}
     assert max(counts.values()) == 2 and min(counts.values()) == 1
     for p in counts:
-        assert len({lab for lab, q in zip(labels, pats) if q == p}) == 1
+        assert len({lab for lab, q in zip(labels, pats, strict=True) if q == p}) == 1
 
 
 def test_every_site_gets_both_classes():

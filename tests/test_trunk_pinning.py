@@ -23,7 +23,7 @@ from shared.refusals import REFUSALS
 from shared.round_plan import PrivacyTarget, RoundPlan
 from shared.yaml_config import ConfigError
 from simulations.slide_generator import SlideSpec, make_site_slides
-from tests.conftest import write_site_yaml, disclosed_site, record_round
+from tests.conftest import disclosed_site, record_round, write_site_yaml
 
 CLASSES = ("adenocarcinoma", "adenoma")
 

@@ -22,7 +22,8 @@ def test_valid_config_resolves_paths_relative_to_the_file(tmp_path):
 
 
 def test_local_weights_path_is_resolved(tmp_path):
-    config = load_site_config(write(tmp_path, "name: a\ndata: {manifest: m.csv}\nfeatures: {backbone_weights: w/t.pth}\n"))
+    text = "name: a\ndata: {manifest: m.csv}\nfeatures: {backbone_weights: w/t.pth}\n"
+    config = load_site_config(write(tmp_path, text))
     assert config.features.backbone_weights == str(tmp_path.resolve() / "w" / "t.pth")
 
 

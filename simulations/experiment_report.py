@@ -73,7 +73,7 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for row in rows:
         groups[row["setting"]].append(row)
     summary = []
-    for setting, members in groups.items():
+    for members in groups.values():
         entry = {name: members[0].get(name) for name in SETTING_FIELDS}
         entry["seeds"] = sorted(row["seed"] for row in members)
         for metric in METRICS:
@@ -143,8 +143,8 @@ def curves_figure(rows: list[dict[str, Any]]) -> Figure:
     for row in rows:
         if row.get("curve"):
             groups[row["setting"]].append(row)
-    for axes, (metric, label) in zip(figure.subplots(1, len(PLOTTED)), PLOTTED):
-        for index, (setting, members) in enumerate(groups.items()):
+    for axes, (metric, label) in zip(figure.subplots(1, len(PLOTTED)), PLOTTED, strict=True):
+        for index, members in enumerate(groups.values()):
             by_round: dict[int, list] = defaultdict(list)
             for row in members:
                 for point in row["curve"]:
@@ -177,7 +177,7 @@ def against_figure(rows: list[dict[str, Any]], axis: str, axis_label: str) -> Fi
             lines[key][float(row[axis])].append(row)
         elif axis == "epsilon_target" and not row.get("dp"):
             references[key].append(row)
-    for axes, (metric, label) in zip(figure.subplots(1, len(PLOTTED)), PLOTTED):
+    for axes, (metric, label) in zip(figure.subplots(1, len(PLOTTED)), PLOTTED, strict=True):
         for index, (key, points) in enumerate(sorted(lines.items(), key=lambda kv: str(kv[0]))):
             color = f"C{index % 10}"
             x = sorted(points)

@@ -1,4 +1,4 @@
-"""simulations.report: tables of mean ± std over seeds, the results files and the plots."""
+"""simulations.experiment_report: tables of mean ± std over seeds, the results files and the plots."""
 
 import csv
 import json
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from simulations.report import mean_std, summarise, write_report
+from simulations.experiment_report import mean_std, summarise, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
