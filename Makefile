@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fedpath-installed
 DEMO   ?= demo
 
-.PHONY: install nginx demo test bench clean-demo
+.PHONY: install nginx demo lint test bench clean-demo
 
 # torch/torchvision first, with exact pins: pip takes them from this kind of machine's disk;
 # left to the resolver, they would pull several GB from the network.
@@ -38,6 +38,9 @@ nginx:
 
 demo: install
 	$(VENV)/bin/fedpath-sim demo --out $(DEMO)
+
+lint: install
+	$(VENV)/bin/ruff check .
 
 test: install
 	$(PY) -m pytest -q

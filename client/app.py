@@ -15,8 +15,10 @@ own conditions whatever the server asks:
   both active and dropped (or this site as dropped): Flower's mod takes those from the server as
   given, and a curious server could otherwise unmask one site's update.
 
-Flower may start a fresh process for every message, so this module imports only Flower and
-numpy; torch and Opacus are imported by the stage that trains.
+At a deployed site the task runner (``client/task_runner.py``) imports this module once and calls
+``app`` for every message; in a simulation Flower's Simulation Engine does. Either way this
+module imports only Flower and numpy: SecAgg+'s key and unmask stages never need torch or Opacus,
+which the stage that trains imports.
 """
 
 from __future__ import annotations

@@ -141,6 +141,13 @@ def _pretrain_encoder(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bundle_digest(args: argparse.Namespace) -> int:
+    from shared.app_bundle import installed_bundle_report
+
+    print(installed_bundle_report())
+    return 0
+
+
 def _model_info(args: argparse.Namespace) -> int:
     import json
 
@@ -220,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--workers", type=int, default=1, help="tile-reading processes (default 1)")
     pretrain.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    add_command(commands, "bundle-digest", _bundle_digest,
+                "the content digest of the app bundle `run` submits (this installed fedpath version): announce it to "
+                "the hospitals, whose sites run only bundles with their installed version's digest or one they list")
     info = add_command(commands, "model-info", _model_info,
                        "a checkpoint's model card (variant, training, rounds, sites, ε and δ per site, metrics, audit "
                        "hash, sha256) after verifying the checkpoint against it; exit 2 if they do not match")

@@ -95,7 +95,7 @@ def _write_site(config: SimConfig, folder: Path, name: str, items: list[Item] | 
                 "privacy": privacy,
                 # the researcher plays every hospital: its sites accept the simulation's own settings
                 "federation": {"require_secure_aggregation": config.secure_aggregation.enabled,
-                               "min_round_sites": min(2, sim.sites)}}
+                               "min_round_sites": 2}}
     path = folder / "site.yaml"
     path.write_text("# written by fedpath-sim: one virtual hospital of a simulation\n"
                     + yaml.safe_dump(document, sort_keys=False))

@@ -2,27 +2,43 @@
 
 import json
 
+import yaml
+
+from client.site_config import load_site_config
+from client.site_rounds import record_round
 from simulations.round_table import SITE_NAMES, round_table
 
 
-def test_rounds_sites_and_missing_metrics(tmp_path):
-    rounds = [{"round": 1, "global": {"loss": 0.6931, "accuracy": 0.5, "auc": None},
-               "sites": {"node-1": {"examples": 10, "accuracy": 0.7, "epsilon": 1.234}, "node-2": {"examples": 0}}},
-              {"round": 2, "global": {"loss": 0.5, "accuracy": 0.75, "sensitivity": 1.0, "specificity": 0.5,
-                                      "auc": 0.8},
-               "sites": {"node-1": {"examples": 10, "accuracy": 0.8, "epsilon": 2.5},
-                         "node-2": {"examples": 5, "accuracy": 0.6, "epsilon": 0.9}}}]
-    (tmp_path / "metrics.json").write_text(json.dumps(rounds))
-    (tmp_path / SITE_NAMES).write_text(json.dumps({"node-1": "hospital-a", "node-2": "a-very-long-hospital-name"}))
-    header, rule, first, second, legend = round_table(tmp_path).splitlines()
-    assert header.split(" | ")[:6] == ["round", "  loss", "  acc", " sens", " spec", "  AUC"]
-    assert set(rule) == {"-"} and len(rule) == len(header) == len(first) == len(second)
+def _site(tmp_path, name):
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "manifest.csv").write_text("slide,label\n")
+    (folder / "site.yaml").write_text(yaml.safe_dump({"name": name, "data": {"manifest": "manifest.csv"}}))
+    return load_site_config(folder / "site.yaml")
+
+
+def test_rounds_sites_disclosed_numbers_and_the_sites_own_accuracy(tmp_path):
+    run = tmp_path / "20260101-000000"
+    run.mkdir()
+    rounds = [{"round": 0, "global": {"accuracy": 0.5, "balanced_accuracy": 0.5, "auc": None}, "sites": {}},
+              {"round": 1, "global": {"accuracy": 0.75, "balanced_accuracy": 0.7, "sensitivity": 1.0,
+                                      "specificity": 0.5, "auc": 0.8},
+               "sites": {"node-1": {"epsilon": 2.5, "refused": 0, "trained": True},
+                         "node-2": {"refused": 1, "trained": False}}}]
+    (run / "metrics.json").write_text(json.dumps(rounds))
+    (run / SITE_NAMES).write_text(json.dumps({"node-1": "hospital-a", "node-2": "a-very-long-hospital-name"}))
+    hospital = _site(tmp_path, "hospital-a")
+    record_round(hospital, run.name, {"round": 2, "val": {"accuracy": 0.9}})  # exchange 2 scored model 1
+    header, rule, zero, first, note, legend = round_table(run, {"hospital-a": hospital}).splitlines()
+    assert header.split(" | ")[:6] == ["round", "  acc", "  bal", " sens", " spec", "  AUC"]
+    assert set(rule) == {"-"} and len(rule) == len(header) == len(zero) == len(first)
     # Site columns sorted by hospital name; long names shortened and spelled out below the table.
-    assert [cell.strip() for cell in header.split(" | ")[6:]] == ["a-very…al-name", "hospital-a"]
-    assert legend == "site columns: a-very…al-name = a-very-long-hospital-name"
-    assert [cell.strip() for cell in first.split(" | ")] == ["1", "0.693", "0.50", "n/a", "n/a", "n/a", "sat out",
-                                                            "acc 0.70 ε 1.2"]
-    assert [cell.strip() for cell in second.split(" | ")][-2:] == ["acc 0.60 ε 0.9", "acc 0.80 ε 2.5"]
+    assert [cell.strip() for cell in header.split(" | ")[6:]] == ["a-very-…tal-name", "hospital-a"]
+    assert [cell.strip() for cell in zero.split(" | ")][:6] == ["0", "0.50", "0.50", "n/a", "n/a", "n/a"]
+    assert [cell.strip() for cell in first.split(" | ")] == ["1", "0.75", "0.70", "1.00", "0.50", "0.80", "sat out",
+                                                            "acc 0.90 ε 2.5"]
+    assert "masked sum of the sites' noisy counts" in note and "the site's own exact validation accuracy" in note
+    assert legend == "site columns: a-very-…tal-name = a-very-long-hospital-name"
 
 
 def test_no_rounds(tmp_path):
