@@ -8,7 +8,7 @@ from pathlib import Path
 from shared.app_bundle import digest_problem
 from shared.model import ModelConfig
 from shared.run_config import PrivacyConfig, TrainingConfig
-from shared.yaml_config import at_least, check, fraction, load_config, positive
+from shared.yaml_config import at_least, check, fraction, load_config, positive, tcp_port
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class FederationSite:
 
     server: str | None = None  # host:port of the SuperLink, from the consortium admin
     ca_cert: Path | None = None  # the consortium's ca.pem (TLS); required unless started with --insecure
-    port: int = check(lambda p: None if 1 <= p <= 65535 else "must be a TCP port (1-65535)", 9094)  # local
+    port: int = check(tcp_port, 9094)  # local
     auth_key: Path | None = None  # this site's private key; default: state/keys/<name>.key (`fedpath-site keygen`)
     # The site's own conditions for taking part, whatever the server asks:
     require_secure_aggregation: bool = True  # refuse plain (unmasked) training messages (refusal 8)

@@ -177,9 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     renew.add_argument("--out", default="certs", help="the folder `init` wrote (default: certs)")
     renew.add_argument("--days", type=int, default=365, help="validity (default 365)")
 
-    def with_config(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    def with_config(sub: argparse.ArgumentParser, insecure: bool = True) -> argparse.ArgumentParser:
+        """``--config`` (every command on a running consortium), and ``--insecure`` where TLS can be off."""
         sub.add_argument("--config", required=True, help="the consortium's server.yaml")
-        sub.add_argument("--insecure", action="store_true", help="no TLS (test machines only; warns loudly)")
+        if insecure:
+            sub.add_argument("--insecure", action="store_true", help="no TLS (test machines only; warns loudly)")
         return sub
 
     start = with_config(add_command(commands, "start", _start,
@@ -187,8 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "offline-safe) and its nginx proxy on the sites' port, which passes only the "
                                     "Fleet API; Ctrl-C stops both"))
     start.add_argument("--detach", action="store_true", help="run both in the background with pid files")
-    add_command(commands, "stop", _stop, "stop the SuperLink and its proxy started with --detach").add_argument(
-        "--config", required=True, help="the consortium's server.yaml")
+    with_config(add_command(commands, "stop", _stop, "stop the SuperLink and its proxy started with --detach"),
+                insecure=False)
     run = with_config(add_command(commands, "run", _run,
                                   "submit a federated run, print a line per round, exit 1 unless it completes"))
     run.add_argument("--no-follow", action="store_true", help="submit and return at once")
@@ -199,14 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--insecure", action="store_true", help="no TLS (test machines only)")
     resume.add_argument("--no-follow", action="store_true", help="submit and return at once")
 
-    add = add_command(commands, "add-site", _add_site,
-                      "register a hospital's public key (from `fedpath-site keygen`): only registered sites may join")
+    # Registration needs TLS: Flower ties SuperNode authentication to it, so these take no --insecure.
+    add = with_config(add_command(commands, "add-site", _add_site, "register a hospital's public key (from "
+                                  "`fedpath-site keygen`): only registered sites may join"), insecure=False)
     add.add_argument("name", help="the hospital's name, as it will appear in reports and the audit log")
     add.add_argument("public_key", help="the hospital's .pub file")
-    add.add_argument("--config", required=True, help="the consortium's server.yaml")
-    remove = add_command(commands, "remove-site", _remove_site, "revoke a hospital at once (mid-run included)")
+    remove = with_config(add_command(commands, "remove-site", _remove_site,
+                                     "revoke a hospital at once (mid-run included)"), insecure=False)
     remove.add_argument("name", help="the registered name")
-    remove.add_argument("--config", required=True, help="the consortium's server.yaml")
     with_config(add_command(commands, "sites", _sites,
                             "every node the SuperLink knows, with the registered hospital's name, key fingerprint "
                             "and online state; flags nodes the registry does not name (exit 1 if any)"))

@@ -14,13 +14,9 @@ from typing import Literal
 from shared.encoder import WeightsError, check_pinned
 from shared.model import ModelConfig
 from shared.round_plan import PrivacyTarget
-from shared.yaml_config import ConfigError, SettingError, at_least, check, load_config, positive
+from shared.yaml_config import ConfigError, SettingError, at_least, check, load_config, positive, tcp_port
 
 StrategyName = Literal["fedavg", "fedprox", "median", "trimmed_mean", "krum"]
-
-
-def _tcp_port(port: int) -> str | None:
-    return None if 1 <= port <= 65535 else "must be a TCP port (1-65535)"
 
 
 LOOPBACK = "127.0.0.1"
@@ -33,8 +29,8 @@ class SuperLinkConfig:
     and Runtime APIs, listens on ``127.0.0.1:loopback_port`` and is reached from this host only."""
 
     host: str = LOOPBACK  # interface of the sites' port; 0.0.0.0 for hospitals on other machines
-    port: int = check(_tcp_port, 9092)  # the sites' port: the proxy, Fleet API only
-    loopback_port: int | None = check(_tcp_port, None)  # the SuperLink on 127.0.0.1 (admin commands); default port + 1
+    port: int = check(tcp_port, 9092)  # the sites' port: the proxy, Fleet API only
+    loopback_port: int | None = check(tcp_port, None)  # the SuperLink on 127.0.0.1 (admin commands); default port + 1
     public_address: str | None = None  # host:port `add-site` tells hospitals to connect to; default host:port
     max_request_mb: int = check(lambda m: None if 1 <= m <= 2048 else "must be in 1-2048", 64)  # largest request body
     state_dir: Path | None = None  # state.db, logs, pid files, the proxy's files; default state/ beside server.yaml

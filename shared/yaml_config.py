@@ -50,6 +50,10 @@ def fraction(value: float) -> str | None:
     return None if 0.0 <= value <= 1.0 else "must be between 0 and 1"
 
 
+def tcp_port(value: int) -> str | None:
+    return None if 1 <= value <= 65535 else "must be a TCP port (1-65535)"
+
+
 def at_least(minimum: float) -> Check:
     return lambda value: None if value >= minimum else f"must be >= {minimum}"
 
