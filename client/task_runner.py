@@ -7,7 +7,8 @@ runs inside the hospital, the site's own checks included. ``fedpath-site start``
 starts no ClientApp) beside this runner, which takes the SuperNode's tasks from its loopback
 Runtime API the way Flower's SuperExec does, and for each task:
 
-1. pulls its input (message, context, run, FAB) with Flower's own ``pull_task_input``;
+1. pulls its input (message, context, run, FAB) as Flower's own ``pull_task_input`` does, but
+   waiting at most ``PULL_INPUT_S`` for the message's objects (see ``pull_task_input``);
 2. checks the run's bundle: its content digest (``shared/app_bundle.py``) must be the installed
    fedpath version's or be listed in ``federation.allowed_bundles``; otherwise it answers
    ``Error(REFUSAL_ERROR_BASE + 12)`` and runs nothing. The bundle is never installed or imported;
@@ -43,10 +44,26 @@ from typing import Any, Callable, Iterable
 import httpx
 from flwr.app import Context, Error, Message
 from flwr.common.constant import SubStatus
-from flwr.proto.runtime_pb2 import AcquireTaskRequest, SendTaskHeartbeatRequest  # pylint: disable=E0611
+
+# Flower's module-level functions of its ClientApp process (flwr/supernode/runtime/run_clientapp.py):
+# pull a task's input, push the reply, push the task output. Flower has no public class for them,
+# and re-implementing them would copy its object-tree protocol.
+from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
+from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
+from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611  # pylint: disable=E0611
+    AcquireTaskRequest,
+    PullAppMessagesRequest,
+    PullTaskInputRequest,
+    SendTaskHeartbeatRequest,
+)
 from flwr.supercore.constant import TaskType
 from flwr.supercore.fab import Fab
 from flwr.supercore.heartbeat import HeartbeatSender
+from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+    make_confirm_message_received_fn_protobuf,
+    make_pull_object_fn_protobuf,
+)
+from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
 from flwr.supercore.interceptors import (
     RuntimeTokenHttpInterceptor,
     RuntimeVersionHttpInterceptor,
@@ -54,11 +71,8 @@ from flwr.supercore.interceptors import (
 )
 from flwr.supercore.retry import RetryInvoker, exponential
 from flwr.supercore.runtime import RuntimeHttpClient
-
-# Flower's module-level functions of its ClientApp process (flwr/supernode/runtime/run_clientapp.py):
-# pull a task's input, push the reply, push the task output. Flower has no public class for them,
-# and re-implementing them would copy its object-tree protocol.
-from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+from flwr.supercore.task_identity import TaskIdentity
+from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
 from client.egress_log import ERROR, REFUSED, SENT, WITHHELD, EgressLog, describe_reply
 from client.egress_policy import EgressPolicy, Violation, secagg_stage
@@ -77,6 +91,13 @@ POLICY_FAILED = REFUSAL_ERROR_BASE + 14
 COMPONENT = "fedpath-task-runner"
 ACQUIRE_METHOD = "/flwr.proto.Runtime/AcquireTask"  # the one Runtime method SuperExec auth protects
 POLL_S = 0.5  # between AcquireTask calls while idle (Flower's SuperExec: 1 s)
+PULL_INPUT_S = 60.0
+"""Longest wait for a task's message objects in the SuperNode's local store. They are local (the
+SuperNode pulls them from the SuperLink before it confirms the message), so this only ends tasks
+that can never complete: Flower 1.42's SuperNode leaves a pending task behind when a run stops
+while one of its messages is being received (``RunNotRunningException`` is a BaseException and
+skips the clean-up), and its objects never arrive. Flower's own default would wait 2 hours, and
+this runner serves one task at a time."""
 WAIT_MAX_S = 10.0  # longest pause while the SuperNode is unreachable or refuses
 
 
@@ -246,7 +267,7 @@ class TaskRunner:
         context = None
         try:
             try:
-                message, context, _run, fab = pull_task_input(client)
+                message, context, _run, fab = pull_task_input(client, PULL_INPUT_S)
             except Exception:  # noqa: BLE001 - no message to answer: Flower's own ClientApp process does the same
                 log.exception("task %d: its input could not be pulled from the SuperNode", task_id)
                 push_task_output(client=client, context=None, sub_status=SubStatus.FAILED, details="")
@@ -280,6 +301,25 @@ class TaskRunner:
         # which suits a one-task ClientApp process, not a long-lived runner; serve_forever retries.
         return RuntimeHttpClient.from_server_address(server_address=self.address, insecure=True,
                                                      root_certificates=None, interceptors=interceptors)
+
+
+def pull_task_input(client: RuntimeHttpClient, max_time: float) -> tuple[Message, Context, Any, Fab]:
+    """A task's message, context, run and FAB, as Flower's ``run_clientapp.pull_task_input`` pulls them
+    (the same Runtime API calls and object-tree inflation, and the same task identity for the process),
+    but giving up after ``max_time`` seconds instead of Flower's default two hours."""
+    res = client.PullTaskInput(PullTaskInputRequest())
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = res.task_id, res.run.run_id, res.context.node_id
+    context, run, fab = context_from_proto(res.context), run_from_proto(res.run), fab_from_proto(res.fab)
+    messages = client.PullMessages(PullAppMessagesRequest())
+    if not messages.messages_list:
+        raise RuntimeError("the SuperNode holds no message for this task")
+    node, tree = Node(node_id=context.node_id), messages.message_object_trees[0]
+    message = pull_and_inflate_object_from_tree(
+        tree, make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
+        return_type=Message, max_time=max_time)
+    message.metadata.__dict__["_message_id"] = tree.object_id  # as Flower: a deflated message lacks its own id
+    return message, context, run, fab
 
 
 def _task_retry_invoker() -> RetryInvoker:
