@@ -85,7 +85,7 @@ def fit(config: SiteConfig, plan: RoundPlan, received: list[np.ndarray], noise_s
     """
     start = time.perf_counter()
     privacy = round_privacy(config, plan)
-    layout = CountLayout(len(plan.classes), plan.evaluation_bins, _positive_index(plan))
+    layout = CountLayout.for_federation(plan.classes, plan.positive_class, plan.evaluation_bins)
     releases_evaluation = plan.evaluate and config.privacy.release_evaluation
     record: dict = {"round": plan.round, "train": plan.train, "evaluate": releases_evaluation}
     counts = np.zeros(layout.size)
@@ -179,10 +179,6 @@ def _evaluate(head: torch.nn.Module, val: list[SlideFeatures], plan: RoundPlan, 
     local = {key: float(exact[key]) for key in ("loss", "accuracy", "balanced_accuracy", "sensitivity",
                                                 "specificity", "auc") if key in exact}
     return {"counts": counts, "local": {**local, "slides": len(val), "patients": len({s.patient for s in val})}}
-
-
-def _positive_index(plan: RoundPlan) -> int:
-    return plan.classes.index(plan.positive_class) if plan.positive_class in plan.classes else 1
 
 
 def _outgoing_problem(plan: RoundPlan, head: torch.nn.Module, update: list[np.ndarray], patients: int) -> str | None:

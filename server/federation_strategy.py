@@ -82,8 +82,8 @@ class FederationStrategy(Strategy):
         self.shapes, self.global_arrays = shapes, global_arrays
         self.offset = first_round - 1
         self.plan_for, self.site_name, self.on_sampled = plan_for, site_name, on_sampled
-        self.layout = CountLayout(len(config.classes), config.federation.evaluation_bins,
-                                  config.classes.index(config.positive_class) if config.positive_class else 1)
+        self.layout = CountLayout.for_federation(config.classes, config.positive_class,
+                                                 config.federation.evaluation_bins)
         self.sites: dict[str, SiteRound] = {}
         self.clock: dict[str, float] = {}  # phase boundaries of the current round (monotonic seconds)
         self.aggregated: int | None = None  # the last fedpath round whose replies were read

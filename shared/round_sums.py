@@ -42,6 +42,11 @@ class CountLayout:
     bins: int = DEFAULT_BINS
     positive_index: int = 1  # binary: the class whose score is histogrammed
 
+    @classmethod
+    def for_federation(cls, classes: Sequence[str], positive_class: str | None, bins: int) -> "CountLayout":
+        """The layout both sides use: the federation's classes, its positive class (default the second)."""
+        return cls(len(classes), bins, list(classes).index(positive_class) if positive_class in classes else 1)
+
     def __post_init__(self) -> None:
         if self.num_classes < 2:
             raise ValueError(f"need at least two classes, got {self.num_classes}")
