@@ -96,7 +96,9 @@ def measure(cfg: SimConfig, folder: Path) -> dict:
     with PeakMemory() as memory:
         run_dir = run_simulation(cfg, layout, folder)
     seconds = time.perf_counter() - start
-    timing = [entry["timing"]["round_s"] for entry in json.loads((run_dir / "metrics.json").read_text())]
+    # round 0 is the initial model (no exchange made it): every other entry times the exchange that trained it
+    timing = [entry["timing"]["round_s"] for entry in json.loads((run_dir / "metrics.json").read_text())
+              if entry["round"] >= 1]
     section = cfg.simulation
     partition = section.partition.scheme + {"iid": "", "dirichlet": f" alpha={section.partition.alpha:g}",
                                             "quantity": f" beta={section.partition.beta:g}"}[section.partition.scheme]

@@ -90,7 +90,7 @@ POLICY_FAILED = REFUSAL_ERROR_BASE + 14
 
 COMPONENT = "fedpath-task-runner"
 ACQUIRE_METHOD = "/flwr.proto.Runtime/AcquireTask"  # the one Runtime method SuperExec auth protects
-POLL_S = 0.5  # between AcquireTask calls while idle (Flower's SuperExec: 1 s)
+POLL_S = 0.2  # between AcquireTask calls while idle (Flower's SuperExec: 1 s); local, and SecAgg+ waits on 4 a round
 PULL_INPUT_S = 60.0
 """Longest wait for a task's message objects in the SuperNode's local store. They are local (the
 SuperNode pulls them from the SuperLink before it confirms the message), so this only ends tasks
