@@ -37,7 +37,7 @@ ATTACKS = {
                               '        federation_id="../x", round=round_,'),
     # at unmasking, ask every site for both shares of one site: its mask seed and its key
     "active-and-dropped": ("server/grid_timeout.py",
-                           "        replies = list(self._grid.send_and_receive(messages, ",
+                           "        waiting = set(self._grid.push_messages(messages))",
                            "        messages = list(messages)\n"
                            "        for message in messages:\n"
                            "            configs = message.content.config_records.get('secaggplus_configs')\n"
@@ -45,7 +45,7 @@ ATTACKS = {
                            "                active = list(configs['active_nids'])\n"
                            "                dead = list(configs['dead_nids'])\n"
                            "                configs['dead_nids'] = dead + active[:1]\n"
-                           "        replies = list(self._grid.send_and_receive(messages, "),
+                           "        waiting = set(self._grid.push_messages(messages))"),
 }
 
 
