@@ -10,9 +10,10 @@ parallel): process start-up, message passing and the server's bookkeeping.
 ``secagg_ratio``: SecAgg+ round time over plain round time, same run (goal <= 1.3).
 ``bytes_per_site_round``: what the SuperLink
 received from the sites (Flower's own traffic counter for the run) per site and round, against
-``trainable_param_bytes``, the float32 bytes of what is trained. The import times show where a
-ClientApp process spends its start: Flower starts one per message, so stages that do not
-train import neither Opacus nor torchvision's model zoo (about 3 s saved per evaluation).
+``trainable_param_bytes``, the float32 bytes of what is trained. The import times show what a
+fresh ClientApp process pays (a SuperNode with Flower's default subprocess isolation starts one
+per message; fedpath's site task runner imports the ClientApp once and keeps it): stages that do
+not train import neither Opacus nor torchvision's model zoo.
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ def run(quick: bool) -> dict:
         "sites": 3, "rounds": rounds, "slides_per_site": slides, "tls": True,
         # plain FedAvg messages (secure_aggregation.enabled: false): the issue's figures
         **plain,
-        # the default, SecAgg+: four exchanges per fit, masked vectors as 64-bit integers
+        # the default, SecAgg+: five exchanges per fit (Flower's four and the signed survivors),
+        # masked vectors as 64-bit integers
         **{f"secagg_{key}": value for key, value in secure.items() if key != "trainable_param_bytes"},
         "secagg_ratio": round(secure["round_s"] / plain["round_s"], 3),
         "evaluate_phase": "none: the sites score the received model inside the training exchange",

@@ -9,15 +9,16 @@ own conditions whatever the server asks:
   configuration errors included, becomes a numeric refusal code with no text; details stay in
   the site's log.
 - ``secure_aggregation``: Flower's SecAgg+ for training messages that run the protocol, behind the
-  site's own conditions: a plain training message is refused when the site requires SecAgg+; a
-  SecAgg+ round is refused when its reconstruction threshold is below a strict majority of its
-  sites, when it has fewer sites than the site's minimum, or when the unmask request names a site
-  both active and dropped (or this site as dropped): Flower's mod takes those from the server as
-  given, and a curious server could otherwise unmask one site's update.
+  site's own conditions: a plain training message is refused when the site requires SecAgg+; each
+  SecAgg+ stage passes ``client/secure_round.py`` first (majority threshold, minimum number of
+  sites, full pairing and, with the consortium roster, signed keys, one signed view of the round
+  and one signed set of survivors), and the site signs its own statements into the replies.
+  Flower's mod takes all of this from the server as given, and a server that cheats could
+  otherwise read one site's update (security.md, section 2).
 
 At a deployed site the task runner (``client/task_runner.py``) imports this module once and calls
 ``app`` for every message; in a simulation Flower's Simulation Engine does. Either way this
-module imports only Flower and numpy: SecAgg+'s key and unmask stages never need torch or Opacus,
+module imports only Flower, numpy and cryptography: SecAgg+'s key and unmask stages never need torch or Opacus,
 which the stage that trains imports.
 """
 
@@ -31,10 +32,11 @@ import numpy as np
 from flwr.app import Context, Error, Message
 from flwr.app.message_type import MessageType
 from flwr.client import ClientApp, NumPyClient
-from flwr.client.mod import secaggplus_mod
 from flwr.common.constant import PARTITION_ID_KEY
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
+from client.secure_round import SiteSigner, UnsafeRound, is_survivors_request, secure_stage
+from shared.errors import UserError
 from shared.refusals import REFUSAL_ERROR_BASE, InvalidFederationId, refusal_text
 
 SITE_CONFIG_KEY = "site-config"
@@ -49,7 +51,7 @@ log = logging.getLogger("fedpath.site")
 
 
 class SiteRefusal(Exception):
-    """The site refuses this message; only ``code`` (shared/round_plan.py REFUSALS) leaves the site."""
+    """The site refuses this message; only ``code`` (``shared.refusals.REFUSALS``) leaves the site."""
 
     def __init__(self, code: int, detail: str = "") -> None:
         super().__init__(f"{refusal_text(code)}{f': {detail}' if detail else ''}")
@@ -146,30 +148,19 @@ def secure_aggregation(msg: Message, context: Context, call_next) -> Message:
     if msg.metadata.message_type != MessageType.TRAIN:
         return call_next(msg, context)
     config = site_config(site_yaml_of(context))
-    if RECORD_KEY_CONFIGS not in msg.content.config_records:
+    if RECORD_KEY_CONFIGS not in msg.content.config_records and not is_survivors_request(msg):
         if config.federation.require_secure_aggregation:
             raise SiteRefusal(8, "a plain training message; set federation.require_secure_aggregation: false "
                                  "in site.yaml to accept unmasked rounds")
         return call_next(msg, context)
-    configs = msg.content.config_records[RECORD_KEY_CONFIGS]
-    stage = configs.get(Key.STAGE)
-    if stage == Stage.SETUP:
-        sites, threshold = int(configs.get(Key.SAMPLE_NUMBER, 0)), int(configs.get(Key.THRESHOLD, 0))
-        shares = int(configs.get(Key.SHARE_NUMBER, 0))
-        if sites < config.federation.min_round_sites:
-            raise SiteRefusal(9, f"{sites} sites in the round; this site requires at least "
-                                 f"{config.federation.min_round_sites} (federation.min_round_sites)")
-        if threshold < sites // 2 + 1 or threshold < shares // 2 + 1:
-            raise SiteRefusal(9, f"reconstruction threshold {threshold} with {sites} sites ({shares} shares): "
-                                 f"fewer than a strict majority could unmask a site's update")
-    elif stage == Stage.UNMASK:
-        active = set(configs.get(Key.ACTIVE_NODE_ID_LIST, []))
-        dropped = set(configs.get(Key.DEAD_NODE_ID_LIST, []))
-        if active & dropped:
-            raise SiteRefusal(9, f"sites {sorted(active & dropped)} named both active and dropped")
-        if msg.metadata.dst_node_id in dropped:
-            raise SiteRefusal(9, "this site, which sent its masked vector, named as dropped")
-    return secaggplus_mod(msg, context, call_next)
+    try:
+        signer = SiteSigner.for_site(config.federation.roster, config.federation.auth_key)
+    except (UnsafeRound, UserError) as exc:  # an unusable roster or key: no round without the checks it asks for
+        raise SiteRefusal(9, str(exc)) from None
+    try:
+        return secure_stage(msg, context, call_next, config.federation.min_round_sites, signer)
+    except UnsafeRound as exc:  # (failures of the training below keep their own codes)
+        raise SiteRefusal(9, str(exc)) from None
 
 
 app = ClientApp(client_fn=client_fn, mods=[no_text_leaves, secure_aggregation])

@@ -16,8 +16,9 @@ The rules (each a small table below, so they are easy to read and to adjust):
 (c) array records are empty when the site requires secure aggregation (under SecAgg+ Flower's
     mod clears them and sends the masked vector as bytes in a config record);
 (d) config records only as the SecAgg+ protocol produces them in the stage being answered
-    (``SECAGG_REPLY_KEYS``: known keys, bytes, ints and lists of them), plus Flower's legacy
-    status record (``LEGACY_STATUS_RECORDS``) and the legacy metric carriers of (b);
+    (``SECAGG_REPLY_KEYS``: known keys, bytes, ints and lists of them), the site's signed
+    statements of that stage (``SIGNED_REPLY_KEYS``, ``shared/signed_secagg.py``), plus Flower's
+    legacy status record (``LEGACY_STATUS_RECORDS``) and the legacy metric carriers of (b);
 (e) an error reply carries a code and no reason text.
 
 Anything the tables do not name is refused: a new record or key needs a line here, reviewed
@@ -31,6 +32,8 @@ from typing import Any
 
 from flwr.app import Message
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+
+from shared import signed_secagg
 
 # --- (a) strings -----------------------------------------------------------------------------
 ALLOWED_STATUS_TEXTS = frozenset({"Success"})
@@ -69,6 +72,17 @@ SECAGG_REPLY_KEYS: dict[str, dict[str, str]] = {
 ``secaggplus_configs`` record."""
 
 SECAGG_RECORD = RECORD_KEY_CONFIGS
+
+SIGNED_REPLY_KEYS: dict[str, dict[str, str]] = {
+    # shared/signed_secagg.py: the site's signature of its keys and the public key it signs with, of
+    # the round's list of sites, of the survivors (fedpath's own stage; no signature without a roster).
+    Stage.SETUP: {signed_secagg.KEY_SIGNATURE: "bytes", signed_secagg.SIGNER: "bytes"},
+    Stage.SHARE_KEYS: {signed_secagg.VIEW_SIGNATURE: "bytes"},
+    Stage.COLLECT_MASKED_VECTORS: {},
+    Stage.UNMASK: {},
+    signed_secagg.SURVIVORS_STAGE: {signed_secagg.SURVIVORS_SIGNATURE: "bytes"},
+}
+"""Stage -> key -> kind of value the site's reply may hold in its ``fedpath-secagg`` record."""
 
 
 @dataclass(frozen=True)
@@ -127,7 +141,9 @@ class EgressPolicy:
             elif name in LEGACY_STATUS_RECORDS:
                 problem = _check_status(where, record)
             elif name == SECAGG_RECORD:
-                problem = _check_secagg(where, record, stage)
+                problem = _check_secagg(where, record, stage, SECAGG_REPLY_KEYS)
+            elif name == signed_secagg.RECORD:
+                problem = _check_secagg(where, record, stage, SIGNED_REPLY_KEYS)
             else:
                 problem = Violation("d", where, "config record not allowed (only SecAgg+ material, Flower's legacy "
                                     "status and metrics records)")
@@ -173,8 +189,8 @@ def _check_status(where: str, record: Any) -> Violation | None:
     return None
 
 
-def _check_secagg(where: str, record: Any, stage: str | None) -> Violation | None:
-    allowed = SECAGG_REPLY_KEYS.get(stage or "")
+def _check_secagg(where: str, record: Any, stage: str | None, table: dict[str, dict[str, str]]) -> Violation | None:
+    allowed = table.get(stage or "")
     if allowed is None:
         return Violation("d", where, "SecAgg+ material in a reply to a message that was not a SecAgg+ stage"
                          if stage is None else f"unknown SecAgg+ stage {stage!r}")
@@ -209,11 +225,14 @@ def value_kind(value: Any) -> str:
 
 
 def secagg_stage(message: Message) -> str | None:
-    """The SecAgg+ stage an incoming message asks for (None outside SecAgg+). Read it before the
-    ClientApp runs: Flower's mod pops it from the message."""
+    """The SecAgg+ stage an incoming message asks for, or fedpath's survivors stage (None outside
+    SecAgg+). Read it before the ClientApp runs: Flower's mod pops it from the message."""
     if message.has_error() or not message.has_content():
         return None
     configs = message.content.config_records.get(SECAGG_RECORD)
     stage = configs.get(Key.STAGE) if configs is not None else None
+    signed = message.content.config_records.get(signed_secagg.RECORD)
+    if stage is None and signed is not None and signed.get(signed_secagg.STAGE_KEY) == signed_secagg.SURVIVORS_STAGE:
+        stage = signed_secagg.SURVIVORS_STAGE
     return stage if isinstance(stage, str) else None
 

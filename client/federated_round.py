@@ -11,7 +11,7 @@ the same constant, so nothing about the site's size leaves beside the masked sum
 Everything else (training loss, the exact validation metrics, patient counts) stays at the site:
 its log and its local round records (``client/site_rounds.py``). A site that cannot take part this
 round (budget spent, another model, DP off where the federation requires it) answers with zeros
-and a numeric refusal code (``shared.round_plan.REFUSALS``), so the round goes on without it.
+and a numeric refusal code (``shared.refusals.REFUSALS``), so the round goes on without it.
 """
 
 from __future__ import annotations
@@ -110,7 +110,8 @@ def fit(config: SiteConfig, plan: RoundPlan, received: list[np.ndarray], noise_s
         try:
             session = PrivateRound(head, dataset, training, privacy, ledger_path(config, plan),
                                    evaluations=plan.evaluations if config.privacy.release_evaluation else 0,
-                                   evaluation_share=plan.privacy.evaluation_share, noise_seed=noise_seed)
+                                   evaluation_share=plan.privacy.evaluation_share, noise_seed=noise_seed,
+                                   lifetime_delta=config.privacy.delta)
             round_id = f"round-{plan.round}"
             if session.ledger is not None:  # a retried round spends again, under its own id
                 round_id = session.ledger.unused_round_id(round_id)
@@ -125,9 +126,8 @@ def fit(config: SiteConfig, plan: RoundPlan, received: list[np.ndarray], noise_s
                 patients = result.examples
                 record.update(patients=patients, train_loss=result.loss, steps=result.steps)
                 numbers.update(noise_multiplier=result.noise_multiplier)
-        except LifetimeBudgetExceeded as exc:
-            raise Refusal(11, str(exc), epsilon=exc.spent, would_spend=exc.would_spend,
-                          budget_epsilon=exc.lifetime) from None
+        except LifetimeBudgetExceeded as exc:  # its numbers add up other federations: none of them leaves
+            raise Refusal(11, str(exc)) from None
         except BudgetExceeded as exc:
             raise Refusal(1, str(exc), epsilon=exc.spent, would_spend=exc.would_spend,
                           budget_epsilon=exc.budget.epsilon) from None

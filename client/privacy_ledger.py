@@ -115,12 +115,13 @@ class BudgetExceeded(UserError, RuntimeError):
 class LifetimeBudgetExceeded(BudgetExceeded):
     """A plan or round would take the site past its lifetime ε over all federations on its data."""
 
-    def __init__(self, spent: float, would_spend: float, budget: PrivacyBudget, path: Path, lifetime: float) -> None:
+    def __init__(self, spent: float, would_spend: float, budget: PrivacyBudget, path: Path, lifetime: float,
+                 delta: float) -> None:
         self.lifetime = lifetime
         UserError.__init__(
             self,
             f"lifetime privacy budget exceeded: the federations in {path.parent} have spent or reserved "
-            f"ε={spent:.4f} together (δ={budget.delta:g}); with {path.name} it would be {would_spend:.4f}, above the "
+            f"ε={spent:.4f} together (δ={delta:g}); with {path.name} it would be {would_spend:.4f}, above the "
             f"site's privacy.lifetime_epsilon {lifetime:g}. This federation is refused before any training; the "
             "site's data custodian decides whether the lifetime limit may grow.")
         self.spent, self.would_spend, self.budget = spent, would_spend, budget
@@ -169,10 +170,13 @@ class PrivacyLedger:
     the site forget privacy it spent.
     """
 
-    def __init__(self, path: Path, budget: PrivacyBudget, lifetime_epsilon: float | None = None) -> None:
+    def __init__(self, path: Path, budget: PrivacyBudget, lifetime_epsilon: float | None = None,
+                 lifetime_delta: float | None = None) -> None:
         self.path = Path(path)
         self.budget = budget
         self.lifetime_epsilon = lifetime_epsilon
+        # one δ for the lifetime total, whichever federation asks (the site's own; federations may use smaller ones)
+        self.lifetime_delta = budget.delta if lifetime_delta is None else lifetime_delta
         self._plan: dict[str, Any] | None = None
         self._rounds: list[dict[str, Any]] = []
         self._on_disk: dict[str, Any] | None = None
@@ -319,8 +323,8 @@ class PrivacyLedger:
 
     def lifetime_spent(self) -> float:
         """ε of every federation in this ledger's folder together: what they recorded plus what their
-        plans still reserve (this ledger included), at this budget's δ."""
-        return _epsilon(self.budget.accountant, self.budget.delta, self._lifetime_history(self._rounds, []))
+        plans still reserve (this ledger included), at the lifetime δ."""
+        return _epsilon(self.budget.accountant, self.lifetime_delta, self._lifetime_history(self._rounds, []))
 
     def _projected(self, segments: list[Segment]) -> float:
         return _epsilon(self.budget.accountant, self.budget.delta, _merged([*self.history, *segments]))
@@ -377,10 +381,11 @@ class PrivacyLedger:
     def _check_lifetime(self, own_rounds: list[dict[str, Any]], extra: list[Segment]) -> None:
         if self.lifetime_epsilon is None:
             return
-        total = _epsilon(self.budget.accountant, self.budget.delta, self._lifetime_history(own_rounds, extra))
+        total = _epsilon(self.budget.accountant, self.lifetime_delta, self._lifetime_history(own_rounds, extra))
         if total > self.lifetime_epsilon * (1 + BUDGET_SLACK):
-            before = _epsilon(self.budget.accountant, self.budget.delta, self._lifetime_history(self._rounds, []))
-            raise LifetimeBudgetExceeded(before, total, self.budget, self.path, self.lifetime_epsilon)
+            before = _epsilon(self.budget.accountant, self.lifetime_delta, self._lifetime_history(self._rounds, []))
+            raise LifetimeBudgetExceeded(before, total, self.budget, self.path, self.lifetime_epsilon,
+                                         self.lifetime_delta)
 
 
     def attach(self, privacy_engine: PrivacyEngine) -> None:

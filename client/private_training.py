@@ -78,11 +78,13 @@ class PrivateRound:
         evaluations: evaluation releases the plan must also pay for (0: training only).
         evaluation_share: the part of ε the ``evaluations`` releases spend together.
         noise_seed: only for a simulation that asked for reproducible noise; None draws from the OS.
+        lifetime_delta: the δ at which ``privacy.lifetime_epsilon`` is checked over all federations (the
+            site's own δ; None: ``privacy.delta``).
     """
 
     def __init__(self, head: nn.Module, dataset: Dataset, training: TrainingConfig, privacy: PrivacyConfig,
                  ledger_path: Path, evaluations: int = 0, evaluation_share: float = 0.0,
-                 noise_seed: int | None = None) -> None:
+                 noise_seed: int | None = None, lifetime_delta: float | None = None) -> None:
         self.head, self.dataset, self.training, self.privacy = head, dataset, training, privacy
         device = next(head.parameters()).device
         self.generator = private_generator(device, noise_seed)
@@ -96,7 +98,7 @@ class PrivateRound:
             # some sizes), so the plan is made from it and it is the loader that trains.
             self.loader = DPDataLoader.from_data_loader(self.loader, generator=private_generator("cpu", noise_seed))
             self.ledger = PrivacyLedger(ledger_path, PrivacyBudget(privacy.epsilon, privacy.delta, privacy.accountant),
-                                        lifetime_epsilon=privacy.lifetime_epsilon)
+                                        lifetime_epsilon=privacy.lifetime_epsilon, lifetime_delta=lifetime_delta)
             self.plan = self.ledger.plan(1 / len(self.loader), len(self.loader) * training.epochs,
                                          privacy.planned_rounds, evaluations=evaluations,
                                          evaluation_share=evaluation_share)

@@ -63,6 +63,11 @@ class FederationSite:
     # The site's own conditions for taking part, whatever the server asks:
     require_secure_aggregation: bool = True  # refuse plain (unmasked) training messages (refusal 8)
     min_round_sites: int = check(at_least(2), 3)  # refuse a SecAgg+ round with fewer sites (refusal 9)
+    # The consortium's member hospitals' public keys (one `<site>.pub` line each), checked by this site's
+    # data-protection officer against the consortium agreement. With it, every SecAgg+ round's keys, list
+    # of sites and survivors must be signed by members (shared/signed_secagg.py); without it the other
+    # sites' keys are taken on the server's word.
+    roster: Path | None = None
     # sha256 content digests of app bundles this site accepts besides its own installed fedpath version
     # (`fedpath-site bundle-digest`); a run with any other bundle is refused (refusal 12)
     allowed_bundles: tuple[str, ...] = check(lambda digests: _first_problem(digests, digest_problem), ())

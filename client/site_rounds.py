@@ -56,15 +56,19 @@ def federations(config: SiteConfig) -> list[str]:
     return sorted(names)
 
 
-def sent_reply_path(config: SiteConfig, federation_id: str, round_: int) -> Path:
-    return Path(config.state_dir) / "sent" / federation_id / f"round-{round_:04d}.npz"
+def sent_reply_path(config: SiteConfig, federation_id: str, round_: int, attempt: int = 0) -> Path:
+    """Where the reply of a round's ``attempt`` is kept (0: the first; a retried round spends and sends again)."""
+    retry = f"-retry{attempt}" if attempt else ""
+    return Path(config.state_dir) / "sent" / federation_id / f"round-{round_:04d}{retry}.npz"
 
 
 def keep_reply(config: SiteConfig, federation_id: str, round_: int, arrays: list[np.ndarray]) -> Path:
     """A copy of the reply vector as it left the ClientApp (before SecAgg+ masks it), for the site's audits."""
     buffer = io.BytesIO()
     np.savez(buffer, *arrays)
-    path = sent_reply_path(config, federation_id, round_)
+    attempt = 0
+    while (path := sent_reply_path(config, federation_id, round_, attempt)).exists():
+        attempt += 1  # never overwrite what already left: each attempt is kept
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, buffer.getvalue(), 0o600)
     return path

@@ -11,6 +11,7 @@ from pathlib import Path
 from client.privacy_ledger import LedgerError, PrivacyBudget, PrivacyLedger
 from client.site_config import SiteConfig
 from client.site_rounds import federations, read_rounds
+from shared.signed_secagg import Roster, RosterError
 
 
 def status_report(config: SiteConfig, last: int = 3) -> str:
@@ -27,7 +28,8 @@ def status_report(config: SiteConfig, last: int = 3) -> str:
             try:
                 document = json.loads(path.read_text(encoding="utf-8"))
                 budget = PrivacyBudget(**document["budget"])
-                ledger = PrivacyLedger(path, budget, lifetime_epsilon=config.privacy.lifetime_epsilon)
+                ledger = PrivacyLedger(path, budget, lifetime_epsilon=config.privacy.lifetime_epsilon,
+                                       lifetime_delta=config.privacy.delta)
                 lifetime_ledger = ledger
                 plan = ledger.release_plan
                 kinds = [entry.get("kind", "training") for entry in document["rounds"]]
@@ -43,11 +45,26 @@ def status_report(config: SiteConfig, last: int = 3) -> str:
                 lines.append(f"  ledger {path}: UNREADABLE ({exc}); restore it from a backup")
         for record in read_rounds(config, name)[-last:]:
             lines.append("  " + _record_line(record))
+    lines += _roster_lines(config)
     if config.privacy.lifetime_epsilon is not None:
         spent = lifetime_ledger.lifetime_spent() if lifetime_ledger is not None else 0.0
         lines.append(f"\nlifetime ε {spent:.3f} of {config.privacy.lifetime_epsilon:g} over all federations "
-                     "(recorded plus what their plans still reserve)")
+                     f"(recorded plus what their plans still reserve; δ {config.privacy.delta:g})")
     return "\n".join(lines)
+
+
+def _roster_lines(config: SiteConfig) -> list[str]:
+    """The members whose signatures this site accepts in SecAgg+ rounds, for the data-protection officer to
+    compare with the consortium agreement (fingerprints as `ssh-keygen -lf` prints them)."""
+    if config.federation.roster is None:
+        return ["\nno consortium roster (federation.roster): in SecAgg+ rounds the other sites' keys are taken on "
+                "the server's word"]
+    try:
+        roster = Roster.load(config.federation.roster)
+    except RosterError as exc:
+        return [f"\nconsortium roster UNUSABLE: {exc}"]
+    return [f"\nconsortium roster {roster.path} ({len(roster.members)} members):",
+            *(f"  {line}" for line in roster.fingerprints())]
 
 
 def _record_line(record: dict) -> str:

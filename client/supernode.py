@@ -35,6 +35,11 @@ from shared.processes import executable, flower_env, running_pid, start, stop_pi
 
 log = logging.getLogger("fedpath.site")
 
+NO_LIFETIME_LIMIT = ("WARNING: privacy.lifetime_epsilon is not set: each federation the consortium starts on this "
+                     "site's data gets the full privacy.epsilon, with no limit over all of them. Set one in site.yaml "
+                     "(see configs/site.example.yaml).")
+NO_ROSTER = ("WARNING: federation.roster is not set: in SecAgg+ rounds this site takes the other sites' keys on "
+             "the server's word, so a server that cheats could read its update (docs/security.md, section 2).")
 INSECURE_WARNING = ("WARNING: --insecure: TLS is OFF. This site's model updates cross the network in clear text "
                     "and it cannot tell the real server from an impostor. Test machines only.")
 
@@ -76,6 +81,19 @@ def read_superexec_secret(config: SiteConfig) -> bytes:
     return secret
 
 
+def _check_roster(config, site_yaml) -> None:
+    """A roster that cannot be used stops the start here, not at the first round (refusal 9)."""
+    if config.federation.roster is None:
+        log.warning(NO_ROSTER)
+        return
+    from client.secure_round import SiteSigner, UnsafeRound
+
+    try:
+        SiteSigner.for_site(config.federation.roster, config.federation.auth_key)
+    except (UnsafeRound, UserError) as exc:
+        raise SiteStartError(f"{site_yaml}: federation.roster: {exc}") from None
+
+
 def supernode_command(config: SiteConfig, site_yaml: Path, insecure: bool) -> list[str]:
     federation = config.federation
     if not federation.server:
@@ -87,6 +105,9 @@ def supernode_command(config: SiteConfig, site_yaml: Path, insecure: bool) -> li
                "--isolation", "process", "--host", RUNTIME_HOST, "--port", str(federation.port),
                "--superexec-auth-secret-file", str(superexec_secret_path(config)),
                "--node-config", f"{SITE_CONFIG_KEY}='{Path(site_yaml).resolve()}'"]
+    if config.privacy.lifetime_epsilon is None:
+        log.warning(NO_LIFETIME_LIMIT)
+    _check_roster(config, site_yaml)
     if insecure:
         print(INSECURE_WARNING, flush=True)
         log.warning(INSECURE_WARNING)
@@ -189,6 +210,8 @@ def start_supernode(config: SiteConfig, site_yaml: Path, insecure: bool, detach:
         wait_for_runner(config, process, log_file, log_offset, records_before)
         print(f"{config.name}: SuperNode and task runner started (pid {process.pid}), connecting to "
               f"{config.federation.server}; log {log_file}, egress log {state / EGRESS_FILE}", flush=True)
+        if config.privacy.lifetime_epsilon is None:
+            print(NO_LIFETIME_LIMIT, flush=True)
         return 0
     pid = running_pid(pid_file)
     if pid is not None and pid != os.getpid():

@@ -45,12 +45,13 @@ import httpx
 from flwr.app import Context, Error, Message
 from flwr.common.constant import SubStatus
 
-# Flower's module-level functions of its ClientApp process (flwr/supernode/runtime/run_clientapp.py):
-# pull a task's input, push the reply, push the task output. Flower has no public class for them,
-# and re-implementing them would copy its object-tree protocol.
+# Flower's ClientApp-process plumbing (flwr/supernode/runtime/run_clientapp.py and the modules it uses):
+# pull a task's input, push the reply, push the task output. Flower has no public API for a process
+# that serves tasks, and re-implementing these would copy its object-tree protocol; they are pinned
+# with flwr's version in pyproject.toml and exercised by tests/test_task_runner.py.
 from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
 from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
-from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611  # pylint: disable=E0611
+from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
     AcquireTaskRequest,
     PullAppMessagesRequest,
     PullTaskInputRequest,
@@ -318,7 +319,9 @@ def pull_task_input(client: RuntimeHttpClient, max_time: float) -> tuple[Message
         tree, make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
         make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
         return_type=Message, max_time=max_time)
-    message.metadata.__dict__["_message_id"] = tree.object_id  # as Flower: a deflated message lacks its own id
+    # A deflated message lacks its own id, and Metadata has no public setter for it: Flower's own
+    # pull_task_input (run_clientapp.py) sets it exactly this way; the only private name used here.
+    message.metadata.__dict__["_message_id"] = tree.object_id
     return message, context, run, fab
 
 

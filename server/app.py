@@ -80,10 +80,14 @@ def run_federation(grid, context: Context, folder: RunFolder) -> None:
     legacy = LegacyContext(context, config=FlowerServerConfig(num_rounds=exchanges,
                                                               round_timeout=config.federation.round_timeout),
                            strategy=strategy)
-    observers = [strategy.observe]
+    observers, outgoing = [strategy.observe], []
+    if workflow is not None:
+        observers.append(workflow.relay.observe)
+        outgoing.append(workflow.relay.attach)
     if config.federation.wire_log:
         observers.append(WireLog(folder.path / "wire.jsonl").record)
-    DefaultWorkflow(fit_workflow=workflow)(TimeoutGrid(grid, config.federation.round_timeout, observers), legacy)
+    grid = TimeoutGrid(grid, config.federation.round_timeout, observers, outgoing)
+    DefaultWorkflow(fit_workflow=workflow)(grid, legacy)
 
 
 def initial_model(config: ServerConfig):

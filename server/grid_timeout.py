@@ -1,8 +1,9 @@
 """Flower's legacy workflow waits for every reply without a time limit; a site that dies
 mid-round would hang the run. This Grid gives every exchange the round timeout, after which
 the round goes on with the replies that arrived. It also hands every reply to its observers:
-the wire log when the run asks for one, and the strategy, which learns from error replies which
-site refused (SecAgg+ stages report failures to the strategy without their node).
+the wire log when the run asks for one, the strategy, which learns from error replies which
+site refused (SecAgg+ stages report failures to the strategy without their node), and the SecAgg+
+signature relay, which also adds the sites' signatures to the outgoing messages.
 
 It polls the SuperLink for replies every ``POLL_S`` through the Grid's own ``push_messages`` and
 ``pull_messages``, where Flower's ``send_and_receive`` sleeps 3 s between pulls: a SecAgg+ round
@@ -20,11 +21,16 @@ POLL_S = 0.2
 
 
 class TimeoutGrid:
-    def __init__(self, grid, timeout: float, observers: Iterable[Callable[[list[Message]], None]] = ()) -> None:
+    def __init__(self, grid, timeout: float, observers: Iterable[Callable[[list[Message]], None]] = (),
+                 outgoing: Iterable[Callable[[list[Message]], list[Message]]] = ()) -> None:
         self._grid, self._timeout, self._observers = grid, timeout, list(observers)
+        self._outgoing = list(outgoing)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         deadline = time.monotonic() + (self._timeout if timeout is None else timeout)
+        messages = list(messages)
+        for transform in self._outgoing:  # e.g. the SecAgg+ signature relay
+            messages = transform(messages)
         waiting = set(self._grid.push_messages(messages))
         replies: list[Message] = []
         while waiting:

@@ -16,17 +16,77 @@ expires, so it is sampled. Such a node never exchanged keys or shares, so no oth
 involves it: dropping it from the sampled set after those stages is exactly the protocol's own
 handling of a site that was never sampled. Nodes that drop later (after sharing) are still
 recovered by Flower as before.
+
+**Signed statements.** Sites sign their SecAgg+ keys, the round's list of sites and the set of
+survivors (``shared/signed_secagg.py``), and refuse a stage whose statements do not verify
+against their roster (``client/secure_round.py``). This workflow only relays them: the
+``SignatureRelay`` collects each site's signature from its reply and hands them to the next
+stage's messages, and before unmasking one extra exchange asks every survivor to sign the set of
+survivors. The server holds no key that could make any of these signatures.
 """
 
 from __future__ import annotations
 
 import logging
 
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.server.workflow import SecAggPlusWorkflow
 
 from server.server_config import SecureAggregationConfig, ServerConfig
+from shared import signed_secagg as signed
 
 log = logging.getLogger("fedpath.server")
+
+
+class SignatureRelay:
+    """Carries the sites' signed statements from their replies to the next stage's messages.
+
+    An observer of every exchange (``TimeoutGrid``) and a transformer of every outgoing message:
+    setup replies give each node's key signature, share-keys replies its signature of the round's
+    list of sites, survivors replies its signature of the survivors; they go out with the
+    share-keys, collect and unmask messages. It forges nothing and checks nothing: the sites do.
+    """
+
+    def __init__(self) -> None:
+        self.keys: dict[int, list[bytes]] = {}
+        self.views: dict[int, bytes] = {}
+        self.survivors: dict[int, bytes] = {}
+        self.group = ""
+
+    def observe(self, replies: list[Message]) -> None:
+        for reply in replies:
+            record = reply.content.config_records.get(signed.RECORD) if reply.has_content() else None
+            if record is None:
+                continue
+            node = reply.metadata.src_node_id
+            if isinstance(record.get(signed.KEY_SIGNATURE), bytes) and isinstance(record.get(signed.SIGNER), bytes):
+                self.keys[node] = [record[signed.KEY_SIGNATURE], record[signed.SIGNER]]
+            if isinstance(record.get(signed.VIEW_SIGNATURE), bytes):
+                self.views[node] = record[signed.VIEW_SIGNATURE]
+            if isinstance(record.get(signed.SURVIVORS_SIGNATURE), bytes):
+                self.survivors[node] = record[signed.SURVIVORS_SIGNATURE]
+
+    def attach(self, messages: list[Message]) -> list[Message]:
+        for message in messages:
+            configs = message.content.config_records.get(RECORD_KEY_CONFIGS)
+            stage = configs.get(Key.STAGE) if configs is not None else None
+            if stage == Stage.SETUP:  # a new round: nothing signed yet
+                self.keys, self.views, self.survivors = {}, {}, {}
+                self.group = message.metadata.group_id
+            elif stage == Stage.SHARE_KEYS:
+                nodes = [int(node) for node in configs.keys() if node != Key.STAGE]
+                self._add(message, {str(n): self.keys[n] for n in nodes if n in self.keys})
+            elif stage == Stage.COLLECT_MASKED_VECTORS:
+                sources = [int(node) for node in configs.get(Key.SOURCE_LIST, [])]
+                self._add(message, {str(n): self.views[n] for n in sources if n in self.views})
+            elif stage == Stage.UNMASK:
+                self._add(message, {str(n): signature for n, signature in self.survivors.items()})
+        return messages
+
+    @staticmethod
+    def _add(message: Message, entries: dict) -> None:
+        message.content.config_records[signed.RECORD] = ConfigRecord(entries)
 
 
 class DropTolerantSecAggPlus(SecAggPlusWorkflow):
@@ -35,6 +95,7 @@ class DropTolerantSecAggPlus(SecAggPlusWorkflow):
                          max_weight=float(settings.max_weight), clipping_range=settings.clipping_range,
                          quantization_range=settings.quantization_range, modulus_range=2**32, timeout=timeout)
         self.settings = settings
+        self.relay = SignatureRelay()
 
     def round_size(self, sites: int) -> None:
         """Called by the strategy once it has sampled a round's ``sites``: this round's threshold."""
@@ -54,6 +115,16 @@ class DropTolerantSecAggPlus(SecAggPlusWorkflow):
         ok = super().share_keys_stage(grid, context, state)
         state.sampled_node_ids = set(state.active_node_ids)
         return ok
+
+    def unmask_stage(self, grid, context, state) -> bool:
+        """First fedpath's survivors exchange (every survivor signs the one set the server will sum;
+        the sites reveal shares only for a set a strict majority signed), then Flower's unmasking."""
+        survivors = sorted(state.active_node_ids)
+        request = {signed.STAGE_KEY: signed.SURVIVORS_STAGE, signed.SURVIVORS_KEY: survivors}
+        grid.send_and_receive([Message(RecordDict({signed.RECORD: ConfigRecord(request)}), dst_node_id=node,
+                                       message_type=MessageType.TRAIN, group_id=self.relay.group)
+                               for node in survivors], timeout=self.timeout)
+        return super().unmask_stage(grid, context, state)
 
 
 def fit_workflow(config: ServerConfig) -> DropTolerantSecAggPlus | None:

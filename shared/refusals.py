@@ -18,8 +18,9 @@ REFUSALS = {
     6: "the site's update failed its own checks before leaving (non-finite, norm bound, or secure aggregation range)",
     7: "the site's trunk weights are not the ones the federation pinned (model.trunk_sha256)",
     8: "the site requires secure aggregation but the server sent a plain training message",
-    9: "the round's secure-aggregation settings are unsafe for this site (reconstruction threshold below a strict "
-       "majority, fewer sites than the site's minimum, or a site named both active and dropped)",
+    9: "the SecAgg+ round is unsafe for this site (threshold below a strict majority, fewer sites than its minimum, "
+       "paired with only some sites, keys, list of sites or survivors not signed by the consortium's members, or "
+       "inconsistent unmask lists)",
     10: "the server's federation_id is not a valid name (letters, digits, '.', '_', '-'; at most 64)",
     11: "the site's lifetime privacy budget (over all federations on its data) would be exceeded",
     12: "the submitted app bundle is not on this site's allow-list: the site runs only its approved fedpath version",
@@ -34,12 +35,18 @@ whose code is ``REFUSAL_ERROR_BASE + code`` and whose reason is empty (no text l
 REFUSAL_ERROR_BASE = 1000
 """Flower error codes at or above this are fedpath refusal codes (``code - REFUSAL_ERROR_BASE``)."""
 
-FEDERATION_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$")
-"""What a federation id may look like: it names the site's ledger file, so it can never be a path."""
+FEDERATION_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
+"""What a federation id may look like (the whole string: ``fullmatch``, so not even a trailing newline):
+it names the site's ledger file, so it can never be a path."""
 
 
-def federation_id_problem(value: str) -> str | None:
-    if isinstance(value, str) and FEDERATION_ID.match(value):
+class InvalidFederationId(ValueError):
+    """The server's federation id cannot name a file at the site (it is checked before anything else)."""
+
+
+def federation_id_problem(value: object) -> str | None:
+    """None when ``value`` is a valid federation id, otherwise what is wrong with it (any type)."""
+    if isinstance(value, str) and FEDERATION_ID.fullmatch(value):
         return None
     return "must be 1-64 letters, digits, '.', '_' or '-', not starting with '.'"
 
@@ -47,6 +54,3 @@ def federation_id_problem(value: str) -> str | None:
 def refusal_text(code: int) -> str:
     """What a refusal code means, for logs and reports (an unknown code is shown as a number)."""
     return REFUSALS.get(code) or f"refusal code {code}"
-
-class InvalidFederationId(ValueError):
-    """The server's federation id cannot name a file at the site (it is checked before anything else)."""

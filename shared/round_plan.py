@@ -61,8 +61,9 @@ class RoundPlan:
         if PLAN_KEY not in config:
             raise ValueError(f"the server's instruction carries no '{PLAN_KEY}': is the server a fedpath server?")
         document = json.loads(str(config[PLAN_KEY]))
-        if not isinstance(document, dict) or federation_id_problem(document.get("federation_id")):
-            raise InvalidFederationId(f"round plan from the server: federation_id {document.get('federation_id')!r} "
-                                      f"{federation_id_problem(None)}")
+        federation_id = document.get("federation_id") if isinstance(document, dict) else None
+        if federation_id_problem(federation_id):
+            raise InvalidFederationId(f"round plan from the server: federation_id {federation_id!r} "
+                                      f"{federation_id_problem(federation_id)}")
         return parse_config(cls, document, "round plan from the server")
 

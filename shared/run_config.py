@@ -27,7 +27,7 @@ class PrivacyConfig:
     epsilon: float = check(positive, 8.0)
     delta: float = check(lambda d: None if 0 < d < 1 else "must be between 0 and 1 (exclusive)", 1e-5)
     accountant: Literal["rdp", "prv"] = "rdp"
-    max_grad_norm: float = check(positive, 1.0)  # per-slide gradient clipping bound
+    max_grad_norm: float = check(positive, 1.0)  # per-patient gradient clipping bound (the privacy unit)
     planned_rounds: int = check(at_least(1), 1)  # rounds the budget must last (noise is chosen for all of them)
     # The site's limit over all federations on the same data (every ledger in state/ledgers composed in one
     # accountant); a federation whose plan would exceed it is refused before training. None: no lifetime limit.

@@ -82,18 +82,18 @@ def read_public_key(path: Path) -> str:
     if len(lines) != 1:
         raise SiteKeyError(f"{path}: holds {len(lines)} non-empty lines; expected exactly one "
                            f"'{KEY_TYPE} AAAA...' line")
-    return _normalize(lines[0], str(path))
+    return normalize_public_key(lines[0], str(path))
 
 
 def fingerprint(public_key_line: str) -> str:
     """``SHA256:<base64>`` as ``ssh-keygen -lf`` prints it, for the admin and the site to compare."""
-    blob = base64.b64decode(_normalize(public_key_line.strip(), "public key").split()[1])
+    blob = base64.b64decode(normalize_public_key(public_key_line.strip(), "public key").split()[1])
     digest = hashes.Hash(hashes.SHA256())
     digest.update(blob)
     return "SHA256:" + base64.b64encode(digest.finalize()).decode().rstrip("=")
 
 
-def _normalize(line: str, source: str) -> str:
+def normalize_public_key(line: str, source: str) -> str:
     """The key re-encoded without comment, once it parsed as an EC P-384 OpenSSH public key."""
     try:
         key = serialization.load_ssh_public_key(line.encode())

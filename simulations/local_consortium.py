@@ -88,16 +88,26 @@ class LocalConsortium:
 
     def register_sites(self) -> None:
         """Each hospital makes its key pair; the admin registers the public keys (TLS only:
-        Flower ties SuperNode authentication to TLS)."""
+        Flower ties SuperNode authentication to TLS). Every hospital then gets the consortium
+        roster, the members' public keys (``roster.pub`` here; in a real consortium each hospital
+        compares the fingerprints with the consortium agreement), unless its site.yaml names one."""
         registered = SiteRegistry(StatePaths(self.config).registry).entries()
+        public_keys = []
         for path in self.site_yamls:
             site = load_site_config(path)
-            if site.name in registered:
-                continue
             key = Path(site.federation.auth_key)
             if not key.exists():
                 keygen(key.parent, key.stem)
-            add_site(self.config, self.control, site.name, key.with_suffix(".pub"))
+            public_keys.append(key.with_suffix(".pub").read_text().strip())
+            if site.name not in registered:
+                add_site(self.config, self.control, site.name, key.with_suffix(".pub"))
+        roster = self.root / "roster.pub"
+        roster.write_text("".join(f"{line}\n" for line in public_keys))
+        for path in self.site_yamls:
+            document = yaml.safe_load(Path(path).read_text())
+            if "roster" not in document.setdefault("federation", {}):
+                document["federation"]["roster"] = str(roster)
+                Path(path).write_text(yaml.safe_dump(document, sort_keys=False))
 
     def start_all(self) -> None:
         self.start_server()

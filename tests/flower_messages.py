@@ -37,6 +37,12 @@ def server_message(content: RecordDict | None = None, message_type: str = "train
         return Message(content, dst_node_id=SITE_NODE, message_type=message_type, group_id=str(round_))
 
 
+def server_message_to(node: int, content: RecordDict, group: str) -> Message:
+    """A training message from the server to ``node`` in round ``group``."""
+    with _as_server_task():
+        return Message(content, dst_node_id=node, message_type="train", group_id=group)
+
+
 def site_context() -> Context:
     return Context(run_id=RUN_ID, node_id=SITE_NODE, node_config={}, state=RecordDict(), run_config={})
 

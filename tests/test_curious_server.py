@@ -1,8 +1,10 @@
 """A curious server against real sites: it may change its own settings or run server code of its own, and
 even when the hospitals approved that code (its bundle digest is in their `allowed_bundles`), the sites'
-own conditions hold: no secure-aggregation round whose threshold is below a strict majority, no unmask
-request naming a site both active and dropped, no federation id that could name a file. Each refusal is a
-bare code the server sees, and a record in every site's egress log.
+own conditions hold: no secure-aggregation round whose threshold is below a strict majority, no site keys
+that are not signed by their own member hospital (the consortium roster), no unmask request naming a site
+both active and dropped, no federation id that could name a file. Each refusal is a bare code the server
+sees, and a record in every site's egress log. (Every other way of singling a site out, played against the
+sites' real checks in one process: tests/test_secure_round.py.)
 
 Real processes on 127.0.0.1: SuperLink behind its proxy, three SuperNodes with their task runners, TLS,
 registered keys, SecAgg+; the attacking server code is a copy of the repository with one file changed,
@@ -35,6 +37,11 @@ ATTACKS = {
     # every round's plan names a path as the federation id (the sites' ledger file)
     "path-as-federation-id": ("server/app.py", "        federation_id=federation_id, round=round_,",
                               '        federation_id="../x", round=round_,'),
+    # at key sharing, present every site's keys under the signature of the lowest node's member hospital
+    # (a server that speaks for sites it does not hold the keys of)
+    "signature-moved": ("server/secure_aggregation.py",
+                        "self._add(message, {str(n): self.keys[n] for n in nodes if n in self.keys})",
+                        "self._add(message, {str(n): self.keys[min(nodes)] for n in nodes if n in self.keys})"),
     # at unmasking, ask every site for both shares of one site: its mask seed and its key
     "active-and-dropped": ("server/grid_timeout.py",
                            "        waiting = set(self._grid.push_messages(messages))",
@@ -131,8 +138,21 @@ def test_an_unmask_request_naming_a_site_active_and_dropped_is_refused(consortiu
     for site, since in zip(consortium.site_yamls, before, strict=True):
         replies = _egress(site, since)
         assert [(r["stage"], r.get("error_code")) for r in replies] == [
-            ("setup", None), ("share_keys", None), ("collect_masked_vectors", None), ("unmask", 1009)]
+            ("setup", None), ("share_keys", None), ("collect_masked_vectors", None), ("survivors", None),
+            ("unmask", 1009)]
     assert not (folder.path / "checkpoints" / "round-0001.json").exists()  # no sum was unmasked
     wire = [json.loads(line) for line in (folder.path / "wire.jsonl").read_text().splitlines()]
     refusals = [entry for entry in wire if entry.get("error_code")]
     assert len(refusals) == 3 and all(e["error_code"] == 1009 and not e["error_reason"] for e in refusals)
+
+
+def test_site_keys_signed_by_another_member_are_refused(consortium, monkeypatch):
+    """The server relays every site's keys with one member's signature: the sites' rosters say who
+    signed, and a member signs only its own node's keys, so every site refuses before sharing."""
+    assert all(load_site_config(site).federation.roster for site in consortium.site_yamls)
+    folder, before = _run(consortium, monkeypatch, consortium.bundles["signature-moved"])
+    assert "secure aggregation stopped" in folder.status()["message"]
+    for site, since in zip(consortium.site_yamls, before, strict=True):
+        replies = _egress(site, since)
+        assert [(r["stage"], r.get("error_code")) for r in replies] == [("setup", None), ("share_keys", 1009)]
+    assert not (folder.path / "checkpoints" / "round-0001.json").exists()

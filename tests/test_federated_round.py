@@ -16,7 +16,7 @@ from client.feature_cache import FeatureCache
 from client.federated_round import ledger_path, round_privacy
 from client.prepare import prepare_site
 from client.site_config import load_site_config
-from client.site_rounds import read_rounds
+from client.site_rounds import read_rounds, sent_reply_path
 from shared.model import ModelConfig, build_head
 from shared.parameters import model_arrays
 from shared.round_plan import PrivacyTarget, RoundPlan
@@ -102,7 +102,7 @@ def _assert_refused(reply, plan, received, code):
 
 
 def test_fit_sends_one_vector_and_only_the_disclosed_numbers(prepared, tmp_path):
-    config, plan = _site(prepared, tmp_path / "site"), _plan()
+    config, plan = _site(prepared, tmp_path / "site", federation={"keep_sent_replies": True}), _plan()
     received = _global(plan)
     reply = federated_round.fit(config, plan, received)
     assert set(reply.metrics) == {"epsilon", "refused"}  # the default disclose list
@@ -133,6 +133,10 @@ def test_fit_sends_one_vector_and_only_the_disclosed_numbers(prepared, tmp_path)
     assert [r["round_id"] for r in _ledger(config, plan)["rounds"]][2:] == ["round-1-retry1-evaluation",
                                                                            "round-1-retry1"]
     assert reply.metrics["epsilon"] < again.metrics["epsilon"] <= 8.0 * (1 + 1e-6)
+    # both replies left, so the site keeps both (a retry never overwrites the first)
+    first, retry = (np.load(sent_reply_path(config, plan.federation_id, 1, attempt)) for attempt in (0, 1))
+    assert all(np.array_equal(a, b) for a, b in zip(first.values(), reply.arrays, strict=True))
+    assert all(np.array_equal(a, b) for a, b in zip(retry.values(), again.arrays, strict=True))
 
 
 def test_the_noise_is_private_not_replayable_from_the_plan(prepared, tmp_path):
@@ -203,6 +207,7 @@ def test_a_lifetime_budget_refuses_a_new_federation_before_training(prepared, tm
     second = replace(plan, federation_id="fed-second")
     refused = federated_round.fit(config, second, received)
     _assert_refused(refused, plan, received, 11)
+    assert math.isnan(refused.metrics["epsilon"])  # this federation has spent nothing: not the others' total (7.99)
     assert not ledger_path(config, second).exists()  # nothing planned, nothing trained
     # a smaller second federation fits under the lifetime limit
     small = _site(prepared, tmp_path / "site", privacy={"lifetime_epsilon": 10.0, "epsilon": 1.0})
@@ -311,3 +316,4 @@ def test_site_status_shows_the_ledgers_and_the_sites_own_numbers(prepared, tmp_p
     assert "trained on 2 patients" in out and "validation patients: accuracy" in out
     assert "round 2: sat out, code 4" in out
     assert "lifetime ε 7.99" in out and "of 20 over all federations" in out  # the plan reserves ε 8
+    assert "no consortium roster (federation.roster)" in out

@@ -85,12 +85,18 @@ def test_a_plan_without_federation_id_is_refused():
         RoundPlan.from_config({PLAN_KEY: json.dumps(document)})
 
 
-@pytest.mark.parametrize("bad", ["../x", "/etc/passwd", "..", ".hidden", "a/b", "", "x" * 65, 7])
+@pytest.mark.parametrize("bad", ["../x", "/etc/passwd", "..", ".hidden", "a/b", "", "x" * 65, 7, "fed\n", "a\nb"])
 def test_a_federation_id_that_could_name_a_path_is_refused(bad):
     document = json.loads(_plan().to_config()[PLAN_KEY])
     document["federation_id"] = bad
     with pytest.raises(InvalidFederationId):
         RoundPlan.from_config({PLAN_KEY: json.dumps(document)})
+
+
+@pytest.mark.parametrize("document", ["[1, 2]", "\"fed\"", "7", "null"])
+def test_a_plan_that_is_not_an_object_is_an_invalid_federation_id_not_a_crash(document):
+    with pytest.raises(InvalidFederationId, match="federation_id None"):
+        RoundPlan.from_config({PLAN_KEY: document})
 
 
 def test_refusal_codes_are_numbered_and_explained():

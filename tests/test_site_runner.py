@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 import server.superlink
 from client.egress_log import REFUSED, SENT, EgressLog
@@ -81,10 +82,15 @@ def _wire_by_node(folder: RunFolder) -> dict[int, list[dict]]:
 
 @pytest.fixture(scope="module")
 def consortium(prepared_hospitals, tmp_path_factory):
-    """One consortium for both tests (starting one takes about a minute here): min_sites 2 lets a
-    round finish without a failing site; the attack needs every site to refuse anyway."""
+    """One consortium for both tests (starting one takes about a minute here): min_sites 2 (and the
+    sites' min_round_sites 2) let a round finish without a failing site; the attack needs every site
+    to refuse anyway."""
     root = tmp_path_factory.mktemp("runner")
     sites = copy_hospitals(prepared_hospitals, root, 3)
+    for site in sites:
+        document = yaml.safe_load(site.read_text())
+        document.setdefault("federation", {})["min_round_sites"] = 2
+        site.write_text(yaml.safe_dump(document))
     settings = {"federation": {"rounds": 1, "min_sites": 2, "round_timeout": 120, "wire_log": True},
                 "training": TRAINING}
     with LocalConsortium(root / "consortium", sites, server_settings=settings) as started:
@@ -116,7 +122,7 @@ def test_runner_serves_a_secure_run_and_survives_an_exception(consortium):
     wire = _wire_by_node(folder)
     assert not any(entry.get("error_reason") for entries in wire.values() for entry in entries)
 
-    stages = ["setup", "share_keys", "collect_masked_vectors", "unmask"]
+    stages = ["setup", "share_keys", "collect_masked_vectors", "survivors", "unmask"]
     for index, site in enumerate(sites):
         replies = _replies(site)[before[site]:]
         (node,) = {r["node"] for r in replies}
@@ -129,7 +135,7 @@ def test_runner_serves_a_secure_run_and_survives_an_exception(consortium):
         wired = [v["masked_params"] for w in received for v in w["values"].values() if "masked_params" in v]
         assert [m["content"]["configs"]["secaggplus_configs"]["masked_params"]["bytes"] for m in masked] == \
                [sum(item["bytes"] for item in vector) for vector in wired]
-        if index < 2:  # two exchanges (train, then score the final model), four SecAgg+ stages each
+        if index < 2:  # two exchanges (train, then score the final model), five SecAgg+ stages each
             assert [(r["type"], r["stage"], r["outcome"]) for r in replies] == \
                 [("train", stage, SENT) for stage in stages] * 2
             update = masked[0]  # the disclosed numbers are in the site's own record, as values

@@ -1,0 +1,289 @@
+"""The site's own conditions on a SecAgg+ round, checked before Flower's mod acts on a stage.
+
+Flower's ``secaggplus_mod`` takes the round's sites, pairings and unmask sets from the server as
+given; it only needs a threshold's worth of each. A server that cheats could then read one site's
+update: pair it with a few sites and declare those dropped to the others, invent sites of its own,
+or name different survivors to different sites. The checks here close those (the argument is in
+docs/security.md, section 2):
+
+- every stage: a strict-majority threshold, at least ``min_round_sites`` sites, one round at a time
+  (run and group of the setup);
+- **full pairing**: this site is masked with every site of its share-keys list, never a subset;
+- with a consortium **roster** (site.yaml ``federation.roster``): every site's keys are signed by a
+  different member hospital, every partner signed the same list of sites and keys, and shares are
+  revealed only for the one set of survivors this site signed and a strict majority signed too
+  (``shared/signed_secagg.py``). Without a roster only the first two hold, and the site's log says
+  so at every round.
+
+Failures raise :class:`UnsafeRound`; the ClientApp answers it with refusal 9 and no text.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.client.mod import secaggplus_mod
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+
+from shared.signed_secagg import (
+    KEY_SIGNATURE,
+    RECORD,
+    SIGNER,
+    STAGE_KEY,
+    SURVIVORS_KEY,
+    SURVIVORS_SIGNATURE,
+    SURVIVORS_STAGE,
+    VIEW_SIGNATURE,
+    Roster,
+    key_statement,
+    load_signing_key,
+    sign,
+    survivors_statement,
+    verifies,
+    view_statement,
+)
+
+log = logging.getLogger("fedpath.site")
+
+STATE = "fedpath-secaggplus"
+"""The site's own record in the run's context: what the current SecAgg+ round announced and signed."""
+
+
+class UnsafeRound(Exception):
+    """A SecAgg+ stage the site refuses (refusal 9); the message is for the site's log only."""
+
+
+@dataclass(frozen=True)
+class SiteSigner:
+    """The consortium roster and this site's key: what makes the checks hold against a cheating server."""
+
+    roster: Roster
+    key: object  # ec.EllipticCurvePrivateKey
+    public: bytes  # this site's OpenSSH public key line, as it appears on the roster
+
+    @classmethod
+    def for_site(cls, roster: Path | None, auth_key: Path | None) -> "SiteSigner | None":
+        """None without a roster; otherwise the roster and key, which must list this site's own key.
+        Read again when the roster file changes (the task runner lives for weeks)."""
+        if roster is None:
+            return None
+        try:
+            version = Path(roster).stat().st_mtime_ns
+        except OSError:
+            version = None  # Roster.load says what is wrong with the path
+        return _signer(Path(roster), None if auth_key is None else Path(auth_key), version)
+
+
+@lru_cache(maxsize=8)
+def _signer(roster_path: Path, auth_key: Path | None, version: int | None) -> SiteSigner:
+    roster = Roster.load(roster_path)
+    if auth_key is None:
+        raise UnsafeRound(f"{roster_path}: a roster needs this site's key (federation.auth_key) to sign with")
+    key, public = load_signing_key(auth_key)
+    if public.decode() not in roster.members:
+        raise UnsafeRound(f"{roster_path}: this site's own key ({auth_key}.pub) is not on the consortium roster")
+    return SiteSigner(roster, key, public)
+
+
+def is_survivors_request(msg: Message) -> bool:
+    """fedpath's own exchange before unmasking (it never reaches Flower's mod or the training code)."""
+    record = msg.content.config_records.get(RECORD) if msg.has_content() else None
+    return record is not None and record.get(STAGE_KEY) == SURVIVORS_STAGE
+
+
+def secure_stage(msg: Message, context: Context, call_next, min_round_sites: int,
+                 signer: SiteSigner | None) -> Message:
+    """One SecAgg+ stage (or fedpath's survivors exchange) at the site: check it, let Flower's mod
+    answer it (the collect stage trains through ``call_next``), sign the reply. Raises UnsafeRound.
+
+    Args:
+        msg: the server's stage message.
+        context: the run's context at this site (Flower's SecAgg+ state and this module's).
+        call_next: the rest of the ClientApp (training), for the collect stage.
+        min_round_sites: site.yaml ``federation.min_round_sites``.
+        signer: the roster and this site's key (``SiteSigner.for_site``), or None without a roster.
+    """
+    if is_survivors_request(msg):
+        return answer_survivors(msg, context, min_round_sites, signer)
+    stage = msg.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE)
+    check_stage(msg, context, min_round_sites, signer)
+    reply = secaggplus_mod(msg, context, call_next)
+    sign_reply(stage, reply, context, signer)
+    return reply
+
+
+def check_stage(msg: Message, context: Context, min_round_sites: int, signer: SiteSigner | None) -> None:
+    """Checks one incoming SecAgg+ stage message; raises UnsafeRound when the site must refuse it."""
+    configs = msg.content.config_records[RECORD_KEY_CONFIGS]
+    stage = configs.get(Key.STAGE)
+    if stage == Stage.SETUP:
+        _check_setup(msg, configs, context, min_round_sites)
+        return
+    state = _round_state(msg, context, stage)
+    if stage == Stage.SHARE_KEYS:
+        _check_share_keys(msg, configs, state, min_round_sites, signer)
+    elif stage == Stage.COLLECT_MASKED_VECTORS:
+        _check_pairing(msg, configs, state, signer)
+    elif stage == Stage.UNMASK:
+        _check_unmask(msg, configs, state, min_round_sites, signer)
+
+
+def sign_reply(stage: str, reply: Message, context: Context, signer: SiteSigner | None) -> None:
+    """After Flower's mod answered ``stage``: add this site's signed statement to the reply."""
+    state = context.state.config_records.get(STATE)
+    if reply.has_error() or state is None:
+        return
+    if stage == Stage.COLLECT_MASKED_VECTORS:
+        state["masked"] = True
+    if signer is None:
+        return
+    run, group = int(state["run"]), str(state["group"])
+    if stage == Stage.SETUP:
+        configs = reply.content.config_records[RECORD_KEY_CONFIGS]
+        statement = key_statement(run, group, int(state["node"]), configs[Key.PUBLIC_KEY_1],
+                                  configs[Key.PUBLIC_KEY_2])
+        reply.content.config_records[RECORD] = ConfigRecord({KEY_SIGNATURE: sign(signer.key, statement),
+                                                             SIGNER: signer.public})
+    elif stage == Stage.SHARE_KEYS:
+        reply.content.config_records[RECORD] = ConfigRecord({VIEW_SIGNATURE: sign(signer.key, state["view"])})
+
+
+def answer_survivors(msg: Message, context: Context, min_round_sites: int, signer: SiteSigner | None) -> Message:
+    """Sign the set of sites whose masked vectors the server says it will sum: one set per round."""
+    state = _round_state(msg, context, SURVIVORS_STAGE)
+    survivors = sorted(set(int(n) for n in msg.content.config_records[RECORD].get(SURVIVORS_KEY, [])))
+    partners = set(int(n) for n in state.get("partners", []))
+    if not state.get("masked"):
+        raise UnsafeRound("asked to sign the survivors before this site sent its masked vector")
+    if msg.metadata.dst_node_id not in survivors:
+        raise UnsafeRound("this site, which sent its masked vector, is missing from the survivors")
+    if not set(survivors) <= partners:
+        raise UnsafeRound(f"survivors {sorted(set(survivors) - partners)} are not sites of this round")
+    if len(survivors) < max(int(state["threshold"]), min_round_sites):
+        raise UnsafeRound(f"a sum of {len(survivors)} sites; this site requires at least "
+                          f"{max(int(state['threshold']), min_round_sites)}")
+    signed = state.get("survivors")
+    if signed is not None and sorted(int(n) for n in signed) != survivors:
+        raise UnsafeRound(f"asked to sign survivors {survivors} after signing {sorted(signed)} in the same round")
+    state["survivors"] = survivors
+    record = ConfigRecord()
+    if signer is not None:
+        record[SURVIVORS_SIGNATURE] = sign(signer.key, survivors_statement(int(state["run"]), str(state["group"]),
+                                                                           state["view"], survivors))
+    return Message(RecordDict({RECORD: record}), reply_to=msg)
+
+
+def _check_setup(msg: Message, configs, context: Context, min_round_sites: int) -> None:
+    sites, threshold = int(configs.get(Key.SAMPLE_NUMBER, 0)), int(configs.get(Key.THRESHOLD, 0))
+    shares = int(configs.get(Key.SHARE_NUMBER, 0))
+    if sites < min_round_sites:
+        raise UnsafeRound(f"{sites} sites in the round; this site requires at least {min_round_sites} "
+                          "(federation.min_round_sites)")
+    if shares != sites:
+        raise UnsafeRound(f"{shares} shares for {sites} sites: this site is paired with every site of a round")
+    if threshold < sites // 2 + 1:
+        raise UnsafeRound(f"reconstruction threshold {threshold} with {sites} sites: fewer than a strict majority "
+                          "could unmask a site's update")
+    context.state.config_records[STATE] = ConfigRecord({
+        "run": msg.metadata.run_id, "group": msg.metadata.group_id, "node": msg.metadata.dst_node_id,
+        "sites": sites, "threshold": threshold})
+
+
+def _round_state(msg: Message, context: Context, stage: str) -> ConfigRecord:
+    state = context.state.config_records.get(STATE)
+    if state is None:
+        raise UnsafeRound(f"SecAgg+ stage {stage!r} without a setup stage")
+    if (msg.metadata.run_id, msg.metadata.group_id) != (int(state["run"]), str(state["group"])):
+        raise UnsafeRound(f"stage {stage!r} of round {msg.metadata.group_id!r} while round {state['group']!r} "
+                          "is under way")
+    return state
+
+
+def _check_share_keys(msg: Message, configs, state: ConfigRecord, min_round_sites: int,
+                      signer: SiteSigner | None) -> None:
+    keys = {int(node): (value[0], value[1]) for node, value in configs.items() if node != Key.STAGE}
+    if not min_round_sites <= len(keys) <= int(state["sites"]):
+        raise UnsafeRound(f"public keys of {len(keys)} sites in a round announced with {state['sites']}; this "
+                          f"site requires at least {min_round_sites} (federation.min_round_sites)")
+    state["partners"] = sorted(keys)
+    state["view"] = view_statement(int(state["run"]), str(state["group"]), keys)
+    if signer is None:
+        log.warning("SecAgg+ round %s: no consortium roster (federation.roster): the other sites' keys are taken "
+                    "on the server's word", state["group"])
+        return
+    signatures = msg.content.config_records.get(RECORD) or {}
+    signers: list[bytes] = []
+    for node, (pk1, pk2) in sorted(keys.items()):
+        entry = signatures.get(str(node))
+        if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(b, bytes) for b in entry)):
+            raise UnsafeRound(f"node {node}'s keys come without a member's signature")
+        signature, member = entry
+        public = signer.roster.public_key(member)
+        if public is None:
+            raise UnsafeRound(f"node {node}'s keys are signed by a key that is not on the consortium roster")
+        if member in signers:
+            raise UnsafeRound(f"one member hospital ({signer.roster.members[member.decode()]}) signed the keys "
+                              "of two nodes")
+        if node == int(state["node"]) and member != signer.public:
+            raise UnsafeRound("this site's own keys come signed by another member")
+        if not verifies(public, signature, key_statement(int(state["run"]), str(state["group"]), node, pk1, pk2)):
+            raise UnsafeRound(f"node {node}'s key signature does not verify")
+        signers.append(member)
+    state["signers"] = signers
+
+
+def _member_of(state: ConfigRecord, signer: SiteSigner, node: int):
+    partners = [int(n) for n in state["partners"]]
+    return signer.roster.public_key(state["signers"][partners.index(node)])
+
+
+def _check_pairing(msg: Message, configs, state: ConfigRecord, signer: SiteSigner | None) -> None:
+    sources = [int(n) for n in configs.get(Key.SOURCE_LIST, [])]
+    partners = set(int(n) for n in state.get("partners", [])) - {int(state["node"])}
+    if len(set(sources)) != len(sources) or set(sources) != partners:
+        raise UnsafeRound(f"encrypted shares of {len(set(sources) & partners)} of the {len(partners)} other sites "
+                          "of this round: this site would be masked with only some of them")
+    if signer is None:
+        return
+    signatures = msg.content.config_records.get(RECORD) or {}
+    for node in sources:
+        signature = signatures.get(str(node))
+        if not isinstance(signature, bytes) or not verifies(_member_of(state, signer, node), signature,
+                                                           state["view"]):
+            raise UnsafeRound(f"node {node} did not sign the list of sites and keys this site received: the "
+                              "server may be showing different rounds to different sites")
+
+
+def _check_unmask(msg: Message, configs, state: ConfigRecord, min_round_sites: int,
+                  signer: SiteSigner | None) -> None:
+    active = set(int(n) for n in configs.get(Key.ACTIVE_NODE_ID_LIST, []))
+    dropped = set(int(n) for n in configs.get(Key.DEAD_NODE_ID_LIST, []))
+    if active & dropped:
+        raise UnsafeRound(f"sites {sorted(active & dropped)} named both active and dropped")
+    if msg.metadata.dst_node_id in dropped:
+        raise UnsafeRound("this site, which sent its masked vector, named as dropped")
+    if len(active) < min_round_sites:
+        raise UnsafeRound(f"a sum of {len(active)} sites' updates; this site requires at least {min_round_sites} "
+                          "(federation.min_round_sites)")
+    signed = state.get("survivors")
+    if signer is not None and signed is None:
+        raise UnsafeRound("an unmask request before this site signed the round's survivors")
+    if signed is not None and active != set(int(n) for n in signed):
+        raise UnsafeRound("the unmask request's active sites are not the survivors this site signed")
+    if signed is not None and dropped != set(int(n) for n in state["partners"]) - active:
+        raise UnsafeRound("the unmask request's dropped sites are not the rest of this round's sites")
+    if signer is None:
+        return
+    statement = survivors_statement(int(state["run"]), str(state["group"]), state["view"], sorted(active))
+    signatures = msg.content.config_records.get(RECORD) or {}
+    agreeing = sum(1 for node in state["partners"]
+                   if isinstance(signatures.get(str(node)), bytes)
+                   and verifies(_member_of(state, signer, int(node)), signatures[str(node)], statement))
+    needed = max(int(state["threshold"]), len(state["partners"]) // 2 + 1)
+    if agreeing < needed:
+        raise UnsafeRound(f"{agreeing} sites signed these survivors; shares are revealed only when {needed} "
+                          "(a strict majority of the round) did")

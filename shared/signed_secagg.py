@@ -1,0 +1,163 @@
+"""Signatures that make Flower's SecAgg+ hold against a server that does not follow the protocol.
+
+Flower's SecAgg+ trusts the server to relay the protocol honestly: a site takes whatever list of
+public keys the server hands it as "the other sites", and whatever sets of active and dropped
+sites it names at unmasking. A server that cheats can then read one site's update alone, with
+no colluding site at all: it invents the other sites (keys it made itself) and receives every
+secret share of the victim's masks (Bonawitz et al., CCS 2017, section 6: the malicious setting
+needs authenticated keys and a consistency check). fedpath adds three signed statements, each
+made with the hospital's own P-384 key (the one its SuperNode authenticates with) and checked
+by every other site against the consortium's **roster**, the member hospitals' public keys each
+hospital holds itself (site.yaml ``federation.roster``), never the server's word:
+
+1. **keys** (setup reply): "in run R, round G, node N's SecAgg+ keys are pk1, pk2". A site
+   accepts a share-keys list only if every entry is signed by a different roster member, so the
+   server cannot add sites of its own.
+2. **view** (share-keys reply): "in run R, round G, the round's sites and keys are exactly this
+   list". A site sends its masked vector only once every partner signed the same list, so the
+   server cannot pair it with a few sites and show the others another round.
+3. **survivors** (an extra exchange before unmasking): "in run R, round G, the sites whose
+   masked vectors are summed are exactly S". A site signs one S per round and reveals shares only
+   for the S a strict majority of the round signed, so every site answers for the same S.
+
+With full pairing and a majority threshold, the counting argument of SecAgg then leaves the server
+nothing smaller than the sum over S (docs/security.md, section 2).
+
+This module holds what both sides need: the record and stage names, the exact bytes signed, and
+the roster. The site's checks are in ``client/secure_round.py``; the server relays the signatures
+(``server/secure_aggregation.py``) and can forge none of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from shared.errors import UserError
+from shared.site_keys import SiteKeyError, fingerprint, normalize_public_key
+
+RECORD = "fedpath-secagg"
+"""Config record of fedpath's signed statements, beside Flower's ``secaggplus_configs``, both ways."""
+
+STAGE_KEY = "stage"
+SURVIVORS_STAGE = "survivors"
+"""fedpath's own exchange between SecAgg+'s collect and unmask stages (the server asks, each site signs)."""
+SURVIVORS_KEY = "survivors"
+
+# What a site's reply adds in ``RECORD`` (reviewed in client/egress_policy.py like everything that leaves).
+KEY_SIGNATURE, SIGNER, VIEW_SIGNATURE, SURVIVORS_SIGNATURE = "key_signature", "signer", "view_signature", \
+    "survivors_signature"
+
+_DOMAIN = b"fedpath-secagg/1"
+_SIGNATURE = ec.ECDSA(hashes.SHA384())
+
+
+def _statement(kind: str, run_id: int, group: str, *parts: bytes) -> bytes:
+    """Length-prefixed, so no two different statements have the same bytes."""
+    out = [_DOMAIN, kind.encode(), str(run_id).encode(), group.encode(), *parts]
+    return b"".join(len(part).to_bytes(4, "big") + part for part in out)
+
+
+def key_statement(run_id: int, group: str, node_id: int, pk1: bytes, pk2: bytes) -> bytes:
+    return _statement("keys", run_id, group, str(node_id).encode(), pk1, pk2)
+
+
+def view_statement(run_id: int, group: str, keys: dict[int, tuple[bytes, bytes]]) -> bytes:
+    """The round's sites and their keys, in node order (the same bytes at every site that got the same list)."""
+    digest = hashlib.sha256()
+    for node_id in sorted(keys):
+        pk1, pk2 = keys[node_id]
+        digest.update(_statement("entry", run_id, group, str(node_id).encode(), pk1, pk2))
+    return _statement("view", run_id, group, digest.digest())
+
+
+def survivors_statement(run_id: int, group: str, view: bytes, survivors: list[int]) -> bytes:
+    """Bound to the round's view (``view_statement``): a site that the server makes start the round
+    again (new keys, so another view) cannot lend its new signature to the first one."""
+    return _statement("survivors", run_id, group, hashlib.sha256(view).digest(),
+                      ",".join(str(n) for n in sorted(set(survivors))).encode())
+
+
+def sign(private_key: ec.EllipticCurvePrivateKey, statement: bytes) -> bytes:
+    return private_key.sign(statement, _SIGNATURE)
+
+
+def verifies(public_key: ec.EllipticCurvePublicKey, signature: bytes, statement: bytes) -> bool:
+    try:
+        public_key.verify(signature, statement, _SIGNATURE)
+    except (InvalidSignature, ValueError, TypeError):
+        return False
+    return True
+
+
+class RosterError(UserError):
+    """The roster file cannot be used; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class Roster:
+    """The consortium's member hospitals: public key line (OpenSSH, normalised) -> name."""
+
+    path: Path
+    members: dict[str, str]
+
+    @classmethod
+    def load(cls, path: Path) -> "Roster":
+        """Read ``path``: one ``ecdsa-sha2-nistp384 AAAA... [name]`` line per hospital (a site's ``.pub``
+        files concatenated); blank lines and ``#`` comments are skipped."""
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="ascii")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RosterError(f"{path}: cannot read the consortium roster ({exc})") from None
+        members: dict[str, str] = {}
+        for number, raw in enumerate(text.splitlines(), 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            if "PRIVATE KEY" in line:
+                raise RosterError(f"{path}:{number}: a private key; the roster holds public keys only")
+            try:
+                key = normalize_public_key(" ".join(line.split()[:2]), f"{path}:{number}")
+            except SiteKeyError as exc:
+                raise RosterError(str(exc)) from None
+            name = " ".join(line.split()[2:]) or fingerprint(key)
+            if key in members:
+                raise RosterError(f"{path}:{number}: the key of {members[key]!r} again ({name!r}); "
+                                  "each hospital is listed once")
+            members[key] = name
+        if len(members) < 2:
+            raise RosterError(f"{path}: {len(members)} member key(s); a consortium roster lists every member "
+                              "hospital's public key, one per line")
+        return cls(path, members)
+
+    def public_key(self, line: bytes) -> ec.EllipticCurvePublicKey | None:
+        """The member key of a signer as sent (its OpenSSH line), or None if it is not on the roster."""
+        try:
+            text = line.decode("ascii")
+        except (UnicodeDecodeError, AttributeError):
+            return None
+        if text not in self.members:
+            return None
+        return serialization.load_ssh_public_key(text.encode())
+
+    def fingerprints(self) -> list[str]:
+        """``name  SHA256:...`` per member, for the data-protection officer to compare out of band."""
+        return [f"{name}  {fingerprint(key)}" for key, name in self.members.items()]
+
+
+def load_signing_key(path: Path) -> tuple[ec.EllipticCurvePrivateKey, bytes]:
+    """The site's private key (OpenSSH, as `fedpath-site keygen` writes it) and its public line."""
+    try:
+        key = serialization.load_ssh_private_key(Path(path).read_bytes(), password=None)
+    except (OSError, ValueError) as exc:
+        raise RosterError(f"{path}: cannot read this site's private key to sign SecAgg+ statements ({exc})") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise RosterError(f"{path}: not an EC P-384 key")
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return key, public

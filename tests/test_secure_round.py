@@ -1,0 +1,266 @@
+"""A server that does not follow SecAgg+, played in one process against five sites running their
+real checks (client/secure_round.py), Flower's real secaggplus_mod and real P-384 signatures.
+
+The server here is this test: it builds each stage's messages the way Flower's workflow does and
+relays signatures with the product's SignatureRelay, and each attack changes what one site is
+shown. Every attack must end in that site's refusal before it reveals anything; the honest round
+must pass every stage. (The same checks against a patched ServerApp over real processes:
+tests/test_curious_server.py.)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+
+from client.secure_round import SiteSigner, UnsafeRound, secure_stage
+from server.secure_aggregation import SignatureRelay
+from shared import signed_secagg as signed
+from shared.signed_secagg import Roster, RosterError, key_statement, sign
+from tests.flower_messages import RUN_ID, fit_reply, server_message_to
+
+NODES = [11, 12, 13, 14, 15]
+VICTIM, GROUP, MIN_SITES = 11, "3", 3
+SETUP = {Key.SAMPLE_NUMBER: 5, Key.SHARE_NUMBER: 5, Key.THRESHOLD: 3, Key.CLIPPING_RANGE: 8.0,
+         Key.TARGET_RANGE: 2**16, Key.MOD_RANGE: 2**32, Key.MAX_WEIGHT: 1000.0}
+
+
+def _key_file(folder: Path, name: str) -> tuple[Path, str]:
+    key = ec.generate_private_key(ec.SECP384R1())
+    path = folder / f"{name}.key"
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                       serialization.NoEncryption()))
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return path, f"{public.decode()} {name}"
+
+
+@pytest.fixture(scope="module")
+def signers(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("roster")
+    keys = {node: _key_file(folder, f"site-{node}") for node in NODES}
+    roster = folder / "roster.pub"
+    roster.write_text("# the consortium's members\n" + "".join(f"{line}\n" for _, line in keys.values()))
+    return {node: SiteSigner.for_site(roster, path) for node, (path, _) in keys.items()}
+
+
+class Site:
+    def __init__(self, node: int, signer: SiteSigner | None):
+        self.node, self.signer = node, signer
+        self.context = Context(run_id=RUN_ID, node_id=node, node_config={}, state=RecordDict(), run_config={})
+        self.refusal: str | None = None
+
+    def handle(self, message: Message) -> Message | None:
+        if self.refusal is not None:
+            return None
+        try:
+            return secure_stage(message, self.context, lambda m, _: fit_reply(m, {}, examples=1, arrays=True),
+                                MIN_SITES, self.signer)
+        except UnsafeRound as refusal:
+            self.refusal = str(refusal)
+            return None
+
+
+def _stage(node: int, configs: dict) -> Message:
+    return server_message_to(node, RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(configs)}), GROUP)
+
+
+class Server:
+    """Flower's SecAgg+ workflow stage by stage, with the product's relay; ``tamper(stage, messages)``
+    is the attack: it may change any message before it is sent."""
+
+    def __init__(self, sites: dict[int, Site], tamper=None):
+        self.sites, self.relay = sites, SignatureRelay()
+        self.tamper = tamper or (lambda stage, messages: messages)
+
+    def exchange(self, stage: str, messages: list[Message]) -> dict[int, Message]:
+        messages = self.tamper(stage, self.relay.attach(messages))
+        replies = {m.metadata.dst_node_id: self.sites[m.metadata.dst_node_id].handle(m) for m in messages}
+        replies = {node: reply for node, reply in replies.items() if reply is not None}
+        self.relay.observe(list(replies.values()))
+        return replies
+
+    def run(self) -> dict[int, Message]:
+        nodes = sorted(self.sites)
+        keys = self.exchange(Stage.SETUP, [_stage(n, {Key.STAGE: Stage.SETUP, **SETUP}) for n in nodes])
+        public = {n: [r.content.config_records[RECORD_KEY_CONFIGS][Key.PUBLIC_KEY_1],
+                      r.content.config_records[RECORD_KEY_CONFIGS][Key.PUBLIC_KEY_2]] for n, r in keys.items()}
+        shared = self.exchange(Stage.SHARE_KEYS, [
+            _stage(n, {Key.STAGE: Stage.SHARE_KEYS, **{str(m): public[m] for m in public}}) for n in public])
+        forwarded: dict[int, tuple[list[int], list[bytes]]] = {n: ([], []) for n in shared}
+        for source, reply in shared.items():
+            configs = reply.content.config_records[RECORD_KEY_CONFIGS]
+            for target, ciphertext in zip(configs[Key.DESTINATION_LIST], configs[Key.CIPHERTEXT_LIST], strict=True):
+                if target in forwarded:
+                    forwarded[target][0].append(source)
+                    forwarded[target][1].append(ciphertext)
+        masked = self.exchange(Stage.COLLECT_MASKED_VECTORS, [
+            _stage(n, {Key.STAGE: Stage.COLLECT_MASKED_VECTORS, Key.SOURCE_LIST: sources,
+                       Key.CIPHERTEXT_LIST: ciphertexts}) for n, (sources, ciphertexts) in forwarded.items()])
+        survivors = sorted(masked)
+        request = {signed.STAGE_KEY: signed.SURVIVORS_STAGE, signed.SURVIVORS_KEY: survivors}
+        self.exchange(signed.SURVIVORS_STAGE, [
+            server_message_to(n, RecordDict({signed.RECORD: ConfigRecord(dict(request))}), GROUP) for n in survivors])
+        return self.exchange(Stage.UNMASK, [
+            _stage(n, {Key.STAGE: Stage.UNMASK, Key.ACTIVE_NODE_ID_LIST: survivors,
+                       Key.DEAD_NODE_ID_LIST: sorted(set(shared) - set(survivors))}) for n in survivors])
+
+
+def _sites(signers, roster: bool = True) -> dict[int, Site]:
+    return {node: Site(node, signers[node] if roster else None) for node in NODES}
+
+
+def _configs(message: Message) -> ConfigRecord:
+    return message.content.config_records[RECORD_KEY_CONFIGS]
+
+
+def test_an_honest_round_passes_every_stage_and_reveals_shares(signers):
+    sites = _sites(signers)
+    unmasked = Server(sites).run()
+    assert [s.refusal for s in sites.values()] == [None] * 5
+    assert sorted(unmasked) == NODES
+    shares = _configs(unmasked[VICTIM])
+    assert sorted(shares[Key.NODE_ID_LIST]) == NODES and len(shares[Key.SHARE_LIST]) == 5
+
+
+def test_a_site_the_server_invents_is_refused(signers):
+    """Sybil: the server adds keys of its own (signed with a key it made) to the victim's list."""
+    fake_key = ec.generate_private_key(ec.SECP384R1())
+    fake_public = fake_key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                     serialization.PublicFormat.OpenSSH)
+
+    def tamper(stage, messages):
+        for message in messages:
+            if stage == Stage.SHARE_KEYS and message.metadata.dst_node_id == VICTIM:
+                configs = _configs(message)
+                pk1, pk2 = configs[str(15)]
+                del configs[str(15)]
+                configs["99"] = [pk1, pk2]
+                statement = key_statement(RUN_ID, GROUP, 99, pk1, pk2)
+                message.content.config_records[signed.RECORD]["99"] = [sign(fake_key, statement), fake_public]
+        return messages
+
+    sites = _sites(signers)
+    Server(sites, tamper).run()
+    assert "not on the consortium roster" in sites[VICTIM].refusal
+
+
+def test_a_member_signature_reused_for_another_node_is_refused(signers):
+    """The server cannot move a real member's signature onto a node id of its choosing."""
+    def tamper(stage, messages):
+        for message in messages:
+            if stage == Stage.SHARE_KEYS and message.metadata.dst_node_id == VICTIM:
+                configs, signatures = _configs(message), message.content.config_records[signed.RECORD]
+                configs["99"], signatures["99"] = configs[str(15)], signatures[str(15)]
+                del configs[str(15)], signatures[str(15)]
+        return messages
+
+    sites = _sites(signers)
+    Server(sites, tamper).run()
+    assert "signature does not verify" in sites[VICTIM].refusal
+
+
+def test_pairing_a_site_with_only_some_others_is_refused(signers):
+    """The victim is shown the other sites' shares except two, so its mask would involve only two partners."""
+    def tamper(stage, messages):
+        for message in messages:
+            if stage == Stage.COLLECT_MASKED_VECTORS and message.metadata.dst_node_id == VICTIM:
+                configs = _configs(message)
+                configs[Key.SOURCE_LIST] = configs[Key.SOURCE_LIST][:2]
+                configs[Key.CIPHERTEXT_LIST] = configs[Key.CIPHERTEXT_LIST][:2]
+        return messages
+
+    sites = _sites(signers)
+    Server(sites, tamper).run()
+    assert "masked with only some of them" in sites[VICTIM].refusal
+
+
+def test_a_different_list_of_sites_for_one_site_is_refused(signers):
+    """The victim's round has four sites (node 15 left out), the others' five: its partners signed
+    another list than the one it received, so it never sends its masked vector."""
+    def tamper(stage, messages):
+        for message in messages:
+            if stage == Stage.SHARE_KEYS and message.metadata.dst_node_id == VICTIM:
+                del _configs(message)[str(15)], message.content.config_records[signed.RECORD][str(15)]
+            if stage == Stage.COLLECT_MASKED_VECTORS and message.metadata.dst_node_id == VICTIM:
+                configs = _configs(message)
+                keep = [i for i, source in enumerate(configs[Key.SOURCE_LIST]) if source != 15]
+                configs[Key.SOURCE_LIST] = [configs[Key.SOURCE_LIST][i] for i in keep]
+                configs[Key.CIPHERTEXT_LIST] = [configs[Key.CIPHERTEXT_LIST][i] for i in keep]
+        return messages
+
+    sites = _sites(signers)
+    Server(sites, tamper).run()
+    assert "did not sign the list of sites and keys this site received" in sites[VICTIM].refusal
+
+
+def test_unmasking_for_a_smaller_set_than_the_signed_survivors_is_refused(signers):
+    """After all five signed the survivors, the server asks three sites to treat node 15 as dropped
+    (which would reveal its key and let the server read a sum without it): they refuse."""
+    def tamper(stage, messages):
+        for message in messages:
+            if stage == Stage.UNMASK and message.metadata.dst_node_id in (11, 12, 13):
+                configs = _configs(message)
+                configs[Key.ACTIVE_NODE_ID_LIST] = [11, 12, 13, 14]
+                configs[Key.DEAD_NODE_ID_LIST] = [15]
+        return messages
+
+    sites = _sites(signers)
+    unmasked = Server(sites, tamper).run()
+    assert sorted(unmasked) == [14, 15]
+    assert all("not the survivors this site signed" in sites[n].refusal for n in (11, 12, 13))
+
+
+def test_survivors_signed_by_a_minority_are_not_unmasked(signers):
+    """The server shows two sites one set of survivors and three sites another: no set is signed by a
+    strict majority that includes the two, so they reveal nothing for theirs."""
+    def tamper(stage, messages):
+        for message in messages:
+            node = message.metadata.dst_node_id
+            if stage == signed.SURVIVORS_STAGE and node in (11, 12):
+                message.content.config_records[signed.RECORD][signed.SURVIVORS_KEY] = [11, 12, 13]
+            if stage == Stage.UNMASK and node in (11, 12):
+                configs = _configs(message)
+                configs[Key.ACTIVE_NODE_ID_LIST], configs[Key.DEAD_NODE_ID_LIST] = [11, 12, 13], [14, 15]
+        return messages
+
+    sites = _sites(signers)
+    unmasked = Server(sites, tamper).run()
+    assert 11 not in unmasked and 12 not in unmasked
+    assert "2 sites signed these survivors" in sites[11].refusal
+
+
+def test_a_site_signs_one_set_of_survivors_per_round(signers):
+    sites = _sites(signers)
+    server = Server(sites)
+    server.run()
+    again = server_message_to(VICTIM, RecordDict({signed.RECORD: ConfigRecord(
+        {signed.STAGE_KEY: signed.SURVIVORS_STAGE, signed.SURVIVORS_KEY: [11, 12, 13]})}), GROUP)
+    assert sites[VICTIM].handle(again) is None
+    assert "after signing" in sites[VICTIM].refusal
+
+
+def test_roster_errors_name_the_file_and_line(tmp_path, signers):
+    member = next(iter(signers.values())).public.decode()
+    bad = tmp_path / "roster.pub"
+    bad.write_text(f"{member} a\nssh-rsa AAAAB3NzaC1yc2E b\n")
+    with pytest.raises(RosterError, match=r"roster.pub:2"):
+        Roster.load(bad)
+    bad.write_text(f"{member} a\n{member} b\n")
+    with pytest.raises(RosterError, match=r"roster.pub:2: the key of 'a' again"):
+        Roster.load(bad)
+    bad.write_text(f"{member} a\n")
+    with pytest.raises(RosterError, match="1 member key"):
+        Roster.load(bad)
+
+
+def test_a_site_whose_own_key_is_not_on_the_roster_cannot_start(tmp_path, signers):
+    path, _ = _key_file(tmp_path, "outsider")
+    roster = tmp_path / "roster.pub"
+    roster.write_text("".join(f"{s.public.decode()}\n" for s in list(signers.values())[:2]))
+    with pytest.raises(UnsafeRound, match="not on the consortium roster"):
+        SiteSigner.for_site(roster, path)
