@@ -210,8 +210,6 @@ def start_supernode(config: SiteConfig, site_yaml: Path, insecure: bool, detach:
         wait_for_runner(config, process, log_file, log_offset, records_before)
         print(f"{config.name}: SuperNode and task runner started (pid {process.pid}), connecting to "
               f"{config.federation.server}; log {log_file}, egress log {state / EGRESS_FILE}", flush=True)
-        if config.privacy.lifetime_epsilon is None:
-            print(NO_LIFETIME_LIMIT, flush=True)
         return 0
     pid = running_pid(pid_file)
     if pid is not None and pid != os.getpid():

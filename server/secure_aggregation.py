@@ -118,7 +118,11 @@ class DropTolerantSecAggPlus(SecAggPlusWorkflow):
 
     def unmask_stage(self, grid, context, state) -> bool:
         """First fedpath's survivors exchange (every survivor signs the one set the server will sum;
-        the sites reveal shares only for a set a strict majority signed), then Flower's unmasking."""
+        the sites reveal shares only for a set a strict majority signed), then Flower's unmasking.
+        When no site signed its keys (no site has a roster) nobody would sign or check survivors
+        either, and the exchange is skipped: it costs a round trip (seconds with real SuperNodes)."""
+        if not self.relay.keys:
+            return super().unmask_stage(grid, context, state)
         survivors = sorted(state.active_node_ids)
         request = {signed.STAGE_KEY: signed.SURVIVORS_STAGE, signed.SURVIVORS_KEY: survivors}
         grid.send_and_receive([Message(RecordDict({signed.RECORD: ConfigRecord(request)}), dst_node_id=node,

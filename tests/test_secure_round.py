@@ -127,56 +127,52 @@ def test_an_honest_round_passes_every_stage_and_reveals_shares(signers):
     assert sorted(shares[Key.NODE_ID_LIST]) == NODES and len(shares[Key.SHARE_LIST]) == 5
 
 
+def _victim_refusal(signers, stage: str, change) -> str | None:
+    """Run a round in which the server applies ``change`` to the victim's message of ``stage``."""
+    def tamper(current, messages):
+        for message in messages:
+            if current == stage and message.metadata.dst_node_id == VICTIM:
+                change(message)
+        return messages
+
+    sites = _sites(signers)
+    Server(sites, tamper).run()
+    return sites[VICTIM].refusal
+
+
 def test_a_site_the_server_invents_is_refused(signers):
     """Sybil: the server adds keys of its own (signed with a key it made) to the victim's list."""
     fake_key = ec.generate_private_key(ec.SECP384R1())
     fake_public = fake_key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                                      serialization.PublicFormat.OpenSSH)
 
-    def tamper(stage, messages):
-        for message in messages:
-            if stage == Stage.SHARE_KEYS and message.metadata.dst_node_id == VICTIM:
-                configs = _configs(message)
-                pk1, pk2 = configs[str(15)]
-                del configs[str(15)]
-                configs["99"] = [pk1, pk2]
-                statement = key_statement(RUN_ID, GROUP, 99, pk1, pk2)
-                message.content.config_records[signed.RECORD]["99"] = [sign(fake_key, statement), fake_public]
-        return messages
+    def invent(message):
+        configs = _configs(message)
+        pk1, pk2 = configs.pop(str(15))
+        configs["99"] = [pk1, pk2]
+        statement = key_statement(RUN_ID, GROUP, 99, pk1, pk2)
+        message.content.config_records[signed.RECORD]["99"] = [sign(fake_key, statement), fake_public]
 
-    sites = _sites(signers)
-    Server(sites, tamper).run()
-    assert "not on the consortium roster" in sites[VICTIM].refusal
+    assert "not on the consortium roster" in _victim_refusal(signers, Stage.SHARE_KEYS, invent)
 
 
 def test_a_member_signature_reused_for_another_node_is_refused(signers):
     """The server cannot move a real member's signature onto a node id of its choosing."""
-    def tamper(stage, messages):
-        for message in messages:
-            if stage == Stage.SHARE_KEYS and message.metadata.dst_node_id == VICTIM:
-                configs, signatures = _configs(message), message.content.config_records[signed.RECORD]
-                configs["99"], signatures["99"] = configs[str(15)], signatures[str(15)]
-                del configs[str(15)], signatures[str(15)]
-        return messages
+    def move(message):
+        configs, signatures = _configs(message), message.content.config_records[signed.RECORD]
+        configs["99"], signatures["99"] = configs.pop(str(15)), signatures.pop(str(15))
 
-    sites = _sites(signers)
-    Server(sites, tamper).run()
-    assert "signature does not verify" in sites[VICTIM].refusal
+    assert "signature does not verify" in _victim_refusal(signers, Stage.SHARE_KEYS, move)
 
 
 def test_pairing_a_site_with_only_some_others_is_refused(signers):
     """The victim is shown the other sites' shares except two, so its mask would involve only two partners."""
-    def tamper(stage, messages):
-        for message in messages:
-            if stage == Stage.COLLECT_MASKED_VECTORS and message.metadata.dst_node_id == VICTIM:
-                configs = _configs(message)
-                configs[Key.SOURCE_LIST] = configs[Key.SOURCE_LIST][:2]
-                configs[Key.CIPHERTEXT_LIST] = configs[Key.CIPHERTEXT_LIST][:2]
-        return messages
+    def keep_two(message):
+        configs = _configs(message)
+        configs[Key.SOURCE_LIST] = configs[Key.SOURCE_LIST][:2]
+        configs[Key.CIPHERTEXT_LIST] = configs[Key.CIPHERTEXT_LIST][:2]
 
-    sites = _sites(signers)
-    Server(sites, tamper).run()
-    assert "masked with only some of them" in sites[VICTIM].refusal
+    assert "masked with only some of them" in _victim_refusal(signers, Stage.COLLECT_MASKED_VECTORS, keep_two)
 
 
 def test_a_different_list_of_sites_for_one_site_is_refused(signers):
