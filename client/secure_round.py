@@ -50,7 +50,12 @@ from shared.signed_secagg import (
 log = logging.getLogger("fedpath.site")
 
 STATE = "fedpath-secaggplus"
-"""The site's own record in the run's context: what the current SecAgg+ round announced and signed."""
+"""The site's own record in the run's context: what the current SecAgg+ round announced and signed.
+It changes only when a stage succeeds (Flower's mod answered it): a message the site or Flower
+refuses leaves it as it was, so a server cannot switch the view a site signs survivors for."""
+GROUPS = "fedpath-secaggplus-groups"
+"""The rounds (Flower group ids) this site has set up in the run: each once. Flower's workflow never
+repeats one; a server that restarts a round would get fresh keys and another view signed."""
 
 
 class UnsafeRound(Exception):
@@ -110,33 +115,37 @@ def secure_stage(msg: Message, context: Context, call_next, min_round_sites: int
     if is_survivors_request(msg):
         return answer_survivors(msg, context, min_round_sites, signer)
     stage = msg.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE)
-    check_stage(msg, context, min_round_sites, signer)
+    state = check_stage(msg, context, min_round_sites, signer)
     reply = secaggplus_mod(msg, context, call_next)
-    sign_reply(stage, reply, context, signer)
+    if not reply.has_error():  # commit only what Flower's mod accepted too
+        sign_reply(stage, reply, state, signer)
+        context.state.config_records[STATE] = state
+        if stage == Stage.SETUP:
+            groups = context.state.config_records.get(GROUPS) or ConfigRecord({"groups": []})
+            groups["groups"] = [*groups["groups"], str(state["group"])]
+            context.state.config_records[GROUPS] = groups
     return reply
 
 
-def check_stage(msg: Message, context: Context, min_round_sites: int, signer: SiteSigner | None) -> None:
-    """Checks one incoming SecAgg+ stage message; raises UnsafeRound when the site must refuse it."""
+def check_stage(msg: Message, context: Context, min_round_sites: int, signer: SiteSigner | None) -> ConfigRecord:
+    """Checks one incoming SecAgg+ stage message; raises UnsafeRound when the site must refuse it.
+    Returns the site's round record as it will be if the stage succeeds (the context is not touched)."""
     configs = msg.content.config_records[RECORD_KEY_CONFIGS]
     stage = configs.get(Key.STAGE)
     if stage == Stage.SETUP:
-        _check_setup(msg, configs, context, min_round_sites)
-        return
+        return _check_setup(msg, configs, context, min_round_sites)
     state = _round_state(msg, context, stage)
     if stage == Stage.SHARE_KEYS:
         _check_share_keys(msg, configs, state, min_round_sites, signer)
     elif stage == Stage.COLLECT_MASKED_VECTORS:
-        _check_pairing(msg, configs, state, signer)
+        _check_pairing(configs, state, signer, msg)
     elif stage == Stage.UNMASK:
-        _check_unmask(msg, configs, state, min_round_sites, signer)
+        _check_unmask(configs, state, min_round_sites, signer, msg)
+    return state
 
 
-def sign_reply(stage: str, reply: Message, context: Context, signer: SiteSigner | None) -> None:
-    """After Flower's mod answered ``stage``: add this site's signed statement to the reply."""
-    state = context.state.config_records.get(STATE)
-    if reply.has_error() or state is None:
-        return
+def sign_reply(stage: str, reply: Message, state: ConfigRecord, signer: SiteSigner | None) -> None:
+    """After Flower's mod answered ``stage``: note it in ``state`` and add this site's signed statement."""
     if stage == Stage.COLLECT_MASKED_VECTORS:
         state["masked"] = True
     if signer is None:
@@ -159,7 +168,7 @@ def answer_survivors(msg: Message, context: Context, min_round_sites: int, signe
     partners = set(int(n) for n in state.get("partners", []))
     if not state.get("masked"):
         raise UnsafeRound("asked to sign the survivors before this site sent its masked vector")
-    if msg.metadata.dst_node_id not in survivors:
+    if int(state["node"]) not in survivors:
         raise UnsafeRound("this site, which sent its masked vector, is missing from the survivors")
     if not set(survivors) <= partners:
         raise UnsafeRound(f"survivors {sorted(set(survivors) - partners)} are not sites of this round")
@@ -174,10 +183,11 @@ def answer_survivors(msg: Message, context: Context, min_round_sites: int, signe
     if signer is not None:
         record[SURVIVORS_SIGNATURE] = sign(signer.key, survivors_statement(int(state["run"]), str(state["group"]),
                                                                            state["view"], survivors))
+    context.state.config_records[STATE] = state
     return Message(RecordDict({RECORD: record}), reply_to=msg)
 
 
-def _check_setup(msg: Message, configs, context: Context, min_round_sites: int) -> None:
+def _check_setup(msg: Message, configs, context: Context, min_round_sites: int) -> ConfigRecord:
     sites, threshold = int(configs.get(Key.SAMPLE_NUMBER, 0)), int(configs.get(Key.THRESHOLD, 0))
     shares = int(configs.get(Key.SHARE_NUMBER, 0))
     if sites < min_round_sites:
@@ -188,15 +198,21 @@ def _check_setup(msg: Message, configs, context: Context, min_round_sites: int) 
     if threshold < sites // 2 + 1:
         raise UnsafeRound(f"reconstruction threshold {threshold} with {sites} sites: fewer than a strict majority "
                           "could unmask a site's update")
-    context.state.config_records[STATE] = ConfigRecord({
-        "run": msg.metadata.run_id, "group": msg.metadata.group_id, "node": msg.metadata.dst_node_id,
-        "sites": sites, "threshold": threshold})
+    groups = context.state.config_records.get(GROUPS)
+    if groups is not None and msg.metadata.group_id in groups["groups"]:
+        raise UnsafeRound(f"a second setup of round {msg.metadata.group_id!r}: each round is set up once")
+    return ConfigRecord({"run": msg.metadata.run_id, "group": msg.metadata.group_id,
+                         "node": msg.metadata.dst_node_id, "sites": sites, "threshold": threshold})
 
 
 def _round_state(msg: Message, context: Context, stage: str) -> ConfigRecord:
+    """A copy of the site's round record, for this stage's message of the same run, round and node."""
     state = context.state.config_records.get(STATE)
     if state is None:
         raise UnsafeRound(f"SecAgg+ stage {stage!r} without a setup stage")
+    state = ConfigRecord(dict(state.items()))
+    if msg.metadata.dst_node_id != int(state["node"]):
+        raise UnsafeRound(f"stage {stage!r} addressed to node {msg.metadata.dst_node_id}, not this site's")
     if (msg.metadata.run_id, msg.metadata.group_id) != (int(state["run"]), str(state["group"])):
         raise UnsafeRound(f"stage {stage!r} of round {msg.metadata.group_id!r} while round {state['group']!r} "
                           "is under way")
@@ -241,7 +257,7 @@ def _member_of(state: ConfigRecord, signer: SiteSigner, node: int):
     return signer.roster.public_key(state["signers"][partners.index(node)])
 
 
-def _check_pairing(msg: Message, configs, state: ConfigRecord, signer: SiteSigner | None) -> None:
+def _check_pairing(configs, state: ConfigRecord, signer: SiteSigner | None, msg: Message) -> None:
     sources = [int(n) for n in configs.get(Key.SOURCE_LIST, [])]
     partners = set(int(n) for n in state.get("partners", [])) - {int(state["node"])}
     if len(set(sources)) != len(sources) or set(sources) != partners:
@@ -258,13 +274,13 @@ def _check_pairing(msg: Message, configs, state: ConfigRecord, signer: SiteSigne
                               "server may be showing different rounds to different sites")
 
 
-def _check_unmask(msg: Message, configs, state: ConfigRecord, min_round_sites: int,
-                  signer: SiteSigner | None) -> None:
+def _check_unmask(configs, state: ConfigRecord, min_round_sites: int, signer: SiteSigner | None,
+                  msg: Message) -> None:
     active = set(int(n) for n in configs.get(Key.ACTIVE_NODE_ID_LIST, []))
     dropped = set(int(n) for n in configs.get(Key.DEAD_NODE_ID_LIST, []))
     if active & dropped:
         raise UnsafeRound(f"sites {sorted(active & dropped)} named both active and dropped")
-    if msg.metadata.dst_node_id in dropped:
+    if int(state["node"]) in dropped:
         raise UnsafeRound("this site, which sent its masked vector, named as dropped")
     if len(active) < min_round_sites:
         raise UnsafeRound(f"a sum of {len(active)} sites' updates; this site requires at least {min_round_sites} "
@@ -274,7 +290,7 @@ def _check_unmask(msg: Message, configs, state: ConfigRecord, min_round_sites: i
         raise UnsafeRound("an unmask request before this site signed the round's survivors")
     if signed is not None and active != set(int(n) for n in signed):
         raise UnsafeRound("the unmask request's active sites are not the survivors this site signed")
-    if signed is not None and dropped != set(int(n) for n in state["partners"]) - active:
+    if signed is not None and dropped != set(int(n) for n in state.get("partners", [])) - active:
         raise UnsafeRound("the unmask request's dropped sites are not the rest of this round's sites")
     if signer is None:
         return

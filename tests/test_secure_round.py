@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
-from client.secure_round import SiteSigner, UnsafeRound, secure_stage
+from client.secure_round import STATE, SiteSigner, UnsafeRound, secure_stage
 from server.secure_aggregation import SignatureRelay
 from shared import signed_secagg as signed
 from shared.signed_secagg import Roster, RosterError, key_statement, sign
@@ -89,6 +89,7 @@ class Server:
         keys = self.exchange(Stage.SETUP, [_stage(n, {Key.STAGE: Stage.SETUP, **SETUP}) for n in nodes])
         public = {n: [r.content.config_records[RECORD_KEY_CONFIGS][Key.PUBLIC_KEY_1],
                       r.content.config_records[RECORD_KEY_CONFIGS][Key.PUBLIC_KEY_2]] for n, r in keys.items()}
+        self.public = public
         shared = self.exchange(Stage.SHARE_KEYS, [
             _stage(n, {Key.STAGE: Stage.SHARE_KEYS, **{str(m): public[m] for m in public}}) for n in public])
         forwarded: dict[int, tuple[list[int], list[bytes]]] = {n: ([], []) for n in shared}
@@ -260,3 +261,32 @@ def test_a_site_whose_own_key_is_not_on_the_roster_cannot_start(tmp_path, signer
     roster.write_text("".join(f"{s.public.decode()}\n" for s in list(signers.values())[:2]))
     with pytest.raises(UnsafeRound, match="not on the consortium roster"):
         SiteSigner.for_site(roster, path)
+
+
+def test_a_round_is_set_up_once(signers):
+    """Restarting a round (a second setup with the same group) would give fresh keys and another view to
+    sign; the site refuses it."""
+    sites = _sites(signers)
+    Server(sites).run()
+    assert sites[VICTIM].handle(_stage(VICTIM, {Key.STAGE: Stage.SETUP, **SETUP})) is None
+    assert "a second setup of round '3'" in sites[VICTIM].refusal
+
+
+def test_a_stage_flower_refuses_leaves_the_sites_record_unchanged(signers):
+    """A share-keys message after the round (Flower refuses it: wrong stage order) carries a smaller,
+    validly signed list: the site's checks pass, but its record must keep the view it really had, or a
+    server could make it sign survivors for another view."""
+    sites = _sites(signers)
+    server = Server(sites)
+    server.run()
+    before = dict(sites[VICTIM].context.state.config_records[STATE].items())
+    configs = {Key.STAGE: Stage.SHARE_KEYS}
+    signatures = {}
+    for node in (11, 12, 13):  # the round's own keys and signatures, three of the five
+        configs[str(node)] = server.public[node]
+        signatures[str(node)] = server.relay.keys[node]
+    message = _stage(VICTIM, configs)
+    message.content.config_records[signed.RECORD] = ConfigRecord(signatures)
+    with pytest.raises(ValueError, match="Abort secure aggregation"):  # Flower's, after the site's checks passed
+        secure_stage(message, sites[VICTIM].context, lambda m, _: fit_reply(m, {}), MIN_SITES, signers[VICTIM])
+    assert dict(sites[VICTIM].context.state.config_records[STATE].items()) == before
