@@ -131,18 +131,21 @@ def wait_first_exit(processes: Sequence[tuple[str, subprocess.Popen]], poll: flo
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """Treat SIGTERM like Ctrl-C while a foreground command waits for its children: they run in
-    sessions of their own and would outlive a command killed without its clean-up."""
+    sessions of their own and would outlive a command killed without its clean-up. SIGINT is made
+    to interrupt too: a command started in the background of a script inherits it ignored (and
+    Python then installs no Ctrl-C handler), so `kill -INT` would otherwise leave both running."""
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
     if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
         yield
         return
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def free_port(avoid: Collection[int] = ()) -> int:

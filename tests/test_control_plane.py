@@ -223,8 +223,9 @@ def test_foreground_start_runs_and_stops_both_as_one_unit(tmp_path, nginx):
     command = [sys.executable, "-m", "server.cli", "start", "--config", str(consortium.server_yaml), "--insecure"]
     try:
         for ending, expected in (("SIGINT", 130), ("SIGTERM", 130), ("proxy killed", 128 + signal.SIGKILL)):
-            start = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     start_new_session=True)
+            output = tmp_path / f"start-{ending.replace(' ', '-')}.out"
+            with output.open("wb") as out:
+                start = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
             try:
                 _wait(lambda: port_open("127.0.0.1", consortium.port) and running_pid(paths.pid) is not None,
                       60, f"the SuperLink and its proxy ({ending})")
@@ -236,7 +237,12 @@ def test_foreground_start_runs_and_stops_both_as_one_unit(tmp_path, nginx):
                     os.kill(pids[1], signal.SIGKILL)
                 else:
                     start.send_signal(getattr(signal, ending))
-                assert start.wait(timeout=60) == expected, ending
+                try:
+                    code = start.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    pytest.fail(f"`fedpath-server start` still running 60 s after {ending}; its output:\n"
+                                f"{output.read_text()[-3000:]}")
+                assert code == expected, (ending, output.read_text()[-3000:])
                 assert running_pid(paths.pid) is None and running_pid(paths.proxy.pid) is None, ending
                 assert not any(_alive(pid) for pid in pids), ending
                 assert not port_open("127.0.0.1", consortium.port), ending
