@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from shared.errors import UserError
-from shared.site_keys import SiteKeyError, fingerprint, normalize_public_key
+from shared.site_keys import SiteKeyError, fingerprint, normalize_public_key, public_key_line
 
 RECORD = "fedpath-secagg"
 """Config record of fedpath's signed statements, beside Flower's ``secaggplus_configs``, both ways."""
@@ -159,5 +159,4 @@ def load_signing_key(path: Path) -> tuple[ec.EllipticCurvePrivateKey, bytes]:
         raise RosterError(f"{path}: cannot read this site's private key to sign SecAgg+ statements ({exc})") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise RosterError(f"{path}: not an EC P-384 key")
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    return key, public
+    return key, public_key_line(key.public_key()).encode()

@@ -51,8 +51,7 @@ def keygen(out_dir: Path, name: str, force: bool = False) -> tuple[Path, Path]:
     key = ec.generate_private_key(ec.SECP384R1())
     private_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                                     serialization.NoEncryption())
-    public_line = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                                serialization.PublicFormat.OpenSSH).decode()
+    public_line = public_key_line(key.public_key())
     # ``atomic_write`` creates its temporary file with os.open(..., 0o600) (tempfile.mkstemp):
     # the private key is never readable by others, not even for a moment.
     atomic_write_bytes(private_path, private_pem, 0o600)
@@ -102,5 +101,10 @@ def normalize_public_key(line: str, source: str) -> str:
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP384R1):
         raise SiteKeyError(f"{source}: a {line.split()[0]} key; Flower SuperNode authentication here "
                            f"uses {KEY_TYPE} keys (make one with the site key generator)")
+    return public_key_line(key)
+
+
+def public_key_line(key: ec.EllipticCurvePublicKey) -> str:
+    """``ecdsa-sha2-nistp384 AAAA...`` without comment: how keys are written, registered and compared."""
     return key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
 

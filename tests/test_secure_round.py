@@ -22,6 +22,7 @@ from client.secure_round import STATE, SiteSigner, UnsafeRound, secure_stage
 from server.secure_aggregation import SignatureRelay
 from shared import signed_secagg as signed
 from shared.signed_secagg import Roster, RosterError, key_statement, sign
+from shared.site_keys import public_key_line
 from tests.flower_messages import RUN_ID, fit_reply, server_message_to
 
 NODES = [11, 12, 13, 14, 15]
@@ -35,8 +36,7 @@ def _key_file(folder: Path, name: str) -> tuple[Path, str]:
     path = folder / f"{name}.key"
     path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                                        serialization.NoEncryption()))
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    return path, f"{public.decode()} {name}"
+    return path, f"{public_key_line(key.public_key())} {name}"
 
 
 @pytest.fixture(scope="module")
@@ -144,8 +144,7 @@ def _victim_refusal(signers, stage: str, change) -> str | None:
 def test_a_site_the_server_invents_is_refused(signers):
     """Sybil: the server adds keys of its own (signed with a key it made) to the victim's list."""
     fake_key = ec.generate_private_key(ec.SECP384R1())
-    fake_public = fake_key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                                     serialization.PublicFormat.OpenSSH)
+    fake_public = public_key_line(fake_key.public_key()).encode()
 
     def invent(message):
         configs = _configs(message)
