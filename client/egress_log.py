@@ -37,7 +37,7 @@ from flwr.app import Message
 from client.egress_policy import ALLOWED_STATUS_TEXTS, LEGACY_METRIC_CARRIERS, LEGACY_STATUS_RECORDS, value_kind
 from shared.atomic_files import atomic_write_json
 from shared.hash_chain import ChainError, HashChain
-from shared.refusals import REFUSAL_ERROR_BASE, refusal_text
+from shared.refusals import refusal_code, refusal_text
 
 log = logging.getLogger("fedpath.egress")
 
@@ -241,7 +241,7 @@ def _render(record: dict[str, Any]) -> str:
     line = f"{head} run {record['run']} round {record['round'] or '-'} {what}: {record['outcome']}"
     if "error_code" in record:
         code = record["error_code"]
-        meaning = refusal_text(code - REFUSAL_ERROR_BASE) if code >= REFUSAL_ERROR_BASE else "Flower error"
+        meaning = "Flower error" if refusal_code(code) is None else refusal_text(refusal_code(code))
         line += f" code {code} ({meaning})"
     if record.get("violation"):
         line += f" [policy rule ({record['violation']['rule']}) at {record['violation']['field']}]"

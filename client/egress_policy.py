@@ -33,6 +33,7 @@ from typing import Any
 from flwr.app import Message
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
+from client.secure_round import is_survivors_request
 from shared import signed_secagg
 
 # --- (a) strings -----------------------------------------------------------------------------
@@ -231,8 +232,7 @@ def secagg_stage(message: Message) -> str | None:
         return None
     configs = message.content.config_records.get(SECAGG_RECORD)
     stage = configs.get(Key.STAGE) if configs is not None else None
-    signed = message.content.config_records.get(signed_secagg.RECORD)
-    if stage is None and signed is not None and signed.get(signed_secagg.STAGE_KEY) == signed_secagg.SURVIVORS_STAGE:
+    if stage is None and is_survivors_request(message):
         stage = signed_secagg.SURVIVORS_STAGE
     return stage if isinstance(stage, str) else None
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -62,11 +62,9 @@ def ledger_path(config: SiteConfig, plan: RoundPlan) -> Path:
 
 def round_privacy(config: SiteConfig, plan: RoundPlan) -> PrivacyConfig:
     """The consortium's target, capped by the site's own budget (a site never spends more than it allows)."""
-    own = config.privacy
-    return PrivacyConfig(enabled=own.enabled, epsilon=min(own.epsilon, plan.privacy.epsilon),
-                         delta=min(own.delta, plan.privacy.delta), accountant=own.accountant,
-                         max_grad_norm=own.max_grad_norm, planned_rounds=plan.planned_rounds,
-                         lifetime_epsilon=own.lifetime_epsilon)
+    own = config.privacy  # every other setting, present and future, stays the site's own
+    return replace(own, epsilon=min(own.epsilon, plan.privacy.epsilon), delta=min(own.delta, plan.privacy.delta),
+                   planned_rounds=plan.planned_rounds)
 
 
 def fit(config: SiteConfig, plan: RoundPlan, received: list[np.ndarray], noise_seed: int | None = None) -> Reply:
@@ -96,10 +94,9 @@ def fit(config: SiteConfig, plan: RoundPlan, received: list[np.ndarray], noise_s
             raise Refusal(15, "this is a deployed site; its noise is drawn from the operating system")
         if plan.privacy.required and not privacy.enabled:
             raise Refusal(3, "set privacy.enabled: true in site.yaml")
-        train = _site_split(config, plan, "train")
+        train, val = _site_splits(config, plan, ("train", "val") if releases_evaluation else ("train",), [])
         if not train:  # also for the last, evaluation-only exchange: the noise plan is made from the training set
             raise Refusal(5, "no prepared training slides")
-        val = _site_split(config, plan, "val") if releases_evaluation else []
         head = _global_head(plan, received)
         from client.private_training import PrivateRound  # Opacus: only where training happens
 
@@ -195,8 +192,10 @@ def _global_head(plan: RoundPlan, received: list[np.ndarray]) -> torch.nn.Module
     return head
 
 
-def _site_split(config: SiteConfig, plan: RoundPlan, split: str) -> list[SlideFeatures]:
-    """The cached slides of ``split`` with labels renumbered into the federation's class order."""
+def _site_splits(config: SiteConfig, plan: RoundPlan, splits: tuple[str, ...],
+                 missing: list[SlideFeatures]) -> list[list[SlideFeatures]]:
+    """The cached slides of each of ``splits`` with labels renumbered into the federation's class order
+    (``missing`` for the rest of two); the trunk pin and the cache index are checked once for all."""
     if plan.model.trunk_sha256 is not None:
         try:
             check_pinned(config.features.backbone_weights, plan.model.trunk_sha256)
@@ -217,9 +216,12 @@ def _site_split(config: SiteConfig, plan: RoundPlan, split: str) -> list[SlideFe
     unknown = sorted(set(index.classes) - set(plan.classes))
     if unknown:
         raise Refusal(4, f"site classes {unknown} are not among the federation's {list(plan.classes)}")
-    slides, classes = load_split(cache, split)
-    renumber = [plan.classes.index(name) for name in classes]
-    return [SlideFeatures(s.item_id, s.patient, renumber[s.label], s.features) for s in slides]
+    out = []
+    for split in splits:
+        slides, classes = load_split(cache, split)
+        renumber = [plan.classes.index(name) for name in classes]
+        out.append([SlideFeatures(s.item_id, s.patient, renumber[s.label], s.features) for s in slides])
+    return out + [missing] * (2 - len(out))
 
 
 def _epsilon_spent(session) -> float | None:

@@ -29,6 +29,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
+from shared.refusals import strict_majority
 from shared.signed_secagg import (
     KEY_SIGNATURE,
     RECORD,
@@ -195,7 +196,7 @@ def _check_setup(msg: Message, configs, context: Context, min_round_sites: int) 
                           "(federation.min_round_sites)")
     if shares != sites:
         raise UnsafeRound(f"{shares} shares for {sites} sites: this site is paired with every site of a round")
-    if threshold < sites // 2 + 1:
+    if threshold < strict_majority(sites):
         raise UnsafeRound(f"reconstruction threshold {threshold} with {sites} sites: fewer than a strict majority "
                           "could unmask a site's update")
     groups = context.state.config_records.get(GROUPS)
@@ -299,7 +300,7 @@ def _check_unmask(configs, state: ConfigRecord, min_round_sites: int, signer: Si
     agreeing = sum(1 for node in state["partners"]
                    if isinstance(signatures.get(str(node)), bytes)
                    and verifies(_member_of(state, signer, int(node)), signatures[str(node)], statement))
-    needed = max(int(state["threshold"]), len(state["partners"]) // 2 + 1)
+    needed = max(int(state["threshold"]), strict_majority(len(state["partners"])))
     if agreeing < needed:
         raise UnsafeRound(f"{agreeing} sites signed these survivors; shares are revealed only when {needed} "
                           "(a strict majority of the round) did")

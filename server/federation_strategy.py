@@ -45,7 +45,7 @@ from server.run_recorder import RunRecorder
 from server.server_config import ServerConfig
 from shared.errors import UserError
 from shared.parameters import add, update_problem
-from shared.refusals import REFUSAL_ERROR_BASE, refusal_text
+from shared.refusals import refusal_code, refusal_text
 from shared.round_plan import RoundPlan
 from shared.round_sums import CountLayout, RoundSums, decode_sum
 
@@ -86,7 +86,6 @@ class FederationStrategy(Strategy):
                                                  config.federation.evaluation_bins)
         self.sites: dict[str, SiteRound] = {}
         self.clock: dict[str, float] = {}  # phase boundaries of the current round (monotonic seconds)
-        self.aggregated: int | None = None  # the last fedpath round whose replies were read
 
     def __repr__(self) -> str:
         return f"FederationStrategy({self.inner!r})"
@@ -100,11 +99,11 @@ class FederationStrategy(Strategy):
             if reply.metadata.message_type != MessageType.TRAIN or not reply.has_error():
                 continue
             site = self.sites.setdefault(self.site_name(reply.metadata.src_node_id), SiteRound())
-            code = reply.error.code
-            site.refused = code - REFUSAL_ERROR_BASE if code >= REFUSAL_ERROR_BASE else site.refused
+            code, refused = reply.error.code, refusal_code(reply.error.code)
+            site.refused = site.refused if refused is None else refused
             log.warning("round %d: %s answered with an error: %s", self.offset + int(reply.metadata.group_id or 0),
                         self.site_name(reply.metadata.src_node_id),
-                        refusal_text(site.refused) if code >= REFUSAL_ERROR_BASE else f"Flower error {code}")
+                        f"Flower error {code}" if refused is None else refusal_text(refused))
 
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
@@ -151,7 +150,6 @@ class FederationStrategy(Strategy):
             self.global_arrays = add(self.global_arrays, sums.update)
             self.recorder.save_model(round_, self.global_arrays, self.sites, self._timing(),
                                      patients=sums.patients)
-        self.aggregated = round_
         return ndarrays_to_parameters(self.global_arrays), {}
 
     def _read(self, round_: int, results: list[tuple[ClientProxy, FitRes]],
@@ -194,7 +192,7 @@ class FederationStrategy(Strategy):
     def configure_evaluate(self, server_round: int, parameters: Parameters,
                            client_manager: ClientManager) -> list[tuple[ClientProxy, EvaluateIns]]:
         round_ = self.offset + server_round
-        if self.aggregated != round_:  # SecAgg+ halted before unmasking: nothing was read this round
+        if "fit_done" not in self.clock:  # SecAgg+ halted before unmasking: this round's replies never came
             refusals = "; ".join(f"{name} refused: {refusal_text(site.refused)} (code {site.refused})"
                                  for name, site in sorted(self.sites.items()) if site.refused)
             raise FederationError(

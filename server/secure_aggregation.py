@@ -35,6 +35,7 @@ from flwr.server.workflow import SecAggPlusWorkflow
 
 from server.server_config import SecureAggregationConfig, ServerConfig
 from shared import signed_secagg as signed
+from shared.refusals import strict_majority
 
 log = logging.getLogger("fedpath.server")
 
@@ -100,7 +101,7 @@ class DropTolerantSecAggPlus(SecAggPlusWorkflow):
     def round_size(self, sites: int) -> None:
         """Called by the strategy once it has sampled a round's ``sites``: this round's threshold."""
         self.reconstruction_threshold = self.settings.threshold_for(sites)
-        if self.reconstruction_threshold < sites // 2 + 1:
+        if self.reconstruction_threshold < strict_majority(sites):
             log.warning("SECURE AGGREGATION IS WEAKENED: reconstruction threshold %d of %d sites is below a strict "
                         "majority (secure_aggregation.allow_weak_threshold); %d colluding sites and the server could "
                         "unmask one site's reply. Sites that keep their defaults refuse this round.",

@@ -13,6 +13,7 @@ from typing import Literal
 
 from shared.encoder import WeightsError, check_pinned
 from shared.model import ModelConfig
+from shared.refusals import strict_majority
 from shared.round_plan import PrivacyTarget
 from shared.yaml_config import ConfigError, SettingError, at_least, check, load_config, positive, tcp_port
 
@@ -89,7 +90,7 @@ class SecureAggregationConfig:
 
     def threshold_for(self, sites: int) -> int:
         """The reconstruction threshold of a round with ``sites`` sampled sites."""
-        majority = sites // 2 + 1
+        majority = strict_majority(sites)
         if self.reconstruction_threshold == "majority":
             return majority
         return self.reconstruction_threshold if self.allow_weak_threshold else max(self.reconstruction_threshold,
@@ -156,7 +157,7 @@ class ServerConfig:
                              "reply is that reply)")
         threshold = secagg.reconstruction_threshold
         if secagg.enabled and threshold != "majority":
-            if threshold < self.federation.min_sites // 2 + 1 and not secagg.allow_weak_threshold:
+            if threshold < strict_majority(self.federation.min_sites) and not secagg.allow_weak_threshold:
                 raise ValueError(f"secure_aggregation.reconstruction_threshold {threshold} is below a strict majority "
                                  f"of federation.min_sites ({self.federation.min_sites}): fewer colluding sites could "
                                  "unmask one site's reply. Use 'majority' (the default); sites refuse weaker rounds "

@@ -51,6 +51,17 @@ def federation_id_problem(value: object) -> str | None:
     return "must be 1-64 letters, digits, '.', '_' or '-', not starting with '.'"
 
 
+def refusal_code(error_code: int) -> int | None:
+    """The fedpath refusal code of a Flower error code, or None for Flower's own errors."""
+    return error_code - REFUSAL_ERROR_BASE if error_code >= REFUSAL_ERROR_BASE else None
+
+
+def strict_majority(sites: int) -> int:
+    """The smallest reconstruction threshold sites accept and the server uses by default: no two
+    disjoint groups of this size exist among ``sites``."""
+    return sites // 2 + 1
+
+
 def refusal_text(code: int) -> str:
     """What a refusal code means, for logs and reports (an unknown code is shown as a number)."""
     return REFUSALS.get(code) or f"refusal code {code}"

@@ -28,7 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
-from shared.metrics import nanmean, positive_index, safe_ratio
+from shared.metrics import confusion_metrics, nanmean, positive_index
 
 DEFAULT_BINS = 10
 """Histogram bins over [0, 1]: AUC is exact to one bin's width (ties within a bin count one half)."""
@@ -45,7 +45,7 @@ class CountLayout:
     @classmethod
     def for_federation(cls, classes: Sequence[str], positive_class: str | None, bins: int) -> "CountLayout":
         """The layout both sides use: the federation's classes, its positive class (default the second)."""
-        return cls(len(classes), bins, list(classes).index(positive_class) if positive_class in classes else 1)
+        return cls(len(classes), bins, positive_index(classes, positive_class))
 
     def __post_init__(self) -> None:
         if self.num_classes < 2:
@@ -135,13 +135,10 @@ class EvaluationCounts:
             confusion = _binary_confusion(self.layout, histograms)
         else:
             confusion = np.clip(self.confusion, 0, None)
-        total = float(confusion.sum())
-        recalls = [safe_ratio(confusion[i, i], confusion[i].sum()) for i in range(len(classes))]
-        out = {"accuracy": safe_ratio(float(np.trace(confusion)), total), "balanced_accuracy": nanmean(recalls),
-               "val_patients": self.patients}
+        out = {**confusion_metrics(confusion, classes, positive_class), "val_patients": self.patients}
+        del out["n"]  # the noisy count of a confusion matrix; val_patients is the one reported
         if self.layout.binary:
-            positive = positive_index(classes, positive_class)
-            out["sensitivity"], out["specificity"] = recalls[positive], recalls[1 - positive]
+            positive = self.layout.positive_index  # the class whose score the histograms hold
             out["auc"] = binned_auc(histograms[positive, 0], histograms[1 - positive, 0])
         else:
             out["auc"] = nanmean([binned_auc(histograms[k, k], histograms[:, k].sum(axis=0) - histograms[k, k])

@@ -13,12 +13,10 @@ from pathlib import Path
 
 from client.site_config import SiteConfig
 from client.site_rounds import read_rounds
+from server.reports import CONSOLE_METRICS
 from shared.metrics import format_metric
 
 SITE_NAMES = "site_names.json"
-GLOBAL_COLUMNS = {"accuracy": "acc", "balanced_accuracy": "bal", "sensitivity": "sens", "specificity": "spec",
-                  "auc": "AUC"}
-"""The global model's columns: metric -> heading."""
 """In a simulation's run folder: Flower's node name (``node-<id>``) -> the virtual hospital's name."""
 
 
@@ -32,7 +30,7 @@ def round_table(run_dir: Path, sites: dict[str, SiteConfig] | None = None) -> st
     names = json.loads(names_file.read_text()) if names_file.exists() else {}
     columns = sorted({name for entry in rounds for name in entry["sites"]}, key=lambda s: names.get(s, s))
     local = _local_accuracy(run_dir.name, sites or {})
-    header = " | ".join([f"{'round':>5}", *(f"{heading:>5}" for heading in GLOBAL_COLUMNS.values()),
+    header = " | ".join([f"{'round':>5}", *(f"{heading:>5}" for _, heading in CONSOLE_METRICS),
                          *(f"{_short(names.get(s, s)):>16}" for s in columns)])
     lines = [header, "-" * len(header)]
     for entry in rounds:
@@ -44,7 +42,7 @@ def round_table(run_dir: Path, sites: dict[str, SiteConfig] | None = None) -> st
             own = "" if accuracy is None else f"acc {format_metric(accuracy, 2)} "
             text = "sat out" if site.get("refused") else f"{own}ε {format_metric(site.get('epsilon'), 1)}"
             cells.append(f"{text:>16}")
-        numbers = [f"{format_metric(g.get(key), 2):>5}" for key in GLOBAL_COLUMNS]
+        numbers = [f"{format_metric(g.get(key), 2):>5}" for key, _ in CONSOLE_METRICS]
         lines.append(" | ".join([f"{entry['round']:>5}", *numbers, *cells]))
     lines.append("round 0 is the initial model; global columns: the federation's validation patients, from the "
                  "masked sum of the sites' noisy counts" + ("; acc per site: the site's own exact validation accuracy"
