@@ -1,4 +1,4 @@
-"""What the released global model gives away about who trained it, without DP and with DP at ε = 8.
+"""What the released global model gives away about who trained it, without DP and with DP at ε = 3.
 
 A loss-threshold membership-inference attack (Yeom et al., 2018; ``simulations/membership_inference.py``)
 against the final global model of a simulated federation on Flower's Simulation Engine. Members:
@@ -7,10 +7,11 @@ classes. The setting is chosen so that a non-private model overfits where an att
 real colorectal tiles (adenocarcinoma against adenoma) of the evaluation part of crc-tiles, on the
 trunk pretrained on its other part and pinned (``benchmarks/_crc_trunk.py``, as ``fed_vs_central``),
 one tile per item (the privacy unit), half held out, dealt IID to 3 sites, and 100 epochs in all
-(5 rounds x 20 local epochs). Both arms are the same cell of an experiment but for DP, each run
-with ``SEEDS`` seeds (split, dealing, training): the attack AUC is the mean over seeds with a 95 %
-bootstrap interval (members and non-members resampled within each seed,
-``simulations.membership_inference.mean_auc_interval``). The goal holds when, with DP, the
+(5 rounds x 20 local epochs), with fedpath's DP defaults for the model and the server (frozen
+projection, server momentum: ``fed_vs_central.DEFAULTS``) but small batches. Both arms are the
+same cell of an experiment but for DP, each run with ``SEEDS`` seeds (split, dealing, training):
+the attack AUC is the mean over seeds with a 95 % bootstrap interval (members and non-members
+resampled within each seed, ``simulations.membership_inference.mean_auc_interval``). The goal holds when, with DP, the
 interval's upper end is at most ``GOAL_AUC_DP_HIGH`` and the mean at most ``GOAL_AUC_DP``.
 """
 
@@ -30,6 +31,7 @@ from simulations.sim_config import parse_sim_config
 from simulations.sim_runner import evaluate_checkpoint, run_simulation
 
 SEEDS = (0, 1, 2)
+EPSILON = 3.0
 GOAL_AUC_DP = 0.55  # the mean over seeds, with DP
 GOAL_AUC_DP_HIGH = 0.6  # the 95 % interval's upper end, with DP
 
@@ -38,7 +40,7 @@ def _arm(base, dp: bool, sites: int, root: Path) -> dict:
     """One arm (DP on or off) over every seed: per-seed attacks, the mean AUC and its interval."""
     runs, per_seed = [], []
     for seed in SEEDS:
-        sim = cell_config(base, Cell(strategy="fedavg", dp=dp, epsilon=8.0 if dp else None, seed=seed, sites=sites))
+        sim = cell_config(base, Cell(strategy="fedavg", dp=dp, epsilon=EPSILON if dp else None, seed=seed, sites=sites))
         folder = root / f"{'dp' if dp else 'no_dp'}-seed{seed}"
         layout = materialise(sim, folder, progress=False)
         run_dir = run_simulation(sim, layout, folder)
@@ -71,7 +73,7 @@ def run(quick: bool) -> dict:
         base = parse_sim_config(document, "membership_inference")
         arms = {name: _arm(base, dp, sites, Path(tmp)) for name, dp in (("no_dp", False), ("dp", True))}
     dp = arms["dp"]
-    return {"auc_no_dp": arms["no_dp"]["auc_mean"], "auc_dp": dp["auc_mean"],
+    return {"epsilon": EPSILON, "auc_no_dp": arms["no_dp"]["auc_mean"], "auc_dp": dp["auc_mean"],
             "auc_dp_95": [dp["auc_95_low"], dp["auc_95_high"]],
             "auc_no_dp_95": [arms["no_dp"]["auc_95_low"], arms["no_dp"]["auc_95_high"]],
             "goal_auc_dp_max": GOAL_AUC_DP, "goal_auc_dp_95_high_max": GOAL_AUC_DP_HIGH,

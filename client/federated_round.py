@@ -97,7 +97,7 @@ def fit(config: SiteConfig, plan: RoundPlan, received: list[np.ndarray], noise_s
         train, val = _site_splits(config, plan, ("train", "val") if releases_evaluation else ("train",), [])
         if not train:  # also for the last, evaluation-only exchange: the noise plan is made from the training set
             raise Refusal(5, "no prepared training slides")
-        head = _global_head(plan, received)
+        head = _global_head(plan, received, config.features.backbone_weights)
         from client.private_training import PrivateRound  # Opacus: only where training happens
 
         training = TrainingConfig(epochs=plan.epochs, batch_size=plan.batch_size, learning_rate=plan.learning_rate)
@@ -186,8 +186,12 @@ def _outgoing_problem(plan: RoundPlan, head: torch.nn.Module, update: list[np.nd
     return update_problem(shapes, update, plan.max_update_norm, plan.secagg_clipping_range)
 
 
-def _global_head(plan: RoundPlan, received: list[np.ndarray]) -> torch.nn.Module:
-    head = build_trainable(plan.model, len(plan.classes))  # last_block: the received arrays fill the block
+def _global_head(plan: RoundPlan, received: list[np.ndarray], trunk: str) -> torch.nn.Module:
+    # last_block: the received arrays fill the block; a frozen projection comes from the site's (pinned) trunk
+    try:
+        head = build_trainable(plan.model, len(plan.classes), trunk=trunk)
+    except WeightsError as exc:
+        raise Refusal(7, str(exc)) from None
     load_arrays(head, received)
     return head
 

@@ -154,6 +154,8 @@ def predict(model_path: Path, inputs: Sequence[Path], out: Path, site: SiteConfi
     if explain is not None and explain not in model.classes:
         raise PredictError(f"--explain {explain!r} is not a class of this model: {list(model.classes)}")
     settings = PredictSettings.from_site(site, model.config)
+    if model.config.frozen_projection:  # the checkpoint holds what trained; the projection is the trunk file's
+        model.head.projection.load(settings.features.backbone_weights)
     slides = find_slides(inputs)
     if not slides:
         raise PredictError(f"no slides in {[str(p) for p in inputs]} (searched for {', '.join(WSI_SUFFIXES)})")

@@ -68,7 +68,8 @@ def train_local(config: SiteConfig, progress: bool = True) -> LocalRun:
         raise UserError(f"{cache.index_path}: no prepared training slides; run `fedpath-site prepare` first")
     run_dir = new_run_dir(config.training.out_dir)
     torch.manual_seed(config.training.seed)
-    head = build_trainable(config.model, len(classes), config.features.backbone_weights)
+    head = build_trainable(config.model, len(classes), config.features.backbone_weights,
+                           trunk=config.features.backbone_weights)
     dataset = PatientSequences(train, config.sequences.length, config.training.seed)
     history: list[dict] = []
 

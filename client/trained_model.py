@@ -29,8 +29,12 @@ class SlideModel:
     positive_class: str | None = None  # the class sensitivity and AUC are about
 
 
-def load_model(path: Path) -> SlideModel:
-    """Load a federated checkpoint after verifying it against its model card (CheckpointError if not)."""
+def load_model(path: Path, trunk: str | Path | None = None) -> SlideModel:
+    """Load a federated checkpoint after verifying it against its model card (CheckpointError if not).
+
+    ``trunk``: the trunk weights file a ``frozen_projection`` model reads its projection from (the
+    checkpoint holds only what trained); a frozen projection left unloaded refuses to run.
+    """
     checkpoint = load_checkpoint(Path(path))
     card = checkpoint.card
     missing = [key for key in ("model", "classes", "sequence_length") if key not in card]
@@ -41,7 +45,7 @@ def load_model(path: Path) -> SlideModel:
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"model card of {path}: model settings this fedpath cannot build ({exc}).") from None
     classes = tuple(card["classes"])
-    trained = build_trainable(config, len(classes))
+    trained = build_trainable(config, len(classes), trunk=trunk)
     try:
         load_arrays(trained, list(checkpoint.arrays.values()))
     except ParameterMismatch as exc:

@@ -24,6 +24,7 @@ from server.run_folder import RunFolder
 from server.run_recorder import RunRecorder
 from server.secure_aggregation import fit_workflow
 from server.server_config import ServerConfig
+from server.server_optimizer import ServerOptimizer
 from server.site_registry import SiteRegistry
 from server.strategies import build_strategy
 from server.superlink import StatePaths
@@ -72,11 +73,14 @@ def run_federation(grid, context: Context, folder: RunFolder) -> None:
              ", then scoring the final model", "resumed" if done else "new run")
     registry = SiteRegistry(StatePaths(config).registry)
     workflow = fit_workflow(config)
+    optimizer = ServerOptimizer(config.strategy.server_optimizer, [a.shape for a in initial.values()], folder.path)
+    optimizer.restore(done)
     strategy = FederationStrategy(
         config, build_strategy(config), recorder, [(n, tuple(a.shape)) for n, a in initial.items()],
         list(latest.arrays.values()), first_round=done + 1,
         plan_for=lambda round_: round_plan(config, folder.federation_id, round_, reproducible),
-        site_name=registry.name_for, on_sampled=None if workflow is None else workflow.round_size)
+        site_name=registry.name_for, on_sampled=None if workflow is None else workflow.round_size,
+        optimizer=optimizer)
     legacy = LegacyContext(context, config=FlowerServerConfig(num_rounds=exchanges,
                                                               round_timeout=config.federation.round_timeout),
                            strategy=strategy)

@@ -137,7 +137,8 @@ def _pretrain_encoder(args: argparse.Namespace) -> int:
     settings = PretrainSettings(tile_size=args.tile_size, epochs=args.epochs, batch_size=args.batch_size,
                                 learning_rate=args.lr, val_fraction=args.val_fraction, seed=args.seed,
                                 init=args.init, mpp=args.mpp, num_workers=args.workers)
-    print(summary(pretrain_encoder(Path(args.tiles), Path(args.out), settings, progress=not args.no_progress)))
+    print(summary(pretrain_encoder(Path(args.tiles), Path(args.out), settings, progress=not args.no_progress,
+                                   projection=args.projection)))
     return 0
 
 
@@ -219,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--tiles", required=True, help="folder with one sub-folder of image tiles per class")
     pretrain.add_argument("--out", required=True, help="trunk weights to write (.pth); metadata goes beside as .json")
     pretrain.add_argument("--tile-size", type=int, default=96, help="pixels, the size sites will tile at (default 96)")
-    pretrain.add_argument("--epochs", type=int, default=10, help="default 10")
+    pretrain.add_argument("--epochs", type=int, default=10,
+                          help="default 10; 0 keeps the --init trunk as it is and fits only the projection")
     pretrain.add_argument("--batch-size", type=int, default=32, help="default 32")
     pretrain.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, one-cycle (default 1e-3)")
     pretrain.add_argument("--val-fraction", type=float, default=0.1, help="tiles held out per class (default 0.1)")
@@ -227,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--init", default="random", help="starting trunk: random, imagenet or a .pth")
     pretrain.add_argument("--mpp", type=float, help="µm/px of the tiles, recorded in the metadata")
     pretrain.add_argument("--workers", type=int, default=1, help="tile-reading processes (default 1)")
+    pretrain.add_argument("--projection", type=int, default=128,
+                          help="size of the projection fitted on the frozen trunk for model.frozen_projection "
+                               "(default 128, model.projection's default; 0: none)")
     pretrain.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     add_command(commands, "bundle-digest", _bundle_digest,

@@ -7,6 +7,11 @@ eosin optical densities rather than of hue, so the colours stay those of a stain
 is checkpointed to ``OUT.partial``; running the same command again continues from there. The
 result is a trunk state dict that ``TileEncoder`` loads as a local ``.pth``, and a metadata JSON
 beside it whose ``sha256`` is what ``model.trunk_sha256`` pins in server.yaml.
+
+Last, the trunk frozen, a 2048 -> 128 projection (``projection.*`` in the same file) is fitted on the
+same public tiles: what ``model.frozen_projection`` reads at every site, so that DP noise falls on
+the small recurrent core and classifier only (``attach_projection``, also usable on a trunk
+pretrained before it existed).
 """
 
 from __future__ import annotations
@@ -25,10 +30,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from shared.atomic_files import atomic_write, atomic_write_json
-from shared.encoder import FEATURE_DIM, TileEncoder, weights_id
+from shared.encoder import FEATURE_DIM, PROJECTION_PREFIX, TileEncoder, read_weights, weights_id
 from shared.errors import UserError
 from shared.he_stains import compose, concentrations, stain_matrix
 from shared.metrics import classification_metrics, to_jsonable
+from shared.model import unit_scale
 
 log = logging.getLogger("fedpath.server")
 
@@ -57,8 +63,9 @@ class PretrainSettings:
     def __post_init__(self) -> None:
         if self.tile_size < 75:
             raise PretrainError(f"tile size {self.tile_size}: InceptionV3 needs at least 75 px")
-        if self.epochs < 1 or self.batch_size < 2:
-            raise PretrainError("epochs must be >= 1 and batch size >= 2 (BatchNorm trains on batch statistics)")
+        if self.epochs < 0 or self.batch_size < 2:
+            raise PretrainError("epochs must be >= 0 (0: keep the starting trunk, fit only the projection) and "
+                                "batch size >= 2 (BatchNorm trains on batch statistics)")
         if not 0 < self.val_fraction < 1:
             raise PretrainError(f"validation fraction {self.val_fraction} must be between 0 and 1 (exclusive)")
         if self.learning_rate <= 0:
@@ -183,8 +190,17 @@ def metadata_path(out: Path) -> Path:
 
 
 def pretrain_encoder(tiles_dir: Path, out: Path, settings: PretrainSettings = PretrainSettings(),
-                     progress: bool = True) -> PretrainResult:
-    """Train the trunk on ``tiles_dir``; write ``out`` (trunk state dict) and its metadata JSON."""
+                     progress: bool = True, projection: int = 128) -> PretrainResult:
+    """Train the trunk on ``tiles_dir``; write ``out`` (trunk state dict) and its metadata JSON.
+
+    Args:
+        tiles_dir: public tiles, one sub-folder per class.
+        out: the weights file to write (its metadata JSON goes beside it).
+        settings: tile size, epochs, optimiser, augmentation.
+        progress: progress bars.
+        projection: the size of the frozen projection fitted afterwards (``attach_projection``;
+            ``model.projection`` must match it); 0 fits none.
+    """
     out = Path(out)
     classes, tiles = find_tiles(tiles_dir)
     train_idx, val_idx = stratified_split(np.array([label for _, label in tiles]), settings.val_fraction, settings.seed)
@@ -195,7 +211,8 @@ def pretrain_encoder(tiles_dir: Path, out: Path, settings: PretrainSettings = Pr
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
     steps_per_epoch = -(-len(train_set) // settings.batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, settings.learning_rate,
-                                                   total_steps=settings.epochs * steps_per_epoch, pct_start=0.15)
+                                                   total_steps=max(1, settings.epochs * steps_per_epoch),
+                                                   pct_start=0.15)
     # What a checkpoint must match to be continued (reader processes do not change the result).
     identity = {"tiles": str(Path(tiles_dir).resolve()), "classes": classes, "tiles_total": len(tiles),
                 "settings": {k: v for k, v in asdict(settings).items() if k != "num_workers"}}
@@ -244,13 +261,79 @@ def pretrain_encoder(tiles_dir: Path, out: Path, settings: PretrainSettings = Pr
         "tile_size": settings.tile_size, "mpp": settings.mpp, "tiles": identity["tiles"],
         "train_tiles": len(train_set), "val_tiles": len(val_set), "settings": asdict(settings),
         "seconds_this_run": round(time.perf_counter() - start, 1), "history": history,
-        "validation": {k.removeprefix("val_"): v for k, v in history[-1].items() if k.startswith("val_")},
+        # epochs 0: the starting trunk as it is (only the projection is fitted), nothing validated here
+        "validation": {k.removeprefix("val_"): v for k, v in history[-1].items() if k.startswith("val_")}
+        if history else None,
         "use": {"site.yaml": {"features": {"backbone_weights": str(out)}, "tiling": {"tile_size": settings.tile_size}},
                 "server.yaml": {"model": {"trunk_sha256": digest}}},
     })
     atomic_write_json(metadata_path(out), record)
     partial.unlink(missing_ok=True)  # the finished weights replace it; a rerun starts afresh
-    return PretrainResult(out, metadata_path(out), digest, record)
+    result = PretrainResult(out, metadata_path(out), digest, record)
+    return attach_projection(result, tiles_dir, settings, projection, progress) if projection else result
+
+
+def _vectors(encoder: TileEncoder, dataset: Dataset, workers: int, progress: bool) -> torch.Tensor:
+    loader = DataLoader(dataset, batch_size=64, num_workers=workers, collate_fn=_collate)
+    with torch.inference_mode():
+        return unit_scale(torch.cat([encoder(tiles) for tiles, _ in tqdm(loader, desc="trunk vectors", unit="batch",
+                                                                         disable=not progress, leave=False)]))
+
+
+def attach_projection(result: PretrainResult, tiles_dir: Path, settings: PretrainSettings, size: int = 128,
+                      progress: bool = True, epochs: int = 40) -> PretrainResult:
+    """Fit the frozen projection on the trunk's vectors of the public tiles and store it in the weights file.
+
+    The trunk is frozen; a ``size``-wide linear layer with ReLU and a linear classifier learn the
+    pretraining classes from the unit-scaled 2048-d vectors (as ``SequenceHead`` scales them) of
+    the same training tiles, unaugmented; the validation tiles score it. The weights file gains
+    ``projection.weight`` and ``projection.bias`` (the trunk loader ignores them), so its sha256,
+    the pin, covers the projection too; the metadata JSON is rewritten with the new sha256.
+
+    Args:
+        result: a finished ``pretrain_encoder`` (weights and metadata).
+        tiles_dir: the tiles it was pretrained on.
+        settings: its settings (tile size, validation split, seed).
+        size: the projection's output size (``model.projection``).
+        progress: progress bars.
+        epochs: passes over the vectors.
+    """
+    classes, tiles = find_tiles(tiles_dir)
+    train_idx, val_idx = stratified_split(np.array([label for _, label in tiles]), settings.val_fraction, settings.seed)
+    encoder = TileEncoder(result.weights).eval()
+    train = _vectors(encoder, TileImages([tiles[i] for i in train_idx], settings.tile_size, None, settings.seed),
+                     settings.num_workers, progress)
+    val = _vectors(encoder, TileImages([tiles[i] for i in val_idx], settings.tile_size, None, settings.seed),
+                   settings.num_workers, progress)
+    train_labels = torch.tensor([tiles[i][1] for i in train_idx])
+    val_labels = np.array([tiles[i][1] for i in val_idx])
+    torch.manual_seed(settings.seed)
+    projection, classifier = nn.Linear(FEATURE_DIM, size), nn.Linear(size, len(classes))
+    optimizer = torch.optim.AdamW([*projection.parameters(), *classifier.parameters()], lr=1e-3, weight_decay=1e-4)
+    generator = torch.Generator().manual_seed(settings.seed)
+    for _ in range(epochs):
+        for batch in torch.randperm(len(train), generator=generator).split(64):
+            optimizer.zero_grad(set_to_none=True)
+            logits = classifier(torch.relu(projection(train[batch])))
+            nn.functional.cross_entropy(logits, train_labels[batch]).backward()
+            optimizer.step()
+    with torch.inference_mode():
+        probs = torch.softmax(classifier(torch.relu(projection(val))), dim=-1).numpy()
+    metrics = classification_metrics(val_labels, probs, classes)
+    state = {key: value for key, value in read_weights(result.weights).items() if not key.startswith(PROJECTION_PREFIX)}
+    state.update({PROJECTION_PREFIX + "weight": projection.weight.detach().clone(),
+                  PROJECTION_PREFIX + "bias": projection.bias.detach().clone()})
+    atomic_write(result.weights, functools.partial(torch.save, state))
+    digest = weights_id(result.weights)
+    record = to_jsonable({
+        **result.record, "sha256": digest,
+        "projection": {"size": size, "epochs": epochs, "fitted_on": "the trunk's vectors of the training tiles",
+                       "validation": {k: float(metrics[k]) for k in ("accuracy", "balanced_accuracy", "loss")}},
+        "use": {"site.yaml": result.record["use"]["site.yaml"],
+                "server.yaml": {"model": {"trunk_sha256": digest, "projection": size, "frozen_projection": True}}}})
+    atomic_write_json(result.metadata, record)
+    log.info("projection %d fitted on the frozen trunk: validation accuracy %.3f", size, metrics["accuracy"])
+    return PretrainResult(result.weights, result.metadata, digest, record)
 
 
 def _load_partial(path: Path, identity: dict) -> dict:
@@ -267,8 +350,12 @@ def _load_partial(path: Path, identity: dict) -> dict:
 
 def summary(result: PretrainResult) -> str:
     val = result.record["validation"]
+    projection = result.record.get("projection")
     return (f"trunk weights  {result.weights}\nmetadata       {result.metadata}\nsha256         {result.sha256}\n"
-            f"validation     accuracy {val['accuracy']:.3f}, balanced accuracy {val['balanced_accuracy']:.3f} "
-            f"on {result.record['val_tiles']} tiles\n"
+            + (f"validation     accuracy {val['accuracy']:.3f}, balanced accuracy {val['balanced_accuracy']:.3f} "
+               f"on {result.record['val_tiles']} tiles\n" if val else
+               f"trunk          {result.record['settings']['init']}, not trained (--epochs 0)\n")
+            + (f"projection     {FEATURE_DIM} -> {projection['size']}, frozen at sites (model.frozen_projection: "
+               f"true); validation accuracy {projection['validation']['accuracy']:.3f}\n" if projection else "") +
             f"sites set features.backbone_weights to this file (tiling.tile_size {result.record['tile_size']}); "
             f"server.yaml pins it with model.trunk_sha256: {result.sha256}")

@@ -42,9 +42,10 @@ from flwr.server.strategy import Strategy
 
 from server.round_metrics import SiteRound
 from server.run_recorder import RunRecorder
-from server.server_config import ServerConfig
+from server.server_config import ServerConfig, ServerOptimizerConfig
+from server.server_optimizer import ServerOptimizer
 from shared.errors import UserError
-from shared.parameters import add, update_problem
+from shared.parameters import update_problem
 from shared.refusals import refusal_code, refusal_text
 from shared.round_plan import RoundPlan
 from shared.round_sums import CountLayout, RoundSums, decode_sum
@@ -72,16 +73,19 @@ class FederationStrategy(Strategy):
         site_name: a node id's hospital name.
         on_sampled: called with the number of sites sampled for a round, before the round starts
             (SecAgg+ sets the round's reconstruction threshold from it).
+        optimizer: the server's step on the aggregated update (``strategy.server_optimizer``), its state
+            already restored for ``first_round``; None: add the update (FedAvg).
     """
 
     def __init__(self, config: ServerConfig, inner: Strategy, recorder: RunRecorder,
                  shapes: list[tuple[str, tuple[int, ...]]], global_arrays: list[np.ndarray], first_round: int,
                  plan_for: Callable[[int], RoundPlan], site_name: Callable[[int], str],
-                 on_sampled: Callable[[int], None] | None = None) -> None:
+                 on_sampled: Callable[[int], None] | None = None, optimizer: ServerOptimizer | None = None) -> None:
         self.config, self.inner, self.recorder = config, inner, recorder
         self.shapes, self.global_arrays = shapes, global_arrays
         self.offset = first_round - 1
         self.plan_for, self.site_name, self.on_sampled = plan_for, site_name, on_sampled
+        self.optimizer = optimizer or ServerOptimizer(ServerOptimizerConfig(), [a.shape for a in global_arrays])
         self.layout = CountLayout.for_federation(config.classes, config.positive_class,
                                                  config.federation.evaluation_bins)
         self.sites: dict[str, SiteRound] = {}
@@ -147,7 +151,8 @@ class FederationStrategy(Strategy):
             if sums is not None and plan.evaluate else None
         self.recorder.close_model(round_ - 1, evaluation)
         if plan.train:
-            self.global_arrays = add(self.global_arrays, sums.update)
+            self.global_arrays = self.optimizer.apply(self.global_arrays, sums.update)
+            self.optimizer.save(round_)  # before the checkpoint that marks the round done
             self.recorder.save_model(round_, self.global_arrays, self.sites, self._timing(),
                                      patients=sums.patients)
         return ndarrays_to_parameters(self.global_arrays), {}

@@ -60,8 +60,21 @@ class SuperLinkConfig:
 
 
 @dataclass(frozen=True)
+class ServerOptimizerConfig:
+    """The server's step on the aggregated update (server/server_optimizer.py): none (FedAvg), momentum
+    (FedAvgM) or adam (FedAdam)."""
+
+    name: Literal["none", "momentum", "adam"] = "none"
+    learning_rate: float = check(positive, 1.0)  # server step size (1.0 with momentum 0: plain FedAvg)
+    momentum: float = check(lambda b: None if 0 <= b < 1 else "must be in [0, 1)", 0.9)  # momentum; Adam's beta1
+    beta2: float = check(lambda b: None if 0 <= b < 1 else "must be in [0, 1)", 0.99)  # adam only
+    tau: float = check(positive, 1e-3)  # adam only: its epsilon, how far it trusts small second moments
+
+
+@dataclass(frozen=True)
 class StrategyConfig:
     name: StrategyName = "fedavg"  # fedavg weights sites by their number of patients
+    server_optimizer: ServerOptimizerConfig = field(default_factory=ServerOptimizerConfig)
     proximal_mu: float = check(at_least(0), 0.01)  # fedprox: pull towards the global model
     trim_beta: float = check(lambda b: None if 0 <= b < 0.5 else "must be in [0, 0.5)", 0.2)  # trimmed_mean
     krum_malicious: int = check(at_least(0), 0)  # krum: sites assumed to be malicious
@@ -148,6 +161,9 @@ class ServerConfig:
         if self.model.trainable == "last_block" and self.model.trunk_sha256 is None:
             raise ValueError("model.trainable: last_block needs model.trunk_sha256: the sites' cached block inputs "
                              "and the global block must come from one trunk")
+        if self.model.frozen_projection and self.model.trunk_sha256 is None:
+            raise ValueError("model.frozen_projection needs model.trunk_sha256: every site reads the projection from "
+                             "its trunk file, and only a pinned file makes it the same projection everywhere")
         strategy, secagg = self.strategy, self.secure_aggregation
         if secagg.enabled and strategy.name in ("median", "trimmed_mean", "krum"):
             raise ValueError(f"strategy {strategy.name} needs every site's update, but secure_aggregation shows the "

@@ -23,7 +23,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LAST_BLOCK = "Mixed_7c"  # what `trainable: last_block` fine-tunes: the last InceptionE of torchvision's Inception3
 BLOCK_INPUT = "Mixed_7b"  # the block whose output enters it
-_DROPPED_PREFIXES = ("fc.", "AuxLogits.")  # classifier parts of a full InceptionV3 checkpoint
+PROJECTION_PREFIX = "projection."  # the frozen 2048 -> 128 projection pretrain-encoder stores beside the trunk
+_DROPPED_PREFIXES = ("fc.", "AuxLogits.", PROJECTION_PREFIX)  # not trunk: classifier parts, fedpath's projection
 _WRAPPER_PREFIXES = ("module.", "trunk.")
 
 
@@ -116,7 +117,8 @@ def _imagenet_trunk() -> nn.Module:
     return trunk
 
 
-def _load_local(trunk: nn.Module, path: Path) -> None:
+def read_weights(path: Path) -> dict:
+    """The state dict in a local weights file (unwrapped from ``state_dict``/``model``), with clear errors."""
     if not path.is_file():
         raise WeightsError(f"{path}: backbone weights file not found (features.backbone_weights)")
     try:
@@ -128,6 +130,11 @@ def _load_local(trunk: nn.Module, path: Path) -> None:
             state = state[wrapper]
     if not isinstance(state, dict):
         raise WeightsError(f"{path}: expected a state dict of InceptionV3 weights, got {type(state).__name__}")
+    return state
+
+
+def _load_local(trunk: nn.Module, path: Path) -> None:
+    state = read_weights(path)
     cleaned = {}
     for key, value in state.items():
         for prefix in _WRAPPER_PREFIXES:

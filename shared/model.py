@@ -5,19 +5,26 @@ from the feature cache (``tiles`` mode: T tiles of one slide in spatial order) o
 tile's 8x8 InceptionV3 map read as 64 positions (``grid`` mode, the reference study's layout).
 ``SlideClassifier`` composes it with the ``TileEncoder`` to classify from pixels. Variants are
 configuration (``ModelConfig``), never copies of code.
+
+``frozen_projection`` is the measured lever for DP (docs/benchmarks.md, ``dp_levers``): the DP noise
+grows with the number of trainable weights, and the 2048 -> 128 projection is nine tenths of the
+head's. With it frozen, the projection comes from the pinned trunk file (``pretrain-encoder`` fits
+it on the public tiles), is the same at every site, and never trains or travels: only the
+recurrent core and the classifier carry DP noise.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from shared.encoder import FEATURE_DIM, LAST_BLOCK, TileEncoder
+from shared.encoder import FEATURE_DIM, LAST_BLOCK, PROJECTION_PREFIX, TileEncoder, WeightsError, read_weights
 from shared.recurrent import RecurrentCore
 from shared.yaml_config import at_least, check
 
@@ -31,6 +38,9 @@ class ModelConfig:
     projection: int = check(at_least(1), 128)  # 2048 -> projection before the core: cheap under DP
     hidden: int = check(at_least(1), 128)
     trainable: Literal["head", "last_block"] = "head"
+    # The projection from the pinned trunk file, frozen and never sent (only the core and classifier train
+    # under DP); needs a trunk from `fedpath-server pretrain-encoder`. false: the projection trains (any trunk).
+    frozen_projection: bool = False
     # sha256 of the trunk weights file every site must use (`weights_id`); None: no pin (random trunk demos)
     trunk_sha256: str | None = check(lambda h: None if re.fullmatch(r"[0-9a-f]{64}", h) else
                                      "must be 64 lowercase hex digits (the sha256 printed by pretrain-encoder)", None)
@@ -43,33 +53,83 @@ class ModelConfig:
         return asdict(self)
 
 
+def unit_scale(vectors: torch.Tensor) -> torch.Tensor:
+    """Each vector scaled to norm sqrt(dim): trunks differ wildly in activation scale (a randomly
+    initialised InceptionV3 reaches 1e11), and a fixed rescaling needs no statistics of private data."""
+    return vectors * (vectors.shape[-1] ** 0.5 / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+
+
+class FrozenProjection(nn.Module):
+    """A linear map that never trains and is no part of the state that travels or is checkpointed:
+    its weight and bias are non-persistent buffers, filled from the pinned trunk file (``load``).
+    Built without them (a server that only needs the model's shapes), it refuses to run."""
+
+    def __init__(self, input_dim: int, output_dim: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = input_dim, output_dim
+        self.register_buffer("weight", torch.zeros(output_dim, input_dim), persistent=False)
+        self.register_buffer("bias", torch.zeros(output_dim), persistent=False)
+        self.source: str | None = None  # the trunk file it was loaded from
+
+    def load(self, weights: str | Path) -> "FrozenProjection":
+        """Fill from the ``projection.*`` entries of a trunk file (``pretrain-encoder`` writes them)."""
+        state = read_weights(Path(weights))
+        weight, bias = state.get(PROJECTION_PREFIX + "weight"), state.get(PROJECTION_PREFIX + "bias")
+        if weight is None or bias is None:
+            raise WeightsError(f"{weights}: the trunk file holds no projection (model.frozen_projection needs a trunk "
+                               "from `fedpath-server pretrain-encoder`, which fits one); or set "
+                               "model.frozen_projection: false")
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise WeightsError(f"{weights}: its projection maps {weight.shape[1]} -> {weight.shape[0]}, the model "
+                               f"needs {self.in_features} -> {self.out_features} (model.projection: "
+                               f"{self.out_features})")
+        self.weight.copy_(weight)
+        self.bias.copy_(bias)
+        self.source = str(weights)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.source is None:
+            raise RuntimeError("the frozen projection was not loaded from the trunk file (FrozenProjection.load)")
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
 class SequenceHead(nn.Module):
     """[B, T, input_dim] -> logits [B, num_classes].
 
-    Each vector is first scaled to norm sqrt(input_dim): trunks differ wildly in activation
-    scale (a randomly initialised InceptionV3 reaches 1e11), and a fixed rescaling needs no
-    statistics of private data. Then a linear projection with ReLU, then the core: an
-    RNN/LSTM/GRU whose last output summarises the sequence, or ``mean`` pooling over it.
+    Each vector is first scaled to norm sqrt(input_dim) (``unit_scale``), then a linear projection
+    with ReLU (trainable, or a ``FrozenProjection``), then the core: an RNN/LSTM/GRU whose last
+    output summarises the sequence, or ``mean`` pooling over it.
     """
 
     def __init__(self, num_classes: int, core: Core = "rnn", input_dim: int = FEATURE_DIM,
-                 projection: int = 128, hidden: int = 128):
+                 projection: int = 128, hidden: int = 128, frozen_projection: bool = False):
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"a classifier needs at least 2 classes, got {num_classes}")
-        self.projection = nn.Linear(input_dim, projection)
+        self.projection = FrozenProjection(input_dim, projection) if frozen_projection \
+            else nn.Linear(input_dim, projection)
         self.core = None if core == "mean" else RecurrentCore(core, projection, hidden)
         self.classifier = nn.Linear(projection if core == "mean" else hidden, num_classes)
 
     def forward(self, sequences: torch.Tensor) -> torch.Tensor:
-        unit = sequences * (sequences.shape[-1] ** 0.5 / sequences.norm(dim=-1, keepdim=True).clamp_min(1e-12))
-        steps = torch.relu(self.projection(unit))
+        steps = torch.relu(self.projection(unit_scale(sequences)))
         summary = steps.mean(dim=1) if self.core is None else self.core(steps)[:, -1]
         return self.classifier(summary)
 
 
-def build_head(config: ModelConfig, num_classes: int) -> SequenceHead:
-    return SequenceHead(num_classes, config.core, FEATURE_DIM, config.projection, config.hidden)
+def build_head(config: ModelConfig, num_classes: int, trunk: str | Path | None = None) -> SequenceHead:
+    """The head of ``config``. Args:
+        config: the model variant.
+        num_classes: outputs.
+        trunk: the trunk weights file a frozen projection is read from; without it a frozen
+            projection stays empty (shapes only: what the server needs) and refuses to run.
+    """
+    head = SequenceHead(num_classes, config.core, FEATURE_DIM, config.projection, config.hidden,
+                        config.frozen_projection)
+    if config.frozen_projection and trunk is not None:
+        head.projection.load(trunk)
+    return head
 
 
 # InceptionV3's last block (torchvision's InceptionE, 2048 -> 2048 channels): conv name ->
@@ -146,14 +206,16 @@ class LastBlockModel(nn.Module):
         return self.head(self.block(block_inputs))
 
 
-def build_trainable(config: ModelConfig, num_classes: int, weights: str | None = None) -> nn.Module:
+def build_trainable(config: ModelConfig, num_classes: int, weights: str | None = None,
+                    trunk: str | Path | None = None) -> nn.Module:
     """The part of the model that trains and travels: the head, or the last block + head.
 
     For ``last_block``, ``weights`` names the trunk whose block it starts from (the server's
     initial model); without it the block is zeros, to be filled by ``load_arrays`` (a site
-    receiving the global model needs only the shapes).
+    receiving the global model needs only the shapes). ``trunk`` is the file a frozen
+    projection is read from (``build_head``): the site's pinned trunk.
     """
-    head = build_head(config, num_classes)
+    head = build_head(config, num_classes, trunk)
     if config.trainable == "head":
         return head
     block = FoldedBlock() if weights is None else FoldedBlock.from_trunk_block(
@@ -201,4 +263,4 @@ def build_classifier(config: ModelConfig, num_classes: int, weights: str = "rand
     if config.trainable != "head":
         raise ValueError("build_classifier composes a frozen trunk and the head; for trainable: last_block use "
                          "build_trainable on cached block inputs")
-    return SlideClassifier(TileEncoder(weights), build_head(config, num_classes), config.mode)
+    return SlideClassifier(TileEncoder(weights), build_head(config, num_classes, weights), config.mode)

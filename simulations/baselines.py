@@ -85,7 +85,7 @@ def train_baseline(site_config: Path, plan: BaselinePlan, out_dir: Path) -> tupl
     privacy = PrivacyConfig(enabled=plan.dp, epsilon=plan.epsilon, delta=min(config.privacy.delta, plan.delta),
                             accountant=config.privacy.accountant, max_grad_norm=config.privacy.max_grad_norm)
     torch.manual_seed(plan.training.seed)
-    head = build_head(plan.model, len(plan.classes))
+    head = build_head(plan.model, len(plan.classes), config.features.backbone_weights)
     result = train_round(head, PatientSequences(train, plan.sequence_length, plan.training.seed), plan.training,
                          privacy, Path(out_dir) / "privacy_ledger.json", round_id="baseline", progress=False)
     return head, result.epsilon

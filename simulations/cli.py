@@ -19,30 +19,53 @@ def _make_slides(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_SETTINGS = {"model": {"core": "rnn", "hidden": 64, "frozen_projection": True},
+                 "training": {"epochs": 2, "batch_size": 8, "learning_rate": 0.01},
+                 "strategy": {"server_optimizer": {"name": "momentum", "learning_rate": 1.0, "momentum": 0.9}}}
+"""What the demo federation trains: fedpath's measured levers for DP (frozen projection, server momentum;
+docs/benchmarks.md), sized for a few dozen patients per hospital (docs/simulation.md, the demo)."""
+DEMO_SITE_PRIVACY = {"release_evaluation": False, "lifetime_epsilon": 24.0}
+"""A few dozen validation patients per hospital: noisy evaluation counts would say nothing and cost a
+quarter of ε, so the demo hospitals spend it all on training, and the demo scores the models itself."""
+
+
 def _demo(args: argparse.Namespace) -> int:
     from client.prepare import prepare_site
     from client.site_config import load_site_config
+    from server.encoder_pretraining import PretrainSettings, pretrain_encoder
     from simulations.consortium import make_consortium
+    from simulations.demo_validation import score_rounds, validation_table
     from simulations.local_consortium import LocalConsortium
-    from simulations.round_table import round_table
+    from simulations.public_tiles import make_public_tiles
 
     out = Path(args.out).resolve()
-    print(f"generating {args.sites} hospitals x {args.slides_per_site} slides in {out} ...")
-    configs = make_consortium(out / "sites", args.sites, args.slides_per_site, args.seed, args.size, args.tile_size)
+    trunk = out / "consortium" / "trunk.pth"
+    print(f"the consortium fits the frozen projection on {2 * args.public_tiles} generated public tiles "
+          "(the trunk stays random: no weights can be downloaded here) ...", flush=True)
+    public = make_public_tiles(out / "public-tiles", args.public_tiles, args.tile_size)
+    result = pretrain_encoder(public, trunk, PretrainSettings(tile_size=args.tile_size, epochs=0), progress=False)
+    print(f"trunk {trunk}  sha256 {result.sha256[:16]}…  projection validation accuracy "
+          f"{result.record['projection']['validation']['accuracy']:.3f}")
+    print(f"\ngenerating {args.sites} hospitals x {args.slides_per_site} slides in {out} ...", flush=True)
+    configs = make_consortium(out / "sites", args.sites, args.slides_per_site, args.seed, args.size, args.tile_size,
+                              backbone_weights=str(trunk), privacy=DEMO_SITE_PRIVACY)
     for path in configs:
         summary = prepare_site(load_site_config(path))
         print(f"\n== {path.parent.name} ==\n{summary.report()}")
     settings = {"federation": {"rounds": args.rounds, "min_sites": 2, "round_timeout": 300},
-                "training": {"epochs": 2, "batch_size": 2, "learning_rate": 0.003}}
+                **{key: dict(value) for key, value in DEMO_SETTINGS.items()}}
+    settings["model"]["trunk_sha256"] = result.sha256
     print(f"\nstarting a SuperLink behind its proxy and {len(configs)} SuperNodes on 127.0.0.1 (TLS, registered "
-          f"site keys, SecAgg+), {args.rounds} rounds, DP at every site ...")
+          f"site keys, SecAgg+), {args.rounds} rounds, DP at every site ...", flush=True)
     with LocalConsortium(out / "consortium", configs, server_settings=settings) as consortium:
         consortium.start_all()
         code, folder = consortium.run()
-    sites = {config.name: config for config in (load_site_config(path) for path in configs)}
-    print("\n" + round_table(folder.path, sites))
-    print(f"\nresults: {folder.path}  (metrics.csv, curves.png, audit.jsonl, checkpoints/)\n"
-          "the trunk is random offline, so accuracy is a smoke check, not a result")
+    scored = score_rounds(folder.path, configs, out / "validation")
+    print("\n" + validation_table(scored))
+    print(f"\nresults: {folder.path}  (checkpoints/, audit.jsonl, the sites' ε in metrics.csv)\n"
+          f"validation: {out / 'validation'}  (curves.png, metrics.csv: every round's global model on the "
+          "hospitals' validation slides)\n"
+          "generated slides and a random trunk: the demo shows the machinery learning, not a clinical result")
     return code
 
 
@@ -105,13 +128,16 @@ def _add_sim_options(parser: argparse.ArgumentParser) -> None:
                                       "sim.yaml)")
 
 
-def _add_generation_options(parser: argparse.ArgumentParser, sites: int, slides: int) -> None:
+def _add_generation_options(parser: argparse.ArgumentParser, sites: int, slides: int, size: int = 2048,
+                            tile_size: int = 299) -> None:
     parser.add_argument("--out", required=True, help="folder for the generated hospitals")
     parser.add_argument("--sites", type=int, default=sites, help=f"number of hospitals (default {sites})")
     parser.add_argument("--slides-per-site", type=int, default=slides, help=f"slides per hospital (default {slides})")
     parser.add_argument("--seed", type=int, default=0, help="same seed, same slides (default 0)")
-    parser.add_argument("--size", type=int, default=2048, help="slide side in pixels at level 0, ±25%% per slide")
-    parser.add_argument("--tile-size", type=int, default=299, help="tile size written into each site.yaml")
+    parser.add_argument("--size", type=int, default=size,
+                        help=f"slide side in pixels at level 0, ±25%% per slide (default {size})")
+    parser.add_argument("--tile-size", type=int, default=tile_size,
+                        help=f"tile size written into each site.yaml (default {tile_size})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,8 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "the local demo consortium: generate three hospitals' slides, prepare each site's feature "
                        "cache, then run a real SuperLink and three SuperNodes on 127.0.0.1 for a federated run "
                        "with DP at every site; every process is stopped at the end")
-    _add_generation_options(demo, sites=3, slides=8)
+    # Many small slides: DP needs dozens of patients per hospital to learn in five rounds.
+    _add_generation_options(demo, sites=3, slides=60, size=768, tile_size=96)
     demo.add_argument("--rounds", type=int, default=5, help="federated rounds (default 5)")
+    demo.add_argument("--public-tiles", type=int, default=300,
+                      help="generated public tiles per class the projection is fitted on (default 300)")
     run = add_command(commands, "run", _run,
                       "simulate N hospitals on Flower's Simulation Engine with the deployed ServerApp and ClientApp "
                       "(DP and privacy ledgers included): split the data, prepare every site's feature cache, run, "

@@ -9,14 +9,17 @@ import yaml
 from simulations.slide_generator import LABELS, SlideSpec, make_site_slides
 
 
-def write_site_config(manifest: Path, tile_size: int, backbone_weights: str = "random") -> Path:
-    """A site.yaml beside ``manifest``, as a hospital's IT would write it for these slides."""
+def write_site_config(manifest: Path, tile_size: int, backbone_weights: str = "random",
+                      privacy: dict | None = None) -> Path:
+    """A site.yaml beside ``manifest``, as a hospital's IT would write it for these slides (``privacy``:
+    its privacy section, if any)."""
     site_dir = manifest.parent
     config = {
         "name": site_dir.name,
         "data": {"manifest": manifest.name, "labels": list(LABELS)},
         "tiling": {"target_mpp": 0.5, "tile_size": tile_size, "min_tissue": 0.5},
         "features": {"backbone_weights": backbone_weights, "cache_dir": "cache"},
+        **({"privacy": privacy} if privacy else {}),
     }
     path = site_dir / "site.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -24,8 +27,9 @@ def write_site_config(manifest: Path, tile_size: int, backbone_weights: str = "r
 
 
 def make_consortium(out: Path, sites: int, slides_per_site: int, seed: int, size: int, tile_size: int,
-                    progress: bool = True) -> list[Path]:
-    """Generate slides for ``sites`` hospitals and a site.yaml for each; returns the site.yaml paths."""
+                    progress: bool = True, backbone_weights: str = "random", privacy: dict | None = None) -> list[Path]:
+    """Generate slides for ``sites`` hospitals and a site.yaml for each (trunk: ``backbone_weights``,
+    ``privacy`` section); returns the site.yaml paths."""
     spec = SlideSpec(width=size, height=size)
     manifests = make_site_slides(out, sites, slides_per_site, seed, spec, progress=progress)
-    return [write_site_config(m, tile_size) for m in manifests]
+    return [write_site_config(m, tile_size, backbone_weights, privacy) for m in manifests]

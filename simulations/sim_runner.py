@@ -103,7 +103,7 @@ def evaluate_checkpoint(checkpoint: Path, layout: SimLayout, test: list[SlideFea
     ``test``: the test items in the checkpoint's class order, when a caller scores many checkpoints
     of one run (read once with ``cached_items``); by default they are read from the test cache.
     """
-    model = load_model(Path(checkpoint))
+    model = load_model(Path(checkpoint), load_site_config(layout.test_config).features.backbone_weights)
     if model.block is not None:
         raise SimulationError(f"{checkpoint}: trainable: last_block is not simulated yet (the test cache holds "
                               "tile vectors, not block inputs)")

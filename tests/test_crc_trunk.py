@@ -20,10 +20,21 @@ def test_split_keeps_the_evaluation_tiles_out_of_pretraining(tmp_path):
     crc_trunk.split_tiles(tmp_path, eval_per_class=5, pretrain_per_class=3)
     assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["adenocarcinoma", "adenoma"]
     assert len(list((tmp_path / "eval" / "adenocarcinoma").iterdir())) == 5
-    assert len(list((tmp_path / "eval" / "adenoma").iterdir())) == 10  # 5 of T, 5 of V
+    adenoma = sorted(p.name.split("-")[0] for p in (tmp_path / "eval" / "adenoma").iterdir())
+    assert adenoma == ["T"] * 3 + ["V"] * 2  # as many items as AC, T and V sharing them
     assert {p.name: len(list(p.iterdir())) for p in (tmp_path / "pretrain").iterdir()} == {
         name: 3 for name in ("AC", "H", "S", "T", "V")}
     assert _targets(tmp_path / "eval").isdisjoint(_targets(tmp_path / "pretrain"))
+
+
+def test_unseen_split_pretrains_only_on_classes_never_evaluated(tmp_path):
+    crc_trunk.split_tiles(tmp_path / "unseen", eval_per_class=4, pretrain_per_class=None, pretrain_classes=("H", "S"))
+    crc_trunk.split_tiles(tmp_path / "full", eval_per_class=4, pretrain_per_class=None)
+    assert sorted(p.name for p in (tmp_path / "unseen" / "pretrain").iterdir()) == ["H", "S"]
+    assert len(list((tmp_path / "unseen" / "pretrain" / "H").iterdir())) == 1600  # all of them
+    # the same seed holds out the same evaluation tiles whatever is pretrained on: arms compare on one test set
+    assert _targets(tmp_path / "unseen" / "eval") == _targets(tmp_path / "full" / "eval")
+    assert crc_trunk.UNSEEN.key() != crc_trunk.FULL.key()
 
 
 def test_trunk_is_reused_only_while_its_weights_are_the_file_its_metadata_names(tmp_path, monkeypatch):

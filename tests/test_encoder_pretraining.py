@@ -18,7 +18,8 @@ from server.encoder_pretraining import (
     partial_path,
     pretrain_encoder,
 )
-from shared.encoder import TileEncoder
+from shared.encoder import TileEncoder, WeightsError
+from shared.model import ModelConfig, build_head
 
 SETTINGS = PretrainSettings(tile_size=75, epochs=1, batch_size=4, val_fraction=0.25, num_workers=0)
 
@@ -50,6 +51,26 @@ def test_pretraining_writes_loadable_weights_and_metadata(tmp_path):
     trained = TileEncoder(out)  # the site's loader takes the file as features.backbone_weights
     random_trunk = TileEncoder("random").trunk
     assert not torch.equal(trained.trunk.Conv2d_1a_3x3.conv.weight, random_trunk.Conv2d_1a_3x3.conv.weight)
+    # the frozen projection is in the same file (so the pin covers it), and the head reads it from there
+    assert meta["projection"]["size"] == 128 and meta["use"]["server.yaml"]["model"]["frozen_projection"] is True
+    stored = torch.load(out, weights_only=True)
+    head = build_head(ModelConfig(frozen_projection=True), 2, out)
+    assert torch.equal(head.projection.weight, stored["projection.weight"])
+    assert "projection.weight" not in head.state_dict()  # it never travels nor is checkpointed
+    assert head(torch.randn(3, 1, 2048)).shape == (3, 2)
+
+
+def test_a_frozen_projection_needs_a_trunk_that_has_one(tmp_path):
+    tiles = make_tiles(tmp_path / "tiles")
+    out = tmp_path / "encoder.pth"
+    pretrain_encoder(tiles, out, SETTINGS, progress=False, projection=0)
+    assert "projection.weight" not in torch.load(out, weights_only=True)
+    with pytest.raises(WeightsError, match="holds no projection.*frozen_projection: false"):
+        build_head(ModelConfig(frozen_projection=True), 2, out)
+    with pytest.raises(RuntimeError, match="not loaded"):  # the server's shapes-only head refuses to run
+        build_head(ModelConfig(frozen_projection=True), 2)(torch.randn(1, 1, 2048))
+    assert [name for name in build_head(ModelConfig(frozen_projection=True), 2).state_dict()
+            if name.startswith("projection")] == []
 
 
 def interrupt_at_epoch_two(tiles, out, settings):
@@ -115,3 +136,12 @@ def test_cli_pretrains_and_prints_the_hash(tmp_path, capsys):
     assert code == 0
     assert hashlib.sha256(out.read_bytes()).hexdigest() in capsys.readouterr().out
     assert server_main(["pretrain-encoder", "--tiles", str(tmp_path / "none"), "--out", str(out)]) == 2
+
+
+def test_zero_epochs_keeps_the_starting_trunk_and_fits_only_the_projection(tmp_path):
+    tiles = make_tiles(tmp_path / "tiles")
+    out = tmp_path / "encoder.pth"
+    result = pretrain_encoder(tiles, out, replace(SETTINGS, epochs=0), progress=False)
+    stored = torch.load(out, weights_only=True)
+    assert torch.equal(stored["Conv2d_1a_3x3.conv.weight"], TileEncoder("random").trunk.Conv2d_1a_3x3.conv.weight)
+    assert result.record["validation"] is None and result.record["projection"]["validation"]["accuracy"] >= 0.75

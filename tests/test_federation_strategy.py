@@ -13,7 +13,14 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from server.app import round_plan
 from server.federation_strategy import FederationError, FederationStrategy
-from server.server_config import FederationConfig, SecureAggregationConfig, ServerConfig, StrategyConfig
+from server.server_config import (
+    FederationConfig,
+    SecureAggregationConfig,
+    ServerConfig,
+    ServerOptimizerConfig,
+    StrategyConfig,
+)
+from server.server_optimizer import ServerOptimizer, state_path
 from server.strategies import build_strategy
 from shared.refusals import REFUSAL_ERROR_BASE
 from shared.round_plan import PLAN_KEY, RoundPlan
@@ -72,11 +79,12 @@ def _config(strategy: str = "fedavg", min_sites: int = 2, timeout: float = 1.0, 
                                                                    clipping_range=100.0))
 
 
-def _strategy(config: ServerConfig, first_round: int = 1, on_sampled=None):
+def _strategy(config: ServerConfig, first_round: int = 1, on_sampled=None, optimizer=None):
     recorder = FakeRecorder()
     strategy = FederationStrategy(config, build_strategy(config), recorder, SHAPES, [a.copy() for a in GLOBAL],
                                   first_round=first_round, plan_for=lambda r: round_plan(config, "fed-1", r),
-                                  site_name=lambda node_id: f"site-{node_id}", on_sampled=on_sampled)
+                                  site_name=lambda node_id: f"site-{node_id}", on_sampled=on_sampled,
+                                  optimizer=optimizer)
     return strategy, recorder
 
 
@@ -105,6 +113,21 @@ def _as_secagg(results):
     vectors = [parameters_to_ndarrays(res.parameters) for _, res in results]
     mean = ndarrays_to_parameters([np.mean(parts, axis=0) for parts in zip(*vectors, strict=True)])
     return [(proxy, FitRes(res.status, mean, res.num_examples, res.metrics)) for proxy, res in results]
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_server_momentum_steps_on_the_aggregate_and_keeps_its_state_beside_the_checkpoints(secure, tmp_path):
+    config = _config(secure=secure)
+    momentum = ServerOptimizer(ServerOptimizerConfig(name="momentum", learning_rate=1.0, momentum=0.5),
+                               [shape for _, shape in SHAPES], tmp_path)
+    strategy, recorder = _strategy(config, optimizer=momentum)
+    for server_round in (1, 2):  # the same aggregate twice: steps of 1.0, then 1.5 (0.5 x 1.0 + 1.0)
+        results = [(FakeProxy(1), _fit_res(_update(1.0), 2)), (FakeProxy(2), _fit_res(_update(1.0), 2))]
+        new = parameters_to_ndarrays(strategy.aggregate_fit(server_round, _as_secagg(results) if secure else results,
+                                                            [])[0])
+    np.testing.assert_allclose(new[0], GLOBAL[0] + 2.5, atol=1e-5)
+    np.testing.assert_allclose(recorder.saved[-1][1][0], new[0])
+    assert state_path(tmp_path, 2).is_file() and not state_path(tmp_path, 1).exists()
 
 
 @pytest.mark.parametrize("secure", [False, True])

@@ -67,3 +67,13 @@ def test_bool_is_not_an_integer(tmp_path):
 def test_example_site_config_is_valid():
     config = load_site_config(Path(__file__).resolve().parents[1] / "configs" / "site.example.yaml")
     assert config.name == "hospital-a" and config.data.labels == ("adenoma", "adenocarcinoma")
+
+
+def test_example_server_and_sim_configs_are_valid():
+    from server.server_config import load_server_config
+    from simulations.sim_config import load_sim_config
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    server = load_server_config(configs / "server.example.yaml")
+    assert server.model.frozen_projection and server.strategy.server_optimizer.name == "momentum"
+    assert load_sim_config(configs / "sim.example.yaml").strategy.server_optimizer.name == "momentum"

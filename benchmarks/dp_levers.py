@@ -1,0 +1,79 @@
+"""What makes federated DP training work here: each lever of fedpath's DP defaults, measured one at a time.
+
+The same federation as ``fed_vs_central`` (crc-tiles AC against T + V on the pinned trunk, 5 sites,
+Dirichlet α = 0.5, 10 rounds x 2 local epochs, 1,008 test items, 3 seeds), FedAvg with DP at ε = 3
+only, on Flower's Simulation Engine. ``before`` is the settings fedpath had (projection trained at
+every site, batch 16, learning rate 1e-3, plain FedAvg); each further arm changes one setting
+towards ``fed_vs_central.DEFAULTS``, and ``defaults`` has them all. The table in
+``docs/benchmarks.md`` comes from this JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks._crc_trunk import CRC_TILES, FULL, QUICK, pretrained_trunk
+from benchmarks.fed_vs_central import DEFAULTS, GROUP_SIZE, SEEDS, STORE, TEST_FRACTION, crc_simulation
+from simulations.experiment import run_experiment
+from simulations.experiment_config import Baselines, ExperimentConfig, GridAxes, check_cells
+from simulations.sim_config import parse_sim_config
+
+EPSILON = 3.0
+BEFORE = {"model": {"frozen_projection": False}, "training": {"batch_size": 16, "learning_rate": 1e-3},
+          "strategy": {"server_optimizer": {"name": "none"}}}
+MOMENTUM = DEFAULTS["strategy"]
+ARMS = {
+    "before": BEFORE,
+    "frozen_projection": {**BEFORE, "model": {"frozen_projection": True}},
+    "server_momentum": {**BEFORE, "strategy": MOMENTUM},
+    "batch32_lr3e-3": {**BEFORE, "training": DEFAULTS["training"]},
+    "defaults": DEFAULTS,
+}
+"""Each arm's settings over crc_simulation's (model, training, strategy, site privacy)."""
+
+
+def _arm_document(trunk, quick: bool, settings: dict) -> dict:
+    sites, rounds, epochs, per_class = (5, 2, 1, 20) if quick else (5, 10, 2, trunk.plan.eval_per_class)
+    document = crc_simulation(trunk, STORE, sites, rounds, epochs, per_class, {"scheme": "dirichlet", "alpha": 0.5},
+                              group_size=GROUP_SIZE)
+    document["model"].update(settings.get("model", {}))
+    document["training"].update(settings.get("training", {}))
+    document["strategy"] = settings.get("strategy", document["strategy"])
+    if "privacy" in settings:  # the sites' own clipping bound
+        document["simulation"]["site_privacy"] = settings["privacy"]
+    document["simulation"]["test_fraction"] = 0.2 if quick else TEST_FRACTION
+    return document
+
+
+def run(quick: bool) -> dict:
+    if not CRC_TILES.is_dir():
+        return {"skipped": f"data folder absent: {CRC_TILES}"}
+    logging.getLogger("fedpath.site").setLevel(logging.ERROR)
+    trunk = pretrained_trunk(QUICK if quick else FULL)
+    seeds = SEEDS[:1] if quick else SEEDS
+    arms = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, settings in (list(ARMS.items())[:2] if quick else ARMS.items()):
+            out = Path(tmp) / name
+            config = ExperimentConfig(name=name, base=parse_sim_config(_arm_document(trunk, quick, settings), name),
+                                      grid=GridAxes(strategy=("fedavg",), dp=(True,), epsilon=(EPSILON,), seeds=seeds),
+                                      baselines=Baselines(centralised=False, local=False), out_dir=out)
+            run_experiment(check_cells(config, name), progress=False)
+            rows = json.loads((out / "results.json").read_text())
+            arm = {"settings": settings, "seconds_per_seed": round(float(np.mean([r["seconds"] for r in rows])), 1)}
+            for key in ("accuracy", "auc", "sensitivity", "specificity", "epsilon"):
+                values = [r[key] for r in rows if r.get(key) is not None]
+                arm[key] = round(float(np.mean(values)), 4)
+                arm[f"{key}_std"] = round(float(np.std(values)), 4)
+            arm["per_seed"] = {r["seed"]: {k: round(r[k], 4) for k in ("accuracy", "auc", "sensitivity", "specificity")}
+                               for r in rows}
+            arms[name] = arm
+            print(f"dp_levers {name}: accuracy {arm['accuracy']:.3f} ± {arm['accuracy_std']:.3f}, "
+                  f"AUC {arm['auc']:.3f}", flush=True)
+    return {"epsilon": EPSILON, "seeds": list(seeds), "sites": 5, "alpha": 0.5, "rounds": 2 if quick else 10,
+            "local_epochs": 1 if quick else 2, **trunk.summary(), "arms": arms}
