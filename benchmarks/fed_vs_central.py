@@ -101,6 +101,9 @@ def run(quick: bool, trunk_plan: TrunkPlan | None = None) -> dict:
         rows = json.loads((root / "experiment" / "results.json").read_text())
         splits = {path.parent.name: json.loads(path.read_text())["sites"]
                   for path in (root / "experiment" / "data").glob("*/split.json")}
+        # every arm of a seed is scored on its seed's one test set
+        test_items = sorted({len(json.loads(path.read_text())["items"])
+                             for path in (root / "experiment" / "data").glob("*/test/cache/index.json")})
     arms = {"centralised": "centralised_nodp", "fedavg": "fedavg_nodp", "local_only_mean": "local_nodp",
             **{f"{name}_dp{eps:g}": f"{prefix}_dp-eps{eps:g}" for eps in EPSILONS
                for name, prefix in (("centralised", "centralised"), ("fedavg", "fedavg"),
@@ -127,7 +130,6 @@ def run(quick: bool, trunk_plan: TrunkPlan | None = None) -> dict:
         "limit": GOAL_DP3_SENS_SPEC, "met": min(results["fedavg_dp3"]["sensitivity"],
                                                 results["fedavg_dp3"]["specificity"]) >= GOAL_DP3_SENS_SPEC}
     goals["fedavg_std"] = {"limit": GOAL_STD_FEDAVG, "met": results["fedavg"]["accuracy_std"] <= GOAL_STD_FEDAVG}
-    test_items = sorted({row.get("test_items") for row in rows if row.get("test_items")})
     return {"tile_size": trunk.plan.settings.tile_size, "group_size": GROUP_SIZE, "sites": sites, "alpha": 0.5,
             "rounds": rounds, "local_epochs": epochs, "epoch_budget": rounds * epochs, "seeds": list(seeds),
             "settings": DEFAULTS, "test_items": test_items,

@@ -268,9 +268,12 @@ def pretrain_encoder(tiles_dir: Path, out: Path, settings: PretrainSettings = Pr
                 "server.yaml": {"model": {"trunk_sha256": digest}}},
     })
     atomic_write_json(metadata_path(out), record)
-    partial.unlink(missing_ok=True)  # the finished weights replace it; a rerun starts afresh
     result = PretrainResult(out, metadata_path(out), digest, record)
-    return attach_projection(result, tiles_dir, settings, projection, progress) if projection else result
+    if projection:
+        result = attach_projection(result, tiles_dir, settings, projection, progress)
+    # Kept until the projection is fitted: a run cut short in it continues after the last epoch.
+    partial.unlink(missing_ok=True)  # the finished weights replace it; a rerun starts afresh
+    return result
 
 
 def _vectors(encoder: TileEncoder, dataset: Dataset, workers: int, progress: bool) -> torch.Tensor:

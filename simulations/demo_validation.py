@@ -10,6 +10,7 @@ the pooled validation slides: the same ``evaluate`` as the sites, the same ``cur
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from client.sequence_data import SlideFeatures
@@ -27,13 +28,16 @@ def score_rounds(run_dir: Path, site_yamls: list[Path], out: Path) -> list[dict]
     from client.site_config import load_site_config
 
     trunk = load_site_config(site_yamls[0]).features.backbone_weights
+    server_rounds = run_dir / "metrics.json"  # the sites' disclosed ε, round by round, for the ε panel
+    disclosed = {entry["round"]: {site: {"epsilon": values.get("epsilon")} for site, values in entry["sites"].items()}
+                 for entry in (json.loads(server_rounds.read_text()) if server_rounds.exists() else [])}
     entries = []
     for round_, checkpoint in saved_rounds(run_dir):
         model = load_model(checkpoint, trunk)
         slides: list[SlideFeatures] = [item for path in site_yamls for item in cached_items(path, "val", model.classes)]
         metrics = evaluate(model.head, slides, list(model.classes), model.length, model.positive_class)
         entries.append({"round": round_, GLOBAL: {**metrics, "val_patients": len({s.patient for s in slides})},
-                        "sites": {}})
+                        "sites": disclosed.get(round_, {})})
     out.mkdir(parents=True, exist_ok=True)
     write_reports(out, entries)
     return entries
