@@ -37,8 +37,8 @@ ARMS = {
 """Each arm's settings over crc_simulation's (model, training, strategy, site privacy)."""
 
 
-def _arm_document(trunk, quick: bool, settings: dict) -> dict:
-    sites, rounds, epochs, per_class = (5, 2, 1, 20) if quick else (5, 10, 2, trunk.plan.eval_per_class)
+def _arm_document(trunk, quick: bool, settings: dict, per_class: int | None) -> dict:
+    sites, rounds, epochs, per_class = (5, 2, 1, 20) if quick else (5, 10, 2, per_class or trunk.plan.eval_per_class)
     document = crc_simulation(trunk, STORE, sites, rounds, epochs, per_class, {"scheme": "dirichlet", "alpha": 0.5},
                               group_size=GROUP_SIZE)
     document["model"].update(settings.get("model", {}))
@@ -50,7 +50,9 @@ def _arm_document(trunk, quick: bool, settings: dict) -> dict:
     return document
 
 
-def run(quick: bool) -> dict:
+def run(quick: bool, per_class: int | None = None) -> dict:
+    """Args: quick: a smoke run; per_class: items of each class (default: all 1,200; ``dp_levers_small``
+    uses fewer, for small hospitals)."""
     if not CRC_TILES.is_dir():
         return {"skipped": f"data folder absent: {CRC_TILES}"}
     logging.getLogger("fedpath.site").setLevel(logging.ERROR)
@@ -60,7 +62,8 @@ def run(quick: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for name, settings in (list(ARMS.items())[:2] if quick else ARMS.items()):
             out = Path(tmp) / name
-            config = ExperimentConfig(name=name, base=parse_sim_config(_arm_document(trunk, quick, settings), name),
+            config = ExperimentConfig(name=name, base=parse_sim_config(_arm_document(trunk, quick, settings, per_class),
+                                                                                name),
                                       grid=GridAxes(strategy=("fedavg",), dp=(True,), epsilon=(EPSILON,), seeds=seeds),
                                       baselines=Baselines(centralised=False, local=False), out_dir=out)
             run_experiment(check_cells(config, name), progress=False)
@@ -75,5 +78,6 @@ def run(quick: bool) -> dict:
             arms[name] = arm
             print(f"dp_levers {name}: accuracy {arm['accuracy']:.3f} ± {arm['accuracy_std']:.3f}, "
                   f"AUC {arm['auc']:.3f}", flush=True)
-    return {"epsilon": EPSILON, "seeds": list(seeds), "sites": 5, "alpha": 0.5, "rounds": 2 if quick else 10,
-            "local_epochs": 1 if quick else 2, **trunk.summary(), "arms": arms}
+    return {"epsilon": EPSILON, "seeds": list(seeds), "items_per_class": per_class or trunk.plan.eval_per_class,
+            "sites": 5, "alpha": 0.5, "rounds": 2 if quick else 10, "local_epochs": 1 if quick else 2,
+            **trunk.summary(), "arms": arms}
