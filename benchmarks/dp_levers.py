@@ -22,6 +22,7 @@ from benchmarks.fed_vs_central import DEFAULTS, GROUP_SIZE, SEEDS, STORE, TEST_F
 from simulations.experiment import run_experiment
 from simulations.experiment_config import Baselines, ExperimentConfig, GridAxes, check_cells
 from simulations.sim_config import parse_sim_config
+from simulations.sim_runner import SimulationError
 
 EPSILON = 3.0
 BEFORE = {"model": {"frozen_projection": False}, "training": {"batch_size": 16, "learning_rate": 1e-3},
@@ -50,6 +51,16 @@ def _arm_document(trunk, quick: bool, settings: dict, per_class: int | None) -> 
     return document
 
 
+def _failure(out: Path) -> str:
+    """The server's last word on a failed run (status.json), and the sites' refusals in its log."""
+    statuses = sorted(out.glob("cells/*/runs/*/status.json"), key=lambda p: p.stat().st_mtime)
+    message = json.loads(statuses[-1].read_text()).get("message", "") if statuses else ""
+    logs = sorted(out.glob("cells/*/runs/*/*.log"), key=lambda p: p.stat().st_mtime)
+    lines = logs[-1].read_text(errors="replace").splitlines() if logs else []
+    refusals = sorted({line.strip()[-200:] for line in lines if "refused" in line or "exceeds" in line})
+    return " | ".join([message, *refusals[:3]])
+
+
 def run(quick: bool, per_class: int | None = None) -> dict:
     """Args: quick: a smoke run; per_class: items of each class (default: all 1,200; ``dp_levers_small``
     uses fewer, for small hospitals)."""
@@ -66,7 +77,12 @@ def run(quick: bool, per_class: int | None = None) -> dict:
                                                                                 name),
                                       grid=GridAxes(strategy=("fedavg",), dp=(True,), epsilon=(EPSILON,), seeds=seeds),
                                       baselines=Baselines(centralised=False, local=False), out_dir=out)
-            run_experiment(check_cells(config, name), progress=False)
+            try:
+                run_experiment(check_cells(config, name), progress=False)
+            except SimulationError as exc:  # an arm the federation refuses is a result too: say why
+                arms[name] = {"settings": settings, "failed": str(exc).split(";")[0], "why": _failure(out)}
+                print(f"dp_levers {name}: failed: {arms[name]['why']}", flush=True)
+                continue
             rows = json.loads((out / "results.json").read_text())
             arm = {"settings": settings, "seconds_per_seed": round(float(np.mean([r["seconds"] for r in rows])), 1)}
             for key in ("accuracy", "auc", "sensitivity", "specificity", "epsilon"):

@@ -18,11 +18,10 @@ import numpy as np
 from torch import nn
 
 from client.sequence_data import SlideFeatures, predict_slides
-from client.site_config import load_site_config
 from client.trained_model import load_model
 from shared.metrics import PROB_CLIP, roc_auc
 from simulations.materialise import SimLayout
-from simulations.sim_runner import cached_items
+from simulations.sim_runner import cached_items, trunk_of
 
 
 @dataclass(frozen=True)
@@ -65,7 +64,7 @@ def checkpoint_losses(checkpoint: Path, layout: SimLayout) -> tuple[np.ndarray, 
     """Each member's and each non-member's loss under a simulated federation's global model: members
     are the items the sites trained on, non-members the held-out test items (same source, same
     classes, never seen in training)."""
-    model = load_model(Path(checkpoint), load_site_config(layout.test_config).features.backbone_weights)
+    model = load_model(Path(checkpoint), trunk_of(layout))
     members = [item for path in layout.site_configs for item in cached_items(path, "train", model.classes)]
     non_members = cached_items(layout.test_config, "test", model.classes)
     if not members or not non_members:

@@ -103,7 +103,7 @@ def evaluate_checkpoint(checkpoint: Path, layout: SimLayout, test: list[SlideFea
     ``test``: the test items in the checkpoint's class order, when a caller scores many checkpoints
     of one run (read once with ``cached_items``); by default they are read from the test cache.
     """
-    model = load_model(Path(checkpoint), load_site_config(layout.test_config).features.backbone_weights)
+    model = load_model(Path(checkpoint), trunk_of(layout))
     if model.block is not None:
         raise SimulationError(f"{checkpoint}: trainable: last_block is not simulated yet (the test cache holds "
                               "tile vectors, not block inputs)")
@@ -113,6 +113,11 @@ def evaluate_checkpoint(checkpoint: Path, layout: SimLayout, test: list[SlideFea
     metrics = evaluate(model.head, slides, list(model.classes), model.length, model.positive_class)
     return to_jsonable({"checkpoint": str(checkpoint), "round": model.round, "test_items": len(slides),
                         "test_patients": len({s.patient for s in slides}), **metrics})
+
+
+def trunk_of(layout: SimLayout) -> str:
+    """The trunk weights every virtual hospital of ``layout`` uses (a frozen projection is read from it)."""
+    return load_site_config(layout.test_config).features.backbone_weights
 
 
 def cached_items(site_config: Path, split: str, classes: Sequence[str]) -> list[SlideFeatures]:

@@ -46,7 +46,8 @@ def test_trunk_is_reused_only_while_its_weights_are_the_file_its_metadata_names(
     weights.parent.mkdir()
     weights.write_bytes(b"trunk state dict")
     record = {"sha256": crc_trunk.weights_id(weights), "classes": ["AC", "H", "S", "T", "V"], "train_tiles": 15,
-              "val_tiles": 5, "validation": {"accuracy": 0.4}, "seconds_this_run": 1.0}
+              "val_tiles": 5, "validation": {"accuracy": 0.4}, "seconds_this_run": 1.0,
+              "projection": {"size": 128}}  # as pretrain_encoder finishes it (else the projection is fitted now)
     metadata_path(weights).write_text(json.dumps(record))
     trunk = crc_trunk.pretrained_trunk(plan)
     assert trunk.reused and trunk.sha256 == record["sha256"] and trunk.eval_dir == weights.parent / "eval"
