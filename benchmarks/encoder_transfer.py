@@ -14,6 +14,7 @@ the honest figure for a trunk pretrained on other tissue than the task's.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import tempfile
 from dataclasses import replace
@@ -47,7 +48,7 @@ def head_accuracy(root: Path, eval_dir: Path, weights: str, tile_size: int, epoc
     head = build_head(site.model, len(classes), weights)
     privacy = replace(site.privacy, enabled=dp, epsilon=8.0)
     training = replace(site.training, epochs=epochs, batch_size=64 if dp else 32)
-    ledger = root / f"ledger-{Path(weights).stem}-{dp}.json"
+    ledger = root / f"ledger-{hashlib.sha256(weights.encode()).hexdigest()[:12]}-{dp}.json"  # one per trunk and arm
     result = train_round(head, PatientSequences(train, 1), training, privacy, ledger, "1", progress=False)
     metrics = evaluate(head, val, classes, 1, "adenocarcinoma")
     return {"accuracy": round(float(metrics["accuracy"]), 4), "auc": round(float(metrics["auc"]), 4),
