@@ -6,11 +6,11 @@ tile's 8x8 InceptionV3 map read as 64 positions (``grid`` mode, the reference st
 ``SlideClassifier`` composes it with the ``TileEncoder`` to classify from pixels. Variants are
 configuration (``ModelConfig``), never copies of code.
 
-``frozen_projection`` is the measured lever for DP (docs/benchmarks.md, ``dp_levers``): the DP noise
-grows with the number of trainable weights, and the 2048 -> 128 projection is nine tenths of the
-head's. With it frozen, the projection comes from the pinned trunk file (``pretrain-encoder`` fits
-it on the public tiles), is the same at every site, and never trains or travels: only the
-recurrent core and the classifier carry DP noise.
+``frozen_projection`` is the lever that matters most for DP at small hospitals (docs/benchmarks.md,
+``dp_levers_small``): the DP noise grows with the number of trainable weights, and the 2048 -> 128
+projection is nine tenths of the head's. With it frozen, the projection comes from the pinned trunk
+file (``pretrain-encoder`` fits it on the public tiles), is the same at every site, and never trains
+or travels: only the recurrent core and the classifier carry DP noise.
 """
 
 from __future__ import annotations
