@@ -4,8 +4,9 @@ Sites send updates and the server reads only their patient-weighted mean Δ (und
 masked sum). Plain FedAvg adds Δ to the global model. A server optimizer instead treats −Δ as the
 gradient of the global parameters and takes a step of ``torch.optim.SGD`` with momentum (FedAvgM)
 or ``torch.optim.Adam`` (FedAdam). It acts on the aggregate only: it composes with SecAgg+, needs
-no site's own update, and costs no privacy (post-processing of DP releases). Under DP it is what
-lets short rounds of noisy local steps add up (``docs/benchmarks.md``, ``dp_levers``).
+no site's own update, and costs no privacy (post-processing of DP releases). Measured under DP
+(``docs/benchmarks.md``, ``dp_levers_small``): momentum helps small hospitals (+1.9 points alone at
+ε = 3, best together with the frozen projection) and changes nothing with sites of a few hundred items.
 
 Flower's FedAvgM/FedAdam strategies expect absolute weights, not fedpath's deltas, hence this
 module. Its state (momentum buffers, Adam moments, step counts) is saved beside every checkpoint
@@ -24,6 +25,7 @@ import torch
 
 from shared.atomic_files import atomic_write
 from shared.errors import UserError
+from shared.parameters import add
 
 OptimizerFactory = Callable[[list[torch.Tensor], "object"], torch.optim.Optimizer]
 
@@ -64,8 +66,7 @@ class ServerOptimizer:
     def apply(self, global_arrays: Sequence[np.ndarray], update: Sequence[np.ndarray]) -> list[np.ndarray]:
         """The new global model: ``global + update`` without an optimizer, else one step with gradient −update."""
         if self.optimizer is None:
-            return [np.asarray(a, dtype=np.float32) + np.asarray(u, dtype=np.float32)
-                    for a, u in zip(global_arrays, update, strict=True)]
+            return add(global_arrays, update)
         with torch.no_grad():
             for param, array, delta in zip(self.params, global_arrays, update, strict=True):
                 param.copy_(torch.from_numpy(np.asarray(array, dtype=np.float32)))
