@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import os
 import pkgutil
@@ -36,10 +37,14 @@ RUNNER_FIELDS = ("benchmark", "quick", "total_seconds", "date", "machine")
 the benchmark's own figures, which may not reuse these names (a benchmark's ``seconds`` is its own)."""
 
 
-def run_one(name: str, quick: bool) -> dict:
+def run_one(name: str, quick: bool, device: str | None = None) -> dict:
+    """Run one benchmark and save its JSON; ``device`` goes to benchmarks whose ``run`` takes one."""
     module = importlib.import_module(f"benchmarks.{name}")
+    takes_device = "device" in inspect.signature(module.run).parameters
+    if device is not None and not takes_device:
+        raise SystemExit(f"benchmarks/{name}.py has no --device option (features, predict and slide_scale have)")
     start = time.perf_counter()
-    result = module.run(quick)
+    result = module.run(quick, device=device) if device is not None else module.run(quick)
     clash = sorted(set(result) & set(RUNNER_FIELDS))
     if clash:
         raise ValueError(f"benchmarks/{name}.py returns {clash}, which the runner records itself: rename them")
@@ -47,7 +52,9 @@ def run_one(name: str, quick: bool) -> dict:
                           "total_seconds": round(time.perf_counter() - start, 1),
                           "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), **result})
     # Quick runs are smoke tests; they never overwrite the figures of a full run.
-    atomic_write_json(RESULTS / f"{name}{'-quick' if quick else ''}.json", record)
+    # A GPU run is saved beside the CPU figures, not over them.
+    suffix = ("-quick" if quick else "") + (f"-{device.replace(':', '')}" if device not in (None, "cpu") else "")
+    atomic_write_json(RESULTS / f"{name}{suffix}.json", record)
     return record
 
 
@@ -55,10 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("name", choices=available() + ["all"])
     parser.add_argument("--quick", action="store_true", help="small sizes, about a minute each")
+    parser.add_argument("--device", help="where benchmarks that take one run: cpu (default), auto, cuda, cuda:N, mps")
     args = parser.parse_args(argv)
     names = available() if args.name == "all" else [args.name]
+    if args.device is not None and args.name == "all":
+        parser.error("--device goes with one benchmark (features, predict or slide_scale), not all")
     for name in names:
-        print(json.dumps(run_one(name, args.quick)), flush=True)
+        print(json.dumps(run_one(name, args.quick, args.device)), flush=True)
     return 0
 
 

@@ -47,7 +47,7 @@ class TrunkPlan:
     pretrain_classes: tuple[str, ...] | None = None  # class folders to pretrain on; None: all five
 
     def as_dict(self) -> dict:
-        settings = {k: v for k, v in asdict(self.settings).items() if k != "num_workers"}  # no effect on the result
+        settings = {k: v for k, v in asdict(self.settings).items() if k not in ("num_workers", "device")}  # no effect
         return {"tiles": str(CRC_TILES), "eval_per_class": self.eval_per_class,
                 "pretrain_per_class": self.pretrain_per_class, "split_seed": self.split_seed, "settings": settings,
                 **({} if self.pretrain_classes is None else {"pretrain_classes": list(self.pretrain_classes)})}

@@ -40,6 +40,8 @@ ARMS = {
 
 def _arm_document(trunk, quick: bool, settings: dict, per_class: int | None) -> dict:
     sites, rounds, epochs, per_class = (5, 2, 1, 20) if quick else (5, 10, 2, per_class or trunk.plan.eval_per_class)
+    if "schedule" in settings and not quick:  # the same local epochs in all, spread over other rounds
+        rounds, epochs = settings["schedule"]["rounds"], settings["schedule"]["epochs"]
     document = crc_simulation(trunk, STORE, sites, rounds, epochs, per_class, {"scheme": "dirichlet", "alpha": 0.5},
                               group_size=GROUP_SIZE)
     document["model"].update(settings.get("model", {}))
@@ -61,9 +63,10 @@ def _failure(out: Path) -> str:
     return " | ".join([message, *refusals[:3]])
 
 
-def run(quick: bool, per_class: int | None = None) -> dict:
+def run(quick: bool, per_class: int | None = None, arm_settings: dict | None = None) -> dict:
     """Args: quick: a smoke run; per_class: items of each class (default: all 1,200; ``dp_levers_small``
-    uses fewer, for small hospitals)."""
+    uses fewer, for small hospitals); arm_settings: the arms to run (default ``ARMS``; ``dp_tuning``
+    varies the DP hyper-parameters around the defaults)."""
     if not CRC_TILES.is_dir():
         return {"skipped": f"data folder absent: {CRC_TILES}"}
     logging.getLogger("fedpath.site").setLevel(logging.ERROR)
@@ -71,7 +74,8 @@ def run(quick: bool, per_class: int | None = None) -> dict:
     seeds = SEEDS[:1] if quick else SEEDS
     arms = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, settings in (list(ARMS.items())[:2] if quick else ARMS.items()):
+        arm_settings = arm_settings or ARMS
+        for name, settings in (list(arm_settings.items())[:2] if quick else arm_settings.items()):
             out = Path(tmp) / name
             config = ExperimentConfig(name=name, base=parse_sim_config(_arm_document(trunk, quick, settings, per_class),
                                                                                 name),
@@ -96,4 +100,5 @@ def run(quick: bool, per_class: int | None = None) -> dict:
                   f"AUC {arm['auc']:.3f}", flush=True)
     return {"epsilon": EPSILON, "seeds": list(seeds), "items_per_class": per_class or trunk.plan.eval_per_class,
             "sites": 5, "alpha": 0.5, "rounds": 2 if quick else 10, "local_epochs": 1 if quick else 2,
+            "rounds_and_epochs": "as above unless an arm's settings give a schedule",
             **trunk.summary(), "arms": arms}

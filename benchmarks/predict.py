@@ -6,7 +6,7 @@ trunk: the case of a new slide. ``read_s`` is opening, hashing, the tissue mask,
 decoding tiles (one process: ``num_workers: 0`` keeps the split exact); ``features_s`` the
 InceptionV3 trunk; ``head_s`` classification and the Shapley importance of every tile. The head
 is the default variant (RNN, 128/128, windows of 8) with untrained weights: its cost does not
-depend on what it learned.
+depend on what it learned. ``--device cuda`` runs the trunk on a GPU (``features.device``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from simulations.slide_generator import LABELS, SlideSpec, Stain, make_slide
 LENGTH = 8
 
 
-def run(quick: bool) -> dict:
+def run(quick: bool, device: str = "cpu") -> dict:
+    """Args: quick: two small slides; device: ``features.device`` of the predicting site."""
     slides, size = (2, 2048) if quick else (6, 4096)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -38,7 +39,8 @@ def run(quick: bool) -> dict:
                        np.random.default_rng(i))
         (root / "site.yaml").write_text(yaml.safe_dump({
             "name": "bench", "data": {"manifest": "manifest.csv"},
-            "features": {"batch_size": 32, "num_workers": 0, "cache_dir": str(root / "empty-cache")}}))
+            "features": {"batch_size": 32, "num_workers": 0, "cache_dir": str(root / "empty-cache"),
+                         "device": device}}))
         torch.manual_seed(0)
         config = ModelConfig()
         save_checkpoint(root / "run", 1, model_arrays(build_head(config, len(LABELS))),
@@ -50,7 +52,7 @@ def run(quick: bool) -> dict:
     assert result.failed == 0, result.report()
     split = {key: round(sum(r.timing[key] for r in result.results), 2) for key in ("read_s", "features_s", "head_s")}
     tiles = sum(r.tiles for r in result.results)
-    return {"slides": slides, "slide_px": size, "tile_size": 299, "target_mpp": 0.5, "tiles": tiles,
+    return {"device": device, "slides": slides, "slide_px": size, "tile_size": 299, "target_mpp": 0.5, "tiles": tiles,
             "threads": torch.get_num_threads(), "seconds": round(seconds, 2),
             "slides_per_min": round(60 * slides / seconds, 2), "tiles_per_s": round(tiles / seconds, 2), **split,
             "other_s": round(seconds - sum(split.values()), 2)}

@@ -20,9 +20,13 @@ import numpy as np
 from client.slides import SlideError
 from shared.atomic_files import atomic_write, atomic_write_json
 from shared.errors import UserError
+from shared.file_memo import FileMemo
 
 CACHE_FORMAT = 1  # bump when the file layout changes: old entries are then ignored
 _CHUNK = 1 << 20
+# Entries this process has read, kept while their files are unchanged: the site's task runner serves
+# every round from one process, so a round after the first reads only what `prepare` added or changed.
+WARM_ENTRIES = FileMemo(size_of=lambda entry: entry.features.nbytes + entry.coords.nbytes + entry.cells.nbytes)
 
 
 class CacheError(UserError):
@@ -87,8 +91,14 @@ class FeatureCache:
         atomic_write(self.path_for(key), write)
 
     def load(self, key: str) -> CachedFeatures:
-        return self._read(key, lambda data: CachedFeatures(
-            _stored(data["features"]), data["coords"], data["cells"], _meta(data)))
+        """The entry of ``key``; read once per unchanged file in a process (``WARM_ENTRIES``). The arrays
+        may be shared with later callers: read them, never write to them."""
+        try:
+            return WARM_ENTRIES.get(self.path_for(key), lambda _: self._read(key, lambda data: CachedFeatures(
+                _stored(data["features"]), data["coords"], data["cells"], _meta(data))))
+        except FileNotFoundError:
+            raise CacheError(f"{self.path_for(key)}: no cached features for this item; run `fedpath-site prepare`") \
+                from None
 
     def meta(self, key: str) -> dict:
         """The entry's description alone (an npz member is only decompressed when asked for)."""

@@ -1,7 +1,9 @@
-"""Running the frozen trunk over tiles: batched, channels-last, no autograd, reading in parallel."""
+"""Running the frozen trunk over tiles: batched, channels-last, no autograd, reading in parallel,
+on the site's GPU under autocast when it has one (``shared/devices.py``)."""
 
 from __future__ import annotations
 
+import itertools
 from typing import Callable
 
 import numpy as np
@@ -9,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from client.tile_datasets import as_nchw, stack_tiles
+from shared.devices import ShrinkingBatches, resolve_device, trunk_precision
 from shared.encoder import FEATURE_DIM, TileEncoder
 from shared.model import grid_sequence
 
@@ -21,20 +24,33 @@ def extract_features(encoder: TileEncoder, tiles: Dataset, batch_size: int, num_
     the map entering the last block, (N, 2048, h, w), float16 where it fits (half the disk and memory;
     the block computes in float32).
 
-    ``on_batch(n)`` is called after each batch with its number of tiles (for progress bars).
+    The trunk runs where ``encoder`` lives (``load_encoder``'s device): on a GPU the tiles go through
+    pinned memory with non-blocking copies, the trunk runs under autocast, and a batch that runs out of
+    memory is halved and retried (``shared.devices.ShrinkingBatches``). ``on_batch(n)`` is called after
+    each batch with its number of tiles (for progress bars).
     """
+    device = next(itertools.chain(encoder.parameters(), encoder.buffers())).device
     # A worker process costs ~0.5 s to start: not worth it for an item of one batch or less.
     workers = num_workers if len(tiles) > batch_size else 0
-    loader = DataLoader(tiles, batch_size=batch_size, num_workers=workers, shuffle=False, collate_fn=stack_tiles)
+    loader = DataLoader(tiles, batch_size=batch_size, num_workers=workers, shuffle=False, collate_fn=stack_tiles,
+                        pin_memory=device.type == "cuda")
     encoder.eval()
+
+    def run(batch: torch.Tensor) -> torch.Tensor:
+        tiles_nchw = as_nchw(batch.to(device, non_blocking=True))
+        with trunk_precision(device):
+            if block_input:
+                out = encoder.block_input(tiles_nchw)
+            else:
+                out = grid_sequence(encoder.feature_map(tiles_nchw)) if grid else encoder(tiles_nchw)
+        return out.float().cpu()
+
+    trunk = ShrinkingBatches(run)
     out = []
     with torch.inference_mode():
         for batch in loader:
-            tiles_nchw = as_nchw(batch)
-            if block_input:
-                out.append(half_if_it_fits(encoder.block_input(tiles_nchw).contiguous().numpy()))
-            else:
-                out.append((grid_sequence(encoder.feature_map(tiles_nchw)) if grid else encoder(tiles_nchw)).numpy())
+            vectors = trunk(batch)
+            out.append(half_if_it_fits(vectors.contiguous().numpy()) if block_input else vectors.numpy())
             if on_batch:
                 on_batch(len(batch))
     if not out:
@@ -48,10 +64,12 @@ def half_if_it_fits(maps: np.ndarray) -> np.ndarray:
     return maps.astype(np.float16) if np.abs(maps).max(initial=0.0) < np.finfo(np.float16).max else maps
 
 
-def load_encoder(weights: str, threads: int = 0) -> TileEncoder:
-    """The frozen trunk, ready for inference: eval mode, channels-last memory layout."""
+def load_encoder(weights: str, threads: int = 0, device: str | torch.device = "cpu") -> TileEncoder:
+    """The frozen trunk, ready for inference: eval mode, channels-last memory layout, on ``device``
+    (a ``features.device`` setting such as ``auto``, or a torch device)."""
     if threads:
         torch.set_num_threads(threads)
+    device = device if isinstance(device, torch.device) else resolve_device(device)
     encoder = TileEncoder(weights).eval()
     encoder.requires_grad_(False)
-    return encoder.to(memory_format=torch.channels_last)
+    return encoder.to(device=device, memory_format=torch.channels_last)

@@ -30,6 +30,7 @@ from client.privacy_ledger import BudgetExceeded, LedgerError, LifetimeBudgetExc
 from client.sequence_data import PatientSequences, SlideFeatures, load_split, predict_slides
 from client.site_config import SiteConfig
 from client.site_rounds import keep_reply, record_round
+from shared.devices import resolve_device
 from shared.encoder import WeightsError, check_pinned
 from shared.metrics import classification_metrics
 from shared.model import build_trainable
@@ -97,7 +98,7 @@ def fit(config: SiteConfig, plan: RoundPlan, received: list[np.ndarray], noise_s
         train, val = _site_splits(config, plan, ("train", "val") if releases_evaluation else ("train",), [])
         if not train:  # also for the last, evaluation-only exchange: the noise plan is made from the training set
             raise Refusal(5, "no prepared training slides")
-        head = _global_head(plan, received, config.features.backbone_weights)
+        head = _global_head(plan, received, config.features.backbone_weights).to(resolve_device(config.features.device))
         from client.private_training import PrivateRound  # Opacus: only where training happens
 
         training = TrainingConfig(epochs=plan.epochs, batch_size=plan.batch_size, learning_rate=plan.learning_rate)

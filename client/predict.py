@@ -15,6 +15,7 @@ the place of the trunk's own, and its vectors are always computed.
 
 from __future__ import annotations
 
+import copy
 import csv
 import hashlib
 import io
@@ -42,6 +43,7 @@ from client.slides import ReadPlan, SlideError, failure_reason, open_slide, thum
 from client.tile_datasets import SlideTiles, plan_slide
 from client.trained_model import SlideModel, load_model
 from shared.atomic_files import atomic_write_bytes, atomic_write_json
+from shared.devices import resolve_device, trunk_batch_size
 from shared.encoder import LAST_BLOCK, TileEncoder, check_pinned
 from shared.errors import UserError
 from shared.metrics import to_jsonable
@@ -185,12 +187,15 @@ class _Pipeline:
         usable = settings.features.cache_dir is not None and model.block is None
         self.cache = FeatureCache(settings.features.cache_dir) if usable else None
         self._encoder: TileEncoder | None = None
+        self.device = resolve_device(settings.features.device)
+        self.batch_size = trunk_batch_size(settings.features.batch_size, self.device, settings.tiling.tile_size)
 
     def encoder(self) -> TileEncoder:
         if self._encoder is None:
-            self._encoder = load_encoder(self.settings.features.backbone_weights, self.settings.features.threads)
+            self._encoder = load_encoder(self.settings.features.backbone_weights, self.settings.features.threads,
+                                         self.device)
             if self.model.block is not None:
-                setattr(self._encoder.trunk, LAST_BLOCK, _FineTunedBlock(self.model.block))
+                setattr(self._encoder.trunk, LAST_BLOCK, _FineTunedBlock(self.model.block, self.device))
         return self._encoder
 
     def run(self, path: Path, name: str, out: Path, thumbnail_size: int, progress: bool) -> SlideResult:
@@ -230,7 +235,7 @@ class _Pipeline:
         tiles = _TimedTiles(SlideTiles(path, plan.grid.coords, plan.read))
         start = time.perf_counter()
         with tqdm(total=len(tiles), desc=path.name, unit="tile", leave=False, disable=not progress) as bar:
-            vectors = extract_features(self.encoder(), tiles, settings.features.batch_size,
+            vectors = extract_features(self.encoder(), tiles, self.batch_size,
                                        settings.features.num_workers, bar.update, grid=self.model.config.mode == "grid")
         # Tiles decoded in this process count as reading; with loader workers decoding overlaps the trunk.
         timing["features_s"] = time.perf_counter() - start - tiles.seconds
@@ -272,12 +277,17 @@ class _Pipeline:
         }))
 
 
+def _device_of(block: nn.Module) -> torch.device:
+    return next(block.parameters()).device
+
+
 class _FineTunedBlock(nn.Module):
     """A checkpoint's folded last block in the trunk's place: a map in, a map out, like InceptionE."""
 
-    def __init__(self, block: FoldedBlock):
+    def __init__(self, block: FoldedBlock, device: torch.device):
         super().__init__()
-        self.block = block
+        # A copy on the trunk's device: the head keeps its own block where it computes (the CPU).
+        self.block = block if _device_of(block) == device else copy.deepcopy(block).to(device)
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
         return self.block.feature_map(maps)

@@ -19,6 +19,7 @@ from client.site_config import SiteConfig
 from client.slides import failure_reason
 from client.sources import Item, class_names, load_items
 from client.tile_datasets import TilePlan, TileTransform, plan_item, tile_dataset
+from shared.devices import resolve_device, trunk_batch_size
 from shared.encoder import check_pinned
 
 log = logging.getLogger("fedpath.site")
@@ -100,11 +101,14 @@ def prepare_site(config: SiteConfig, progress: bool = True, items: list[Item] | 
     summary.problems = [f"{p.where}: {p.message}" for p in problems if p.fatal]
     classes = class_names(config.data, items)
     backbone = check_pinned(config.features.backbone_weights, config.model.trunk_sha256)
+    device = resolve_device(config.features.device)  # a GPU asked for but absent is said before any slide is read
+    batch_size = trunk_batch_size(config.features.batch_size, device, config.tiling.tile_size)
     settings = feature_settings(config)
     if tile_transform is not None:
         settings = {**settings, **tile_transform.cache_settings()}
     cache = FeatureCache(config.features.cache_dir)
-    log.info("%s: %d items, backbone %s, cache %s", config.name, len(items), backbone[:12], cache.root)
+    log.info("%s: %d items, backbone %s, cache %s, trunk on %s (batch %d)", config.name, len(items), backbone[:12],
+             cache.root, device, batch_size)
 
     keys: dict[str, str] = {}
     todo: list[tuple[Item, TilePlan]] = []
@@ -125,12 +129,12 @@ def prepare_site(config: SiteConfig, progress: bool = True, items: list[Item] | 
         todo.append((item, plan))
 
     total = sum(len(plan.grid) for _, plan in todo)
-    encoder = encoder_loader(config.features.backbone_weights, config.features.threads) if todo else None
+    encoder = encoder_loader(config.features.backbone_weights, config.features.threads, device) if todo else None
     with tqdm(total=total, desc=f"{config.name} features", unit="tile", disable=not progress) as bar:
         for item, plan in todo:
             try:
                 dataset = tile_dataset(item, plan, config.tiling.tile_size, tile_transform)
-                vectors = extract_features(encoder, dataset, config.features.batch_size,
+                vectors = extract_features(encoder, dataset, batch_size,
                                            config.features.num_workers, bar.update, grid=settings["grid"],
                                            block_input=settings.get("block_input", False))
             except Exception as exc:  # e.g. a corrupt tile deep inside a slide

@@ -163,6 +163,7 @@ class PrivateRound:
             log.warning("DIFFERENTIAL PRIVACY IS OFF (privacy.enabled: false): this round's update is not "
                         "differentially private; only a federation that does not require DP accepts it")
         model.train()
+        device = next(head.parameters()).device  # the site's GPU when the head was put there (features.device)
         losses: list[float] = []
         taken = 0
         for epoch in range(1, training.epochs + 1):
@@ -170,6 +171,7 @@ class PrivateRound:
             for sequences, labels in tqdm(loader, desc=f"epoch {epoch}/{training.epochs}", unit="batch",
                                           disable=not progress, leave=False):
                 optimizer.zero_grad(set_to_none=True)
+                sequences, labels = sequences.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                 loss = criterion(model(sequences), labels)
                 loss.backward()
                 optimizer.step()

@@ -74,9 +74,11 @@ def slide_windows(slide: SlideFeatures, length: int) -> torch.Tensor:
 
 @torch.inference_mode()
 def window_probabilities(head: nn.Module, slide: SlideFeatures, length: int) -> torch.Tensor:
-    """[K, classes]: the head's class probabilities for each of the slide's covering windows."""
+    """[K, classes]: the head's class probabilities for each of the slide's covering windows (on the CPU,
+    wherever the head computes)."""
     head.eval()
-    return torch.softmax(head(slide_windows(slide, length)), dim=-1)
+    windows = slide_windows(slide, length).to(next(head.parameters()).device)
+    return torch.softmax(head(windows), dim=-1).cpu()
 
 
 def predict_slides(head: nn.Module, slides: list[SlideFeatures], length: int) -> np.ndarray:

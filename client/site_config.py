@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 from shared.app_bundle import digest_problem
+from shared.devices import batch_size_rule, device_rule
 from shared.model import ModelConfig
 from shared.run_config import PrivacyConfig, TrainingConfig
 from shared.yaml_config import at_least, check, fraction, load_config, positive, tcp_port
@@ -42,7 +44,11 @@ class TilingConfig:
 class FeatureConfig:
     backbone_weights: str = "random"  # "random", "imagenet", or a path to a .pth state dict
     cache_dir: Path | None = None  # default: cache/ beside site.yaml
-    batch_size: int = check(at_least(1), 32)
+    # Where the trunk runs and the model trains: auto (the first CUDA GPU, else Apple MPS, else the CPU),
+    # cpu, cuda, cuda:N or mps. Vectors do not depend on it beyond rounding (docs/performance.md).
+    device: str = check(device_rule, "auto")
+    # Tiles per trunk batch; auto: 16 on a CPU, what the free memory holds on a GPU (halved on out-of-memory).
+    batch_size: int | Literal["auto"] = check(batch_size_rule, "auto")
     num_workers: int = check(at_least(0), 1)  # tile-reading processes next to the feature extractor
     threads: int = check(at_least(0), 0)  # torch threads; 0 keeps torch's default
 

@@ -13,7 +13,9 @@ Runtime API the way Flower's SuperExec does, and for each task:
    fedpath version's or be listed in ``federation.allowed_bundles``; otherwise it answers
    ``Error(REFUSAL_ERROR_BASE + 12)`` and runs nothing. The bundle is never installed or imported;
 3. runs the locally installed ClientApp (``client.app:app``, imported once, in this process: torch
-   is imported once and stays warm) with the message and context, with a task heartbeat;
+   is imported once and stays warm, and the trunk's hash, its frozen projection and the feature
+   cache's entries are read once and kept while their files are unchanged, ``shared/file_memo.py``)
+   with the message and context, with a task heartbeat;
 4. checks the reply with the site's egress policy (``client/egress_policy.py``); a reply that
    fails is replaced by ``Error(REFUSAL_ERROR_BASE + 14)``;
 5. records what leaves in the site's egress log (``client/egress_log.py``), then pushes the reply

@@ -22,6 +22,7 @@ from client.private_training import train_round
 from client.sequence_data import PatientSequences, load_split, predict_slides
 from client.site_config import SiteConfig
 from shared.atomic_files import atomic_write, atomic_write_json
+from shared.devices import resolve_device
 from shared.encoder import check_pinned
 from shared.errors import UserError
 from shared.metrics import classification_metrics, format_metric, to_jsonable
@@ -69,7 +70,7 @@ def train_local(config: SiteConfig, progress: bool = True) -> LocalRun:
     run_dir = new_run_dir(config.training.out_dir)
     torch.manual_seed(config.training.seed)
     head = build_trainable(config.model, len(classes), config.features.backbone_weights,
-                           trunk=config.features.backbone_weights)
+                           trunk=config.features.backbone_weights).to(resolve_device(config.features.device))
     dataset = PatientSequences(train, config.sequences.length, config.training.seed)
     history: list[dict] = []
 
@@ -91,7 +92,7 @@ def train_local(config: SiteConfig, progress: bool = True) -> LocalRun:
               "training": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config.training).items()},
               "privacy": asdict(config.privacy), "round": asdict(result), "history": history, "final": final}
     atomic_write(run_dir / "model.pt", lambda handle: torch.save(
-        {"model": config.model.as_dict(), "classes": classes, "state_dict": head.state_dict()}, handle))
+        {"model": config.model.as_dict(), "classes": classes, "state_dict": head.cpu().state_dict()}, handle))
     record = to_jsonable(record)
     atomic_write_json(run_dir / "metrics.json", record)
     return LocalRun(run_dir, record)

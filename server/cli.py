@@ -136,7 +136,8 @@ def _pretrain_encoder(args: argparse.Namespace) -> int:
 
     settings = PretrainSettings(tile_size=args.tile_size, epochs=args.epochs, batch_size=args.batch_size,
                                 learning_rate=args.lr, val_fraction=args.val_fraction, seed=args.seed,
-                                init=args.init, mpp=args.mpp, num_workers=args.workers)
+                                init=args.init, mpp=args.mpp, num_workers=args.workers,
+                                device=args.device)
     print(summary(pretrain_encoder(Path(args.tiles), Path(args.out), settings, progress=not args.no_progress,
                                    projection=args.projection)))
     return 0
@@ -229,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--init", default="random", help="starting trunk: random, imagenet or a .pth")
     pretrain.add_argument("--mpp", type=float, help="µm/px of the tiles, recorded in the metadata")
     pretrain.add_argument("--workers", type=int, default=1, help="tile-reading processes (default 1)")
+    pretrain.add_argument("--device", default="auto",
+                          help="auto (the first CUDA GPU, else the CPU), cpu, cuda, cuda:N or mps (default auto)")
     pretrain.add_argument("--projection", type=int, default=128,
                           help="size of the projection fitted on the frozen trunk for model.frozen_projection "
                                "(default 128, model.projection's default; 0: none)")

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from shared.atomic_files import atomic_write, atomic_write_json
+from shared.devices import device_rule, resolve_device
 from shared.encoder import FEATURE_DIM, PROJECTION_PREFIX, TileEncoder, read_weights, weights_id
 from shared.errors import UserError
 from shared.he_stains import compose, concentrations, stain_matrix
@@ -59,6 +60,7 @@ class PretrainSettings:
     mpp: float | None = None  # µm/px of the tiles, recorded so sites can tile at the same scale
     stain_jitter: float = 0.05  # scale and shift of each stain's optical density
     num_workers: int = 1
+    device: str = "auto"  # auto (the first CUDA GPU, else the CPU), cpu, cuda, cuda:N, mps: shared/devices.py
 
     def __post_init__(self) -> None:
         if self.tile_size < 75:
@@ -70,6 +72,8 @@ class PretrainSettings:
             raise PretrainError(f"validation fraction {self.val_fraction} must be between 0 and 1 (exclusive)")
         if self.learning_rate <= 0:
             raise PretrainError("learning rate must be positive")
+        if device_rule(self.device):
+            raise PretrainError(f"device {self.device!r} {device_rule(self.device)}")
 
 
 @dataclass(frozen=True)
@@ -173,9 +177,10 @@ class TrunkClassifier(nn.Module):
 @torch.inference_mode()
 def _validate(model: TrunkClassifier, loader: DataLoader, classes: list[str]) -> dict:
     model.eval()
+    device = model.classifier.weight.device
     probs, labels = [], []
     for tiles, batch_labels in loader:
-        probs.append(torch.softmax(model(tiles), dim=-1).numpy())
+        probs.append(torch.softmax(model(tiles.to(device, non_blocking=True)), dim=-1).cpu().numpy())
         labels.append(batch_labels.numpy())
     metrics = classification_metrics(np.concatenate(labels), np.concatenate(probs), classes)
     return {k: float(metrics[k]) for k in ("accuracy", "balanced_accuracy", "loss")}
@@ -206,8 +211,10 @@ def pretrain_encoder(tiles_dir: Path, out: Path, settings: PretrainSettings = Pr
     train_idx, val_idx = stratified_split(np.array([label for _, label in tiles]), settings.val_fraction, settings.seed)
     train_set = TileImages([tiles[i] for i in train_idx], settings.tile_size, settings.stain_jitter, settings.seed)
     val_set = TileImages([tiles[i] for i in val_idx], settings.tile_size, None, settings.seed)
+    device = resolve_device(settings.device)
     torch.manual_seed(settings.seed)
-    model = TrunkClassifier(TileEncoder(settings.init), len(classes))
+    # Trained in float32 on every device: the trunk's weights are the product here, not a cache.
+    model = TrunkClassifier(TileEncoder(settings.init), len(classes)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
     steps_per_epoch = -(-len(train_set) // settings.batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, settings.learning_rate,
@@ -215,7 +222,7 @@ def pretrain_encoder(tiles_dir: Path, out: Path, settings: PretrainSettings = Pr
                                                    pct_start=0.15)
     # What a checkpoint must match to be continued (reader processes do not change the result).
     identity = {"tiles": str(Path(tiles_dir).resolve()), "classes": classes, "tiles_total": len(tiles),
-                "settings": {k: v for k, v in asdict(settings).items() if k != "num_workers"}}
+                "settings": {k: v for k, v in asdict(settings).items() if k not in ("num_workers", "device")}}
     history: list[dict] = []
     first_epoch = 1
     partial = partial_path(out)
@@ -234,12 +241,13 @@ def pretrain_encoder(tiles_dir: Path, out: Path, settings: PretrainSettings = Pr
         generator = torch.Generator().manual_seed(settings.seed * 1000 + epoch)
         loader = DataLoader(train_set, batch_size=settings.batch_size, shuffle=True, generator=generator,
                             drop_last=len(train_set) > settings.batch_size, num_workers=workers,
-                            collate_fn=_collate)
+                            collate_fn=_collate, pin_memory=device.type == "cuda")
         model.train()
         losses = []
         for batch, labels in tqdm(loader, desc=f"epoch {epoch}/{settings.epochs}", unit="batch",
                                   disable=not progress, leave=False):
             optimizer.zero_grad(set_to_none=True)
+            batch, labels = batch.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             loss = nn.functional.cross_entropy(model(batch), labels)
             loss.backward()
             optimizer.step()
@@ -254,12 +262,13 @@ def pretrain_encoder(tiles_dir: Path, out: Path, settings: PretrainSettings = Pr
                  "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "history": history}
         atomic_write(partial, functools.partial(torch.save, state))
 
-    atomic_write(out, lambda handle: torch.save(model.encoder.trunk.state_dict(), handle))
+    trunk_state = {key: value.cpu() for key, value in model.encoder.trunk.state_dict().items()}
+    atomic_write(out, lambda handle: torch.save(trunk_state, handle))
     digest = weights_id(out)
     record = to_jsonable({
         "format": METADATA_FORMAT, "weights": out.name, "sha256": digest, "classes": classes,
         "tile_size": settings.tile_size, "mpp": settings.mpp, "tiles": identity["tiles"],
-        "train_tiles": len(train_set), "val_tiles": len(val_set), "settings": asdict(settings),
+        "train_tiles": len(train_set), "val_tiles": len(val_set), "settings": asdict(settings), "device": str(device),
         "seconds_this_run": round(time.perf_counter() - start, 1), "history": history,
         # epochs 0: the starting trunk as it is (only the projection is fitted), nothing validated here
         "validation": {k.removeprefix("val_"): v for k, v in history[-1].items() if k.startswith("val_")}
@@ -277,10 +286,14 @@ def pretrain_encoder(tiles_dir: Path, out: Path, settings: PretrainSettings = Pr
 
 
 def _vectors(encoder: TileEncoder, dataset: Dataset, workers: int, progress: bool) -> torch.Tensor:
+    """Unit-scaled float32 vectors of ``dataset``'s tiles, on the CPU, computed where ``encoder`` lives
+    (in float32: the projection is fitted on them, and the sites' vectors are compared with them)."""
+    device = encoder.mean.device
     loader = DataLoader(dataset, batch_size=64, num_workers=workers, collate_fn=_collate)
     with torch.inference_mode():
-        return unit_scale(torch.cat([encoder(tiles) for tiles, _ in tqdm(loader, desc="trunk vectors", unit="batch",
-                                                                         disable=not progress, leave=False)]))
+        return unit_scale(torch.cat([encoder(tiles.to(device)).cpu() for tiles, _ in
+                                     tqdm(loader, desc="trunk vectors", unit="batch", disable=not progress,
+                                          leave=False)]))
 
 
 def attach_projection(result: PretrainResult, tiles_dir: Path, settings: PretrainSettings, size: int = 128,
@@ -303,7 +316,7 @@ def attach_projection(result: PretrainResult, tiles_dir: Path, settings: Pretrai
     """
     classes, tiles = find_tiles(tiles_dir)
     train_idx, val_idx = stratified_split(np.array([label for _, label in tiles]), settings.val_fraction, settings.seed)
-    encoder = TileEncoder(result.weights).eval()
+    encoder = TileEncoder(result.weights).eval().to(resolve_device(settings.device))
     train = _vectors(encoder, TileImages([tiles[i] for i in train_idx], settings.tile_size, None, settings.seed),
                      settings.num_workers, progress)
     val = _vectors(encoder, TileImages([tiles[i] for i in val_idx], settings.tile_size, None, settings.seed),

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from shared.errors import UserError
+from shared.file_memo import FileMemo
 
 FEATURE_DIM = 2048
 RANDOM_SEED = 0
@@ -163,12 +164,27 @@ def weights_id(weights: str | Path) -> str:
         path = Path(weights)
         if not path.is_file():
             raise WeightsError(f"{path}: backbone weights file not found (features.backbone_weights)")
-        digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            while chunk := handle.read(1 << 20):
-                digest.update(chunk)
-        return digest.hexdigest()
+        return _FILE_DIGESTS.get(path, _file_sha256)  # a warm site worker hashes the trunk once, not every round
     return hashlib.sha256(recipe.encode()).hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_projection(path: Path) -> dict[str, torch.Tensor]:
+    """The ``projection.*`` entries of a trunk file (empty when it has none), read once per unchanged
+    file in a process (``shared/file_memo.py``): a site builds its model from them every round."""
+    return _PROJECTIONS.get(Path(path), lambda p: {key: value for key, value in read_weights(p).items()
+                                                   if key.startswith(PROJECTION_PREFIX)})
+
+
+_FILE_DIGESTS = FileMemo(size_of=len)
+_PROJECTIONS = FileMemo(size_of=lambda state: sum(t.numel() * t.element_size() for t in state.values()))
 
 
 def check_pinned(weights: str | Path, expected: str | None) -> str:

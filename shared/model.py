@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from shared.encoder import FEATURE_DIM, LAST_BLOCK, PROJECTION_PREFIX, TileEncoder, WeightsError, read_weights
+from shared.encoder import FEATURE_DIM, LAST_BLOCK, PROJECTION_PREFIX, TileEncoder, WeightsError, read_projection
 from shared.recurrent import RecurrentCore
 from shared.yaml_config import at_least, check
 
@@ -73,7 +73,7 @@ class FrozenProjection(nn.Module):
 
     def load(self, weights: str | Path) -> "FrozenProjection":
         """Fill from the ``projection.*`` entries of a trunk file (``pretrain-encoder`` writes them)."""
-        state = read_weights(Path(weights))
+        state = read_projection(Path(weights))
         weight, bias = state.get(PROJECTION_PREFIX + "weight"), state.get(PROJECTION_PREFIX + "bias")
         if weight is None or bias is None:
             raise WeightsError(f"{weights}: the trunk file holds no projection (model.frozen_projection needs a trunk "

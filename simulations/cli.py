@@ -9,11 +9,18 @@ from pathlib import Path
 from shared.cli import add_command, run_cli
 
 
-def _make_slides(args: argparse.Namespace) -> int:
+def _generate_sites(out: Path, args: argparse.Namespace, backbone_weights: str = "random",
+                    privacy: dict | None = None) -> list[Path]:
+    """The hospitals the generation options ask for (``consortium.make_consortium``); their site.yaml paths."""
     from simulations.consortium import make_consortium
 
-    configs = make_consortium(Path(args.out), args.sites, args.slides_per_site, args.seed, args.size,
-                              args.tile_size)
+    return make_consortium(out, args.sites, args.slides_per_site, args.seed, args.size, args.tile_size,
+                           backbone_weights=backbone_weights, privacy=privacy, mpp=args.mpp,
+                           vary_size=not args.fixed_size)
+
+
+def _make_slides(args: argparse.Namespace) -> int:
+    configs = _generate_sites(Path(args.out), args)
     for config in configs:
         print(f"{config.parent.name}: {config.parent / 'manifest.csv'}  (site config: {config})")
     return 0
@@ -33,7 +40,6 @@ def _demo(args: argparse.Namespace) -> int:
     from client.prepare import prepare_site
     from client.site_config import load_site_config
     from server.encoder_pretraining import PretrainSettings, pretrain_encoder
-    from simulations.consortium import make_consortium
     from simulations.demo_validation import score_rounds, validation_table
     from simulations.local_consortium import LocalConsortium
     from simulations.public_tiles import make_public_tiles
@@ -47,8 +53,7 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"trunk {trunk}  sha256 {result.sha256[:16]}…  projection validation accuracy "
           f"{result.record['projection']['validation']['accuracy']:.3f}")
     print(f"\ngenerating {args.sites} hospitals x {args.slides_per_site} slides in {out} ...", flush=True)
-    configs = make_consortium(out / "sites", args.sites, args.slides_per_site, args.seed, args.size, args.tile_size,
-                              backbone_weights=str(trunk), privacy=DEMO_SITE_PRIVACY)
+    configs = _generate_sites(out / "sites", args, backbone_weights=str(trunk), privacy=DEMO_SITE_PRIVACY)
     for path in configs:
         summary = prepare_site(load_site_config(path))
         print(f"\n== {path.parent.name} ==\n{summary.report()}")
@@ -128,14 +133,47 @@ def _add_sim_options(parser: argparse.ArgumentParser) -> None:
                                       "sim.yaml)")
 
 
+MIN_SLIDE_SIDE = 64  # what SlideSpec accepts; checked here too, to say which option is wrong
+
+
+def slide_size(text: str) -> tuple[int, int]:
+    """``--size``: ``N`` (a square slide) or ``WxH`` (e.g. ``80000x60000``), pixels at level 0."""
+    parts = text.strip().lower().split("x")
+    if len(parts) > 2 or not all(part.strip().isdigit() for part in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a slide size: give N (square) or WxH, e.g. 2048 or "
+                                         "80000x60000")
+    width, height = (int(parts[0]), int(parts[-1]))
+    if min(width, height) < MIN_SLIDE_SIDE:
+        raise argparse.ArgumentTypeError(f"slide size {width}x{height} is too small: each side must be at least "
+                                         f"{MIN_SLIDE_SIDE} px")
+    return width, height
+
+
+def microns_per_pixel(text: str) -> float:
+    """``--mpp``: µm per pixel at level 0, positive (0.25 is 40x, 0.5 is 20x)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of µm per pixel (e.g. 0.25 or 0.5)") from None
+    if not 0 < value < 100:
+        raise argparse.ArgumentTypeError(f"µm per pixel must be above 0 and below 100, got {text}")
+    return value
+
+
 def _add_generation_options(parser: argparse.ArgumentParser, sites: int, slides: int, size: int = 2048,
                             tile_size: int = 299) -> None:
     parser.add_argument("--out", required=True, help="folder for the generated hospitals")
     parser.add_argument("--sites", type=int, default=sites, help=f"number of hospitals (default {sites})")
     parser.add_argument("--slides-per-site", type=int, default=slides, help=f"slides per hospital (default {slides})")
     parser.add_argument("--seed", type=int, default=0, help="same seed, same slides (default 0)")
-    parser.add_argument("--size", type=int, default=size,
-                        help=f"slide side in pixels at level 0, ±25%% per slide (default {size})")
+    parser.add_argument("--size", type=slide_size, default=(size, size), metavar="N|WxH",
+                        help=f"slide size in pixels at level 0: N (square) or WxH, e.g. 80000x60000; each side "
+                             f"±25%% per slide unless --fixed-size (default {size}). Slides of more pixels than "
+                             "8192x8192 are rendered tile by tile and streamed to disk, in memory that does not "
+                             "grow with their size")
+    parser.add_argument("--fixed-size", action="store_true", help="every slide exactly --size, not jittered")
+    parser.add_argument("--mpp", type=microns_per_pixel, default=0.5,
+                        help="µm per pixel at level 0 (default 0.5, 20x; 0.25 is 40x)")
     parser.add_argument("--tile-size", type=int, default=tile_size,
                         help=f"tile size written into each site.yaml (default {tile_size})")
 

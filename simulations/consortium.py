@@ -26,10 +26,13 @@ def write_site_config(manifest: Path, tile_size: int, backbone_weights: str = "r
     return path
 
 
-def make_consortium(out: Path, sites: int, slides_per_site: int, seed: int, size: int, tile_size: int,
-                    progress: bool = True, backbone_weights: str = "random", privacy: dict | None = None) -> list[Path]:
+def make_consortium(out: Path, sites: int, slides_per_site: int, seed: int, size: int | tuple[int, int],
+                    tile_size: int, progress: bool = True, backbone_weights: str = "random",
+                    privacy: dict | None = None, mpp: float = 0.5, vary_size: bool = True) -> list[Path]:
     """Generate slides for ``sites`` hospitals and a site.yaml for each (trunk: ``backbone_weights``,
-    ``privacy`` section); returns the site.yaml paths."""
-    spec = SlideSpec(width=size, height=size)
-    manifests = make_site_slides(out, sites, slides_per_site, seed, spec, progress=progress)
+    ``privacy`` section); returns the site.yaml paths. ``size``: a square side or (width, height) in
+    pixels at level 0, at ``mpp`` µm/px, jittered ±25 % per slide with ``vary_size``."""
+    width, height = (size, size) if isinstance(size, int) else size
+    spec = SlideSpec(width=width, height=height, mpp=mpp)
+    manifests = make_site_slides(out, sites, slides_per_site, seed, spec, progress=progress, vary_size=vary_size)
     return [write_site_config(m, tile_size, backbone_weights, privacy) for m in manifests]

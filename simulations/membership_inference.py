@@ -7,6 +7,12 @@ what the released model gives away about who took part: 0.5 is chance, 1 a perfe
 DP-SGD bounds it: at (ε, δ) no attack's true-positive rate exceeds e^ε times its false-positive
 rate plus δ, so the AUC of a model trained under DP must stay near 0.5 where the data is small
 enough for a non-private model to memorise it.
+
+The loss saturates: a confident float32 model gives many items a probability of exactly 1, so a
+loss of exactly 0, and the ties hide what the model learnt about them. ``item_margins`` is the
+stronger score an attacker with the model would use instead (Carlini et al., 2022, "Membership
+inference attacks from first principles"): the logit margin of the true class, log(p / (1 - p)),
+computed in float64 from the head's logits, which does not saturate.
 """
 
 from __future__ import annotations
@@ -15,9 +21,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch import nn
 
-from client.sequence_data import SlideFeatures, predict_slides
+from client.sequence_data import SlideFeatures, predict_slides, slide_windows
 from client.trained_model import load_model
 from shared.metrics import PROB_CLIP, roc_auc
 from simulations.materialise import SimLayout
@@ -43,6 +50,20 @@ def item_losses(head: nn.Module, items: list[SlideFeatures], length: int) -> np.
     return -np.log(np.clip(probs[np.arange(len(items)), labels], PROB_CLIP, 1.0))
 
 
+@torch.inference_mode()
+def item_margins(head: nn.Module, items: list[SlideFeatures], length: int) -> np.ndarray:
+    """Each item's logit margin of its true class, log(p_y / (1 - p_y)) = logit_y - logsumexp of the other
+    logits, in float64 and averaged over the item's covering windows: the higher, the more "member"."""
+    head.eval()
+    device = next(head.parameters()).device
+    margins = np.zeros(len(items))
+    for index, item in enumerate(items):
+        logits = head(slide_windows(item, length).to(device)).double().cpu()
+        others = torch.cat([logits[:, :item.label], logits[:, item.label + 1:]], dim=1)
+        margins[index] = float((logits[:, item.label] - torch.logsumexp(others, dim=1)).mean())
+    return margins
+
+
 def attack_auc(member_losses: np.ndarray, non_member_losses: np.ndarray) -> float:
     """The attack's ROC AUC: the chance a random member has a lower loss than a random non-member."""
     scores = -np.concatenate([np.asarray(member_losses, float), np.asarray(non_member_losses, float)])
@@ -60,15 +81,20 @@ def membership_attack(head: nn.Module, members: list[SlideFeatures], non_members
                         float(outside.mean()))
 
 
-def checkpoint_losses(checkpoint: Path, layout: SimLayout) -> tuple[np.ndarray, np.ndarray]:
+def checkpoint_losses(checkpoint: Path, layout: SimLayout, score: str = "loss") -> tuple[np.ndarray, np.ndarray]:
     """Each member's and each non-member's loss under a simulated federation's global model: members
     are the items the sites trained on, non-members the held-out test items (same source, same
-    classes, never seen in training)."""
+    classes, never seen in training). ``score="margin"``: the negated logit margins instead
+    (``item_margins``), so that ``attack_auc`` and ``mean_auc_interval`` take them as they are."""
+    if score not in ("loss", "margin"):
+        raise ValueError(f"score must be 'loss' or 'margin', got {score!r}")
     model = load_model(Path(checkpoint), trunk_of(layout))
     members = [item for path in layout.site_configs for item in cached_items(path, "train", model.classes)]
     non_members = cached_items(layout.test_config, "test", model.classes)
     if not members or not non_members:
         raise ValueError(f"the attack needs members and non-members, got {len(members)} and {len(non_members)}")
+    if score == "margin":
+        return -item_margins(model.head, members, model.length), -item_margins(model.head, non_members, model.length)
     return item_losses(model.head, members, model.length), item_losses(model.head, non_members, model.length)
 
 

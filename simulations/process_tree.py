@@ -49,6 +49,21 @@ def rss_bytes(pids: list[int]) -> int:
     return total
 
 
+def pss_bytes(pids: list[int]) -> int:
+    """Proportional set size of ``pids`` together: each shared page counted once over the processes
+    sharing it (``/proc/PID/smaps_rollup``), so unlike summed RSS it is what the tree really holds."""
+    total = 0
+    for pid in pids:
+        try:
+            for line in (PROC / str(pid) / "smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
 def command_line(pid: int) -> str:
     """The process's command line, arguments joined by spaces ("" once it is gone)."""
     try:

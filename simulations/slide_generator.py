@@ -11,6 +11,10 @@ class balance, and patients with one or two slides::
 
 A seed gives the same bytes every time: slide ``j`` of site ``k`` draws from its own generator
 seeded by ``(seed, k, j)``, the site's stain, labels and patients from one seeded by ``(seed, k)``.
+
+Slides up to ``STREAMED_ABOVE`` pixels are drawn whole in memory (``render_tissue``, the more detailed
+renderer); larger ones, up to a scanner's 80000 x 60000 px, tile by tile (``large_slide.py``) straight
+into the file, in memory that does not grow with the slide.
 """
 
 from __future__ import annotations
@@ -20,14 +24,15 @@ import io
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from shared.atomic_files import atomic_write_bytes
-from simulations.pyramidal_tiff import level_sizes, write_pyramid_tiff
+from simulations.large_slide import ProceduralSlide
+from simulations.pyramidal_tiff import level_sizes, write_pyramid_tiff, write_pyramid_tiff_tiles
 from simulations.tissue_rendering import (
     LABELS,
     CancerRegion,
@@ -38,13 +43,18 @@ from simulations.tissue_rendering import (
     site_stain,
 )
 
-__all__ = ["LABELS", "MANIFEST_HEADER", "CancerRegion", "SlideInfo", "SlideSpec", "Stain", "make_site_slides",
-           "make_slide", "render_tissue", "site_stain", "write_pyramid_tiff"]
+__all__ = ["LABELS", "MANIFEST_HEADER", "STREAMED_ABOVE", "CancerRegion", "SlideInfo", "SlideSpec", "Stain",
+           "make_site_slides", "make_slide", "render_tissue", "site_stain", "write_pyramid_tiff"]
 
 MANIFEST_HEADER = ("slide", "label", "patient")
 
 DEFAULT_SPEC = SlideSpec()
 """2048 x 2048 px at 0.5 µm/px (20x), 256-px JPEG tiles of quality 90."""
+
+STREAMED_ABOVE = 8192 * 8192
+"""Slides with more pixels than this at level 0 are rendered tile by tile and streamed to disk.
+``render_tissue`` holds about 14 bytes per pixel (0.9 GB at 8192 x 8192, measured): 67 GB at
+80000 x 60000. Below it the whole-array renderer stays, so existing data sets keep their bytes."""
 
 
 @dataclass(frozen=True)
@@ -61,7 +71,8 @@ class SlideInfo:
 
 
 def make_slide(path: Path, label: str, spec: SlideSpec, stain: Stain, rng: np.random.Generator,
-               cancer_region: Sequence[float] | None = None) -> SlideInfo:
+               cancer_region: Sequence[float] | None = None, streamed: bool | None = None,
+               progress: Callable[[int, int], None] | None = None) -> SlideInfo:
     """Render one slide and write it to ``path``, atomically; what was written.
 
     Args:
@@ -71,16 +82,27 @@ def make_slide(path: Path, label: str, spec: SlideSpec, stain: Stain, rng: np.ra
         stain: the site's staining.
         rng: the slide's own generator: the same state gives the same bytes.
         cancer_region: see ``render_tissue``.
+        streamed: render tile by tile (``large_slide.ProceduralSlide``) into the file rather than whole
+            in memory (``render_tissue``); default: when the slide has more than ``STREAMED_ABOVE`` pixels.
+        progress: for a streamed slide, called as ``progress(tiles_done, tiles_total)``.
 
     The label, µm/px and cancer region are also stored as JSON in level 0's ImageDescription
-    (OpenSlide's ``tiff.ImageDescription``).
+    (OpenSlide's ``tiff.ImageDescription``), with ``"renderer": "tiles"`` for a streamed slide.
     """
     region = checked_region(cancer_region) if cancer_region is not None else None
-    rgb = render_tissue(label, spec, stain, rng, region)
     description = {"generator": "fedpath-synthetic", "label": label, "mpp": spec.mpp,
                    "cancer_region": list(region) if region else None}
-    write_pyramid_tiff(path, rgb, spec.mpp, spec.tile, spec.jpeg_quality, json.dumps(description))
-    levels = len(level_sizes(spec.width, spec.height))
+    if streamed is None:
+        streamed = spec.width * spec.height > STREAMED_ABOVE
+    if streamed:
+        slide = ProceduralSlide(label, spec, stain, rng, region)
+        levels = write_pyramid_tiff_tiles(path, spec.width, spec.height, spec.mpp, slide.render, spec.tile,
+                                          spec.jpeg_quality, json.dumps({**description, "renderer": "tiles"}),
+                                          progress=progress)
+    else:
+        rgb = render_tissue(label, spec, stain, rng, region)
+        write_pyramid_tiff(path, rgb, spec.mpp, spec.tile, spec.jpeg_quality, json.dumps(description))
+        levels = len(level_sizes(spec.width, spec.height))
     return SlideInfo(Path(path), label, spec.width, spec.height, spec.mpp, region, levels)
 
 
@@ -95,8 +117,9 @@ def make_site_slides(out_dir: Path, sites: int, slides_per_site: int, seed: int,
         sites: number of hospitals, at least 1.
         slides_per_site: at least 1; from 2 on, every site has both classes.
         seed: the same seed gives the same files, byte for byte.
-        spec: level 0 of every slide (its size jittered with ``vary_size``).
-        progress: a line per slide on stderr.
+        spec: level 0 of every slide (its size jittered with ``vary_size``). With more than
+            ``STREAMED_ABOVE`` pixels, every slide is streamed (``make_slide``), whatever its jitter.
+        progress: a line per slide on stderr, and one per tenth of a streamed slide.
         vary_size: jitter each slide's width and height by up to ±25 % (multiples of 16 px).
         cancer_fraction_range: each site's adenocarcinoma fraction is drawn from this range.
     """
@@ -108,6 +131,7 @@ def make_site_slides(out_dir: Path, sites: int, slides_per_site: int, seed: int,
     out_dir = Path(out_dir)
     manifests: list[Path] = []
     total, done, start = sites * slides_per_site, 0, time.perf_counter()
+    streamed = spec.width * spec.height > STREAMED_ABOVE  # one renderer for all slides of a run
     for k in range(1, sites + 1):
         name = f"site-{k}"
         site_rng = np.random.default_rng([seed, k])
@@ -119,7 +143,8 @@ def make_site_slides(out_dir: Path, sites: int, slides_per_site: int, seed: int,
             rng = np.random.default_rng([seed, k, j])
             slide_spec = _jittered(spec, rng) if vary_size else spec
             relative = f"slides/slide-{j:03d}.tif"
-            make_slide(out_dir / name / relative, label, slide_spec, stain, rng)
+            tiles = _tile_progress(f"{name}/{relative}", start) if progress and streamed else None
+            make_slide(out_dir / name / relative, label, slide_spec, stain, rng, streamed=streamed, progress=tiles)
             rows.append((relative, label, patient))
             done += 1
             if progress:
@@ -129,6 +154,16 @@ def make_site_slides(out_dir: Path, sites: int, slides_per_site: int, seed: int,
         _write_manifest(manifest, rows)
         manifests.append(manifest)
     return manifests
+
+
+def _tile_progress(name: str, start: float) -> Callable[[int, int], None]:
+    """A line on stderr at every tenth of a streamed slide's tiles: such a slide takes minutes."""
+    def report(done: int, total: int) -> None:
+        if done == total or done * 10 // total != (done - 1) * 10 // total:
+            print(f"  {name}: {100 * done // total}% of {total} tiles ({time.perf_counter() - start:.0f}s)",
+                  file=sys.stderr, flush=True)
+
+    return report
 
 
 def _jittered(spec: SlideSpec, rng: np.random.Generator) -> SlideSpec:

@@ -135,6 +135,23 @@ def render_tissue(label: str, spec: SlideSpec, stain: Stain, rng: np.random.Gene
     return _stained(layers, soft_edges, _stroma_density(rng, width, height), stain, rng)
 
 
+def stained(haematoxylin: np.ndarray, eosin: np.ndarray, stain: Stain) -> np.ndarray:
+    """RGB (uint8, shape ``(*shape, 3)``) of amounts of haematoxylin and eosin (arrays of one shape)
+    through a site's stain: its vectors and strengths, light through its glass (Beer-Lambert,
+    ``he_stains.compose``). Every generated pixel's colour comes from here.
+
+    Args:
+        haematoxylin: amount of haematoxylin per pixel (1: a nucleus' worth).
+        eosin: amount of eosin per pixel, same shape.
+        stain: the site's staining.
+    """
+    haematoxylin, eosin = np.asarray(haematoxylin, dtype=np.float32), np.asarray(eosin, dtype=np.float32)
+    matrix = stain_matrix(stain.h_od, stain.e_od)
+    strengths = np.array([stain.h_scale, stain.e_scale, 0.0], dtype=np.float32)
+    amounts = np.stack([haematoxylin, eosin, np.zeros_like(eosin)], axis=-1)
+    return compose(amounts.reshape(-1, 3) * strengths, matrix, (*eosin.shape, 3), stain.background)
+
+
 def checked_region(region: Sequence[float]) -> CancerRegion:
     """``region`` as a ``CancerRegion``; ValueError saying what is wrong with it otherwise."""
     if len(region) != 4:
@@ -153,7 +170,7 @@ def _triple(values: np.ndarray) -> tuple[float, float, float]:
 # Smooth random fields: tissue outlines, tumour nests, stroma fibres.
 
 
-def _gaussian_blur(array: np.ndarray, sigma: float, radius: int | None = None) -> np.ndarray:
+def gaussian_blur(array: np.ndarray, sigma: float, radius: int | None = None) -> np.ndarray:
     """The one blur here: scipy's Gaussian filter, radius 3 sigma unless given, edges reflected
     about the outer pixels (``mirror``: ... c b | a b c ...)."""
     if radius is None:
@@ -161,12 +178,12 @@ def _gaussian_blur(array: np.ndarray, sigma: float, radius: int | None = None) -
     return ndimage.gaussian_filter(array, sigma, mode="mirror", radius=radius)
 
 
-def _smooth_noise(rng: np.random.Generator, size: tuple[int, int], grid: tuple[int, int],
-                  sigma: float) -> np.ndarray:
+def smooth_noise(rng: np.random.Generator, size: tuple[int, int], grid: tuple[int, int],
+                 sigma: float) -> np.ndarray:
     """A smooth random field of ``size`` (width, height), about zero mean and unit variance: Gaussian
     noise on a ``grid`` of (columns, rows) cells, blurred by ``sigma`` cells, upsampled bicubically."""
     columns, rows = max(2, grid[0]), max(2, grid[1])
-    field = _gaussian_blur(rng.standard_normal((rows, columns)).astype(np.float32), sigma)
+    field = gaussian_blur(rng.standard_normal((rows, columns)).astype(np.float32), sigma)
     field = (field - field.mean()) / (field.std() + 1e-6)
     return np.asarray(Image.fromarray(field).resize(size, Image.Resampling.BICUBIC), dtype=np.float32)
 
@@ -190,7 +207,7 @@ def _blob_mask(rng: np.random.Generator, width: int, height: int, blob_px: float
     ``coverage`` of it."""
     size = (max(8, width // 4), max(8, height // 4))
     grid = (max(3, round(width / blob_px)), max(3, round(height / blob_px)))
-    field = _smooth_noise(rng, size, grid, 1.0)
+    field = smooth_noise(rng, size, grid, 1.0)
     threshold, step = _level_set(field, coverage)
     return _upsampled_uint8(0.5 + (field - threshold) / (3.0 * step), (width, height)) >= 128
 
@@ -202,7 +219,7 @@ def _tissue_mask(rng: np.random.Generator, width: int, height: int) -> tuple[np.
     # A blurred field on a grid of about 48 cells: blobs of a few hundred px on a 2048-px slide.
     columns = max(8, round(48 * width / max(width, height)))
     rows = max(8, round(48 * height / max(width, height)))
-    coarse = _gaussian_blur(rng.standard_normal((rows, columns)).astype(np.float32), 3.0)
+    coarse = gaussian_blur(rng.standard_normal((rows, columns)).astype(np.float32), 3.0)
     coarse = (coarse - coarse.mean()) / (coarse.std() + 1e-6)
     # Worked on at about 8 px per cell of level 0, enough for the edges' detail.
     mid_width, mid_height = max(16, width // 8), max(16, height // 8)
@@ -215,7 +232,7 @@ def _tissue_mask(rng: np.random.Generator, width: int, height: int) -> tuple[np.
     # Two octaves of finer noise make the edges irregular.
     for cells, amplitude in ((6, 0.22), (2, 0.08)):
         fine_width, fine_height = max(4, mid_width // cells), max(4, mid_height // cells)
-        fine = _gaussian_blur(rng.standard_normal((fine_height, fine_width)).astype(np.float32), 1.0)
+        fine = gaussian_blur(rng.standard_normal((fine_height, fine_width)).astype(np.float32), 1.0)
         fine /= fine.std() + 1e-6
         field = field + amplitude * np.asarray(
             Image.fromarray(fine).resize((mid_width, mid_height), Image.Resampling.BICUBIC))
@@ -232,9 +249,9 @@ def _tissue_mask(rng: np.random.Generator, width: int, height: int) -> tuple[np.
 def _stroma_density(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
     """Eosin amount of stroma as uint8 (255 = amount 1): wavy collagen fibres and a slow drift."""
     size = (max(16, width // 4), max(16, height // 4))
-    base = _smooth_noise(rng, size, (max(4, size[0] // 16), max(4, size[1] // 16)), 1.0)
+    base = smooth_noise(rng, size, (max(4, size[0] // 16), max(4, size[1] // 16)), 1.0)
     fibres = (0.5 + 0.5 * np.sin(base * 9.0)) ** 2  # bands along the contours of a smooth field
-    drift = _smooth_noise(rng, size, (5, 5), 0.8)
+    drift = smooth_noise(rng, size, (5, 5), 0.8)
     return _upsampled_uint8(0.28 + 0.10 * fibres + 0.03 * drift, (width, height))
 
 
@@ -430,8 +447,6 @@ def _stained(layers: _Layers, tissue: np.ndarray, stroma: np.ndarray, stain: Sta
     width, height = layers.size
     nuclei, lumen = np.asarray(layers.nuclei), np.asarray(layers.lumen)
     epithelium = np.asarray(layers.epithelium)
-    matrix = stain_matrix(stain.h_od, stain.e_od)
-    strengths = np.array([stain.h_scale, stain.e_scale, 0.0], dtype=np.float32)
     out = np.empty((height, width, 3), dtype=np.uint8)
     band = max(1, (1 << 18) // width)
     for top in range(0, height, band):
@@ -439,8 +454,8 @@ def _stained(layers: _Layers, tissue: np.ndarray, stroma: np.ndarray, stain: Sta
         # One row beyond the band on each side, so the band's blur sees what the whole image's would.
         halo = slice(max(0, top - 1), min(height, top + band + 1))
         inner = slice(rows.start - halo.start, rows.stop - halo.start)
-        nucleus = _gaussian_blur(nuclei[halo].astype(np.float32) / 255, EDGE_SIGMA, radius=1)[inner]
-        white = _gaussian_blur(lumen[halo].astype(np.float32) / 255, EDGE_SIGMA, radius=1)[inner]
+        nucleus = gaussian_blur(nuclei[halo].astype(np.float32) / 255, EDGE_SIGMA, radius=1)[inner]
+        white = gaussian_blur(lumen[halo].astype(np.float32) / 255, EDGE_SIGMA, radius=1)[inner]
         cytoplasm = epithelium[rows].astype(np.float32) / 255
         fibres = stroma[rows].astype(np.float32) / 255
         inside = tissue[rows].astype(np.float32) / 255
@@ -456,8 +471,7 @@ def _stained(layers: _Layers, tissue: np.ndarray, stroma: np.ndarray, stain: Sta
         # Nuclei, with chromatin grain; they displace some eosin.
         haematoxylin += (1.35 + 0.15 * grain) * nucleus
         eosin *= 1.0 - 0.5 * nucleus
-        amounts = np.stack([haematoxylin * inside, eosin * inside, np.zeros_like(eosin)], axis=-1)
-        rgb = compose(amounts.reshape(-1, 3) * strengths, matrix, (*nucleus.shape, 3), stain.background)
+        rgb = stained(haematoxylin * inside, eosin * inside, stain)
         noisy = rgb + np.rint(1.5 * grain).astype(np.int16)[..., None]
         out[rows] = np.clip(noisy, 0, 255).astype(np.uint8)
     return out

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-import client.prepare as prepare_module
 from client import federated_round
 from client.feature_cache import FeatureCache
 from client.federated_round import ledger_path, round_privacy
@@ -49,9 +48,8 @@ def prepared(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("federated-round")
     [manifest] = make_site_slides(root, sites=1, slides_per_site=4, seed=7, spec=SlideSpec(width=1024, height=1024))
     site = write_site_yaml(manifest.parent, {"manifest": "manifest.csv", "val_fraction": 0.25}, tiling=TILING)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(prepare_module, "load_encoder", lambda weights, threads=0: PixelEncoder().eval())
-        prepare_site(load_site_config(site), progress=False)
+    prepare_site(load_site_config(site), progress=False,
+                 encoder_loader=lambda weights, threads=0, device="cpu": PixelEncoder().eval())
     cache = FeatureCache(manifest.parent / "cache")
     index = cache.read_index()
     some = next(iter(index.items.values()))
@@ -317,3 +315,30 @@ def test_site_status_shows_the_ledgers_and_the_sites_own_numbers(prepared, tmp_p
     assert "round 2: sat out, code 4" in out
     assert "lifetime ε 7.99" in out and "of 20 over all federations" in out  # the plan reserves ε 8
     assert "no consortium roster (federation.roster)" in out
+
+
+def test_a_warm_site_worker_reads_only_what_prepare_changed(prepared, tmp_path):
+    """The task runner serves every round from one process: a second round reads no feature file again,
+    and after `prepare` rewrites one entry, only that one is read (``shared/file_memo.py``)."""
+    from client.feature_cache import WARM_ENTRIES
+
+    config, plan = _site(prepared, tmp_path / "site"), _plan(planned_rounds=3)
+    received = _global(plan)
+    WARM_ENTRIES.clear()
+    assert federated_round.fit(config, plan, received).metrics["refused"] == 0
+    first_reads = WARM_ENTRIES.misses
+    assert first_reads == 4 and len(WARM_ENTRIES) == 4  # 2 training + 2 validation slides, each read once
+    assert federated_round.fit(config, replace(plan, round=2), received).metrics["refused"] == 0
+    assert WARM_ENTRIES.misses == first_reads and WARM_ENTRIES.hits >= 4  # the second round read none
+
+    cache = FeatureCache(prepared["cache"])
+    index = cache.read_index()
+    key = next(item["key"] for item in index.items.values() if item["split"] == "train")
+    entry = cache.load(key)
+    cache.save(key, replace(entry, features=entry.features + 1.0))  # what a new `prepare` of that slide writes
+    try:
+        assert federated_round.fit(config, replace(plan, round=3), received).metrics["refused"] == 0
+        assert WARM_ENTRIES.misses == first_reads + 1  # the rewritten entry only
+        np.testing.assert_array_equal(cache.load(key).features, entry.features + 1.0)  # and its new vectors
+    finally:
+        cache.save(key, entry)

@@ -6,7 +6,7 @@ import torch
 
 from client.sequence_data import SlideFeatures
 from shared.model import SequenceHead
-from simulations.membership_inference import attack_auc, item_losses, mean_auc_interval, membership_attack
+from simulations.membership_inference import attack_auc, item_losses, item_margins, mean_auc_interval, membership_attack
 
 
 def test_perfectly_separating_losses_give_auc_one():
@@ -67,5 +67,36 @@ def test_attack_on_a_memorising_head():
     assert result.auc > 0.9
     losses = item_losses(head, members, 4)
     assert losses.shape == (16,) and np.all(losses >= 0)
+    inside, outside = item_margins(head, members, 4), item_margins(head, non_members, 4)
+    assert attack_auc(-inside, -outside) > 0.9  # the margin attack finds the members too
+
+
+class _Confident(torch.nn.Module):
+    """Logits (0, 10 * mean of the window): every item is class 1 with a float32 probability of exactly 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(10.0))
+
+    def forward(self, windows):
+        strength = self.scale * windows.mean(dim=(1, 2))
+        return torch.stack([torch.zeros_like(strength), strength], dim=1)
+
+
+def test_the_margin_ranks_what_the_saturated_loss_ties():
+    """Members more confident than non-members, all with loss exactly 0 in float32: the loss attack
+    sees chance (ties), the margin attack sees every member."""
+    def item(name, level):
+        return SlideFeatures(name, name, 1, np.full((4, 8), level, dtype=np.float32))
+
+    members = [item(f"m{i}", 5.0 + i / 10) for i in range(5)]  # logits 50-54
+    non_members = [item(f"n{i}", 4.0 + i / 10) for i in range(5)]  # logits 40-44
+    head = _Confident()
+    losses_in, losses_out = item_losses(head, members, 4), item_losses(head, non_members, 4)
+    assert not losses_in.any() and not losses_out.any()
+    assert attack_auc(losses_in, losses_out) == 0.5
+    margins_in, margins_out = item_margins(head, members, 4), item_margins(head, non_members, 4)
+    np.testing.assert_allclose(margins_out, [40, 41, 42, 43, 44], rtol=1e-6)
+    assert attack_auc(-margins_in, -margins_out) == 1.0
     with pytest.raises(ValueError, match="non-members"):
         membership_attack(head, members, [], length=4)

@@ -124,7 +124,7 @@ def test_bad_yaml_exits_2_with_key_and_line(tmp_path, capsys):
     path = tmp_path / "site.yaml"
     path.write_text("name: x\ndata:\n  manifest: m.csv\nfeatures:\n  batch_size: 0\n")
     assert site_main(["check", "--config", str(path)]) == 2
-    assert f"{path}:5: features.batch_size: must be >= 1 (got 0)" in capsys.readouterr().err
+    assert f"{path}:5: features.batch_size: must be a number of tiles >= 1, or auto (got 0)" in capsys.readouterr().err
 
 
 def test_console_commands_installed():
