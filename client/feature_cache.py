@@ -24,9 +24,11 @@ from shared.file_memo import FileMemo
 
 CACHE_FORMAT = 1  # bump when the file layout changes: old entries are then ignored
 _CHUNK = 1 << 20
-# Entries this process has read, kept while their files are unchanged: the site's task runner serves
-# every round from one process, so a round after the first reads only what `prepare` added or changed.
-WARM_ENTRIES = FileMemo(size_of=lambda entry: entry.features.nbytes + entry.coords.nbytes + entry.cells.nbytes)
+# Entries this process has read, kept while their files are unchanged. Off (0 bytes) unless a long-lived
+# process turns it on: the site's task runner serves every round from one process, so there a round after
+# the first reads only what `prepare` added or changed; `predict` over a thousand cached slides keeps none.
+WARM_ENTRIES = FileMemo(max_bytes=0,
+                        size_of=lambda entry: entry.features.nbytes + entry.coords.nbytes + entry.cells.nbytes)
 
 
 class CacheError(UserError):

@@ -370,6 +370,10 @@ def _what(message: Message, stage: str | None) -> str:
     return f"run {metadata.run_id} round {metadata.group_id or '-'} {kind}"
 
 
+WARM_CACHE_BYTES = 4 << 30
+"""Feature-cache entries the runner keeps between rounds; a site with more keeps the most recent 4 GiB."""
+
+
 def build_runner(config: SiteConfig, secret: bytes | None) -> TaskRunner:
     """The runner of a site: its egress log opened and verified, the installed version's digest,
     the ClientApp imported; a ``start`` record written. Raises UserError with what to fix."""
@@ -387,6 +391,10 @@ def build_runner(config: SiteConfig, secret: bytes | None) -> TaskRunner:
     approval = BundleApproval(installed, config.federation.allowed_bundles)
     policy = EgressPolicy.for_site(config)
     from client.app import app  # the installed ClientApp, imported once for every task
+    from client.feature_cache import WARM_ENTRIES
+
+    # This process serves every round: keep the feature cache's entries between them (shared/file_memo.py).
+    WARM_ENTRIES.max_bytes = WARM_CACHE_BYTES
 
     egress.append({"event": "start", "version": version, "app_digest": installed, "app_dir": app_dir,
                    "allowed_bundles": sorted(approval.allowed), "disclose": sorted(config.disclose),

@@ -22,14 +22,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-DEFAULT_MAX_BYTES = 4 << 30  # feature files are the bulk; a site with more keeps the most recent 4 GiB warm
+DEFAULT_MAX_BYTES = 256 << 20
 
 
 class FileMemo:
     """Values computed from files, each kept while its file is unchanged.
 
     Args:
-        max_bytes: the bound on the kept values' sizes (``size_of``); a value larger than it is not kept.
+        max_bytes: the bound on the kept values' sizes (``size_of``); a value larger than it is not kept
+            (0: nothing is kept). May be changed later: a process that serves many rounds raises it.
         size_of: a value's size in bytes (default: its ``nbytes``, else 0).
     """
 

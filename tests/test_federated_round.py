@@ -317,14 +317,16 @@ def test_site_status_shows_the_ledgers_and_the_sites_own_numbers(prepared, tmp_p
     assert "no consortium roster (federation.roster)" in out
 
 
-def test_a_warm_site_worker_reads_only_what_prepare_changed(prepared, tmp_path):
+def test_a_warm_site_worker_reads_only_what_prepare_changed(prepared, tmp_path, monkeypatch):
     """The task runner serves every round from one process: a second round reads no feature file again,
     and after `prepare` rewrites one entry, only that one is read (``shared/file_memo.py``)."""
     from client.feature_cache import WARM_ENTRIES
+    from client.task_runner import WARM_CACHE_BYTES
 
     config, plan = _site(prepared, tmp_path / "site"), _plan(planned_rounds=3)
     received = _global(plan)
     WARM_ENTRIES.clear()
+    monkeypatch.setattr(WARM_ENTRIES, "max_bytes", WARM_CACHE_BYTES)  # what build_runner turns on
     assert federated_round.fit(config, plan, received).metrics["refused"] == 0
     first_reads = WARM_ENTRIES.misses
     assert first_reads == 4 and len(WARM_ENTRIES) == 4  # 2 training + 2 validation slides, each read once

@@ -68,3 +68,14 @@ def test_the_trunk_pin_sees_a_replaced_weights_file(tmp_path):
     first = weights_id(path)
     atomic_write_bytes(path, b"trunk two")
     assert weights_id(path) != first and weights_id(path) == weights_id(path)
+
+
+def test_the_feature_cache_keeps_nothing_outside_the_task_runner():
+    """`predict` over many cached slides must not hold them all: only the runner turns the memory on."""
+    import subprocess
+    import sys
+
+    code = ("from client.feature_cache import WARM_ENTRIES; import client.task_runner as runner; "
+            "print(WARM_ENTRIES.max_bytes, runner.WARM_CACHE_BYTES)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["0", str(4 << 30)]
