@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks._crc_trunk import CRC_TILES, FULL, QUICK, pretrained_trunk
-from benchmarks.fed_vs_central import DEFAULTS, GROUP_SIZE, SEEDS, STORE, TEST_FRACTION, crc_simulation
+from benchmarks.fed_vs_central import DEFAULTS, GROUP_SIZE, SEEDS, STORE, TEST_FRACTION, crc_simulation, mean_std
 from simulations.experiment import run_experiment
 from simulations.experiment_config import Baselines, ExperimentConfig, GridAxes, check_cells
 from simulations.sim_config import parse_sim_config
@@ -88,11 +88,8 @@ def run(quick: bool, per_class: int | None = None, arm_settings: dict | None = N
                 print(f"dp_levers {name}: failed: {arms[name]['why']}", flush=True)
                 continue
             rows = json.loads((out / "results.json").read_text())
-            arm = {"settings": settings, "seconds_per_seed": round(float(np.mean([r["seconds"] for r in rows])), 1)}
-            for key in ("accuracy", "auc", "sensitivity", "specificity", "epsilon"):
-                values = [r[key] for r in rows if r.get(key) is not None]
-                arm[key] = round(float(np.mean(values)), 4)
-                arm[f"{key}_std"] = round(float(np.std(values)), 4)
+            arm = {"settings": settings, "seconds_per_seed": round(float(np.mean([r["seconds"] for r in rows])), 1),
+                   **mean_std(rows)}
             arm["per_seed"] = {r["seed"]: {k: round(r[k], 4) for k in ("accuracy", "auc", "sensitivity", "specificity")}
                                for r in rows}
             arms[name] = arm

@@ -71,7 +71,7 @@ def _metrics(row: dict) -> dict:
     return {key: None if row.get(key) is None else round(row[key], 4) for key in keep}
 
 
-def _mean_std(rows: list[dict]) -> dict:
+def mean_std(rows: list[dict]) -> dict:
     """Mean and standard deviation over seeds of each metric."""
     out = {}
     for key in ("accuracy", "auc", "sensitivity", "specificity", "epsilon"):
@@ -112,7 +112,7 @@ def run(quick: bool, trunk_plan: TrunkPlan | None = None) -> dict:
     for arm, setting in arms.items():
         chosen = [row for row in rows if row["setting"].startswith(setting + "_")]
         per_seed[arm] = {row["seed"]: _metrics(row) for row in chosen}
-        results[arm] = {**_mean_std(chosen), "seeds": len(chosen),
+        results[arm] = {**mean_std(chosen), "seeds": len(chosen),
                         "seconds_per_seed": round(float(np.mean([row["seconds"] for row in chosen])), 1)}
         if arm.startswith("fedavg"):
             results[arm]["curve_seed0"] = [{k: round(v, 4) if isinstance(v, float) else v for k, v in point.items()

@@ -29,7 +29,7 @@ from benchmarks.fed_vs_central import GROUP_SIZE, STORE, crc_simulation
 from simulations.experiment import epsilon_spent
 from simulations.experiment_config import Cell, cell_config
 from simulations.materialise import materialise
-from simulations.membership_inference import attack_auc, checkpoint_losses, mean_auc_interval
+from simulations.membership_inference import attack_auc, checkpoint_scores, mean_auc_interval
 from simulations.sim_config import parse_sim_config
 from simulations.sim_runner import evaluate_checkpoint, run_simulation
 
@@ -49,9 +49,10 @@ def _arm(base, dp: bool, sites: int, root: Path) -> dict:
         layout = materialise(sim, folder, progress=False)
         run_dir = run_simulation(sim, layout, folder)
         final = run_dir / "checkpoints" / "latest.npz"
-        members, non_members = checkpoint_losses(final, layout)
+        scores = checkpoint_scores(final, layout)
+        members, non_members = scores["loss"]
         runs.append((members, non_members))
-        margin_runs.append(checkpoint_losses(final, layout, score="margin"))
+        margin_runs.append(scores["margin"])
         per_seed.append({"seed": seed, "auc": round(attack_auc(members, non_members), 4),
                          "margin_auc": round(attack_auc(*margin_runs[-1]), 4), "members": len(members),
                          "non_members": len(non_members), "member_loss": round(float(members.mean()), 4),

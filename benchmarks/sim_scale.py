@@ -23,13 +23,11 @@ import logging
 import os
 import statistics
 import tempfile
-import threading
 import time
-from collections import defaultdict
 from pathlib import Path
 
 from simulations.materialise import materialise
-from simulations.process_tree import command_line, descendants, rss_bytes
+from simulations.process_tree import PeakMemory, command_line
 from simulations.sim_config import SimConfig, parse_sim_config
 from simulations.sim_runner import run_simulation
 
@@ -48,35 +46,6 @@ def process_kind(pid: int, benchmark_pid: int) -> str:
     return "other"  # Ray's own services, Flower's executor, the flwr CLI
 
 
-class PeakMemory:
-    """Peak resident memory of this process tree while the ``with`` block runs, in all and per kind."""
-
-    def __init__(self, interval: float = 0.5) -> None:
-        self.interval, self.peak = interval, 0
-        self.peak_by_kind: dict[str, int] = {}
-        self._done = threading.Event()
-
-    def _sample(self) -> None:
-        me = os.getpid()
-        while not self._done.is_set():
-            by_kind: dict[str, int] = defaultdict(int)
-            for pid in [me, *descendants(me)]:
-                by_kind[process_kind(pid, me)] += rss_bytes([pid])
-            self.peak = max(self.peak, sum(by_kind.values()))
-            for kind, rss in by_kind.items():
-                self.peak_by_kind[kind] = max(self.peak_by_kind.get(kind, 0), rss)
-            self._done.wait(self.interval)
-
-    def __enter__(self) -> "PeakMemory":
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._done.set()
-        self._thread.join()
-
-
 def config(sites: int, rounds: int, slides: int, size: int, store: Path) -> SimConfig:
     return parse_sim_config({
         "classes": ["adenoma", "adenocarcinoma"], "positive_class": "adenocarcinoma",
@@ -93,7 +62,8 @@ def measure(cfg: SimConfig, folder: Path) -> dict:
     """One simulation: materialised first (not timed), then run with its memory sampled."""
     layout = materialise(cfg, folder, progress=False)
     start = time.perf_counter()
-    with PeakMemory() as memory:
+    me = os.getpid()
+    with PeakMemory(kind=lambda pid: process_kind(pid, me)) as memory:
         run_dir = run_simulation(cfg, layout, folder)
     seconds = time.perf_counter() - start
     # round 0 is the initial model (no exchange made it): every other entry times the exchange that trained it

@@ -31,7 +31,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -47,7 +46,7 @@ from shared.checkpoints import save_checkpoint
 from shared.devices import resolve_device, trunk_batch_size
 from shared.model import ModelConfig, build_head
 from shared.parameters import model_arrays
-from simulations.process_tree import descendants, pss_bytes, rss_bytes
+from simulations.process_tree import PeakMemory
 from simulations.slide_generator import LABELS, SlideSpec, Stain, make_slide
 
 FULL_SIZE, QUICK_SIZE = (80_000, 60_000), (16_000, 12_000)
@@ -72,22 +71,11 @@ def _measured(command: list[str]) -> tuple[float, int, int]:
     """Run ``command``; its wall time and the peaks of its process tree's summed RSS and PSS (bytes)."""
     start = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    peak, done = [0, 0], threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            tree = [process.pid, *descendants(process.pid)]
-            peak[0], peak[1] = max(peak[0], rss_bytes(tree)), max(peak[1], pss_bytes(tree))
-            done.wait(0.5)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    _, errors = process.communicate(timeout=4 * 3600)
-    done.set()
-    sampler.join()
+    with PeakMemory(process.pid, pss=True) as memory:
+        _, errors = process.communicate(timeout=4 * 3600)
     if process.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({process.returncode}): {errors[-2000:]}")
-    return time.perf_counter() - start, peak[0], peak[1]
+    return time.perf_counter() - start, memory.peak, memory.peak_pss
 
 
 def _trunk_alone(site: Path, slide: Path, device: str) -> tuple[float, int]:

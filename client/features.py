@@ -3,7 +3,6 @@ on the site's GPU under autocast when it has one (``shared/devices.py``)."""
 
 from __future__ import annotations
 
-import itertools
 from typing import Callable
 
 import numpy as np
@@ -11,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from client.tile_datasets import as_nchw, stack_tiles
-from shared.devices import ShrinkingBatches, resolve_device, trunk_precision
+from shared.devices import ShrinkingBatches, module_device, resolve_device, trunk_precision
 from shared.encoder import FEATURE_DIM, TileEncoder
 from shared.model import grid_sequence
 
@@ -29,7 +28,7 @@ def extract_features(encoder: TileEncoder, tiles: Dataset, batch_size: int, num_
     memory is halved and retried (``shared.devices.ShrinkingBatches``). ``on_batch(n)`` is called after
     each batch with its number of tiles (for progress bars).
     """
-    device = next(itertools.chain(encoder.parameters(), encoder.buffers())).device
+    device = module_device(encoder)
     # A worker process costs ~0.5 s to start: not worth it for an item of one batch or less.
     workers = num_workers if len(tiles) > batch_size else 0
     loader = DataLoader(tiles, batch_size=batch_size, num_workers=workers, shuffle=False, collate_fn=stack_tiles,

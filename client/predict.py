@@ -43,7 +43,7 @@ from client.slides import ReadPlan, SlideError, failure_reason, open_slide, thum
 from client.tile_datasets import SlideTiles, plan_slide
 from client.trained_model import SlideModel, load_model
 from shared.atomic_files import atomic_write_bytes, atomic_write_json
-from shared.devices import resolve_device, trunk_batch_size
+from shared.devices import module_device, resolve_device, trunk_batch_size
 from shared.encoder import LAST_BLOCK, TileEncoder, check_pinned
 from shared.errors import UserError
 from shared.metrics import to_jsonable
@@ -277,17 +277,13 @@ class _Pipeline:
         }))
 
 
-def _device_of(block: nn.Module) -> torch.device:
-    return next(block.parameters()).device
-
-
 class _FineTunedBlock(nn.Module):
     """A checkpoint's folded last block in the trunk's place: a map in, a map out, like InceptionE."""
 
     def __init__(self, block: FoldedBlock, device: torch.device):
         super().__init__()
         # A copy on the trunk's device: the head keeps its own block where it computes (the CPU).
-        self.block = block if _device_of(block) == device else copy.deepcopy(block).to(device)
+        self.block = block if module_device(block) == device else copy.deepcopy(block).to(device)
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
         return self.block.feature_map(maps)

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 import shared.recurrent_grad_sampler  # noqa: F401  (registers the RNN core's per-sample gradients)
 from client.privacy_ledger import PrivacyBudget, PrivacyLedger, ReleasePlan
+from shared.devices import module_device
 from shared.run_config import PrivacyConfig, TrainingConfig
 
 log = logging.getLogger("fedpath.site")
@@ -86,8 +87,7 @@ class PrivateRound:
                  ledger_path: Path, evaluations: int = 0, evaluation_share: float = 0.0,
                  noise_seed: int | None = None, lifetime_delta: float | None = None) -> None:
         self.head, self.dataset, self.training, self.privacy = head, dataset, training, privacy
-        device = next(head.parameters()).device
-        self.generator = private_generator(device, noise_seed)
+        self.generator = private_generator(module_device(head), noise_seed)
         self.loader: DataLoader = DataLoader(dataset, batch_size=training.batch_size, shuffle=True,
                                              generator=private_generator("cpu", noise_seed))
         self.ledger: PrivacyLedger | None = None
@@ -163,7 +163,7 @@ class PrivateRound:
             log.warning("DIFFERENTIAL PRIVACY IS OFF (privacy.enabled: false): this round's update is not "
                         "differentially private; only a federation that does not require DP accepts it")
         model.train()
-        device = next(head.parameters()).device  # the site's GPU when the head was put there (features.device)
+        device = module_device(head)  # the site's GPU when the head was put there (features.device)
         losses: list[float] = []
         taken = 0
         for epoch in range(1, training.epochs + 1):

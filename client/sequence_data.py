@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 
 from client.feature_cache import FeatureCache
 from client.sequences import evaluation_windows, training_windows
+from shared.devices import module_device
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ def window_probabilities(head: nn.Module, slide: SlideFeatures, length: int) -> 
     """[K, classes]: the head's class probabilities for each of the slide's covering windows (on the CPU,
     wherever the head computes)."""
     head.eval()
-    windows = slide_windows(slide, length).to(next(head.parameters()).device)
+    windows = slide_windows(slide, length).to(module_device(head))
     return torch.softmax(head(windows), dim=-1).cpu()
 
 

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from shared.atomic_files import atomic_write, atomic_write_json
-from shared.devices import device_rule, resolve_device
+from shared.devices import device_rule, module_device, resolve_device
 from shared.encoder import FEATURE_DIM, PROJECTION_PREFIX, TileEncoder, read_weights, weights_id
 from shared.errors import UserError
 from shared.he_stains import compose, concentrations, stain_matrix
@@ -177,7 +177,7 @@ class TrunkClassifier(nn.Module):
 @torch.inference_mode()
 def _validate(model: TrunkClassifier, loader: DataLoader, classes: list[str]) -> dict:
     model.eval()
-    device = model.classifier.weight.device
+    device = module_device(model)
     probs, labels = [], []
     for tiles, batch_labels in loader:
         probs.append(torch.softmax(model(tiles.to(device, non_blocking=True)), dim=-1).cpu().numpy())
@@ -288,7 +288,7 @@ def pretrain_encoder(tiles_dir: Path, out: Path, settings: PretrainSettings = Pr
 def _vectors(encoder: TileEncoder, dataset: Dataset, workers: int, progress: bool) -> torch.Tensor:
     """Unit-scaled float32 vectors of ``dataset``'s tiles, on the CPU, computed where ``encoder`` lives
     (in float32: the projection is fitted on them, and the sites' vectors are compared with them)."""
-    device = encoder.mean.device
+    device = module_device(encoder)
     loader = DataLoader(dataset, batch_size=64, num_workers=workers, collate_fn=_collate)
     with torch.inference_mode():
         return unit_scale(torch.cat([encoder(tiles.to(device)).cpu() for tiles, _ in

@@ -17,6 +17,7 @@ batches keep the smaller size, so a busy GPU slows ``prepare`` down instead of f
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import re
 from collections.abc import Callable, Iterator
@@ -91,6 +92,14 @@ def resolve_device(spec: str = "auto") -> torch.device:
     return torch.device(spec)
 
 
+def module_device(module: torch.nn.Module) -> torch.device:
+    """Where ``module`` computes: the device of its first parameter, or buffer (a frozen trunk may have
+    only buffers); the CPU for a module with neither."""
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
 def _mps_available() -> bool:
     backend = getattr(torch.backends, "mps", None)
     return bool(backend is not None and backend.is_available())
@@ -144,7 +153,8 @@ class ShrinkingBatches:
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         size = len(batch) if self.limit is None else min(self.limit, len(batch))
-        return torch.cat(list(self._pieces(batch, max(1, size))))
+        pieces = list(self._pieces(batch, max(1, size)))
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)  # the usual case copies nothing
 
     def _pieces(self, batch: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
         start = 0

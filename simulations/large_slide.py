@@ -314,7 +314,7 @@ def _tumour_nucleus(present: np.ndarray, size: np.ndarray, ratio: np.ndarray,
                     darkness: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Large pleomorphic nuclei: lognormal semi-axis around 2.7 µm (sigma 0.22, kept within 1.5-3.3),
     oval, of varying darkness; 8 % of the cells empty."""
-    a = np.clip(2.7 * np.exp(0.22 * _normal_quantile(0.02 + 0.96 * size)), 1.5, 3.3)
+    a = np.clip(2.7 * np.exp(0.22 * ndtri(0.02 + 0.96 * size)), 1.5, 3.3)
     return a, a * (0.6 + 0.35 * ratio), np.where(present < 0.92, (190 + 65 * darkness) / 255, 0.0)
 
 
@@ -528,7 +528,7 @@ class ProceduralSlide:
         colours = stained(np.array([0.03, 0.03, 0.15, 0.015, 1.45]), np.array([0.22, 0.44, 0.36, 0.036, 0.17]), stain)
         self._stroma_low, self._stroma_high, self._cytoplasm, self._lumen, self._nucleus = colours.astype(np.float32)
         self._gland_mean = self._gland_means()
-        self._nest_threshold = float(_normal_quantile(1.0 - CARCINOMA_NEST_COVERAGE))
+        self._nest_threshold = float(ndtri(1.0 - CARCINOMA_NEST_COVERAGE))
 
     def render(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
         """The pixels of a region of a pyramid level as a ``(height, width, 3)`` uint8 array.
@@ -757,8 +757,3 @@ class ProceduralSlide:
         else:
             nuclei = band * np.float32(math.pi * half_width / (2 * nucleus_step))
         return _Cover(epithelium, lumen, nuclei * present)
-
-
-def _normal_quantile(p: np.ndarray | float) -> np.ndarray:
-    """The standard normal distribution's quantile function."""
-    return ndtri(p)

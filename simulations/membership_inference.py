@@ -26,6 +26,7 @@ from torch import nn
 
 from client.sequence_data import SlideFeatures, predict_slides, slide_windows
 from client.trained_model import load_model
+from shared.devices import module_device
 from shared.metrics import PROB_CLIP, roc_auc
 from simulations.materialise import SimLayout
 from simulations.sim_runner import cached_items, trunk_of
@@ -55,7 +56,7 @@ def item_margins(head: nn.Module, items: list[SlideFeatures], length: int) -> np
     """Each item's logit margin of its true class, log(p_y / (1 - p_y)) = logit_y - logsumexp of the other
     logits, in float64 and averaged over the item's covering windows: the higher, the more "member"."""
     head.eval()
-    device = next(head.parameters()).device
+    device = module_device(head)
     margins = np.zeros(len(items))
     for index, item in enumerate(items):
         logits = head(slide_windows(item, length).to(device)).double().cpu()
@@ -81,26 +82,25 @@ def membership_attack(head: nn.Module, members: list[SlideFeatures], non_members
                         float(outside.mean()))
 
 
-def checkpoint_losses(checkpoint: Path, layout: SimLayout, score: str = "loss") -> tuple[np.ndarray, np.ndarray]:
-    """Each member's and each non-member's loss under a simulated federation's global model: members
+def checkpoint_scores(checkpoint: Path, layout: SimLayout) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each member's and each non-member's score under a simulated federation's global model: members
     are the items the sites trained on, non-members the held-out test items (same source, same
-    classes, never seen in training). ``score="margin"``: the negated logit margins instead
-    (``item_margins``), so that ``attack_auc`` and ``mean_auc_interval`` take them as they are."""
-    if score not in ("loss", "margin"):
-        raise ValueError(f"score must be 'loss' or 'margin', got {score!r}")
+    classes, never seen in training). ``"loss"``: their losses (``item_losses``); ``"margin"``: their
+    negated logit margins (``item_margins``), so that ``attack_auc`` and ``mean_auc_interval`` take
+    either as they are. The model and the items are loaded once for both."""
     model = load_model(Path(checkpoint), trunk_of(layout))
     members = [item for path in layout.site_configs for item in cached_items(path, "train", model.classes)]
     non_members = cached_items(layout.test_config, "test", model.classes)
     if not members or not non_members:
         raise ValueError(f"the attack needs members and non-members, got {len(members)} and {len(non_members)}")
-    if score == "margin":
-        return -item_margins(model.head, members, model.length), -item_margins(model.head, non_members, model.length)
-    return item_losses(model.head, members, model.length), item_losses(model.head, non_members, model.length)
+    head, length = model.head, model.length
+    return {"loss": (item_losses(head, members, length), item_losses(head, non_members, length)),
+            "margin": (-item_margins(head, members, length), -item_margins(head, non_members, length))}
 
 
 def attack_checkpoint(checkpoint: Path, layout: SimLayout) -> AttackResult:
-    """Attack a simulated federation's global model (``checkpoint_losses``)."""
-    inside, outside = checkpoint_losses(checkpoint, layout)
+    """Attack a simulated federation's global model (``checkpoint_scores``, the loss attack)."""
+    inside, outside = checkpoint_scores(checkpoint, layout)["loss"]
     return AttackResult(attack_auc(inside, outside), len(inside), len(outside), float(inside.mean()),
                         float(outside.mean()))
 

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
+from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 from shared.processes import is_alive, running_pid, stop
@@ -90,3 +93,45 @@ def _signal(pids: list[int], signum: int) -> None:
             os.kill(pid, signum)
         except (ProcessLookupError, PermissionError):
             pass
+
+
+class PeakMemory:
+    """The peak memory of a process tree while the ``with`` block runs, sampled every ``interval`` s:
+    summed RSS (``peak``; an upper bound: shared pages count once per process), per kind of process
+    (``peak_by_kind``, with ``kind``), and with ``pss`` the summed proportional set size (``peak_pss``).
+
+    Args:
+        root: the tree's root process (default: this one).
+        interval: seconds between samples.
+        kind: names a process by its PID (e.g. "superlink"); None: every process is "all".
+        pss: also sample PSS (``pss_bytes``; the kernel walks each process's page tables for it).
+    """
+
+    def __init__(self, root: int | None = None, interval: float = 0.5, kind: Callable[[int], str] | None = None,
+                 pss: bool = False) -> None:
+        self.root, self.interval, self.kind, self.pss = root or os.getpid(), interval, kind, pss
+        self.peak = self.peak_pss = 0
+        self.peak_by_kind: dict[str, int] = {}
+        self._done = threading.Event()
+
+    def _sample(self) -> None:
+        while not self._done.is_set():
+            tree = [self.root, *descendants(self.root)]
+            by_kind: dict[str, int] = defaultdict(int)
+            for pid in tree:
+                by_kind[self.kind(pid) if self.kind else "all"] += rss_bytes([pid])
+            self.peak = max(self.peak, sum(by_kind.values()))
+            for name, rss in by_kind.items():
+                self.peak_by_kind[name] = max(self.peak_by_kind.get(name, 0), rss)
+            if self.pss:
+                self.peak_pss = max(self.peak_pss, pss_bytes(tree))
+            self._done.wait(self.interval)
+
+    def __enter__(self) -> "PeakMemory":
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
