@@ -42,8 +42,12 @@ demo: install
 lint: install
 	$(VENV)/bin/ruff check .
 
+# Three pytest processes on two cores: most of the slow tests wait on real servers (polls, TLS
+# handshakes, a SuperNode's 3 s sleep), not on the CPU. --dist loadfile keeps a module's tests, and
+# the consortium they may share, in one process. TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 3
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 bench: install
 	$(PY) -m benchmarks all

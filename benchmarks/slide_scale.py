@@ -5,8 +5,8 @@ One generated 80,000 x 60,000 px slide at 0.25 µm/px (40x; streamed to disk til
 ``simulations/large_slide.py``) is tiled at 0.5 µm/px into 299-px tiles by the product's own
 commands, each run as a hospital runs it, in a process of its own: ``fedpath-site prepare`` (an empty
 cache: every tile read, through the trunk, cached) and ``fedpath-site predict`` (another empty cache:
-every tile again, plus the head and each tile's importance). Reader processes (``features.num_workers``)
-decode tiles while the trunk runs; the DataLoader's prefetch queue between them is bounded.
+every tile again, plus the head and each tile's importance). Reader processes (``features.num_workers``,
+``client/tile_reader.py``) decode tiles while the trunk runs, each at most one batch ahead of it.
 
 Figures:
 

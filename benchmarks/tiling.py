@@ -3,7 +3,7 @@
 The pipeline figure includes everything a site pays: thumbnail, tissue mask, grid, reading each
 tile, compositing on white and turning it into a tensor. Raw is ``read_region`` alone over the
 same coordinates. Both read a generated 20x JPEG-tiled pyramid at 0.5 µm/px, 299-px tiles.
-``workers2_speedup`` compares two DataLoader reader processes with the fastest single-process
+``workers2_speedup`` compares two reader processes (``client/tile_reader.py``) with the fastest single-process
 path, the in-process reader (no worker process). The slide's size is fixed (``SLIDE_PX``) and
 stated in docs/benchmarks.md: a figure that misses its goal is reported, not re-measured on
 another size.
@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-from torch.utils.data import DataLoader
 
 from client.site_config import TilingConfig
 from client.slides import open_slide
-from client.tile_datasets import SlideTiles, plan_slide, stack_tiles
+from client.tile_datasets import SlideTiles, plan_slide
+from client.tile_reader import tile_batches
 from simulations.slide_generator import LABELS, SlideSpec, make_slide, site_stain
 
 
@@ -42,9 +42,7 @@ def _raw(path: Path, coords: np.ndarray, level: int, size: int) -> float:
 def _pipeline(path: Path, tiling: TilingConfig, workers: int) -> tuple[float, int]:
     start = time.perf_counter()
     plan = plan_slide(path, tiling, None)
-    loader = DataLoader(SlideTiles(path, plan.grid.coords, plan.read), batch_size=16, num_workers=workers,
-                        collate_fn=stack_tiles)
-    count = sum(len(batch) for batch in loader)
+    count = sum(len(batch) for batch in tile_batches(SlideTiles(path, plan.grid.coords, plan.read), 16, workers))
     return count / (time.perf_counter() - start), count
 
 

@@ -42,7 +42,7 @@ def _predict(args: argparse.Namespace) -> int:
 
     site = load_site_config(args.config) if args.config else None
     run = predict(Path(args.model), [Path(p) for p in args.slides], Path(args.out), site=site, explain=args.explain,
-                  thumbnail_size=args.thumbnail_size, progress=not args.no_progress)
+                  thumbnail_size=args.thumbnail_size, heatmap_alpha=args.heatmap_alpha, progress=not args.no_progress)
     print(run.report())
     return 1 if run.failed else 0
 
@@ -158,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
     predict = add_command(commands, "predict", _predict,
                           "classify slides with a consortium checkpoint; per slide a heatmap of which tiles drove "
-                          "the prediction, JSON and CSV; unreadable slides are reported and skipped (exit 1)")
+                          "the prediction, the tiles as QuPath objects (GeoJSON), JSON and CSV; unreadable slides are "
+                          "reported and skipped (exit 1)")
     predict.add_argument("slides", nargs="+", help="slide files or folders (searched recursively)")
     predict.add_argument("--model", required=True, help="a checkpoint .npz with its model card .json beside it")
     predict.add_argument("--out", required=True, help="folder for the results")
@@ -166,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
                                           "(default: default tiling, random trunk, no cache)")
     predict.add_argument("--explain", help="class whose evidence the heatmap shows (default: the predicted class)")
     predict.add_argument("--thumbnail-size", type=int, default=1024, help="longest side of the PNGs (default 1024)")
+    predict.add_argument("--heatmap-alpha", type=float, metavar="0-1",
+                         help="opacity of the strongest tiles over the tissue, 0 (none) to 1 (opaque; default 0.75)")
     predict.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
     start = add_command(commands, "start", _start,
                         "start this hospital's SuperNode and task runner: they join the consortium's federated rounds "

@@ -1,5 +1,5 @@
-"""Running the frozen trunk over tiles: batched, channels-last, no autograd, reading in parallel,
-on the site's GPU under autocast when it has one (``shared/devices.py``)."""
+"""Running the frozen trunk over tiles: batched, channels-last, no autograd, reading in parallel
+(``client/tile_reader.py``), on the site's GPU under autocast when it has one (``shared/devices.py``)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,15 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 
-from client.tile_datasets import as_nchw, stack_tiles
+from client.tile_reader import Tiles, tile_batches
 from shared.devices import ShrinkingBatches, module_device, resolve_device, trunk_precision
 from shared.encoder import FEATURE_DIM, TileEncoder
+from shared.memory import FreeMemory
 from shared.model import grid_sequence
 
 
-def extract_features(encoder: TileEncoder, tiles: Dataset, batch_size: int, num_workers: int,
+def extract_features(encoder: TileEncoder, tiles: Tiles, batch_size: int, num_workers: int,
                      on_batch: Callable[[int], None] | None = None, grid: bool = False,
                      block_input: bool = False) -> np.ndarray:
     """Vectors of every tile of ``tiles`` in order: (N, 2048) float32, or with ``grid`` each tile's
@@ -23,16 +23,14 @@ def extract_features(encoder: TileEncoder, tiles: Dataset, batch_size: int, num_
     the map entering the last block, (N, 2048, h, w), float16 where it fits (half the disk and memory;
     the block computes in float32).
 
-    The trunk runs where ``encoder`` lives (``load_encoder``'s device): on a GPU the tiles go through
-    pinned memory with non-blocking copies, the trunk runs under autocast, and a batch that runs out of
-    memory is halved and retried (``shared.devices.ShrinkingBatches``). ``on_batch(n)`` is called after
-    each batch with its number of tiles (for progress bars).
+    ``num_workers`` reader processes decode tiles while the trunk runs (0: read here, between
+    batches). The trunk runs where ``encoder`` lives (``load_encoder``'s device): on a GPU the tiles
+    go through pinned memory with non-blocking copies, the trunk runs under autocast, and a batch
+    that runs out of memory is halved and retried (``shared.devices.ShrinkingBatches``).
+    ``on_batch(n)`` is called after each batch with its number of tiles (for progress bars).
     """
     device = module_device(encoder)
-    # A worker process costs ~0.5 s to start: not worth it for an item of one batch or less.
-    workers = num_workers if len(tiles) > batch_size else 0
-    loader = DataLoader(tiles, batch_size=batch_size, num_workers=workers, shuffle=False, collate_fn=stack_tiles,
-                        pin_memory=device.type == "cuda")
+    pinned = device.type == "cuda"
     encoder.eval()
 
     def run(batch: torch.Tensor) -> torch.Tensor:
@@ -45,16 +43,25 @@ def extract_features(encoder: TileEncoder, tiles: Dataset, batch_size: int, num_
         return out.float().cpu()
 
     trunk = ShrinkingBatches(run)
+    free_memory = FreeMemory()  # without it, glibc keeps the freed batches: +0.3 MB per tile (shared/memory.py)
     out = []
     with torch.inference_mode():
-        for batch in loader:
-            vectors = trunk(batch)
+        # An item of one batch gets no reader: starting one costs more than reading it here.
+        for tiles_hwc in tile_batches(tiles, batch_size, num_workers):
+            batch = torch.from_numpy(tiles_hwc)
+            vectors = trunk(batch.pin_memory() if pinned else batch)
             out.append(half_if_it_fits(vectors.contiguous().numpy()) if block_input else vectors.numpy())
+            free_memory()
             if on_batch:
                 on_batch(len(batch))
     if not out:
         return np.zeros((0, FEATURE_DIM), dtype=np.float32)
     return np.concatenate(out) if block_input else np.concatenate(out).astype(np.float32, copy=False)
+
+
+def as_nchw(batch: torch.Tensor) -> torch.Tensor:
+    """[B, H, W, 3] tiles -> [B, 3, H, W] in channels-last memory, without copying."""
+    return batch.permute(0, 3, 1, 2)
 
 
 def half_if_it_fits(maps: np.ndarray) -> np.ndarray:

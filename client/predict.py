@@ -6,8 +6,10 @@ defaults), take its tile vectors from the site's feature cache when `prepare` al
 them with the same backbone and settings (the same cache key), or compute them, classify it as
 evaluation does and explain it by the Shapley value of each tile within its windows
 (``client/importance.py``). Per slide, OUT gets
-``NAME.json`` (prediction and every tile), ``NAME.tiles.csv``, ``NAME.thumbnail.png`` and
-``NAME.heatmap.png`` (same size); ``predictions.csv``/``.json`` summarise the run. A slide that
+``NAME.json`` (prediction and every tile), ``NAME.tiles.csv``, ``NAME.thumbnail.png``,
+``NAME.overlay.png`` (the thumbnail tinted by importance, same size), ``NAME.heatmap.png`` (the
+overlay with a title and a colour bar) and ``NAME.geojson`` (the tiles as QuPath objects, in the
+slide's own pixels: ``client/qupath.py``); ``predictions.csv``/``.json`` summarise the run. A slide that
 cannot be read is reported and skipped; the others go on. The site's cache is only read: a
 prediction never changes what training uses. A ``last_block`` checkpoint's fine-tuned block takes
 the place of the trunk's own, and its vectors are always computed.
@@ -29,18 +31,19 @@ from typing import Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from client.feature_cache import FeatureCache, cache_key, content_sha256
 from client.features import extract_features, load_encoder
-from client.heatmap import render_heatmap, write_png
+from client.heatmap import MAX_ALPHA, heatmap_figure, render_heatmap, write_figure, write_png
 from client.importance import Explanation, explain_slide
 from client.prepare import feature_settings, format_table
+from client.qupath import importance_name, tile_collection, write_geojson
 from client.sequence_data import SlideFeatures
 from client.site_config import FeatureConfig, SiteConfig, TilingConfig
 from client.slides import ReadPlan, SlideError, failure_reason, open_slide, thumbnail
 from client.tile_datasets import SlideTiles, plan_slide
+from client.tile_reader import Tiles
 from client.trained_model import SlideModel, load_model
 from shared.atomic_files import atomic_write_bytes, atomic_write_json
 from shared.devices import module_device, resolve_device, trunk_batch_size
@@ -88,7 +91,7 @@ class SlideResult:
     predicted: str = ""
     tiles: int = 0
     features: str = ""  # "cache" or "computed"
-    timing: dict[str, float] = field(default_factory=dict)  # read_s, features_s, head_s
+    timing: dict[str, float] = field(default_factory=dict)  # read_s, features_s, head_s, geojson_s
 
 
 @dataclass
@@ -131,7 +134,8 @@ def output_names(slides: Sequence[Path]) -> list[str]:
 
 
 def predict(model_path: Path, inputs: Sequence[Path], out: Path, site: SiteConfig | None = None,
-            explain: str | None = None, thumbnail_size: int = THUMBNAIL_SIZE, progress: bool = True) -> PredictRun:
+            explain: str | None = None, thumbnail_size: int = THUMBNAIL_SIZE, heatmap_alpha: float | None = None,
+            progress: bool = True) -> PredictRun:
     """Predict and explain every slide of ``inputs``; write the files described above into ``out``.
 
     Args:
@@ -139,20 +143,26 @@ def predict(model_path: Path, inputs: Sequence[Path], out: Path, site: SiteConfi
             it is verified against the card (CheckpointError) and its pinned trunk against the
             site's weights (TrunkMismatch) before any slide is read.
         inputs: slide files, and folders searched recursively for whole-slide image suffixes.
-        out: the folder for each slide's JSON, CSV, thumbnail and heatmap and the run's summary.
+        out: the folder for each slide's JSON, CSV, PNGs and GeoJSON and the run's summary.
         site: the site's config: its tiling, µm/px override, trunk weights and feature cache (the
             vectors of a prepared slide are reused). None: default tiling, random trunk, no cache.
         explain: the class whose evidence the heatmaps show; None: each slide's predicted class.
         thumbnail_size: the longest side of the PNGs in pixels, at least 64.
+        heatmap_alpha: opacity of the strongest tiles over the tissue in the overlay and heatmap,
+            from 0 (the plain thumbnail) to 1 (opaque); None: ``client.heatmap.MAX_ALPHA``.
         progress: progress bars on stderr.
 
     Returns every slide's result; a slide that could not be read is one with its reason, and the
     others go on. Raises PredictError when there is nothing to do (no slides, an unknown class, a
-    thumbnail too small to show tiles).
+    thumbnail too small to show tiles, an opacity outside 0-1).
     """
     model = load_model(model_path)
     if thumbnail_size < 64:
         raise PredictError(f"--thumbnail-size {thumbnail_size}: too small to show tiles; use at least 64 pixels")
+    alpha = MAX_ALPHA if heatmap_alpha is None else float(heatmap_alpha)
+    if not 0.0 <= alpha <= 1.0:  # NaN fails this too
+        raise PredictError(f"--heatmap-alpha {heatmap_alpha}: the opacity of the tiles must be between 0 (plain "
+                           "thumbnail) and 1 (opaque tiles)")
     if explain is not None and explain not in model.classes:
         raise PredictError(f"--explain {explain!r} is not a class of this model: {list(model.classes)}")
     settings = PredictSettings.from_site(site, model.config)
@@ -161,7 +171,7 @@ def predict(model_path: Path, inputs: Sequence[Path], out: Path, site: SiteConfi
     slides = find_slides(inputs)
     if not slides:
         raise PredictError(f"no slides in {[str(p) for p in inputs]} (searched for {', '.join(WSI_SUFFIXES)})")
-    pipeline = _Pipeline(model, settings, None if explain is None else model.classes.index(explain))
+    pipeline = _Pipeline(model, settings, None if explain is None else model.classes.index(explain), alpha)
     results = []
     out = Path(out)
     for path, name in tqdm(list(zip(slides, output_names(slides), strict=True)), desc="slides", unit="slide",
@@ -179,8 +189,8 @@ def predict(model_path: Path, inputs: Sequence[Path], out: Path, site: SiteConfi
 class _Pipeline:
     """Slide -> tiles -> vectors -> explanation -> files; the trunk is built once, when first needed."""
 
-    def __init__(self, model: SlideModel, settings: PredictSettings, explain: int | None):
-        self.model, self.settings, self.explain = model, settings, explain
+    def __init__(self, model: SlideModel, settings: PredictSettings, explain: int | None, alpha: float):
+        self.model, self.settings, self.explain, self.alpha = model, settings, explain, alpha
         # A pinned trunk (model.trunk_sha256) is the one the head was trained on: any other is refused.
         self.backbone = check_pinned(settings.features.backbone_weights, model.config.trunk_sha256)
         # Cached vectors went through the trunk's own last block, not a fine-tuned one.
@@ -237,7 +247,7 @@ class _Pipeline:
         with tqdm(total=len(tiles), desc=path.name, unit="tile", leave=False, disable=not progress) as bar:
             vectors = extract_features(self.encoder(), tiles, self.batch_size,
                                        settings.features.num_workers, bar.update, grid=self.model.config.mode == "grid")
-        # Tiles decoded in this process count as reading; with loader workers decoding overlaps the trunk.
+        # Tiles decoded in this process count as reading; with reader processes decoding overlaps the trunk.
         timing["features_s"] = time.perf_counter() - start - tiles.seconds
         return vectors, plan.grid.coords, plan.read, "computed"
 
@@ -249,18 +259,27 @@ class _Pipeline:
                   "probability": float(probability)}
                  for (x, y), importance, probability in zip(coords, explanation.importance,
                                                             explanation.tile_probability, strict=True)]
+        predicted, explained = classes[explanation.predicted], classes[explanation.explained]
+        title = (f"{name}: {predicted}, p = {explanation.probabilities[explanation.predicted]:.3f} "
+                 f"(model round {self.model.round})")
+        bar_label = f"{importance_name(explained)} (red for, blue against)"
+        overlay = render_heatmap(thumb, scale, coords, side, explanation.importance, self.alpha)
         write_png(out / f"{name}.thumbnail.png", thumb)
-        write_png(out / f"{name}.heatmap.png", render_heatmap(thumb, scale, coords, side, explanation.importance))
+        write_png(out / f"{name}.overlay.png", overlay)
+        write_figure(out / f"{name}.heatmap.png", heatmap_figure(overlay, explanation.importance, title, bar_label))
         atomic_write_bytes(out / f"{name}.tiles.csv", _csv(("x", "y", "w", "h", "importance", "probability"),
                                                             [tuple(t.values()) for t in tiles]))
+        start = time.perf_counter()
+        write_geojson(out / f"{name}.geojson", tile_collection(tiles, classes, explanation.explained))
+        timing["geojson_s"] = time.perf_counter() - start
         atomic_write_json(out / f"{name}.json", to_jsonable({
             "slide": str(path),
             "checkpoint": {"path": str(self.model.path), "sha256": self.model.sha256, "round": self.model.round},
             "model": self.model.config.as_dict(),
             "classes": list(classes),
-            "predicted_class": classes[explanation.predicted],
+            "predicted_class": predicted,
             "probabilities": dict(zip(classes, explanation.probabilities, strict=True)),
-            "explained_class": classes[explanation.explained],
+            "explained_class": explained,
             "importance": "Shapley value of the tile for explained_class within its windows; the slide's sum is its "
                           "probability of explained_class minus chance",
             "tile_size": read.tile_size,
@@ -271,7 +290,9 @@ class _Pipeline:
             "backbone": self.backbone,
             "thumbnail": {"file": f"{name}.thumbnail.png", "width": thumb.shape[1], "height": thumb.shape[0],
                           "level0_px_per_px": list(scale)},
-            "heatmap": f"{name}.heatmap.png",
+            "overlay": {"file": f"{name}.overlay.png", "alpha": self.alpha},  # pixel-aligned with the thumbnail
+            "heatmap": {"file": f"{name}.heatmap.png", "title": title, "colour_bar": bar_label},
+            "geojson": f"{name}.geojson",
             "timing": timing,
             "tiles": tiles,
         }))
@@ -289,10 +310,10 @@ class _FineTunedBlock(nn.Module):
         return self.block.feature_map(maps)
 
 
-class _TimedTiles(Dataset):
+class _TimedTiles:
     """A tile dataset that adds up the seconds spent reading tiles in this process."""
 
-    def __init__(self, tiles: Dataset):
+    def __init__(self, tiles: Tiles):
         self.tiles = tiles
         self.seconds = 0.0
 

@@ -1,27 +1,28 @@
 """From an item to tiles: plan the tiles of a slide or tile group, and read their pixels.
 
 Planning (thumbnail, tissue mask, grid) happens once per item in the main process. Reading is a
-torch ``Dataset`` so a ``DataLoader`` with worker processes decodes tiles in parallel with the
-feature extractor; each worker opens its own OpenSlide handle, as handles are not shareable
-across processes.
+dataset by index (``__len__``, ``__getitem__``), picklable and free of torch, so reader processes
+(``client/tile_reader.py``) decode tiles in parallel with the feature extractor; each reader opens its
+own OpenSlide handle, as handles are not shareable across processes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
 
-from client.site_config import TilingConfig
 from client.slides import ReadPlan, SlideError, open_slide, plan_for_slide, read_tile, thumbnail
 from client.sources import Item
+from client.tile_reader import Tiles
 from client.tiling import TileGrid, tile_grid
 from client.tissue import tissue_mask
+
+if TYPE_CHECKING:  # a reader process imports this module: site_config would bring torch with it
+    from client.site_config import TilingConfig
 
 
 @dataclass(frozen=True)
@@ -67,21 +68,7 @@ def plan_item(item: Item, tiling: TilingConfig, mpp_override: float | None = Non
     return plan_tiles(item.files, tiling.tile_size)
 
 
-def stack_tiles(tiles: list[np.ndarray]) -> torch.Tensor:
-    """Collate HWC uint8 tiles into one [B, H, W, 3] tensor.
-
-    Kept HWC so ``as_nchw`` views the batch channels-last for free. numpy does the stacking:
-    measured here, torch's default collate took 100x longer on uint8 tiles than reading them.
-    """
-    return torch.from_numpy(np.stack(tiles))
-
-
-def as_nchw(batch: torch.Tensor) -> torch.Tensor:
-    """[B, H, W, 3] tiles -> [B, 3, H, W] in channels-last memory, without copying."""
-    return batch.permute(0, 3, 1, 2)
-
-
-class SlideTiles(Dataset):
+class SlideTiles:
     """Pixels of the planned tiles of one slide, read on demand."""
 
     def __init__(self, path: Path, coords: np.ndarray, read: ReadPlan):
@@ -103,7 +90,7 @@ class SlideTiles(Dataset):
         return {**self.__dict__, "_slide": None}
 
 
-class ImageTiles(Dataset):
+class ImageTiles:
     """Image files of a tile dataset, resized to the tile size."""
 
     def __init__(self, files: tuple[Path, ...], tile_size: int):
@@ -133,8 +120,8 @@ class TileTransform(Protocol):
     def cache_settings(self) -> dict: ...  # its parameters: they change the vectors, so the cache key
 
 
-class TransformedTiles(Dataset):
-    def __init__(self, tiles: Dataset, transform: TileTransform):
+class TransformedTiles:
+    def __init__(self, tiles: Tiles, transform: TileTransform):
         self.tiles, self.transform = tiles, transform
 
     def __len__(self) -> int:
@@ -144,7 +131,7 @@ class TransformedTiles(Dataset):
         return self.transform(self.tiles[index])
 
 
-def tile_dataset(item: Item, plan: TilePlan, tile_size: int, transform: TileTransform | None = None) -> Dataset:
+def tile_dataset(item: Item, plan: TilePlan, tile_size: int, transform: TileTransform | None = None) -> Tiles:
     tiles = SlideTiles(item.files[0], plan.grid.coords, plan.read) if item.kind == "slide" \
         else ImageTiles(item.files, tile_size)
     return tiles if transform is None else TransformedTiles(tiles, transform)

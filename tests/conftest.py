@@ -9,8 +9,9 @@ import pytest
 import torch
 import yaml
 
-# Two threads like CI; the suite must not fight itself for cores.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# The suite must not fight itself for cores: two threads like CI, shared among pytest-xdist's
+# processes when `make test` runs several.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 HANDOUT = Path(__file__).resolve().parents[2] / "shared" / "data"
 REAL_SLIDES = HANDOUT / "slides"

@@ -99,7 +99,9 @@ def test_out_of_memory_halves_the_batch_keeps_it_small_and_loses_no_tile(tiles):
         assert retrying.limit == 2 and retrying.shrunk == 2
         second = retrying(batch[8:])
         assert trunk.sizes[6:] == [2, 2, 2, 2]  # later batches start at the size that fitted
-    torch.testing.assert_close(torch.cat([first, second]), expected, rtol=1e-4, atol=0)
+    # Pieces of 2 against one batch of 16: other kernels, other rounding. A random trunk's activations reach
+    # 1e11 and cancel, so a tile's small entries differ by more than rtol alone allows: atol scales with them.
+    torch.testing.assert_close(torch.cat([first, second]), expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max()))
 
 
 def test_a_single_tile_that_does_not_fit_and_other_errors_are_not_retried(tiles):

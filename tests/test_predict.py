@@ -121,9 +121,13 @@ def test_predict_explains_where_the_tumour_is(trained, tmp_path, capsys):
         rows = list(csv.DictReader(handle))
     assert len(rows) == len(tiles) and float(rows[0]["importance"]) == pytest.approx(tiles[0]["importance"])
 
-    thumb, heat = Image.open(out / "region.thumbnail.png"), Image.open(out / "region.heatmap.png")
-    assert heat.size == thumb.size == (doc["thumbnail"]["width"], doc["thumbnail"]["height"])
-    assert max(heat.size) == 1024
+    thumb, overlay = Image.open(out / "region.thumbnail.png"), Image.open(out / "region.overlay.png")
+    assert overlay.size == thumb.size == (doc["thumbnail"]["width"], doc["thumbnail"]["height"])
+    assert max(overlay.size) == 1024
+    # The heatmap is the overlay with a title and a colour bar: larger than the thumbnail.
+    figure = Image.open(out / doc["heatmap"]["file"])
+    assert figure.width > thumb.width and figure.height > thumb.height
+    assert (out / doc["geojson"]).is_file() and doc["timing"]["geojson_s"] >= 0
 
     # Importances share out the slide's probability above chance, and the tumour half holds it.
     importance = np.array([t["importance"] for t in tiles])
@@ -203,5 +207,5 @@ def test_real_svs_slides(trained, tmp_path, capsys):
     status = {s["name"]: s["status"] for s in summary["slides"]}
     assert status == {"broken": "failed", "cmu-1-small-region": "ok", "tcga-cr-7395-01a-01-ts1": "ok"}
     for name in ("cmu-1-small-region", "tcga-cr-7395-01a-01-ts1"):
-        assert Image.open(out / f"{name}.heatmap.png").size == Image.open(out / f"{name}.thumbnail.png").size
+        assert Image.open(out / f"{name}.overlay.png").size == Image.open(out / f"{name}.thumbnail.png").size
         assert all(math.isfinite(t["importance"]) for t in json.loads((out / f"{name}.json").read_text())["tiles"])
