@@ -42,8 +42,7 @@ from client.qupath import importance_name, tile_collection, write_geojson
 from client.sequence_data import SlideFeatures
 from client.site_config import FeatureConfig, SiteConfig, TilingConfig
 from client.slides import ReadPlan, SlideError, failure_reason, open_slide, thumbnail
-from client.tile_datasets import SlideTiles, plan_slide
-from client.tile_reader import Tiles
+from client.tile_datasets import SlideTiles, TimedTiles, plan_slide
 from client.trained_model import SlideModel, load_model
 from shared.atomic_files import atomic_write_bytes, atomic_write_json
 from shared.devices import module_device, resolve_device, trunk_batch_size
@@ -242,7 +241,7 @@ class _Pipeline:
         if len(plan.grid) == 0:
             raise SlideError(path, f"no tile with >= {settings.tiling.min_tissue:.0%} tissue at "
                                    f"{settings.tiling.target_mpp} µm/px")
-        tiles = _TimedTiles(SlideTiles(path, plan.grid.coords, plan.read))
+        tiles = TimedTiles(SlideTiles(path, plan.grid.coords, plan.read))
         start = time.perf_counter()
         with tqdm(total=len(tiles), desc=path.name, unit="tile", leave=False, disable=not progress) as bar:
             vectors = extract_features(self.encoder(), tiles, self.batch_size,
@@ -308,23 +307,6 @@ class _FineTunedBlock(nn.Module):
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
         return self.block.feature_map(maps)
-
-
-class _TimedTiles:
-    """A tile dataset that adds up the seconds spent reading tiles in this process."""
-
-    def __init__(self, tiles: Tiles):
-        self.tiles = tiles
-        self.seconds = 0.0
-
-    def __len__(self) -> int:
-        return len(self.tiles)
-
-    def __getitem__(self, index: int) -> np.ndarray:
-        start = time.perf_counter()
-        tile = self.tiles[index]
-        self.seconds += time.perf_counter() - start
-        return tile
 
 
 def _csv(header: Sequence[str], rows: Sequence[Sequence]) -> bytes:
