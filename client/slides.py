@@ -28,7 +28,7 @@ class SlideError(UserError):
     """A slide that cannot be used, with the file and the reason."""
 
     def __init__(self, path: Path | str, reason: str):
-        super().__init__(path, reason)  # both in args, so it survives pickling from loader workers
+        super().__init__(path, reason)  # both in args, so it survives pickling from reader processes
         self.path = Path(path)
         self.reason = reason
 
