@@ -36,12 +36,15 @@ class CacheError(UserError):
 
 
 def content_sha256(files: Iterable[Path]) -> str:
-    """sha256 of the bytes of an item's files (and of the companion folder of an MRXS slide)."""
+    """sha256 of the bytes of an item's files (and of the companion folder of an MRXS slide; of every
+    file in the folder of a DICOM WSI series)."""
     digest = hashlib.sha256()
     for path in files:
         members = [path]
         companion = path.with_suffix("")
-        if path.suffix.lower() == ".mrxs" and companion.is_dir():
+        if path.is_dir():
+            members = sorted(p for p in path.rglob("*") if p.is_file())
+        elif path.suffix.lower() == ".mrxs" and companion.is_dir():
             members += sorted(p for p in companion.rglob("*") if p.is_file())
         for member in members:
             try:

@@ -10,16 +10,17 @@ import torch
 
 from client.tile_reader import Tiles, tile_batches
 from shared.devices import ShrinkingBatches, module_device, resolve_device, trunk_precision
-from shared.encoder import FEATURE_DIM, TileEncoder
+from shared.encoder import INCEPTION, TileEncoder, build_encoder
 from shared.memory import FreeMemory
 from shared.model import grid_sequence
 
 
-def extract_features(encoder: TileEncoder, tiles: Tiles, batch_size: int, num_workers: int,
+def extract_features(encoder: TileEncoder | torch.nn.Module, tiles: Tiles, batch_size: int, num_workers: int,
                      on_batch: Callable[[int], None] | None = None, grid: bool = False,
                      block_input: bool = False) -> np.ndarray:
-    """Vectors of every tile of ``tiles`` in order: (N, 2048) float32, or with ``grid`` each tile's
-    last-block map as positions, (N, h*w, 2048) (64 positions at 299 px), or with ``block_input``
+    """Vectors of every tile of ``tiles`` in order: (N, 2048) float32 ((N, feature_dim) for another backbone),
+    or with ``grid`` each tile's last-block map as positions, (N, h*w, 2048) (64 positions at 299 px), or with
+    ``block_input``
     the map entering the last block, (N, 2048, h, w), float16 where it fits (half the disk and memory;
     the block computes in float32).
 
@@ -55,7 +56,7 @@ def extract_features(encoder: TileEncoder, tiles: Tiles, batch_size: int, num_wo
             if on_batch:
                 on_batch(len(batch))
     if not out:
-        return np.zeros((0, FEATURE_DIM), dtype=np.float32)
+        return np.zeros((0, encoder.feature_dim), dtype=np.float32)
     return np.concatenate(out) if block_input else np.concatenate(out).astype(np.float32, copy=False)
 
 
@@ -70,12 +71,13 @@ def half_if_it_fits(maps: np.ndarray) -> np.ndarray:
     return maps.astype(np.float16) if np.abs(maps).max(initial=0.0) < np.finfo(np.float16).max else maps
 
 
-def load_encoder(weights: str, threads: int = 0, device: str | torch.device = "cpu") -> TileEncoder:
+def load_encoder(weights: str, threads: int = 0, device: str | torch.device = "cpu",
+                 backbone: str = INCEPTION) -> torch.nn.Module:
     """The frozen trunk, ready for inference: eval mode, channels-last memory layout, on ``device``
-    (a ``features.device`` setting such as ``auto``, or a torch device)."""
+    (a ``features.device`` setting such as ``auto``, or a torch device). ``backbone``: ``features.backbone``."""
     if threads:
         torch.set_num_threads(threads)
     device = device if isinstance(device, torch.device) else resolve_device(device)
-    encoder = TileEncoder(weights).eval()
+    encoder = build_encoder(backbone, weights).eval()
     encoder.requires_grad_(False)
     return encoder.to(device=device, memory_format=torch.channels_last)

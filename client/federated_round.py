@@ -201,9 +201,12 @@ def _site_splits(config: SiteConfig, plan: RoundPlan, splits: tuple[str, ...],
                  missing: list[SlideFeatures]) -> list[list[SlideFeatures]]:
     """The cached slides of each of ``splits`` with labels renumbered into the federation's class order
     (``missing`` for the rest of two); the trunk pin and the cache index are checked once for all."""
+    if config.features.backbone != plan.model.backbone:  # its vectors could not even enter the model
+        raise Refusal(5, f"this site's features come from the {config.features.backbone} backbone, the federation's "
+                         f"model reads {plan.model.backbone}: set features.backbone and run `fedpath-site prepare`")
     if plan.model.trunk_sha256 is not None:
         try:
-            check_pinned(config.features.backbone_weights, plan.model.trunk_sha256)
+            check_pinned(config.features.backbone_weights, plan.model.trunk_sha256, config.features.backbone)
         except WeightsError as exc:
             raise Refusal(7, str(exc)) from None
     cache = FeatureCache(config.features.cache_dir)

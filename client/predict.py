@@ -54,7 +54,8 @@ from shared.model import FoldedBlock, ModelConfig
 log = logging.getLogger("fedpath.site")
 
 # What OpenSlide reads; a folder is searched for these (a file given by name is always tried).
-WSI_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm")
+DICOM_SUFFIX = ".dcm"
+WSI_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", DICOM_SUFFIX)
 THUMBNAIL_SIZE = 1024  # longest side of the thumbnail and heatmap PNGs
 SUMMARY = "predictions"
 
@@ -74,8 +75,8 @@ class PredictSettings:
 
     @classmethod
     def from_site(cls, site: SiteConfig | None, model: ModelConfig) -> "PredictSettings":
-        if site is None:
-            return cls(TilingConfig(), None, FeatureConfig(), None)
+        if site is None:  # the checkpoint's trunk architecture, with random weights (demos)
+            return cls(TilingConfig(), None, FeatureConfig(backbone=model.backbone), None)
         # The checkpoint's model decides the vectors' layout (grid or not), whatever site.yaml trains.
         return cls(site.tiling, site.data.mpp_override, site.features, feature_settings(replace(site, model=model)))
 
@@ -115,11 +116,14 @@ class PredictRun:
 
 
 def find_slides(inputs: Sequence[Path]) -> list[Path]:
-    """Files as given; folders searched recursively for whole-slide image suffixes, sorted."""
+    """Files as given; folders searched recursively for whole-slide image suffixes, sorted. A folder
+    holding ``.dcm`` files is one slide, a DICOM WSI series (``client/slides.py: series_file``)."""
     found: list[Path] = []
     for path in map(Path, inputs):
         if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in WSI_SUFFIXES)
+            files = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in WSI_SUFFIXES]
+            series = {p.parent for p in files if p.suffix.lower() == DICOM_SUFFIX}
+            found += sorted(series | {p for p in files if p.suffix.lower() != DICOM_SUFFIX})
         else:
             found.append(path)  # a missing or unreadable file is reported like any bad slide
     return list(dict.fromkeys(found))
@@ -127,9 +131,10 @@ def find_slides(inputs: Sequence[Path]) -> list[Path]:
 
 def output_names(slides: Sequence[Path]) -> list[str]:
     """File stems as output names; stems that occur twice get a short hash of their path."""
-    counts = Counter(p.stem for p in slides)
-    return [p.stem if counts[p.stem] == 1 else f"{p.stem}-{hashlib.sha256(str(p.resolve()).encode()).hexdigest()[:8]}"
-            for p in slides]
+    stems = [p.name if p.is_dir() else p.stem for p in slides]  # a DICOM series: its folder's name
+    counts = Counter(stems)
+    return [stem if counts[stem] == 1 else f"{stem}-{hashlib.sha256(str(p.resolve()).encode()).hexdigest()[:8]}"
+            for stem, p in zip(stems, slides, strict=True)]
 
 
 def predict(model_path: Path, inputs: Sequence[Path], out: Path, site: SiteConfig | None = None,
@@ -165,6 +170,10 @@ def predict(model_path: Path, inputs: Sequence[Path], out: Path, site: SiteConfi
     if explain is not None and explain not in model.classes:
         raise PredictError(f"--explain {explain!r} is not a class of this model: {list(model.classes)}")
     settings = PredictSettings.from_site(site, model.config)
+    if settings.features.backbone != model.config.backbone:
+        raise PredictError(f"the checkpoint's model reads vectors of the {model.config.backbone} backbone, the site's "
+                           f"features.backbone is {settings.features.backbone}: predict with the trunk it was "
+                           "trained on")
     if model.config.frozen_projection:  # the checkpoint holds what trained; the projection is the trunk file's
         model.head.projection.load(settings.features.backbone_weights)
     slides = find_slides(inputs)
@@ -191,7 +200,8 @@ class _Pipeline:
     def __init__(self, model: SlideModel, settings: PredictSettings, explain: int | None, alpha: float):
         self.model, self.settings, self.explain, self.alpha = model, settings, explain, alpha
         # A pinned trunk (model.trunk_sha256) is the one the head was trained on: any other is refused.
-        self.backbone = check_pinned(settings.features.backbone_weights, model.config.trunk_sha256)
+        self.backbone = check_pinned(settings.features.backbone_weights, model.config.trunk_sha256,
+                                     settings.features.backbone)
         # Cached vectors went through the trunk's own last block, not a fine-tuned one.
         usable = settings.features.cache_dir is not None and model.block is None
         self.cache = FeatureCache(settings.features.cache_dir) if usable else None
@@ -202,7 +212,7 @@ class _Pipeline:
     def encoder(self) -> TileEncoder:
         if self._encoder is None:
             self._encoder = load_encoder(self.settings.features.backbone_weights, self.settings.features.threads,
-                                         self.device)
+                                         self.device, self.settings.features.backbone)
             if self.model.block is not None:
                 setattr(self._encoder.trunk, LAST_BLOCK, _FineTunedBlock(self.model.block, self.device))
         return self._encoder

@@ -20,7 +20,7 @@ from client.slides import failure_reason
 from client.sources import Item, class_names, load_items
 from client.tile_datasets import TilePlan, TileTransform, plan_item, tile_dataset
 from shared.devices import resolve_device, trunk_batch_size
-from shared.encoder import check_pinned
+from shared.encoder import INCEPTION, check_pinned
 
 log = logging.getLogger("fedpath.site")
 
@@ -71,8 +71,10 @@ def feature_settings(config: SiteConfig) -> dict:
     """Everything besides slide and weights that changes the vectors, and so belongs in the cache key.
     Last-block training caches the block's input instead of vectors (a key only then: head caches keep theirs)."""
     block = {"block_input": True} if config.model.trainable == "last_block" else {}
+    # another trunk than InceptionV3 is named (InceptionV3's caches keep the keys they always had)
+    backbone = {"backbone": config.features.backbone} if config.features.backbone != INCEPTION else {}
     return {**asdict(config.tiling), "mpp_override": config.data.mpp_override, "grid": config.model.mode == "grid",
-            **block}
+            **block, **backbone}
 
 
 def prepare_site(config: SiteConfig, progress: bool = True, items: list[Item] | None = None,
@@ -100,7 +102,7 @@ def prepare_site(config: SiteConfig, progress: bool = True, items: list[Item] | 
     items, problems = load_items(config.data) if items is None else (items, [])
     summary.problems = [f"{p.where}: {p.message}" for p in problems if p.fatal]
     classes = class_names(config.data, items)
-    backbone = check_pinned(config.features.backbone_weights, config.model.trunk_sha256)
+    backbone = check_pinned(config.features.backbone_weights, config.model.trunk_sha256, config.features.backbone)
     device = resolve_device(config.features.device)  # a GPU asked for but absent is said before any slide is read
     batch_size = trunk_batch_size(config.features.batch_size, device, config.tiling.tile_size)
     settings = feature_settings(config)
@@ -129,7 +131,8 @@ def prepare_site(config: SiteConfig, progress: bool = True, items: list[Item] | 
         todo.append((item, plan))
 
     total = sum(len(plan.grid) for _, plan in todo)
-    encoder = encoder_loader(config.features.backbone_weights, config.features.threads, device) if todo else None
+    encoder = encoder_loader(config.features.backbone_weights, config.features.threads, device,
+                             backbone=config.features.backbone) if todo else None
     with tqdm(total=total, desc=f"{config.name} features", unit="tile", disable=not progress) as bar:
         for item, plan in todo:
             try:

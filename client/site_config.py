@@ -8,9 +8,10 @@ from typing import Literal
 
 from shared.app_bundle import digest_problem
 from shared.devices import batch_size_rule, device_rule
+from shared.encoder import INCEPTION, backbone_rule
 from shared.model import ModelConfig
 from shared.run_config import PrivacyConfig, TrainingConfig
-from shared.yaml_config import at_least, check, fraction, load_config, positive, tcp_port
+from shared.yaml_config import ConfigError, at_least, check, fraction, load_config, positive, tcp_port
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,10 @@ class TilingConfig:
 
 @dataclass(frozen=True)
 class FeatureConfig:
-    backbone_weights: str = "random"  # "random", "imagenet", or a path to a .pth state dict
+    # The trunk: inception_v3 (the default), or timm:NAME, a tile encoder of the timm package with a local
+    # weights file (shared/timm_encoder.py); it sets model.backbone, what the federation's model reads.
+    backbone: str = check(backbone_rule, INCEPTION)
+    backbone_weights: str = "random"  # "random", "imagenet" (InceptionV3), or a path to a .pth state dict
     cache_dir: Path | None = None  # default: cache/ beside site.yaml
     # Where the trunk runs and the model trains: auto (the first CUDA GPU, else Apple MPS, else the CPU),
     # cpu, cuda, cuda:N or mps. Vectors do not depend on it beyond rounding (docs/performance.md).
@@ -121,7 +125,15 @@ def load_site_config(path: str | Path) -> SiteConfig:
     state_dir = config.state_dir or base / "state"
     federation = replace(config.federation,
                          auth_key=config.federation.auth_key or state_dir / "keys" / f"{config.name}.key")
-    return replace(config, features=features, training=training, state_dir=state_dir, federation=federation)
+    if config.model.backbone not in (INCEPTION, config.features.backbone):
+        raise ConfigError(f"{path}: model.backbone {config.model.backbone} differs from features.backbone "
+                          f"{config.features.backbone}; set features.backbone only (the model follows it)")
+    try:  # the model reads the vectors of this site's trunk (its size, and what it may do with them)
+        model = replace(config.model, backbone=config.features.backbone)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: features.backbone: {exc}") from None
+    return replace(config, features=features, training=training, state_dir=state_dir, federation=federation,
+                   model=model)
 
 
 BUILTIN_WEIGHTS = ("random", "imagenet")

@@ -44,15 +44,30 @@ def failure_reason(exc: Exception) -> str:
     return lines[0] if lines else exc.__class__.__name__
 
 
+def series_file(folder: Path) -> Path:
+    """The file OpenSlide opens for a DICOM WSI series kept in ``folder`` (one series per folder, as
+    PACS exports and converters write them): the first file, by name, that OpenSlide detects as DICOM.
+    OpenSlide finds the series' other instances (the pyramid's levels, label, overview) beside it."""
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    for candidate in files:
+        try:
+            if openslide.OpenSlide.detect_format(str(candidate)) == "dicom":
+                return candidate
+        except OSError:
+            continue
+    raise SlideError(folder, f"a folder, and none of its {len(files)} file{'' if len(files) == 1 else 's'} is a DICOM "
+                             "whole-slide image OpenSlide can read (name a slide file, or the folder of one DICOM "
+                             "WSI series)")
+
+
 def open_slide(path: Path | str) -> openslide.OpenSlide:
-    """Open a whole-slide image, turning OpenSlide's failures into a SlideError that says why."""
+    """Open a whole-slide image (a file, or a DICOM WSI series' folder), turning OpenSlide's failures
+    into a SlideError that says why."""
     path = Path(path)
     if not path.exists():
         raise SlideError(path, "file not found")
-    if path.is_dir():
-        raise SlideError(path, "is a folder, not a slide file")
     try:
-        return openslide.OpenSlide(str(path))
+        return openslide.OpenSlide(str(series_file(path) if path.is_dir() else path))
     except openslide.OpenSlideUnsupportedFormatError:
         raise SlideError(path, "not a whole-slide image OpenSlide can read (unsupported or corrupt file)") from None
     except openslide.OpenSlideError as exc:

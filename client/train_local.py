@@ -55,7 +55,7 @@ def evaluate(head, slides, classes, length: int, positive_class: str | None) -> 
 
 def train_local(config: SiteConfig, progress: bool = True) -> LocalRun:
     """Train on this site alone; returns the run folder and what was written there."""
-    backbone = check_pinned(config.features.backbone_weights, config.model.trunk_sha256)
+    backbone = check_pinned(config.features.backbone_weights, config.model.trunk_sha256, config.features.backbone)
     cache = FeatureCache(config.features.cache_dir)
     index = cache.read_index()
     expected = feature_settings(config)

@@ -89,6 +89,15 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dashboard(args: argparse.Namespace) -> int:
+    from server.dashboard import serve
+    from server.server_config import load_server_config
+
+    serve(load_server_config(args.config), host=args.host, port=args.port, insecure=args.insecure,
+          superlink=not args.no_superlink)
+    return 0
+
+
 def _add_site(args: argparse.Namespace) -> int:
     from server.registration import add_site
     from server.server_config import load_server_config
@@ -197,6 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
                                   "submit a federated run, print a line per round, exit 1 unless it completes"))
     run.add_argument("--no-follow", action="store_true", help="submit and return at once")
     with_config(add_command(commands, "status", _status, "runs, their state and round, sites online, ε per site"))
+    dashboard = with_config(add_command(
+        commands, "dashboard", _dashboard,
+        "a read-only web page that follows the consortium live: sites (unknown nodes flagged), runs, rounds, curves, "
+        "ε per site against the budget, refusals, the audit chain; 127.0.0.1 unless --host (then HTTPS only)"))
+    dashboard.add_argument("--host", default="127.0.0.1",
+                           help="address to listen on (default 127.0.0.1; any other is served over HTTPS with the "
+                                "SuperLink's certificate)")
+    dashboard.add_argument("--port", type=int, default=8050, help="default 8050")
+    dashboard.add_argument("--no-superlink", action="store_true",
+                           help="do not ask the SuperLink which sites are online (show the registry only)")
     resume = add_command(commands, "resume", _resume,
                          "continue a run from its last checkpoint; round numbers go on")
     resume.add_argument("run_dir", help="the run folder (printed by `run`)")

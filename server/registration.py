@@ -12,6 +12,7 @@ registered site the SuperLink does not know.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from server.server_config import ServerConfig
@@ -52,9 +53,21 @@ def remove_site(config: ServerConfig, control: FlowerControl, name: str) -> int:
     return int(entry["node_id"])
 
 
-def sites_table(config: ServerConfig, control: FlowerControl) -> tuple[str, int]:
-    """Every node the SuperLink knows (removed keys counted, not listed) beside the registry; the
-    table and how many lines are flagged (unknown nodes, registered sites the SuperLink lacks)."""
+@dataclass(frozen=True)
+class SiteRow:
+    """One node the SuperLink knows, or one registered site it does not."""
+
+    name: str  # the registered name, or "UNKNOWN"
+    node_id: int
+    status: str  # Flower's: online, offline, unregistered; "-" when the SuperLink does not know it
+    fingerprint: str
+    registered: str
+    flag: str = ""  # UNKNOWN or MISSING (see above), "" when all is well
+
+
+def site_rows(config: ServerConfig, control: FlowerControl) -> tuple[list[SiteRow], int]:
+    """Every node the SuperLink knows (removed keys counted, not listed) beside the registry, and how
+    many removed keys were left out. Raises FlowerError when the SuperLink cannot be asked."""
     paths = StatePaths(config)
     entries = SiteRegistry(paths.registry).entries()
     try:
@@ -70,27 +83,36 @@ def sites_table(config: ServerConfig, control: FlowerControl) -> tuple[str, int]
             continue
         name = by_node.get(node_id)
         if name is None:
-            rows.append(("UNKNOWN", node_id, node.get("status", "?"), "-", str(node.get("created-at") or "-"), UNKNOWN))
+            rows.append(SiteRow("UNKNOWN", node_id, node.get("status", "?"), "-", str(node.get("created-at") or "-"),
+                                UNKNOWN))
             continue
         entry = entries[name]
-        flag = MISSING if node_id in revoked else ""
-        rows.append((name, node_id, node.get("status", "?"), entry["fingerprint"], entry["registered"], flag))
+        rows.append(SiteRow(name, node_id, node.get("status", "?"), entry["fingerprint"], entry["registered"],
+                            MISSING if node_id in revoked else ""))
     for name, entry in sorted(entries.items()):
         if int(entry["node_id"]) not in nodes:
-            rows.append((name, int(entry["node_id"]), "-", entry["fingerprint"], entry["registered"], MISSING))
+            rows.append(SiteRow(name, int(entry["node_id"]), "-", entry["fingerprint"], entry["registered"], MISSING))
+    return rows, len(revoked - set(by_node))
+
+
+def sites_table(config: ServerConfig, control: FlowerControl) -> tuple[str, int]:
+    """``site_rows`` as the `sites` command prints it, and how many lines are flagged (unknown nodes,
+    registered sites the SuperLink lacks)."""
+    paths = StatePaths(config)
+    rows, removed = site_rows(config, control)
     if not rows:
         return "no sites registered; `fedpath-server add-site NAME SITE.pub --config server.yaml`", 0
     lines = [f"{'site':<20} {'node id':<22} {'status':<10} {'key fingerprint':<52} {'registered':<25} flag"]
-    lines += [f"{name:<20} {node_id:<22} {status:<10} {key:<52} {registered:<25} {flag}".rstrip()
-              for name, node_id, status, key, registered, flag in rows]
-    flagged = [row for row in rows if row[5]]
-    if revoked - set(by_node):
-        lines.append(f"({len(revoked - set(by_node))} removed key(s) not shown: they can no longer connect)")
-    if any(row[5] == UNKNOWN for row in flagged):
+    lines += [f"{r.name:<20} {r.node_id:<22} {r.status:<10} {r.fingerprint:<52} {r.registered:<25} {r.flag}".rstrip()
+              for r in rows]
+    flagged = [row for row in rows if row.flag]
+    if removed:
+        lines.append(f"({removed} removed key(s) not shown: they can no longer connect)")
+    if any(row.flag == UNKNOWN for row in flagged):
         lines.append(f"\n{UNKNOWN}: a key registered at the SuperLink by some other way than `fedpath-server "
                      "add-site`; it can connect and train like a hospital. Find out whose it is; revoke it with "
                      f"`FLWR_HOME={paths.flwr_home} flwr supernode unregister NODE_ID fedpath` on this host.")
-    if any(row[5] == MISSING for row in flagged):
+    if any(row.flag == MISSING for row in flagged):
         lines.append(f"\n{MISSING}: {paths.registry} names it, but the SuperLink does not (another state.db, or "
                      "the key was unregistered directly): `fedpath-server remove-site NAME`, then `add-site` again.")
     return "\n".join(lines), len(flagged)

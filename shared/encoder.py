@@ -1,4 +1,5 @@
-"""The tile encoder: torchvision's InceptionV3 trunk, one 2048-d vector per tile.
+"""The tile encoder: torchvision's InceptionV3 trunk, one 2048-d vector per tile, or another trunk
+(``features.backbone: timm:NAME``, ``shared/timm_encoder.py``) through ``build_encoder``.
 
 Weights come from one of three places: ``random`` (a fixed seed, so every site builds the same
 trunk: tests and demos), a local ``.pth`` file (hospitals are offline), or ``imagenet``
@@ -10,6 +11,7 @@ cache can tell whether its vectors are still valid in milliseconds.
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import torch
@@ -19,6 +21,8 @@ from shared.errors import UserError
 from shared.file_memo import FileMemo
 
 FEATURE_DIM = 2048
+INCEPTION = "inception_v3"  # the default backbone, the mission's model
+TIMM_PREFIX = "timm:"  # timm:NAME, a model of the timm package (shared/timm_encoder.py)
 RANDOM_SEED = 0
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -26,7 +30,7 @@ LAST_BLOCK = "Mixed_7c"  # what `trainable: last_block` fine-tunes: the last Inc
 BLOCK_INPUT = "Mixed_7b"  # the block whose output enters it
 PROJECTION_PREFIX = "projection."  # the frozen 2048 -> 128 projection pretrain-encoder stores beside the trunk
 _DROPPED_PREFIXES = ("fc.", "AuxLogits.", PROJECTION_PREFIX)  # not trunk: classifier parts, fedpath's projection
-_WRAPPER_PREFIXES = ("module.", "trunk.")
+WRAPPER_PREFIXES = ("module.", "trunk.")
 
 
 class WeightsError(UserError, RuntimeError):
@@ -43,6 +47,8 @@ class TileEncoder(nn.Module):
     Normalisation is part of the module, so callers hand over raw pixels. Inputs of 75 px or more
     work; 299 px is the trunk's native size.
     """
+
+    feature_dim = FEATURE_DIM
 
     def __init__(self, weights: str | Path = "random"):
         super().__init__()
@@ -138,7 +144,7 @@ def _load_local(trunk: nn.Module, path: Path) -> None:
     state = read_weights(path)
     cleaned = {}
     for key, value in state.items():
-        for prefix in _WRAPPER_PREFIXES:
+        for prefix in WRAPPER_PREFIXES:
             key = key.removeprefix(prefix)
         if not key.startswith(_DROPPED_PREFIXES):
             cleaned[key] = value
@@ -150,13 +156,45 @@ def _load_local(trunk: nn.Module, path: Path) -> None:
         )
 
 
-def weights_id(weights: str | Path) -> str:
-    """sha256 naming the trunk's weights: of the weights file, or of how built-in weights are made."""
+def backbone_rule(value: str) -> str | None:
+    """Validator of ``features.backbone`` / ``model.backbone``."""
+    if value == INCEPTION or (value.startswith(TIMM_PREFIX) and re.fullmatch(r"[A-Za-z0-9_.\-]+",
+                                                                             value[len(TIMM_PREFIX):])):
+        return None
+    return (f"must be {INCEPTION} or {TIMM_PREFIX}NAME (a model of the timm package, e.g. "
+            f"{TIMM_PREFIX}vit_small_patch16_224)")
+
+
+def build_encoder(backbone: str, weights: str | Path = "random") -> nn.Module:
+    """The frozen tile encoder of ``backbone`` with ``weights``: uint8 tiles [B, 3, H, W] -> [B, feature_dim]."""
+    if backbone == INCEPTION:
+        return TileEncoder(weights)
+    from shared.timm_encoder import TimmEncoder  # timm is imported only by sites that use it
+
+    return TimmEncoder(backbone.removeprefix(TIMM_PREFIX), weights)
+
+
+def feature_dim(backbone: str) -> int:
+    """The length of the vectors ``backbone`` makes (the head's input), without loading any weights."""
+    if backbone == INCEPTION:
+        return FEATURE_DIM
+    from shared.timm_encoder import timm_feature_dim
+
+    return timm_feature_dim(backbone.removeprefix(TIMM_PREFIX))
+
+
+def weights_id(weights: str | Path, backbone: str = INCEPTION) -> str:
+    """sha256 naming the trunk's weights: of the weights file, or of how built-in weights are made
+    (for another backbone than InceptionV3, the recipe names it: two random trunks differ)."""
     import torchvision
     from torchvision.models import Inception_V3_Weights
 
     weights = str(weights)
-    if weights == "random":  # seeded initialisation: identical wherever the same versions run it
+    if weights == "random" and backbone != INCEPTION:
+        from shared.timm_encoder import random_recipe
+
+        recipe = random_recipe(backbone.removeprefix(TIMM_PREFIX))
+    elif weights == "random":  # seeded initialisation: identical wherever the same versions run it
         recipe = f"random:seed={RANDOM_SEED}:torch={torch.__version__}:torchvision={torchvision.__version__}"
     elif weights == "imagenet":
         recipe = f"imagenet:{Inception_V3_Weights.IMAGENET1K_V1.url}"
@@ -187,11 +225,11 @@ _FILE_DIGESTS = FileMemo(size_of=len)
 _PROJECTIONS = FileMemo(size_of=lambda state: sum(t.numel() * t.element_size() for t in state.values()))
 
 
-def check_pinned(weights: str | Path, expected: str | None) -> str:
+def check_pinned(weights: str | Path, expected: str | None, backbone: str = INCEPTION) -> str:
     """The weights id of ``weights``; raises TrunkMismatch naming the file and the expected hash
     when it is not ``expected`` (None: nothing pinned) or the file is missing."""
     try:
-        actual = weights_id(weights)
+        actual = weights_id(weights, backbone)
     except WeightsError as exc:
         if expected is None:
             raise

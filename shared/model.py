@@ -24,7 +24,18 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from shared.encoder import FEATURE_DIM, LAST_BLOCK, PROJECTION_PREFIX, TileEncoder, WeightsError, read_projection
+from shared.encoder import (
+    FEATURE_DIM,
+    INCEPTION,
+    LAST_BLOCK,
+    PROJECTION_PREFIX,
+    TileEncoder,
+    WeightsError,
+    backbone_rule,
+    build_encoder,
+    feature_dim,
+    read_projection,
+)
 from shared.recurrent import RecurrentCore
 from shared.yaml_config import at_least, check
 
@@ -44,10 +55,20 @@ class ModelConfig:
     # sha256 of the trunk weights file every site must use (`weights_id`); None: no pin (random trunk demos)
     trunk_sha256: str | None = check(lambda h: None if re.fullmatch(r"[0-9a-f]{64}", h) else
                                      "must be 64 lowercase hex digits (the sha256 printed by pretrain-encoder)", None)
+    # The trunk whose vectors the head reads (its size is the head's input): inception_v3, or timm:NAME
+    # (shared/timm_encoder.py). A site's features.backbone sets it there; the server's says what sites must use.
+    backbone: str = check(backbone_rule, INCEPTION)
 
     def __post_init__(self) -> None:
         if self.trainable == "last_block" and self.mode != "tiles":
             raise ValueError("model.trainable: last_block works in mode 'tiles' (a grid sequence is one tile's map)")
+        if self.backbone != INCEPTION:
+            used = [name for name, on in (("mode: grid", self.mode == "grid"),
+                                          ("trainable: last_block", self.trainable == "last_block"),
+                                          ("frozen_projection: true", self.frozen_projection)) if on]
+            if used:
+                raise ValueError(f"model.{', model.'.join(used)} need the {INCEPTION} backbone (its 8x8 map, its last "
+                                 f"block, a projection fitted by pretrain-encoder), not {self.backbone}")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -125,7 +146,7 @@ def build_head(config: ModelConfig, num_classes: int, trunk: str | Path | None =
         trunk: the trunk weights file a frozen projection is read from; without it a frozen
             projection stays empty (shapes only: what the server needs) and refuses to run.
     """
-    head = SequenceHead(num_classes, config.core, FEATURE_DIM, config.projection, config.hidden,
+    head = SequenceHead(num_classes, config.core, feature_dim(config.backbone), config.projection, config.hidden,
                         config.frozen_projection)
     if config.frozen_projection and trunk is not None:
         head.projection.load(trunk)
@@ -238,7 +259,7 @@ class SlideClassifier(nn.Module):
     cached block inputs.
     """
 
-    def __init__(self, encoder: TileEncoder, head: SequenceHead, mode: str = "tiles"):
+    def __init__(self, encoder: nn.Module, head: SequenceHead, mode: str = "tiles"):
         super().__init__()
         self.encoder = encoder
         self.head = head
@@ -263,4 +284,5 @@ def build_classifier(config: ModelConfig, num_classes: int, weights: str = "rand
     if config.trainable != "head":
         raise ValueError("build_classifier composes a frozen trunk and the head; for trainable: last_block use "
                          "build_trainable on cached block inputs")
-    return SlideClassifier(TileEncoder(weights), build_head(config, num_classes, weights), config.mode)
+    encoder = build_encoder(config.backbone, weights)
+    return SlideClassifier(encoder, build_head(config, num_classes, weights), config.mode)

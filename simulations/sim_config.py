@@ -8,6 +8,7 @@ where the data comes from, how it is split into virtual hospitals and what diffe
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -81,12 +82,27 @@ class SitePrivacy:
     release_evaluation: bool = True
 
 
+def ray_address(value: str) -> str | None:
+    if value in ("", "auto") or re.fullmatch(r"(ray://)?[A-Za-z0-9.\-]+:[0-9]{1,5}", value):
+        return None
+    return "must be auto, ray://HOST:PORT (Ray Client) or HOST:PORT (a Ray head's address)"
+
+
 @dataclass(frozen=True)
 class BackendConfig:
-    """Flower's Simulation Engine (Ray): how many virtual hospitals train at once."""
+    """Flower's Simulation Engine (Ray): where the virtual hospitals run and how many at once."""
 
     cpus_per_site: int = check(at_least(1), 1)  # Ray runs cpus / cpus_per_site ClientApps at a time
-    cpus: int = check(at_least(0), 0)  # cores Ray may use; 0: all of this machine's
+    cpus: int = check(at_least(0), 0)  # cores of the Ray started for the run; 0: all of this machine's
+    # Empty: a Ray of the run's own on this machine. Otherwise a Ray cluster that already runs
+    # (simulations/ray_cluster.py): "auto" (the one this machine joined with `ray start`),
+    # "ray://HOST:PORT" (Ray Client) or "HOST:PORT" (the head's port).
+    address: str = check(ray_address, "")
+
+    def __post_init__(self) -> None:
+        if self.address and self.cpus:
+            raise ValueError("simulation.backend: cpus sizes the Ray a run starts on this machine; a cluster "
+                             "(address) has its own cores and Ray refuses the setting there: remove one of them")
 
 
 @dataclass(frozen=True)
@@ -135,6 +151,9 @@ class SimConfig:
         if self.privacy.required and not sim.site_privacy.enabled:
             raise ValueError("privacy.required is true but simulation.site_privacy.enabled is false: every site "
                              "would refuse to train; set privacy.required: false to simulate without DP")
+        if sim.features.backbone != self.model.backbone:
+            raise ValueError(f"simulation.features.backbone ({sim.features.backbone}) and model.backbone "
+                             f"({self.model.backbone}) must name the same trunk: the model reads its vectors")
         names = [entry.name for entry in sim.data.class_map]
         if names and sorted(names) != sorted(self.classes):
             raise ValueError(f"simulation.data.class_map must name each of the classes {list(self.classes)} once, "

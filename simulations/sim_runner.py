@@ -6,7 +6,8 @@ the same run folder (``RunFolder.create`` on a server.yaml written from sim.yaml
 ClientApp, which finds virtual hospital ``i``'s site.yaml from Flower's partition id. Afterwards
 the best checkpoint is scored on the held-out test patients (``test_metrics.json``). The
 SuperLink and everything it started (the simulation process, Ray) are stopped by PID, also on
-error or Ctrl-C.
+error or Ctrl-C. With ``simulation.backend.address`` the ClientApps run on a Ray cluster that already
+runs instead (``simulations/ray_cluster.py``); fedpath neither starts nor stops that cluster.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import yaml
 from client.app import SIMULATED_NODE_ID_FILE, SIMULATION_SITES_KEY
 from client.feature_cache import FeatureCache
 from client.sequence_data import SlideFeatures, load_split
-from client.site_config import load_site_config
+from client.site_config import BUILTIN_WEIGHTS, load_site_config
 from client.train_local import evaluate
 from client.trained_model import load_model
 from server.app import REPRODUCIBLE_NOISE_KEY, RUN_DIR_KEY
@@ -34,6 +35,7 @@ from shared.metrics import to_jsonable
 from shared.processes import executable, flower_env, free_port, start
 from simulations.materialise import SimLayout
 from simulations.process_tree import stop_tree
+from simulations.ray_cluster import check_cluster, cluster_env
 from simulations.round_table import SITE_NAMES
 from simulations.sim_config import SimConfig
 
@@ -80,8 +82,12 @@ def run_simulation(config: SimConfig, layout: SimLayout, out: Path) -> Path:
                "--disable-runtime-dependency-installation"]
     for site_yaml in layout.site_configs:  # written afresh by this run's ClientApps
         (site_yaml.parent / SIMULATED_NODE_ID_FILE).unlink(missing_ok=True)
+    env = flower_env(paths.flwr_home)
+    if address := config.simulation.backend.address:  # an existing cluster: checked from each of its nodes first
+        check_cluster(address, *cluster_paths(layout))
+        env.update(cluster_env(address))
     try:
-        start(command, paths.dir / "superlink.out", paths.pid, flower_env(paths.flwr_home), "the simulation SuperLink",
+        start(command, paths.dir / "superlink.out", paths.pid, env, "the simulation SuperLink",
               ready_port=("127.0.0.1", port))
         code = submit_and_follow(SimulationControl(server, layout.sites_dir, config), folder,
                                  timeout=_run_timeout(config))
@@ -95,6 +101,19 @@ def run_simulation(config: SimConfig, layout: SimLayout, out: Path) -> Path:
     checkpoint = best if best.is_file() else folder.path / "checkpoints" / "latest.npz"
     atomic_write_json(folder.path / TEST_METRICS, evaluate_checkpoint(checkpoint, layout))
     return folder.path
+
+
+def cluster_paths(layout: SimLayout) -> tuple[list[Path], list[Path]]:
+    """What the virtual hospitals' ClientApps read (site.yaml, feature cache, trunk) and where they write
+    (each hospital's folder: its ledger and node id): every node of a cluster must reach these."""
+    read, write = [], []
+    for site_yaml in layout.site_configs:
+        config = load_site_config(site_yaml)
+        read += [site_yaml, config.features.cache_dir]
+        write += [site_yaml.parent, *([config.state_dir] if config.state_dir.is_dir() else [])]
+        if config.features.backbone_weights not in BUILTIN_WEIGHTS:
+            read.append(Path(config.features.backbone_weights))
+    return list(dict.fromkeys(read)), write
 
 
 def evaluate_checkpoint(checkpoint: Path, layout: SimLayout, test: list[SlideFeatures] | None = None) -> dict:

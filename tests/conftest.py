@@ -13,6 +13,18 @@ import yaml
 # processes when `make test` runs several.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
+
+def pytest_collection_modifyitems(items):
+    """The longest tests first, each file's order kept. `make test` hands whole files to pytest-xdist's
+    processes in collection order (``--no-loadscope-reorder``); a five-minute consortium file handed out
+    last would run alone at the end. Slow files state what they took in CI: ``slow(seconds=...)``."""
+    def cost(item) -> float:
+        marker = item.get_closest_marker("slow")
+        return marker.kwargs.get("seconds", 60) if marker else 0
+
+    items.sort(key=lambda item: -cost(item))  # stable: equal costs keep their order
+
+
 HANDOUT = Path(__file__).resolve().parents[2] / "shared" / "data"
 REAL_SLIDES = HANDOUT / "slides"
 CRC_TILES = HANDOUT / "crc-tiles"

@@ -32,6 +32,7 @@ from flwr.proto.message_pb2 import PushObjectRequest  # pylint: disable=no-name-
 
 from server.certificates import init_consortium
 from server.cli import main as server_main
+from server.dashboard import DashboardData
 from server.fleet_proxy import ProxyError, ProxyFiles, prepare_proxy, start_proxy
 from server.run_control import follow_run
 from server.run_folder import RunFolder
@@ -43,7 +44,7 @@ from shared.site_keys import keygen
 from simulations.local_consortium import LocalConsortium
 from tests.conftest import copy_hospitals
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(seconds=460)  # in CI, three processes on two cores
 
 REFUSED = [  # (method, path, status at the proxy): nothing but a Fleet route reaches the SuperLink
     ("POST", "/v1/control/list-runs", 404), ("POST", "/v1/control/list-nodes", 404),
@@ -207,6 +208,14 @@ def test_sites_flags_a_node_registered_past_the_registry(tmp_path, nginx, capsys
         assert server_main(["sites", *config]) == 1
         (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("ghost")]
         assert "MISSING — registered here, unknown to the SuperLink" in line
+
+        # the dashboard flags the same nodes, from the same running SuperLink
+        overview = DashboardData(consortium.config, consortium.control).overview()
+        assert overview["superlink"]["reachable"]
+        flags = {row["node_id"]: (row["name"], row["flag"]) for row in overview["sites"]}
+        assert flags[str(intruder)] == ("UNKNOWN", "UNKNOWN — not in the consortium registry")
+        assert flags["4242"] == ("ghost", "MISSING — registered here, unknown to the SuperLink")
+        assert [flag for name, flag in flags.values() if name == "hospital-a"] == [""]
 
         assert server_main(["stop", *config]) == 0
         assert "stopped: proxy (pid" in capsys.readouterr().out

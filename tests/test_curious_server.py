@@ -28,10 +28,9 @@ from server.run_folder import RunFolder
 from shared.app_bundle import installed_app_dir, installed_digest
 from simulations.local_consortium import LocalConsortium
 from tests.conftest import copy_hospitals
+from tests.consortium_runs import TRAINING
 
-pytestmark = pytest.mark.slow
-
-TRAINING = {"epochs": 1, "batch_size": 2, "learning_rate": 0.003}
+pytestmark = pytest.mark.slow(seconds=470)  # in CI, three processes on two cores
 
 ATTACKS = {
     # every round's plan names a path as the federation id (the sites' ledger file)

@@ -49,7 +49,7 @@ def prepared(tmp_path_factory) -> dict:
     [manifest] = make_site_slides(root, sites=1, slides_per_site=4, seed=7, spec=SlideSpec(width=1024, height=1024))
     site = write_site_yaml(manifest.parent, {"manifest": "manifest.csv", "val_fraction": 0.25}, tiling=TILING)
     prepare_site(load_site_config(site), progress=False,
-                 encoder_loader=lambda weights, threads=0, device="cpu": PixelEncoder().eval())
+                 encoder_loader=lambda weights, threads=0, device="cpu", backbone="inception_v3": PixelEncoder().eval())
     cache = FeatureCache(manifest.parent / "cache")
     index = cache.read_index()
     some = next(iter(index.items.values()))

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 import server.superlink
 from client.egress_log import REFUSED, SENT, EgressLog
@@ -32,10 +31,10 @@ from shared.checkpoints import load_checkpoint
 from simulations.local_consortium import LocalConsortium
 from simulations.process_tree import descendants
 from tests.conftest import copy_hospitals
+from tests.consortium_runs import TRAINING, accept_two_site_rounds
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(seconds=660)  # in CI, three processes on two cores
 
-TRAINING = {"epochs": 1, "batch_size": 2, "learning_rate": 0.003}
 WAIT_S = 90
 
 
@@ -87,10 +86,7 @@ def consortium(prepared_hospitals, tmp_path_factory):
     to refuse anyway."""
     root = tmp_path_factory.mktemp("runner")
     sites = copy_hospitals(prepared_hospitals, root, 3)
-    for site in sites:
-        document = yaml.safe_load(site.read_text())
-        document.setdefault("federation", {})["min_round_sites"] = 2
-        site.write_text(yaml.safe_dump(document))
+    accept_two_site_rounds(sites)
     settings = {"federation": {"rounds": 1, "min_sites": 2, "round_timeout": 120, "wire_log": True},
                 "training": TRAINING}
     with LocalConsortium(root / "consortium", sites, server_settings=settings) as started:

@@ -1,0 +1,63 @@
+"""Helpers of the tests that run a real consortium: settings small enough for this machine, waits
+bounded by a deadline, and what a run folder says about who trained."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from client.feature_cache import FeatureCache
+from client.private_training import PrivateRound
+from client.sequence_data import PatientSequences, load_split
+from client.site_config import load_site_config
+from server.run_folder import RunFolder
+from shared.model import SequenceHead
+from shared.run_config import PrivacyConfig, TrainingConfig
+
+TRAINING = {"epochs": 1, "batch_size": 2, "learning_rate": 0.003}
+RUN_TIMEOUT = 420  # seconds; a round takes about 30 s here
+
+
+def wait_for_model(folder: RunFolder, round_: int, timeout: float = RUN_TIMEOUT) -> dict:
+    """Wait until round ``round_``'s model is saved (its metrics come with the next exchange); its card."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if folder.status().get("round", 0) >= round_:
+            return json.loads((folder.path / "checkpoints" / f"round-{round_:04d}.json").read_text())
+        if folder.status().get("state") == "failed":
+            pytest.fail(f"run failed: {folder.status().get('message')}")
+        time.sleep(0.5)
+    pytest.fail(f"round {round_} not done within {timeout} s; status {folder.status()}")
+
+
+def trained_sites(rounds: list[dict], round_: int) -> set[str]:
+    [entry] = [e for e in rounds if e["round"] == round_]
+    return {name for name, site in entry["sites"].items() if site.get("trained")}
+
+
+def accept_two_site_rounds(sites: list[Path]) -> None:
+    """These hospitals accept SecAgg+ rounds of two sites (a dead site leaves two)."""
+    for site in sites:
+        document = yaml.safe_load(site.read_text())
+        document.setdefault("federation", {})["min_round_sites"] = 2
+        site.write_text(yaml.safe_dump(document))
+
+
+def exhaust_budget(site_yaml: Path, federation_id: str, rounds: int) -> None:
+    """Give a site a ledger for this federation, planned as the site plans it, whose budget earlier
+    rounds already spent."""
+    config = load_site_config(site_yaml)
+    train, _ = load_split(FeatureCache(config.features.cache_dir), "train")
+    privacy = PrivacyConfig(epsilon=8.0, delta=1e-5, planned_rounds=rounds)
+    session = PrivateRound(SequenceHead(2, "rnn", projection=8, hidden=4), PatientSequences(train, 4),
+                           TrainingConfig(**TRAINING), privacy, config.state_dir / "ledgers" / f"{federation_id}.json",
+                           evaluations=rounds + 1, evaluation_share=0.25)
+    for earlier in range(rounds):
+        session.ledger.record_segment(session.plan.training_segment, f"earlier-{earlier}")
+    for earlier in range(rounds + 1):
+        session.ledger.record_segment(session.plan.evaluation_segment, f"earlier-{earlier}-evaluation",
+                                      kind="evaluation")

@@ -1,0 +1,188 @@
+"""`fedpath-server dashboard` in a real headless browser: Debian's chromium driven by Selenium through
+Debian's chromedriver, against a run folder written by the ServerApp's own RunRecorder (100 rounds, three
+sites, one that runs out of budget), served by the real command in a process of its own.
+
+Both processes are stopped by PID when the module ends. The browser, the driver and the command are
+never skipped for: `make install` installs chromium and chromium-driver as root; missing, the test fails
+and says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from server.run_folder import RunFolder
+from server.run_recorder import RunRecorder
+from server.site_registry import SiteRegistry
+from server.superlink import StatePaths
+from shared.processes import free_port, is_alive, port_open
+from simulations.process_tree import descendants
+from tests.conftest import FEDERATION_CLASSES, disclosed_site, record_round
+
+pytestmark = pytest.mark.slow(seconds=120)
+
+ROUNDS = 100
+SITES = ("east", "north", "south")
+BROWSER, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+WAIT_S = 60.0
+SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "dashboard.png"
+
+
+def _sites(round_: int) -> dict:
+    """ε grows with the rounds; east, whose own budget (7) is below the consortium's, runs out at round 96
+    and tells the admin why."""
+    sites = {name: disclosed_site(epsilon=round(7.2 * round_ / ROUNDS * (1 + 0.05 * i), 6))
+             for i, name in enumerate(SITES)}
+    if round_ > 95:
+        sites["east"] = disclosed_site(epsilon=6.84, refused=1, would_spend=7.05, budget_epsilon=7.0)
+    return sites
+
+
+@pytest.fixture(scope="module")
+def consortium(tmp_path_factory):
+    """A server.yaml and one run folder: rounds 0 to ROUNDS - 1 recorded, the last one still to come."""
+    root = tmp_path_factory.mktemp("dashboard")
+    (root / "server.yaml").write_text(f"name: dashboard test consortium\nclasses: {FEDERATION_CLASSES}\n"
+                                      f"model: {{projection: 4, hidden: 2}}\nfederation: {{rounds: {ROUNDS}}}\n")
+    folder = RunFolder.create(root / "server.yaml")
+    registry = SiteRegistry(StatePaths(folder.config()).registry)
+    for i, name in enumerate(SITES):  # registered hospitals (no SuperLink here says who is online)
+        registry.add(name, 10**18 + i, f"ecdsa-sha2-nistp384 AAAA{name}", f"SHA256:{name}-key-fingerprint")
+    rng = np.random.default_rng(0)
+    from shared.model import ModelConfig, build_head
+    from shared.parameters import model_arrays
+
+    arrays = model_arrays(build_head(ModelConfig(projection=4, hidden=2), 2))
+    recorder = RunRecorder(folder, folder.config(), list(arrays))
+    for round_ in range(ROUNDS):
+        accuracy = 0.5 + 0.4 * round_ / ROUNDS + rng.normal(0, 0.01)
+        record_round(recorder, round_, arrays.values(), _sites(round_),
+                     {"accuracy": accuracy, "balanced_accuracy": accuracy - 0.02, "auc": accuracy + 0.03})
+    return root, folder, recorder, arrays
+
+
+@pytest.fixture(scope="module")
+def dashboard(consortium):
+    root, *_ = consortium
+    port = free_port()
+    log = (root / "dashboard.log").open("w")
+    process = subprocess.Popen([str(Path(sys.executable).parent / "fedpath-server"), "dashboard", "--config",
+                                str(root / "server.yaml"), "--port", str(port), "--no-superlink"],
+                               stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while not port_open("127.0.0.1", port):
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the dashboard did not start: {(root / 'dashboard.log').read_text()[-2000:]}")
+            time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    missing = [path for path in (BROWSER, DRIVER) if not Path(path).is_file()]
+    if missing:
+        pytest.fail(f"{', '.join(missing)} missing: `make install` installs Debian's chromium and chromium-driver "
+                    "as root (apt-get install chromium chromium-driver)", pytrace=False)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = BROWSER
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1500,2300"):
+        options.add_argument(argument)
+    service = Service(executable_path=DRIVER)
+    driver = webdriver.Chrome(options=options, service=service)
+    started = [service.process.pid, *descendants(service.process.pid)]
+    try:
+        yield driver
+    finally:
+        started += descendants(service.process.pid)
+        driver.quit()
+        deadline = time.monotonic() + 15
+        while any(is_alive(pid) for pid in started) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for pid in (pid for pid in started if is_alive(pid)):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _wait(driver, script: str, expected, what: str):
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        value = driver.execute_script(script)
+        if value == expected:
+            return value
+        time.sleep(0.2)
+    pytest.fail(f"{what}: {script} gave {value!r}, expected {expected!r} within {WAIT_S} s")
+
+
+def test_the_page_shows_every_round_each_sites_epsilon_and_follows_the_run(consortium, dashboard, browser, tmp_path):
+    root, folder, recorder, arrays = consortium
+    browser.get(dashboard)
+    _wait(browser, "return document.body.dataset.rounds", str(ROUNDS), "rounds 0 to 99 drawn")
+    first_render_ms = int(browser.execute_script("return document.body.dataset.firstRenderMs"))
+    print(f"time to first render of a {ROUNDS}-round run folder: {first_render_ms} ms")  # docs/benchmarks.md
+    (tmp_path / "first_render.json").write_text(json.dumps({"rounds": ROUNDS, "first_render_ms": first_render_ms}))
+
+    rows = browser.execute_script("return [...document.querySelectorAll('#rounds tbody tr')].map(r => r.dataset.round)")
+    assert sorted(map(int, rows)) == list(range(ROUNDS))
+    shown = {row["site"]: row for row in browser.execute_script(
+        "return [...document.querySelectorAll('#epsilon tbody tr')].map(r => "
+        "({site: r.dataset.site, cells: [...r.cells].map(c => c.textContent)}))")}
+    status = folder.status()
+    assert set(shown) == set(SITES)
+    for name in SITES:
+        assert shown[name]["cells"][1] == f"{status['sites'][name]['epsilon']:.3f}"
+        assert shown[name]["cells"][2] == "8"  # the consortium's budget (privacy.epsilon's default)
+    assert shown["east"]["cells"][3] == "7" and shown["north"]["cells"][3] == "not disclosed"
+    refusals = browser.execute_script(
+        "return [...document.querySelectorAll('#refusals tbody tr')].map(r => [...r.cells].map(c => c.textContent))")
+    assert [(r[0], r[1], r[2]) for r in refusals] == [(str(n), "east", "1") for n in range(96, ROUNDS)]
+    assert all("budget" in r[3] for r in refusals)
+    audit = browser.find_element("id", "audit")
+    assert audit.text == f"intact: {ROUNDS} records, the last one matches status.json"
+    assert "not reachable (not asked (--no-superlink))" in browser.find_element("id", "superlink").text
+    registered = browser.execute_script(
+        "return [...document.querySelectorAll('#sites tbody tr')].map(r => [...r.cells].map(c => c.textContent))")
+    assert [(r[0], r[1], r[2]) for r in registered] == [(name, str(10**18 + i), "?") for i, name in enumerate(SITES)]
+    traces = browser.execute_script(
+        "return document.getElementById('accuracy-chart').data.map(t => [t.name, t.x.length])")
+    assert traces == [["global", ROUNDS]]  # Plotly drew the curve of every round
+    bars = browser.execute_script("return document.getElementById('epsilon-chart').data[0].y")
+    assert bars == pytest.approx([status["sites"][name]["epsilon"] for name in SITES])
+
+    # the last round finishes while the page is open: it appears without a reload
+    record_round(recorder, ROUNDS, arrays.values(), _sites(ROUNDS), {"accuracy": 0.91, "auc": 0.94})
+    folder.write_status(state="finished", message="all rounds done")
+    _wait(browser, "return document.body.dataset.rounds", str(ROUNDS + 1), "the new round drawn")
+    assert browser.find_element("id", "run-title").text.startswith(f"Run {folder.path.name}: finished, round {ROUNDS}")
+    if os.environ.get("FEDPATH_SCREENSHOT"):  # refresh docs/dashboard.png
+        browser.save_screenshot(str(tmp_path / "dashboard.png"))
+        shutil.copyfile(tmp_path / "dashboard.png", SCREENSHOT)
+
+
+def test_a_run_name_is_never_a_path(dashboard, consortium):
+    import httpx
+
+    for name in ("..", "../server.yaml", "..%2F..%2Fetc%2Fpasswd", "nonexistent"):
+        response = httpx.get(f"{dashboard}api/runs/{name}", timeout=10)
+        assert response.status_code == 404, name
+    assert httpx.post(f"{dashboard}api/state", timeout=10).status_code == 405  # read-only

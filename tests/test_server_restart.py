@@ -1,0 +1,60 @@
+"""The server dies on a real consortium on 127.0.0.1 and is resumed, while one site refuses every
+round (its privacy budget is spent): no round is lost or done twice, the audit chain holds, and a
+retried round spends privacy under its own id.
+
+Processes are started through ``LocalConsortium`` (free ports, pid files) and stopped by PID when the
+test ends; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from server.audit import verify
+from server.cli import main as server_main
+from server.run_control import submit_and_follow
+from server.run_folder import RunFolder
+from shared.checkpoints import load_checkpoint
+from simulations.local_consortium import LocalConsortium
+from tests.conftest import copy_hospitals
+from tests.consortium_runs import TRAINING, exhaust_budget, trained_sites, wait_for_model
+
+pytestmark = pytest.mark.slow(seconds=320)  # in CI, three processes on two cores
+
+
+def test_server_killed_and_resumed_with_a_refusing_site(prepared_hospitals, tmp_path):
+    sites = copy_hospitals(prepared_hospitals, tmp_path, 3)
+    settings = {"federation": {"rounds": 2, "min_sites": 2, "round_timeout": 120}, "training": TRAINING}
+    with LocalConsortium(tmp_path / "consortium", sites, server_settings=settings) as consortium:
+        document = yaml.safe_load(sites[2].read_text())  # this hospital tells the admin why it sits out
+        document["disclose"] = ["epsilon", "refused", "would_spend", "budget_epsilon"]
+        sites[2].write_text(yaml.safe_dump(document))  # before start: its task runner's egress policy reads it
+        consortium.start_all()
+        folder = RunFolder.create(consortium.server_yaml)
+        exhaust_budget(sites[2], folder.federation_id, rounds=2)
+        submit_and_follow(consortium.control, folder, follow=False)
+        assert wait_for_model(folder, 1)["sites_this_round"] == ["site-1", "site-2"]  # site-3's ledger refused
+        refusal = folder.status()["sites"]["site-3"]["refusal"]
+        assert refusal["code"] == 1 and "budget" in refusal["reason"]
+        assert refusal["would_spend"] > refusal["budget_epsilon"]
+        consortium.kill_server()  # SuperLink and ServerApp die during round 2
+        consortium.start_server()  # same state database; the SuperNodes reconnect
+        assert consortium.resume(folder) == 0
+        assert server_main(["status", "--config", str(consortium.server_yaml)]) == 0
+
+    rounds = json.loads((folder.path / "metrics.json").read_text())
+    assert [r["round"] for r in rounds] == [0, 1, 2]  # none lost, none twice
+    assert all(trained_sites(rounds, r) == {"site-1", "site-2"} for r in (1, 2))
+    records = [json.loads(line) for line in folder.audit_log.read_text().splitlines()]
+    assert [r["round"] for r in records] == [0, 1, 2]
+    assert all("site-3" in r["refusals"] for r in records[1:])
+    assert verify(folder.audit_log, folder.status()["audit_last_hash"]) == 3
+    assert len(folder.run_info()["flower_runs"]) == 2
+    assert load_checkpoint(folder.path / "checkpoints" / "latest.npz").round == 2
+    for site in sites[:2]:  # a round retried after the crash spends privacy under its own id
+        ledger = json.loads((site.parent / "state" / "ledgers" / f"{folder.federation_id}.json").read_text())
+        training = [r["round_id"] for r in ledger["rounds"] if r["kind"] == "training"]
+        assert len(training) == len(set(training)) and training[0] == "round-1" and training[-1].startswith("round-2")
