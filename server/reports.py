@@ -49,11 +49,14 @@ CONSOLE_METRICS = (("accuracy", "acc"), ("balanced_accuracy", "bal"), ("sensitiv
 """(metric, short name) of the global metrics on the console line, in order."""
 
 
-def write_reports(run_dir: Path, rounds: list[dict[str, Any]]) -> None:
-    """Write ``metrics.json``, ``metrics.csv`` and ``curves.png`` into ``run_dir``, each atomically."""
+def write_reports(run_dir: Path, rounds: list[dict[str, Any]], curves: bool = True) -> None:
+    """Write ``metrics.json``, ``metrics.csv`` and (unless ``curves`` is False) ``curves.png`` into
+    ``run_dir``, each atomically."""
     run_dir = Path(run_dir)
     atomic_write_json(run_dir / "metrics.json", to_jsonable(rounds))
     atomic_write_bytes(run_dir / "metrics.csv", _csv_bytes(rounds))
+    if not curves:
+        return
     figure = _curves(rounds)
     atomic_write(run_dir / "curves.png", lambda handle: figure.savefig(handle, format="png", dpi=120))
 

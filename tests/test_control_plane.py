@@ -44,7 +44,7 @@ from shared.site_keys import keygen
 from simulations.local_consortium import LocalConsortium
 from tests.conftest import copy_hospitals
 
-pytestmark = pytest.mark.slow(seconds=460)  # in CI, three processes on two cores
+pytestmark = pytest.mark.slow(seconds=340)  # in CI, three processes on two cores
 
 REFUSED = [  # (method, path, status at the proxy): nothing but a Fleet route reaches the SuperLink
     ("POST", "/v1/control/list-runs", 404), ("POST", "/v1/control/list-nodes", 404),

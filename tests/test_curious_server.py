@@ -30,7 +30,7 @@ from simulations.local_consortium import LocalConsortium
 from tests.conftest import copy_hospitals
 from tests.consortium_runs import TRAINING
 
-pytestmark = pytest.mark.slow(seconds=470)  # in CI, three processes on two cores
+pytestmark = pytest.mark.slow(seconds=450)  # in CI, three processes on two cores
 
 ATTACKS = {
     # every round's plan names a path as the federation id (the sites' ledger file)

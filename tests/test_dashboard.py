@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from server.certificates import init_consortium
 from server.run_folder import RunFolder
 from server.run_recorder import RunRecorder
 from server.site_registry import SiteRegistry
@@ -29,7 +30,7 @@ from shared.processes import free_port, is_alive, port_open
 from simulations.process_tree import descendants
 from tests.conftest import FEDERATION_CLASSES, disclosed_site, record_round
 
-pytestmark = pytest.mark.slow(seconds=120)
+pytestmark = pytest.mark.slow(seconds=60)
 
 ROUNDS = 100
 SITES = ("east", "north", "south")
@@ -71,29 +72,39 @@ def consortium(tmp_path_factory):
     return root, folder, recorder, arrays
 
 
+def _start(root: Path, host: str = "127.0.0.1") -> tuple[subprocess.Popen, int]:
+    """The real command in a process of its own, listening."""
+    port = free_port()
+    log = root / f"dashboard-{host}.log"
+    with log.open("w") as handle:
+        process = subprocess.Popen([str(Path(sys.executable).parent / "fedpath-server"), "dashboard", "--config",
+                                    str(root / "server.yaml"), "--host", host, "--port", str(port), "--no-superlink"],
+                                   stdout=handle, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + WAIT_S
+    while not port_open(host, port):
+        if process.poll() is not None or time.monotonic() > deadline:
+            _stop(process)
+            pytest.fail(f"the dashboard did not start: {log.read_text()[-2000:]}")
+        time.sleep(0.2)
+    return process, port
+
+
+def _stop(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+
+
 @pytest.fixture(scope="module")
 def dashboard(consortium):
-    root, *_ = consortium
-    port = free_port()
-    log = (root / "dashboard.log").open("w")
-    process = subprocess.Popen([str(Path(sys.executable).parent / "fedpath-server"), "dashboard", "--config",
-                                str(root / "server.yaml"), "--port", str(port), "--no-superlink"],
-                               stdout=log, stderr=subprocess.STDOUT)
+    process, port = _start(consortium[0])
     try:
-        deadline = time.monotonic() + WAIT_S
-        while not port_open("127.0.0.1", port):
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the dashboard did not start: {(root / 'dashboard.log').read_text()[-2000:]}")
-            time.sleep(0.2)
         yield f"http://127.0.0.1:{port}/"
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-        log.close()
+        _stop(process)
 
 
 @pytest.fixture(scope="module")
@@ -186,3 +197,25 @@ def test_a_run_name_is_never_a_path(dashboard, consortium):
         response = httpx.get(f"{dashboard}api/runs/{name}", timeout=10)
         assert response.status_code == 404, name
     assert httpx.post(f"{dashboard}api/state", timeout=10).status_code == 405  # read-only
+
+
+def test_another_address_is_served_over_https_with_the_consortium_certificate_or_not_at_all(consortium):
+    import httpx
+
+    root = consortium[0]
+    host = "127.0.0.2"  # loopback too, but not the default: treated as any other address
+    refused = subprocess.run([str(Path(sys.executable).parent / "fedpath-server"), "dashboard", "--config",
+                              str(root / "server.yaml"), "--host", host, "--port", str(free_port())],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "over HTTPS only" in refused.stderr and "server.pem" in refused.stderr
+    files = init_consortium(root / "certs", host, sans=[host])  # `fedpath-server init`, where server.yaml looks
+    process, port = _start(root, host)
+    try:
+        state = httpx.get(f"https://{host}:{port}/api/state", verify=str(files.ca_cert), timeout=10).json()
+        assert state["consortium"] == "dashboard test consortium"
+        with pytest.raises(httpx.HTTPError):  # no plain HTTP on that address
+            httpx.get(f"http://{host}:{port}/api/state", timeout=10)
+        with pytest.raises(httpx.ConnectError):  # nor HTTPS for a client that does not trust the consortium's CA
+            httpx.get(f"https://{host}:{port}/api/state", timeout=10)
+    finally:
+        _stop(process)

@@ -20,7 +20,7 @@ from simulations.local_consortium import LocalConsortium
 from tests.conftest import copy_hospitals
 from tests.consortium_runs import RUN_TIMEOUT, TRAINING, accept_two_site_rounds, trained_sites, wait_for_model
 
-pytestmark = pytest.mark.slow(seconds=504)  # in CI, three processes on two cores
+pytestmark = pytest.mark.slow(seconds=520)  # in CI, three processes on two cores
 
 
 def test_site_killed_during_secure_aggregation_and_rejoins(prepared_hospitals, tmp_path):

@@ -19,7 +19,7 @@ from server.superlink import StatePaths
 from shared.site_keys import keygen
 from simulations.local_consortium import LocalConsortium
 
-pytestmark = pytest.mark.slow(seconds=290)  # in CI, three processes on two cores
+pytestmark = pytest.mark.slow(seconds=210)  # in CI, three processes on two cores
 
 
 def _site(root: Path, name: str) -> Path:

@@ -78,7 +78,7 @@ def ray_head():
         shutil.rmtree(temp, ignore_errors=True)
 
 
-@pytest.mark.slow(seconds=150)
+@pytest.mark.slow(seconds=30)
 def test_a_node_that_cannot_see_a_path_is_named_before_any_round(ray_head, tmp_path):
     address, _ = ray_head
     (tmp_path / "site.yaml").write_text("name: site-001\n")
@@ -90,7 +90,7 @@ def test_a_node_that_cannot_see_a_path_is_named_before_any_round(ray_head, tmp_p
     assert f"cannot read {missing}" in str(refused.value) and views[0].node in str(refused.value)
 
 
-@pytest.mark.slow(seconds=150)
+@pytest.mark.slow(seconds=105)
 def test_three_sites_train_on_the_cluster(ray_head, prepared_hospitals, tmp_path):
     from simulations.cli import main
 

@@ -27,7 +27,7 @@ from shared.round_sums import CountLayout, decode_sum
 from simulations.local_consortium import LocalConsortium
 from tests.conftest import copy_hospitals
 
-pytestmark = pytest.mark.slow(seconds=360)  # in CI, three processes on two cores
+pytestmark = pytest.mark.slow(seconds=400)  # in CI, three processes on two cores
 
 TRAIN = "train"
 ALLOWED_STRINGS = {"Success", ""}  # Flower's own status text in legacy replies

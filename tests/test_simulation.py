@@ -98,7 +98,7 @@ def test_stain_shift_reaches_the_site_cache(prepared_hospitals, tmp_path):
     assert {r["split"] for r in test.items.values()} == {"test"}
 
 
-@pytest.mark.slow(seconds=150)
+@pytest.mark.slow(seconds=75)
 def test_three_sites_two_rounds_on_the_simulation_engine(prepared_hospitals, tmp_path):
     from simulations.cli import main
 

@@ -33,7 +33,7 @@ from simulations.process_tree import descendants
 from tests.conftest import copy_hospitals
 from tests.consortium_runs import TRAINING, accept_two_site_rounds
 
-pytestmark = pytest.mark.slow(seconds=660)  # in CI, three processes on two cores
+pytestmark = pytest.mark.slow(seconds=480)  # in CI, three processes on two cores
 
 WAIT_S = 90
 
