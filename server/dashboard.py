@@ -127,7 +127,7 @@ def _read_rounds(path: Path) -> list[dict]:
     """metrics.json, reduced to numbers: the global model's and each site's, per round."""
     try:
         entries = json.loads(path.read_text())
-    except (FileNotFoundError, ValueError):  # no round yet, or caught mid-write (it is written atomically)
+    except (FileNotFoundError, ValueError):  # no round recorded yet, or a damaged file: no rounds to show
         return []
     rounds = []
     for entry in entries:
