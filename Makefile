@@ -18,51 +18,37 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) nginx turbojpeg browser
 
-# The SuperLink's public port is an nginx proxy (server/fleet_proxy.py, docs/control-plane.md):
-# Debian's nginx-light, installed here when we are root and it is missing. Not being able to is
-# a message, not a failure: `fedpath-server start` and the tests that need nginx say so clearly.
-# Debian may start its own nginx (port 80) after installing it; fedpath does not use that one.
-NGINX_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nginx-light
+# Debian packages fedpath or its tests need, installed when we are root and they are missing. Not being
+# able to is a message, not a failure: the command or test that needs one says so clearly (tests fail,
+# never skip). $(call os_package,PRESENT-CHECK,PACKAGES,WHO NEEDS THEM AND WHY)
+APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends
+define os_package
+	@if $(1); then :; \
+	elif [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "NOTE: $(2) missing; $(3)."; \
+	  echo "      Install as root: apt-get install $(2) (elsewhere: the distribution's equivalent)."; \
+	elif $(APT_INSTALL) $(2) >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && $(APT_INSTALL) $(2) >/dev/null 2>&1; }; then \
+	  echo "installed $(2): $(3)"; \
+	else \
+	  echo "NOTE: could not install $(2) with apt-get; $(3). Run as root: apt-get update && apt-get install $(2)"; \
+	fi
+endef
+
+# The SuperLink's public port is an nginx proxy (server/fleet_proxy.py, docs/control-plane.md).
+# Debian may start its own nginx (port 80) after installing it; fedpath does not use that one
+# (systemctl disable --now nginx).
 nginx:
-	@if command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; then :; \
-	elif [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
-	  echo "NOTE: nginx is missing; fedpath-server start needs it (the proxy in front of the SuperLink)."; \
-	  echo "      Install it as root: apt-get install nginx-light (elsewhere: the distribution's nginx)."; \
-	elif $(NGINX_INSTALL) >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && $(NGINX_INSTALL) >/dev/null 2>&1; }; then \
-	  echo "installed nginx-light (the proxy in front of the SuperLink). If Debian started its default"; \
-	  echo "site on port 80, fedpath does not need it: systemctl disable --now nginx"; \
-	else \
-	  echo "NOTE: could not install nginx-light with apt-get; fedpath-server start needs it."; \
-	  echo "      Run as root: apt-get update && apt-get install nginx-light"; \
-	fi
+	$(call os_package,command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ],nginx-light,fedpath-server start needs it (the proxy in front of the SuperLink))
 
-# The DICOM tests (tests/test_dicom.py) convert a real SVS with wsidicomizer, whose opentile needs
-# libjpeg-turbo's shared library (Debian: libturbojpeg0); fedpath itself reads DICOM through OpenSlide.
-TURBOJPEG_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends libturbojpeg0
+# tests/test_dicom.py converts a real SVS with wsidicomizer, whose opentile needs libjpeg-turbo's shared
+# library; fedpath itself reads DICOM through OpenSlide.
 turbojpeg:
-	@if ldconfig -p 2>/dev/null | grep -q 'libturbojpeg\.so'; then :; \
-	elif [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
-	  echo "NOTE: libturbojpeg is missing; tests/test_dicom.py needs it to make DICOM slides (wsidicomizer)."; \
-	  echo "      Install it as root: apt-get install libturbojpeg0 (elsewhere: the distribution's libjpeg-turbo)."; \
-	elif $(TURBOJPEG_INSTALL) >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && $(TURBOJPEG_INSTALL) >/dev/null 2>&1; }; then \
-	  echo "installed libturbojpeg0 (tests/test_dicom.py converts a slide to DICOM with it)"; \
-	else \
-	  echo "NOTE: could not install libturbojpeg0 with apt-get; tests/test_dicom.py needs it."; \
-	fi
+	$(call os_package,ldconfig -p 2>/dev/null | grep -q 'libturbojpeg\.so',libturbojpeg0,tests/test_dicom.py needs it to make DICOM slides)
 
-# tests/test_dashboard.py drives the dashboard in a real headless browser: Debian's chromium and
-# chromedriver (Selenium is a dev dependency; it downloads nothing when given both paths).
-BROWSER_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver
+# tests/test_dashboard.py drives the dashboard in a real headless browser (Selenium, a dev dependency,
+# downloads nothing when given both paths).
 browser:
-	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
-	elif [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
-	  echo "NOTE: chromium or chromedriver is missing; tests/test_dashboard.py needs both (a real browser)."; \
-	  echo "      Install them as root: apt-get install chromium chromium-driver"; \
-	elif $(BROWSER_INSTALL) >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && $(BROWSER_INSTALL) >/dev/null 2>&1; }; then \
-	  echo "installed chromium and chromium-driver (tests/test_dashboard.py drives the dashboard with them)"; \
-	else \
-	  echo "NOTE: could not install chromium chromium-driver with apt-get; tests/test_dashboard.py needs them."; \
-	fi
+	$(call os_package,[ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ],chromium chromium-driver,tests/test_dashboard.py drives the dashboard with them)
 
 demo: install
 	$(VENV)/bin/fedpath-sim demo --out $(DEMO)

@@ -81,10 +81,15 @@ def stop_tree(pid_file: Path, timeout: float = 10.0) -> None:
     family = descendants(pid) if pid is not None else []
     stop(pid_file)
     _signal(family, signal.SIGTERM)
+    kill_leftovers(family, timeout)
+
+
+def kill_leftovers(pids: list[int], timeout: float = 10.0) -> None:
+    """Give processes already asked to stop up to ``timeout`` seconds to end, then SIGKILL those still alive."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(is_alive(p) for p in family):
+    while time.monotonic() < deadline and any(is_alive(p) for p in pids):
         time.sleep(0.2)
-    _signal([p for p in family if is_alive(p)], signal.SIGKILL)
+    _signal([p for p in pids if is_alive(p)], signal.SIGKILL)
 
 
 def _signal(pids: list[int], signum: int) -> None:

@@ -26,8 +26,8 @@ from server.run_folder import RunFolder
 from server.run_recorder import RunRecorder
 from server.site_registry import SiteRegistry
 from server.superlink import StatePaths
-from shared.processes import free_port, is_alive, port_open
-from simulations.process_tree import descendants
+from shared.processes import free_port, port_open
+from simulations.process_tree import descendants, kill_leftovers
 from tests.conftest import FEDERATION_CLASSES, disclosed_site, record_round
 
 pytestmark = pytest.mark.slow(seconds=60)
@@ -128,11 +128,7 @@ def browser():
     finally:
         started += descendants(service.process.pid)
         driver.quit()
-        deadline = time.monotonic() + 15
-        while any(is_alive(pid) for pid in started) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        for pid in (pid for pid in started if is_alive(pid)):
-            os.kill(pid, signal.SIGKILL)
+        kill_leftovers(started, timeout=15)
 
 
 def _wait(driver, script: str, expected, what: str):

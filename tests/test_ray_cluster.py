@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from shared.processes import executable, flower_env, free_port, is_alive, port_open
+from shared.processes import executable, flower_env, free_port, port_open
 from shared.yaml_config import ConfigError
-from simulations.process_tree import descendants
+from simulations.process_tree import descendants, kill_leftovers
 from simulations.ray_cluster import ClusterError, check_cluster
 from simulations.sim_config import parse_sim_config
 from tests.conftest import FEDERATION_CLASSES
@@ -70,11 +70,7 @@ def ray_head():
             os.killpg(head.pid, signal.SIGKILL)
             head.wait(timeout=10)
         log.close()
-        deadline = time.monotonic() + 30
-        while any(is_alive(pid) for pid in started) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        for pid in (pid for pid in started if is_alive(pid)):
-            os.kill(pid, signal.SIGKILL)
+        kill_leftovers(started, timeout=30)
         shutil.rmtree(temp, ignore_errors=True)
 
 
