@@ -7,9 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 from shared.app_bundle import digest_problem
-from shared.devices import batch_size_rule, device_rule
-from shared.encoder import INCEPTION, backbone_rule
-from shared.model import ModelConfig
+from shared.model_config import INCEPTION, ModelConfig, backbone_rule, batch_size_rule, device_rule
 from shared.run_config import PrivacyConfig, TrainingConfig
 from shared.yaml_config import ConfigError, at_least, check, fraction, load_config, positive, tcp_port
 

@@ -30,12 +30,13 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from shared.atomic_files import atomic_write, atomic_write_json
-from shared.devices import device_rule, module_device, resolve_device
+from shared.devices import module_device, resolve_device
 from shared.encoder import FEATURE_DIM, PROJECTION_PREFIX, TileEncoder, read_weights, weights_id
 from shared.errors import UserError
 from shared.he_stains import compose, concentrations, stain_matrix
 from shared.metrics import classification_metrics, to_jsonable
 from shared.model import unit_scale
+from shared.model_config import device_rule
 
 log = logging.getLogger("fedpath.server")
 

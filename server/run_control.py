@@ -14,7 +14,11 @@ from server.run_folder import RunFolder
 from server.superlink import FlowerControl, FlowerError, UnknownRun
 
 POLL_SECONDS = 2.0
+# Asking the SuperLink spawns a `flwr ls` (about 1.3 s of CPU here): do it when the run folder says the
+# ServerApp ended, and otherwise only this often, for a ServerApp that died without saying so.
+SUPERLINK_CHECK_SECONDS = 30.0
 FINISHED = "finished"
+ENDED = {"finished", "failed"}  # the run folder's own terminal states
 
 
 def submit_and_follow(control: FlowerControl, folder: RunFolder, follow: bool = True,
@@ -40,7 +44,8 @@ def follow_run(control: FlowerControl, folder: RunFolder, run_id: int, timeout: 
     """Print a line per completed round until the run ends; 0 when it completed, 1 otherwise.
     With ``timeout`` (seconds), give up waiting with FlowerError; the run itself goes on."""
     printed = {entry["round"] for entry in _rounds(folder)}
-    state, checked = "pending", 0.0
+    # just submitted (or resumed): the first look at the SuperLink waits for a reason or the interval
+    state, run, checked = "pending", {}, time.monotonic()
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
         while True:
@@ -50,8 +55,10 @@ def follow_run(control: FlowerControl, folder: RunFolder, run_id: int, timeout: 
                 if entry["round"] not in printed:
                     printed.add(entry["round"])
                     print(round_line(entry), flush=True)
-            if time.monotonic() - checked > 3 * POLL_SECONDS:
-                state, checked = _state(control, run_id), time.monotonic()
+            ended = folder.status().get("state") in ENDED  # (briefly stale when resuming: then asked every poll)
+            if ended or time.monotonic() - checked > SUPERLINK_CHECK_SECONDS:
+                run, checked = _run(control, run_id), time.monotonic()
+                state = str(run.get("status", "unknown"))
                 if state.startswith(FINISHED):
                     break
             time.sleep(POLL_SECONDS)
@@ -63,7 +70,7 @@ def follow_run(control: FlowerControl, folder: RunFolder, run_id: int, timeout: 
         if entry["round"] not in printed:
             print(round_line(entry), flush=True)
     _save_log(control, folder, run_id)
-    details = control.run(run_id).get("status-details", "")
+    details = run.get("status-details", "")
     status = folder.status()
     if state == f"{FINISHED}:completed" and status.get("state") == "finished":
         print(f"run {run_id} completed {status.get('round')} of {status.get('total_rounds')} rounds; results in "
@@ -77,12 +84,17 @@ def follow_run(control: FlowerControl, folder: RunFolder, run_id: int, timeout: 
 
 
 def _state(control: FlowerControl, run_id: int) -> str:
+    return str(_run(control, run_id).get("status", "unknown"))
+
+
+def _run(control: FlowerControl, run_id: int) -> dict:
+    """What the SuperLink says of the run (`flwr ls --run-id`)."""
     try:
-        return str(control.run(run_id).get("status", "unknown"))
+        return control.run(run_id)
     except UnknownRun:  # a SuperLink without that database: the run is gone
-        return f"{FINISHED}:unknown"
+        return {"status": f"{FINISHED}:unknown"}
     except FlowerError:
-        return "unknown"
+        return {"status": "unknown"}
 
 
 def _rounds(folder: RunFolder) -> list[dict]:

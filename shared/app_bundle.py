@@ -18,8 +18,12 @@ written by whoever built the bundle: a forged manifest can list other files than
 holds. The digest reads the files themselves and ignores the manifest.
 
 The installed version's digest is computed the way ``flwr run`` builds the bundle (Flower's
-``build_fab_from_disk`` on the folder that holds fedpath's ``pyproject.toml`` and packages), in
-memory; nothing is written or installed. The site's task runner compares every submitted bundle
+``build_fab_from_files`` on the files of the folder that holds fedpath's ``pyproject.toml`` and
+packages), in memory; nothing is written or installed. Only the top-level folders ``fab-include``
+names are read (:func:`app_files`): Flower's own ``build_fab_from_disk`` walks and resolves every
+file under the folder first, and a repository with its ``.venv`` inside holds some 50,000 (4 s of
+CPU here, for every task runner start and every ``flwr run``; the consortium submits a copy of the
+app's files, :func:`stage_app`, for the same reason). The site's task runner compares every submitted bundle
 with it; ``fedpath-site bundle-digest`` prints it for hospital IT and
 :func:`installed_bundle_report` prints it for the consortium admin.
 """
@@ -29,7 +33,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
+import shutil
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -120,23 +126,91 @@ def installed_app_dir() -> Path:
     return root
 
 
+ALWAYS_READ = ("pyproject.toml", ".gitignore")  # what Flower's build reads beside the included files
+GLOB = re.compile(r"[*?\[]")
+
+
+def app_files(app_dir: Path) -> dict[str, Path]:
+    """The files of ``app_dir`` that Flower's build can select, as its ``collect_files`` maps them
+    (relative POSIX path to absolute path; symlinks and paths resolving outside the folder left out),
+    read only under the top-level names the ``fab-include`` patterns of its ``pyproject.toml`` start
+    with. Without ``fab-include``, or with a pattern that starts with a wildcard, every file (Flower's
+    own walk).
+
+    Args:
+        app_dir: the app folder (holding ``pyproject.toml``).
+    """
+    from flwr.cli.utils import collect_files
+
+    root = Path(app_dir).expanduser().resolve()
+    tops = _included_tops(root)
+    if tops is None:
+        return collect_files(root)
+    files: dict[str, Path] = {}
+    for top in sorted(set(tops) | set(ALWAYS_READ)):
+        start = root / top
+        if start.is_file() and not start.is_symlink():
+            files[top] = start
+        elif start.is_dir() and not start.is_symlink():
+            for folder, subfolders, names in os.walk(start, followlinks=False):
+                subfolders[:] = [d for d in subfolders if d != "__pycache__"]  # Flower excludes them anyway
+                for name in names:
+                    path = Path(folder) / name
+                    if not path.is_symlink() and path.resolve().is_relative_to(root):
+                        files[path.relative_to(root).as_posix()] = path
+    return files
+
+
+def _included_tops(root: Path) -> list[str] | None:
+    """The first path segment of every ``fab-include`` pattern, or None when one is a wildcard."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: the same parser under its old name (a Flower dependency)
+        import tomli as tomllib
+    try:
+        config = tomllib.loads((root / "pyproject.toml").read_text())
+    except (OSError, ValueError):
+        return None  # Flower's build says what is wrong
+    patterns = config.get("tool", {}).get("flwr", {}).get("app", {}).get("fab-include")
+    if not isinstance(patterns, list) or not patterns:
+        return None
+    tops = [str(pattern).lstrip("/").split("/", 1)[0] for pattern in patterns]
+    return None if any(not top or GLOB.search(top) or top in (".", "..") for top in tops) else tops
+
+
 def installed_bundle(app_dir: Path | None = None) -> bytes:
     """The FAB ``flwr run`` would submit for the installed app, built in memory.
 
     Args:
         app_dir: the app folder; default :func:`installed_app_dir`.
     """
-    # flwr/cli/build.py: the function `flwr run` itself calls (public module-level function of
-    # Flower's CLI), so the bundle holds exactly what a submission holds.
-    from flwr.cli.build import build_fab_from_disk
+    # flwr/cli/build.py: the function `flwr run` builds with (public module-level function of Flower's
+    # CLI, the core of its build_fab_from_disk), so the bundle holds exactly what a submission holds.
+    from flwr.cli.build import build_fab_from_files
 
     folder = installed_app_dir() if app_dir is None else Path(app_dir)
     try:
         with warnings.catch_warnings():  # pathspec's deprecation notices about Flower's own patterns
             warnings.simplefilter("ignore", DeprecationWarning)
-            return build_fab_from_disk(folder)
+            return build_fab_from_files(app_files(folder))[0]
     except ValueError as error:  # Flower's own problems with the folder (pyproject, patterns, depth)
         raise BundleError(f"cannot build the app bundle of {folder}: {error}") from None
+
+
+def stage_app(app_dir: Path, target: Path) -> Path:
+    """Copy the files :func:`app_files` reads into the empty folder ``target``: ``flwr run`` on it
+    submits the same bundle as on ``app_dir``, without walking what else ``app_dir`` holds.
+
+    Args:
+        app_dir: the app folder.
+        target: where the copy goes (created; must not exist or be empty).
+    """
+    target.mkdir(parents=True, exist_ok=True)
+    for relative, source in app_files(app_dir).items():
+        destination = target / relative
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, destination)
+    return target
 
 
 def installed_digest(app_dir: Path | None = None) -> str:

@@ -19,16 +19,15 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import re
 from collections.abc import Callable, Iterator
 
 import torch
 
 from shared.errors import UserError
+from shared.model_config import device_rule
 
 log = logging.getLogger("fedpath.device")
 
-DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 # Tiles per trunk batch on a CPU: measured here (299 px, 2 threads), 16 was the fastest (11.3 tiles/s against
 # 10.8 at 32 and 10.6 at 8) and holds 0.26 GB less than 32 at the peak (benchmarks/slide_scale.py).
 CPU_BATCH = 16
@@ -40,20 +39,6 @@ GPU_BYTES_PER_TILE_299 = 48 * 2**20
 
 class DeviceError(UserError, RuntimeError):
     """A device setting this machine cannot honour, with what to do about it."""
-
-
-def device_rule(value: str) -> str | None:
-    """Config check for ``features.device``."""
-    if DEVICE_PATTERN.fullmatch(value):
-        return None
-    return "must be auto, cpu, cuda, cuda:N (N = the GPU's index) or mps"
-
-
-def batch_size_rule(value: int | str) -> str | None:
-    """Config check for ``features.batch_size``: a positive number of tiles, or ``auto``."""
-    if value == "auto" or (isinstance(value, int) and value >= 1):
-        return None
-    return "must be a number of tiles >= 1, or auto"
 
 
 def resolve_device(spec: str = "auto") -> torch.device:

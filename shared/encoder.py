@@ -11,7 +11,6 @@ cache can tell whether its vectors are still valid in milliseconds.
 from __future__ import annotations
 
 import hashlib
-import re
 from pathlib import Path
 
 import torch
@@ -19,10 +18,9 @@ from torch import nn
 
 from shared.errors import UserError
 from shared.file_memo import FileMemo
+from shared.model_config import INCEPTION, TIMM_PREFIX
 
 FEATURE_DIM = 2048
-INCEPTION = "inception_v3"  # the default backbone, the mission's model
-TIMM_PREFIX = "timm:"  # timm:NAME, a model of the timm package (shared/timm_encoder.py)
 RANDOM_SEED = 0
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -154,15 +152,6 @@ def _load_local(trunk: nn.Module, path: Path) -> None:
             f"{path}: does not hold InceptionV3 trunk weights "
             f"(missing {len(missing)} keys, e.g. {missing[:3]}; unexpected {len(unexpected)}, e.g. {unexpected[:3]})"
         )
-
-
-def backbone_rule(value: str) -> str | None:
-    """Validator of ``features.backbone`` / ``model.backbone``."""
-    if value == INCEPTION or (value.startswith(TIMM_PREFIX) and re.fullmatch(r"[A-Za-z0-9_.\-]+",
-                                                                             value[len(TIMM_PREFIX):])):
-        return None
-    return (f"must be {INCEPTION} or {TIMM_PREFIX}NAME (a model of the timm package, e.g. "
-            f"{TIMM_PREFIX}vit_small_patch16_224)")
 
 
 def build_encoder(backbone: str, weights: str | Path = "random") -> nn.Module:

@@ -15,10 +15,7 @@ or travels: only the recurrent core and the classifier carry DP noise.
 
 from __future__ import annotations
 
-import re
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import nn
@@ -26,52 +23,16 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from shared.encoder import (
     FEATURE_DIM,
-    INCEPTION,
     LAST_BLOCK,
     PROJECTION_PREFIX,
     TileEncoder,
     WeightsError,
-    backbone_rule,
     build_encoder,
     feature_dim,
     read_projection,
 )
+from shared.model_config import Core, ModelConfig
 from shared.recurrent import RecurrentCore
-from shared.yaml_config import at_least, check
-
-Core = Literal["rnn", "lstm", "gru", "mean"]
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    core: Core = "rnn"  # simple RNN scored best in the reference study; "mean" is InceptionV3 alone
-    mode: Literal["tiles", "grid"] = "tiles"
-    projection: int = check(at_least(1), 128)  # 2048 -> projection before the core: cheap under DP
-    hidden: int = check(at_least(1), 128)
-    trainable: Literal["head", "last_block"] = "head"
-    # The projection from the pinned trunk file, frozen and never sent (only the core and classifier train
-    # under DP); needs a trunk from `fedpath-server pretrain-encoder`. false: the projection trains (any trunk).
-    frozen_projection: bool = False
-    # sha256 of the trunk weights file every site must use (`weights_id`); None: no pin (random trunk demos)
-    trunk_sha256: str | None = check(lambda h: None if re.fullmatch(r"[0-9a-f]{64}", h) else
-                                     "must be 64 lowercase hex digits (the sha256 printed by pretrain-encoder)", None)
-    # The trunk whose vectors the head reads (its size is the head's input): inception_v3, or timm:NAME
-    # (shared/timm_encoder.py). A site's features.backbone sets it there; the server's says what sites must use.
-    backbone: str = check(backbone_rule, INCEPTION)
-
-    def __post_init__(self) -> None:
-        if self.trainable == "last_block" and self.mode != "tiles":
-            raise ValueError("model.trainable: last_block works in mode 'tiles' (a grid sequence is one tile's map)")
-        if self.backbone != INCEPTION:
-            used = [name for name, on in (("mode: grid", self.mode == "grid"),
-                                          ("trainable: last_block", self.trainable == "last_block"),
-                                          ("frozen_projection: true", self.frozen_projection)) if on]
-            if used:
-                raise ValueError(f"model.{', model.'.join(used)} need the {INCEPTION} backbone (its 8x8 map, its last "
-                                 f"block, a projection fitted by pretrain-encoder), not {self.backbone}")
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def unit_scale(vectors: torch.Tensor) -> torch.Tensor:

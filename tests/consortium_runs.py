@@ -3,7 +3,10 @@ bounded by a deadline, and what a run folder says about who trained."""
 
 from __future__ import annotations
 
+import http.client
 import json
+import re
+import ssl
 import time
 from pathlib import Path
 
@@ -15,8 +18,10 @@ from client.private_training import PrivateRound
 from client.sequence_data import PatientSequences, load_split
 from client.site_config import load_site_config
 from server.run_folder import RunFolder
+from server.superlink import StatePaths
 from shared.model import SequenceHead
 from shared.run_config import PrivacyConfig, TrainingConfig
+from simulations.local_consortium import LocalConsortium
 
 TRAINING = {"epochs": 1, "batch_size": 2, "learning_rate": 0.003}
 RUN_TIMEOUT = 420  # seconds; a round takes about 30 s here
@@ -61,3 +66,26 @@ def exhaust_budget(site_yaml: Path, federation_id: str, rounds: int) -> None:
     for earlier in range(rounds + 1):
         session.ledger.record_segment(session.plan.evaluation_segment, f"earlier-{earlier}-evaluation",
                                       kind="evaluation")
+
+
+def raw_request(port: int, method: str, path: str, ca: Path | None, body: bytes = b"",
+             headers: dict[str, str] | None = None) -> int:
+    """One raw request, the path sent exactly as given (no client-side normalisation)."""
+    if ca is None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    else:
+        context = ssl.create_default_context(cafile=str(ca))
+        connection = http.client.HTTPSConnection("127.0.0.1", port, timeout=30, context=context)
+    try:
+        connection.request(method, path, body=body if method == "POST" else None,
+                           headers={"Content-Type": "application/protobuf", **(headers or {})})
+        return connection.getresponse().status
+    finally:
+        connection.close()
+
+
+def proxy_access_log(consortium: LocalConsortium) -> list[dict]:
+    pattern = re.compile(r'"(?P<method>\S+) (?P<uri>\S+) [^"]*" (?P<status>\d+) \d+ request_bytes=(?P<bytes>\d+) '
+                         r'upstream=(?P<upstream>\S+)')
+    text = StatePaths(consortium.config).proxy.access_log.read_text()
+    return [m.groupdict() for m in map(pattern.search, text.splitlines()) if m]

@@ -1,39 +1,52 @@
-"""The site's task runner on a real consortium (SuperLink, three SuperNodes with their runners, TLS,
-registered keys, SecAgg+, DP), every process started by `fedpath-site start` / `fedpath-server
-start` on 127.0.0.1 with free ports and stopped by PID at the end:
+"""The site's task runner on a real consortium (SuperLink behind its proxy, three SuperNodes with their
+runners, TLS, registered keys, SecAgg+, DP), every process started by `fedpath-site start` /
+`fedpath-server start` on 127.0.0.1 with free ports and stopped by PID at the end:
 
 - a federated run completes with the runners, every site's egress log verifies and lists exactly
   the replies the server received from it; an exception inside one site's ClientApp reaches the
   server as an error code without text, and that site's runner goes on serving;
 - a bundle whose client code differs from the sites' installed version is refused at every site:
-  nothing trains, no ledger is written, no cache is read, the run does not complete.
+  nothing trains, no ledger is written, no cache is read, the run does not complete;
+- an outsider holding just the consortium CA certificate (every hospital has it) talks to the
+  sites' port, which is the proxy: `flwr ls`, `flwr supernode ls`, `flwr supernode register`,
+  `flwr run`, raw requests to the Control and Runtime APIs, /docs and /openapi.json are all refused
+  at the proxy, the SuperLink is never contacted and its state does not change; meanwhile the admin
+  commands work on the loopback port and the registered sites train a SecAgg+ round through the
+  proxy (issue 13; the rest of the control plane: tests/test_control_plane.py).
 
-Both tests share one consortium (module fixture): starting one costs about a minute here.
+The three share one consortium (module fixture): starting one costs about a minute here.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from flwr.proto.message_pb2 import PushObjectRequest  # pylint: disable=no-name-in-module
 
 import server.superlink
 from client.egress_log import REFUSED, SENT, EgressLog
 from client.site_config import load_site_config
-from server.run_control import submit_and_follow
+from server.cli import main as server_main
+from server.run_control import follow_run, submit_and_follow
 from server.run_folder import RunFolder
+from server.superlink import APP_DIR, CONNECTION, StatePaths
 from shared.app_bundle import installed_app_dir, installed_digest
 from shared.checkpoints import load_checkpoint
+from shared.processes import executable, flower_env
+from shared.site_keys import keygen
 from simulations.local_consortium import LocalConsortium
 from simulations.process_tree import descendants
 from tests.conftest import copy_hospitals
-from tests.consortium_runs import TRAINING, accept_two_site_rounds
+from tests.consortium_runs import TRAINING, accept_two_site_rounds, proxy_access_log, raw_request
 
-pytestmark = pytest.mark.slow(seconds=480)  # in CI, three processes on two cores
+pytestmark = pytest.mark.slow(seconds=600)  # in CI, three processes on two cores
 
 WAIT_S = 90
 
@@ -81,7 +94,7 @@ def _wire_by_node(folder: RunFolder) -> dict[int, list[dict]]:
 
 @pytest.fixture(scope="module")
 def consortium(prepared_hospitals, tmp_path_factory):
-    """One consortium for both tests (starting one takes about a minute here): min_sites 2 (and the
+    """One consortium for the three tests (starting one takes about a minute here): min_sites 2 (and the
     sites' min_round_sites 2) let a round finish without a failing site; the attack needs every site
     to refuse anyway."""
     root = tmp_path_factory.mktemp("runner")
@@ -183,6 +196,99 @@ def test_a_bundle_with_other_client_code_is_refused_everywhere(consortium, tmp_p
         assert _access_times(caches) == accessed, "a site read its feature cache"
     wire = [entry for entries in _wire_by_node(folder).values() for entry in entries]
     assert wire and all(entry["error_code"] == 1012 and not entry["error_reason"] for entry in wire)
+
+
+REFUSED_AT_PROXY = [  # (method, path, status at the proxy): nothing but a Fleet route reaches the SuperLink
+    ("POST", "/v1/control/list-runs", 404), ("POST", "/v1/control/list-nodes", 404),
+    ("POST", "/v1/control/register-node", 404), ("POST", "/v1/control/start-run", 404),
+    ("POST", "/v1/runtime/acquire-task", 404), ("GET", "/docs", 404), ("GET", "/openapi.json", 404),
+    ("GET", "/health", 404), ("GET", "/", 404),
+    # the SuperLink routes on the decoded path: encoded, dot and doubled segments never reach it
+    ("POST", "/v1/fleet/../control/list-runs", 404), ("POST", "/v1/fleet/%2e%2e/control/list-runs", 404),
+    ("POST", "/v1/fleet/%2E%2E%2Fcontrol%2Flist-runs", 404), ("POST", "/v1/fleet//../control/list-runs", 404),
+    ("POST", "/v1//control/list-runs", 404), ("POST", "/v1/fleet/get-run?x=/v1/control/list-runs", 404),
+    ("GET", "/v1/fleet/get-run", 403),  # Fleet routes are POST only
+]
+FLWR_ROUTES = {"ls": "list-runs", "supernode ls": "list-nodes", "supernode register KEY": "register-node",
+               "run APP": "start-run"}  # the outsider's `flwr` commands and the Control API route each calls
+
+
+
+def _outsider_flwr(home: Path, *args: str) -> dict:
+    """`flwr` as someone with only ca.pem and the sites' address would run it."""
+    result = subprocess.run([executable("flwr"), *args, "--format", "json"], capture_output=True, text=True,
+                            env=flower_env(home), cwd=home.parent, timeout=120, check=False)
+    return json.loads(result.stdout[result.stdout.find("{"):])
+
+
+def test_outsider_with_the_ca_certificate_is_refused_while_sites_train_through_the_proxy(
+        consortium, tmp_path, nginx, capsys):
+    """SecAgg+ rounds through the proxy: the sites' replies are masked vectors of several MB."""
+    nodes_before = {n["node-id"] for n in consortium.control.nodes()}
+    runs_before = {int(r["run-id"]) for r in consortium.control.runs()}
+    results = consortium.config.results_dir
+    folders_before = set(results.iterdir()) if results.is_dir() else set()
+    # the admin submits from the server host (loopback port); the outsider tries while it starts
+    assert server_main(["run", "--config", str(consortium.server_yaml), "--no-follow"]) == 0
+    (folder,) = [RunFolder.open(p) for p in set(results.iterdir()) - folders_before]
+    (run_id,) = folder.run_info()["flower_runs"]
+
+    outsider = tmp_path / "outsider"
+    home = outsider / "flwr"
+    home.mkdir(parents=True)
+    ca = Path(shutil.copy(consortium.config.superlink.certs_dir / "ca.pem", outsider / "ca.pem"))
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+                                      f'address = "127.0.0.1:{consortium.port}"\nroot-certificates = "{ca}"\n')
+    keygen(outsider, "intruder")
+    for command, route in FLWR_ROUTES.items():
+        args = command.replace("KEY", str(outsider / "intruder.pub")).replace("APP", str(APP_DIR)).split()
+        answer = _outsider_flwr(home, *args)
+        assert answer["success"] is False, (args, answer)
+        assert f"404 Not Found' for url 'https://127.0.0.1:{consortium.port}/v1/control/{route}'" in \
+            answer["error-message"], (args, answer)
+
+    for method, path, status in REFUSED_AT_PROXY:
+        assert raw_request(consortium.port, method, path, ca) == status, (method, path)
+    # the same requests on the loopback port reach the SuperLink: the refusals above are the proxy's
+    assert raw_request(consortium.loopback_port, "GET", "/openapi.json", ca) == 200
+    assert raw_request(consortium.loopback_port, "POST", "/v1/control/list-runs", ca) == 200
+    # a Fleet route does reach the SuperLink, whose node authentication still refuses a stranger,
+    # also with a body well above the proxy's 1 MB buffer (it streams, nothing spooled to disk)
+    big = PushObjectRequest(object_content=os.urandom(5 << 20)).SerializeToString()
+    assert raw_request(consortium.port, "POST", "/v1/fleet/push-object", ca, body=big) == 401
+    # a body above superlink.max_request_mb (64 MB) is refused from its Content-Length alone
+    assert raw_request(consortium.port, "POST", "/v1/fleet/push-object", ca,
+                       headers={"Content-Length": str(65 << 20)}) == 413
+    # the SuperLink's state did not change: the registered nodes only, the admin's runs only
+    assert {n["node-id"] for n in consortium.control.nodes()} == nodes_before
+    assert {int(r["run-id"]) for r in consortium.control.runs()} == runs_before | {run_id}
+
+    # meanwhile the registered sites train a real round through the proxy
+    assert follow_run(consortium.control, folder, run_id, timeout=300) == 0
+    assert folder.status()["state"] == "finished"
+    capsys.readouterr()
+    assert server_main(["sites", "--config", str(consortium.server_yaml)]) == 0
+    table = capsys.readouterr().out
+    assert all(re.search(rf"site-{n} +\d+ +online", table) for n in (1, 2, 3)), table
+    assert "UNKNOWN" not in table and "MISSING" not in table
+
+    log = proxy_access_log(consortium)
+    refused = {(method, path) for method, path, _ in REFUSED_AT_PROXY} | \
+        {("POST", f"/v1/control/{route}") for route in FLWR_ROUTES.values()}
+    outsider_lines = [e for e in log if (e["method"], e["uri"]) in refused]
+    assert {(e["method"], e["uri"]) for e in outsider_lines} == refused
+    assert all(e["upstream"] == "-" for e in outsider_lines), outsider_lines  # never passed on
+    assert [e["upstream"] for e in log if e["status"] == "413"] == ["-"]
+    assert not any(p.is_file() for p in StatePaths(consortium.config).proxy.temp.rglob("*"))
+
+    fleet = [e for e in log if e["upstream"] == f"127.0.0.1:{consortium.loopback_port}"]
+    assert all(e["uri"].startswith("/v1/fleet/") for e in fleet)
+    routes = {e["uri"] for e in fleet if e["status"] == "200"}
+    assert {"/v1/fleet/activate-node", "/v1/fleet/pull-messages", "/v1/fleet/push-messages",
+            "/v1/fleet/push-object", "/v1/fleet/pull-object", "/v1/fleet/send-node-heartbeat"} <= routes, routes
+    # the sites' masked updates (about 2 MB each) streamed through nginx's unprivileged worker
+    assert max(int(e["bytes"]) for e in fleet if e["uri"] == "/v1/fleet/push-object" and e["status"] == "200") \
+        > 1 << 20
 
 
 def _ledgers(configs) -> dict[str, tuple[float, bytes]]:
