@@ -14,7 +14,7 @@ from server.run_folder import RunFolder
 from server.superlink import FlowerControl, FlowerError, UnknownRun
 
 POLL_SECONDS = 2.0
-# Asking the SuperLink spawns a `flwr ls` (about 1.3 s of CPU here): do it when the run folder says the
+# Asking the SuperLink spawns a `flwr ls` (about 1.6 s of CPU here): do it when the run folder says the
 # ServerApp ended, and otherwise only this often, for a ServerApp that died without saying so.
 SUPERLINK_CHECK_SECONDS = 30.0
 FINISHED = "finished"

@@ -23,8 +23,8 @@ packages), in memory; nothing is written or installed. Only the top-level folder
 names are read (:func:`app_files`): Flower's own ``build_fab_from_disk`` walks and resolves every
 file under the folder first, and a repository with its ``.venv`` inside holds some 50,000 (4 s of
 CPU here, for every task runner start and every ``flwr run``; the consortium submits a copy of the
-app's files, :func:`stage_app`, for the same reason). The site's task runner compares every submitted bundle
-with it; ``fedpath-site bundle-digest`` prints it for hospital IT and
+app's files, :func:`stage_app`, for the same reason). The site's task runner compares every
+submitted bundle with it; ``fedpath-site bundle-digest`` prints it for hospital IT and
 :func:`installed_bundle_report` prints it for the consortium admin.
 """
 

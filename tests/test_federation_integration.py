@@ -4,9 +4,8 @@ generated certificates, generated slides read through OpenSlide, Opacus DP at ev
 The site comes back while the run goes on (refused at first: the SuperLink still holds its old
 session for up to a minute), and trains in the next run. The test starts its processes through
 ``LocalConsortium`` (free ports, pid files) and stops every one of them, by PID, when it ends; every
-wait is bounded. The server's death is in
-``test_server_restart.py``: each is a few minutes of real rounds, and files are what pytest-xdist
-spreads over its processes.
+wait is bounded. The server's death is in ``test_server_restart.py``: each is a few minutes of real
+rounds, and files are what pytest-xdist spreads over its processes.
 """
 
 from __future__ import annotations
@@ -25,17 +24,20 @@ from server.site_registry import SiteRegistry
 from server.superlink import StatePaths
 from simulations.local_consortium import LocalConsortium
 from tests.conftest import copy_hospitals
-from tests.consortium_runs import RUN_TIMEOUT, TRAINING, accept_two_site_rounds, trained_sites, wait_for_model
+from tests.consortium_runs import (
+    RUN_TIMEOUT,
+    TRAINING,
+    accept_two_site_rounds,
+    online_nodes,
+    trained_sites,
+    wait_for_model,
+)
 
 pytestmark = pytest.mark.slow(seconds=400)  # in CI, three processes on two cores
 
 # Flower's SuperNode heartbeat is every 30 s and the SuperLink keeps a node online for two of them:
 # a restarted site is refused until then, and its supervisor backs off (2, 4, 8... s) meanwhile.
 REJOIN_S = 180
-
-
-def _online(consortium: LocalConsortium, node_id: int) -> bool:
-    return any(int(n["node-id"]) == node_id and n.get("status") == "online" for n in consortium.control.nodes())
 
 
 def test_site_killed_during_secure_aggregation_and_rejoins(prepared_hospitals, tmp_path):
@@ -57,7 +59,7 @@ def test_site_killed_during_secure_aggregation_and_rejoins(prepared_hospitals, t
         # retries until the SuperLink takes it back, under the node id it always had
         node_id = SiteRegistry(StatePaths(consortium.config).registry).entries()["site-2"]["node_id"]
         deadline = time.monotonic() + REJOIN_S
-        while not _online(consortium, node_id):
+        while node_id not in online_nodes(consortium):
             assert time.monotonic() < deadline, f"site-2 not back within {REJOIN_S} s: " + \
                 (load_site_config(sites[1]).state_dir / "supernode.log").read_text()[-2000:]
             time.sleep(10)  # each look is a `flwr supernode ls` (about 1.6 s of CPU)

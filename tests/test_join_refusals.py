@@ -18,6 +18,7 @@ from server.registration import add_site, remove_site
 from server.superlink import StatePaths
 from shared.site_keys import keygen
 from simulations.local_consortium import LocalConsortium
+from tests.consortium_runs import online_nodes
 
 pytestmark = pytest.mark.slow(seconds=210)  # in CI, three processes on two cores
 
@@ -44,10 +45,6 @@ def _refused(consortium: LocalConsortium, index: int, site_yaml: Path, timeout: 
             return log
         time.sleep(0.5)
     pytest.fail(f"the SuperNode of {site_yaml.parent.name} was not refused within {timeout} s")
-
-
-def _online(consortium: LocalConsortium) -> int:
-    return sum(1 for n in consortium.control.nodes() if n.get("status") == "online")
 
 
 def _proxied(consortium: LocalConsortium, route: str) -> list[tuple[str, str]]:
@@ -97,16 +94,16 @@ def test_unregistered_untrusting_and_revoked_sites(tmp_path):
             time.sleep(0.5)
         assert any(text in plain_log.read_text() for text in refused), plain_log.read_text()[-2000:]
         assert set(_proxied(consortium, "register-node")) == {("400", "-")}  # the proxy's TLS port refused it
-        assert _online(consortium) == 0
+        assert len(online_nodes(consortium)) == 0
 
         # the registered site joins; revoking it cuts it off
         consortium.start_site(0)
         deadline = time.monotonic() + 60
-        while _online(consortium) < 1 and time.monotonic() < deadline:
+        while len(online_nodes(consortium)) < 1 and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert _online(consortium) == 1
+        assert len(online_nodes(consortium)) == 1
         remove_site(consortium.config, consortium.control, registered.name)
         deadline = time.monotonic() + 120
-        while _online(consortium) > 0 and time.monotonic() < deadline:
+        while len(online_nodes(consortium)) > 0 and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert _online(consortium) == 0
+        assert len(online_nodes(consortium)) == 0
