@@ -2,7 +2,9 @@
 server's training messages (``client/federated_round.py``: evaluation rides in the same message).
 
 Two mods stand between Flower and the training code, and they are where the site insists on its
-own conditions whatever the server asks:
+own conditions whatever the server asks (a third, ``travelling_site``, acts only for the virtual
+hospitals of a ``data: travel`` simulation: it brings the hospital's files to the Ray node and its
+state back):
 
 - ``no_text_leaves`` (outermost): Flower turns an uncaught exception into an error reply whose
   text (paths, slide names, values) goes to the server. Here every failure, SecAgg+ stages and
@@ -44,6 +46,8 @@ SITE_CONFIG_KEY = "site-config"
 SIMULATION_SITES_KEY = "simulation-sites"
 """Run config key of a simulation (`fedpath-sim run`): the folder of the virtual hospitals' site.yaml files."""
 SIMULATED_NODE_ID_FILE = "node-id"
+SIMULATION_TRAVEL_KEY = "simulation-travel"
+"""Run config key of a ``data: travel`` simulation: the Ray namespace holding its virtual hospitals."""
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request otherwise
@@ -109,6 +113,10 @@ def site_yaml_of(context: Context) -> Path:
     partition = simulated_site(context)
     if partition is not None:
         site_dir = Path(str(context.run_config[SIMULATION_SITES_KEY])) / simulated_site_name(partition)
+        if travel := context.run_config.get(SIMULATION_TRAVEL_KEY):  # this node's copy (travelling_site)
+            from simulations.site_travel import local_site_yaml
+
+            site_dir = local_site_yaml(str(travel), simulated_site_name(partition)).parent
         # Simulated node ids are random: this file lets the simulation name the site in its reports.
         # Written once per run (every message of the run would write the same id).
         node_file = site_dir / SIMULATED_NODE_ID_FILE
@@ -141,6 +149,23 @@ def no_text_leaves(msg: Message, context: Context, call_next) -> Message:
     return reply
 
 
+def travelling_site(msg: Message, context: Context, call_next) -> Message:
+    """A virtual hospital of a ``data: travel`` simulation: checked out onto this node before the message
+    and its state checked back in after it, also after a failure (``simulations/site_travel.py``)."""
+    partition, travel = simulated_site(context), context.run_config.get(SIMULATION_TRAVEL_KEY)
+    if partition is None or not travel:
+        return call_next(msg, context)
+    from simulations.site_travel import check_in, check_out
+
+    site = simulated_site_name(partition)
+    log.info("%s: %s message on a copy checked out at %s", site, msg.metadata.message_type,
+             check_out(str(travel), site).parent)
+    try:
+        return call_next(msg, context)
+    finally:
+        check_in(str(travel), site, context.node_id)
+
+
 def secure_aggregation(msg: Message, context: Context, call_next) -> Message:
     """Flower's SecAgg+ for training messages that run the protocol (its key-exchange and unmask stages
     never reach ``SiteClient``, so they import neither torch nor Opacus), behind the site's own
@@ -163,4 +188,4 @@ def secure_aggregation(msg: Message, context: Context, call_next) -> Message:
         raise SiteRefusal(9, str(exc)) from None
 
 
-app = ClientApp(client_fn=client_fn, mods=[no_text_leaves, secure_aggregation])
+app = ClientApp(client_fn=client_fn, mods=[no_text_leaves, travelling_site, secure_aggregation])

@@ -17,7 +17,7 @@ from client.site_config import BUILTIN_WEIGHTS, FeatureConfig, TilingConfig
 from server.server_config import FederationConfig, LocalTraining, SecureAggregationConfig, ServerConfig, StrategyConfig
 from shared.model import ModelConfig
 from shared.round_plan import PrivacyTarget
-from shared.yaml_config import at_least, check, fraction, load_config, parse_config, positive
+from shared.yaml_config import SettingError, at_least, check, fraction, load_config, parse_config, positive
 
 
 @dataclass(frozen=True)
@@ -98,11 +98,17 @@ class BackendConfig:
     # (simulations/ray_cluster.py): "auto" (the one this machine joined with `ray start`),
     # "ray://HOST:PORT" (Ray Client) or "HOST:PORT" (the head's port).
     address: str = check(ray_address, "")
+    # How a cluster's nodes reach each virtual hospital's files: "shared" (storage every node mounts at the
+    # same path) or "travel" (each hospital's files go with its tasks: simulations/site_travel.py).
+    data: Literal["shared", "travel"] = "shared"
 
     def __post_init__(self) -> None:
         if self.address and self.cpus:
             raise ValueError("simulation.backend: cpus sizes the Ray a run starts on this machine; a cluster "
                              "(address) has its own cores and Ray refuses the setting there: remove one of them")
+        if self.data == "travel" and not self.address:
+            raise SettingError("data", "travel is for a Ray cluster (simulation.backend.address); the Ray a run "
+                                       "starts on this machine reads the hospitals' folders where they are")
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ runs instead (``simulations/ray_cluster.py``); fedpath neither starts nor stops 
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Sequence
 
@@ -35,7 +36,7 @@ from shared.metrics import to_jsonable
 from shared.processes import executable, flower_env, free_port, start
 from simulations.materialise import SimLayout
 from simulations.process_tree import stop_tree
-from simulations.ray_cluster import check_cluster, cluster_env
+from simulations.ray_cluster import cluster_run
 from simulations.round_table import SITE_NAMES
 from simulations.sim_config import SimConfig
 
@@ -49,9 +50,11 @@ class SimulationError(UserError):
 class SimulationControl(FlowerControl):
     """`flwr` against the simulation's own SuperLink: submits with the virtual hospitals' settings."""
 
-    def __init__(self, server: ServerConfig, sites_dir: Path, config: SimConfig) -> None:
+    def __init__(self, server: ServerConfig, sites_dir: Path, config: SimConfig,
+                 extra_run_config: dict[str, str] | None = None) -> None:
         super().__init__(server, insecure=True)
         self.sites_dir, self.sim = sites_dir, config.simulation
+        self.extra_run_config = extra_run_config or {}
 
     def submit(self, run_dir: Path) -> int:
         backend = self.sim.backend
@@ -60,6 +63,7 @@ class SimulationControl(FlowerControl):
         run_config = f"{RUN_DIR_KEY}='{run_dir}' {SIMULATION_SITES_KEY}='{self.sites_dir}'"
         if self.sim.reproducible_noise:
             run_config += f" {REPRODUCIBLE_NOISE_KEY}='true'"
+        run_config += "".join(f" {key}='{value}'" for key, value in self.extra_run_config.items())
         out = self._json(["run", str(APP_DIR), CONNECTION, "--run-config", run_config,
                           "--federation-config", " ".join(federation)])
         return int(out["run-id"])
@@ -68,31 +72,34 @@ class SimulationControl(FlowerControl):
 def run_simulation(config: SimConfig, layout: SimLayout, out: Path) -> Path:
     """Run the federation on the materialised sites; the run folder (raises SimulationError if it failed)."""
     out = Path(out).resolve()
-    port = free_port()
-    server = config.server_config(results_dir=out / "runs", state_dir=out / "state")
-    server_yaml = _write_server_yaml(server, out, port)
-    folder = RunFolder.create(server_yaml)
-    atomic_write_json(folder.path / "simulation.json", _plain(
-        {"simulation": config.as_dict(), "sites_dir": layout.sites_dir, "test_config": layout.test_config}))
-    server = folder.config()
-    paths = StatePaths(server)
-    paths.dir.mkdir(parents=True, exist_ok=True)
-    command = [executable("flower-superlink"), "--simulation", "--insecure", "--host", "127.0.0.1", "--port",
-               str(port), "--database", str(paths.database), "--log-file", str(paths.log),
-               "--disable-runtime-dependency-installation"]
     for site_yaml in layout.site_configs:  # written afresh by this run's ClientApps
         (site_yaml.parent / SIMULATED_NODE_ID_FILE).unlink(missing_ok=True)
-    env = flower_env(paths.flwr_home)
-    if address := config.simulation.backend.address:  # an existing cluster: checked from each of its nodes first
-        check_cluster(address, *cluster_paths(layout))
-        env.update(cluster_env(address))
-    try:
-        start(command, paths.dir / "superlink.out", paths.pid, env, "the simulation SuperLink",
-              ready_port=("127.0.0.1", port))
-        code = submit_and_follow(SimulationControl(server, layout.sites_dir, config), folder,
-                                 timeout=_run_timeout(config))
-    finally:
-        stop_tree(paths.pid)
+    with _on_cluster(config, layout) as cluster:  # a cluster is checked before anything is started or written
+        port = free_port()
+        server = config.server_config(results_dir=out / "runs", state_dir=out / "state")
+        server_yaml = _write_server_yaml(server, out, port)
+        folder = RunFolder.create(server_yaml)
+        ray = None if cluster is None else {"address": config.simulation.backend.address, "joined": cluster.address,
+                                            "data": config.simulation.backend.data,
+                                            "nodes": [view.node for view in cluster.nodes]}
+        atomic_write_json(folder.path / "simulation.json", _plain(
+            {"simulation": config.as_dict(), "sites_dir": layout.sites_dir, "test_config": layout.test_config,
+             "ray_cluster": ray}))
+        server = folder.config()
+        paths = StatePaths(server)
+        paths.dir.mkdir(parents=True, exist_ok=True)
+        command = [executable("flower-superlink"), "--simulation", "--insecure", "--host", "127.0.0.1", "--port",
+                   str(port), "--database", str(paths.database), "--log-file", str(paths.log),
+                   "--disable-runtime-dependency-installation"]
+        env = {**flower_env(paths.flwr_home), **(cluster.env if cluster else {})}
+        try:
+            start(command, paths.dir / "superlink.out", paths.pid, env, "the simulation SuperLink",
+                  ready_port=("127.0.0.1", port))
+            code = submit_and_follow(SimulationControl(server, layout.sites_dir, config,
+                                                       cluster.run_config if cluster else None),
+                                     folder, timeout=_run_timeout(config))
+        finally:
+            stop_tree(paths.pid)
     if code != 0:
         raise SimulationError(f"the simulation did not complete; see {folder.path / 'status.json'} and the logs in "
                               f"{paths.dir}")
@@ -101,6 +108,16 @@ def run_simulation(config: SimConfig, layout: SimLayout, out: Path) -> Path:
     checkpoint = best if best.is_file() else folder.path / "checkpoints" / "latest.npz"
     atomic_write_json(folder.path / TEST_METRICS, evaluate_checkpoint(checkpoint, layout))
     return folder.path
+
+
+def _on_cluster(config: SimConfig, layout: SimLayout):
+    """With ``backend.address``: the cluster held for the run (``ray_cluster.cluster_run``); else nothing."""
+    backend = config.simulation.backend
+    if not backend.address:
+        return nullcontext()
+    sites = {site_yaml.parent.name: site_yaml for site_yaml in layout.site_configs}
+    return cluster_run(backend.address, sites, *cluster_paths(layout), travel=backend.data == "travel",
+                       node_id_file=SIMULATED_NODE_ID_FILE)
 
 
 def cluster_paths(layout: SimLayout) -> tuple[list[Path], list[Path]]:

@@ -102,7 +102,7 @@ def test_stain_shift_reaches_the_site_cache(prepared_hospitals, tmp_path):
 def test_three_sites_two_rounds_on_the_simulation_engine(prepared_hospitals, tmp_path):
     from simulations.cli import main
 
-    sim_yaml = write_sim(tmp_path, prepared_hospitals)
+    sim_yaml = write_sim(tmp_path, prepared_hospitals, reproducible_noise=True)
     out = tmp_path / "sim"
     assert main(["run", "--config", str(sim_yaml), "--out", str(out)]) == 0
 
@@ -119,6 +119,8 @@ def test_three_sites_two_rounds_on_the_simulation_engine(prepared_hospitals, tmp
     assert set(names) == set(status["sites"]) and sorted(names.values()) == ["site-001", "site-002", "site-003"]
     for site_yaml in sorted((out / "sites").glob("site-*/site.yaml")):
         assert list((site_yaml.parent / "state" / "ledgers").glob(f"{run.name}.json"))
+    card = json.loads((run / "checkpoints" / "latest.json").read_text())
+    assert card["reproducible_noise"] is True  # the run config carried it to the ServerApp (and the sites)
     test = json.loads((run / "test_metrics.json").read_text())
     assert test["test_items"] >= 2 and 0.0 <= test["accuracy"] <= 1.0 and "auc" in test
     assert not _processes_mentioning(out)  # the SuperLink and everything under it are gone
