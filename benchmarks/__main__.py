@@ -42,7 +42,8 @@ def run_one(name: str, quick: bool, device: str | None = None) -> dict:
     module = importlib.import_module(f"benchmarks.{name}")
     takes_device = "device" in inspect.signature(module.run).parameters
     if device is not None and not takes_device:
-        raise SystemExit(f"benchmarks/{name}.py has no --device option (features, predict and slide_scale have)")
+        raise SystemExit(f"benchmarks/{name}.py has no --device option "
+                         "(features, predict, slide_scale and cache_rounds have)")
     start = time.perf_counter()
     result = module.run(quick, device=device) if device is not None else module.run(quick)
     clash = sorted(set(result) & set(RUNNER_FIELDS))
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     names = available() if args.name == "all" else [args.name]
     if args.device is not None and args.name == "all":
-        parser.error("--device goes with one benchmark (features, predict or slide_scale), not all")
+        parser.error("--device goes with one benchmark (features, predict, slide_scale or cache_rounds), not all")
     for name in names:
         print(json.dumps(run_one(name, args.quick, args.device)), flush=True)
     return 0

@@ -29,6 +29,9 @@ _CHUNK = 1 << 20
 # the first reads only what `prepare` added or changed; `predict` over a thousand cached slides keeps none.
 WARM_ENTRIES = FileMemo(max_bytes=0,
                         size_of=lambda entry: entry.features.nbytes + entry.coords.nbytes + entry.cells.nbytes)
+# The share of a GPU's memory that a long-lived process may fill with training vectors kept on the device
+# between rounds (``client/sequence_data.py: DEVICE_ENTRIES``); 0: none. The task runner turns it on.
+WARM_DEVICE_SHARE = 0.0
 
 
 class CacheError(UserError):

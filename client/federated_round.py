@@ -95,10 +95,12 @@ def fit(config: SiteConfig, plan: RoundPlan, received: list[np.ndarray], noise_s
             raise Refusal(15, "this is a deployed site; its noise is drawn from the operating system")
         if plan.privacy.required and not privacy.enabled:
             raise Refusal(3, "set privacy.enabled: true in site.yaml")
-        train, val = _site_splits(config, plan, ("train", "val") if releases_evaluation else ("train",), [])
+        device = resolve_device(config.features.device)
+        train, val = _site_splits(config, plan, ("train", "val") if releases_evaluation else ("train",), [],
+                                  device=None if device.type == "cpu" else device)
         if not train:  # also for the last, evaluation-only exchange: the noise plan is made from the training set
             raise Refusal(5, "no prepared training slides")
-        head = _global_head(plan, received, config.features.backbone_weights).to(resolve_device(config.features.device))
+        head = _global_head(plan, received, config.features.backbone_weights).to(device)
         from client.private_training import PrivateRound  # Opacus: only where training happens
 
         training = TrainingConfig(epochs=plan.epochs, batch_size=plan.batch_size, learning_rate=plan.learning_rate)
@@ -198,9 +200,10 @@ def _global_head(plan: RoundPlan, received: list[np.ndarray], trunk: str) -> tor
 
 
 def _site_splits(config: SiteConfig, plan: RoundPlan, splits: tuple[str, ...],
-                 missing: list[SlideFeatures]) -> list[list[SlideFeatures]]:
+                 missing: list[SlideFeatures], device: torch.device | None = None) -> list[list[SlideFeatures]]:
     """The cached slides of each of ``splits`` with labels renumbered into the federation's class order
-    (``missing`` for the rest of two); the trunk pin and the cache index are checked once for all."""
+    (``missing`` for the rest of two); the trunk pin and the cache index are checked once for all.
+    ``device``: a GPU that a warm worker keeps the vectors on (``sequence_data.load_split``)."""
     if config.features.backbone != plan.model.backbone:  # its vectors could not even enter the model
         raise Refusal(5, f"this site's features come from the {config.features.backbone} backbone, the federation's "
                          f"model reads {plan.model.backbone}: set features.backbone and run `fedpath-site prepare`")
@@ -226,7 +229,7 @@ def _site_splits(config: SiteConfig, plan: RoundPlan, splits: tuple[str, ...],
         raise Refusal(4, f"site classes {unknown} are not among the federation's {list(plan.classes)}")
     out = []
     for split in splits:
-        slides, classes = load_split(cache, split)
+        slides, classes = load_split(cache, split, device)
         renumber = [plan.classes.index(name) for name in classes]
         out.append([SlideFeatures(s.item_id, s.patient, renumber[s.label], s.features) for s in slides])
     return out + [missing] * (2 - len(out))

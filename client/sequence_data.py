@@ -21,6 +21,14 @@ from torch.utils.data import Dataset
 from client.feature_cache import FeatureCache
 from client.sequences import evaluation_windows, training_windows
 from shared.devices import module_device
+from shared.file_memo import FileMemo
+
+# Training vectors kept on a GPU between rounds by a long-lived process (the site's task runner): a round
+# after the first copies only what `prepare` changed to the device, not the whole training set. Sized from
+# the device's memory (feature_cache.WARM_DEVICE_SHARE) at first use. One call puts at most that many
+# bytes on the device; the rest stays on the host and is copied per batch, as without it, so a training
+# set larger than the GPU still trains. Never on the CPU, where a tensor over the cached array is free.
+DEVICE_ENTRIES = FileMemo(max_bytes=0, size_of=lambda tensor: tensor.numel() * tensor.element_size())
 
 
 @dataclass(frozen=True)
@@ -28,19 +36,56 @@ class SlideFeatures:
     item_id: str
     patient: str
     label: int
-    features: np.ndarray  # (N, 2048) float32 in spatial order, or (N, P, 2048) maps in grid mode
+    # (N, 2048) float32 in spatial order, or (N, P, 2048) maps in grid mode; a torch tensor when it is
+    # kept on the training device (DEVICE_ENTRIES)
+    features: np.ndarray | torch.Tensor
 
     @property
     def grid(self) -> bool:
         return self.features.ndim == 3
 
 
-def load_split(cache: FeatureCache, split: str) -> tuple[list[SlideFeatures], list[str]]:
-    """The cached slides of one split, and the class names (model order)."""
+def load_split(cache: FeatureCache, split: str,
+               device: torch.device | None = None) -> tuple[list[SlideFeatures], list[str]]:
+    """The cached slides of one split, and the class names (model order).
+
+    Args:
+        cache: the site's feature cache.
+        split: ``train``, ``val`` or ``test``.
+        device: keep the vectors on this device between calls, as far as ``DEVICE_ENTRIES`` allows
+            (callers pass it only for a GPU); None: host arrays.
+    """
     index = cache.read_index()
-    slides = [SlideFeatures(item_id, rec["patient"], index.classes.index(rec["label"]), cache.load(rec["key"]).features)
+    if device is not None and not DEVICE_ENTRIES.max_bytes:
+        DEVICE_ENTRIES.max_bytes = device_budget(device)
+    room = [DEVICE_ENTRIES.max_bytes if device is not None else 0]
+    slides = [SlideFeatures(item_id, rec["patient"], index.classes.index(rec["label"]),
+                            _kept(cache, rec["key"], device, room))
               for item_id, rec in sorted(index.items.items()) if rec["split"] == split]
     return slides, index.classes
+
+
+def device_budget(device: torch.device) -> int:
+    """Bytes of ``device`` for kept vectors: ``WARM_DEVICE_SHARE`` of its memory (0 for a CPU, or when off)."""
+    from client import feature_cache
+
+    if not feature_cache.WARM_DEVICE_SHARE or device.type != "cuda":
+        return 0
+    return int(feature_cache.WARM_DEVICE_SHARE * torch.cuda.get_device_properties(device).total_memory)
+
+
+def _kept(cache: FeatureCache, key: str, device: torch.device | None, room: list[int]) -> np.ndarray | torch.Tensor:
+    """The entry's vectors: on ``device`` (kept there between calls) while this call's ``room`` lasts,
+    else the host array."""
+    host = cache.load(key).features
+    if device is None or host.nbytes > room[0]:
+        return host
+    room[0] -= host.nbytes
+    return DEVICE_ENTRIES.get(cache.path_for(key), lambda _: torch.from_numpy(host).to(device), kind=str(device))
+
+
+def as_tensor(features: np.ndarray | torch.Tensor) -> torch.Tensor:
+    return features if isinstance(features, torch.Tensor) else torch.from_numpy(features)
 
 
 class PatientSequences(Dataset):
@@ -61,16 +106,16 @@ class PatientSequences(Dataset):
         slides = self.units[index]
         slide = slides[self.rng.integers(len(slides))]
         if slide.grid:
-            return torch.from_numpy(slide.features[self.rng.integers(len(slide.features))]), slide.label
+            return as_tensor(slide.features[int(self.rng.integers(len(slide.features)))]), slide.label
         window = training_windows(len(slide.features), self.length, 1, self.rng)[0]
-        return torch.from_numpy(slide.features[window]), slide.label
+        return as_tensor(slide.features[window]), slide.label
 
 
 def slide_windows(slide: SlideFeatures, length: int) -> torch.Tensor:
     """[K, length, D]: the fixed windows covering every tile of the slide (grid mode: its tiles' maps)."""
     if slide.grid:
-        return torch.from_numpy(slide.features)
-    return torch.from_numpy(slide.features[evaluation_windows(len(slide.features), length)])
+        return as_tensor(slide.features)
+    return as_tensor(slide.features[evaluation_windows(len(slide.features), length)])
 
 
 @torch.inference_mode()

@@ -372,6 +372,9 @@ def _what(message: Message, stage: str | None) -> str:
 
 WARM_CACHE_BYTES = 4 << 30
 """Feature-cache entries the runner keeps between rounds; a site with more keeps the most recent 4 GiB."""
+WARM_DEVICE_SHARE = 0.25
+"""On a GPU, the share of its memory the runner fills with training vectors kept between rounds (the rest
+is for the model, Opacus' per-sample gradients and anything else the hospital runs there)."""
 
 
 def build_runner(config: SiteConfig, secret: bytes | None) -> TaskRunner:
@@ -390,11 +393,13 @@ def build_runner(config: SiteConfig, secret: bytes | None) -> TaskRunner:
         installed, version, app_dir = None, None, None
     approval = BundleApproval(installed, config.federation.allowed_bundles)
     policy = EgressPolicy.for_site(config)
+    from client import feature_cache
     from client.app import app  # the installed ClientApp, imported once for every task
-    from client.feature_cache import WARM_ENTRIES
 
-    # This process serves every round: keep the feature cache's entries between them (shared/file_memo.py).
-    WARM_ENTRIES.max_bytes = WARM_CACHE_BYTES
+    # This process serves every round: keep the feature cache's entries between them (shared/file_memo.py),
+    # and on a GPU the training vectors too (client/sequence_data.py: DEVICE_ENTRIES).
+    feature_cache.WARM_ENTRIES.max_bytes = WARM_CACHE_BYTES
+    feature_cache.WARM_DEVICE_SHARE = WARM_DEVICE_SHARE
 
     egress.append({"event": "start", "version": version, "app_digest": installed, "app_dir": app_dir,
                    "allowed_bundles": sorted(approval.allowed), "disclose": sorted(config.disclose),

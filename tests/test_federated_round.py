@@ -344,3 +344,45 @@ def test_a_warm_site_worker_reads_only_what_prepare_changed(prepared, tmp_path, 
         np.testing.assert_array_equal(cache.load(key).features, entry.features + 1.0)  # and its new vectors
     finally:
         cache.save(key, entry)
+
+
+def test_a_warm_worker_keeps_training_vectors_on_its_device(prepared, tmp_path, monkeypatch):
+    """On a GPU the task runner keeps the training vectors on the device between rounds (``DEVICE_ENTRIES``);
+    this machine has no GPU, so the same code runs with the CPU as the device: the round's update is the
+    same as from host arrays, a second round uploads nothing, a rewritten entry alone is uploaded again,
+    and what does not fit the budget stays on the host."""
+    from client import sequence_data
+    from client.sequence_data import DEVICE_ENTRIES, load_split
+
+    config, plan = _site(prepared, tmp_path / "site"), replace(_plan(planned_rounds=4), reproducible_noise=True)
+    received = _global(plan)
+    cpu = torch.device("cpu")
+    cache = FeatureCache(prepared["cache"])
+    host = [s.features for s in load_split(cache, "train")[0]]
+    DEVICE_ENTRIES.clear()
+    monkeypatch.setattr(DEVICE_ENTRIES, "max_bytes", 1 << 30)
+    monkeypatch.setattr(federated_round, "load_split", lambda c, split, device: load_split(c, split, cpu))
+    kept = _read(federated_round.fit(config, plan, received, noise_seed=7), plan).update
+    assert DEVICE_ENTRIES.misses == 4 and len(DEVICE_ENTRIES) == 4  # 2 training + 2 validation slides
+    monkeypatch.setattr(federated_round, "load_split", lambda c, split, device: load_split(c, split))
+    plain = _read(federated_round.fit(_site(prepared, tmp_path / "host"), plan, received, noise_seed=7), plan).update
+    assert max(float(np.abs(a - b).max()) for a, b in zip(kept, plain, strict=True)) == 0.0
+
+    first = load_split(cache, "train", cpu)[0]
+    assert all(isinstance(s.features, torch.Tensor) for s in first)
+    again = load_split(cache, "train", cpu)[0]
+    assert all(a.features is b.features for a, b in zip(first, again, strict=True)) and DEVICE_ENTRIES.misses == 4
+    key = next(item["key"] for item in cache.read_index().items.values() if item["split"] == "train")
+    entry = cache.load(key)
+    cache.save(key, replace(entry, features=entry.features + 1.0))  # a new `prepare` of that slide
+    try:
+        renewed = {s.item_id: s.features for s in load_split(cache, "train", cpu)[0]}
+        assert DEVICE_ENTRIES.misses == 5  # the rewritten entry only
+        assert any(torch.equal(f, torch.from_numpy(entry.features + 1.0)) for f in renewed.values())
+    finally:
+        cache.save(key, entry)
+    monkeypatch.setattr(DEVICE_ENTRIES, "max_bytes", host[0].nbytes)  # room for one slide per call
+    DEVICE_ENTRIES.clear()
+    split = load_split(cache, "train", cpu)[0]
+    assert isinstance(split[0].features, torch.Tensor) and isinstance(split[1].features, np.ndarray)
+    assert sequence_data.device_budget(cpu) == 0  # and a CPU never gets a budget of its own

@@ -52,6 +52,26 @@ def test_mixed_settings_match_one_accountant(tmp_path):
     assert ledger.epsilon_spent() == pytest.approx(_single_accountant_epsilon("rdp", rounds), rel=1e-12)
 
 
+def test_alternating_training_and_evaluation_cost_no_more_each_round(tmp_path):
+    """A round records training and then an evaluation release with other settings, so the history does
+    not merge; ε must still be Opacus' own, and a round must not recompute the orders of earlier ones."""
+    from client.privacy_ledger import _rdp_per_step
+
+    budget = PrivacyBudget(1000.0, DELTA)
+    ledger = PrivacyLedger(tmp_path / "ledger.json", budget)
+    ledger.record_round(1.1, Q, STEPS, round_id="round-1")
+    ledger.record_round(3.0, 1.0, 1, round_id="round-1-evaluation")
+    computed = _rdp_per_step.cache_info().misses
+    for rnd in range(2, 31):
+        ledger.record_round(1.1, Q, STEPS, round_id=f"round-{rnd}")
+        epsilon = ledger.record_round(3.0, 1.0, 1, round_id=f"round-{rnd}-evaluation")
+    assert _rdp_per_step.cache_info().misses == computed  # the same two settings: nothing computed again
+    assert len(ledger.history) == 60
+    reference = RDPAccountant()
+    reference.history = list(ledger.history)
+    assert epsilon == reference.get_epsilon(delta=DELTA)  # bit for bit
+
+
 @pytest.mark.parametrize("kind, rounds", [("rdp", 20), ("prv", 4)])
 def test_noise_for_plan_spends_the_budget_over_the_planned_rounds(tmp_path, kind, rounds):
     budget = PrivacyBudget(8.0, DELTA, kind)
