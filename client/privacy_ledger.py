@@ -594,7 +594,7 @@ def _rdp_per_step(sample_rate: float, sigma: float):
     """One step's Rényi DP at Opacus' default orders. A round's training and its evaluation release
     alternate, so a federation's history does not merge into few segments: without this, every round
     recomputed every earlier segment's orders (about 0.5 s of CPU each on this machine), and a round's
-    accounting grew with the rounds before it (8 s by round 8 of the cache_rounds benchmark). RDP composes
+    accounting grew with the rounds before it (7 s by round 9 of a cache_rounds-like run). RDP composes
     by addition and is linear in the steps, and Opacus computes ``orders * steps`` the same way, so the
     result is bit-identical to its accountant's. Callers never write to the array."""
     from opacus.accountants import RDPAccountant

@@ -44,7 +44,7 @@ from simulations.local_consortium import LocalConsortium
 from tests.conftest import copy_hospitals
 from tests.consortium_runs import TRAINING
 
-pytestmark = pytest.mark.slow(seconds=700)  # in CI, three processes on two cores
+pytestmark = pytest.mark.slow(seconds=620)  # in CI, three processes on two cores
 
 TRAIN = "train"
 ALLOWED_STRINGS = {"Success", ""}  # Flower's own status text in legacy replies

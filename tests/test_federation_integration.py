@@ -33,7 +33,7 @@ from tests.consortium_runs import (
     wait_for_model,
 )
 
-pytestmark = pytest.mark.slow(seconds=400)  # in CI, three processes on two cores
+pytestmark = pytest.mark.slow(seconds=430)  # in CI, three processes on two cores
 
 # Flower's SuperNode heartbeat is every 30 s and the SuperLink keeps a node online for two of them:
 # a restarted site is refused until then, and its supervisor backs off (2, 4, 8... s) meanwhile.

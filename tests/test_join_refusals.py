@@ -20,7 +20,7 @@ from shared.site_keys import keygen
 from simulations.local_consortium import LocalConsortium
 from tests.consortium_runs import online_nodes
 
-pytestmark = pytest.mark.slow(seconds=210)  # in CI, three processes on two cores
+pytestmark = pytest.mark.slow(seconds=180)  # in CI, three processes on two cores
 
 
 def _site(root: Path, name: str) -> Path:

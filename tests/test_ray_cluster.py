@@ -45,7 +45,7 @@ def test_an_address_is_a_cluster_and_a_cluster_has_its_own_cores():
 
 @pytest.fixture(scope="module")
 def ray_head():
-    """A one-node Ray cluster: (its address, its RAY_TMPDIR, its Ray Client address).
+    """A one-node Ray cluster: (its address, its RAY_TMPDIR).
 
     Started under its own RAY_TMPDIR, not Ray's default /tmp/ray: ``ray start`` records its address in
     RAY_TMPDIR/ray/ray_current_cluster, where ``ray.init()`` without an address would find it and join,
@@ -66,7 +66,7 @@ def ray_head():
             if head.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"the Ray head did not start: {(temp / 'head.log').read_text()[-2000:]}")
             time.sleep(0.5)
-        yield f"127.0.0.1:{port}", temp, f"ray://127.0.0.1:{client_port}"
+        yield f"127.0.0.1:{port}", temp
     finally:
         started = [head.pid, *descendants(head.pid)]
         os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` and every process it started
@@ -82,11 +82,10 @@ def ray_head():
 
 @pytest.mark.slow(seconds=30)
 def test_a_node_that_cannot_see_a_path_is_named_before_any_round(ray_head, tmp_path):
-    address, _, client = ray_head
+    address, _ = ray_head
     (tmp_path / "site.yaml").write_text("name: site-001\n")
-    for joined in (address, client):  # the head's port, and Ray Client
-        views = check_cluster(joined, [tmp_path / "site.yaml"], [tmp_path])
-        assert len(views) == 1 and not views[0].problems()
+    views = check_cluster(address, [tmp_path / "site.yaml"], [tmp_path])
+    assert len(views) == 1 and not views[0].problems()
     missing = tmp_path / "elsewhere" / "cache"  # e.g. a disk only the researcher's machine mounts
     with pytest.raises(ClusterError) as refused:
         check_cluster(address, [tmp_path / "site.yaml", missing], [tmp_path])
@@ -98,7 +97,7 @@ def test_three_travelling_sites_train_on_the_cluster_found_by_auto(ray_head, pre
                                                                     monkeypatch):
     from simulations.cli import main
 
-    address, temp, _ = ray_head
+    address, temp = ray_head
     monkeypatch.setenv("RAY_TMPDIR", str(temp))  # where `ray start` recorded the head: what `auto` reads
     sim_yaml = write_sim(tmp_path, prepared_hospitals, backend={"address": "auto", "data": "travel"})
     document = yaml.safe_load(sim_yaml.read_text())

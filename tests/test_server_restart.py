@@ -22,7 +22,7 @@ from simulations.local_consortium import LocalConsortium
 from tests.conftest import copy_hospitals
 from tests.consortium_runs import TRAINING, exhaust_budget, trained_sites, wait_for_model
 
-pytestmark = pytest.mark.slow(seconds=430)  # in CI, three processes on two cores
+pytestmark = pytest.mark.slow(seconds=370)  # in CI, three processes on two cores
 
 
 def test_server_killed_and_resumed_with_a_refusing_site(prepared_hospitals, tmp_path):

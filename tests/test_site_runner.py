@@ -46,7 +46,7 @@ from simulations.process_tree import descendants
 from tests.conftest import copy_hospitals
 from tests.consortium_runs import TRAINING, accept_two_site_rounds, proxy_access_log, raw_request
 
-pytestmark = pytest.mark.slow(seconds=600)  # in CI, three processes on two cores
+pytestmark = pytest.mark.slow(seconds=450)  # in CI, three processes on two cores
 
 WAIT_S = 90
 
