@@ -27,7 +27,8 @@ from shared.file_memo import FileMemo
 # after the first copies only what `prepare` changed to the device, not the whole training set. Sized from
 # the device's memory (feature_cache.WARM_DEVICE_SHARE) at first use. One call (one split: training or
 # validation) puts at most that many bytes on the device, so a round at most twice that; the rest stays on
-# the host and is copied per batch, as without it, so a training set larger than the GPU still trains. Never on the CPU, where a tensor over the cached array is free.
+# the host and is copied per batch, as without it, so a training set larger than the GPU still trains.
+# Never on the CPU, where a tensor over the cached array is free.
 DEVICE_ENTRIES = FileMemo(max_bytes=0, size_of=lambda tensor: tensor.numel() * tensor.element_size())
 
 
