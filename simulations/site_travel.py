@@ -121,14 +121,10 @@ class SiteStore:
         self._states = dict(states)
         self._node_ids: dict[str, int] = {}
 
-    def digest(self, site: str) -> str:
-        return self._digests[site]
-
-    def inputs(self, site: str) -> bytes:
-        return self._inputs[site]
-
-    def state(self, site: str) -> bytes:
-        return self._states[site]
+    def check_out(self, site: str, have: str | None) -> tuple[str, bytes | None, bytes]:
+        """The inputs' digest, the inputs themselves unless the node ``have`` them already, the newest state."""
+        digest = self._digests[site]
+        return digest, None if have == digest else self._inputs[site], self._states[site]
 
     def check_in(self, site: str, state: bytes, node_id: int) -> None:
         self._states[site] = state
@@ -158,16 +154,16 @@ def check_out(namespace: str, site: str) -> Path:
     newest state, in this node's copy; its site.yaml. Runs inside a Ray worker (Flower's actor)."""
     import ray
 
-    store = _store(namespace)
     folder = local_site_yaml(namespace, site).parent
-    digest = ray.get(store.digest.remote(site))
     mark = folder / INPUTS_MARK
-    if not mark.is_file() or mark.read_text() != digest:
+    have = mark.read_text() if mark.is_file() else None
+    digest, inputs, state = ray.get(_store(namespace).check_out.remote(site, have))  # one call per message
+    if inputs is not None:
         shutil.rmtree(folder, ignore_errors=True)
-        unpack(ray.get(store.inputs.remote(site)), folder)
+        unpack(inputs, folder)
         mark.write_text(digest)
     shutil.rmtree(folder / "state", ignore_errors=True)
-    unpack(ray.get(store.state.remote(site)), folder / "state")
+    unpack(state, folder / "state")
     return folder / "site.yaml"
 
 

@@ -83,3 +83,18 @@ def test_travel_is_for_a_cluster():
         parse_sim_config({"classes": FEDERATION_CLASSES, "simulation": {"backend": {"data": "travel"}}})
     with pytest.raises(ConfigError, match="data"):
         parse_sim_config({"classes": FEDERATION_CLASSES, "simulation": {"backend": {"data": "nfs"}}})
+
+
+def test_a_deployed_site_ignores_a_travel_key_the_server_puts_in_the_run_config(tmp_path):
+    """`simulation-travel` is a declared run-config key, so a server can send it to real hospitals: their
+    ClientApp must neither fetch a hospital from a store nor read one from anywhere but its own site.yaml."""
+    from flwr.app import Context, RecordDict
+
+    from client.app import SIMULATION_SITES_KEY, SIMULATION_TRAVEL_KEY, SITE_CONFIG_KEY, site_yaml_of, travelling_site
+
+    own = tmp_path / "site.yaml"
+    context = Context(run_id=1, node_id=7, node_config={SITE_CONFIG_KEY: str(own)}, state=RecordDict(),
+                      run_config={SIMULATION_SITES_KEY: str(tmp_path / "elsewhere"), SIMULATION_TRAVEL_KEY: "ns"})
+    passed = []
+    assert travelling_site("message", context, lambda msg, ctx: passed.append(msg) or "reply") == "reply"
+    assert passed == ["message"] and site_yaml_of(context) == own
