@@ -57,7 +57,10 @@ def extract_features(encoder: TileEncoder | torch.nn.Module, tiles: Tiles, batch
                 on_batch(len(batch))
     if not out:
         return np.zeros((0, encoder.feature_dim), dtype=np.float32)
-    return np.concatenate(out) if block_input else np.concatenate(out).astype(np.float32, copy=False)
+    vectors = np.concatenate(out) if block_input else np.concatenate(out).astype(np.float32, copy=False)
+    out.clear()
+    free_memory(now=True)  # the last batches' and the per-batch results' pages, before the caller's next stage
+    return vectors
 
 
 def as_nchw(batch: torch.Tensor) -> torch.Tensor:

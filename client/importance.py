@@ -37,7 +37,7 @@ from client.sequences import evaluation_windows
 EXACT_PLAYERS = 10  # 2^10 subsets per window; beyond this, sampled orders
 PERMUTATIONS = 64
 SEED = 0
-CHUNK = 1024  # sequences per head call: bounds memory on slides with tens of thousands of tiles
+CHUNK = 256  # sequences per head call: bounds memory on slides with tens of thousands of tiles
 
 
 @dataclass(frozen=True)
@@ -120,6 +120,19 @@ def _coalition_values(head: nn.Module, features: torch.Tensor, windows: np.ndarr
 
 
 def _scores(head: nn.Module, features: torch.Tensor, tiles: np.ndarray, target: int) -> np.ndarray:
-    """Probability of ``target`` for each row of tile indices (B, L), in chunks."""
-    return np.concatenate([torch.softmax(head(features[torch.from_numpy(tiles[i:i + CHUNK])]), dim=-1)[:, target]
-                           .numpy() for i in range(0, len(tiles), CHUNK)]).astype(np.float32)
+    """Probability of ``target`` for each row of tile indices (B, L), ``CHUNK`` rows per head call.
+
+    Every chunk's sequences are gathered into one buffer: a new tensor per chunk (tens of MB, a size glibc
+    serves from its heap) left the heap fragmented, and `predict` of a 7,000-tile slide held 0.9 GB more
+    at the end of the explanation than before it (0.06 GB with the buffer and 256-row chunks).
+    """
+    rows, length = tiles.shape
+    chunk = min(CHUNK, rows)
+    buffer = torch.empty(chunk * length, features.shape[-1], dtype=features.dtype, device=features.device)
+    scores = np.empty(rows, dtype=np.float32)
+    for start in range(0, rows, chunk):
+        index = torch.from_numpy(tiles[start:start + chunk].reshape(-1)).to(features.device)
+        sequences = torch.index_select(features, 0, index, out=buffer[:len(index)])
+        scores[start:start + chunk] = torch.softmax(head(sequences.view(-1, length, features.shape[-1])),
+                                                    dim=-1)[:, target].cpu().numpy()
+    return scores

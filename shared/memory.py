@@ -43,9 +43,10 @@ class FreeMemory:
         self.every_s = every_s
         self.last = time.monotonic()
 
-    def __call__(self) -> bool:
-        """True if memory was handed back now."""
-        if _TRIM is None or time.monotonic() - self.last < self.every_s:
+    def __call__(self, now: bool = False) -> bool:
+        """True if memory was handed back now. ``now``: whenever it was last done (at the end of a long loop,
+        before the next stage allocates)."""
+        if _TRIM is None or (not now and time.monotonic() - self.last < self.every_s):
             return False
         _TRIM(0)
         self.last = time.monotonic()
