@@ -126,7 +126,7 @@ def supernode_command(config: SiteConfig, site_yaml: Path, insecure: bool) -> li
 
 RETRY_MAX_S = 60.0
 STABLE_S = 300.0  # a SuperNode that ran this long was connected: back off from the start again
-RUNNER_READY_S = 180.0  # the runner imports Flower and fedpath's ClientApp first: seconds, more on a busy machine
+RUNNER_READY_S = 180.0  # the runner imports Flower, the ClientApp, torch and Opacus first: seconds, more when busy
 
 
 def wait_for_runner(config: SiteConfig, supervisor: subprocess.Popen, log_file: Path, log_offset: int,

@@ -393,7 +393,9 @@ def build_runner(config: SiteConfig, secret: bytes | None) -> TaskRunner:
         installed, version, app_dir = None, None, None
     approval = BundleApproval(installed, config.federation.allowed_bundles)
     policy = EgressPolicy.for_site(config)
-    from client import feature_cache
+    # federated_round, private_training: what a training message needs (torch, Opacus; 4 s here, over 10 s
+    # beside other work), imported now: in the first round it counted against the server's round_timeout.
+    from client import feature_cache, federated_round, private_training  # noqa: F401
     from client.app import app  # the installed ClientApp, imported once for every task
 
     # This process serves every round: keep the feature cache's entries between them (shared/file_memo.py),

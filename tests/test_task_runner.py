@@ -243,3 +243,17 @@ def test_detached_start_stops_the_unit_when_the_runner_cannot_start(tmp_path):
     with pytest.raises(SiteStartError, match="did not start within 1 s"):
         wait_for_runner(config, supervisor, log_file, 0, 0, timeout=1)
     assert supervisor.poll() is not None
+
+
+def test_a_started_runner_has_torch_and_opacus_before_its_first_task(tmp_path):
+    # In a fresh interpreter (this one has torch already): what build_runner leaves loaded before serving.
+    (tmp_path / "manifest.csv").write_text("slide,label\n")
+    (tmp_path / "site.yaml").write_text("name: h\ndata: {manifest: manifest.csv}\n")
+    script = ("import sys; from client.site_config import load_site_config; "
+              "from client.task_runner import build_runner; "
+              f"build_runner(load_site_config({str(tmp_path / 'site.yaml')!r}), None); "
+              "print(*sorted(m for m in ('torch', 'opacus') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    assert loaded == ["opacus", "torch"]
+    (record,) = EgressLog(load_site_config(tmp_path / "site.yaml").state_dir).verify()
+    assert record["event"] == "start"
