@@ -68,6 +68,7 @@ def _measure(root: Path, sites: list[Path], rounds: int, secure: bool) -> dict:
         "fit_phase_s": round(statistics.mean(t["fit_phase_s"] for t in timings), 2),
         "site_train_s_max": round(statistics.mean(t["site_train_s_max"] for t in timings), 2),
         "overhead_s": round(statistics.mean(t["round_s"] - t["site_train_s_max"] for t in timings), 2),
+        "overhead_s_by_round": [round(t["round_s"] - t["site_train_s_max"], 2) for t in timings],
         "bytes_per_site_round": int(per_site_round),
         "trainable_param_bytes": int(param_bytes),
         "bytes_ratio": round(per_site_round / param_bytes, 3),

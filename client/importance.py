@@ -127,7 +127,7 @@ def _scores(head: nn.Module, features: torch.Tensor, tiles: np.ndarray, target: 
     at the end of the explanation than before it (0.06 GB with the buffer and 256-row chunks).
     """
     rows, length = tiles.shape
-    chunk = min(CHUNK, rows)
+    chunk = max(1, min(CHUNK, rows))
     buffer = torch.empty(chunk * length, features.shape[-1], dtype=features.dtype, device=features.device)
     scores = np.empty(rows, dtype=np.float32)
     for start in range(0, rows, chunk):
