@@ -123,8 +123,8 @@ def _scores(head: nn.Module, features: torch.Tensor, tiles: np.ndarray, target: 
     """Probability of ``target`` for each row of tile indices (B, L), ``CHUNK`` rows per head call.
 
     Every chunk's sequences are gathered into one buffer: a new tensor per chunk (tens of MB, a size glibc
-    serves from its heap) left the heap fragmented, and `predict` of a 7,000-tile slide held 0.9 GB more
-    at the end of the explanation than before it (0.06 GB with the buffer and 256-row chunks).
+    serves from its heap) left the heap fragmented: explaining a 7,273-tile slide added 0.35-0.9 GB to
+    `predict`'s peak (0.06 GB with the buffer and 256-row chunks).
     """
     rows, length = tiles.shape
     chunk = max(1, min(CHUNK, rows))

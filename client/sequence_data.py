@@ -23,15 +23,16 @@ from client.sequences import evaluation_windows, training_windows
 from shared.devices import module_device
 from shared.file_memo import FileMemo
 
+# Windows per head call when scoring a whole slide: all of them at once copied every window and held the head's
+# activations over them, memory that grows with the slide (0.05 GB at 7,273 tiles; `predict`, evaluation).
+WINDOWS_PER_CALL = 256
+
 # Training vectors kept on a GPU between rounds by a long-lived process (the site's task runner): a round
 # after the first copies only what `prepare` changed to the device, not the whole training set. Sized from
 # the device's memory (feature_cache.WARM_DEVICE_SHARE) at first use. One call (one split: training or
 # validation) puts at most that many bytes on the device, so a round at most twice that; the rest stays on
 # the host and is copied per batch, as without it, so a training set larger than the GPU still trains.
 # Never on the CPU, where a tensor over the cached array is free.
-# Windows per head call when scoring a whole slide: a copy of every window of a scanner-size slide at once,
-# and the head's activations over them, grew predict's memory with the slide (0.35 GB more at 7,000 tiles).
-WINDOWS_PER_CALL = 256
 DEVICE_ENTRIES = FileMemo(max_bytes=0, size_of=lambda tensor: tensor.numel() * tensor.element_size())
 
 
