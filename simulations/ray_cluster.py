@@ -200,7 +200,8 @@ def cluster_run(address: str, site_yamls: dict[str, Path], read: Sequence[Path],
         states = {site: pack_folder(load_site_config(path).state_dir) for site, path in site_yamls.items()}
         store = ray.remote(num_cpus=0, max_restarts=0)(SiteStore).options(
             name=STORE_NAME, namespace=namespace).remote(inputs, states)
-        ray.get(store.check_out.remote(next(iter(site_yamls)), None))  # the store is up before the first round
+        # The store is up before the first round (asking for a site's inputs would copy them here for nothing).
+        ray.get(store.sites.remote())
         print(f"data: travel: {len(inputs)} virtual hospitals, {sum(map(len, inputs.values())) / 2**20:.1f} MiB "
               f"in Ray namespace {namespace}", flush=True)
         try:

@@ -121,6 +121,10 @@ class SiteStore:
         self._states = dict(states)
         self._node_ids: dict[str, int] = {}
 
+    def sites(self) -> list[str]:
+        """The virtual hospitals it holds (a cheap call: the run waits on it before the first round)."""
+        return sorted(self._inputs)
+
     def check_out(self, site: str, have: str | None) -> tuple[str, bytes | None, bytes]:
         """The inputs' digest, the inputs themselves unless the node ``have`` them already, the newest state."""
         digest = self._digests[site]
