@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ from client.egress_log import EGRESS_FILE
 from client.site_config import SiteConfig
 from shared.atomic_files import atomic_write_bytes
 from shared.errors import UserError
-from shared.processes import executable, flower_env, running_pid, start, stop_pid, tail
+from shared.processes import executable, flower_env, running_pid, start, stop_pid, stop_signals, tail
 
 log = logging.getLogger("fedpath.site")
 
@@ -258,50 +257,37 @@ class Child:
             self.process.wait(timeout=timeout)
 
 
-class _Terminated(Exception):
-    """SIGTERM reached the supervisor (`fedpath-site stop`, a service manager)."""
-
-
-def _on_sigterm(signum, frame) -> None:
-    raise _Terminated
-
-
 def supervise(children: list[Child], env: dict[str, str], log_file: Path, name: str) -> int:
     """Keep ``children`` running: start each, restart it after it exits (backing off 2 s to
     ``RETRY_MAX_S``, from 2 s again once it had run ``STABLE_S``), stop them all on Ctrl-C or
-    SIGTERM. Returns when a child with ``ends_all_on_success`` exits with code 0."""
-    try:
-        signal.signal(signal.SIGTERM, _on_sigterm)
-    except ValueError:  # not the main thread: SIGTERM keeps its default
-        pass
-    try:
-        while True:
-            now = time.monotonic()
+    SIGTERM (exit code 130 or 143). Returns when a child with ``ends_all_on_success`` exits with
+    code 0. A signal is acted on between two polls, so no poll or stop is cut in half."""
+    with stop_signals(deferred=True) as signals:
+        try:
+            while not signals.received:
+                now = time.monotonic()
+                for child in children:
+                    if child.process is None:
+                        if now >= child.restart_at:
+                            child.start(env, log_file)
+                        continue
+                    code = child.process.poll()
+                    if code is None:
+                        continue
+                    child.process = None
+                    if code == 0 and child.ends_all_on_success:
+                        return 0
+                    if now - child.started > STABLE_S:
+                        child.delay = 2.0
+                    print(f"{time.strftime('%H:%M:%S')} {name}: {child.name} exited with code {code}: "
+                          f"{child.exit_reason}. Retrying in {child.delay:.0f} s; see {log_file}", flush=True)
+                    child.restart_at = now + child.delay
+                    child.delay = min(2 * child.delay, RETRY_MAX_S)
+                time.sleep(0.5)
+            return signals.exit_code()
+        finally:
             for child in children:
-                if child.process is None:
-                    if now >= child.restart_at:
-                        child.start(env, log_file)
-                    continue
-                code = child.process.poll()
-                if code is None:
-                    continue
-                child.process = None
-                if code == 0 and child.ends_all_on_success:
-                    return 0
-                if now - child.started > STABLE_S:
-                    child.delay = 2.0
-                print(f"{time.strftime('%H:%M:%S')} {name}: {child.name} exited with code {code}: {child.exit_reason}. "
-                      f"Retrying in {child.delay:.0f} s; see {log_file}", flush=True)
-                child.restart_at = now + child.delay
-                child.delay = min(2 * child.delay, RETRY_MAX_S)
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        return 130
-    except _Terminated:
-        return 143
-    finally:
-        for child in children:
-            child.stop()
+                child.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 from server.certificates import ConsortiumFiles
-from server.fleet_proxy import ProxyFiles, prepare_proxy, start_proxy
+from server.fleet_proxy import Nginx, ProxyFiles, prepare_proxy, start_proxy
 from server.server_config import LOOPBACK, ServerConfig
 from shared.errors import UserError
 from shared.processes import (
@@ -30,9 +30,9 @@ from shared.processes import (
     flower_env,
     port_open,
     running_pid,
-    sigterm_as_interrupt,
     start,
     stop,
+    stop_signals,
     wait_first_exit,
 )
 
@@ -110,30 +110,35 @@ def start_server(config: ServerConfig, insecure: bool, detach: bool) -> int:
     one of them ends or Ctrl-C (or SIGTERM), and stop both."""
     paths = StatePaths(config)
     files = tls_files(config, insecure)
-    with sigterm_as_interrupt():  # also during start-up: never leave one of the two running alone
-        server, proxy = _start_both(config, paths, files)
-        superlink = config.superlink
-        print(f"SuperLink on {superlink.loopback_address} (pid {server.pid}; admin commands on this host only), log "
-              f"{paths.log}, state {paths.database}\n"
-              f"proxy on {superlink.address} for the sites, Fleet API only (nginx pid {proxy.pid}), log "
-              f"{paths.proxy.access_log}", flush=True)
-        if detach:
-            print(f"stop both with `fedpath-server stop --config ...` (pid files {paths.pid}, {paths.proxy.pid})")
-            return 0
+    keep_running = False
+    with stop_signals() as signals:  # during start-up a signal interrupts at once: never one of the two alone
+        nginx = _preflight(config, paths, files)  # refused here, the finally below would stop another's server
         try:
-            name, code = wait_first_exit([("the SuperLink", server), ("the proxy", proxy)])
+            server, proxy = _start_both(config, paths, files, nginx)
+            signals.defer()  # from here a signal is a request, acted on between two polls of the wait
+            superlink = config.superlink
+            print(f"SuperLink on {superlink.loopback_address} (pid {server.pid}; admin commands on this host "
+                  f"only), log {paths.log}, state {paths.database}\n"
+                  f"proxy on {superlink.address} for the sites, Fleet API only (nginx pid {proxy.pid}), log "
+                  f"{paths.proxy.access_log}", flush=True)
+            if detach and not signals.received:
+                print(f"stop both with `fedpath-server stop --config ...` (pid files {paths.pid}, {paths.proxy.pid})")
+                keep_running = True
+                return 0
+            name, code = wait_first_exit([("the SuperLink", server), ("the proxy", proxy)], signals=signals)
             print(f"{name} exited with code {code}; stopping the other (logs: {paths.log}, "
                   f"{paths.proxy.error_log})", flush=True)
             return code if code >= 0 else 128 - code
         finally:
-            stopped = stop_server(paths)
-            if stopped:
-                print(f"stopped: {', '.join(stopped)}", flush=True)
+            signals.defer()  # the clean-up runs whole, whatever arrives meanwhile
+            if not keep_running:
+                stopped = stop_server(paths)
+                if stopped:
+                    print(f"stopped: {', '.join(stopped)}", flush=True)
 
 
-def _start_both(config: ServerConfig, paths: StatePaths,
-                files: ConsortiumFiles | None) -> tuple[subprocess.Popen, subprocess.Popen]:
-    """The SuperLink, then the proxy in front of it; on any failure neither is left running."""
+def _preflight(config: ServerConfig, paths: StatePaths, files: ConsortiumFiles | None) -> Nginx:
+    """Refuse before anything starts: a second start, a port taken, a missing or refusing nginx."""
     superlink = config.superlink
     paths.dir.mkdir(parents=True, exist_ok=True)
     _refuse_second_start(paths)
@@ -142,7 +147,13 @@ def _start_both(config: ServerConfig, paths: StatePaths,
         if port_open(host, port):
             raise FlowerError(f"{host}:{port} is already in use by another program: stop it, or choose another "
                               f"superlink.{setting} in the server config")
-    nginx = prepare_proxy(superlink, paths.proxy, files)  # a missing or refusing nginx stops us before anything runs
+    return prepare_proxy(superlink, paths.proxy, files)
+
+
+def _start_both(config: ServerConfig, paths: StatePaths, files: ConsortiumFiles | None,
+                nginx: Nginx) -> tuple[subprocess.Popen, subprocess.Popen]:
+    """The SuperLink, then the proxy in front of it; on any failure neither is left running."""
+    superlink = config.superlink
     server = start(superlink_command(config, files), paths.dir / "superlink.out", paths.pid,
                    superlink_env(paths), "the SuperLink", ready_port=(LOOPBACK, superlink.loopback))
     try:

@@ -117,10 +117,14 @@ def port_open(host: str, port: int) -> bool:
         return False
 
 
-def wait_first_exit(processes: Sequence[tuple[str, subprocess.Popen]], poll: float = 0.5) -> tuple[str, int]:
+def wait_first_exit(processes: Sequence[tuple[str, subprocess.Popen]], poll: float = 0.5,
+                    signals: StopSignals | None = None) -> tuple[str, int]:
     """Block until one of ``processes`` exits; its name and exit code. Processes that run as one
-    unit (the SuperLink and its proxy) are waited for together, so neither is left alone."""
+    unit (the SuperLink and its proxy) are waited for together, so neither is left alone. A stop
+    request recorded in ``signals`` raises KeyboardInterrupt here, between two polls."""
     while True:
+        if signals is not None and signals.received:
+            raise KeyboardInterrupt
         for name, process in processes:
             code = process.poll()
             if code is not None:
@@ -128,21 +132,49 @@ def wait_first_exit(processes: Sequence[tuple[str, subprocess.Popen]], poll: flo
         time.sleep(poll)
 
 
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Treat SIGTERM like Ctrl-C while a foreground command waits for its children: they run in
-    sessions of their own and would outlive a command killed without its clean-up. SIGINT is made
-    to interrupt too: a command started in the background of a script inherits it ignored (and
-    Python then installs no Ctrl-C handler), so `kill -INT` would otherwise leave both running."""
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
+class StopSignals:
+    """SIGTERM and SIGINT as a foreground command that supervises children sees them.
 
-    if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
-        yield
+    At first a signal raises KeyboardInterrupt wherever the main thread is: start-up's bounded
+    waits catch it and stop what they started. After ``defer()`` a signal is only recorded and the
+    supervising loop acts on it between two polls: an exception raised at an arbitrary point could
+    cut a print, a ``Popen.poll`` (leaving its lock taken) or the clean-up itself in half, and the
+    children, in sessions of their own, would outlive the command.
+    """
+
+    def __init__(self) -> None:
+        self.deferred = False
+        self.received: list[int] = []
+
+    def defer(self) -> None:
+        self.deferred = True
+
+    def exit_code(self) -> int:
+        """The shell's code for the first signal received (130 for SIGINT, 143 for SIGTERM)."""
+        return 128 + (self.received[0] if self.received else signal.SIGINT)
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.received.append(signum)
+        if not self.deferred:
+            raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def stop_signals(deferred: bool = False) -> Iterator[StopSignals]:
+    """Install ``StopSignals`` for SIGTERM and SIGINT while a foreground command waits for its
+    children, restoring the previous handlers after. SIGINT is handled too: a command started in
+    the background of a script inherits it ignored (and Python then installs no Ctrl-C handler), so
+    `kill -INT` would otherwise leave the children running. Outside the main thread (which alone
+    gets signals) nothing is installed and nothing is ever received."""
+    signals = StopSignals()
+    if deferred:
+        signals.defer()
+    if threading.current_thread() is not threading.main_thread():
+        yield signals
         return
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.signal(sig, signals) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        yield
+        yield signals
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -186,6 +186,40 @@ def test_supervisor_restarts_a_child_that_exits_and_stops_with_the_supernode(tmp
         capsys.readouterr().out
 
 
+@pytest.mark.parametrize("signals, expected", [(["SIGTERM"], 143), (["SIGINT"], 130),
+                                                (["SIGTERM", "SIGTERM", "SIGINT"], 143)])
+def test_the_supervisor_stops_its_children_on_a_signal_even_when_more_follow(tmp_path, signals, expected):
+    """`fedpath-site stop` (SIGTERM), Ctrl-C, or a service manager that repeats its signal: the
+    children are stopped whole and the code says which signal came first."""
+    import os
+    import signal
+
+    from shared.processes import is_alive
+
+    pid_file = tmp_path / "child.pid"
+    child = ("import os, signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: (time.sleep(1), sys.exit(0))); "
+             f"open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)")  # slow to stop, like a SuperNode
+    code = ("import sys; from pathlib import Path; from client.supernode import Child, supervise; "
+            f"sys.exit(supervise([Child('the SuperNode', [sys.executable, '-c', {child!r}], 'x', "
+            f"ends_all_on_success=True)], {{}}, Path({str(tmp_path / 'site.log')!r}), 'hospital-a'))")
+    process = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not pid_file.exists() or not pid_file.read_text():
+            assert time.monotonic() < deadline and process.poll() is None, "the child never started"
+            time.sleep(0.1)
+        child_pid = int(pid_file.read_text())
+        for name in signals:
+            process.send_signal(getattr(signal, name))
+            time.sleep(0.3)  # the later ones arrive while the child is being stopped
+        assert process.wait(timeout=60) == expected
+        assert not is_alive(child_pid)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
 def test_a_reply_that_cannot_be_described_leaves_as_a_recorded_code(tmp_path, installed_fab):
     """The egress log records what leaves; what it cannot describe does not leave."""
     from flwr.app import Array, ArrayRecord
