@@ -34,7 +34,7 @@ from shared.devices import resolve_device
 from shared.encoder import WeightsError, check_pinned
 from shared.metrics import classification_metrics
 from shared.model import build_trainable
-from shared.parameters import load_arrays, model_arrays, subtract, update_problem
+from shared.parameters import load_arrays, model_arrays, subtract, unpack, update_problem
 from shared.refusals import REFUSALS
 from shared.round_plan import RoundPlan
 from shared.round_sums import CountLayout, EvaluationCounts, encode_reply
@@ -74,7 +74,8 @@ def fit(config: SiteConfig, plan: RoundPlan, received: list[np.ndarray], noise_s
     Args:
         config: the site's site.yaml.
         plan: what the server asks of this round (validated: a bad federation id never gets here).
-        received: the global model's trainable tensors, in the model's order.
+        received: the global model's trainable tensors in the model's order, as the wire sends
+            them (one vector, ``shared/parameters.pack``) or one array per tensor.
         noise_seed: only for a simulated site of a simulation that asked for reproducible noise;
             a deployed site always draws its noise from the operating system.
 
@@ -88,7 +89,7 @@ def fit(config: SiteConfig, plan: RoundPlan, received: list[np.ndarray], noise_s
     releases_evaluation = plan.evaluate and config.privacy.release_evaluation
     record: dict = {"round": plan.round, "train": plan.train, "evaluate": releases_evaluation}
     counts = np.zeros(layout.size)
-    update = [np.zeros_like(a, dtype=np.float32) for a in received]
+    update = _no_update(plan, received)
     patients, numbers = 0, {}
     try:
         if plan.reproducible_noise and noise_seed is None:
@@ -100,7 +101,9 @@ def fit(config: SiteConfig, plan: RoundPlan, received: list[np.ndarray], noise_s
                                   device=None if device.type == "cpu" else device)
         if not train:  # also for the last, evaluation-only exchange: the noise plan is made from the training set
             raise Refusal(5, "no prepared training slides")
-        head = _global_head(plan, received, config.features.backbone_weights).to(device)
+        head, received = _global_head(plan, received, config.features.backbone_weights)
+        head = head.to(device)
+        update = _no_update(plan, received)  # its tensors now (the wire vector before)
         from client.private_training import PrivateRound  # Opacus: only where training happens
 
         training = TrainingConfig(epochs=plan.epochs, batch_size=plan.batch_size, learning_rate=plan.learning_rate)
@@ -133,14 +136,14 @@ def fit(config: SiteConfig, plan: RoundPlan, received: list[np.ndarray], noise_s
                           budget_epsilon=exc.budget.epsilon) from None
         except LedgerError as exc:
             raise Refusal(2, str(exc)) from None
-        problem = _outgoing_problem(plan, head, update, patients)
+        problem = _outgoing_problem(plan, head, update, patients) if plan.train else None
         if problem:  # the ledger recorded the round (privacy was spent), but nothing doubtful leaves
             raise Refusal(6, problem)
         numbers.update(epsilon=_epsilon_spent(session), delta=privacy.delta if privacy.enabled else None)
     except Refusal as refusal:
         log.warning("round %d: this site sits the round out: %s", plan.round, refusal)
         counts = np.zeros(layout.size)
-        update = [np.zeros_like(a, dtype=np.float32) for a in received]
+        update = _no_update(plan, received)
         patients = 0
         numbers = {"refused": refusal.code, **refusal.numbers}
         record.update(refused=refusal.code, reason=str(refusal))
@@ -148,9 +151,7 @@ def fit(config: SiteConfig, plan: RoundPlan, received: list[np.ndarray], noise_s
             numbers["epsilon"] = _epsilon_spent_on_disk(config, plan, privacy)
     numbers.update(budget_epsilon=numbers.get("budget_epsilon", privacy.epsilon),
                    train_seconds=time.perf_counter() - start)
-    arrays = encode_reply(update, patients, counts, plan.weight_scale)
-    if plan.secagg_clipping_range is not None:  # noisy counts may stray past the range: clip, never be clipped
-        arrays[-1] = np.clip(arrays[-1], -plan.secagg_clipping_range, plan.secagg_clipping_range)
+    arrays = encode_reply(update, patients, counts, plan.weight_scale, stats_range=plan.secagg_clipping_range)
     record.update({key: value for key, value in numbers.items() if value is not None})
     record_round(config, plan.federation_id, record)
     if config.federation.keep_sent_replies:
@@ -181,6 +182,13 @@ def _evaluate(head: torch.nn.Module, val: list[SlideFeatures], plan: RoundPlan, 
     return {"counts": counts, "local": {**local, "slides": len(val), "patients": len({s.patient for s in val})}}
 
 
+def _no_update(plan: RoundPlan, received: list[np.ndarray]) -> list[np.ndarray]:
+    """What a reply carries as update before (or instead of) training: zeros the size of the model;
+    nothing in an exchange that does not train (the last one scores the final model: its replies
+    carry only the counts, 84 bytes instead of the model's megabytes)."""
+    return [np.zeros_like(a, dtype=np.float32) for a in received] if plan.train else []
+
+
 def _outgoing_problem(plan: RoundPlan, head: torch.nn.Module, update: list[np.ndarray], patients: int) -> str | None:
     if patients > plan.weight_scale:
         return (f"{patients} patients exceed secure_aggregation.max_weight {plan.weight_scale} at the server: "
@@ -189,14 +197,16 @@ def _outgoing_problem(plan: RoundPlan, head: torch.nn.Module, update: list[np.nd
     return update_problem(shapes, update, plan.max_update_norm, plan.secagg_clipping_range)
 
 
-def _global_head(plan: RoundPlan, received: list[np.ndarray], trunk: str) -> torch.nn.Module:
+def _global_head(plan: RoundPlan, received: list[np.ndarray], trunk: str) -> tuple[torch.nn.Module, list[np.ndarray]]:
+    """The model the plan names holding the received values, and those values as its tensors."""
     # last_block: the received arrays fill the block; a frozen projection comes from the site's (pinned) trunk
     try:
         head = build_trainable(plan.model, len(plan.classes), trunk=trunk)
     except WeightsError as exc:
         raise Refusal(7, str(exc)) from None
-    load_arrays(head, received)
-    return head
+    tensors = unpack(received, [tuple(t.shape) for t in head.state_dict().values()], "the model the plan names")
+    load_arrays(head, tensors)
+    return head, tensors
 
 
 def _site_splits(config: SiteConfig, plan: RoundPlan, splits: tuple[str, ...],

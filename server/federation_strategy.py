@@ -45,7 +45,7 @@ from server.run_recorder import RunRecorder
 from server.server_config import ServerConfig, ServerOptimizerConfig
 from server.server_optimizer import ServerOptimizer
 from shared.errors import UserError
-from shared.parameters import update_problem
+from shared.parameters import ParameterMismatch, pack, update_problem
 from shared.refusals import refusal_code, refusal_text
 from shared.round_plan import RoundPlan
 from shared.round_sums import CountLayout, RoundSums, decode_sum
@@ -66,7 +66,8 @@ class FederationStrategy(Strategy):
         inner: Flower's strategy of ``strategy.name``: samples the sites, and aggregates the decoded
             per-site updates for the robust rules (plain replies only).
         recorder: writes checkpoints, cards, audit records and reports.
-        shapes: (name, shape) of every trainable tensor, in the wire order.
+        shapes: (name, shape) of every trainable tensor, in the wire order (the wire sends them
+            packed into one vector both ways: ``shared/parameters.pack``).
         global_arrays: the global model to start from.
         first_round: fedpath's number of the first exchange (rounds continue across a resume).
         plan_for: the round plan of a fedpath round.
@@ -83,6 +84,7 @@ class FederationStrategy(Strategy):
                  on_sampled: Callable[[int], None] | None = None, optimizer: ServerOptimizer | None = None) -> None:
         self.config, self.inner, self.recorder = config, inner, recorder
         self.shapes, self.global_arrays = shapes, global_arrays
+        self.tensor_shapes = [tuple(shape) for _, shape in shapes]
         self.offset = first_round - 1
         self.plan_for, self.site_name, self.on_sampled = plan_for, site_name, on_sampled
         self.optimizer = optimizer or ServerOptimizer(ServerOptimizerConfig(), [a.shape for a in global_arrays])
@@ -95,7 +97,7 @@ class FederationStrategy(Strategy):
         return f"FederationStrategy({self.inner!r})"
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters:
-        return ndarrays_to_parameters(self.global_arrays)
+        return ndarrays_to_parameters(pack(self.global_arrays))
 
     def observe(self, replies: list[Message]) -> None:
         """Every reply of the round's exchanges (TimeoutGrid): error replies name their site's refusal."""
@@ -155,12 +157,13 @@ class FederationStrategy(Strategy):
             self.optimizer.save(round_)  # before the checkpoint that marks the round done
             self.recorder.save_model(round_, self.global_arrays, self.sites, self._timing(),
                                      patients=sums.patients)
-        return ndarrays_to_parameters(self.global_arrays), {}
+        return ndarrays_to_parameters(pack(self.global_arrays)), {}
 
     def _read(self, round_: int, results: list[tuple[ClientProxy, FitRes]],
               training: bool) -> tuple[RoundSums | None, int]:
         """The round's sums from the replies, and how many sites contributed an update."""
         scale = self.config.secure_aggregation.max_weight
+        shapes = self.tensor_shapes if training else []  # an exchange that does not train: only the counts
         replies = [(proxy, self.site_name(proxy.node_id), parameters_to_ndarrays(res.parameters))
                    for proxy, res in results]
         if not replies:
@@ -169,14 +172,10 @@ class FederationStrategy(Strategy):
             # Every reply carries the unmasked mean of the m masked vectors: m times it is their sum.
             mean = replies[0][2]
             trained = sum(1 for _, name, _ in replies if self.sites[name].trained)
-            return decode_sum([a * len(replies) for a in mean], self.layout, scale), trained
+            return decode_sum([a * len(replies) for a in mean], self.layout, scale, shapes), trained
         usable = []
         for proxy, name, vector in replies:  # plain replies: each site's own vector, checked one by one
-            one = decode_sum(vector, self.layout, scale)
-            if one.update is None:
-                problem = "no training patients" if training and self.sites[name].trained else None
-            else:
-                problem = update_problem(self.shapes, one.update, self.config.federation.max_update_norm)
+            one, problem = self._read_one(vector, shapes, training and self.sites[name].trained)
             if problem:
                 log.warning("round %d: reply of %s rejected: %s", round_, name, problem)
                 self.sites[name].rejected = problem
@@ -185,7 +184,7 @@ class FederationStrategy(Strategy):
         if not usable:
             return None, 0
         total = decode_sum([sum(parts) for parts in zip(*(vector for _, vector, _ in usable), strict=True)],
-                           self.layout, scale)
+                           self.layout, scale, shapes)
         trained = [(proxy, one) for proxy, _, one in usable if one.update is not None]
         if self.config.strategy.name in SUMMED or not trained:
             return total, len(trained)
@@ -193,6 +192,17 @@ class FederationStrategy(Strategy):
                                  max(1, round(one.patients)), {})) for proxy, one in trained]
         aggregated, _ = self.inner.aggregate_fit(round_ - self.offset, robust, [])
         return RoundSums(parameters_to_ndarrays(aggregated), total.patients, total.evaluation), len(trained)
+
+    def _read_one(self, vector: list[np.ndarray], shapes: list[tuple[int, ...]],
+                  says_trained: bool) -> tuple[RoundSums | None, str | None]:
+        """One site's plain reply read back, or why it must not be used."""
+        try:
+            one = decode_sum(vector, self.layout, self.config.secure_aggregation.max_weight, shapes)
+        except ParameterMismatch as exc:  # another length: another model, class list or version
+            return None, str(exc)
+        if one.update is None:
+            return one, "no training patients" if says_trained else None
+        return one, update_problem(self.shapes, one.update, self.config.federation.max_update_norm)
 
     def configure_evaluate(self, server_round: int, parameters: Parameters,
                            client_manager: ClientManager) -> list[tuple[ClientProxy, EvaluateIns]]:

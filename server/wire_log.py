@@ -4,7 +4,7 @@ record: arrays as dtype and shape, numbers as their type, strings verbatim, byte
 sha256). No array values are written.
 
 On with ``federation.wire_log: true``; the tests read it to check that sites send nothing but
-arrays of the trainable shapes (or SecAgg+ protocol material) and numbers.
+one vector of the model's values (or SecAgg+ protocol material) and numbers.
 """
 
 from __future__ import annotations

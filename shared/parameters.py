@@ -1,8 +1,13 @@
-"""The parameter wire format: the trainable tensors of a model as an ordered list of arrays.
+"""The parameter wire format: the trainable tensors of a model, in order, as one float32 vector.
 
-Both sides agree on the order (the head's ``state_dict`` order) and the server checks names
-and shapes from the same place, so a site that built another model variant is refused
-instead of silently averaged into the wrong tensors.
+Both sides agree on the order (the head's ``state_dict`` order) and on the shapes, which come
+from the model the round plan names, so a site that built another model variant is refused
+(its vector has another length) instead of silently averaged into the wrong tensors.
+
+Why one vector (``pack``/``unpack``) and not one array per tensor: Flower 1.42 sends every array
+of a message as objects of its own (the array and its chunk), each one request through the
+proxy to the SuperLink and one more to whoever pulls it. A model of nine tensors made a reply
+of ~27 objects; packed, it is ~9 (``benchmarks/round_overhead.py``).
 """
 
 from __future__ import annotations
@@ -17,6 +22,24 @@ from torch import nn
 
 class ParameterMismatch(ValueError):
     """Arrays that do not fit the model they are meant for."""
+
+
+def pack(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """``arrays`` as the wire sends them: one float32 vector (their values in order, flattened)."""
+    return [np.concatenate([np.asarray(a, dtype=np.float32).ravel() for a in arrays])] if len(arrays) else []
+
+
+def unpack(arrays: Sequence[np.ndarray], shapes: Sequence[tuple[int, ...]],
+           what: str = "the model") -> list[np.ndarray]:
+    """Split the wire vector (or any arrays holding the values in order) into ``shapes``;
+    ParameterMismatch when the number of values differs."""
+    flat = np.concatenate([np.asarray(a).ravel() for a in arrays]) if len(arrays) else np.zeros(0, np.float32)
+    sizes = [int(np.prod(shape, dtype=np.int64)) for shape in shapes]
+    if flat.size != sum(sizes):
+        raise ParameterMismatch(f"received {flat.size} values, {what} has {sum(sizes)} in {len(shapes)} tensors: "
+                                "server and site build different models (another model, class list or version)")
+    parts = np.split(flat, np.cumsum(sizes)[:-1]) if shapes else []
+    return [part.reshape(shape) for part, shape in zip(parts, shapes, strict=True)]
 
 
 def model_arrays(model: nn.Module) -> OrderedDict[str, np.ndarray]:

@@ -3,7 +3,10 @@
 Under SecAgg+ the server recovers the (weighted) mean of the sites' vectors and nothing else, so
 everything it needs from the sites in aggregate travels inside that one vector:
 
-    [ patients · update / S  (one array per trainable tensor) | [patients / S, evaluation counts / S] ]
+    [ patients · update / S  (every trainable tensor, flattened) | patients / S, evaluation counts / S ]
+
+sent as one float32 array (``shared/parameters.pack``). An exchange that does not train (the last
+one, which scores the final model) sends only the part after the bar.
 
 Every site replies with the same plaintext weight (``S``, the consortium's ``max_weight``), so the
 mean the server unmasks is the plain mean over the m sites that answered; ``m`` times it is the sum.
@@ -29,6 +32,7 @@ from typing import Sequence
 import numpy as np
 
 from shared.metrics import confusion_metrics, nanmean, positive_index
+from shared.parameters import ParameterMismatch, pack, unpack
 
 DEFAULT_BINS = 10
 """Histogram bins over [0, 1]: AUC is exact to one bin's width (ties within a bin count one half)."""
@@ -165,19 +169,28 @@ class RoundSums:
     evaluation: EvaluationCounts
 
 
-def encode_reply(update: Sequence[np.ndarray], patients: int, counts: np.ndarray, scale: float) -> list[np.ndarray]:
-    """A site's reply arrays: ``patients · update / scale`` per tensor, then [patients, counts...] / scale."""
+def encode_reply(update: Sequence[np.ndarray], patients: int, counts: np.ndarray, scale: float,
+                 stats_range: float | None = None) -> list[np.ndarray]:
+    """A site's reply: one vector (``shared/parameters.pack``) of ``patients · update / scale`` per
+    tensor, then [patients, counts...] / scale, those clipped to ±``stats_range`` when given (SecAgg+'s
+    clipping range: noisy counts may stray past it; they are clipped here, never by the mod)."""
     arrays = [np.asarray(u, dtype=np.float32) * np.float32(patients / scale) for u in update]
     stats = np.concatenate([[patients], np.asarray(counts, dtype=np.float64)]) / scale
-    return [*arrays, stats.astype(np.float32)]
+    if stats_range is not None:
+        stats = np.clip(stats, -stats_range, stats_range)
+    return pack([*arrays, stats.astype(np.float32)])
 
 
-def decode_sum(total: Sequence[np.ndarray], layout: CountLayout, scale: float) -> RoundSums:
-    """The reply arrays summed over sites (``total``) read back: mean update, patients, counts."""
-    *weighted, stats = [np.asarray(a, dtype=np.float64) for a in total]
-    if stats.shape != (1 + layout.size,):
-        raise ValueError(f"the summed reply's statistics vector has shape {stats.shape}, expected "
-                         f"({1 + layout.size},): sites and server disagree on classes or evaluation bins")
+def decode_sum(total: Sequence[np.ndarray], layout: CountLayout, scale: float,
+               shapes: Sequence[tuple[int, ...]]) -> RoundSums:
+    """The reply vectors summed over sites (``total``) read back for a model of ``shapes``: mean
+    update, patients, counts."""
+    try:
+        *weighted, stats = unpack(total, [*shapes, stats_shape(layout)], "a reply")
+    except ParameterMismatch as exc:
+        raise ParameterMismatch(f"{exc} (statistics {stats_shape(layout)[0]} of them: sites and server may also "
+                                "disagree on classes or evaluation bins)") from None
+    weighted, stats = [np.asarray(w, dtype=np.float64) for w in weighted], np.asarray(stats, dtype=np.float64)
     patients = float(stats[0] * scale)
     counts = EvaluationCounts.from_vector(layout, stats[1:] * scale)
     # Under 0.5 patient the sum is quantisation noise: nobody trained.

@@ -168,7 +168,7 @@ def test_a_curious_server_reads_only_the_masked_sum_and_the_disclosed_numbers(co
     for exchange, check in ((1, "update"), (2, "evaluation")):
         sent = [np.load(sent_reply_path(c, secure.federation_id, exchange)) for c in configs]
         total = decode_sum([sum(parts) for parts in zip(*([f[k] for k in f.files] for f in sent), strict=True)],
-                         layout, 50)
+                         layout, 50, [a.shape for a in initial_model(config).values()])
         if check == "update":
             model = load_checkpoint(secure.path / "checkpoints" / "round-0001.npz").arrays
             initial = initial_model(config)

@@ -17,7 +17,7 @@ from client.prepare import prepare_site
 from client.site_config import load_site_config
 from client.site_rounds import read_rounds, sent_reply_path
 from shared.model import ModelConfig, build_head
-from shared.parameters import model_arrays
+from shared.parameters import ParameterMismatch, model_arrays, pack
 from shared.round_plan import PrivacyTarget, RoundPlan
 from shared.round_sums import CountLayout, decode_sum
 from simulations.slide_generator import SlideSpec, make_site_slides
@@ -88,25 +88,32 @@ def _ledger(config, plan) -> dict:
 def _read(reply, plan):
     """What the server would read if this site were the only one in the round."""
     layout = CountLayout(len(plan.classes), plan.evaluation_bins, 1)
-    return decode_sum(reply.arrays, layout, plan.weight_scale)
+    return decode_sum(reply.arrays, layout, plan.weight_scale, [a.shape for a in _global(plan)] if plan.train else [])
+
+
+def _wire_shape(plan, received) -> list[tuple[int]]:
+    """A reply is one vector: the model's values, then the patients and the evaluation counts."""
+    return [(sum(a.size for a in received) + 1 + CountLayout(len(plan.classes), plan.evaluation_bins, 1).size,)]
 
 
 def _assert_refused(reply, plan, received, code):
     assert reply.metrics["refused"] == code
     assert reply.examples == plan.weight_scale  # the same plaintext weight as everyone's
     assert set(reply.metrics) == {"epsilon", "refused"}
-    assert [a.shape for a in reply.arrays[:-1]] == [a.shape for a in received]
+    assert [a.shape for a in reply.arrays] == _wire_shape(plan, received)
     assert all(a.dtype == np.float32 and not a.any() for a in reply.arrays)  # zeros: nothing of the site
 
 
 def test_fit_sends_one_vector_and_only_the_disclosed_numbers(prepared, tmp_path):
     config, plan = _site(prepared, tmp_path / "site", federation={"keep_sent_replies": True}), _plan()
     received = _global(plan)
-    reply = federated_round.fit(config, plan, received)
+    with pytest.raises(ParameterMismatch, match=r"received 5 values, the model the plan names has \d+ in \d+ tensors"):
+        federated_round.fit(config, plan, [np.zeros(5, np.float32)])  # another model's vector: nothing trains
+    reply = federated_round.fit(config, plan, pack(received))  # as the wire brings it: one vector
     assert set(reply.metrics) == {"epsilon", "refused"}  # the default disclose list
     assert reply.metrics["refused"] == 0 and 0 < reply.metrics["epsilon"] <= 8.0 * (1 + 1e-6)
     assert reply.examples == plan.weight_scale
-    assert [a.shape for a in reply.arrays[:-1]] == [a.shape for a in received]
+    assert [a.shape for a in reply.arrays] == _wire_shape(plan, received)
     assert all(a.dtype == np.float32 and np.isfinite(a).all() for a in reply.arrays)
     assert all(np.abs(a).max() <= 1.0 for a in reply.arrays)  # within SecAgg+'s clipping range
     read = _read(reply, plan)
@@ -168,8 +175,10 @@ def test_disclose_decides_the_plain_numbers(prepared, tmp_path):
 def test_evaluation_only_and_no_evaluation(prepared, tmp_path):
     config, plan = _site(prepared, tmp_path / "site"), _plan()
     received = _global(plan)
-    final = federated_round.fit(config, replace(plan, round=3, train=False), received)
-    read = _read(final, plan)
+    scoring = replace(plan, round=3, train=False)
+    final = federated_round.fit(config, scoring, received)
+    assert [a.shape for a in final.arrays] == [(1 + 2 * plan.evaluation_bins,)]  # the counts, no model-size zeros
+    read = _read(final, scoring)
     assert final.metrics["refused"] == 0 and read.update is None and read.patients == pytest.approx(0, abs=1e-3)
     assert [(r["round_id"], r["kind"]) for r in _ledger(config, plan)["rounds"]] == [
         ("round-3-evaluation", "evaluation")]
@@ -261,7 +270,7 @@ def test_federation_classes_in_another_order_and_with_more_classes(prepared, tmp
     plan = _plan(classes=("normal", "adenoma", "adenocarcinoma"), privacy=PrivacyTarget(required=False))
     received = _global(plan)
     reply = federated_round.fit(config, plan, received)
-    assert reply.metrics["refused"] == 0 and [a.shape for a in reply.arrays[:-1]] == [a.shape for a in received]
+    assert reply.metrics["refused"] == 0 and [a.shape for a in reply.arrays] == _wire_shape(plan, received)
     assert received[-1].shape == (3,)  # the classifier's bias: a three-class head
     confusion = _read(reply, plan).evaluation.confusion  # exact without DP
     # the site's two val slides are one adenocarcinoma (class 2 here) and one adenoma (class 1); none is normal

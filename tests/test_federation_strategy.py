@@ -22,12 +22,20 @@ from server.server_config import (
 )
 from server.server_optimizer import ServerOptimizer, state_path
 from server.strategies import build_strategy
+from shared.parameters import unpack
 from shared.refusals import REFUSAL_ERROR_BASE
 from shared.round_plan import PLAN_KEY, RoundPlan
 from shared.round_sums import CountLayout, EvaluationCounts, encode_reply
 
 SHAPES = [("w", (2, 2)), ("b", (2,))]
 GLOBAL = [np.ones((2, 2), np.float32), np.zeros(2, np.float32)]
+
+
+def _model(parameters) -> list[np.ndarray]:
+    """The model's tensors in what the strategy sends (one vector on the wire)."""
+    arrays = parameters_to_ndarrays(parameters)
+    assert len(arrays) == 1 and arrays[0].shape == (sum(int(np.prod(shape)) for _, shape in SHAPES),)
+    return unpack(arrays, [shape for _, shape in SHAPES])
 CLASSES = ("adenoma", "adenocarcinoma")
 
 
@@ -123,7 +131,7 @@ def test_server_momentum_steps_on_the_aggregate_and_keeps_its_state_beside_the_c
     strategy, recorder = _strategy(config, optimizer=momentum)
     for server_round in (1, 2):  # the same aggregate twice: steps of 1.0, then 1.5 (0.5 x 1.0 + 1.0)
         results = [(FakeProxy(1), _fit_res(_update(1.0), 2)), (FakeProxy(2), _fit_res(_update(1.0), 2))]
-        new = parameters_to_ndarrays(strategy.aggregate_fit(server_round, _as_secagg(results) if secure else results,
+        new = _model(strategy.aggregate_fit(server_round, _as_secagg(results) if secure else results,
                                                             [])[0])
     np.testing.assert_allclose(new[0], GLOBAL[0] + 2.5, atol=1e-5)
     np.testing.assert_allclose(recorder.saved[-1][1][0], new[0])
@@ -136,7 +144,7 @@ def test_fedavg_adds_the_patient_weighted_mean_update_and_reads_the_pooled_evalu
     results = [(FakeProxy(1), _fit_res(_update(4.0), 1, _counts([0.9, 0.8], [0.1]))),
                (FakeProxy(2), _fit_res(_update(0.0), 3, _counts([0.3], [0.2, 0.7])))]
     parameters, metrics = strategy.aggregate_fit(1, _as_secagg(results) if secure else results, [])
-    new = parameters_to_ndarrays(parameters)
+    new = _model(parameters)
     # weights 1/4 and 3/4: mean update 1.0 for w, -1.0 for b
     np.testing.assert_allclose(new[0], np.full((2, 2), 2.0), atol=1e-5)
     np.testing.assert_allclose(new[1], np.full(2, -1.0), atol=1e-5)
@@ -158,14 +166,14 @@ def test_fedavg_adds_the_patient_weighted_mean_update_and_reads_the_pooled_evalu
     # the next round starts from the new global model
     results = [(FakeProxy(1), _fit_res(_update(1.0), 2)), (FakeProxy(2), _fit_res(_update(3.0), 2))]
     parameters, _ = strategy.aggregate_fit(2, _as_secagg(results) if secure else results, [])
-    np.testing.assert_allclose(parameters_to_ndarrays(parameters)[0], np.full((2, 2), 4.0), atol=1e-5)
+    np.testing.assert_allclose(_model(parameters)[0], np.full((2, 2), 4.0), atol=1e-5)
 
 
 def test_median_aggregates_the_decoded_updates_of_plain_replies():
     strategy, _ = _strategy(_config("median", min_sites=3))
     results = [(FakeProxy(1), _fit_res(_update(1.0), 90)), (FakeProxy(2), _fit_res(_update(2.0), 1)),
                (FakeProxy(3), _fit_res(_update(50.0), 1))]
-    new = parameters_to_ndarrays(strategy.aggregate_fit(1, results, [])[0])
+    new = _model(strategy.aggregate_fit(1, results, [])[0])
     np.testing.assert_allclose(new[0], np.full((2, 2), 3.0), atol=1e-4)  # 1 + median(1, 2, 50)
     np.testing.assert_allclose(new[1], np.full(2, -2.0), atol=1e-4)
 
@@ -181,14 +189,17 @@ def test_refused_and_malformed_plain_replies_are_set_aside():
         (FakeProxy(4), _fit_res(nan_update, 5)),
         (FakeProxy(6), _fit_res(_update(0.0), 0)),  # claims no patients but no refusal
         (FakeProxy(8), _fit_res(_update(10.0), 4)),  # L2 norm 24.5 above federation.max_update_norm 20
+        (FakeProxy(9), _fit_res([np.ones((3, 2)), np.ones(2)], 2)),  # another model's vector: 2 values more
     ]
-    new = parameters_to_ndarrays(strategy.aggregate_fit(1, results, [])[0])
+    new = _model(strategy.aggregate_fit(1, results, [])[0])
     np.testing.assert_allclose(new[0], np.full((2, 2), 3.0), atol=1e-4)  # 1 + mean(1, 3), both 2 patients
     refused = strategy.sites["site-3"]
     assert refused.refused == 1 and not refused.trained and refused.value("epsilon") == 7.9
     assert strategy.sites["site-4"].rejected == "parameter 'b' has non-finite values"
     assert strategy.sites["site-6"].rejected == "no training patients"
     assert "update L2 norm 24.49 exceeds the bound 20" in strategy.sites["site-8"].rejected
+    assert strategy.sites["site-9"].rejected.startswith(f"received {8 + 1 + LAYOUT.size} values, a reply has "
+                                                        f"{6 + 1 + LAYOUT.size} in 3 tensors")
     assert strategy.sites["site-1"].rejected is None and strategy.sites["site-1"].trained
 
 
@@ -219,10 +230,10 @@ def test_too_few_usable_updates_fail_the_round_with_a_clear_message():
 
 def test_the_last_exchange_only_scores_the_final_model():
     strategy, recorder = _strategy(_config(), first_round=6)  # rounds: 5, so round 6 is the scoring exchange
-    results = [(FakeProxy(1), _fit_res(_update(0.0), 0, _counts([0.9], [0.1]))),
-               (FakeProxy(2), _fit_res(_update(0.0), 0, _counts([0.2], [0.4])))]
+    results = [(FakeProxy(1), _fit_res([], 0, _counts([0.9], [0.1]))),  # no update: only the counts
+               (FakeProxy(2), _fit_res([], 0, _counts([0.2], [0.4])))]
     parameters, _ = strategy.aggregate_fit(1, results, [])
-    np.testing.assert_array_equal(parameters_to_ndarrays(parameters)[0], GLOBAL[0])
+    np.testing.assert_array_equal(_model(parameters)[0], GLOBAL[0])
     assert recorder.saved == [] and recorder.closed[0][0] == 5
     assert recorder.closed[0][1]["accuracy"] == pytest.approx(0.75, abs=1e-4)
 
@@ -243,7 +254,7 @@ def test_configure_fit_sends_the_plan_tells_the_round_size_and_continues_round_n
         assert plan == round_plan(config, "fed-1", 5)  # server round 2 after 3 earlier rounds
         assert plan.round == 5 and plan.planned_rounds == 5 and plan.train and plan.evaluate
         assert plan.evaluations == 6 and plan.weight_scale == SCALE  # 5 rounds + the final scoring
-        for a, b in zip(parameters_to_ndarrays(ins.parameters), GLOBAL, strict=True):
+        for a, b in zip(_model(ins.parameters), GLOBAL, strict=True):
             np.testing.assert_array_equal(a, b)
     with pytest.raises(FederationError, match="round 5 failed: secure aggregation stopped"):
         strategy.configure_evaluate(2, parameters, manager)  # no aggregate_fit: SecAgg+ halted

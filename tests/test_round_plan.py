@@ -7,7 +7,17 @@ import pytest
 import torch
 
 from shared.model import ModelConfig, SequenceHead
-from shared.parameters import ParameterMismatch, add, check_shapes, load_arrays, model_arrays, subtract, update_problem
+from shared.parameters import (
+    ParameterMismatch,
+    add,
+    check_shapes,
+    load_arrays,
+    model_arrays,
+    pack,
+    subtract,
+    unpack,
+    update_problem,
+)
 from shared.refusals import REFUSALS, InvalidFederationId
 from shared.round_plan import PLAN_KEY, PrivacyTarget, RoundPlan
 from shared.yaml_config import ConfigError
@@ -149,6 +159,19 @@ def test_check_shapes_names_the_wrong_parameter():
         check_shapes(expected, good[:2])
     with pytest.raises(ParameterMismatch, match="expected 3 parameter arrays, got 4"):
         check_shapes(expected, good + [np.zeros(1)])
+
+
+def test_the_wire_packs_the_tensors_into_one_vector_and_unpacks_them_by_shape():
+    tensors = [np.arange(24, dtype=np.float64).reshape(4, 6), np.full(4, -1.5), np.ones((2, 3), np.float32)]
+    (vector,) = pack(tensors)
+    assert vector.dtype == np.float32 and vector.shape == (34,)
+    back = unpack([vector], [(4, 6), (4,), (2, 3)])
+    assert [a.shape for a in back] == [(4, 6), (4,), (2, 3)]
+    assert all(np.array_equal(a, b) for a, b in zip(back, tensors, strict=True))
+    assert all(np.array_equal(a, b) for a, b in zip(unpack(tensors, [(4, 6), (4,), (2, 3)]), tensors, strict=True))
+    assert pack([]) == [] and unpack([], []) == []
+    with pytest.raises(ParameterMismatch, match="received 34 values, the model has 35 in 3 tensors"):
+        unpack([vector], [(4, 6), (5,), (2, 3)])
 
 
 def test_load_arrays_refuses_a_mismatch_and_leaves_the_model_unchanged():

@@ -68,15 +68,19 @@ def test_reply_vectors_sum_to_the_patient_weighted_mean_update():
     counts = [np.arange(layout.size, dtype=float), np.ones(layout.size)]
     replies = [encode_reply(u, n, c, scale) for u, n, c in zip(updates, (30, 10), counts, strict=True)]
     assert all(np.abs(a).max() <= 1.0 for reply in replies for a in reply)  # inside SecAgg+'s clipping range
-    read = decode_sum([a + b for a, b in zip(*replies, strict=True)], layout, scale)
+    assert [a.shape for a in replies[0]] == [(6 + 3 + 1 + layout.size,)]  # one vector on the wire
+    read = decode_sum([a + b for a, b in zip(*replies, strict=True)], layout, scale, [(2, 3), (3,)])
     assert read.patients == pytest.approx(40, abs=1e-4)
     np.testing.assert_allclose(read.update[0], np.full((2, 3), (30 * 0.5 - 10 * 0.1) / 40), atol=1e-6)
     np.testing.assert_allclose(read.update[1], np.full(3, (30 * -0.2 + 10 * 0.4) / 40), atol=1e-6)
     np.testing.assert_allclose(read.evaluation.vector(), counts[0] + counts[1], atol=1e-4)
-    nobody = decode_sum(encode_reply([np.zeros((2, 3)), np.zeros(3)], 0, np.zeros(layout.size), scale), layout, scale)
+    nobody = decode_sum(encode_reply([np.zeros((2, 3)), np.zeros(3)], 0, np.zeros(layout.size), scale), layout, scale,
+                        [(2, 3), (3,)])
     assert nobody.update is None and nobody.patients == 0
     with pytest.raises(ValueError, match="disagree on classes or evaluation bins"):
-        decode_sum(replies[0], CountLayout(3, 10), scale)
+        decode_sum(replies[0], CountLayout(3, 10), scale, [(2, 3), (3,)])
+    with pytest.raises(ValueError, match="received 30 values, a reply has 31 in 3 tensors"):
+        decode_sum(replies[0], layout, scale, [(2, 3), (4,)])  # another model
 
 
 def test_noisy_counts_read_as_zero_below_zero_and_auc_edges():
