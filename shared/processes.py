@@ -78,16 +78,46 @@ def start(command: Sequence[str], log_file: Path, pid_file: Path, env: dict[str,
 
 
 def stop_pid(pid: int, timeout: float = 15.0) -> bool:
-    """SIGTERM the process group of ``pid``, wait for its leader, then SIGKILL what is left of the
-    group (Flower's helper processes outlive a SuperNode that exits); True if the leader ran."""
+    """SIGTERM the process group of ``pid`` and its descendants, wait for its leader, then SIGKILL
+    what is left (Flower's helper processes outlive a SuperNode that exits); True if the leader ran.
+
+    Descendants are found outside the group too: the SuperLink starts its SuperExec in a session of
+    its own, and the ServerApps that SuperExec launches outlive both and reconnect to the next
+    SuperLink on the same port."""
     was_running = is_alive(pid)
+    family = descendants(pid)
+    for member in family:
+        _signal(member, signal.SIGTERM)
     _signal_group(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while is_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     _signal_group(pid, signal.SIGKILL)
     is_alive(pid)  # reap it if it is our child
+    while any(is_alive(member) for member in family) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for member in family:
+        if is_alive(member):
+            _signal(member, signal.SIGKILL)
     return was_running
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, their children...), whatever their session; [] where
+    there is no /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:  # the parent pid is the second field after the parenthesised command name
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def stop(pid_file: Path) -> int | None:
@@ -222,6 +252,13 @@ def is_alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return True  # no /proc here (the signal found it), or it was just reaped
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _signal_group(pid: int, signum: int) -> None:

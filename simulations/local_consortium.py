@@ -26,7 +26,7 @@ from server.run_folder import RunFolder
 from server.server_config import load_server_config
 from server.site_registry import SiteRegistry
 from server.superlink import FlowerControl, StatePaths, start_server, stop_server
-from shared.processes import free_port, running_pid, stop
+from shared.processes import descendants, free_port, running_pid, stop
 from shared.site_keys import keygen
 
 
@@ -146,13 +146,20 @@ class LocalConsortium:
 
 
 def _kill(pid_file: Path) -> None:
+    """SIGKILL a process, its group and every descendant (a crashed machine keeps none of them)."""
     pid = running_pid(pid_file)
     if pid is None:
         return
+    family = descendants(pid)
     try:
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    for member in family:
+        try:
+            os.kill(member, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     try:
         os.waitpid(pid, 0)
     except ChildProcessError:

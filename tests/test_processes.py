@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from shared.processes import is_alive
+from shared.processes import descendants, is_alive, stop_pid
 
 
 def test_running_child_is_alive_and_exited_child_is_reaped():
@@ -38,3 +38,32 @@ def test_zombie_of_another_parent_has_exited():
     finally:
         parent.kill()
         parent.wait()
+
+
+def test_stopping_a_process_stops_its_descendants_in_sessions_of_their_own(tmp_path):
+    """Like the SuperLink, whose SuperExec runs in a session of its own and launches ServerApps that
+    would outlive both (and reconnect to the next SuperLink): stop_pid stops the whole tree."""
+    pids = tmp_path / "pids"
+    grandchild = "import time; time.sleep(120)"
+    child = ("import subprocess, sys, time; "
+             f"p = subprocess.Popen([sys.executable, '-c', {grandchild!r}]); "
+             f"open({str(pids)!r}, 'w').write(f'{{p.pid}}\\n'); time.sleep(120)")
+    parent = ("import subprocess, sys, time; "
+              f"subprocess.Popen([sys.executable, '-c', {child!r}], start_new_session=True); time.sleep(120)")
+    leader = subprocess.Popen([sys.executable, "-c", parent], start_new_session=True)
+    deadline = time.monotonic() + 30
+    while not pids.exists() or not pids.read_text().endswith("\n"):
+        assert time.monotonic() < deadline, "the tree did not start"
+        time.sleep(0.1)
+    tree = descendants(leader.pid)
+    assert len(tree) == 2 and int(pids.read_text()) in tree
+    assert os.getsid(tree[0]) != os.getsid(leader.pid)  # the child runs in a session of its own
+    try:
+        assert stop_pid(leader.pid, timeout=10)
+        assert not any(is_alive(pid) for pid in [leader.pid, *tree])
+    finally:
+        for pid in [leader.pid, *tree]:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass

@@ -9,6 +9,7 @@ test ends; every wait is bounded.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -17,12 +18,26 @@ from server.audit import verify
 from server.cli import main as server_main
 from server.run_control import submit_and_follow
 from server.run_folder import RunFolder
+from server.superlink import StatePaths
 from shared.checkpoints import load_checkpoint
+from shared.processes import descendants, is_alive, running_pid
 from simulations.local_consortium import LocalConsortium
 from tests.conftest import copy_hospitals
 from tests.consortium_runs import TRAINING, exhaust_budget, trained_sites, wait_for_model
 
 pytestmark = pytest.mark.slow(seconds=370)  # in CI, three processes on two cores
+
+
+def _serverapps(superlink: int) -> list[int]:
+    """The ServerApp processes below the SuperLink ``superlink``."""
+    found = []
+    for pid in descendants(superlink):
+        try:
+            if b"flwr-serverapp" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
+        except OSError:
+            pass  # gone meanwhile
+    return found
 
 
 def test_server_killed_and_resumed_with_a_refusing_site(prepared_hospitals, tmp_path):
@@ -40,7 +55,10 @@ def test_server_killed_and_resumed_with_a_refusing_site(prepared_hospitals, tmp_
         refusal = folder.status()["sites"]["site-3"]["refusal"]
         assert refusal["code"] == 1 and "budget" in refusal["reason"]
         assert refusal["would_spend"] > refusal["budget_epsilon"]
+        serverapps = _serverapps(running_pid(StatePaths(consortium.config).pid))
+        assert len(serverapps) == 1  # launched by the SuperLink's SuperExec, in a session of its own
         consortium.kill_server()  # SuperLink and ServerApp die during round 2
+        assert not is_alive(serverapps[0])  # none of them reconnects to the restarted SuperLink
         consortium.start_server()  # same state database; the SuperNodes reconnect
         assert consortium.resume(folder) == 0
         assert server_main(["status", "--config", str(consortium.server_yaml)]) == 0
