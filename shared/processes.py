@@ -86,19 +86,14 @@ def stop_pid(pid: int, timeout: float = 15.0) -> bool:
     SuperLink on the same port."""
     was_running = is_alive(pid)
     family = descendants(pid)
-    for member in family:
-        _signal(member, signal.SIGTERM)
+    signal_each(family, signal.SIGTERM)
     _signal_group(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while is_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     _signal_group(pid, signal.SIGKILL)
     is_alive(pid)  # reap it if it is our child
-    while any(is_alive(member) for member in family) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    for member in family:
-        if is_alive(member):
-            _signal(member, signal.SIGKILL)
+    kill_leftovers(family, max(0.0, deadline - time.monotonic()))
     return was_running
 
 
@@ -107,7 +102,7 @@ def descendants(pid: int) -> list[int]:
     there is no /proc."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").glob("[0-9]*"):
-        try:  # the parent pid is the second field after the parenthesised command name
+        try:  # the parent pid is the second field after the parenthesised command name (which may hold spaces)
             parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, IndexError, ValueError):
             continue  # gone meanwhile
@@ -118,6 +113,23 @@ def descendants(pid: int) -> list[int]:
             found.append(child)
             todo.append(child)
     return found
+
+
+def kill_leftovers(pids: list[int], timeout: float = 10.0) -> None:
+    """Give processes already asked to stop up to ``timeout`` seconds to end, then SIGKILL those still alive."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(is_alive(p) for p in pids):
+        time.sleep(0.1)
+    signal_each([p for p in pids if is_alive(p)], signal.SIGKILL)
+
+
+def signal_each(pids: list[int], signum: int) -> None:
+    """Send ``signum`` to each of ``pids``; those gone meanwhile are skipped."""
+    for pid in pids:
+        try:
+            os.kill(pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def stop(pid_file: Path) -> int | None:
@@ -252,13 +264,6 @@ def is_alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return True  # no /proc here (the signal found it), or it was just reaped
-
-
-def _signal(pid: int, signum: int) -> None:
-    try:
-        os.kill(pid, signum)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _signal_group(pid: int, signum: int) -> None:

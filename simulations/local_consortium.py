@@ -26,7 +26,7 @@ from server.run_folder import RunFolder
 from server.server_config import load_server_config
 from server.site_registry import SiteRegistry
 from server.superlink import FlowerControl, StatePaths, start_server, stop_server
-from shared.processes import descendants, free_port, running_pid, stop
+from shared.processes import descendants, free_port, running_pid, signal_each, stop
 from shared.site_keys import keygen
 
 
@@ -155,11 +155,7 @@ def _kill(pid_file: Path) -> None:
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-    for member in family:
-        try:
-            os.kill(member, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    signal_each(family, signal.SIGKILL)
     try:
         os.waitpid(pid, 0)
     except ChildProcessError:

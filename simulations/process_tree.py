@@ -1,44 +1,22 @@
-"""A process and everything under it, from Linux's /proc: stop them all by PID, add up their memory, name them.
+"""A process and everything under it, from Linux's /proc: add up their memory, name them.
 
 A simulation's SuperLink starts Flower's executor in a session of its own, which starts the
-simulation process, which starts Ray's processes and workers: stopping the SuperLink's process
-group misses most of them, and memory must be counted over the whole tree.
+simulation process, which starts Ray's processes and workers: memory must be counted over the
+whole tree (``shared/processes.descendants``; ``shared/processes.stop`` stops it whole).
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import threading
-import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
-from shared.processes import is_alive, running_pid, stop
+from shared.processes import descendants
 
 PROC = Path("/proc")
 PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def descendants(pid: int) -> list[int]:
-    """Every living process below ``pid`` (children first-found order)."""
-    children: dict[int, list[int]] = {}
-    for entry in PROC.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            # Field 4 of /proc/PID/stat, after the parenthesised command name (which may hold spaces).
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue  # gone meanwhile
-        children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def rss_bytes(pids: list[int]) -> int:
@@ -73,31 +51,6 @@ def command_line(pid: int) -> str:
         return (PROC / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
     except OSError:
         return ""
-
-
-def stop_tree(pid_file: Path, timeout: float = 10.0) -> None:
-    """Stop the process named in ``pid_file`` and every process below it, by PID."""
-    pid = running_pid(pid_file)
-    family = descendants(pid) if pid is not None else []
-    stop(pid_file)
-    _signal(family, signal.SIGTERM)
-    kill_leftovers(family, timeout)
-
-
-def kill_leftovers(pids: list[int], timeout: float = 10.0) -> None:
-    """Give processes already asked to stop up to ``timeout`` seconds to end, then SIGKILL those still alive."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(is_alive(p) for p in pids):
-        time.sleep(0.2)
-    _signal([p for p in pids if is_alive(p)], signal.SIGKILL)
-
-
-def _signal(pids: list[int], signum: int) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signum)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 class PeakMemory:

@@ -33,9 +33,8 @@ from server.superlink import APP_DIR, CONNECTION, FlowerControl, StatePaths
 from shared.atomic_files import atomic_write_json
 from shared.errors import UserError
 from shared.metrics import to_jsonable
-from shared.processes import executable, flower_env, free_port, start
+from shared.processes import executable, flower_env, free_port, start, stop
 from simulations.materialise import SimLayout
-from simulations.process_tree import stop_tree
 from simulations.ray_cluster import cluster_run
 from simulations.round_table import SITE_NAMES
 from simulations.sim_config import SimConfig
@@ -99,7 +98,7 @@ def run_simulation(config: SimConfig, layout: SimLayout, out: Path) -> Path:
                                                        cluster.run_config if cluster else None),
                                      folder, timeout=_run_timeout(config))
         finally:
-            stop_tree(paths.pid)
+            stop(paths.pid)  # and every process below it: the executor runs in a session of its own
     if code != 0:
         raise SimulationError(f"the simulation did not complete; see {folder.path / 'status.json'} and the logs in "
                               f"{paths.dir}")

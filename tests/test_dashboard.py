@@ -26,8 +26,7 @@ from server.run_folder import RunFolder
 from server.run_recorder import RunRecorder
 from server.site_registry import SiteRegistry
 from server.superlink import StatePaths
-from shared.processes import free_port, port_open
-from simulations.process_tree import descendants, kill_leftovers
+from shared.processes import descendants, free_port, kill_leftovers, port_open
 from tests.conftest import FEDERATION_CLASSES, disclosed_site, record_round
 
 pytestmark = pytest.mark.slow(seconds=60)

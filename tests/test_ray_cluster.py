@@ -20,9 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from shared.processes import executable, flower_env, free_port, port_open
+from shared.processes import descendants, executable, flower_env, free_port, kill_leftovers, port_open
 from shared.yaml_config import ConfigError
-from simulations.process_tree import descendants, kill_leftovers
 from simulations.ray_cluster import ClusterError, check_cluster
 from simulations.sim_config import parse_sim_config
 from tests.conftest import FEDERATION_CLASSES

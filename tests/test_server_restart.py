@@ -9,7 +9,6 @@ test ends; every wait is bounded.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import yaml
@@ -22,6 +21,7 @@ from server.superlink import StatePaths
 from shared.checkpoints import load_checkpoint
 from shared.processes import descendants, is_alive, running_pid
 from simulations.local_consortium import LocalConsortium
+from simulations.process_tree import command_line
 from tests.conftest import copy_hospitals
 from tests.consortium_runs import TRAINING, exhaust_budget, trained_sites, wait_for_model
 
@@ -30,14 +30,7 @@ pytestmark = pytest.mark.slow(seconds=370)  # in CI, three processes on two core
 
 def _serverapps(superlink: int) -> list[int]:
     """The ServerApp processes below the SuperLink ``superlink``."""
-    found = []
-    for pid in descendants(superlink):
-        try:
-            if b"flwr-serverapp" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                found.append(pid)
-        except OSError:
-            pass  # gone meanwhile
-    return found
+    return [pid for pid in descendants(superlink) if "flwr-serverapp" in command_line(pid)]
 
 
 def test_server_killed_and_resumed_with_a_refusing_site(prepared_hospitals, tmp_path):

@@ -39,10 +39,9 @@ from server.run_folder import RunFolder
 from server.superlink import APP_DIR, CONNECTION, StatePaths
 from shared.app_bundle import installed_app_dir, installed_digest
 from shared.checkpoints import load_checkpoint
-from shared.processes import executable, flower_env
+from shared.processes import descendants, executable, flower_env
 from shared.site_keys import keygen
 from simulations.local_consortium import LocalConsortium
-from simulations.process_tree import descendants
 from tests.conftest import copy_hospitals
 from tests.consortium_runs import TRAINING, accept_two_site_rounds, proxy_access_log, raw_request
 

@@ -55,7 +55,7 @@ class Crashing(Numbered):
 
 
 def _children() -> set[int]:
-    from simulations.process_tree import descendants
+    from shared.processes import descendants
 
     return set(descendants(os.getpid()))
 
