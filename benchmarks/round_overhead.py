@@ -8,6 +8,8 @@ is no evaluate phase. ``overhead_s``: per-round wall time measured by the Server
 slowest site's own time in `fit` (the sites disclose ``train_seconds`` here; they train in
 parallel): process start-up, message passing and the server's bookkeeping.
 ``secagg_ratio``: SecAgg+ round time over plain round time, same run (goal <= 1.3).
+``no_relay_*`` and ``relay_speedup``: both again with ``superlink.pull_hold_s: 0`` (the sites'
+pulls straight to the SuperLink, server/pull_relay.py off), same run, same sites.
 ``bytes_per_site_round``: what the SuperLink
 received from the sites (Flower's own traffic counter for the run) per site and round, against
 ``trainable_param_bytes``, the float32 bytes of what is trained. The import times show what a
@@ -50,9 +52,11 @@ def _allow_plain_rounds_and_disclose_time(sites: list[Path]) -> None:
         site.write_text(yaml.safe_dump(document))
 
 
-def _measure(root: Path, sites: list[Path], rounds: int, secure: bool) -> dict:
+def _measure(root: Path, sites: list[Path], rounds: int, secure: bool, relay: bool = True) -> dict:
     settings = {"federation": {"rounds": rounds, "min_sites": 3, "round_timeout": 300},
                 "training": {"epochs": 1, "batch_size": 2}, "secure_aggregation": {"enabled": secure}}
+    if not relay:
+        settings["superlink"] = {"pull_hold_s": 0}  # every pull straight to the SuperLink, as before the relay
     with LocalConsortium(root, sites, server_settings=settings) as consortium:
         consortium.start_all()
         code, folder = consortium.run()
@@ -84,6 +88,9 @@ def run(quick: bool) -> dict:
         _allow_plain_rounds_and_disclose_time(sites)
         plain = _measure(Path(tmp) / "plain", sites, rounds, secure=False)
         secure = _measure(Path(tmp) / "secagg", sites, rounds, secure=True)
+        # the same two without the pull relay (superlink.pull_hold_s: 0): what the relay saves
+        plain_direct = _measure(Path(tmp) / "plain-direct", sites, rounds, secure=False, relay=False)
+        secure_direct = _measure(Path(tmp) / "secagg-direct", sites, rounds, secure=True, relay=False)
     return {
         "sites": 3, "rounds": rounds, "slides_per_site": slides, "tls": True,
         # plain FedAvg messages (secure_aggregation.enabled: false): the issue's figures
@@ -92,6 +99,12 @@ def run(quick: bool) -> dict:
         # masked vectors as 64-bit integers
         **{f"secagg_{key}": value for key, value in secure.items() if key != "trainable_param_bytes"},
         "secagg_ratio": round(secure["round_s"] / plain["round_s"], 3),
+        "no_relay_round_s": plain_direct["round_s"], "no_relay_overhead_s": plain_direct["overhead_s"],
+        "no_relay_secagg_round_s": secure_direct["round_s"],
+        "no_relay_secagg_overhead_s": secure_direct["overhead_s"],
+        # round time without the relay / with it, same run, same sites
+        "relay_speedup": round(plain_direct["round_s"] / plain["round_s"], 3),
+        "relay_secagg_speedup": round(secure_direct["round_s"] / secure["round_s"], 3),
         "evaluate_phase": "none: the sites score the received model inside the training exchange",
         # A ClientApp process imports only Flower; evaluation adds torch, training adds Opacus. Before
         # the split, every evaluation also imported Opacus and torchvision's model zoo:

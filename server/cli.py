@@ -49,7 +49,8 @@ def _stop(args: argparse.Namespace) -> int:
     from server.superlink import StatePaths, stop_server
 
     stopped = stop_server(StatePaths(load_server_config(args.config)))
-    print(f"stopped: {', '.join(stopped)}" if stopped else "neither the SuperLink nor its proxy was running")
+    print(f"stopped: {', '.join(stopped)}" if stopped
+          else "none of the server's processes (SuperLink, pull relay, proxy) was running")
     return 0
 
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from server.certificates import ConsortiumFiles, describe
+from server.pull_relay import HELD_ROUTES
 from server.server_config import LOOPBACK, SuperLinkConfig
 from shared.atomic_files import atomic_write_bytes
 from shared.errors import UserError
@@ -103,8 +104,11 @@ def find_nginx() -> Nginx:
     return Nginx(path, version, text)
 
 
-def nginx_config(superlink: SuperLinkConfig, files: ProxyFiles, tls: ConsortiumFiles | None, nginx: Nginx) -> str:
-    """The proxy's nginx.conf: ``tls`` None (``--insecure``) is the same proxy in plain HTTP."""
+def nginx_config(superlink: SuperLinkConfig, files: ProxyFiles, tls: ConsortiumFiles | None, nginx: Nginx,
+                 relay_port: int | None = None) -> str:
+    """The proxy's nginx.conf: ``tls`` None (``--insecure``) is the same proxy in plain HTTP;
+    with ``relay_port`` the sites' pulls go to the pull relay on that loopback port
+    (server/pull_relay.py), every other Fleet route straight to the SuperLink."""
     scheme, ssl_listen = ("https", " ssl") if tls else ("http", "")
     temp_paths = "\n".join(f"    {module}_temp_path {_quote(files.temp / module)};"
                            for module in ("fastcgi", "uwsgi", "scgi") if nginx.has_module(f"http_{module}"))
@@ -131,6 +135,19 @@ def nginx_config(superlink: SuperLinkConfig, files: ProxyFiles, tls: ConsortiumF
             proxy_ssl_protocols TLSv1.2 TLSv1.3;
             proxy_ssl_session_reuse on;
 """
+    locations = _location("/v1/fleet/", f"{scheme}://fedpath_superlink", upstream_tls)
+    relay_upstream = ""
+    if relay_port is not None:
+        relay_upstream = f"""
+    upstream fedpath_pull_relay {{     # server/pull_relay.py: holds a pull whose answer is 'not yet'
+        server {LOOPBACK}:{relay_port};
+        keepalive 16;
+        keepalive_timeout 60s;
+    }}
+"""
+        held = [_location(f"= {path}", "http://fedpath_pull_relay", read_timeout_s=int(superlink.pull_hold_s) + 60)
+                for path in HELD_ROUTES]
+        locations = "\n".join([*held, locations])
     user = ("# Started as root: the master reads the keys and opens the logs, the worker drops to nginx's\n"
             "# unprivileged default user (nobody). It writes no file: bodies stream, responses stay in memory.\n"
             if os.geteuid() == 0 else "")
@@ -152,7 +169,7 @@ events {{
 http {{
     log_format fedpath '$time_iso8601 $remote_addr "$request" $status $body_bytes_sent '
                        'request_bytes=$request_length upstream=$upstream_addr '
-                       'upstream_status=$upstream_status seconds=$request_time';
+                       'upstream_status=$upstream_status seconds=$request_time done=$msec';
     access_log {_quote(files.access_log)} fedpath;
     server_tokens off;
     default_type application/octet-stream;
@@ -175,7 +192,7 @@ http {{
         keepalive_timeout 4s;           # under uvicorn's 5 s: never reuse one uvicorn is closing
         keepalive_requests 1000;
     }}
-
+{relay_upstream}
     server {{
         listen {_listen(superlink.host, superlink.port)}{ssl_listen};
         server_name _;
@@ -186,14 +203,25 @@ http {{
         keepalive_timeout 75s;
         client_max_body_size {superlink.max_request_mb}m;  # Flower sends arrays in 5 MB chunks
 
-        location /v1/fleet/ {{
+{locations}
+        location / {{
+            return 404;
+        }}
+    }}
+}}
+"""
+
+
+def _location(match: str, target: str, upstream_tls: str = "", read_timeout_s: int = 300) -> str:
+    """One proxied location: the Fleet route check, POST only, and how bodies and headers pass."""
+    return f"""        location {match} {{
             if ($fedpath_fleet_route = 0) {{
                 return 404;
             }}
             limit_except POST {{
                 deny all;
             }}
-            proxy_pass {scheme}://fedpath_superlink;
+            proxy_pass {target};
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_set_header Host $host;
@@ -214,19 +242,15 @@ http {{
 
             proxy_connect_timeout 10s;
             proxy_send_timeout 300s;        # Fleet calls are short; a SuperLink this slow is stuck
-            proxy_read_timeout 300s;
+            proxy_read_timeout {read_timeout_s}s;
 {upstream_tls}        }}
-
-        location / {{
-            return 404;
-        }}
-    }}
-}}
 """
 
 
-def prepare_proxy(superlink: SuperLinkConfig, files: ProxyFiles, tls: ConsortiumFiles | None) -> Nginx:
-    """Find nginx, write the configuration and have nginx check it; nothing is started."""
+def prepare_proxy(superlink: SuperLinkConfig, files: ProxyFiles, tls: ConsortiumFiles | None,
+                  relay_port: int | None = None) -> Nginx:
+    """Find nginx, write the configuration (pulls through the relay on ``relay_port`` if given) and
+    have nginx check it; nothing is started."""
     nginx = find_nginx()
     if tls is not None and UPSTREAM_NAME not in describe(tls.server_cert)["sans"]:
         raise ProxyError(f"{tls.server_cert} does not name {UPSTREAM_NAME}, which the proxy checks when it connects to "
@@ -234,7 +258,7 @@ def prepare_proxy(superlink: SuperLinkConfig, files: ProxyFiles, tls: Consortium
     files.dir.mkdir(parents=True, exist_ok=True)
     os.chmod(files.dir, 0o700)
     files.temp.mkdir(exist_ok=True)
-    atomic_write_bytes(files.conf, nginx_config(superlink, files, tls, nginx).encode(), mode=0o600)
+    atomic_write_bytes(files.conf, nginx_config(superlink, files, tls, nginx, relay_port).encode(), mode=0o600)
     try:
         result = subprocess.run([*_base_command(nginx, files), "-t", "-q"], capture_output=True, text=True,
                                 timeout=60, check=False)

@@ -34,6 +34,10 @@ class SuperLinkConfig:
     loopback_port: int | None = check(tcp_port, None)  # the SuperLink on 127.0.0.1 (admin commands); default port + 1
     public_address: str | None = None  # host:port `add-site` tells hospitals to connect to; default host:port
     max_request_mb: int = check(lambda m: None if 1 <= m <= 2048 else "must be in 1-2048", 64)  # largest request body
+    # How long the proxy holds a site's pull while there is no message for it (server/pull_relay.py), so
+    # the next round reaches the site at once instead of after Flower's 3 s SuperNode sleep; 0: no relay.
+    # At most 20: a SuperNode gives up on a request after 30 s.
+    pull_hold_s: float = check(lambda s: None if 0 <= s <= 20 else "must be in 0-20 (seconds)", 20.0)
     state_dir: Path | None = None  # state.db, logs, pid files, the proxy's files; default state/ beside server.yaml
     certs_dir: Path | None = None  # ca.pem, server.pem, server.key from `fedpath-server init`; default certs/
 

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import subprocess
 import tempfile
 from pathlib import Path
 
 from server.certificates import ConsortiumFiles
-from server.fleet_proxy import Nginx, ProxyFiles, prepare_proxy, start_proxy
+from server.fleet_proxy import UPSTREAM_NAME, Nginx, ProxyFiles, prepare_proxy, start_proxy
+from server.pull_relay import bind_listener, relay_command
 from server.server_config import LOOPBACK, ServerConfig
 from shared.errors import UserError
 from shared.processes import (
@@ -64,6 +66,12 @@ class StatePaths:
         self.flwr_home = self.dir / "flwr"
         self.certs = ConsortiumFiles.in_folder(Path(config.superlink.certs_dir))
         self.proxy = ProxyFiles.in_state_dir(self.dir)
+        self.relay_pid = self.dir / "pull_relay.pid"
+        self.relay_log = self.dir / "pull_relay.log"
+
+    def pid_files(self) -> list[tuple[str, Path]]:
+        """The server's processes in the order they are stopped: the sites' door first."""
+        return [("proxy", self.proxy.pid), ("pull relay", self.relay_pid), ("SuperLink", self.pid)]
 
 
 def tls_files(config: ServerConfig, insecure: bool) -> ConsortiumFiles | None:
@@ -111,34 +119,42 @@ def start_server(config: ServerConfig, insecure: bool, detach: bool) -> int:
     paths = StatePaths(config)
     files = tls_files(config, insecure)
     keep_running = False
-    with stop_signals() as signals:  # during start-up a signal interrupts at once: never one of the two alone
-        nginx = _preflight(config, paths, files)  # refused here, the finally below would stop another's server
+    with stop_signals() as signals:  # during start-up a signal interrupts at once: never one process alone
+        nginx, relay_socket = _preflight(config, paths, files)  # refused here, before the finally below
         try:
-            server, proxy = _start_both(config, paths, files, nginx)
+            processes = _start_all(config, paths, files, nginx, relay_socket)
             signals.defer()  # from here a signal is a request, acted on between two polls of the wait
             superlink = config.superlink
-            print(f"SuperLink on {superlink.loopback_address} (pid {server.pid}; admin commands on this host "
-                  f"only), log {paths.log}, state {paths.database}\n"
-                  f"proxy on {superlink.address} for the sites, Fleet API only (nginx pid {proxy.pid}), log "
-                  f"{paths.proxy.access_log}", flush=True)
+            print(f"SuperLink on {superlink.loopback_address} (pid {processes[0][1].pid}; admin commands on this "
+                  f"host only), log {paths.log}, state {paths.database}\n"
+                  f"proxy on {superlink.address} for the sites, Fleet API only (nginx pid {processes[-1][1].pid}), "
+                  f"log {paths.proxy.access_log}", flush=True)
+            if relay_socket is not None:
+                print(f"pull relay on {LOOPBACK}:{relay_socket.getsockname()[1]} (pid {processes[1][1].pid}): "
+                      f"holds a site's empty pull up to {superlink.pull_hold_s:g} s, log {paths.relay_log}", flush=True)
             if detach and not signals.received:
-                print(f"stop both with `fedpath-server stop --config ...` (pid files {paths.pid}, {paths.proxy.pid})")
+                print(f"stop them with `fedpath-server stop --config ...` (pid files "
+                      f"{', '.join(str(pid_file) for _, pid_file in paths.pid_files())})")
                 keep_running = True
                 return 0
-            name, code = wait_first_exit([("the SuperLink", server), ("the proxy", proxy)], signals=signals)
-            print(f"{name} exited with code {code}; stopping the other (logs: {paths.log}, "
-                  f"{paths.proxy.error_log})", flush=True)
+            name, code = wait_first_exit(processes, signals=signals)
+            print(f"{name} exited with code {code}; stopping the others (logs: {paths.log}, "
+                  f"{paths.proxy.error_log}, {paths.relay_log})", flush=True)
             return code if code >= 0 else 128 - code
         finally:
             signals.defer()  # the clean-up runs whole, whatever arrives meanwhile
+            if relay_socket is not None:
+                relay_socket.close()  # the relay holds its own copy
             if not keep_running:
                 stopped = stop_server(paths)
                 if stopped:
                     print(f"stopped: {', '.join(stopped)}", flush=True)
 
 
-def _preflight(config: ServerConfig, paths: StatePaths, files: ConsortiumFiles | None) -> Nginx:
-    """Refuse before anything starts: a second start, a port taken, a missing or refusing nginx."""
+def _preflight(config: ServerConfig, paths: StatePaths,
+               files: ConsortiumFiles | None) -> tuple[Nginx, socket.socket | None]:
+    """Refuse before anything starts: a second start, a port taken, a missing or refusing nginx.
+    Binds the pull relay's port (a free one, chosen by the system) when the relay is on."""
     superlink = config.superlink
     paths.dir.mkdir(parents=True, exist_ok=True)
     _refuse_second_start(paths)
@@ -147,26 +163,41 @@ def _preflight(config: ServerConfig, paths: StatePaths, files: ConsortiumFiles |
         if port_open(host, port):
             raise FlowerError(f"{host}:{port} is already in use by another program: stop it, or choose another "
                               f"superlink.{setting} in the server config")
-    return prepare_proxy(superlink, paths.proxy, files)
-
-
-def _start_both(config: ServerConfig, paths: StatePaths, files: ConsortiumFiles | None,
-                nginx: Nginx) -> tuple[subprocess.Popen, subprocess.Popen]:
-    """The SuperLink, then the proxy in front of it; on any failure neither is left running."""
-    superlink = config.superlink
-    server = start(superlink_command(config, files), paths.dir / "superlink.out", paths.pid,
-                   superlink_env(paths), "the SuperLink", ready_port=(LOOPBACK, superlink.loopback))
+    relay_socket = bind_listener(LOOPBACK) if superlink.pull_hold_s > 0 else None
     try:
-        return server, start_proxy(superlink, paths.proxy, files, nginx)
+        relay_port = None if relay_socket is None else relay_socket.getsockname()[1]
+        return prepare_proxy(superlink, paths.proxy, files, relay_port), relay_socket
     except BaseException:
-        stop(paths.pid)
+        if relay_socket is not None:
+            relay_socket.close()
+        raise
+
+
+def _start_all(config: ServerConfig, paths: StatePaths, files: ConsortiumFiles | None, nginx: Nginx,
+               relay_socket: socket.socket | None) -> list[tuple[str, subprocess.Popen]]:
+    """The SuperLink, the pull relay, then the proxy in front of them; on any failure none is left running."""
+    superlink = config.superlink
+    processes = [("the SuperLink", start(superlink_command(config, files), paths.dir / "superlink.out", paths.pid,
+                                         superlink_env(paths), "the SuperLink",
+                                         ready_port=(LOOPBACK, superlink.loopback)))]
+    try:
+        if relay_socket is not None:
+            tls = None if files is None else (files.ca_cert, UPSTREAM_NAME)
+            command = relay_command(relay_socket, (LOOPBACK, superlink.loopback), tls, superlink.pull_hold_s)
+            processes.append(("the pull relay", start(command, paths.relay_log, paths.relay_pid,
+                                                      flower_env(), "the pull relay",
+                                                      pass_fds=(relay_socket.fileno(),))))
+        processes.append(("the proxy", start_proxy(superlink, paths.proxy, files, nginx)))
+        return processes
+    except BaseException:
+        stop_server(paths)
         raise
 
 
 def stop_server(paths: StatePaths) -> list[str]:
-    """Stop the proxy first (the sites are cut off at once), then the SuperLink; what was stopped."""
+    """Stop the proxy first (the sites are cut off at once), then the relay and the SuperLink; what was stopped."""
     stopped = []
-    for what, pid_file in (("proxy", paths.proxy.pid), ("SuperLink", paths.pid)):
+    for what, pid_file in paths.pid_files():
         pid = stop(pid_file)
         if pid is not None:
             stopped.append(f"{what} (pid {pid})")
@@ -174,8 +205,7 @@ def stop_server(paths: StatePaths) -> list[str]:
 
 
 def _refuse_second_start(paths: StatePaths) -> None:
-    running = [f"{what} (pid {pid}, {pid_file})" for what, pid_file in
-               (("the SuperLink", paths.pid), ("its proxy", paths.proxy.pid))
+    running = [f"the {what} (pid {pid}, {pid_file})" for what, pid_file in paths.pid_files()
                if (pid := running_pid(pid_file)) is not None]
     if running:
         raise FlowerError(f"already running: {', '.join(running)}; `fedpath-server stop --config ...` first")

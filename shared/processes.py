@@ -46,9 +46,11 @@ def running_pid(pid_file: Path) -> int | None:
 
 
 def start(command: Sequence[str], log_file: Path, pid_file: Path, env: dict[str, str], what: str,
-          ready_port: tuple[str, int] | None = None, ready_timeout: float = 60.0) -> subprocess.Popen:
+          ready_port: tuple[str, int] | None = None, ready_timeout: float = 60.0,
+          pass_fds: Sequence[int] = ()) -> subprocess.Popen:
     """Start ``command`` in its own session with output to ``log_file``; write ``pid_file``;
-    wait (bounded) until ``ready_port`` accepts connections. Refuses a second copy."""
+    wait (bounded) until ``ready_port`` accepts connections. Refuses a second copy. ``pass_fds``:
+    descriptors the process inherits (a listening socket bound by the caller)."""
     pid = running_pid(pid_file)
     if pid is not None:
         raise ProcessError(f"{what} is already running (pid {pid}, {pid_file}); stop it first")
@@ -58,7 +60,7 @@ def start(command: Sequence[str], log_file: Path, pid_file: Path, env: dict[str,
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "ab") as log:
         process = subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                   start_new_session=True)
+                                   start_new_session=True, pass_fds=tuple(pass_fds))
     pid_file.write_text(f"{process.pid}\n")
     if ready_port is None:
         return process

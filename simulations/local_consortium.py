@@ -121,10 +121,9 @@ class LocalConsortium:
         _kill(Path(load_site_config(self.site_yamls[index]).state_dir) / "supernode.pid")
 
     def kill_server(self) -> None:
-        """SIGKILL the SuperLink, its ServerApp and its proxy: a server machine that crashes mid-round."""
-        paths = StatePaths(self.config)
-        _kill(paths.proxy.pid)
-        _kill(paths.pid)
+        """SIGKILL the SuperLink, its ServerApp, the relay and the proxy: a server machine that crashes mid-round."""
+        for _, pid_file in StatePaths(self.config).pid_files():
+            _kill(pid_file)
 
     def run(self, follow: bool = True) -> tuple[int, RunFolder]:
         folder = RunFolder.create(self.server_yaml)

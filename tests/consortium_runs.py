@@ -90,8 +90,9 @@ def raw_request(port: int, method: str, path: str, ca: Path | None, body: bytes 
 
 
 def proxy_access_log(consortium: LocalConsortium) -> list[dict]:
-    """The proxy's access log, one dict per request: method, uri, status, bytes, upstream ('-': not passed on)."""
-    pattern = re.compile(r'"(?P<method>\S+) (?P<uri>\S+) [^"]*" (?P<status>\d+) \d+ request_bytes=(?P<bytes>\d+) '
-                         r'upstream=(?P<upstream>\S+)')
+    """The proxy's access log, one dict per request: method, uri, status, bytes (of the request), sent (the
+    answer's body), upstream ('-': not passed on), seconds (from the request to the answer)."""
+    pattern = re.compile(r'"(?P<method>\S+) (?P<uri>\S+) [^"]*" (?P<status>\d+) (?P<sent>\d+) '
+                         r'request_bytes=(?P<bytes>\d+) upstream=(?P<upstream>\S+) \S+ seconds=(?P<seconds>[\d.]+)')
     text = StatePaths(consortium.config).proxy.access_log.read_text()
     return [m.groupdict() for m in map(pattern.search, text.splitlines()) if m]

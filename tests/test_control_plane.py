@@ -13,6 +13,7 @@ import http.client
 import http.server
 import json
 import os
+import re
 import signal
 import ssl
 import subprocess
@@ -54,7 +55,7 @@ def test_sites_flags_a_node_registered_past_the_registry(tmp_path, nginx, capsys
     paths = StatePaths(consortium.config)
     try:
         assert server_main(["start", *config, "--detach"]) == 0
-        pids = [running_pid(paths.pid), running_pid(paths.proxy.pid)]
+        pids = [running_pid(pid_file) for _, pid_file in paths.pid_files()]  # proxy, pull relay, SuperLink
         assert None not in pids
         keygen(tmp_path / "keys", "hospital-a")
         keygen(tmp_path / "keys", "intruder")
@@ -89,23 +90,25 @@ def test_sites_flags_a_node_registered_past_the_registry(tmp_path, nginx, capsys
         assert [flag for name, flag in flags.values() if name == "hospital-a"] == [""]
 
         assert server_main(["stop", *config]) == 0
-        assert "stopped: proxy (pid" in capsys.readouterr().out
-        assert running_pid(paths.pid) is None and running_pid(paths.proxy.pid) is None
+        assert re.search(r"stopped: proxy \(pid \d+\), pull relay \(pid \d+\), SuperLink \(pid \d+\)",
+                         capsys.readouterr().out)
+        assert all(running_pid(pid_file) is None for _, pid_file in paths.pid_files())
+        assert not any(_alive(pid) for pid in pids)
         assert not port_open("127.0.0.1", consortium.port) and not port_open("127.0.0.1", consortium.loopback_port)
     finally:
         consortium.close()
 
 
-def test_foreground_start_runs_and_stops_both_as_one_unit(tmp_path, nginx):
-    """Ctrl-C, SIGTERM (also repeated while it stops them, as a service manager may), or either
-    process dying: the foreground `start` stops both."""
+def test_foreground_start_runs_and_stops_its_processes_as_one_unit(tmp_path, nginx):
+    """Ctrl-C, SIGTERM (also repeated while it stops them, as a service manager may), or any of its
+    processes dying: the foreground `start` stops them all."""
     consortium = LocalConsortium(tmp_path / "consortium", [], tls=False)
     paths = StatePaths(consortium.config)
     command = [sys.executable, "-m", "server.cli", "start", "--config", str(consortium.server_yaml), "--insecure"]
     env = dict(os.environ, PYTHONFAULTHANDLER="1")  # a hang below is reported with every thread's stack
     try:
         for ending, expected in (("SIGINT", 130), ("SIGTERM", 130), ("SIGTERM twice", 130),
-                                 ("proxy killed", 128 + signal.SIGKILL)):
+                                 ("proxy killed", 128 + signal.SIGKILL), ("relay killed", 128 + signal.SIGKILL)):
             output = tmp_path / f"start-{ending.replace(' ', '-')}.out"
             with output.open("wb") as out:
                 start = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
@@ -113,12 +116,13 @@ def test_foreground_start_runs_and_stops_both_as_one_unit(tmp_path, nginx):
             try:
                 _wait(lambda: port_open("127.0.0.1", consortium.port) and running_pid(paths.pid) is not None,
                       60, f"the SuperLink and its proxy ({ending})")
-                pids = [running_pid(paths.pid), running_pid(paths.proxy.pid)]
+                pids = [running_pid(paths.proxy.pid), running_pid(paths.relay_pid), running_pid(paths.pid)]
+                assert None not in pids, ending
                 # plain HTTP with --insecure, the same filter
                 assert raw_request(consortium.port, "GET", "/docs", None) == 404
                 assert raw_request(consortium.port, "POST", "/v1/fleet/get-run", None) != 404
-                if ending == "proxy killed":
-                    os.kill(pids[1], signal.SIGKILL)
+                if ending.endswith("killed"):
+                    os.kill(pids[0 if ending == "proxy killed" else 1], signal.SIGKILL)
                 else:
                     start.send_signal(getattr(signal, ending.split()[0]))
                 if ending == "SIGTERM twice":  # the second one arrives while both are being stopped, or after
@@ -134,7 +138,7 @@ def test_foreground_start_runs_and_stops_both_as_one_unit(tmp_path, nginx):
                 # a second SIGTERM after the clean-up ends the command with Python's default for it
                 assert code == expected or (ending == "SIGTERM twice" and code == -signal.SIGTERM), \
                     (ending, code, output.read_text()[-3000:])
-                assert running_pid(paths.pid) is None and running_pid(paths.proxy.pid) is None, ending
+                assert all(running_pid(pid_file) is None for _, pid_file in paths.pid_files()), ending
                 assert not any(_alive(pid) for pid in pids), ending
                 assert not port_open("127.0.0.1", consortium.port), ending
             finally:

@@ -121,6 +121,8 @@ def test_settings_are_read(tmp_path):
      "server.yaml:2: superlink.loopback_port: port 65535 leaves no default (port + 1): set superlink.loopback_port"),
     (CLASSES + "superlink:\n  loopback_port: 0\n", "superlink.loopback_port: must be a TCP port (1-65535) (got 0)"),
     (CLASSES + "superlink:\n  max_request_mb: 0\n", "superlink.max_request_mb: must be in 1-2048 (got 0)"),
+    (CLASSES + "superlink:\n  pull_hold_s: 30\n",
+     "server.yaml:3: superlink.pull_hold_s: must be in 0-20 (seconds) (got 30)"),
     (CLASSES + "strategy:\n  name: fedsgd\n", "strategy.name: must be one of 'fedavg', 'fedprox', 'median'"),
     (CLASSES + "federation:\n  fraction: 0\n", "federation.fraction: must be in (0, 1] (got 0)"),
 ])

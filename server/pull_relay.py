@@ -1,0 +1,343 @@
+"""Hold a site's pull while the SuperLink's answer is "not yet" (long polling), for a few seconds.
+
+Why: a Flower 1.42 SuperNode asks the SuperLink for a message and, when there is none, sleeps a
+fixed 3 s before asking again (``flwr/supernode/start_client_internal.py``; no setting changes it).
+In a federated round every site asks right after sending its reply, finds nothing because the
+server is still waiting for the other sites, and sleeps: the next message then waited for the end
+of that sleep, about 2.5 s at every exchange (one per plain round, five in a SecAgg+ round;
+docs/benchmarks.md, "Where a round's time goes"). Likewise a message is announced before the
+ServerApp has pushed its arrays, and a SuperNode that asks for an array too early backs off 1 s.
+
+The relay sits behind nginx on loopback and serves only the two pulls in ``HELD_ROUTES`` (the
+proxy sends every other Fleet route straight to the SuperLink). It passes the site's request on
+unchanged and, while the SuperLink answers "not yet", asks again: for a message after a quarter of
+the time already waited (0.1-0.5 s), until ``hold_s`` has passed, then it gives the site the empty
+answer; for an array every 0.05 s, up to 5 s. When one held pull gets its message, every held pull
+asks again at once: the server sends a round's messages to all sites together. Each ask costs the
+SuperLink about 10 ms of CPU, so when no message was delivered for a minute (no run) it asks every
+2 s: about what the SuperNodes' own 3 s polling costs.
+
+It may do only what the site's own request says: the same signed headers (Flower's node
+authentication signs a timestamp the SuperLink accepts for 5 minutes) and the same body, checked
+by the SuperLink at every ask. Any other answer (a refusal, an error) is passed on at once. The
+relay holds no key and stores nothing. Before asking again it checks the site is still connected,
+so nothing is taken from the SuperLink for a site that gave up. Run as ``python -m
+server.pull_relay`` by `fedpath-server start`, on a socket the start command bound
+(``--listen-fd``), so no port is chosen twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import http.server
+import select
+import socket
+import ssl
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.protobuf.message import DecodeError
+
+MAX_BODY = 64 * 1024  # a pull request is a node id and a few message or object ids
+UPSTREAM_TIMEOUT_S = 30.0
+OBJECT_HOLD_S = 5.0  # an announced object is normally pushed within a second
+ACTIVE_S = 60.0  # a route that delivered something this recently is in use: ask often
+IDLE_STEP_S = 2.0  # otherwise (no run, or between runs): each ask costs the SuperLink ~10 ms of CPU
+# Per connection, not end to end: never passed on (RFC 9110 7.6.1); Date and Server are the relay's own.
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
+                        "upgrade", "content-length", "date", "server", "host"})
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+def _decoded(answer: Answer, kind: str):
+    """The SuperLink's protobuf answer, or None for anything to pass on as it is (an error, a
+    compressed or unreadable body)."""
+    from flwr.proto import fleet_pb2, message_pb2  # noqa: PLC0415  (protobuf classes: only the relay needs them)
+
+    if answer.status != 200 or any(name.lower() == "content-encoding" for name, _ in answer.headers):
+        return None
+    response_class = getattr(fleet_pb2, kind, None) or getattr(message_pb2, kind)
+    try:
+        return response_class.FromString(answer.body)
+    except DecodeError:
+        return None
+
+
+def no_message(answer: Answer) -> bool:
+    """The SuperLink has no message for this site yet."""
+    response = _decoded(answer, "PullMessagesResponse")
+    return response is not None and not response.messages_list and not response.HasField("reconnect")
+
+
+def object_not_ready(answer: Answer) -> bool:
+    """The object is announced (its message was pushed) but its content has not arrived yet."""
+    response = _decoded(answer, "PullObjectResponse")
+    return response is not None and response.object_found and not response.object_available
+
+
+def message_step(waited_s: float) -> float:
+    """Ask again after a quarter of the time already waited (0.1-0.5 s): a message that comes late
+    reaches the site late by at most a quarter of its wait."""
+    return min(0.5, max(0.1, waited_s / 4))
+
+
+def object_step(waited_s: float) -> float:
+    return 0.05
+
+
+@dataclass(frozen=True)
+class HeldRoute:
+    """A Fleet pull whose "not yet" answer the relay keeps asking about instead of passing on.
+
+    Args:
+        not_yet: True for an answer that means "ask again later".
+        step: seconds to the next ask, given the seconds waited so far.
+        longest_s: the longest hold on this route (the configured hold caps it).
+        wakes_others: an answer with content makes every held request on this route ask again at
+            once (the server sends a round's messages to all sites together).
+        idle_step_s: the step instead of ``step`` while the route has delivered nothing for
+            ``ACTIVE_S`` (None: always ``step``).
+    """
+
+    not_yet: Callable[[Answer], bool]
+    step: Callable[[float], float]
+    longest_s: float = float("inf")
+    wakes_others: bool = False
+    idle_step_s: float | None = None
+
+
+HELD_ROUTES = {
+    # Flower's SuperNode sleeps 3 s after an empty pull.
+    "/v1/fleet/pull-messages": HeldRoute(no_message, message_step, wakes_others=True, idle_step_s=IDLE_STEP_S),
+    # A message is announced before the ServerApp has pushed its arrays; a SuperNode that asks too
+    # early backs off 1 s, then 2 s (flwr/supercore/inflatable/inflatable_utils.py: pull_objects).
+    "/v1/fleet/pull-object": HeldRoute(object_not_ready, object_step, longest_s=OBJECT_HOLD_S),
+}
+
+
+class Wakeup:
+    """Held requests of one route wait here; ``wake`` (something was delivered) makes all of them
+    ask again at once and marks the route in use for ``ACTIVE_S``."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._generation = 0
+        self._delivered_at = float("-inf")
+
+    def wait(self, seconds: float) -> None:
+        with self._condition:
+            seen = self._generation
+            self._condition.wait_for(lambda: self._generation != seen, timeout=seconds)
+
+    def wake(self, now: float) -> None:
+        with self._condition:
+            self._generation += 1
+            self._delivered_at = now
+            self._condition.notify_all()
+
+    def active(self, now: float) -> bool:
+        return now - self._delivered_at < ACTIVE_S
+
+
+def hold(ask: Callable[[], Answer], route: HeldRoute, hold_s: float, still_wanted: Callable[[], bool],
+         wakeup: Wakeup | None = None, clock: Callable[[], float] = time.monotonic) -> Answer:
+    """Ask until the answer is not "not yet", the site has gone, or the hold is over; the last answer.
+
+    Args:
+        ask: sends the site's request to the SuperLink once and returns its answer.
+        route: what "not yet" is on this route and how often to ask.
+        hold_s: longest time to keep the site waiting (0: ask once).
+        still_wanted: False once the site has closed its connection (then nothing more is asked,
+            so nothing is taken from the SuperLink for a site that will not read it).
+        wakeup: the route's shared state: where to wait between asks, whether it is in use (a new
+            one: nobody wakes this request early and the route counts as idle).
+    """
+    wakeup = wakeup or Wakeup()
+    longest = min(hold_s, route.longest_s)
+    start = clock()
+    answer = ask()
+    while route.not_yet(answer):
+        now = clock()
+        waited = now - start
+        idle = route.idle_step_s is not None and not wakeup.active(now)
+        step = route.idle_step_s if idle else route.step(waited)
+        if waited + step > longest:
+            return answer
+        wakeup.wait(step)
+        if not still_wanted():
+            return answer
+        answer = ask()
+    if route.wakes_others:
+        wakeup.wake(clock())
+    return answer
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """The SuperLink on loopback: its address, and with TLS the CA and the name its certificate must carry."""
+
+    host: str
+    port: int
+    context: ssl.SSLContext | None = None
+    tls_name: str | None = None
+
+    def connect(self) -> _Connection:
+        return _Connection(self)
+
+
+class _Connection(http.client.HTTPConnection):
+    def __init__(self, upstream: Upstream) -> None:
+        super().__init__(upstream.host, upstream.port, timeout=UPSTREAM_TIMEOUT_S)
+        self._upstream = upstream
+
+    def connect(self) -> None:
+        super().connect()
+        if self._upstream.context is not None:
+            self.sock = self._upstream.context.wrap_socket(self.sock, server_hostname=self._upstream.tls_name)
+
+
+class RelayServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True  # a held request never delays the relay's own exit
+
+    def __init__(self, listening: socket.socket, upstream: Upstream, hold_s: float) -> None:
+        super().__init__(listening.getsockname()[:2], _Handler, bind_and_activate=False)
+        self.socket.close()
+        self.socket = listening
+        self.upstream, self.hold_s = upstream, hold_s
+        self.wakeups = {path: Wakeup() for path in HELD_ROUTES}
+
+    def server_bind(self) -> None:  # already bound (and listening) by `fedpath-server start`
+        pass
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # nginx keeps its connections to the relay open
+    server: RelayServer
+
+    def do_POST(self) -> None:  # noqa: N802  (http.server's naming)
+        route = HELD_ROUTES.get(self.path)
+        if route is None:
+            self._refuse(404, f"only POST {', '.join(HELD_ROUTES)} pass this relay")
+            return
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            self._refuse(411, "a Content-Length is required")
+            return
+        if not 0 <= length <= MAX_BODY:
+            self._refuse(413, f"a pull request is at most {MAX_BODY} bytes")
+            return
+        body = self.rfile.read(length)
+        headers = {name: value for name, value in self.headers.items() if name.lower() not in HOP_BY_HOP}
+        target = self.server.upstream
+        connection = target.connect()
+        try:
+            answer = hold(lambda: _ask(connection, self.path, body, headers), route, self.server.hold_s,
+                          self._client_connected, self.server.wakeups[self.path])
+        except (OSError, http.client.HTTPException) as exc:
+            self.log_error("the SuperLink on %s:%d did not answer: %s", target.host, target.port, exc)
+            self._refuse(502, "the SuperLink did not answer")
+            return
+        finally:
+            connection.close()
+        try:
+            self.send_response(answer.status, answer.reason)
+            for name, value in answer.headers:
+                if name.lower() not in HOP_BY_HOP:
+                    self.send_header(name, value)
+            self.send_header("Content-Length", str(len(answer.body)))
+            self.end_headers()
+            self.wfile.write(answer.body)
+        except (BrokenPipeError, ConnectionResetError):  # the site left while held (its SuperNode stopped)
+            self.close_connection = True
+            if not route.not_yet(answer):
+                self.log_error("a site left before it received its answer to %s", self.path)
+
+    def _client_connected(self) -> bool:
+        """False once nginx has closed this connection (the site gave up): it is readable at EOF."""
+        readable, _, _ = select.select([self.connection], [], [], 0)
+        if not readable:
+            return True
+        try:
+            return self.connection.recv(1, socket.MSG_PEEK) != b""
+        except OSError:
+            return False
+
+    def _refuse(self, status: int, text: str) -> None:
+        self.send_error(status, explain=text)
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002  (http.server's signature)
+        """Errors only, to the relay's log: nginx's access log already records every request."""
+
+    def log_error(self, format: str, *args: object) -> None:  # noqa: A002
+        sys.stderr.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {format % args}\n")
+        sys.stderr.flush()
+
+
+def _ask(connection: _Connection, path: str, body: bytes, headers: dict[str, str]) -> Answer:
+    connection.request("POST", path, body=body, headers=headers)
+    response = connection.getresponse()
+    payload = response.read()
+    return Answer(response.status, response.reason, response.getheaders(), payload)
+
+
+def bind_listener(host: str) -> socket.socket:
+    """A listening socket on a free port of ``host`` (loopback), bound by the start command and
+    inherited by the relay."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        listener.bind((host, 0))
+        listener.listen(64)
+    except OSError:
+        listener.close()
+        raise
+    return listener
+
+
+def relay_command(listener: socket.socket, upstream: tuple[str, int], tls: tuple[Path, str] | None,
+                  hold_s: float) -> list[str]:
+    """The relay's command line; ``tls`` is (the CA file, the name the SuperLink's certificate must
+    carry), None when the SuperLink runs without TLS (``--insecure``)."""
+    command = [sys.executable, "-m", "server.pull_relay", "--listen-fd", str(listener.fileno()),
+               "--upstream", f"{upstream[0]}:{upstream[1]}", "--hold", f"{hold_s:g}"]
+    return command + (["--ca", str(tls[0]), "--tls-name", tls[1]] if tls is not None else ["--insecure"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m server.pull_relay", description=__doc__.split("\n")[0])
+    parser.add_argument("--listen-fd", type=int, required=True, help="an inherited listening socket")
+    parser.add_argument("--upstream", required=True, help="the SuperLink's loopback address, HOST:PORT")
+    parser.add_argument("--hold", type=float, required=True, help="longest hold of an empty pull, seconds")
+    parser.add_argument("--tls-name", help="the name the SuperLink's certificate must carry (with --ca)")
+    tls = parser.add_mutually_exclusive_group(required=True)
+    tls.add_argument("--ca", type=Path, help="the consortium CA the SuperLink's certificate is checked against")
+    tls.add_argument("--insecure", action="store_true", help="the SuperLink runs without TLS")
+    args = parser.parse_args(argv)
+    host, _, port = args.upstream.rpartition(":")
+    upstream = Upstream(host, int(port)) if args.insecure else \
+        Upstream(host, int(port), ssl.create_default_context(cafile=str(args.ca)), args.tls_name)
+    listening = socket.socket(fileno=args.listen_fd)
+    with RelayServer(listening, upstream, args.hold) as relay:
+        print(f"pull relay on {':'.join(map(str, listening.getsockname()[:2]))} -> SuperLink on {args.upstream}, "
+              f"empty pulls held up to {args.hold:g} s", flush=True)
+        try:
+            relay.serve_forever()
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
