@@ -8,7 +8,8 @@ hospital holds, could submit a run that every hospital executes, or register a k
 and join as a "hospital". So the SuperLink listens on 127.0.0.1 only (``superlink.loopback_port``)
 and the port the hospitals reach is nginx (the operating system's package, patched by its
 security updates), which passes ``POST /v1/fleet/<route>`` and answers everything else with 404
-without contacting the SuperLink.
+without contacting the SuperLink. The two pull routes go through fedpath's pull relay on loopback
+(server/pull_relay.py), which holds a pull while the SuperLink's answer is "not yet".
 
 With TLS (the default) nginx terminates the sites' TLS with the consortium's server certificate
 and opens a second TLS connection to the SuperLink on loopback, checking it against the
