@@ -41,6 +41,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from flwr.proto.fleet_pb2 import PullMessagesResponse  # pylint: disable=no-name-in-module
+from flwr.proto.message_pb2 import PullObjectResponse  # pylint: disable=no-name-in-module
 from google.protobuf.message import DecodeError
 
 MAX_BODY = 64 * 1024  # a pull request is a node id and a few message or object ids
@@ -61,14 +63,11 @@ class Answer:
     body: bytes
 
 
-def _decoded(answer: Answer, kind: str):
+def _decoded(answer: Answer, response_class):
     """The SuperLink's protobuf answer, or None for anything to pass on as it is (an error, a
     compressed or unreadable body)."""
-    from flwr.proto import fleet_pb2, message_pb2  # noqa: PLC0415  (protobuf classes: only the relay needs them)
-
     if answer.status != 200 or any(name.lower() == "content-encoding" for name, _ in answer.headers):
         return None
-    response_class = getattr(fleet_pb2, kind, None) or getattr(message_pb2, kind)
     try:
         return response_class.FromString(answer.body)
     except DecodeError:
@@ -77,13 +76,13 @@ def _decoded(answer: Answer, kind: str):
 
 def no_message(answer: Answer) -> bool:
     """The SuperLink has no message for this site yet."""
-    response = _decoded(answer, "PullMessagesResponse")
+    response = _decoded(answer, PullMessagesResponse)
     return response is not None and not response.messages_list and not response.HasField("reconnect")
 
 
 def object_not_ready(answer: Answer) -> bool:
     """The object is announced (its message was pushed) but its content has not arrived yet."""
-    response = _decoded(answer, "PullObjectResponse")
+    response = _decoded(answer, PullObjectResponse)
     return response is not None and response.object_found and not response.object_available
 
 

@@ -124,13 +124,13 @@ def start_server(config: ServerConfig, insecure: bool, detach: bool) -> int:
         try:
             processes = _start_all(config, paths, files, nginx, relay_socket)
             signals.defer()  # from here a signal is a request, acted on between two polls of the wait
-            superlink = config.superlink
-            print(f"SuperLink on {superlink.loopback_address} (pid {processes[0][1].pid}; admin commands on this "
+            superlink, pids = config.superlink, {name: process.pid for name, process in processes}
+            print(f"SuperLink on {superlink.loopback_address} (pid {pids['the SuperLink']}; admin commands on this "
                   f"host only), log {paths.log}, state {paths.database}\n"
-                  f"proxy on {superlink.address} for the sites, Fleet API only (nginx pid {processes[-1][1].pid}), "
+                  f"proxy on {superlink.address} for the sites, Fleet API only (nginx pid {pids['the proxy']}), "
                   f"log {paths.proxy.access_log}", flush=True)
             if relay_socket is not None:
-                print(f"pull relay on {LOOPBACK}:{relay_socket.getsockname()[1]} (pid {processes[1][1].pid}): "
+                print(f"pull relay on {LOOPBACK}:{relay_socket.getsockname()[1]} (pid {pids['the pull relay']}): "
                       f"holds a site's empty pull up to {superlink.pull_hold_s:g} s, log {paths.relay_log}", flush=True)
             if detach and not signals.received:
                 print(f"stop them with `fedpath-server stop --config ...` (pid files "
