@@ -8,7 +8,8 @@ starts no ClientApp) beside this runner, which takes the SuperNode's tasks from 
 Runtime API the way Flower's SuperExec does, and for each task:
 
 1. pulls its input (message, context, run, FAB) as Flower's own ``pull_task_input`` does, but
-   waiting at most ``PULL_INPUT_S`` for the message's objects (see ``pull_task_input``);
+   waiting at most ``PULL_INPUT_S`` for the message's objects, and no longer once the SuperNode has
+   a later task (see ``pull_task_input``);
 2. checks the run's bundle: its content digest (``shared/app_bundle.py``) must be the installed
    fedpath version's or be listed in ``federation.allowed_bundles``; otherwise it answers
    ``Error(REFUSAL_ERROR_BASE + 12)`` and runs nothing. The bundle is never installed or imported;
@@ -39,6 +40,7 @@ import hashlib
 import logging
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -66,7 +68,11 @@ from flwr.supercore.inflatable.inflatable_protobuf_utils import (
     make_confirm_message_received_fn_protobuf,
     make_pull_object_fn_protobuf,
 )
-from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+from flwr.supercore.inflatable.inflatable_utils import (
+    ObjectPullError,
+    ObjectUnavailableError,
+    pull_and_inflate_object_from_tree,
+)
 from flwr.supercore.interceptors import (
     RuntimeTokenHttpInterceptor,
     RuntimeVersionHttpInterceptor,
@@ -101,6 +107,17 @@ that can never complete: Flower 1.42's SuperNode leaves a pending task behind wh
 while one of its messages is being received (``RunNotRunningException`` is a BaseException and
 skips the clean-up), and its objects never arrive. Flower's own default would wait 2 hours, and
 this runner serves one task at a time."""
+PULL_BACKOFF_S, PULL_BACKOFF_CAP_S = 0.02, 0.5
+"""First and longest pause between asks for a missing object (Flower's defaults: 1 s and 10 s, made for
+pulls across the internet). The SuperNode makes a task before it has pulled the message's arrays from the
+SuperLink, and this runner takes the task within ``POLL_S``: its first ask for the arrays often comes
+too early. The asks go to the SuperNode on loopback and cost next to nothing."""
+SUPERSEDED_CHECK_S = 1.0
+"""While a task's objects are missing, how often the runner asks the SuperNode for a later task. Flower
+1.42's SuperNode handles one message at a time: it makes the next task only once the last message was
+answered or given up (a stopped run, a failed pull), so a later task means the missing objects will never
+come. After a server restart this lets the resumed run's first task start at once instead of after
+``PULL_INPUT_S``."""
 WAIT_MAX_S = 10.0  # longest pause while the SuperNode is unreachable or refuses
 
 
@@ -173,6 +190,7 @@ class TaskRunner:
                  secret_reader: Callable[[], bytes] | None = None) -> None:
         self.app, self.approval, self.policy, self.egress = app, approval, policy, egress
         self.address, self.secret, self.secret_reader = address, secret, secret_reader
+        self._later: tuple[str, int] | None = None  # (token, task id) acquired while a task waited
 
     # One message: decide the reply. Never raises.
     def answer(self, message: Message, context: Context, fab: Fab) -> Answer:
@@ -230,6 +248,10 @@ class TaskRunner:
         acquirer = self._acquire_client()
         waiting, pause = False, POLL_S
         while True:
+            if self._later is not None:  # found while an earlier task waited for objects that never came
+                (token, task_id), self._later = self._later, None
+                self._serve_logged(acquirer, token, task_id)
+                continue
             try:
                 response = acquirer.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
             except httpx.TransportError as error:
@@ -251,16 +273,47 @@ class TaskRunner:
                 log.info("connected to the SuperNode's Runtime API at %s", self.address)
                 waiting, pause = False, POLL_S
             if response.HasField("task") and response.token:
-                try:
-                    self.serve_task(response.token, response.task.task_id)
-                except Exception:  # noqa: BLE001 - one task's failure must not end the runner
-                    log.exception("task %d: failed while talking to the SuperNode; going on with the next task",
-                                  response.task.task_id)
+                self._serve_logged(acquirer, response.token, response.task.task_id)
             else:
                 time.sleep(POLL_S)
 
-    def serve_task(self, token: str, task_id: int) -> None:
-        """Pull one task's input, answer it, record and push the reply and the context back."""
+    def _serve_logged(self, acquirer: RuntimeHttpClient, token: str, task_id: int) -> None:
+        try:
+            self.serve_task(token, task_id, self._later_task_check(acquirer))
+        except Exception:  # noqa: BLE001 - one task's failure must not end the runner
+            log.exception("task %d: failed while talking to the SuperNode; going on with the next task", task_id)
+
+    def _later_task_check(self, acquirer: RuntimeHttpClient) -> Callable[[], bool]:
+        """True once the SuperNode has a task after the one being pulled (kept in ``_later``, served
+        next); asks at most every ``SUPERSEDED_CHECK_S``. Called from the object-pulling threads."""
+        lock, asked = threading.Lock(), [0.0]
+
+        def superseded() -> bool:
+            with lock:
+                if self._later is not None:
+                    return True
+                if time.monotonic() - asked[0] < SUPERSEDED_CHECK_S:
+                    return False
+                asked[0] = time.monotonic()
+                try:
+                    response = acquirer.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+                except httpx.HTTPError:
+                    return False  # unknown: keep waiting, up to PULL_INPUT_S
+                if response.HasField("task") and response.token:
+                    self._later = (response.token, response.task.task_id)
+                    return True
+                return False
+
+        return superseded
+
+    def serve_task(self, token: str, task_id: int, superseded: Callable[[], bool] = lambda: False) -> None:
+        """Pull one task's input, answer it, record and push the reply and the context back.
+
+        Args:
+            token: the task's one-time token from ``AcquireTask``.
+            task_id: the task's id.
+            superseded: true when the SuperNode has moved on to a later task (stop waiting for input).
+        """
         client = RuntimeHttpClient.from_server_address(
             server_address=self.address, insecure=True, root_certificates=None,
             interceptors=[RuntimeVersionHttpInterceptor(component_name=COMPONENT), RuntimeTokenHttpInterceptor(token)],
@@ -270,7 +323,11 @@ class TaskRunner:
         context = None
         try:
             try:
-                message, context, _run, fab = pull_task_input(client, PULL_INPUT_S)
+                message, context, _run, fab = pull_task_input(client, PULL_INPUT_S, superseded)
+            except TaskSuperseded as error:
+                log.warning("task %d: %s; giving it up", task_id, error)
+                push_task_output(client=client, context=None, sub_status=SubStatus.FAILED, details="")
+                return
             except Exception:  # noqa: BLE001 - no message to answer: Flower's own ClientApp process does the same
                 log.exception("task %d: its input could not be pulled from the SuperNode", task_id)
                 push_task_output(client=client, context=None, sub_status=SubStatus.FAILED, details="")
@@ -306,10 +363,22 @@ class TaskRunner:
                                                      root_certificates=None, interceptors=interceptors)
 
 
-def pull_task_input(client: RuntimeHttpClient, max_time: float) -> tuple[Message, Context, Any, Fab]:
+class TaskSuperseded(Exception):
+    """The SuperNode has a later task: the objects of this one will never arrive."""
+
+
+def pull_task_input(client: RuntimeHttpClient, max_time: float, superseded: Callable[[], bool] = lambda: False,
+                    ) -> tuple[Message, Context, Any, Fab]:
     """A task's message, context, run and FAB, as Flower's ``run_clientapp.pull_task_input`` pulls them
     (the same Runtime API calls and object-tree inflation, and the same task identity for the process),
-    but giving up after ``max_time`` seconds instead of Flower's default two hours."""
+    but giving up after ``max_time`` seconds instead of Flower's default two hours, or as soon as
+    ``superseded()`` says the SuperNode moved on (``TaskSuperseded``).
+
+    Args:
+        client: a Runtime API client carrying the task's token.
+        max_time: longest wait, in seconds, for the message's objects.
+        superseded: asked while an object is missing (see ``until_superseded``).
+    """
     res = client.PullTaskInput(PullTaskInputRequest())
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = res.task_id, res.run.run_id, res.context.node_id
     context, run, fab = context_from_proto(res.context), run_from_proto(res.run), fab_from_proto(res.fab)
@@ -317,14 +386,36 @@ def pull_task_input(client: RuntimeHttpClient, max_time: float) -> tuple[Message
     if not messages.messages_list:
         raise RuntimeError("the SuperNode holds no message for this task")
     node, tree = Node(node_id=context.node_id), messages.message_object_trees[0]
-    message = pull_and_inflate_object_from_tree(
-        tree, make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
-        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
-        return_type=Message, max_time=max_time)
+    try:
+        message = pull_and_inflate_object_from_tree(
+            tree, until_superseded(make_pull_object_fn_protobuf(client.PullObject, node, context.run_id), superseded),
+            make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
+            return_type=Message, max_time=max_time, initial_backoff=PULL_BACKOFF_S, backoff_cap=PULL_BACKOFF_CAP_S)
+    except ObjectPullError as error:
+        if isinstance(error.__cause__, TaskSuperseded):
+            raise error.__cause__ from None
+        raise
     # A deflated message lacks its own id, and Metadata has no public setter for it: Flower's own
     # pull_task_input (run_clientapp.py) sets it exactly this way; the only private name used here.
     message.metadata.__dict__["_message_id"] = tree.object_id
     return message, context, run, fab
+
+
+def until_superseded(pull: Callable[[str], bytes], superseded: Callable[[], bool]) -> Callable[[str], bytes]:
+    """``pull`` (one object's content by id), which while the object is still missing also asks
+    ``superseded()``, and ends the whole pull (Flower's ``ObjectPullError``, caused by
+    ``TaskSuperseded``) when it says yes."""
+
+    def pull_object(object_id: str) -> bytes:
+        try:
+            return pull(object_id)
+        except ObjectUnavailableError:
+            if superseded():
+                raise ObjectPullError(object_id, "superseded") from TaskSuperseded(
+                    "the SuperNode moved on to a later task; this one's message will never arrive whole")
+            raise
+
+    return pull_object
 
 
 def _task_retry_invoker() -> RetryInvoker:

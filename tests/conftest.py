@@ -61,17 +61,29 @@ FEDERATION_CLASSES = ["adenoma", "adenocarcinoma"]
 
 
 @pytest.fixture(scope="session")
-def prepared_hospitals(tmp_path_factory) -> Path:
-    """Three generated hospitals with prepared feature caches, made once; tests copy them."""
+def prepared_hospitals(tmp_path_factory, worker_id) -> Path:
+    """Three generated hospitals with prepared feature caches, made once per test session (shared by
+    pytest-xdist's workers: three concurrent preparations took three times as long); tests read them
+    or copy them, never write into them."""
+    import shutil
+
+    from filelock import FileLock
+
     from client.prepare import prepare_site
     from client.site_config import load_site_config
     from simulations.slide_generator import SlideSpec, make_site_slides
 
-    root = tmp_path_factory.mktemp("hospitals")
-    manifests = make_site_slides(root, sites=3, slides_per_site=5, seed=11, spec=SlideSpec(width=1024, height=1024))
-    for manifest in manifests:
-        site = write_site_yaml(manifest.parent, {"manifest": "manifest.csv", "labels": FEDERATION_CLASSES})
-        prepare_site(load_site_config(site), progress=False)
+    base = tmp_path_factory.getbasetemp()
+    root = (base if worker_id == "master" else base.parent) / "prepared-hospitals"
+    with FileLock(f"{root}.lock"):
+        if not (root / "done").exists():
+            shutil.rmtree(root, ignore_errors=True)  # a session that died half-way
+            manifests = make_site_slides(root, sites=3, slides_per_site=5, seed=11,
+                                         spec=SlideSpec(width=1024, height=1024))
+            for manifest in manifests:
+                site = write_site_yaml(manifest.parent, {"manifest": "manifest.csv", "labels": FEDERATION_CLASSES})
+                prepare_site(load_site_config(site), progress=False)
+            (root / "done").touch()
     return root
 
 

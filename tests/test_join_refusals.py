@@ -6,6 +6,7 @@ it (the signed headers pass through), TLS by the proxy."""
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from client.site_config import load_site_config
 from client.supernode import start_supernode
 from server.certificates import init_consortium
 from server.registration import add_site, remove_site
+from server.site_registry import SiteRegistry
 from server.superlink import StatePaths
 from shared.site_keys import keygen
 from simulations.local_consortium import LocalConsortium
@@ -33,10 +35,9 @@ def _site(root: Path, name: str) -> Path:
     return path
 
 
-def _refused(consortium: LocalConsortium, index: int, site_yaml: Path, timeout: float = 90) -> str:
-    """Start a SuperNode that must be refused; its log once the refusal is in it. (The site's
+def _refused(site_yaml: Path, timeout: float = 90) -> str:
+    """The log of a started SuperNode that must be refused, once the refusal is in it. (The site's
     supervisor keeps retrying: a refusal right after a crash is temporary.)"""
-    consortium.start_site(index)
     log_file = load_site_config(site_yaml).state_dir / "supernode.log"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -68,13 +69,7 @@ def test_unregistered_untrusting_and_revoked_sites(tmp_path):
         # a site with its own key, never registered
         stranger = Path(load_site_config(sites[1]).federation.auth_key)
         keygen(stranger.parent, stranger.stem)
-        log = _refused(consortium, 1, sites[1])
-        assert "Failed to activate SuperNode" in log, log[-2000:]
-        server_log = (consortium.root / "server" / "state" / "superlink.log").read_text()
-        assert "activate-node][ApiError:2004] Attempted to register SuperNode with public key" in server_log
-        assert ("412", superlink) in _proxied(consortium, "activate-node")  # refused by the SuperLink, via the proxy
-
-        # a registered key, but the site trusts another CA: TLS fails before anything is sent
+        # a registered key, but the site trusts another CA
         other_ca = init_consortium(tmp_path / "other-ca", "localhost")
         document = yaml.safe_load(sites[2].read_text())
         document["federation"]["ca_cert"] = str(other_ca.ca_cert)
@@ -82,11 +77,26 @@ def test_unregistered_untrusting_and_revoked_sites(tmp_path):
         untrusting = Path(load_site_config(sites[2]).federation.auth_key)
         keygen(untrusting.parent, untrusting.stem)
         add_site(consortium.config, consortium.control, "no-ca", untrusting.with_suffix(".pub"))
-        log = _refused(consortium, 2, sites[2])
+        # a site started with --insecure; and the registered site. All four start side by side (each
+        # start waits for its task runner).
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            starts = [pool.submit(consortium.start_site, 0), pool.submit(consortium.start_site, 1),
+                      pool.submit(consortium.start_site, 2),
+                      pool.submit(start_supernode, load_site_config(sites[3]), sites[3], insecure=True, detach=True)]
+        for started in starts:
+            started.result()
+
+        log = _refused(sites[1])
+        assert "Failed to activate SuperNode" in log, log[-2000:]
+        server_log = (consortium.root / "server" / "state" / "superlink.log").read_text()
+        assert "activate-node][ApiError:2004] Attempted to register SuperNode with public key" in server_log
+        assert ("412", superlink) in _proxied(consortium, "activate-node")  # refused by the SuperLink, via the proxy
+
+        # the untrusting site: TLS fails before anything is sent
+        log = _refused(sites[2])
         assert "certificate" in log.lower() or "ssl" in log.lower(), log[-2000:]
 
-        # plain HTTP (a site started with --insecure) to the TLS port never gets a session
-        start_supernode(load_site_config(sites[3]), sites[3], insecure=True, detach=True)
+        # plain HTTP to the TLS port never gets a session
         plain_log = load_site_config(sites[3]).state_dir / "supernode.log"
         deadline = time.monotonic() + 60
         refused = ("Connection attempt failed", "could not establish a connection to the SuperLink")
@@ -94,14 +104,13 @@ def test_unregistered_untrusting_and_revoked_sites(tmp_path):
             time.sleep(0.5)
         assert any(text in plain_log.read_text() for text in refused), plain_log.read_text()[-2000:]
         assert set(_proxied(consortium, "register-node")) == {("400", "-")}  # the proxy's TLS port refused it
-        assert len(online_nodes(consortium)) == 0
 
-        # the registered site joins; revoking it cuts it off
-        consortium.start_site(0)
+        # only the registered site joined; revoking it cuts it off
+        node_id = int(SiteRegistry(StatePaths(consortium.config).registry).entries()[registered.name]["node_id"])
         deadline = time.monotonic() + 60
-        while len(online_nodes(consortium)) < 1 and time.monotonic() < deadline:
+        while not online_nodes(consortium) and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert len(online_nodes(consortium)) == 1
+        assert online_nodes(consortium) == {node_id}
         remove_site(consortium.config, consortium.control, registered.name)
         deadline = time.monotonic() + 120
         while len(online_nodes(consortium)) > 0 and time.monotonic() < deadline:

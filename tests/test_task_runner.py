@@ -15,8 +15,12 @@ import zipfile
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.proto.runtime_pb2 import AcquireTaskResponse  # pylint: disable=E0611
+from flwr.proto.task_pb2 import Task  # pylint: disable=E0611
 from flwr.supercore.fab import Fab
+from flwr.supercore.inflatable.inflatable_utils import ObjectPullError, ObjectUnavailableError, pull_objects
 
+from client import task_runner
 from client.egress_log import ERROR, REFUSED, SENT, WITHHELD, EgressLog
 from client.egress_policy import EgressPolicy
 from client.site_config import load_site_config
@@ -28,7 +32,7 @@ from client.supernode import (
     wait_for_runner,
     write_superexec_secret,
 )
-from client.task_runner import BundleApproval, TaskRunner
+from client.task_runner import BundleApproval, TaskRunner, TaskSuperseded, until_superseded
 from shared.app_bundle import bundle_digest, installed_bundle
 from tests.flower_messages import evaluate_reply, fit_reply, server_message, site_context
 
@@ -160,6 +164,57 @@ def test_fit_reply_under_secure_aggregation_requirement(tmp_path, installed_fab)
 
     answer = _runner(tmp_path, plain_update, installed_fab).answer(server_message(), site_context(), installed_fab)
     assert answer.outcome == WITHHELD and answer.violation.rule == "c"
+
+
+class MissingObject:
+    """A SuperNode's object store in which object "b" never arrives (a task Flower left behind)."""
+
+    def __init__(self) -> None:
+        self.asks = {"a": 0, "b": 0}
+
+    def __call__(self, object_id: str) -> bytes:
+        self.asks[object_id] += 1
+        if object_id == "b":
+            raise ObjectUnavailableError(object_id)
+        return b"content"
+
+
+def test_a_task_whose_objects_never_come_is_given_up_once_the_supernode_moved_on():
+    store, answers = MissingObject(), iter([False, False, True])
+    pull = until_superseded(store, lambda: next(answers))
+    # Flower's own retry loop, with a two-hour limit: only the later task ends it
+    with pytest.raises(ObjectPullError) as raised:
+        pull_objects(["a", "b"], pull, max_time=7200, initial_backoff=0.01, backoff_cap=0.02)
+    assert isinstance(raised.value.__cause__, TaskSuperseded)
+    assert store.asks == {"a": 1, "b": 3}
+    # while nothing says so, a missing object is only "not yet" (Flower retries, up to its limit)
+    store = MissingObject()
+    with pytest.raises(ObjectPullError, match="retry limit") as raised:
+        pull_objects(["b"], until_superseded(store, lambda: False), max_tries_per_object=4, initial_backoff=0.01)
+    assert raised.value.__cause__ is None and store.asks["b"] == 4
+
+
+class Acquirer:
+    """The SuperNode's AcquireTask, answering from a list (an empty answer: no task)."""
+
+    def __init__(self, answers: list[AcquireTaskResponse]) -> None:
+        self.answers, self.asks = answers, 0
+
+    def AcquireTask(self, request) -> AcquireTaskResponse:  # noqa: N802 - Flower's method name
+        self.asks += 1
+        return self.answers.pop(0) if self.answers else AcquireTaskResponse()
+
+
+def test_the_later_task_is_kept_to_be_served_next(tmp_path, installed_fab, monkeypatch):
+    runner = _runner(tmp_path, ToyClientApp(), installed_fab)
+    later = AcquireTaskResponse(task=Task(task_id=42), token="t42")
+    acquirer = Acquirer([AcquireTaskResponse(), later])
+    check = runner._later_task_check(acquirer)
+    assert check() is False and check() is False  # the second within SUPERSEDED_CHECK_S: not asked
+    assert acquirer.asks == 1
+    monkeypatch.setattr(task_runner, "SUPERSEDED_CHECK_S", 0.0)
+    assert check() is True and runner._later == ("t42", 42)
+    assert check() is True and acquirer.asks == 2  # the task is taken once, and kept for serve_forever
 
 
 def test_superexec_secret_is_fresh_and_private(tmp_path):
