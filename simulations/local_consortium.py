@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +29,10 @@ from server.run_folder import RunFolder
 from server.server_config import load_server_config
 from server.site_registry import SiteRegistry
 from server.superlink import FlowerControl, StatePaths, start_server, stop_server
-from shared.processes import descendants, free_port, running_pid, signal_each, stop
+from shared.processes import descendants, free_port, is_alive, running_pid, signal_each, stop
 from shared.site_keys import keygen
+
+KILL_WAIT_S = 10.0  # longest wait for SIGKILLed processes to be gone
 
 
 @dataclass
@@ -169,4 +172,9 @@ def _kill(pid_file: Path) -> None:
         os.waitpid(pid, 0)
     except ChildProcessError:
         pass
+    # A killed process is gone only once the kernel has run its exit (a moment on a busy machine): wait
+    # for all of them, so that nothing of the crashed machine still holds a port or reconnects.
+    deadline = time.monotonic() + KILL_WAIT_S
+    while any(is_alive(member) for member in [pid, *family]) and time.monotonic() < deadline:
+        time.sleep(0.05)
     pid_file.unlink(missing_ok=True)
