@@ -285,8 +285,10 @@ class TaskRunner:
 
     def _later_task_check(self, acquirer: RuntimeHttpClient) -> Callable[[], bool]:
         """True once the SuperNode has a task after the one being pulled (kept in ``_later``, served
-        next); asks at most every ``SUPERSEDED_CHECK_S``. Called from the object-pulling threads."""
-        lock, asked = threading.Lock(), [0.0]
+        next); asks at most every ``SUPERSEDED_CHECK_S``, the first time one interval after the task
+        began (its arrays normally arrive well within it: no extra request in an ordinary exchange).
+        Called from the object-pulling threads."""
+        lock, asked = threading.Lock(), [time.monotonic()]
 
         def superseded() -> bool:
             with lock:
