@@ -157,8 +157,11 @@ def fit(config: SiteConfig, plan: RoundPlan, received: list[np.ndarray], noise_s
     if config.federation.keep_sent_replies:
         keep_reply(config, plan.federation_id, plan.round, arrays)
     if not record.get("refused"):
-        log.info("round %d: trained on %d patients, ε spent %s", plan.round, patients,
-                 "n/a (DP off)" if numbers.get("epsilon") is None else f"{numbers['epsilon']:.3f}")
+        spent = "n/a (DP off)" if numbers.get("epsilon") is None else f"{numbers['epsilon']:.3f}"
+        if plan.train:
+            log.info("round %d: trained on %d patients, ε spent %s", plan.round, patients, spent)
+        else:  # the run's last exchange only scores the final model
+            log.info("round %d: scored the final model (no training), ε spent %s", plan.round, spent)
     return Reply(arrays, plan.weight_scale, disclosed(config, numbers))
 
 

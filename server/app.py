@@ -109,8 +109,9 @@ def evaluated(config: ServerConfig, round_: int) -> bool:
 
 def round_plan(config: ServerConfig, federation_id: str, round_: int, reproducible_noise: bool = False) -> RoundPlan:
     training, secagg, rounds = config.training, config.secure_aggregation, config.federation.rounds
+    spare = config.federation.spare_rounds  # the sites' budgets also last this many redone rounds
     return RoundPlan(
-        federation_id=federation_id, round=round_, planned_rounds=rounds,
+        federation_id=federation_id, round=round_, planned_rounds=rounds + spare,
         classes=config.classes, positive_class=config.positive_class, model=config.model,
         sequence_length=training.sequence_length, epochs=training.epochs, batch_size=training.batch_size,
         learning_rate=training.learning_rate, seed=training.seed,
@@ -118,5 +119,5 @@ def round_plan(config: ServerConfig, federation_id: str, round_: int, reproducib
         privacy=config.privacy, max_update_norm=config.federation.max_update_norm,
         secagg_clipping_range=secagg.clipping_range if secagg.enabled else None, weight_scale=secagg.max_weight,
         train=round_ <= rounds, evaluate=evaluated(config, round_),
-        evaluations=sum(evaluated(config, r) for r in range(1, rounds + 2)),
+        evaluations=sum(evaluated(config, r) for r in range(1, rounds + 2)) + spare,
         evaluation_bins=config.federation.evaluation_bins, reproducible_noise=reproducible_noise)

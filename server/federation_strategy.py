@@ -46,7 +46,7 @@ from server.server_config import ServerConfig, ServerOptimizerConfig
 from server.server_optimizer import ServerOptimizer
 from shared.errors import UserError
 from shared.parameters import ParameterMismatch, pack, update_problem
-from shared.refusals import refusal_code, refusal_text
+from shared.refusals import BUDGET_REFUSAL, refusal_code, refusal_text
 from shared.round_plan import RoundPlan
 from shared.round_sums import CountLayout, RoundSums, decode_sum
 
@@ -142,10 +142,14 @@ class FederationStrategy(Strategy):
         if plan.train:
             minimum = self.config.federation.min_sites
             if sums is None or sums.update is None or trained < minimum:
+                out_of_budget = sum(1 for s in self.sites.values() if s.refused == BUDGET_REFUSAL)
                 raise FederationError(
                     f"round {round_} failed: {trained} site(s) sent a usable update, the minimum is {minimum} "
                     f"(federation.min_sites); {len(failures)} failed or timed out, "
-                    f"{sum(1 for s in self.sites.values() if s.refused)} refused. See `fedpath-server status`.")
+                    f"{sum(1 for s in self.sites.values() if s.refused)} refused. See `fedpath-server status`."
+                    + (f" {out_of_budget} site(s) are out of privacy budget: a round redone after a crash spends "
+                       "again, which only a budget planned with federation.spare_rounds has room for (a new "
+                       "federation; the plan of this one cannot change)." if out_of_budget else ""))
             problem = update_problem(self.shapes, sums.update, self.config.federation.max_update_norm)
             if problem:
                 raise FederationError(f"round {round_} failed: the aggregated update is unusable: {problem}")

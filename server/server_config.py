@@ -127,6 +127,10 @@ class FederationConfig:
     # evaluation is a private release charged to every site's ledger.
     evaluate_every: int = check(at_least(1), 1)
     evaluation_bins: int = check(lambda b: None if b >= 2 and b % 2 == 0 else "must be an even number >= 2", 10)
+    # Rounds of every site's privacy budget kept for rounds redone after a server crash. A redone round trains
+    # and scores again, so it spends again; a site whose budget was planned for exactly `rounds` refuses it
+    # (and every later round). Each spare round raises the noise as one more planned round does.
+    spare_rounds: int = check(at_least(0), 0)
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,9 @@ REFUSALS = {
 numeric metric ``refused``; a message the site refuses outright is answered with a Flower error
 whose code is ``REFUSAL_ERROR_BASE + code`` and whose reason is empty (no text leaves a site)."""
 
+BUDGET_REFUSAL = 1
+"""The site's budget for this federation has no room for the round (e.g. a round redone after a crash)."""
+
 REFUSAL_ERROR_BASE = 1000
 """Flower error codes at or above this are fedpath refusal codes (``code - REFUSAL_ERROR_BASE``)."""
 

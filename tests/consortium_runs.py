@@ -39,6 +39,25 @@ def wait_for_model(folder: RunFolder, round_: int, timeout: float = RUN_TIMEOUT)
     pytest.fail(f"round {round_} not done within {timeout} s; status {folder.status()}")
 
 
+
+def wait_for_site_log(site_yaml: Path, text: str, timeout: float = RUN_TIMEOUT) -> None:
+    """Return as soon as the site's log (``state/supernode.log``) holds ``text``, e.g. its task runner's
+    "round 2 train/collect_masked_vectors: running the ClientApp". Looked for every 0.05 s, reading only
+    what was added: a kill triggered by it must come before the stage's reply, which follows after the
+    site's training and its SuperNode's 0.5 s reply poll."""
+    log_file = load_site_config(site_yaml).state_dir / "supernode.log"
+    deadline, offset = time.monotonic() + timeout, 0
+    while time.monotonic() < deadline:
+        if log_file.exists():
+            with log_file.open("rb") as handle:
+                handle.seek(max(0, offset - len(text.encode())))  # a line split between two looks
+                added = handle.read().decode(errors="replace")
+                offset = handle.tell()
+            if text in added:
+                return
+        time.sleep(0.05)
+    pytest.fail(f"{site_yaml.parent.name}'s log did not say {text!r} within {timeout} s")
+
 def trained_sites(rounds: list[dict], round_: int) -> set[str]:
     [entry] = [e for e in rounds if e["round"] == round_]
     return {name for name, site in entry["sites"].items() if site.get("trained")}

@@ -172,11 +172,14 @@ def test_disclose_decides_the_plain_numbers(prepared, tmp_path):
     assert set(chatty.metrics) == {"epsilon", "delta", "train_seconds"} and chatty.metrics["delta"] == 1e-5
 
 
-def test_evaluation_only_and_no_evaluation(prepared, tmp_path):
+def test_evaluation_only_and_no_evaluation(prepared, tmp_path, caplog):
     config, plan = _site(prepared, tmp_path / "site"), _plan()
     received = _global(plan)
     scoring = replace(plan, round=3, train=False)
-    final = federated_round.fit(config, scoring, received)
+    with caplog.at_level("INFO", logger="fedpath.site"):
+        final = federated_round.fit(config, scoring, received)
+    # the site's log says what happened: no "trained on 0 patients" for the scoring-only exchange
+    assert "round 3: scored the final model (no training)" in caplog.text and "trained on" not in caplog.text
     assert [a.shape for a in final.arrays] == [(1 + 2 * plan.evaluation_bins,)]  # the counts, no model-size zeros
     read = _read(final, scoring)
     assert final.metrics["refused"] == 0 and read.update is None and read.patients == pytest.approx(0, abs=1e-3)
@@ -204,6 +207,26 @@ def test_spent_budget_refuses_with_the_numbers(prepared, tmp_path):
     assert metrics["epsilon"] == pytest.approx(first.metrics["epsilon"])  # what was spent so far
     assert [r["round_id"] for r in _ledger(config, plan)["rounds"]] == ["round-1-evaluation", "round-1"]
     assert not any(a.any() for a in second.arrays)
+
+
+def test_a_round_redone_after_a_crash_needs_a_spare_round_of_budget(prepared, tmp_path):
+    """The server died after this site trained round 2; the resumed run sends round 2 again. Planned for
+    exactly two rounds, the budget has no room for it; planned with a spare round (the server's
+    ``federation.spare_rounds: 1`` makes the plan three rounds and four evaluations), it trains again under
+    its own id."""
+    for spare, refused in ((0, 1), (1, 0)):
+        config = _site(prepared, tmp_path / f"spare-{spare}")
+        plan = _plan(planned_rounds=2 + spare, evaluations=3 + spare)
+        received = _global(plan)
+        for round_ in (1, 2):
+            assert federated_round.fit(config, replace(plan, round=round_), received).metrics["refused"] == 0
+        redone = federated_round.fit(config, replace(plan, round=2), received)
+        assert redone.metrics["refused"] == refused, spare
+        training = [r["round_id"] for r in _ledger(config, plan)["rounds"] if r["kind"] == "training"]
+        assert training == ["round-1", "round-2", "round-2-retry1"][:3 - refused]
+        # the run's last, scoring-only exchange still fits in the plan (the refused redo spent nothing)
+        final = federated_round.fit(config, replace(plan, round=3, train=False), received)
+        assert final.metrics["refused"] == 0
 
 
 def test_a_lifetime_budget_refuses_a_new_federation_before_training(prepared, tmp_path):

@@ -1,6 +1,9 @@
 """A site dies on a real consortium on 127.0.0.1: SuperLink and SuperNodes as processes, TLS with
 generated certificates, generated slides read through OpenSlide, Opacus DP at every site.
 
+The site dies after key sharing: its SuperNode and task runner are killed the moment its runner starts
+round 2's collect_masked_vectors stage (its own log says so), so the server holds its key shares and
+must remove its pairwise masks from the sum with the survivors' shares (SecAgg+'s dropout recovery).
 The site comes back while the run goes on (refused at first: the SuperLink still holds its old
 session for up to a minute), and trains in the next run. The test starts its processes through
 ``LocalConsortium`` (free ports, pid files) and stops every one of them, by PID, when it ends; every
@@ -16,6 +19,7 @@ import time
 import pytest
 import yaml
 
+from client.egress_log import SENT, EgressLog
 from client.site_config import load_site_config
 from server.audit import verify
 from server.run_control import follow_run, submit_and_follow
@@ -31,6 +35,7 @@ from tests.consortium_runs import (
     online_nodes,
     trained_sites,
     wait_for_model,
+    wait_for_site_log,
 )
 
 pytestmark = pytest.mark.slow(seconds=480)  # in CI, three processes on two cores
@@ -38,6 +43,7 @@ pytestmark = pytest.mark.slow(seconds=480)  # in CI, three processes on two core
 # Flower's SuperNode heartbeat is every 30 s and the SuperLink keeps a node online for two of them:
 # a restarted site is refused until then, and its supervisor backs off (2, 4, 8... s) meanwhile.
 REJOIN_S = 180
+COLLECT = "collect_masked_vectors"
 
 
 def test_site_killed_during_secure_aggregation_and_rejoins(prepared_hospitals, tmp_path):
@@ -53,7 +59,9 @@ def test_site_killed_during_secure_aggregation_and_rejoins(prepared_hospitals, t
         folder = RunFolder.create(consortium.server_yaml)
         submit_and_follow(consortium.control, folder, follow=False)
         assert wait_for_model(folder, 1)["sites_this_round"] == ["site-1", "site-2", "site-3"]
-        consortium.kill_site(1)  # a hospital machine dies in round 2, amid the SecAgg+ stages
+        # a hospital machine dies in round 2 after key sharing, while it trains for its masked vector
+        wait_for_site_log(sites[1], f"round 2 train/{COLLECT}: running the ClientApp")
+        consortium.kill_site(1)
         consortium.start_site(1)  # and comes back (same key, same node id)
         run_id = folder.run_info()["flower_runs"][-1]
         assert follow_run(consortium.control, folder, run_id, timeout=RUN_TIMEOUT) == 0
@@ -72,6 +80,12 @@ def test_site_killed_during_secure_aggregation_and_rejoins(prepared_hospitals, t
         code, again = consortium.run()
         assert code == 0, again.status()
 
+    # it died after sending its key shares and before its masked vector: the others' shares unmasked the sum
+    records = EgressLog(load_site_config(sites[1]).state_dir).verify()
+    restarted = [i for i, r in enumerate(records) if r["event"] == "start"][1]  # what the killed runner sent:
+    died_in = [(r["stage"], r["outcome"]) for r in records[:restarted]
+               if r["event"] == "reply" and r["round"] == "2" and r["run"] == run_id]
+    assert died_in == [("setup", SENT), ("share_keys", SENT)], died_in
     rounds = json.loads((folder.path / "metrics.json").read_text())
     assert [r["round"] for r in rounds] == [0, 1, 2]
     assert trained_sites(rounds, 2) == {"site-1", "site-3"}  # unmasked without the dead site's update

@@ -224,8 +224,15 @@ def test_too_few_usable_updates_fail_the_round_with_a_clear_message():
     message = str(error.value)
     assert message.startswith("round 3 failed: 1 site(s) sent a usable update, the minimum is 2 (federation.min_sites)")
     assert "1 failed or timed out, 1 refused" in message
+    assert "spare_rounds" not in message  # nobody is out of budget
     np.testing.assert_array_equal(strategy.global_arrays[0], GLOBAL[0])  # global model unchanged
     assert recorder.saved == []
+    # sites out of budget (e.g. a round redone after a crash): the message says why and what plans room for it
+    strategy, _ = _strategy(_config(min_sites=2), first_round=3)
+    spent = [(FakeProxy(node), _fit_res(_update(0.0), 0, refused=1)) for node in (1, 2)]
+    with pytest.raises(FederationError, match=r"0 failed or timed out, 2 refused\. .* 2 site\(s\) are out of "
+                                              r"privacy budget: a round redone after a crash .*spare_rounds"):
+        strategy.aggregate_fit(1, spent, [])
 
 
 def test_the_last_exchange_only_scores_the_final_model():

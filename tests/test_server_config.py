@@ -191,6 +191,14 @@ def test_round_plan_carries_the_config(tmp_path):
     sparse = _load(tmp_path, CLASSES + "federation:\n  rounds: 5\n  evaluate_every: 2\n")
     assert [round_plan(sparse, "f", r).evaluate for r in range(1, 7)] == [True, False, True, False, True, True]
     assert round_plan(sparse, "f", 1).evaluations == 4
+    # a spare round: the sites plan their budget for one more round and one more evaluation; the run's
+    # rounds, and which of them train and score, stay the same
+    spare = _load(tmp_path, CLASSES + "federation:\n  rounds: 4\n  spare_rounds: 1\n")
+    plans = [round_plan(spare, "f", r) for r in (1, 4, 5)]
+    assert [(p.planned_rounds, p.evaluations, p.train, p.evaluate) for p in plans] == [
+        (5, 6, True, True), (5, 6, True, True), (5, 6, False, True)]
+    with pytest.raises(ConfigError, match=r"server.yaml:3: federation.spare_rounds: must be >= 0"):
+        _load(tmp_path, CLASSES + "federation:\n  spare_rounds: -1\n")
 
 
 def test_the_reconstruction_threshold_is_a_strict_majority_of_each_round(tmp_path):

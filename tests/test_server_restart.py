@@ -1,6 +1,9 @@
 """The server dies on a real consortium on 127.0.0.1 and is resumed, while one site refuses every
 round (its privacy budget is spent): no round is lost or done twice, the audit chain holds, and a
-retried round spends privacy under its own id.
+retried round spends privacy under its own id. The crash comes after the sites trained in round 2
+(triggered by a site's log), so the redone round spends a second time: the budgets were planned with
+a spare round (``federation.spare_rounds``); without one a site that had trained it refuses it
+(``tests/test_federated_round.py``, the redone-round test).
 
 Processes are started through ``LocalConsortium`` (free ports, pid files) and stopped by PID when the
 test ends; every wait is bounded.
@@ -23,7 +26,7 @@ from shared.processes import descendants, is_alive, running_pid
 from simulations.local_consortium import LocalConsortium
 from simulations.process_tree import command_line
 from tests.conftest import copy_hospitals
-from tests.consortium_runs import TRAINING, exhaust_budget, trained_sites, wait_for_model
+from tests.consortium_runs import TRAINING, exhaust_budget, trained_sites, wait_for_model, wait_for_site_log
 
 pytestmark = pytest.mark.slow(seconds=370)  # in CI, three processes on two cores
 
@@ -35,14 +38,16 @@ def _serverapps(superlink: int) -> list[int]:
 
 def test_server_killed_and_resumed_with_a_refusing_site(prepared_hospitals, tmp_path):
     sites = copy_hospitals(prepared_hospitals, tmp_path, 3)
-    settings = {"federation": {"rounds": 2, "min_sites": 2, "round_timeout": 120}, "training": TRAINING}
+    # spare_rounds: the sites' budgets last one redone round (the crash below comes after round 2's training)
+    settings = {"federation": {"rounds": 2, "min_sites": 2, "round_timeout": 120, "spare_rounds": 1},
+                "training": TRAINING}
     with LocalConsortium(tmp_path / "consortium", sites, server_settings=settings) as consortium:
         document = yaml.safe_load(sites[2].read_text())  # this hospital tells the admin why it sits out
         document["disclose"] = ["epsilon", "refused", "would_spend", "budget_epsilon"]
         sites[2].write_text(yaml.safe_dump(document))  # before start: its task runner's egress policy reads it
         consortium.start_all()
         folder = RunFolder.create(consortium.server_yaml)
-        exhaust_budget(sites[2], folder.federation_id, rounds=2)
+        exhaust_budget(sites[2], folder.federation_id, rounds=3)  # the plan's 2 rounds and the spare one
         submit_and_follow(consortium.control, folder, follow=False)
         assert wait_for_model(folder, 1)["sites_this_round"] == ["site-1", "site-2"]  # site-3's ledger refused
         refusal = folder.status()["sites"]["site-3"]["refusal"]
@@ -50,7 +55,9 @@ def test_server_killed_and_resumed_with_a_refusing_site(prepared_hospitals, tmp_
         assert refusal["would_spend"] > refusal["budget_epsilon"]
         serverapps = _serverapps(running_pid(StatePaths(consortium.config).pid))
         assert len(serverapps) == 1  # launched by the SuperLink's SuperExec, in a session of its own
-        consortium.kill_server()  # SuperLink and ServerApp die during round 2
+        # SuperLink and ServerApp die in round 2 after key sharing, while the sites train for their masked vectors
+        wait_for_site_log(sites[0], "round 2 train/collect_masked_vectors: running the ClientApp")
+        consortium.kill_server()
         assert not is_alive(serverapps[0])  # none of them reconnects to the restarted SuperLink
         consortium.start_server()  # same state database; the SuperNodes reconnect
         assert consortium.resume(folder) == 0
@@ -72,3 +79,7 @@ def test_server_killed_and_resumed_with_a_refusing_site(prepared_hospitals, tmp_
         ledger = json.loads((site.parent / "state" / "ledgers" / f"{folder.federation_id}.json").read_text())
         training = [r["round_id"] for r in ledger["rounds"] if r["kind"] == "training"]
         assert len(training) == len(set(training)) and training[0] == "round-1" and training[-1].startswith("round-2")
+    # site-1 had spent round 2's privacy when the server died: the retried round 2 spent again, under its own id
+    ledger = json.loads((sites[0].parent / "state" / "ledgers" / f"{folder.federation_id}.json").read_text())
+    training = [r["round_id"] for r in ledger["rounds"] if r["kind"] == "training"]
+    assert training == ["round-1", "round-2", "round-2-retry1"]
