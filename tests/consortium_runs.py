@@ -39,7 +39,6 @@ def wait_for_model(folder: RunFolder, round_: int, timeout: float = RUN_TIMEOUT)
     pytest.fail(f"round {round_} not done within {timeout} s; status {folder.status()}")
 
 
-
 def wait_for_site_log(site_yaml: Path, text: str, timeout: float = RUN_TIMEOUT) -> None:
     """Return as soon as the site's log (``state/supernode.log``) holds ``text``, e.g. its task runner's
     "round 2 train/collect_masked_vectors: running the ClientApp". Looked for every 0.05 s, reading only
@@ -57,6 +56,7 @@ def wait_for_site_log(site_yaml: Path, text: str, timeout: float = RUN_TIMEOUT) 
                 return
         time.sleep(0.05)
     pytest.fail(f"{site_yaml.parent.name}'s log did not say {text!r} within {timeout} s")
+
 
 def trained_sites(rounds: list[dict], round_: int) -> set[str]:
     [entry] = [e for e in rounds if e["round"] == round_]
