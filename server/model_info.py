@@ -86,6 +86,7 @@ def render(info: dict[str, Any]) -> str:
         f"privacy       target ε {target.get('epsilon')}, δ {target.get('delta')}"
         f"{' (required)' if target.get('required') else ''}"
         f"{'' if share is None else f', evaluation share {share}'}"
+        f"{f', noise planned for {spare} spare round(s)' if (spare := target.get('spare_rounds')) else ''}"
         f"{'; SecAgg+' if info['secure_aggregation'] else ''}"
         f"{REPLAYABLE if info['reproducible_noise'] else ''}",
     ]

@@ -116,7 +116,9 @@ class RunRecorder:
             "strategy": self.config.strategy.name,
             "privacy_target": {"epsilon": self.config.privacy.epsilon, "delta": self.config.privacy.delta,
                                "required": self.config.privacy.required,
-                               "evaluation_share": self.config.privacy.evaluation_share},
+                               "evaluation_share": self.config.privacy.evaluation_share,
+                               # the sites' noise was planned for total_rounds + spare_rounds rounds
+                               "spare_rounds": self.config.federation.spare_rounds},
             # Simulations only: the sites' DP noise was seeded from the plan, so it can be replayed.
             "reproducible_noise": self.reproducible_noise,
             "secure_aggregation": self.config.secure_aggregation.enabled,

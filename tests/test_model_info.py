@@ -13,7 +13,7 @@ SERVER_YAML = """\
 name: card consortium
 classes: [adenoma, adenocarcinoma]
 positive_class: adenocarcinoma
-federation: {rounds: 2}
+federation: {rounds: 2, spare_rounds: 1}
 model: {projection: 8, hidden: 4}
 training: {epochs: 3, learning_rate: 0.002, sequence_length: 6}
 privacy: {epsilon: 8.0, delta: 1.0e-5}
@@ -53,6 +53,7 @@ def test_model_info_prints_the_verified_card(tmp_path, capsys):
     assert "north" in text and "south" in text and "ε 3" in text and "ε 7.9" in text
     assert "sat out round 2" in text  # south's budget refusal
     assert "auc 0.9" in text
+    assert "noise planned for 1 spare round(s)" in text  # the sites' noise covered a redone round too
     assert mine["prev_hash"] == card["audit_prev_hash"]  # the card names the chain its record extends
     assert mine["hash"] in text and card["audit_prev_hash"] in text
 
@@ -65,6 +66,7 @@ def test_model_info_prints_the_verified_card(tmp_path, capsys):
     assert info["privacy"]["north"] == {"epsilon": 3.0, "delta": 1e-5}
     assert info["privacy"]["south"]["epsilon"] == 7.9
     assert info["metrics"]["auc"] == 0.9
+    assert info["privacy_target"]["spare_rounds"] == 1
     assert info["audit"]["record_hash"] == mine["hash"] and info["audit"]["last_hash"] == records[-1]["hash"]
     assert "trunk_sha256" in info
 
