@@ -35,7 +35,7 @@ from shared.encoder import WeightsError, check_pinned
 from shared.metrics import classification_metrics
 from shared.model import build_trainable
 from shared.parameters import load_arrays, model_arrays, subtract, unpack, update_problem
-from shared.refusals import REFUSALS
+from shared.refusals import BUDGET_REFUSAL, REFUSALS
 from shared.round_plan import RoundPlan
 from shared.round_sums import CountLayout, EvaluationCounts, encode_reply
 from shared.run_config import PrivacyConfig, TrainingConfig
@@ -132,7 +132,7 @@ def fit(config: SiteConfig, plan: RoundPlan, received: list[np.ndarray], noise_s
         except LifetimeBudgetExceeded as exc:  # its numbers add up other federations: none of them leaves
             raise Refusal(11, str(exc)) from None
         except BudgetExceeded as exc:
-            raise Refusal(1, str(exc), epsilon=exc.spent, would_spend=exc.would_spend,
+            raise Refusal(BUDGET_REFUSAL, str(exc), epsilon=exc.spent, would_spend=exc.would_spend,
                           budget_epsilon=exc.budget.epsilon) from None
         except LedgerError as exc:
             raise Refusal(2, str(exc)) from None

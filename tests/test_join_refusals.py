@@ -20,7 +20,7 @@ from server.site_registry import SiteRegistry
 from server.superlink import StatePaths
 from shared.site_keys import keygen
 from simulations.local_consortium import LocalConsortium
-from tests.consortium_runs import online_nodes
+from tests.consortium_runs import online_nodes, wait_for_site_log
 
 pytestmark = pytest.mark.slow(seconds=180)  # in CI, three processes on two cores
 
@@ -38,14 +38,8 @@ def _site(root: Path, name: str) -> Path:
 def _refused(site_yaml: Path, timeout: float = 90) -> str:
     """The log of a started SuperNode that must be refused, once the refusal is in it. (The site's
     supervisor keeps retrying: a refusal right after a crash is temporary.)"""
-    log_file = load_site_config(site_yaml).state_dir / "supernode.log"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        log = log_file.read_text(errors="replace") if log_file.exists() else ""
-        if "exited with code" in log:
-            return log
-        time.sleep(0.5)
-    pytest.fail(f"the SuperNode of {site_yaml.parent.name} was not refused within {timeout} s")
+    wait_for_site_log(site_yaml, "exited with code", timeout)
+    return (load_site_config(site_yaml).state_dir / "supernode.log").read_text(errors="replace")
 
 
 def _proxied(consortium: LocalConsortium, route: str) -> list[tuple[str, str]]:
