@@ -5,9 +5,12 @@ the wire log when the run asks for one, the strategy, which learns from error re
 site refused (SecAgg+ stages report failures to the strategy without their node), and the SecAgg+
 signature relay, which also adds the sites' signatures to the outgoing messages.
 
-It polls the SuperLink for replies every ``POLL_S`` through the Grid's own ``push_messages`` and
-``pull_messages``, where Flower's ``send_and_receive`` sleeps 3 s between pulls: a SecAgg+ round
-is four exchanges, so that sleep alone added about 6 s to every secure round here."""
+It polls the SuperLink for replies through the Grid's own ``push_messages`` and ``pull_messages``,
+where Flower's ``send_and_receive`` sleeps 3 s between pulls (a SecAgg+ round is five exchanges, so
+that sleep alone added about 6 s to every secure round here): after a quarter of the time already
+waited, from ``POLL_S`` up to ``LONGEST_POLL_S`` (``shared/polling.py``). A quick exchange is seen
+within a tenth of a second; a site training for minutes costs the SuperLink two asks a second, not
+five."""
 
 from __future__ import annotations
 
@@ -16,8 +19,11 @@ from typing import Callable, Iterable
 
 from flwr.app import Message
 
-POLL_S = 0.2
-"""Between two pulls of the replies (each one request to the SuperLink on the server host)."""
+from shared.polling import quarter_step
+
+POLL_S, LONGEST_POLL_S = 0.1, 0.5
+"""Shortest and longest pause between two pulls of the replies (each one request to the SuperLink on
+the server host)."""
 
 
 class TimeoutGrid:
@@ -27,7 +33,8 @@ class TimeoutGrid:
         self._outgoing = list(outgoing)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        deadline = time.monotonic() + (self._timeout if timeout is None else timeout)
+        pushed = time.monotonic()
+        deadline = pushed + (self._timeout if timeout is None else timeout)
         messages = list(messages)
         for transform in self._outgoing:  # e.g. the SecAgg+ signature relay
             messages = transform(messages)
@@ -37,9 +44,10 @@ class TimeoutGrid:
             arrived = list(self._grid.pull_messages(waiting))
             replies += arrived
             waiting -= {reply.metadata.reply_to_message_id for reply in arrived}
-            if not waiting or time.monotonic() >= deadline:
+            now = time.monotonic()
+            if not waiting or now >= deadline:
                 break
-            time.sleep(POLL_S)
+            time.sleep(min(quarter_step(now - pushed, POLL_S, LONGEST_POLL_S), deadline - now))
         for observe in self._observers:
             observe(replies)
         return replies

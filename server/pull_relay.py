@@ -45,6 +45,8 @@ from flwr.proto.fleet_pb2 import PullMessagesResponse  # pylint: disable=no-name
 from flwr.proto.message_pb2 import PullObjectResponse  # pylint: disable=no-name-in-module
 from google.protobuf.message import DecodeError
 
+from shared.polling import quarter_step
+
 MAX_BODY = 64 * 1024  # a pull request is a node id and a few message or object ids
 UPSTREAM_TIMEOUT_S = 30.0
 OBJECT_HOLD_S = 5.0  # an announced object is normally pushed within a second
@@ -89,7 +91,7 @@ def object_not_ready(answer: Answer) -> bool:
 def message_step(waited_s: float) -> float:
     """Ask again after a quarter of the time already waited (0.1-0.5 s): a message that comes late
     reaches the site late by at most a quarter of its wait."""
-    return min(0.5, max(0.1, waited_s / 4))
+    return quarter_step(waited_s, 0.1, 0.5)
 
 
 def object_step(waited_s: float) -> float:
