@@ -104,7 +104,7 @@ POLL_S, IDLE_POLL_S = 0.1, 1.0
 """Shortest and longest pause between AcquireTask calls while no task is there: a quarter of the time
 since the last task ended (``shared/polling.py``). A SecAgg+ round's next stage comes within a second
 and is taken within a tenth of one; an idle site asks once a second (Flower's SuperExec's own pace), and
-its SuperNode and runner then use about 0.8 % of a core instead of 2.8 % at five asks a second."""
+its SuperNode and runner then use about 0.7 % of a core instead of 2.8 % at five asks a second."""
 PULL_INPUT_S = 60.0
 """Longest wait for a task's message objects in the SuperNode's local store. They are local (the
 SuperNode pulls them from the SuperLink before it confirms the message), so this only ends tasks
