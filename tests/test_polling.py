@@ -60,7 +60,7 @@ class ScriptedSuperNode:
         return AcquireTaskResponse()
 
 
-def test_an_idle_runner_asks_its_supernode_ever_less_often_and_quickly_again_after_a_task(clock, tmp_path):
+def test_an_idle_runner_asks_its_supernode_ever_less_often_and_quickly_again_after_a_task(clock):
     supernode = ScriptedSuperNode(clock, [False] * 30 + [True] + [False] * 3)
     runner = task_runner.TaskRunner(None, None, None, None, "127.0.0.1:1", None)
     runner._acquire_client = lambda: supernode
