@@ -8,12 +8,14 @@ whole tree (``shared/processes.descendants``; ``shared/processes.stop`` stops it
 from __future__ import annotations
 
 import os
+import signal
 import threading
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from shared.processes import descendants
+from shared.processes import descendants, signal_each
 
 PROC = Path("/proc")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -51,6 +53,22 @@ def command_line(pid: int) -> str:
         return (PROC / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
     except OSError:
         return ""
+
+
+@contextmanager
+def paused(root: int) -> Iterator[list[int]]:
+    """``root`` and every process under it stopped (SIGSTOP) while the block runs, continued (SIGCONT) after it,
+    whatever the block raises: a benchmark measures something else on the same cores meanwhile. The tree is
+    listed again after each stop until nothing new appears, so a child started meanwhile is stopped too.
+    Yields the stopped PIDs."""
+    stopped: list[int] = []
+    try:
+        while new := sorted({root, *descendants(root)} - set(stopped)):
+            signal_each(new, signal.SIGSTOP)
+            stopped += new
+        yield stopped
+    finally:
+        signal_each(stopped, signal.SIGCONT)
 
 
 class PeakMemory:
