@@ -10,7 +10,8 @@ every tile again, plus the head and each tile's importance). Reader processes (`
 
 Figures:
 
-- ``tiles``, ``*_seconds`` (wall time of the command, start-up included) and ``*_tiles_per_s``;
+- ``tiles``, ``*_seconds`` (wall time of the command, start-up included, the pauses below excluded) and
+  ``*_tiles_per_s``;
 - ``*_peak_rss_gb``: the largest sum of the resident memory of the command's process tree (it and its
   reader processes), sampled every 0.5 s from /proc. Pages a reader shares with its parent (torch's
   libraries) count twice, so this is an upper bound; ``*_peak_pss_gb`` counts each shared page once
@@ -19,14 +20,16 @@ Figures:
 - ``trunk_alone_tiles_per_s``: the same extractor on ``TRUNK_SAMPLE`` of the same tiles (spread over the
   slide), read into memory first, with no reader beside it, at the same batch size, in this run, measured
   *during* ``prepare``: every ``SAMPLE_EVERY_S`` the benchmark stops the command's whole process tree
-  (SIGSTOP), runs the trunk alone on the next ``SAMPLE_TILES`` of its sample, and lets the command go on
-  (SIGCONT). The command's own time excludes those pauses. This VM's speed drifts by 10-20 % within a
+  (SIGSTOP), runs the trunk alone on the next ``SAMPLE_TILES`` of its sample (every fourth tile: each
+  window spans the slide), and lets the command go on (SIGCONT). The command's own time excludes those
+  pauses, and the memory sampler rests during them. This VM's speed drifts by 10-20 % within a
   15-minute command, which a baseline measured only before and after cannot follow; sampled through the
   command, both rates see the same minutes. ``trunk_alone_samples`` lists each pause's rate;
 - ``overlap_ratio``: ``prepare_tiles_per_s`` / ``trunk_alone_tiles_per_s``. 1 means reading and
   everything else `prepare` does costs nothing beside the trunk. Goal: ≥ 0.9;
-- ``predict_overlap_ratio``: the same for ``predict`` against the trunk alone sampled during it; a lower
-  bound, as predict also explains every tile and draws;
+- ``predict_overlap_ratio``: the same for ``predict`` against the trunk alone sampled during it
+  (``predict_trunk_alone_tiles_per_s``, ``predict_trunk_alone_samples``); a lower bound, as predict also
+  explains every tile and draws;
 - ``bracketed_*``: the earlier method, for comparison: the trunk alone on the whole sample just before
   and just after each command, the mean of the two as the baseline.
 
@@ -56,14 +59,19 @@ from shared.checkpoints import save_checkpoint
 from shared.devices import resolve_device, trunk_batch_size
 from shared.model import ModelConfig, build_head
 from shared.parameters import model_arrays
+from shared.processes import stop_pid, stop_signals
 from simulations.process_tree import PeakMemory, paused
 from simulations.slide_generator import LABELS, SlideSpec, Stain, make_slide
 
 FULL_SIZE, QUICK_SIZE = (80_000, 60_000), (16_000, 12_000)
 MPP, TARGET_MPP, TILE = 0.25, 0.5, 299
 TRUNK_SAMPLE = 256  # tiles the trunk runs alone on (about 25 s on 2 CPU cores)
-SAMPLE_TILES = 64  # tiles timed in one pause (four CPU batches, about 6 s), after one untimed batch
+# One pause times 64 tiles (four CPU batches, about 7 s after one untimed batch): long enough that one
+# batch's jitter does not decide it, short enough that pausing every 90 s of the command's own time adds
+# about 10 % to the run's wall time while still seeing the VM's drift (minutes) about ten times per command.
+SAMPLE_TILES = 64
 SAMPLE_EVERY_S = {False: 90.0, True: 10.0}  # command time between two pauses (full, --quick)
+TIME_LIMIT_S = 4 * 3600  # of the command's own time
 READERS = 1  # reader processes beside the trunk (the site.example.yaml default)
 GOAL_PEAK_RSS_GB, GOAL_OVERLAP = 2.0, 0.9
 
@@ -93,10 +101,13 @@ class TrunkAlone:
         where = resolve_device(device)
         self.encoder = load_encoder(config.features.backbone_weights, device=where)
         self.batch = trunk_batch_size("auto", where, TILE)
+        self._windows = max(1, len(self.tiles) // SAMPLE_TILES)
         self._next = 0
-        extract_features(self.encoder, self.tiles[:self.batch], self.batch, 0)  # warm-up
 
     def _seconds(self, tiles: list) -> float:
+        """One batch untimed first: the first batch after the trunk sat idle for a minute is slower (its
+        threads and caches are cold), and in a window of four batches that alone would lower the baseline."""
+        extract_features(self.encoder, tiles[:self.batch], self.batch, 0)
         start = time.perf_counter()
         extract_features(self.encoder, tiles, self.batch, 0)
         return time.perf_counter() - start
@@ -106,12 +117,10 @@ class TrunkAlone:
         return len(self.tiles) / self._seconds(self.tiles)
 
     def next_window(self) -> tuple[int, float]:
-        """The next ``SAMPLE_TILES`` of the sample (cycling through it): tiles and seconds. One batch runs
-        untimed first: the first batch after the trunk sat idle for a minute is slower (its threads and
-        caches are cold), and in a window of four batches that alone would lower the baseline."""
-        window = [self.tiles[(self._next + i) % len(self.tiles)] for i in range(SAMPLE_TILES)]
-        self._next = (self._next + SAMPLE_TILES) % len(self.tiles)
-        extract_features(self.encoder, window[:self.batch], self.batch, 0)
+        """The next window of the sample, cycling: tiles and seconds. Window k holds every
+        ``len(sample) // SAMPLE_TILES``-th tile from the k-th, so each one spans the slide like the command."""
+        window = self.tiles[self._next::self._windows][:SAMPLE_TILES]
+        self._next = (self._next + 1) % self._windows
         return len(window), self._seconds(window)
 
 
@@ -130,25 +139,29 @@ class Measured:
 
 def _measured(command: list[str], trunk: TrunkAlone, every_s: float) -> Measured:
     """Run ``command``, stopping its process tree every ``every_s`` seconds of its own time to run the trunk
-    alone on the next window of the sample (at least once, at the end of its first period or once it is done)."""
+    alone on the next window of the sample (at least once, at the end of its first period or once it is done).
+    Whatever ends the benchmark early (an error, Ctrl-C, SIGTERM) stops the command's tree too."""
     alone: list[tuple[int, float]] = []
     paused_s = 0.0
-    with tempfile.TemporaryFile("w+") as errors:
+    with tempfile.TemporaryFile("w+") as errors, stop_signals():
         start = time.perf_counter()
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors, text=True)
-        with PeakMemory(process.pid, pss=True) as memory:
-            next_pause = start + every_s
-            while process.poll() is None:
-                if time.perf_counter() - start > 4 * 3600:
-                    process.kill()
-                    raise RuntimeError(f"{' '.join(command)} ran for more than 4 hours")
-                if time.perf_counter() >= next_pause:
-                    stopped_at = time.perf_counter()
-                    with paused(process.pid):
-                        alone.append(trunk.next_window())
-                    paused_s += time.perf_counter() - stopped_at
-                    next_pause = time.perf_counter() + every_s
-                time.sleep(0.1)
+        try:
+            with PeakMemory(process.pid, pss=True) as memory:
+                next_pause = start + every_s
+                while process.poll() is None:
+                    if time.perf_counter() - start - paused_s > TIME_LIMIT_S:
+                        raise RuntimeError(f"{' '.join(command)} ran for more than {TIME_LIMIT_S / 3600:g} hours")
+                    if time.perf_counter() >= next_pause:
+                        stopped_at = time.perf_counter()
+                        with memory.held(), paused(process.pid):
+                            alone.append(trunk.next_window())
+                        paused_s += time.perf_counter() - stopped_at
+                        next_pause = time.perf_counter() + every_s
+                    time.sleep(0.1)
+        except BaseException:
+            stop_pid(process.pid)
+            raise
         seconds = time.perf_counter() - start - paused_s
         if process.returncode != 0:
             errors.seek(0)
@@ -159,6 +172,7 @@ def _measured(command: list[str], trunk: TrunkAlone, every_s: float) -> Measured
 
 
 def _rates(measured: Measured) -> list[float]:
+    """Tiles per second of each pause's window, for the record."""
     return [round(tiles / seconds, 2) for tiles, seconds in measured.alone]
 
 

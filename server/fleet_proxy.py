@@ -63,7 +63,8 @@ class ProxyFiles:
 
     dir: Path
     conf: Path
-    pid: Path  # nginx's own `pid` file and fedpath's pid file are one file: daemon off keeps one master
+    pid: Path  # fedpath's pid file (daemon off: the master is the process fedpath started)
+    nginx_pid: Path  # nginx's own: it empties and rewrites it after it listens, so never the same file as `pid`
     error_log: Path
     access_log: Path
     temp: Path
@@ -71,8 +72,8 @@ class ProxyFiles:
     @classmethod
     def in_state_dir(cls, state_dir: Path) -> ProxyFiles:
         folder = Path(state_dir) / "proxy"
-        return cls(folder, folder / "nginx.conf", Path(state_dir) / "proxy.pid", folder / "error.log",
-                   folder / "access.log", folder / "temp")
+        return cls(folder, folder / "nginx.conf", Path(state_dir) / "proxy.pid", folder / "nginx.pid",
+                   folder / "error.log", folder / "access.log", folder / "temp")
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,7 @@ def nginx_config(superlink: SuperLinkConfig, files: ProxyFiles, tls: ConsortiumF
 daemon off;                             # a fedpath process: pid file, stopped by PID
 master_process on;
 worker_processes 1;
-pid {_quote(files.pid)};
+pid {_quote(files.nginx_pid)};
 lock_file {_quote(files.dir / "nginx.lock")};
 error_log {_quote(files.error_log)} warn;
 {user}

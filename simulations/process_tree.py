@@ -1,8 +1,10 @@
-"""A process and everything under it, from Linux's /proc: add up their memory, name them.
+"""A process and everything under it, from Linux's /proc: add up their memory, name them, pause them.
 
 A simulation's SuperLink starts Flower's executor in a session of its own, which starts the
 simulation process, which starts Ray's processes and workers: memory must be counted over the
-whole tree (``shared/processes.descendants``; ``shared/processes.stop`` stops it whole).
+whole tree (``shared/processes.descendants``; ``shared/processes.stop`` stops it whole). A benchmark
+that compares a command with something measured alone in the same minutes pauses the command's whole
+tree meanwhile (``paused``): stopping only the root would leave its reader processes decoding beside it.
 """
 
 from __future__ import annotations
@@ -64,8 +66,8 @@ def paused(root: int) -> Iterator[list[int]]:
     stopped: list[int] = []
     try:
         while new := sorted({root, *descendants(root)} - set(stopped)):
+            stopped += new  # first: an interrupt between the two lines must still continue them
             signal_each(new, signal.SIGSTOP)
-            stopped += new
         yield stopped
     finally:
         signal_each(stopped, signal.SIGCONT)
@@ -88,10 +90,13 @@ class PeakMemory:
         self.root, self.interval, self.kind, self.pss = root or os.getpid(), interval, kind, pss
         self.peak = self.peak_pss = 0
         self.peak_by_kind: dict[str, int] = {}
-        self._done = threading.Event()
+        self._done, self._held = threading.Event(), threading.Event()
 
     def _sample(self) -> None:
         while not self._done.is_set():
+            if self._held.is_set():
+                self._done.wait(self.interval)
+                continue
             tree = [self.root, *descendants(self.root)]
             by_kind: dict[str, int] = defaultdict(int)
             for pid in tree:
@@ -102,6 +107,16 @@ class PeakMemory:
             if self.pss:
                 self.peak_pss = max(self.peak_pss, pss_bytes(tree))
             self._done.wait(self.interval)
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """No samples while the block runs: a tree that is ``paused`` does not change, and the sampler's
+        walks of /proc would take CPU from what is measured meanwhile in this process."""
+        self._held.set()
+        try:
+            yield
+        finally:
+            self._held.clear()
 
     def __enter__(self) -> "PeakMemory":
         self._thread = threading.Thread(target=self._sample, daemon=True)

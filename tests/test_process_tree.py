@@ -1,5 +1,6 @@
 """simulations.process_tree.paused: a benchmark stops a command's whole process tree and lets it go on."""
 
+import signal
 import subprocess
 import sys
 import time
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.processes import descendants
+from shared.processes import descendants, signal_each
 from simulations.process_tree import paused
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process states read from /proc")
@@ -63,8 +64,12 @@ def test_the_whole_tree_stands_still_while_paused_and_goes_on_after_even_when_th
             raise RuntimeError("measured something else meanwhile")
         _wait_for(lambda: _lines(out) > before[0] + 5 and _lines(child_out) > before[1] + 5)
         assert _state(parent.pid) != "T" and _state(child[0]) != "T"
+        with paused(parent.pid):  # and when the block ends normally, as in the benchmark
+            _wait_for(lambda: _state(parent.pid) == "T" and _state(child[0]) == "T")
+            before = _lines(out), _lines(child_out)
+        _wait_for(lambda: _lines(out) > before[0] + 5 and _lines(child_out) > before[1] + 5)
     finally:
         for pid in descendants(parent.pid):
-            subprocess.run(["kill", "-9", str(pid)], check=False)
+            signal_each([pid], signal.SIGKILL)
         parent.kill()
         parent.wait()
