@@ -13,19 +13,13 @@ from simulations.process_tree import paused
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process states read from /proc")
 
-# Each process appends a line to its own file every 20 ms; the parent starts one child that does the same.
+# Appends a line to its file every 20 ms; given a second argument (code), first starts that code as a child
+# writing to "<file>.child" (the test gives it this same code, once: the child has no second argument).
 TICKER = """
 import subprocess, sys, time
 out = open(sys.argv[1], "a", buffering=1)
 if len(sys.argv) > 2:
     subprocess.Popen([sys.executable, "-c", sys.argv[2], sys.argv[1] + ".child"])
-while True:
-    out.write("tick\\n")
-    time.sleep(0.02)
-"""
-CHILD = """
-import sys, time
-out = open(sys.argv[1], "a", buffering=1)
 while True:
     out.write("tick\\n")
     time.sleep(0.02)
@@ -49,7 +43,7 @@ def _wait_for(condition, seconds: float = 20.0) -> None:
 
 def test_the_whole_tree_stands_still_while_paused_and_goes_on_after_even_when_the_block_raises(tmp_path):
     out = tmp_path / "ticks"
-    parent = subprocess.Popen([sys.executable, "-c", TICKER, str(out), CHILD])
+    parent = subprocess.Popen([sys.executable, "-c", TICKER, str(out), TICKER])
     child_out = Path(f"{out}.child")
     try:
         _wait_for(lambda: _lines(out) > 5 and _lines(child_out) > 5)
@@ -69,7 +63,6 @@ def test_the_whole_tree_stands_still_while_paused_and_goes_on_after_even_when_th
             before = _lines(out), _lines(child_out)
         _wait_for(lambda: _lines(out) > before[0] + 5 and _lines(child_out) > before[1] + 5)
     finally:
-        for pid in descendants(parent.pid):
-            signal_each([pid], signal.SIGKILL)
+        signal_each(descendants(parent.pid), signal.SIGKILL)
         parent.kill()
         parent.wait()
