@@ -20,6 +20,7 @@ from flwr.server.workflow import DefaultWorkflow
 
 from server.federation_strategy import FederationStrategy
 from server.grid_timeout import TimeoutGrid
+from server.relay_signals import RelayLink
 from server.run_folder import RunFolder
 from server.run_recorder import RunRecorder
 from server.secure_aggregation import fit_workflow
@@ -90,8 +91,12 @@ def run_federation(grid, context: Context, folder: RunFolder) -> None:
         outgoing.append(workflow.relay.attach)
     if config.federation.wire_log:
         observers.append(WireLog(folder.path / "wire.jsonl").record)
-    grid = TimeoutGrid(grid, config.federation.round_timeout, observers, outgoing)
-    DefaultWorkflow(fit_workflow=workflow)(grid, legacy)
+    relay = RelayLink(StatePaths(config).relay_wake)
+    try:
+        DefaultWorkflow(fit_workflow=workflow)(TimeoutGrid(grid, config.federation.round_timeout, observers,
+                                                           outgoing, relay), legacy)
+    finally:
+        relay.close()
 
 
 def initial_model(config: ServerConfig):

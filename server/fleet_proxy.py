@@ -9,7 +9,8 @@ and join as a "hospital". So the SuperLink listens on 127.0.0.1 only (``superlin
 and the port the hospitals reach is nginx (the operating system's package, patched by its
 security updates), which passes ``POST /v1/fleet/<route>`` and answers everything else with 404
 without contacting the SuperLink. The two pull routes go through fedpath's pull relay on loopback
-(server/pull_relay.py), which holds a pull while the SuperLink's answer is "not yet".
+(server/pull_relay.py), which holds a pull while the SuperLink's answer is "not yet", and so do the
+two push routes, passed on unchanged (the relay tells the ServerApp when the replies are complete).
 
 With TLS (the default) nginx terminates the sites' TLS with the consortium's server certificate
 and opens a second TLS connection to the SuperLink on loopback, checking it against the
@@ -38,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from server.certificates import ConsortiumFiles, describe
-from server.pull_relay import HELD_ROUTES
+from server.pull_relay import HELD_ROUTES, PASSED_ROUTES
 from server.server_config import LOOPBACK, SuperLinkConfig
 from shared.atomic_files import atomic_write_bytes
 from shared.errors import UserError
@@ -149,7 +150,8 @@ def nginx_config(superlink: SuperLinkConfig, files: ProxyFiles, tls: ConsortiumF
 """
         held = [_location(f"= {path}", "http://fedpath_pull_relay", read_timeout_s=int(superlink.pull_hold_s) + 60)
                 for path in HELD_ROUTES]
-        locations = "\n".join([*held, locations])
+        passed = [_location(f"= {path}", "http://fedpath_pull_relay") for path in PASSED_ROUTES]
+        locations = "\n".join([*held, *passed, locations])
     user = ("# Started as root: the master reads the keys and opens the logs, the worker drops to nginx's\n"
             "# unprivileged default user (nobody). It writes no file: bodies stream, responses stay in memory.\n"
             if os.geteuid() == 0 else "")

@@ -10,7 +10,10 @@ where Flower's ``send_and_receive`` sleeps 3 s between pulls (a SecAgg+ round is
 that sleep alone added about 6 s to every secure round here): after a quarter of the time already
 waited, from ``POLL_S`` up to ``LONGEST_POLL_S`` (``shared/polling.py``). A quick exchange is seen
 within a tenth of a second; a site training for minutes costs the SuperLink two asks a second, not
-five."""
+five. With the sites' pull relay (``server/relay_signals.py``) it announces each push, so the sites
+get their messages at once, and pulls when the relay says the replies pushed so far are complete
+(then every 2 s at most, should a signal be lost): a reply pulled while its arrays were still
+arriving cost Flower's fixed 1 s back-off."""
 
 from __future__ import annotations
 
@@ -19,18 +22,21 @@ from typing import Callable, Iterable
 
 from flwr.app import Message
 
+from server.relay_signals import RelayLink
 from shared.polling import quarter_step
 
 POLL_S, LONGEST_POLL_S = 0.1, 0.5
 """Shortest and longest pause between two pulls of the replies (each one request to the SuperLink on
 the server host)."""
+SIGNALLED_POLL_S = 2.0  # the longest pause while the relay says when replies are complete
 
 
 class TimeoutGrid:
     def __init__(self, grid, timeout: float, observers: Iterable[Callable[[list[Message]], None]] = (),
-                 outgoing: Iterable[Callable[[list[Message]], list[Message]]] = ()) -> None:
+                 outgoing: Iterable[Callable[[list[Message]], list[Message]]] = (),
+                 relay: RelayLink | None = None) -> None:
         self._grid, self._timeout, self._observers = grid, timeout, list(observers)
-        self._outgoing = list(outgoing)
+        self._outgoing, self._relay = list(outgoing), relay
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         pushed = time.monotonic()
@@ -39,6 +45,7 @@ class TimeoutGrid:
         for transform in self._outgoing:  # e.g. the SecAgg+ signature relay
             messages = transform(messages)
         waiting = set(self._grid.push_messages(messages))
+        relay = self._relay if self._relay is not None and self._relay.announce() else None
         replies: list[Message] = []
         while waiting:
             arrived = list(self._grid.pull_messages(waiting))
@@ -47,7 +54,11 @@ class TimeoutGrid:
             now = time.monotonic()
             if not waiting or now >= deadline:
                 break
-            time.sleep(min(quarter_step(now - pushed, POLL_S, LONGEST_POLL_S), deadline - now))
+            pause = min(quarter_step(now - pushed, POLL_S, LONGEST_POLL_S), deadline - now)
+            if relay is None:
+                time.sleep(pause)
+            else:  # once the relay has signalled complete replies, pull on its word (or after the longer pause)
+                relay.wait_for_replies(min(SIGNALLED_POLL_S, deadline - now) if relay.heard else pause)
         for observe in self._observers:
             observe(replies)
         return replies

@@ -8,14 +8,22 @@ of that sleep, about 2.5 s at every exchange (one per plain round, five in a Sec
 docs/benchmarks.md, "Where a round's time goes"). Likewise a message is announced before the
 ServerApp has pushed its arrays, and a SuperNode that asks for an array too early backs off 1 s.
 
-The relay sits behind nginx on loopback and serves only the two pulls in ``HELD_ROUTES`` (the
-proxy sends every other Fleet route straight to the SuperLink). It passes the site's request on
-unchanged and, while the SuperLink answers "not yet", asks again: for a message after a quarter of
-the time already waited (0.1-0.5 s), until ``hold_s`` has passed, then it gives the site the empty
-answer; for an array every 0.05 s, up to 5 s. When one held pull gets its message, every held pull
-asks again at once: the server sends a round's messages to all sites together. Each ask costs the
-SuperLink about 10 ms of CPU, so when no message was delivered for a minute (no run) it asks every
+The relay sits behind nginx on loopback and serves only the two pulls in ``HELD_ROUTES`` and the
+two pushes in ``PASSED_ROUTES`` (the proxy sends every other Fleet route straight to the SuperLink).
+It passes the site's request on unchanged and, while the SuperLink answers "not yet", asks
+again: for a message after a quarter of the time already waited (0.1-0.5 s), until ``hold_s`` has
+passed, then it gives the site the empty answer; for an array every 0.05 s, up to 5 s. When one held
+pull gets its message, every held pull asks again at once: the server sends a round's messages to
+all sites together. Each ask costs the SuperLink about 10 ms of CPU, so when no message was
+delivered for a minute (no run) it asks every
 2 s: about what the SuperNodes' own 3 s polling costs.
+
+The ServerApp announces its messages (``server/relay_signals.py``): right after pushing them it
+sends one datagram to the relay's wake port, and every held pull asks again at once. While
+announcements come (one in the last minute), a held pull asks only every 2 s besides. The relay also
+passes the sites' two push routes on, once each and unchanged (``PASSED_ROUTES``), to tell the
+ServerApp when no reply is still arriving, so that it never pulls a reply whose arrays are not all
+there yet.
 
 It may do only what the site's own request says: the same signed headers (Flower's node
 authentication signs a timestamp the SuperLink accepts for 5 minutes) and the same body, checked
@@ -45,6 +53,7 @@ from flwr.proto.fleet_pb2 import PullMessagesResponse  # pylint: disable=no-name
 from flwr.proto.message_pb2 import PullObjectResponse  # pylint: disable=no-name-in-module
 from google.protobuf.message import DecodeError
 
+from server.relay_signals import Announcements, PushTracker
 from shared.polling import quarter_step
 
 MAX_BODY = 64 * 1024  # a pull request is a node id and a few message or object ids
@@ -52,6 +61,7 @@ UPSTREAM_TIMEOUT_S = 30.0
 OBJECT_HOLD_S = 5.0  # an announced object is normally pushed within a second
 ACTIVE_S = 60.0  # a route that delivered something this recently is in use: ask often
 IDLE_STEP_S = 2.0  # otherwise (no run, or between runs): each ask costs the SuperLink ~10 ms of CPU
+ANNOUNCED_STEP_S = 2.0  # while the ServerApp announces its messages: a fallback, should one be lost
 # Per connection, not end to end: never passed on (RFC 9110 7.6.1); Date and Server are the relay's own.
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
                         "upgrade", "content-length", "date", "server", "host"})
@@ -110,6 +120,8 @@ class HeldRoute:
             once (the server sends a round's messages to all sites together).
         idle_step_s: the step instead of ``step`` while the route has delivered nothing for
             ``ACTIVE_S`` (None: always ``step``).
+        announced_step_s: the step while what this route waits for is announced (``announce``)
+            and an announcement came within ``ACTIVE_S`` (None: announcements only wake).
     """
 
     not_yet: Callable[[Answer], bool]
@@ -117,39 +129,61 @@ class HeldRoute:
     longest_s: float = float("inf")
     wakes_others: bool = False
     idle_step_s: float | None = None
+    announced_step_s: float | None = None
 
 
+MESSAGES = "/v1/fleet/pull-messages"
 HELD_ROUTES = {
     # Flower's SuperNode sleeps 3 s after an empty pull.
-    "/v1/fleet/pull-messages": HeldRoute(no_message, message_step, wakes_others=True, idle_step_s=IDLE_STEP_S),
+    MESSAGES: HeldRoute(no_message, message_step, wakes_others=True, idle_step_s=IDLE_STEP_S,
+                        announced_step_s=ANNOUNCED_STEP_S),
     # A message is announced before the ServerApp has pushed its arrays; a SuperNode that asks too
     # early backs off 1 s, then 2 s (flwr/supercore/inflatable/inflatable_utils.py: pull_objects).
     "/v1/fleet/pull-object": HeldRoute(object_not_ready, object_step, longest_s=OBJECT_HOLD_S),
 }
 
 
+PUSH_MESSAGES, PUSH_OBJECT = "/v1/fleet/push-messages", "/v1/fleet/push-object"
+PASSED_ROUTES = (PUSH_MESSAGES, PUSH_OBJECT)
+"""Passed on once and unchanged; the relay only notes which replies are still arriving."""
+
+
 class Wakeup:
-    """Held requests of one route wait here; ``wake`` (something was delivered) makes all of them
-    ask again at once and marks the route in use for ``ACTIVE_S``."""
+    """Held requests of one route wait here. ``wake`` makes all of them ask again at once: after a
+    delivery (the server sends a round's messages together; the route counts as in use for
+    ``ACTIVE_S``) or an announcement (``announced``: the ServerApp has just pushed messages)."""
 
     def __init__(self) -> None:
         self._condition = threading.Condition()
         self._generation = 0
         self._delivered_at = float("-inf")
+        self._announced_at = float("-inf")
 
-    def wait(self, seconds: float) -> None:
+    @property
+    def generation(self) -> int:
+        """Changes at every wake; taken before an ask, so a wake during the ask is not slept through."""
         with self._condition:
-            seen = self._generation
-            self._condition.wait_for(lambda: self._generation != seen, timeout=seconds)
+            return self._generation
 
-    def wake(self, now: float) -> None:
+    def wait(self, seconds: float, since: int) -> None:
+        """Return after ``seconds``, or at once if a wake came after ``generation`` was ``since``."""
+        with self._condition:
+            self._condition.wait_for(lambda: self._generation != since, timeout=seconds)
+
+    def wake(self, now: float, announced: bool = False) -> None:
         with self._condition:
             self._generation += 1
-            self._delivered_at = now
+            if announced:
+                self._announced_at = now
+            else:
+                self._delivered_at = now
             self._condition.notify_all()
 
     def active(self, now: float) -> bool:
-        return now - self._delivered_at < ACTIVE_S
+        return now - max(self._delivered_at, self._announced_at) < ACTIVE_S
+
+    def announcing(self, now: float) -> bool:
+        return now - self._announced_at < ACTIVE_S
 
 
 def hold(ask: Callable[[], Answer], route: HeldRoute, hold_s: float, still_wanted: Callable[[], bool],
@@ -168,17 +202,23 @@ def hold(ask: Callable[[], Answer], route: HeldRoute, hold_s: float, still_wante
     wakeup = wakeup or Wakeup()
     longest = min(hold_s, route.longest_s)
     start = clock()
+    seen = wakeup.generation
     answer = ask()
     while route.not_yet(answer):
         now = clock()
         waited = now - start
-        idle = route.idle_step_s is not None and not wakeup.active(now)
-        step = route.idle_step_s if idle else route.step(waited)
+        if route.announced_step_s is not None and wakeup.announcing(now):
+            step = route.announced_step_s
+        elif route.idle_step_s is not None and not wakeup.active(now):
+            step = route.idle_step_s
+        else:
+            step = route.step(waited)
         if waited + step > longest:
             return answer
-        wakeup.wait(step)
+        wakeup.wait(step, seen)
         if not still_wanted():
             return answer
+        seen = wakeup.generation
         answer = ask()
     if route.wakes_others:
         wakeup.wake(clock())
@@ -212,12 +252,14 @@ class _Connection(http.client.HTTPConnection):
 class RelayServer(http.server.ThreadingHTTPServer):
     daemon_threads = True  # a held request never delays the relay's own exit
 
-    def __init__(self, listening: socket.socket, upstream: Upstream, hold_s: float) -> None:
+    def __init__(self, listening: socket.socket, upstream: Upstream, hold_s: float,
+                 max_push_bytes: int = MAX_BODY) -> None:
         super().__init__(listening.getsockname()[:2], _Handler, bind_and_activate=False)
         self.socket.close()
         self.socket = listening
-        self.upstream, self.hold_s = upstream, hold_s
+        self.upstream, self.hold_s, self.max_push_bytes = upstream, hold_s, max_push_bytes
         self.wakeups = {path: Wakeup() for path in HELD_ROUTES}
+        self.pushes = PushTracker(lambda: None)  # ``main`` connects it to the wake port
 
     def server_bind(self) -> None:  # already bound (and listening) by `fedpath-server start`
         pass
@@ -229,30 +271,27 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802  (http.server's naming)
         route = HELD_ROUTES.get(self.path)
-        if route is None:
-            self._refuse(404, f"only POST {', '.join(HELD_ROUTES)} pass this relay")
+        if route is None and self.path not in PASSED_ROUTES:
+            self._refuse(404, f"only POST {', '.join([*HELD_ROUTES, *PASSED_ROUTES])} pass this relay")
             return
         try:
             length = int(self.headers.get("Content-Length", ""))
         except ValueError:
             self._refuse(411, "a Content-Length is required")
             return
-        if not 0 <= length <= MAX_BODY:
-            self._refuse(413, f"a pull request is at most {MAX_BODY} bytes")
+        limit = MAX_BODY if route is not None else self.server.max_push_bytes
+        if not 0 <= length <= limit:
+            self._refuse(413, f"a request on this route is at most {limit} bytes")
             return
         body = self.rfile.read(length)
         headers = {name: value for name, value in self.headers.items() if name.lower() not in HOP_BY_HOP}
-        target = self.server.upstream
-        connection = target.connect()
         try:
-            answer = hold(lambda: _ask(connection, self.path, body, headers), route, self.server.hold_s,
-                          self._client_connected, self.server.wakeups[self.path])
+            answer = self._held(route, body, headers) if route is not None else self._passed(body, headers)
         except (OSError, http.client.HTTPException) as exc:
+            target = self.server.upstream
             self.log_error("the SuperLink on %s:%d did not answer: %s", target.host, target.port, exc)
             self._refuse(502, "the SuperLink did not answer")
             return
-        finally:
-            connection.close()
         try:
             self.send_response(answer.status, answer.reason)
             for name, value in answer.headers:
@@ -263,8 +302,33 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(answer.body)
         except (BrokenPipeError, ConnectionResetError):  # the site left while held (its SuperNode stopped)
             self.close_connection = True
-            if not route.not_yet(answer):
+            if route is None or not route.not_yet(answer):
                 self.log_error("a site left before it received its answer to %s", self.path)
+
+    def _held(self, route: HeldRoute, body: bytes, headers: dict[str, str]) -> Answer:
+        connection = self.server.upstream.connect()
+        try:
+            return hold(lambda: _ask(connection, self.path, body, headers), route, self.server.hold_s,
+                        self._client_connected, self.server.wakeups[self.path])
+        finally:
+            connection.close()
+
+    def _passed(self, body: bytes, headers: dict[str, str]) -> Answer:
+        """A push, passed on once; the tracker learns which reply objects are still to come."""
+        pushes = self.server.pushes
+        if self.path == PUSH_MESSAGES:
+            pushes.messages_starting()
+        answer = Answer(502, "Bad Gateway", [], b"")
+        connection = self.server.upstream.connect()
+        try:
+            answer = _ask(connection, self.path, body, headers)
+            return answer
+        finally:
+            connection.close()
+            if self.path == PUSH_MESSAGES:
+                pushes.messages_pushed(answer.status, answer.body)
+            else:
+                pushes.object_pushed(answer.status, body)
 
     def _client_connected(self) -> bool:
         """False once nginx has closed this connection (the site gave up): it is readable at EOF."""
@@ -308,11 +372,15 @@ def bind_listener(host: str) -> socket.socket:
 
 
 def relay_command(listener: socket.socket, upstream: tuple[str, int], tls: tuple[Path, str] | None,
-                  hold_s: float) -> list[str]:
+                  hold_s: float, wake: socket.socket | None = None, max_push_mb: int = 64) -> list[str]:
     """The relay's command line; ``tls`` is (the CA file, the name the SuperLink's certificate must
-    carry), None when the SuperLink runs without TLS (``--insecure``)."""
+    carry), None when the SuperLink runs without TLS (``--insecure``); ``wake`` the wake port;
+    ``max_push_mb`` the largest push it passes on (the proxy's limit)."""
     command = [sys.executable, "-m", "server.pull_relay", "--listen-fd", str(listener.fileno()),
-               "--upstream", f"{upstream[0]}:{upstream[1]}", "--hold", f"{hold_s:g}"]
+               "--upstream", f"{upstream[0]}:{upstream[1]}", "--hold", f"{hold_s:g}",
+               "--max-push-mb", str(max_push_mb)]
+    if wake is not None:
+        command += ["--wake-fd", str(wake.fileno())]
     return command + (["--ca", str(tls[0]), "--tls-name", tls[1]] if tls is not None else ["--insecure"])
 
 
@@ -321,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listen-fd", type=int, required=True, help="an inherited listening socket")
     parser.add_argument("--upstream", required=True, help="the SuperLink's loopback address, HOST:PORT")
     parser.add_argument("--hold", type=float, required=True, help="longest hold of an empty pull, seconds")
+    parser.add_argument("--wake-fd", type=int, help="an inherited UDP socket on which the ServerApp announces "
+                        "its messages")
+    parser.add_argument("--max-push-mb", type=int, default=64, help="largest push request passed on, MB")
     parser.add_argument("--tls-name", help="the name the SuperLink's certificate must carry (with --ca)")
     tls = parser.add_mutually_exclusive_group(required=True)
     tls.add_argument("--ca", type=Path, help="the consortium CA the SuperLink's certificate is checked against")
@@ -330,9 +401,17 @@ def main(argv: list[str] | None = None) -> int:
     upstream = Upstream(host, int(port)) if args.insecure else \
         Upstream(host, int(port), ssl.create_default_context(cafile=str(args.ca)), args.tls_name)
     listening = socket.socket(fileno=args.listen_fd)
-    with RelayServer(listening, upstream, args.hold) as relay:
+    with RelayServer(listening, upstream, args.hold, args.max_push_mb * 1024 * 1024) as relay:
+        announced = ""
+        if args.wake_fd is not None:
+            wake = socket.socket(fileno=args.wake_fd)
+            messages = relay.wakeups[MESSAGES]
+            announcements = Announcements(wake, lambda: messages.wake(time.monotonic(), announced=True))
+            relay.pushes.on_complete = announcements.replies_complete
+            threading.Thread(target=announcements.listen, name="announcements", daemon=True).start()
+            announced = f", announcements on udp {':'.join(map(str, wake.getsockname()[:2]))}"
         print(f"pull relay on {':'.join(map(str, listening.getsockname()[:2]))} -> SuperLink on {args.upstream}, "
-              f"empty pulls held up to {args.hold:g} s", flush=True)
+              f"empty pulls held up to {args.hold:g} s{announced}", flush=True)
         try:
             relay.serve_forever()
         except KeyboardInterrupt:

@@ -20,11 +20,13 @@ import logging
 import socket
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from server.certificates import ConsortiumFiles
 from server.fleet_proxy import UPSTREAM_NAME, Nginx, ProxyFiles, prepare_proxy, start_proxy
 from server.pull_relay import bind_listener, relay_command
+from server.relay_signals import bind_wake_port, write_wake_file
 from server.server_config import LOOPBACK, ServerConfig
 from shared.errors import UserError
 from shared.processes import (
@@ -68,6 +70,7 @@ class StatePaths:
         self.proxy = ProxyFiles.in_state_dir(self.dir)
         self.relay_pid = self.dir / "pull_relay.pid"
         self.relay_log = self.dir / "pull_relay.log"
+        self.relay_wake = self.dir / "pull_relay.wake"  # the relay's wake port, for the ServerApp's announcements
 
     def pid_files(self) -> list[tuple[str, Path]]:
         """The server's processes in the order they are stopped: the sites' door first."""
@@ -120,17 +123,17 @@ def start_server(config: ServerConfig, insecure: bool, detach: bool) -> int:
     files = tls_files(config, insecure)
     keep_running = False
     with stop_signals() as signals:  # during start-up a signal interrupts at once: never one process alone
-        nginx, relay_socket = _preflight(config, paths, files)  # refused here, before the finally below
+        nginx, relay = _preflight(config, paths, files)  # refused here, before the finally below
         try:
-            processes = _start_all(config, paths, files, nginx, relay_socket)
+            processes = _start_all(config, paths, files, nginx, relay)
             signals.defer()  # from here a signal is a request, acted on between two polls of the wait
             superlink, pids = config.superlink, {name: process.pid for name, process in processes}
             print(f"SuperLink on {superlink.loopback_address} (pid {pids['the SuperLink']}; admin commands on this "
                   f"host only), log {paths.log}, state {paths.database}\n"
                   f"proxy on {superlink.address} for the sites, Fleet API only (nginx pid {pids['the proxy']}), "
                   f"log {paths.proxy.access_log}", flush=True)
-            if relay_socket is not None:
-                print(f"pull relay on {LOOPBACK}:{relay_socket.getsockname()[1]} (pid {pids['the pull relay']}): "
+            if relay is not None:
+                print(f"pull relay on {LOOPBACK}:{relay.listener.getsockname()[1]} (pid {pids['the pull relay']}): "
                       f"holds a site's empty pull up to {superlink.pull_hold_s:g} s, log {paths.relay_log}", flush=True)
             if detach and not signals.received:
                 print(f"stop them with `fedpath-server stop --config ...` (pid files "
@@ -143,8 +146,8 @@ def start_server(config: ServerConfig, insecure: bool, detach: bool) -> int:
             return code if code >= 0 else 128 - code
         finally:
             signals.defer()  # the clean-up runs whole, whatever arrives meanwhile
-            if relay_socket is not None:
-                relay_socket.close()  # the relay holds its own copy
+            if relay is not None:
+                relay.close()  # the relay holds its own copies
             if not keep_running:
                 stopped = stop_server(paths)
                 if stopped:
@@ -152,7 +155,7 @@ def start_server(config: ServerConfig, insecure: bool, detach: bool) -> int:
 
 
 def _preflight(config: ServerConfig, paths: StatePaths,
-               files: ConsortiumFiles | None) -> tuple[Nginx, socket.socket | None]:
+               files: ConsortiumFiles | None) -> tuple[Nginx, RelaySockets | None]:
     """Refuse before anything starts: a second start, a port taken, a missing or refusing nginx.
     Binds the pull relay's port (a free one, chosen by the system) when the relay is on."""
     superlink = config.superlink
@@ -163,30 +166,56 @@ def _preflight(config: ServerConfig, paths: StatePaths,
         if port_open(host, port):
             raise FlowerError(f"{host}:{port} is already in use by another program: stop it, or choose another "
                               f"superlink.{setting} in the server config")
-    relay_socket = bind_listener(LOOPBACK) if superlink.pull_hold_s > 0 else None
+    relay_sockets = RelaySockets.bind() if superlink.pull_hold_s > 0 else None
     try:
-        relay_port = None if relay_socket is None else relay_socket.getsockname()[1]
-        return prepare_proxy(superlink, paths.proxy, files, relay_port), relay_socket
+        relay_port = None if relay_sockets is None else relay_sockets.listener.getsockname()[1]
+        return prepare_proxy(superlink, paths.proxy, files, relay_port), relay_sockets
     except BaseException:
-        if relay_socket is not None:
-            relay_socket.close()
+        if relay_sockets is not None:
+            relay_sockets.close()
         raise
 
 
+@dataclass
+class RelaySockets:
+    """The pull relay's sockets, bound by the start command and inherited by the relay: the port nginx
+    passes held pulls to, and the wake port the ServerApp announces its messages on."""
+
+    listener: socket.socket
+    wake: socket.socket
+
+    @classmethod
+    def bind(cls) -> RelaySockets:
+        listener = bind_listener(LOOPBACK)
+        try:
+            return cls(listener, bind_wake_port())
+        except BaseException:
+            listener.close()
+            raise
+
+    def fds(self) -> tuple[int, int]:
+        return self.listener.fileno(), self.wake.fileno()
+
+    def close(self) -> None:
+        self.listener.close()
+        self.wake.close()
+
+
 def _start_all(config: ServerConfig, paths: StatePaths, files: ConsortiumFiles | None, nginx: Nginx,
-               relay_socket: socket.socket | None) -> list[tuple[str, subprocess.Popen]]:
+               relay: RelaySockets | None) -> list[tuple[str, subprocess.Popen]]:
     """The SuperLink, the pull relay, then the proxy in front of them; on any failure none is left running."""
     superlink = config.superlink
     processes = [("the SuperLink", start(superlink_command(config, files), paths.dir / "superlink.out", paths.pid,
                                          superlink_env(paths), "the SuperLink",
                                          ready_port=(LOOPBACK, superlink.loopback)))]
     try:
-        if relay_socket is not None:
+        if relay is not None:
             tls = None if files is None else (files.ca_cert, UPSTREAM_NAME)
-            command = relay_command(relay_socket, (LOOPBACK, superlink.loopback), tls, superlink.pull_hold_s)
+            command = relay_command(relay.listener, (LOOPBACK, superlink.loopback), tls, superlink.pull_hold_s,
+                                    relay.wake, superlink.max_request_mb)
             processes.append(("the pull relay", start(command, paths.relay_log, paths.relay_pid,
-                                                      flower_env(), "the pull relay",
-                                                      pass_fds=(relay_socket.fileno(),))))
+                                                      flower_env(), "the pull relay", pass_fds=relay.fds())))
+            write_wake_file(paths.relay_wake, relay.wake)
         processes.append(("the proxy", start_proxy(superlink, paths.proxy, files, nginx)))
         return processes
     except BaseException:
@@ -201,6 +230,7 @@ def stop_server(paths: StatePaths) -> list[str]:
         pid = stop(pid_file)
         if pid is not None:
             stopped.append(f"{what} (pid {pid})")
+    paths.relay_wake.unlink(missing_ok=True)  # its port is free again: announce to nobody
     return stopped
 
 

@@ -44,21 +44,23 @@ def test_tls_config_passes_only_fleet_routes_and_verifies_the_superlink(tmp_path
     assert text.count("proxy_pass") == 1
 
 
-def test_with_the_relay_only_the_two_pulls_go_to_it_and_the_same_checks_apply(tmp_path, nginx):
+def test_with_the_relay_only_the_two_pulls_and_two_pushes_go_to_it_and_the_same_checks_apply(tmp_path, nginx):
     config = _config(tmp_path, loopback_port=9600)
     tls = init_consortium(tmp_path / "certs", "fl.example")
     files = ProxyFiles.in_state_dir(config.superlink.state_dir)
     text = nginx_config(config.superlink, files, tls, nginx, relay_port=9700)
     assert "server 127.0.0.1:9700;" in text and "server 127.0.0.1:9600;" in text
     locations = text.split("        location ")[1:]
-    relayed = [block for block in locations if "proxy_pass http://fedpath_pull_relay;" in block]
-    assert sorted(block.split(" {")[0] for block in relayed) == ["= /v1/fleet/pull-messages",
-                                                                 "= /v1/fleet/pull-object"]
-    for block in relayed:  # the raw-URI check and POST only, as for every Fleet route
+    relayed = {block.split(" {")[0]: block for block in locations if "proxy_pass http://fedpath_pull_relay;" in block}
+    assert sorted(relayed) == ["= /v1/fleet/pull-messages", "= /v1/fleet/pull-object",
+                               "= /v1/fleet/push-messages", "= /v1/fleet/push-object"]
+    for block in relayed.values():  # the raw-URI check and POST only, as for every Fleet route
         assert "if ($fedpath_fleet_route = 0) {\n                return 404;" in block
         assert "limit_except POST {\n                deny all;" in block
-        assert "proxy_read_timeout 80s;" in block  # hold_s (20) + 60
-    assert text.count("proxy_pass") == 3 and text.count("proxy_pass https://fedpath_superlink;") == 1
+        assert "proxy_request_buffering off;" in block  # a model update streams through, as to the SuperLink
+    for pull in ("= /v1/fleet/pull-messages", "= /v1/fleet/pull-object"):
+        assert "proxy_read_timeout 80s;" in relayed[pull]  # hold_s (20) + 60
+    assert text.count("proxy_pass") == 5 and text.count("proxy_pass https://fedpath_superlink;") == 1
     prepare_proxy(config.superlink, files, tls, relay_port=9700)  # and nginx accepts it
 
 

@@ -18,15 +18,18 @@ import time
 from pathlib import Path
 
 import pytest
-from flwr.proto.fleet_pb2 import PullMessagesRequest, PullMessagesResponse, Reconnect
-from flwr.proto.message_pb2 import Message, PullObjectResponse
+from flwr.proto.fleet_pb2 import PullMessagesRequest, PullMessagesResponse, PushMessagesResponse, Reconnect
+from flwr.proto.message_pb2 import Message, PullObjectResponse, PushObjectRequest, PushObjectResponse
 from flwr.proto.node_pb2 import Node
 
 from server.pull_relay import (
     ACTIVE_S,
+    ANNOUNCED_STEP_S,
     HELD_ROUTES,
     IDLE_STEP_S,
     OBJECT_HOLD_S,
+    PUSH_MESSAGES,
+    PUSH_OBJECT,
     Answer,
     Wakeup,
     bind_listener,
@@ -36,6 +39,7 @@ from server.pull_relay import (
     object_not_ready,
     relay_command,
 )
+from server.relay_signals import STALE_PUSH_S, PushTracker, RelayLink, bind_wake_port, write_wake_file
 from shared.processes import stop_pid
 
 EMPTY = PullMessagesResponse().SerializeToString()
@@ -48,30 +52,36 @@ def _answer(body: bytes, status: int = 200) -> Answer:
 
 
 class _Clock:
-    """Time that moves only when the relay waits; the route counts as in use unless ``idle``."""
+    """Time that moves only when the relay waits; the route counts as in use unless ``idle``, and
+    the ServerApp as announcing its messages if ``announcing``."""
 
-    def __init__(self, idle: bool = False) -> None:
+    generation = 0
+
+    def __init__(self, idle: bool = False, announcing: bool = False) -> None:
         self.now = 0.0
         self.waits: list[float] = []
-        self.idle = idle
+        self.idle, self._announcing = idle, announcing
 
     def __call__(self) -> float:
         return self.now
 
-    def wait(self, seconds: float) -> None:
+    def wait(self, seconds: float, since: int) -> None:
         self.waits.append(seconds)
         self.now += seconds
 
-    def wake(self, now: float) -> None:
+    def wake(self, now: float, announced: bool = False) -> None:
         pass
 
     def active(self, now: float) -> bool:
         return not self.idle
 
+    def announcing(self, now: float) -> bool:
+        return self._announcing
+
 
 def _hold(answers: list[bytes], hold_s: float = 10.0, route: str = PULL, still_wanted=lambda: True,
-          idle: bool = False):
-    clock, asked = _Clock(idle), []
+          idle: bool = False, announcing: bool = False):
+    clock, asked = _Clock(idle, announcing), []
 
     def ask() -> Answer:
         asked.append(clock.now)
@@ -98,6 +108,118 @@ def test_with_no_message_delivered_for_a_minute_the_relay_asks_every_2_s():
     assert not wakeup.active(time.monotonic())
     wakeup.wake(time.monotonic())
     assert wakeup.active(time.monotonic()) and not wakeup.active(time.monotonic() + ACTIVE_S)
+
+
+def test_while_the_serverapp_announces_its_messages_a_held_pull_asks_only_every_2_s():
+    """The announcement wakes it when a message is there; asking often would only cost the SuperLink."""
+    answer, asked, waits = _hold([EMPTY] * 3 + [A_MESSAGE], announcing=True)
+    assert answer.body == A_MESSAGE and waits == [ANNOUNCED_STEP_S] * 3
+    answer, asked, waits = _hold([EMPTY] * 3 + [A_MESSAGE], announcing=True, idle=True)
+    assert waits == [ANNOUNCED_STEP_S] * 3
+    # objects are not announced: held pulls of an object still ask every 0.05 s
+    not_yet = PullObjectResponse(object_found=True, object_available=False).SerializeToString()
+    _, _, waits = _hold([not_yet] * 2 + [EMPTY], route="/v1/fleet/pull-object", announcing=True)
+    assert waits == [0.05] * 2
+    wakeup = Wakeup()
+    assert not wakeup.announcing(time.monotonic())
+    wakeup.wake(time.monotonic(), announced=True)
+    assert wakeup.announcing(time.monotonic()) and wakeup.active(time.monotonic())
+    assert not wakeup.announcing(time.monotonic() + ACTIVE_S)
+
+
+class _RecordingWakeup(Wakeup):
+    def __init__(self) -> None:
+        super().__init__()
+        self.woken_before_waiting: list[bool] = []
+
+    def wait(self, seconds: float, since: int) -> None:
+        self.woken_before_waiting.append(self.generation != since)
+        super().wait(seconds, since)
+
+
+def test_an_announcement_during_an_ask_is_not_slept_through():
+    """The ServerApp may push and announce while a held pull's ask is on its way: the SuperLink said
+    "no message", but the next ask must follow at once, not after the 2 s step."""
+    wakeup, asked = _RecordingWakeup(), []
+    wakeup.wake(time.monotonic(), announced=True)  # the ServerApp announces its messages
+
+    def ask() -> Answer:
+        asked.append(1)
+        if len(asked) == 1:  # the message is pushed and announced just after the SuperLink answered
+            wakeup.wake(time.monotonic(), announced=True)
+            return _answer(EMPTY)
+        return _answer(A_MESSAGE)
+
+    answer = hold(ask, HELD_ROUTES[PULL], 10.0, lambda: True, wakeup=wakeup)
+    assert answer.body == A_MESSAGE and len(asked) == 2
+    assert wakeup.woken_before_waiting == [True]
+
+
+def test_the_serverapp_announces_only_to_the_relays_loopback_port(tmp_path):
+    wake_file = tmp_path / "pull_relay.wake"
+    link = RelayLink(wake_file)
+    assert not link.announce()  # no relay (a simulation): nothing sent, no error
+    for text in ("10.0.0.7:9999\n", "not an address\n"):  # the start command writes loopback only
+        wake_file.write_text(text)
+        assert not link.announce()
+    with bind_wake_port() as wake:
+        write_wake_file(wake_file, wake)
+        wake.settimeout(10)
+        assert link.announce()
+        data, sender = wake.recvfrom(64)
+        assert data == b"pushed"
+        wake.sendto(b"replies", sender)  # the relay answers the announcer's own port
+        assert link.wait_for_replies(10) and link.heard
+        wake.sendto(b"something else", sender)
+        assert not link.wait_for_replies(0.2)
+    link.close()
+
+
+class _Counter:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self) -> None:
+        self.calls += 1
+
+
+def _pushed_messages(objects: list[str], session: str) -> bytes:
+    return PushMessagesResponse(objects_to_push=objects, session_id=session).SerializeToString()
+
+
+def _pushed_object(object_id: str, session: str) -> bytes:
+    return PushObjectRequest(object_id=object_id, session_id=session, object_content=b"x" * 100).SerializeToString()
+
+
+def test_replies_count_as_arriving_until_the_last_object_the_superlink_asked_for_is_stored():
+    complete, now = _Counter(), [0.0]
+    tracker = PushTracker(complete, clock=lambda: now[0])
+    tracker.messages_starting()  # site 1's reply: listed to the ServerApp from here on
+    tracker.messages_starting()  # site 2's
+    assert tracker.arriving() == 2
+    tracker.messages_pushed(200, _pushed_messages(["a", "b"], "s1"))
+    tracker.messages_pushed(200, _pushed_messages(["c"], "s2"))
+    tracker.object_pushed(200, _pushed_object("a", "s1"))
+    tracker.object_pushed(200, _pushed_object("c", "s2"))  # site 2 is complete, site 1 is not
+    tracker.object_pushed(500, _pushed_object("b", "s1"))  # not stored: still arriving
+    tracker.object_pushed(200, _pushed_object("b", "another session"))
+    tracker.object_pushed(200, b"not protobuf")
+    assert complete.calls == 0 and tracker.arriving() == 1
+    tracker.object_pushed(200, _pushed_object("b", "s1"))
+    assert complete.calls == 1 and tracker.arriving() == 0
+    # nothing to push (the SuperLink had every object), or a refused push: complete at once
+    tracker.messages_starting()
+    tracker.messages_pushed(200, _pushed_messages([], "s3"))
+    tracker.messages_starting()
+    tracker.messages_pushed(401, b"")
+    assert complete.calls == 3 and tracker.arriving() == 0
+    # a site that dies mid-push is given up after STALE_PUSH_S
+    tracker.messages_starting()
+    tracker.messages_pushed(200, _pushed_messages(["d"], "s4"))
+    now[0] += STALE_PUSH_S + 1
+    tracker.messages_starting()
+    tracker.messages_pushed(200, _pushed_messages([], "s5"))
+    assert complete.calls == 4 and tracker.arriving() == 0
 
 
 def test_a_hold_ends_after_hold_s_with_the_empty_answer():
@@ -145,7 +267,7 @@ def test_a_message_for_one_site_wakes_every_held_site():
     its message makes the others ask at once instead of after their step."""
     wakeup = Wakeup()
     woke = threading.Event()
-    waiter = threading.Thread(target=lambda: (wakeup.wait(60), woke.set()), daemon=True)
+    waiter = threading.Thread(target=lambda: (wakeup.wait(60, wakeup.generation), woke.set()), daemon=True)
     waiter.start()
     time.sleep(0.2)
     answer = hold(lambda: _answer(A_MESSAGE), HELD_ROUTES[PULL], 10.0, lambda: True, wakeup=wakeup)
@@ -163,7 +285,7 @@ class _StandIn(http.server.ThreadingHTTPServer):
 
     def __init__(self, messages_after: int) -> None:
         super().__init__(("127.0.0.1", 0), _StandInHandler)
-        self.messages_after, self.asks = messages_after, []
+        self.messages_after, self.asks, self.asked_at = messages_after, [], []
 
 
 class _StandInHandler(http.server.BaseHTTPRequestHandler):
@@ -174,12 +296,17 @@ class _StandInHandler(http.server.BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers["Content-Length"]))
         headers = self.headers
         self.server.asks.append((self.path, body, headers.get("flwr-signature"), headers.get("flwr-timestamp")))
+        self.server.asked_at.append(time.monotonic())  # one clock for every process of this machine
         if self.headers.get("flwr-signature") != "signed":
             self.send_response(401)
             payload = b""
         else:
             self.send_response(200)
             payload = A_MESSAGE if len(self.server.asks) > self.server.messages_after else EMPTY
+            if self.path == PUSH_MESSAGES:  # the reply's two objects are still to come
+                payload = _pushed_messages(["o1", "o2"], "session-1")
+            elif self.path == PUSH_OBJECT:
+                payload = PushObjectResponse(stored=True).SerializeToString()
         self.send_header("Content-Type", "application/protobuf")
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
@@ -197,12 +324,13 @@ def relay(tmp_path):
     def launch(messages_after: int, hold_s: float = 10.0):
         upstream = _StandIn(messages_after)
         threading.Thread(target=upstream.serve_forever, daemon=True).start()
-        listener = bind_listener("127.0.0.1")
-        with listener, (tmp_path / "relay.log").open("ab") as log:
-            process = subprocess.Popen(relay_command(listener, upstream.server_address, None, hold_s),
-                                       stdout=log, stderr=subprocess.STDOUT, pass_fds=(listener.fileno(),),
-                                       start_new_session=True)
+        listener, wake = bind_listener("127.0.0.1"), bind_wake_port()
+        with listener, wake, (tmp_path / "relay.log").open("ab") as log:
+            process = subprocess.Popen(relay_command(listener, upstream.server_address, None, hold_s, wake),
+                                       stdout=log, stderr=subprocess.STDOUT,
+                                       pass_fds=(listener.fileno(), wake.fileno()), start_new_session=True)
             port = listener.getsockname()[1]
+            write_wake_file(tmp_path / "pull_relay.wake", wake)
         started.append((process, upstream))
         return port, upstream
 
@@ -234,12 +362,12 @@ def test_the_relay_process_holds_a_pull_and_passes_the_site_request_unchanged(re
     assert set(upstream.asks) == {(PULL, request, "signed", "2026-12-03T15:00:00")}  # the site's own, each time
 
 
-def test_the_relay_process_passes_refusals_at_once_and_only_two_routes(relay, tmp_path):
+def test_the_relay_process_passes_refusals_at_once_and_only_its_four_routes(relay, tmp_path):
     port, upstream = relay(messages_after=100)
     request = PullMessagesRequest(node=Node(node_id=42)).SerializeToString()
     assert _post(port, PULL, request, signature="forged")[0] == 401  # the SuperLink's verdict, not held
     assert len(upstream.asks) == 1
-    for path in ("/v1/control/list-runs", "/v1/fleet/push-object", "/v1/runtime/acquire-task", "/v1/fleet/"):
+    for path in ("/v1/control/list-runs", "/v1/fleet/send-node-heartbeat", "/v1/runtime/acquire-task", "/v1/fleet/"):
         assert _post(port, path, b"")[0] == 404, path
     assert len(upstream.asks) == 1  # none of them reached the stand-in
     assert _post(port, PULL, b"x" * (65 * 1024))[0] == 413
@@ -262,10 +390,52 @@ def test_the_relay_process_stops_asking_when_the_site_hangs_up(relay):
     assert len(upstream.asks) == settled
 
 
+def test_the_relay_process_delivers_an_announced_message_at_once_and_asks_little_meanwhile(relay, tmp_path):
+    port, upstream = relay(messages_after=10_000, hold_s=30)
+    link = RelayLink(tmp_path / "pull_relay.wake")
+    assert link.announce()  # an exchange before: the ServerApp announces its messages
+    request = PullMessagesRequest(node=Node(node_id=42)).SerializeToString()
+    result = {}
+    site = threading.Thread(target=lambda: result.update(answer=_post(port, PULL, request)), daemon=True)
+    site.start()
+    deadline = time.monotonic() + 10
+    while not upstream.asks and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(upstream.asks) == 1
+    time.sleep(0.6)  # quarter steps (0.1 s, then a quarter of the wait) would have asked 3 times by now
+    assert len(upstream.asks) == 1  # announced: the next ask is ANNOUNCED_STEP_S after the first
+    upstream.messages_after = 1  # the ServerApp pushes the site's message...
+    assert link.announce()  # ...and announces it: the held pull asks at once
+    site.join(timeout=30)
+    assert result.get("answer") == (200, A_MESSAGE) and len(upstream.asks) == 2
+    assert upstream.asked_at[1] - upstream.asked_at[0] < ANNOUNCED_STEP_S  # woken, not the step's end
+    link.close()
+
+
+def test_the_relay_passes_pushes_on_unchanged_and_tells_the_serverapp_when_the_replies_are_complete(relay, tmp_path):
+    port, upstream = relay(messages_after=0)
+    link = RelayLink(tmp_path / "pull_relay.wake")
+    assert link.announce()  # the ServerApp pushed a stage's messages; the relay now knows where it listens
+    push = b"a site's reply: message and object tree"
+    status, body = _post(port, PUSH_MESSAGES, push)
+    assert (status, body) == (200, _pushed_messages(["o1", "o2"], "session-1"))  # the SuperLink's answer, as is
+    assert not link.wait_for_replies(0.5)  # listed to the ServerApp, but its two objects are still to come
+    first = _pushed_object("o1", "session-1")
+    assert _post(port, PUSH_OBJECT, first)[0] == 200
+    assert not link.wait_for_replies(0.5)
+    big = PushObjectRequest(object_id="o2", session_id="session-1", object_content=b"\x01" * 3_000_000)
+    assert _post(port, PUSH_OBJECT, big.SerializeToString())[0] == 200  # an array chunk of a few MB
+    assert link.wait_for_replies(10)  # complete: the ServerApp pulls it now, every object there
+    assert [(path, body) for path, body, *_ in upstream.asks] == [
+        (PUSH_MESSAGES, push), (PUSH_OBJECT, first), (PUSH_OBJECT, big.SerializeToString())]
+    assert {signature for _, _, signature, _ in upstream.asks} == {"signed"}  # the site's own headers
+    link.close()
+
+
 def test_relay_log_names_the_upstream(relay, tmp_path):
     relay(messages_after=0)
     deadline = time.monotonic() + 30
     log = Path(tmp_path / "relay.log")
     while "pull relay on 127.0.0.1:" not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert "empty pulls held up to 10 s" in log.read_text()
+    assert "empty pulls held up to 10 s, announcements on udp 127.0.0.1:" in log.read_text()

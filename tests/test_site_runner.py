@@ -285,14 +285,15 @@ def test_outsider_with_the_ca_certificate_is_refused_while_sites_train_through_t
     fleet = [e for e in log if e["upstream"] == f"127.0.0.1:{consortium.loopback_port}"]
     assert all(e["uri"].startswith("/v1/fleet/") for e in fleet)
     routes = {e["uri"] for e in fleet if e["status"] == "200"}
-    assert {"/v1/fleet/activate-node", "/v1/fleet/push-messages", "/v1/fleet/push-object",
-            "/v1/fleet/send-node-heartbeat"} <= routes, routes
-    # the sites' pulls go through the pull relay (server/pull_relay.py), and only they
-    pulls = [e for e in log if e["uri"] in ("/v1/fleet/pull-messages", "/v1/fleet/pull-object")
-             and e["status"] == "200"]
+    assert {"/v1/fleet/activate-node", "/v1/fleet/send-node-heartbeat", "/v1/fleet/confirm-message-received"} \
+        <= routes, routes
+    # the sites' pulls and pushes go through the pull relay (server/pull_relay.py), and only they
+    relayed = ("/v1/fleet/pull-messages", "/v1/fleet/pull-object", "/v1/fleet/push-messages", "/v1/fleet/push-object")
+    pulls = [e for e in log if e["uri"] in relayed[:2] and e["status"] == "200"]
     (relay,) = {e["upstream"] for e in pulls}
     assert relay.startswith("127.0.0.1:") and relay != f"127.0.0.1:{consortium.loopback_port}"
-    assert {e["uri"] for e in log if e["upstream"] == relay} == {"/v1/fleet/pull-messages", "/v1/fleet/pull-object"}
+    assert {e["uri"] for e in log if e["upstream"] == relay and e["status"] == "200"} == set(relayed)
+    assert not routes & set(relayed)  # none of them straight to the SuperLink
     # held while the server had nothing for the site, answered with its message once there was one
     held = [e for e in pulls if e["uri"] == "/v1/fleet/pull-messages" and float(e["seconds"]) >= 1.0
             and int(e["sent"]) > 100]
@@ -303,7 +304,7 @@ def test_outsider_with_the_ca_certificate_is_refused_while_sites_train_through_t
     assert raw_request(consortium.port, "POST", "/v1/fleet/pull-messages", ca, body=unsigned) == 401
     assert raw_request(relay_port, "POST", "/v1/control/list-runs", None) == 404
     # the sites' masked updates (about 2 MB each) streamed through nginx's unprivileged worker
-    assert max(int(e["bytes"]) for e in fleet if e["uri"] == "/v1/fleet/push-object" and e["status"] == "200") \
+    assert max(int(e["bytes"]) for e in log if e["uri"] == "/v1/fleet/push-object" and e["status"] == "200") \
         > 1 << 20
 
 
