@@ -15,8 +15,7 @@ again: for a message after a quarter of the time already waited (0.1-0.5 s), unt
 passed, then it gives the site the empty answer; for an array every 0.05 s, up to 5 s. When one held
 pull gets its message, every held pull asks again at once: the server sends a round's messages to
 all sites together. Each ask costs the SuperLink about 10 ms of CPU, so when no message was
-delivered for a minute (no run) it asks every
-2 s: about what the SuperNodes' own 3 s polling costs.
+delivered for a minute (no run) it asks every 2 s: about what the SuperNodes' own 3 s polling costs.
 
 The ServerApp announces its messages (``server/relay_signals.py``): right after pushing them it
 sends one datagram to the relay's wake port, and every held pull asks again at once. While
@@ -120,8 +119,9 @@ class HeldRoute:
             once (the server sends a round's messages to all sites together).
         idle_step_s: the step instead of ``step`` while the route has delivered nothing for
             ``ACTIVE_S`` (None: always ``step``).
-        announced_step_s: the step while what this route waits for is announced (``announce``)
-            and an announcement came within ``ACTIVE_S`` (None: announcements only wake).
+        announced_step_s: the step while the ServerApp announces its pushes (one came within
+            ``ACTIVE_S``; ``server/relay_signals.py``), a fallback should one be lost (None:
+            announcements only wake).
     """
 
     not_yet: Callable[[Answer], bool]

@@ -39,7 +39,14 @@ from server.pull_relay import (
     object_not_ready,
     relay_command,
 )
-from server.relay_signals import STALE_PUSH_S, PushTracker, RelayLink, bind_wake_port, write_wake_file
+from server.relay_signals import (
+    STALE_PUSH_S,
+    Announcements,
+    PushTracker,
+    RelayLink,
+    bind_wake_port,
+    write_wake_file,
+)
 from shared.processes import stop_pid
 
 EMPTY = PullMessagesResponse().SerializeToString()
@@ -173,6 +180,29 @@ def test_the_serverapp_announces_only_to_the_relays_loopback_port(tmp_path):
         wake.sendto(b"something else", sender)
         assert not link.wait_for_replies(0.2)
     link.close()
+
+
+def test_a_flood_on_the_wake_port_wakes_the_held_pulls_a_few_times_only():
+    """A local program may send what it likes to the wake port: anything but "pushed" is ignored, and
+    what comes during the pause after a wake counts as that wake (at most 1 / spacing_s asks per held
+    pull each second)."""
+    woken = _Counter()
+    with bind_wake_port() as wake, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as flooder:
+        announcements = Announcements(wake, woken, spacing_s=0.25)
+        listener = threading.Thread(target=announcements.listen, daemon=True)
+        listener.start()
+        flooder.bind(("127.0.0.1", 0))
+        flooder.sendto(b"replies", wake.getsockname())  # not an announcement
+        for _ in range(200):
+            flooder.sendto(b"pushed", wake.getsockname())
+        deadline = time.monotonic() + 10
+        while not woken.calls and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(1.0)
+        assert 1 <= woken.calls <= 2  # 200 datagrams, one wake (two if the flood straddled a pause)
+        announcements.replies_complete()  # goes back to the last announcer, nowhere else
+        flooder.settimeout(10)
+        assert flooder.recv(64) == b"replies"
 
 
 class _Counter:
