@@ -110,7 +110,7 @@ def find_nginx() -> Nginx:
 def nginx_config(superlink: SuperLinkConfig, files: ProxyFiles, tls: ConsortiumFiles | None, nginx: Nginx,
                  relay_port: int | None = None) -> str:
     """The proxy's nginx.conf: ``tls`` None (``--insecure``) is the same proxy in plain HTTP;
-    with ``relay_port`` the sites' pulls go to the pull relay on that loopback port
+    with ``relay_port`` the sites' pulls and pushes go to the pull relay on that loopback port
     (server/pull_relay.py), every other Fleet route straight to the SuperLink."""
     scheme, ssl_listen = ("https", " ssl") if tls else ("http", "")
     temp_paths = "\n".join(f"    {module}_temp_path {_quote(files.temp / module)};"

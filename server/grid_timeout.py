@@ -32,6 +32,16 @@ SIGNALLED_POLL_S = 2.0  # the longest pause while the relay says when replies ar
 
 
 class TimeoutGrid:
+    """Flower's Grid with the round timeout on every exchange.
+
+    Args:
+        grid: the Grid Flower gives the ServerApp.
+        timeout: seconds an exchange waits for its replies.
+        observers: each gets every exchange's replies.
+        outgoing: each may transform every exchange's messages before they are pushed.
+        relay: the link to the sites' pull relay (``server/relay_signals.py``); None polls only.
+    """
+
     def __init__(self, grid, timeout: float, observers: Iterable[Callable[[list[Message]], None]] = (),
                  outgoing: Iterable[Callable[[list[Message]], list[Message]]] = (),
                  relay: RelayLink | None = None) -> None:
@@ -59,6 +69,7 @@ class TimeoutGrid:
                 time.sleep(pause)
             else:  # once the relay has signalled complete replies, pull on its word (or after the longer pause)
                 relay.wait_for_replies(min(SIGNALLED_POLL_S, deadline - now) if relay.heard else pause)
+                time.sleep(max(0.0, min(POLL_S - (time.monotonic() - now), deadline - time.monotonic())))
         for observe in self._observers:
             observe(replies)
         return replies

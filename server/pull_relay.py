@@ -48,15 +48,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from flwr.proto.fleet_pb2 import PullMessagesResponse  # pylint: disable=no-name-in-module
-from flwr.proto.message_pb2 import PullObjectResponse  # pylint: disable=no-name-in-module
+from flwr.proto.fleet_pb2 import PullMessagesResponse, PushMessagesResponse  # pylint: disable=no-name-in-module
+from flwr.proto.message_pb2 import (  # pylint: disable=no-name-in-module
+    PullObjectResponse,
+    PushObjectRequest,
+    PushObjectResponse,
+)
 from google.protobuf.message import DecodeError
 
-from server.relay_signals import Announcements, PushTracker
+from server.relay_signals import Announcements, PushTracker, read_wake_file
 from shared.polling import quarter_step
 
 MAX_BODY = 64 * 1024  # a pull request is a node id and a few message or object ids
 UPSTREAM_TIMEOUT_S = 30.0
+PUSH_TIMEOUT_S = 300.0  # as nginx allows a push: the SuperLink may take long to store a large array
 OBJECT_HOLD_S = 5.0  # an announced object is normally pushed within a second
 ACTIVE_S = 60.0  # a route that delivered something this recently is in use: ask often
 IDLE_STEP_S = 2.0  # otherwise (no run, or between runs): each ask costs the SuperLink ~10 ms of CPU
@@ -79,8 +84,12 @@ def _decoded(answer: Answer, response_class):
     compressed or unreadable body)."""
     if answer.status != 200 or any(name.lower() == "content-encoding" for name, _ in answer.headers):
         return None
+    return _parsed(response_class, answer.body)
+
+
+def _parsed(message_class, body: bytes):
     try:
-        return response_class.FromString(answer.body)
+        return message_class.FromString(body)
     except DecodeError:
         return None
 
@@ -213,9 +222,9 @@ def hold(ask: Callable[[], Answer], route: HeldRoute, hold_s: float, still_wante
             step = route.idle_step_s
         else:
             step = route.step(waited)
-        if waited + step > longest:
+        if waited >= longest:
             return answer
-        wakeup.wait(step, seen)
+        wakeup.wait(min(step, longest - waited), seen)  # the last wait ends with the hold, then one more ask
         if not still_wanted():
             return answer
         seen = wakeup.generation
@@ -234,13 +243,49 @@ class Upstream:
     context: ssl.SSLContext | None = None
     tls_name: str | None = None
 
-    def connect(self) -> _Connection:
-        return _Connection(self)
+    def connect(self, timeout: float = UPSTREAM_TIMEOUT_S) -> _Connection:
+        return _Connection(self, timeout)
+
+
+class WarmConnections:
+    """Connections to the SuperLink kept open between the pushes of an exchange.
+
+    Why: a push is one request, and a new TLS connection for each one (four per site per exchange)
+    cost about 0.1 s of an exchange here. A connection is reused only if its last answer came less
+    than ``fresh_s`` ago, well inside the SuperLink's keep-alive (uvicorn closes an idle connection
+    after 5 s), so a push is never sent on a connection the SuperLink may have closed, and never
+    sent twice.
+    """
+
+    def __init__(self, upstream: Upstream, timeout: float, fresh_s: float = 2.0, keep: int = 8) -> None:
+        self.upstream, self.timeout, self.fresh_s, self.keep = upstream, timeout, fresh_s, keep
+        self._lock = threading.Lock()
+        self._idle: list[tuple[_Connection, float]] = []
+
+    def take(self) -> _Connection:
+        now = time.monotonic()
+        with self._lock:
+            stale = [c for c, at in self._idle if now - at >= self.fresh_s]
+            fresh = [(c, at) for c, at in self._idle if now - at < self.fresh_s]
+            taken = fresh.pop()[0] if fresh else None
+            self._idle = fresh
+        for connection in stale:
+            connection.close()
+        return taken if taken is not None else self.upstream.connect(self.timeout)
+
+    def give_back(self, connection: _Connection, reusable: bool) -> None:
+        """``reusable``: the answer was read whole and the SuperLink keeps the connection open."""
+        if reusable:
+            with self._lock:
+                if len(self._idle) < self.keep:
+                    self._idle.append((connection, time.monotonic()))
+                    return
+        connection.close()
 
 
 class _Connection(http.client.HTTPConnection):
-    def __init__(self, upstream: Upstream) -> None:
-        super().__init__(upstream.host, upstream.port, timeout=UPSTREAM_TIMEOUT_S)
+    def __init__(self, upstream: Upstream, timeout: float) -> None:
+        super().__init__(upstream.host, upstream.port, timeout=timeout)
         self._upstream = upstream
 
     def connect(self) -> None:
@@ -252,14 +297,14 @@ class _Connection(http.client.HTTPConnection):
 class RelayServer(http.server.ThreadingHTTPServer):
     daemon_threads = True  # a held request never delays the relay's own exit
 
-    def __init__(self, listening: socket.socket, upstream: Upstream, hold_s: float,
-                 max_push_bytes: int = MAX_BODY) -> None:
+    def __init__(self, listening: socket.socket, upstream: Upstream, hold_s: float, max_push_bytes: int) -> None:
         super().__init__(listening.getsockname()[:2], _Handler, bind_and_activate=False)
         self.socket.close()
         self.socket = listening
         self.upstream, self.hold_s, self.max_push_bytes = upstream, hold_s, max_push_bytes
         self.wakeups = {path: Wakeup() for path in HELD_ROUTES}
         self.pushes = PushTracker(lambda: None)  # ``main`` connects it to the wake port
+        self.push_connections = WarmConnections(upstream, PUSH_TIMEOUT_S)
 
     def server_bind(self) -> None:  # already bound (and listening) by `fedpath-server start`
         pass
@@ -284,6 +329,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._refuse(413, f"a request on this route is at most {limit} bytes")
             return
         body = self.rfile.read(length)
+        if len(body) != length:  # the site hung up mid-request: never pass on part of a body as a whole
+            self.close_connection = True
+            return
         headers = {name: value for name, value in self.headers.items() if name.lower() not in HOP_BY_HOP}
         try:
             answer = self._held(route, body, headers) if route is not None else self._passed(body, headers)
@@ -318,17 +366,33 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         pushes = self.server.pushes
         if self.path == PUSH_MESSAGES:
             pushes.messages_starting()
-        answer = Answer(502, "Bad Gateway", [], b"")
-        connection = self.server.upstream.connect()
+        answer, connections = None, self.server.push_connections
         try:
-            answer = _ask(connection, self.path, body, headers)
+            connection = connections.take()
+            reusable = False
+            try:
+                answer, reusable = _ask_keeping(connection, self.path, body, headers)
+            finally:
+                connections.give_back(connection, reusable)
             return answer
         finally:
-            connection.close()
-            if self.path == PUSH_MESSAGES:
-                pushes.messages_pushed(answer.status, answer.body)
+            try:  # the tracker only decides when the ServerApp pulls: never let it fail the push
+                self._track(pushes, body, answer)
+            except Exception as exc:  # noqa: BLE001
+                self.log_error("following the replies failed (%s): the ServerApp falls back to polling", exc)
+
+    def _track(self, pushes: PushTracker, body: bytes, answer: Answer | None) -> None:
+        if self.path == PUSH_MESSAGES:
+            response = None if answer is None else _decoded(answer, PushMessagesResponse)
+            if response is None:
+                pushes.messages_pushed(None)
             else:
-                pushes.object_pushed(answer.status, body)
+                pushes.messages_pushed(list(response.objects_to_push), response.session_id)
+            return
+        stored = None if answer is None else _decoded(answer, PushObjectResponse)
+        request = _parsed(PushObjectRequest, body) if stored is not None else None
+        if request is not None:  # stored or not (not pending any more): the object is not awaited
+            pushes.object_pushed(request.session_id, request.object_id)
 
     def _client_connected(self) -> bool:
         """False once nginx has closed this connection (the site gave up): it is readable at EOF."""
@@ -352,10 +416,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 def _ask(connection: _Connection, path: str, body: bytes, headers: dict[str, str]) -> Answer:
+    return _ask_keeping(connection, path, body, headers)[0]
+
+
+def _ask_keeping(connection: _Connection, path: str, body: bytes, headers: dict[str, str]) -> tuple[Answer, bool]:
+    """The answer, and whether the connection may carry another request."""
     connection.request("POST", path, body=body, headers=headers)
     response = connection.getresponse()
     payload = response.read()
-    return Answer(response.status, response.reason, response.getheaders(), payload)
+    return Answer(response.status, response.reason, response.getheaders(), payload), not response.will_close
 
 
 def bind_listener(host: str) -> socket.socket:
@@ -372,15 +441,15 @@ def bind_listener(host: str) -> socket.socket:
 
 
 def relay_command(listener: socket.socket, upstream: tuple[str, int], tls: tuple[Path, str] | None,
-                  hold_s: float, wake: socket.socket | None = None, max_push_mb: int = 64) -> list[str]:
+                  hold_s: float, max_push_mb: int, wake: tuple[socket.socket, Path] | None = None) -> list[str]:
     """The relay's command line; ``tls`` is (the CA file, the name the SuperLink's certificate must
-    carry), None when the SuperLink runs without TLS (``--insecure``); ``wake`` the wake port;
-    ``max_push_mb`` the largest push it passes on (the proxy's limit)."""
+    carry), None when the SuperLink runs without TLS (``--insecure``); ``max_push_mb`` the largest push
+    it passes on (the proxy's limit); ``wake`` the wake port and the file that holds its token."""
     command = [sys.executable, "-m", "server.pull_relay", "--listen-fd", str(listener.fileno()),
                "--upstream", f"{upstream[0]}:{upstream[1]}", "--hold", f"{hold_s:g}",
                "--max-push-mb", str(max_push_mb)]
     if wake is not None:
-        command += ["--wake-fd", str(wake.fileno())]
+        command += ["--wake-fd", str(wake[0].fileno()), "--wake-file", str(wake[1])]
     return command + (["--ca", str(tls[0]), "--tls-name", tls[1]] if tls is not None else ["--insecure"])
 
 
@@ -391,7 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hold", type=float, required=True, help="longest hold of an empty pull, seconds")
     parser.add_argument("--wake-fd", type=int, help="an inherited UDP socket on which the ServerApp announces "
                         "its messages")
-    parser.add_argument("--max-push-mb", type=int, default=64, help="largest push request passed on, MB")
+    parser.add_argument("--wake-file", type=Path, help="the wake port's file (its token), with --wake-fd")
+    parser.add_argument("--max-push-mb", type=int, required=True, help="largest push request passed on, MB")
     parser.add_argument("--tls-name", help="the name the SuperLink's certificate must carry (with --ca)")
     tls = parser.add_mutually_exclusive_group(required=True)
     tls.add_argument("--ca", type=Path, help="the consortium CA the SuperLink's certificate is checked against")
@@ -403,10 +473,11 @@ def main(argv: list[str] | None = None) -> int:
     listening = socket.socket(fileno=args.listen_fd)
     with RelayServer(listening, upstream, args.hold, args.max_push_mb * 1024 * 1024) as relay:
         announced = ""
-        if args.wake_fd is not None:
+        found = read_wake_file(args.wake_file) if args.wake_fd is not None and args.wake_file else None
+        if found is not None:
             wake = socket.socket(fileno=args.wake_fd)
             messages = relay.wakeups[MESSAGES]
-            announcements = Announcements(wake, lambda: messages.wake(time.monotonic(), announced=True))
+            announcements = Announcements(wake, found[1], lambda: messages.wake(time.monotonic(), announced=True))
             relay.pushes.on_complete = announcements.replies_complete
             threading.Thread(target=announcements.listen, name="announcements", daemon=True).start()
             announced = f", announcements on udp {':'.join(map(str, wake.getsockname()[:2]))}"

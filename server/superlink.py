@@ -157,7 +157,7 @@ def start_server(config: ServerConfig, insecure: bool, detach: bool) -> int:
 def _preflight(config: ServerConfig, paths: StatePaths,
                files: ConsortiumFiles | None) -> tuple[Nginx, RelaySockets | None]:
     """Refuse before anything starts: a second start, a port taken, a missing or refusing nginx.
-    Binds the pull relay's port (a free one, chosen by the system) when the relay is on."""
+    Binds the pull relay's two ports (free ones, chosen by the system) when the relay is on."""
     superlink = config.superlink
     paths.dir.mkdir(parents=True, exist_ok=True)
     _refuse_second_start(paths)
@@ -166,6 +166,7 @@ def _preflight(config: ServerConfig, paths: StatePaths,
         if port_open(host, port):
             raise FlowerError(f"{host}:{port} is already in use by another program: stop it, or choose another "
                               f"superlink.{setting} in the server config")
+    paths.relay_wake.unlink(missing_ok=True)  # a crashed start's: its port may be anyone's by now
     relay_sockets = RelaySockets.bind() if superlink.pull_hold_s > 0 else None
     try:
         relay_port = None if relay_sockets is None else relay_sockets.listener.getsockname()[1]
@@ -194,9 +195,11 @@ class RelaySockets:
             raise
 
     def fds(self) -> tuple[int, int]:
+        """The descriptors the relay process inherits."""
         return self.listener.fileno(), self.wake.fileno()
 
     def close(self) -> None:
+        """The start command's copies (the relay keeps its own)."""
         self.listener.close()
         self.wake.close()
 
@@ -211,11 +214,11 @@ def _start_all(config: ServerConfig, paths: StatePaths, files: ConsortiumFiles |
     try:
         if relay is not None:
             tls = None if files is None else (files.ca_cert, UPSTREAM_NAME)
+            write_wake_file(paths.relay_wake, relay.wake)  # first: the relay reads its token there
             command = relay_command(relay.listener, (LOOPBACK, superlink.loopback), tls, superlink.pull_hold_s,
-                                    relay.wake, superlink.max_request_mb)
+                                    superlink.max_request_mb, (relay.wake, paths.relay_wake))
             processes.append(("the pull relay", start(command, paths.relay_log, paths.relay_pid,
                                                       flower_env(), "the pull relay", pass_fds=relay.fds())))
-            write_wake_file(paths.relay_wake, relay.wake)
         processes.append(("the proxy", start_proxy(superlink, paths.proxy, files, nginx)))
         return processes
     except BaseException:

@@ -119,3 +119,63 @@ def test_the_round_timeout_ends_the_wait_on_time(clock):
     replies = TimeoutGrid(grid, timeout=30).send_and_receive(_messages(2))
     assert len(replies) == 1
     assert sum(clock.pauses) == pytest.approx(30.0)  # the last pause ends at the deadline, not after it
+
+
+class StubRelay:
+    """``RelayLink`` with a script: "replies complete" comes at the given times after the push (fake clock)."""
+
+    def __init__(self, clock: FakeClock, signals_at: list[float], heard: bool = True, reachable: bool = True,
+                 spurious: bool = False) -> None:
+        self.clock, self.signals_at, self.heard, self.reachable = clock, list(signals_at), heard, reachable
+        self.spurious, self.announced, self.waits = spurious, 0, []
+
+    def announce(self) -> bool:
+        self.announced += 1
+        self.pushed_at = self.clock.now
+        return self.reachable
+
+    def wait_for_replies(self, seconds: float) -> bool:
+        self.waits.append(round(seconds, 6))
+        if self.spurious:  # a datagram at once, every time (a flood)
+            return True
+        due = [t for t in self.signals_at if self.pushed_at + t > self.clock.now]
+        if due and self.pushed_at + due[0] - self.clock.now <= seconds:
+            self.clock.now = self.pushed_at + due[0]
+            self.signals_at.remove(due[0])
+            self.heard = True
+            return True
+        self.clock.now += seconds
+        return False
+
+
+def test_with_the_relay_the_server_pulls_when_it_says_the_replies_are_complete(clock):
+    grid, relay = ScriptedGrid(clock, [0.3, 0.35]), StubRelay(clock, signals_at=[0.4])
+    assert len(TimeoutGrid(grid, timeout=60, relay=relay).send_and_receive(_messages(2))) == 2
+    assert relay.announced == 1 and relay.waits == [grid_timeout.SIGNALLED_POLL_S]
+    assert grid.pulls == 2 and clock.now - grid.pushed_at == pytest.approx(0.4)  # right after, not 2 s later
+
+    # a lost signal: the next pull comes SIGNALLED_POLL_S later, never later than that
+    grid, relay = ScriptedGrid(clock, [0.3, 0.35]), StubRelay(clock, signals_at=[])
+    assert len(TimeoutGrid(grid, timeout=60, relay=relay).send_and_receive(_messages(2))) == 2
+    assert relay.waits == [2.0] and grid.pulls == 2
+
+    # before the relay has answered once (a ServerApp's first exchange): the quarter steps, cut short by it
+    grid, relay = ScriptedGrid(clock, [0.3, 0.35]), StubRelay(clock, signals_at=[0.4], heard=False)
+    assert len(TimeoutGrid(grid, timeout=60, relay=relay).send_and_receive(_messages(2))) == 2
+    assert relay.waits[:3] == [0.1, 0.1, 0.1] and relay.heard
+
+
+def test_without_a_relay_or_flooded_the_server_still_polls_at_most_every_tenth_of_a_second(clock):
+    grid, relay = ScriptedGrid(clock, [0.25, 0.3]), StubRelay(clock, signals_at=[0.4], reachable=False)
+    assert len(TimeoutGrid(grid, timeout=60, relay=relay).send_and_receive(_messages(2))) == 2
+    assert relay.waits == [] and clock.pauses == [0.1, 0.1, 0.1]  # no relay (a simulation): as without one
+
+    clock.pauses.clear()
+    grid, relay = ScriptedGrid(clock, [1.0, 1.0]), StubRelay(clock, signals_at=[], spurious=True)
+    assert len(TimeoutGrid(grid, timeout=60, relay=relay).send_and_receive(_messages(2))) == 2
+    assert grid.pulls <= 11  # a "replies complete" at every wait: still one pull per 0.1 s at most
+
+    grid, relay = ScriptedGrid(clock, [0.0, 1000.0]), StubRelay(clock, signals_at=[])
+    start = clock.now
+    assert len(TimeoutGrid(grid, timeout=30, relay=relay).send_and_receive(_messages(2))) == 1
+    assert clock.now - start == pytest.approx(30.0)  # the round timeout still ends the wait on time

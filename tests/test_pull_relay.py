@@ -32,6 +32,7 @@ from server.pull_relay import (
     PUSH_OBJECT,
     Answer,
     Wakeup,
+    WarmConnections,
     bind_listener,
     hold,
     message_step,
@@ -162,47 +163,64 @@ def test_an_announcement_during_an_ask_is_not_slept_through():
     assert wakeup.woken_before_waiting == [True]
 
 
-def test_the_serverapp_announces_only_to_the_relays_loopback_port(tmp_path):
+def test_the_serverapp_announces_only_to_the_relays_loopback_port_and_hears_only_the_relay(tmp_path):
     wake_file = tmp_path / "pull_relay.wake"
     link = RelayLink(wake_file)
     assert not link.announce()  # no relay (a simulation): nothing sent, no error
-    for text in ("10.0.0.7:9999\n", "not an address\n"):  # the start command writes loopback only
-        wake_file.write_text(text)
+    for text in ("10.0.0.7:9999 token\n", "127.0.0.1:99999 token\n", "not an address\n", "127.0.0.1:80\n"):
+        wake_file.write_text(text)  # the start command writes a loopback port and a token, nothing else
         assert not link.announce()
-    with bind_wake_port() as wake:
+    with bind_wake_port() as wake, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as stranger:
         write_wake_file(wake_file, wake)
+        assert wake_file.stat().st_mode & 0o077 == 0  # the token is the server user's alone
+        token = wake_file.read_text().split()[1].encode()
         wake.settimeout(10)
         assert link.announce()
         data, sender = wake.recvfrom(64)
-        assert data == b"pushed"
-        wake.sendto(b"replies", sender)  # the relay answers the announcer's own port
-        assert link.wait_for_replies(10) and link.heard
+        assert data == b"pushed " + token and sender[:2] == link.address
+        stranger.sendto(b"replies", link.address)  # anyone else: dropped by the kernel (connected socket)
+        assert not link.wait_for_replies(0.3) and not link.heard
         wake.sendto(b"something else", sender)
-        assert not link.wait_for_replies(0.2)
+        assert not link.wait_for_replies(0.3)
+        wake.sendto(b"replies", sender)  # the relay's answer
+        assert link.wait_for_replies(10) and link.heard
     link.close()
 
 
-def test_a_flood_on_the_wake_port_wakes_the_held_pulls_a_few_times_only():
-    """A local program may send what it likes to the wake port: anything but "pushed" is ignored, and
-    what comes during the pause after a wake counts as that wake (at most 1 / spacing_s asks per held
-    pull each second)."""
+def test_a_flood_on_the_wake_port_wakes_the_held_pulls_a_few_times_and_a_stranger_not_at_all():
+    """A local program may send what it likes to the wake port: without the token of pull_relay.wake it
+    is ignored (and never told anything); with it, what comes during the pause after a wake makes one
+    more wake (at most 1 / spacing_s asks per held pull each second)."""
     woken = _Counter()
-    with bind_wake_port() as wake, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as flooder:
-        announcements = Announcements(wake, woken, spacing_s=0.25)
+    with bind_wake_port() as wake, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as stranger, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as serverapp:
+        announcements = Announcements(wake, b"s3cret", woken, spacing_s=0.2)
         listener = threading.Thread(target=announcements.listen, daemon=True)
         listener.start()
-        flooder.bind(("127.0.0.1", 0))
-        flooder.sendto(b"replies", wake.getsockname())  # not an announcement
+        stranger.bind(("127.0.0.1", 0))
+        stranger.settimeout(0.3)
         for _ in range(200):
-            flooder.sendto(b"pushed", wake.getsockname())
+            stranger.sendto(b"pushed wrong", wake.getsockname())
+        stranger.sendto(b"pushed ", wake.getsockname())
+        time.sleep(0.5)
+        assert woken.calls == 0
+        announcements.replies_complete()  # no announcer yet: nothing sent, to the stranger least of all
+        with pytest.raises(TimeoutError):
+            stranger.recv(64)
+        serverapp.bind(("127.0.0.1", 0))
+        for _ in range(200):
+            serverapp.sendto(b"pushed s3cret", wake.getsockname())
         deadline = time.monotonic() + 10
         while not woken.calls and time.monotonic() < deadline:
             time.sleep(0.01)
-        time.sleep(1.0)
-        assert 1 <= woken.calls <= 2  # 200 datagrams, one wake (two if the flood straddled a pause)
-        announcements.replies_complete()  # goes back to the last announcer, nowhere else
-        flooder.settimeout(10)
-        assert flooder.recv(64) == b"replies"
+        time.sleep(1.5)
+        assert 1 <= woken.calls <= 3  # 200 datagrams: a wake, one more for those of its pause
+        announcements.replies_complete()  # to the announcer
+        serverapp.settimeout(10)
+        assert serverapp.recv(64) == b"replies"
+        announcements.stop()
+        listener.join(timeout=10)
+        assert not listener.is_alive()
 
 
 class _Counter:
@@ -221,35 +239,68 @@ def _pushed_object(object_id: str, session: str) -> bytes:
     return PushObjectRequest(object_id=object_id, session_id=session, object_content=b"x" * 100).SerializeToString()
 
 
-def test_replies_count_as_arriving_until_the_last_object_the_superlink_asked_for_is_stored():
+def test_replies_count_as_arriving_until_the_last_object_the_superlink_asked_for_is_pushed():
     complete, now = _Counter(), [0.0]
     tracker = PushTracker(complete, clock=lambda: now[0])
     tracker.messages_starting()  # site 1's reply: listed to the ServerApp from here on
     tracker.messages_starting()  # site 2's
     assert tracker.arriving() == 2
-    tracker.messages_pushed(200, _pushed_messages(["a", "b"], "s1"))
-    tracker.messages_pushed(200, _pushed_messages(["c"], "s2"))
-    tracker.object_pushed(200, _pushed_object("a", "s1"))
-    tracker.object_pushed(200, _pushed_object("c", "s2"))  # site 2 is complete, site 1 is not
-    tracker.object_pushed(500, _pushed_object("b", "s1"))  # not stored: still arriving
-    tracker.object_pushed(200, _pushed_object("b", "another session"))
-    tracker.object_pushed(200, b"not protobuf")
+    tracker.messages_pushed(["a", "b"], "s1")
+    tracker.messages_pushed(["c"], "s2")
+    tracker.object_pushed("s1", "a")
+    tracker.object_pushed("s2", "c")  # site 2 is complete, site 1 is not
+    tracker.object_pushed("another session", "b")
     assert complete.calls == 0 and tracker.arriving() == 1
-    tracker.object_pushed(200, _pushed_object("b", "s1"))
+    tracker.object_pushed("s1", "b")
     assert complete.calls == 1 and tracker.arriving() == 0
-    # nothing to push (the SuperLink had every object), or a refused push: complete at once
+    # a push the SuperLink refused (a stranger's, unsigned) completes nothing: no signal
     tracker.messages_starting()
-    tracker.messages_pushed(200, _pushed_messages([], "s3"))
+    tracker.messages_pushed(None)
+    assert complete.calls == 1 and tracker.arriving() == 0
+    # nothing to push (the SuperLink had every object): complete at once
     tracker.messages_starting()
-    tracker.messages_pushed(401, b"")
+    tracker.messages_pushed([], "s3")
+    assert complete.calls == 2
+    # a site that dies mid-push is given up STALE_PUSH_S after its last object; one still pushing is not
+    tracker.messages_starting()
+    tracker.messages_pushed(["d", "e"], "s4")
+    tracker.messages_starting()
+    tracker.messages_pushed(["f", "g"], "s5")
+    now[0] += STALE_PUSH_S - 1
+    tracker.object_pushed("s5", "f")  # s5 is alive
+    now[0] += 2
+    tracker.object_pushed("s5", "g")  # s5 complete; s4 stale: given up
     assert complete.calls == 3 and tracker.arriving() == 0
-    # a site that dies mid-push is given up after STALE_PUSH_S
-    tracker.messages_starting()
-    tracker.messages_pushed(200, _pushed_messages(["d"], "s4"))
-    now[0] += STALE_PUSH_S + 1
-    tracker.messages_starting()
-    tracker.messages_pushed(200, _pushed_messages([], "s5"))
-    assert complete.calls == 4 and tracker.arriving() == 0
+
+
+def test_a_connection_is_reused_only_while_fresh():
+    class Opened:
+        def __init__(self) -> None:
+            self.closed = False
+
+        def close(self) -> None:
+            self.closed = True
+
+    class Upstreams:
+        def connect(self, timeout: float) -> Opened:
+            return Opened()
+
+    warm = WarmConnections(Upstreams(), 300.0, fresh_s=0.3)
+    first = warm.take()
+    warm.give_back(first, reusable=True)
+    assert warm.take() is first  # an answer a moment ago: the SuperLink keeps it open
+    warm.give_back(first, reusable=False)  # the SuperLink said it closes it
+    assert first.closed and warm.take() is not first
+    second = warm.take()
+    warm.give_back(second, reusable=True)
+    time.sleep(0.4)
+    assert warm.take() is not second and second.closed  # idle too long: never risk a push on it
+
+
+def test_a_hold_stays_the_whole_hold_while_announcements_come():
+    """A short configured hold (pull_hold_s: 1) is held whole, not cut at the first 2 s step."""
+    answer, asked, waits = _hold([EMPTY], hold_s=1.0, announcing=True)
+    assert no_message(answer) and waits == [1.0] and len(asked) == 2
 
 
 def test_a_hold_ends_after_hold_s_with_the_empty_answer():
@@ -313,9 +364,10 @@ class _StandIn(http.server.ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, messages_after: int) -> None:
+    def __init__(self, messages_after: int, first_message: bool = False) -> None:
         super().__init__(("127.0.0.1", 0), _StandInHandler)
-        self.messages_after, self.asks, self.asked_at = messages_after, [], []
+        self.messages_after, self.asks, self.asked_at, self.peers = messages_after, [], [], []
+        self.first_message = first_message  # the first ask also gets a message (a run under way)
 
 
 class _StandInHandler(http.server.BaseHTTPRequestHandler):
@@ -327,12 +379,14 @@ class _StandInHandler(http.server.BaseHTTPRequestHandler):
         headers = self.headers
         self.server.asks.append((self.path, body, headers.get("flwr-signature"), headers.get("flwr-timestamp")))
         self.server.asked_at.append(time.monotonic())  # one clock for every process of this machine
+        self.server.peers.append(self.client_address)  # which connection of the relay's
         if self.headers.get("flwr-signature") != "signed":
             self.send_response(401)
             payload = b""
         else:
             self.send_response(200)
-            payload = A_MESSAGE if len(self.server.asks) > self.server.messages_after else EMPTY
+            first = self.server.first_message and len(self.server.asks) == 1
+            payload = A_MESSAGE if first or len(self.server.asks) > self.server.messages_after else EMPTY
             if self.path == PUSH_MESSAGES:  # the reply's two objects are still to come
                 payload = _pushed_messages(["o1", "o2"], "session-1")
             elif self.path == PUSH_OBJECT:
@@ -351,16 +405,16 @@ def relay(tmp_path):
     """A relay process in front of a stand-in SuperLink (plain HTTP, as with --insecure)."""
     started = []
 
-    def launch(messages_after: int, hold_s: float = 10.0):
-        upstream = _StandIn(messages_after)
+    def launch(messages_after: int, hold_s: float = 10.0, first_message: bool = False):
+        upstream = _StandIn(messages_after, first_message)
         threading.Thread(target=upstream.serve_forever, daemon=True).start()
-        listener, wake = bind_listener("127.0.0.1"), bind_wake_port()
+        listener, wake, wake_file = bind_listener("127.0.0.1"), bind_wake_port(), tmp_path / "pull_relay.wake"
         with listener, wake, (tmp_path / "relay.log").open("ab") as log:
-            process = subprocess.Popen(relay_command(listener, upstream.server_address, None, hold_s, wake),
-                                       stdout=log, stderr=subprocess.STDOUT,
+            write_wake_file(wake_file, wake)
+            command = relay_command(listener, upstream.server_address, None, hold_s, 64, (wake, wake_file))
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                        pass_fds=(listener.fileno(), wake.fileno()), start_new_session=True)
             port = listener.getsockname()[1]
-            write_wake_file(tmp_path / "pull_relay.wake", wake)
         started.append((process, upstream))
         return port, upstream
 
@@ -421,24 +475,24 @@ def test_the_relay_process_stops_asking_when_the_site_hangs_up(relay):
 
 
 def test_the_relay_process_delivers_an_announced_message_at_once_and_asks_little_meanwhile(relay, tmp_path):
-    port, upstream = relay(messages_after=10_000, hold_s=30)
+    port, upstream = relay(messages_after=10_000, hold_s=30, first_message=True)
     link = RelayLink(tmp_path / "pull_relay.wake")
-    assert link.announce()  # an exchange before: the ServerApp announces its messages
     request = PullMessagesRequest(node=Node(node_id=42)).SerializeToString()
+    assert link.announce()  # an exchange: the ServerApp announces its messages...
+    assert _post(port, PULL, request) == (200, A_MESSAGE)  # ...and the site gets its own (the route is in use)
     result = {}
     site = threading.Thread(target=lambda: result.update(answer=_post(port, PULL, request)), daemon=True)
-    site.start()
+    site.start()  # the site's next pull: the server is still waiting for the other sites
     deadline = time.monotonic() + 10
-    while not upstream.asks and time.monotonic() < deadline:
+    while len(upstream.asks) < 2 and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert len(upstream.asks) == 1
-    time.sleep(0.6)  # quarter steps (0.1 s, then a quarter of the wait) would have asked 3 times by now
-    assert len(upstream.asks) == 1  # announced: the next ask is ANNOUNCED_STEP_S after the first
-    upstream.messages_after = 1  # the ServerApp pushes the site's message...
+    time.sleep(0.6)  # a route in use without announcements asks after 0.1 s, 0.1 s, ... (quarter steps)
+    assert len(upstream.asks) == 2  # announced: the next ask is ANNOUNCED_STEP_S after this one
+    upstream.messages_after = 2  # the ServerApp pushes the site's next message...
     assert link.announce()  # ...and announces it: the held pull asks at once
     site.join(timeout=30)
-    assert result.get("answer") == (200, A_MESSAGE) and len(upstream.asks) == 2
-    assert upstream.asked_at[1] - upstream.asked_at[0] < ANNOUNCED_STEP_S  # woken, not the step's end
+    assert result.get("answer") == (200, A_MESSAGE) and len(upstream.asks) == 3
+    assert upstream.asked_at[2] - upstream.asked_at[1] < ANNOUNCED_STEP_S  # woken, not the step's end
     link.close()
 
 
@@ -456,9 +510,12 @@ def test_the_relay_passes_pushes_on_unchanged_and_tells_the_serverapp_when_the_r
     big = PushObjectRequest(object_id="o2", session_id="session-1", object_content=b"\x01" * 3_000_000)
     assert _post(port, PUSH_OBJECT, big.SerializeToString())[0] == 200  # an array chunk of a few MB
     assert link.wait_for_replies(10)  # complete: the ServerApp pulls it now, every object there
+    assert _post(port, PUSH_MESSAGES, push, signature="forged")[0] == 401  # a stranger's push: refused...
+    assert not link.wait_for_replies(0.5)  # ...and it completes nothing
     assert [(path, body) for path, body, *_ in upstream.asks] == [
-        (PUSH_MESSAGES, push), (PUSH_OBJECT, first), (PUSH_OBJECT, big.SerializeToString())]
-    assert {signature for _, _, signature, _ in upstream.asks} == {"signed"}  # the site's own headers
+        (PUSH_MESSAGES, push), (PUSH_OBJECT, first), (PUSH_OBJECT, big.SerializeToString()), (PUSH_MESSAGES, push)]
+    assert [signature for _, _, signature, _ in upstream.asks] == ["signed"] * 3 + ["forged"]  # as sent
+    assert len(set(upstream.peers)) == 1  # pushes seconds apart share one warm connection to the SuperLink
     link.close()
 
 
