@@ -22,7 +22,9 @@ sends one datagram to the relay's wake port, and every held pull asks again at o
 announcements come (one in the last minute), a held pull asks only every 2 s besides. The relay also
 passes the sites' two push routes on, once each and unchanged (``PASSED_ROUTES``), to tell the
 ServerApp when no reply is still arriving, so that it never pulls a reply whose arrays are not all
-there yet.
+there yet. A push is read whole before it is passed on (its session and object ids come after the
+array in Flower's message), so the relay holds up to ``superlink.max_request_mb`` per push in flight;
+nginx refuses anything larger from its Content-Length alone.
 
 It may do only what the site's own request says: the same signed headers (Flower's node
 authentication signs a timestamp the SuperLink accepts for 5 minutes) and the same body, checked
