@@ -358,7 +358,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _held(self, route: HeldRoute, body: bytes, headers: dict[str, str]) -> Answer:
         connection = self.server.upstream.connect()
         try:
-            return hold(lambda: _ask(connection, self.path, body, headers), route, self.server.hold_s,
+            return hold(lambda: _ask_keeping(connection, self.path, body, headers)[0], route, self.server.hold_s,
                         self._client_connected, self.server.wakeups[self.path])
         finally:
             connection.close()
@@ -415,10 +415,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def log_error(self, format: str, *args: object) -> None:  # noqa: A002
         sys.stderr.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {format % args}\n")
         sys.stderr.flush()
-
-
-def _ask(connection: _Connection, path: str, body: bytes, headers: dict[str, str]) -> Answer:
-    return _ask_keeping(connection, path, body, headers)[0]
 
 
 def _ask_keeping(connection: _Connection, path: str, body: bytes, headers: dict[str, str]) -> tuple[Answer, bool]:

@@ -195,9 +195,7 @@ class Announcements:
         while True:
             try:
                 data, sender = self.wake.recvfrom(64, socket.MSG_DONTWAIT)
-            except (BlockingIOError, TimeoutError):
-                return genuine
-            except OSError:
+            except OSError:  # nothing more (BlockingIOError), or the socket is gone
                 return genuine
             genuine |= self._genuine(data, sender)
 
