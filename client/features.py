@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from client.tile_reader import Tiles, tile_batches
-from shared.devices import ShrinkingBatches, module_device, resolve_device, trunk_precision
+from shared.devices import ShrinkingBatches, module_device, resolve_device, trunk_precision, use_threads
 from shared.encoder import INCEPTION, TileEncoder, build_encoder
 from shared.memory import FreeMemory
 from shared.model import grid_sequence
@@ -78,8 +78,7 @@ def load_encoder(weights: str, threads: int = 0, device: str | torch.device = "c
                  backbone: str = INCEPTION) -> torch.nn.Module:
     """The frozen trunk, ready for inference: eval mode, channels-last memory layout, on ``device``
     (a ``features.device`` setting such as ``auto``, or a torch device). ``backbone``: ``features.backbone``."""
-    if threads:
-        torch.set_num_threads(threads)
+    use_threads(threads)
     device = device if isinstance(device, torch.device) else resolve_device(device)
     encoder = build_encoder(backbone, weights).eval()
     encoder.requires_grad_(False)

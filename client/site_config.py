@@ -52,7 +52,9 @@ class FeatureConfig:
     # Tiles per trunk batch; auto: 16 on a CPU, what the free memory holds on a GPU (halved on out-of-memory).
     batch_size: int | Literal["auto"] = check(batch_size_rule, "auto")
     num_workers: int = check(at_least(0), 1)  # tile-reading processes next to the feature extractor
-    threads: int = check(at_least(0), 0)  # torch threads; 0 keeps torch's default
+    # torch threads of prepare, predict and training (the task runner, train-local); 0: torch's default, one
+    # per core. Processes sharing the machine must share its cores (shared/devices.py: use_threads).
+    threads: int = check(at_least(0), 0)
 
 
 @dataclass(frozen=True)

@@ -496,8 +496,13 @@ def build_runner(config: SiteConfig, secret: bytes | None) -> TaskRunner:
     policy = EgressPolicy.for_site(config)
     # federated_round, private_training: what a training message needs (torch, Opacus; 4 s here, over 10 s
     # beside other work), imported now: in the first round it counted against the server's round_timeout.
+    import torch
+
     from client import feature_cache, federated_round, private_training  # noqa: F401
     from client.app import app  # the installed ClientApp, imported once for every task
+    from shared.devices import use_threads
+
+    use_threads(config.features.threads)  # every round's training runs in this process
 
     # This process serves every round: keep the feature cache's entries between them (shared/file_memo.py),
     # and on a GPU the training vectors too (client/sequence_data.py: DEVICE_ENTRIES).
@@ -508,8 +513,9 @@ def build_runner(config: SiteConfig, secret: bytes | None) -> TaskRunner:
                    "allowed_bundles": sorted(approval.allowed), "disclose": sorted(config.disclose),
                    "require_secure_aggregation": config.federation.require_secure_aggregation,
                    "pid": os.getpid()})
-    log.info("%s: task runner for fedpath %s (bundle sha256:%s), SuperNode Runtime API %s; egress log %s",
-             config.name, version, installed, runtime_address(config), egress.path)
+    log.info("%s: task runner for fedpath %s (bundle sha256:%s), SuperNode Runtime API %s, %d torch thread(s); "
+             "egress log %s", config.name, version, installed, runtime_address(config), torch.get_num_threads(),
+             egress.path)
     return TaskRunner(app, approval, policy, egress, runtime_address(config), secret,
                       secret_reader=lambda: read_superexec_secret(config))
 

@@ -22,7 +22,7 @@ from client.private_training import train_round
 from client.sequence_data import PatientSequences, load_split, predict_slides
 from client.site_config import SiteConfig
 from shared.atomic_files import atomic_write, atomic_write_json
-from shared.devices import resolve_device
+from shared.devices import resolve_device, use_threads
 from shared.encoder import check_pinned
 from shared.errors import UserError
 from shared.metrics import classification_metrics, format_metric, to_jsonable
@@ -68,6 +68,7 @@ def train_local(config: SiteConfig, progress: bool = True) -> LocalRun:
     if not train:
         raise UserError(f"{cache.index_path}: no prepared training slides; run `fedpath-site prepare` first")
     run_dir = new_run_dir(config.training.out_dir)
+    use_threads(config.features.threads)
     torch.manual_seed(config.training.seed)
     head = build_trainable(config.model, len(classes), config.features.backbone_weights,
                            trunk=config.features.backbone_weights).to(resolve_device(config.features.device))

@@ -66,8 +66,12 @@ class LocalConsortium:
                 init_consortium(certs, "localhost")
 
     def _join_site(self, site_yaml: Path) -> None:
-        """Point a site at this consortium's public port, as its IT would with what the admin handed over."""
+        """Point a site at this consortium's public port, as its IT would with what the admin handed over,
+        and give it its share of this machine's cores unless site.yaml sets ``features.threads``."""
         document = yaml.safe_load(site_yaml.read_text())
+        features = document.setdefault("features", {})
+        if not features.get("threads"):  # the sites share this machine's cores (shared/devices.py: use_threads)
+            features["threads"] = max(1, (os.cpu_count() or 1) // len(self.site_yamls))
         document["federation"] = {**document.get("federation", {}), "server": f"127.0.0.1:{self.port}",
                                   "port": free_port(),
                                   **({"ca_cert": str(Path(self.config.superlink.certs_dir) / "ca.pem")}

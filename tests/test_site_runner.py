@@ -114,6 +114,11 @@ def test_runner_serves_a_secure_run_and_survives_an_exception(consortium):
     sites = consortium.site_yamls
     pids = [_runner_pid(site) for site in sites]
     before = {site: len(_replies(site)) for site in sites}
+    # three sites on one machine: each was given its share of the cores, and its runner's torch uses it
+    share = max(1, (os.cpu_count() or 1) // 3)
+    for site in sites:
+        assert load_site_config(site).features.threads == share
+        assert f", {share} torch thread(s);" in (load_site_config(site).state_dir / "supernode.log").read_text()
     # Site 3's ClientApp reads site.yaml for every message; its runner read it at start. A broken
     # file makes the ClientApp raise in every stage that trains or evaluates.
     broken = sites[2]
