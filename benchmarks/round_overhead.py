@@ -57,7 +57,9 @@ def _allow_plain_rounds_and_disclose_time(sites: list[Path]) -> None:
         site.write_text(yaml.safe_dump(document))
 
 
-TRAINED_EPOCHS = 30  # about 14 s of training per round here (2026-12-04: 13.5-14.4 s), against 1.6 s for one
+# About 12 s of training per round here, one torch thread per site. Until 2026-12-04 16:00 it was 30 epochs, and
+# the "14 s" those took was mostly three sites' torch threads spinning on two cores (0.9-1.6 s with one each).
+TRAINED_EPOCHS = 300
 
 
 def _measure(root: Path, sites: list[Path], rounds: int, secure: bool, relay: bool = True, epochs: int = 1) -> dict:
