@@ -8,11 +8,13 @@ is no evaluate phase. ``overhead_s``: per-round wall time measured by the Server
 slowest site's own time in `fit` (the sites disclose ``train_seconds`` here; they train in
 parallel): process start-up, message passing and the server's bookkeeping.
 ``secagg_ratio``: SecAgg+ round time over plain round time, same run (goal <= 1.3).
-``trained_*``: both again (relay on) with ``TRAINED_EPOCHS`` epochs per round instead of one, so the
-sites train for about 14 s rather than 1.6 s: SecAgg+ adds a fixed number of exchanges per round (five
-against one), so its ratio to a plain round depends on how long the sites train, and a hospital's round
-trains for minutes (what it added was not constant on 2026-12-04: 6.2 s at 1.6 s of training, 9.1 s at
-14 s). ``trained_secagg_ratio`` is that ratio, same run, same sites.
+``trained_*``: both again (relay on) with ``TRAINED_EPOCHS`` epochs per round instead of one (at a
+learning rate divided by them), so the sites train for about 13 s rather than about 1.5 s: SecAgg+ adds
+a fixed number of exchanges per round (five against one), so its ratio to a plain round depends on how
+long the sites train, and a hospital's round trains for minutes. ``trained_secagg_ratio`` is that ratio,
+same run, same sites. The sites run as `LocalConsortium` starts them: one torch thread each on this
+2-core machine (``features.threads``); with torch's default two each, their training time swung 5-20x
+with how much it overlapped, and the two arms were not comparable.
 ``no_relay_*`` and ``relay_speedup``: both again with ``superlink.pull_hold_s: 0`` (the sites'
 pulls straight to the SuperLink, server/pull_relay.py off), same run, same sites.
 ``bytes_per_site_round``: what the SuperLink
@@ -57,7 +59,7 @@ def _allow_plain_rounds_and_disclose_time(sites: list[Path]) -> None:
         site.write_text(yaml.safe_dump(document))
 
 
-# About 12 s of training per round here, one torch thread per site. Until 2026-12-04 16:00 it was 30 epochs, and
+# About 13 s of training per round here, one torch thread per site. Until 2026-12-04 16:00 it was 30 epochs, and
 # the "14 s" those took was mostly three sites' torch threads spinning on two cores (0.9-1.6 s with one each).
 TRAINED_EPOCHS = 300
 

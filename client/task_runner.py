@@ -105,15 +105,6 @@ POLL_S, IDLE_POLL_S = 0.1, 1.0
 since the last task ended (``shared/polling.py``). A SecAgg+ round's next stage comes within a second
 and is taken within a tenth of one; an idle site asks once a second (Flower's SuperExec's own pace), and
 its SuperNode and runner then use about 0.7 % of a core instead of 2.8 % at five asks a second."""
-NEXT_STAGE_S = 3.0
-"""For this long after a task ended the runner asks every ``POLL_S``, not a quarter of the time waited: a
-SecAgg+ round's next stage comes within about two seconds, and a late take costs more than itself. Flower
-1.42's SuperNode looks for the ClientApp's reply every 0.5 s from the moment it stored the message
-(``flwr/supernode/start_client_internal.py: _push_messages``), so a reply ready 0.45 s after that leaves at
-0.5 s and one ready at 0.55 s leaves at 1.0 s. At quarter steps, 1.6 s after the last task the runner asked
-every 0.4 s, and the slowest site's reply often missed the first look (2026-12-04 access logs: replies 0.5
-and 1.0 s after the message). About 20 more asks per exchange, some 0.1 s of CPU for a site's SuperNode
-and runner together."""
 PULL_INPUT_S = 60.0
 """Longest wait for a task's message objects in the SuperNode's local store. They are local (the
 SuperNode pulls them from the SuperLink before it confirms the message), so this only ends tasks
@@ -292,8 +283,7 @@ class TaskRunner:
                 self._serve_logged(acquirer, response.token, response.task.task_id)
                 idle_since = time.monotonic()
             else:
-                idle = time.monotonic() - idle_since
-                time.sleep(POLL_S if idle < NEXT_STAGE_S else quarter_step(idle, POLL_S, IDLE_POLL_S))
+                time.sleep(quarter_step(time.monotonic() - idle_since, POLL_S, IDLE_POLL_S))
 
     def _serve_logged(self, acquirer: RuntimeHttpClient, token: str, task_id: int) -> None:
         try:
