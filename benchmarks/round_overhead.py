@@ -40,6 +40,7 @@ import yaml
 from client.prepare import prepare_site
 from client.site_config import load_site_config
 from server.app import initial_model
+from server.server_config import LocalTraining
 from simulations.consortium import make_consortium
 from simulations.local_consortium import LocalConsortium
 
@@ -65,9 +66,9 @@ TRAINED_EPOCHS = 300
 
 
 def _measure(root: Path, sites: list[Path], rounds: int, secure: bool, relay: bool = True, epochs: int = 1) -> dict:
-    # The same total step length whatever the epochs: 300 epochs at the default 1e-3 moved the head by more than
+    # The same total step length whatever the epochs: 300 epochs at the default rate moved the head by more than
     # the sites' update bound (federation.max_update_norm 10: 13.4), and the sites refused to send it.
-    training = {"epochs": epochs, "batch_size": 2, "learning_rate": 1e-3 / epochs}
+    training = {"epochs": epochs, "batch_size": 2, "learning_rate": LocalTraining().learning_rate / epochs}
     settings = {"federation": {"rounds": rounds, "min_sites": 3, "round_timeout": 300},
                 "training": training, "secure_aggregation": {"enabled": secure}}
     if not relay:

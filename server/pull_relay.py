@@ -479,6 +479,8 @@ def main(argv: list[str] | None = None) -> int:
             relay.pushes.on_complete = announcements.replies_complete
             threading.Thread(target=announcements.listen, name="announcements", daemon=True).start()
             announced = f", announcements on udp {':'.join(map(str, wake.getsockname()[:2]))}"
+        elif args.wake_fd is not None:  # the ServerApp will poll: slower rounds, nothing unsafe
+            announced = f", NO announcements: the wake file {args.wake_file} is missing or unreadable"
         print(f"pull relay on {':'.join(map(str, listening.getsockname()[:2]))} -> SuperLink on {args.upstream}, "
               f"empty pulls held up to {args.hold:g} s{announced}", flush=True)
         try:
