@@ -22,7 +22,7 @@ from server.federation_strategy import FederationStrategy
 from server.grid_timeout import TimeoutGrid
 from server.relay_signals import RelayLink
 from server.run_folder import RunFolder
-from server.run_recorder import RunRecorder
+from server.run_recorder import RunRecorder, round_sites
 from server.secure_aggregation import fit_workflow
 from server.server_config import ServerConfig
 from server.server_optimizer import ServerOptimizer
@@ -81,7 +81,7 @@ def run_federation(grid, context: Context, folder: RunFolder) -> None:
         list(latest.arrays.values()), first_round=done + 1,
         plan_for=lambda round_: round_plan(config, folder.federation_id, round_, reproducible),
         site_name=registry.name_for, on_sampled=None if workflow is None else workflow.round_size,
-        optimizer=optimizer)
+        optimizer=optimizer, rejoining=round_sites(latest.card))
     legacy = LegacyContext(context, config=FlowerServerConfig(num_rounds=exchanges,
                                                               round_timeout=config.federation.round_timeout),
                            strategy=strategy)

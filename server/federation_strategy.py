@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 from flwr.app import Message
@@ -52,6 +52,8 @@ from shared.round_sums import CountLayout, RoundSums, decode_sum
 
 log = logging.getLogger("fedpath.server")
 
+REJOIN_POLL_S = 0.5  # seconds between two looks at who is online (each one request to the SuperLink)
+
 SUMMED = ("fedavg", "fedprox")
 """Strategies whose aggregate is the patient-weighted mean: read straight from the summed replies."""
 
@@ -76,12 +78,15 @@ class FederationStrategy(Strategy):
             (SecAgg+ sets the round's reconstruction threshold from it).
         optimizer: the server's step on the aggregated update (``strategy.server_optimizer``), its state
             already restored for ``first_round``; None: add the update (FedAvg).
+        rejoining: names of the sites that took part in the round before ``first_round`` (a resumed run:
+            the last checkpoint's); the first round waits ``federation.rejoin_wait`` for them to be online.
     """
 
     def __init__(self, config: ServerConfig, inner: Strategy, recorder: RunRecorder,
                  shapes: list[tuple[str, tuple[int, ...]]], global_arrays: list[np.ndarray], first_round: int,
                  plan_for: Callable[[int], RoundPlan], site_name: Callable[[int], str],
-                 on_sampled: Callable[[int], None] | None = None, optimizer: ServerOptimizer | None = None) -> None:
+                 on_sampled: Callable[[int], None] | None = None, optimizer: ServerOptimizer | None = None,
+                 rejoining: Iterable[str] = ()) -> None:
         self.config, self.inner, self.recorder = config, inner, recorder
         self.shapes, self.global_arrays = shapes, global_arrays
         self.tensor_shapes = [tuple(shape) for _, shape in shapes]
@@ -91,6 +96,7 @@ class FederationStrategy(Strategy):
         self.layout = CountLayout.for_federation(config.classes, config.positive_class,
                                                  config.federation.evaluation_bins)
         self.sites: dict[str, SiteRound] = {}
+        self.rejoining = set(rejoining)  # the sites of the last round: the next one waits for them a while
         self.clock: dict[str, float] = {}  # phase boundaries of the current round (monotonic seconds)
 
     def __repr__(self) -> str:
@@ -114,8 +120,11 @@ class FederationStrategy(Strategy):
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
         round_ = self.offset + server_round
+        if self.sites:  # the round before, in this process (before it: the one the run resumes after)
+            self.rejoining = {name for name, site in self.sites.items() if site.answered or site.refused}
         self.sites = {}
         self._wait_for_sites(client_manager, round_)
+        self._wait_for_rejoining(client_manager, round_)
         self.clock = {"start": time.monotonic()}
         plan = self.plan_for(round_).to_config()
         sampled = self.inner.configure_fit(server_round, parameters, client_manager)
@@ -234,6 +243,30 @@ class FederationStrategy(Strategy):
         start = clock.get("start", now)
         return {"round_s": now - start, "fit_phase_s": clock.get("fit_done", now) - start,
                 "site_train_s_max": max(train) if train else math.nan}
+
+    def _wait_for_rejoining(self, client_manager: ClientManager, round_: int) -> None:
+        """Give the sites of the last round that are not online ``federation.rejoin_wait`` seconds to come
+        back before the round is sampled. After a server restart the SuperLink lists a SuperNode as online
+        only from its next heartbeat, which Flower retries with back-off (up to 20 s apart); a round
+        sampled before then runs without that site, and the others may refuse a round that small
+        (``min_round_sites``, refusal 9), which failed the resumed run."""
+        wait = self.config.federation.rejoin_wait
+        missing = self.rejoining - self._online(client_manager)
+        if not missing or wait <= 0:
+            return
+        log.info("round %d: waiting up to %g s (federation.rejoin_wait) for %s of the last round to be online",
+                 round_, wait, ", ".join(sorted(missing)))
+        deadline = time.monotonic() + wait
+        while missing and time.monotonic() < deadline:
+            time.sleep(min(REJOIN_POLL_S, max(0.0, deadline - time.monotonic())))
+            missing = self.rejoining - self._online(client_manager)
+        if missing:
+            log.warning("round %d: starts without %s: not online within federation.rejoin_wait (%g s)", round_,
+                        ", ".join(sorted(missing)), wait)
+
+    def _online(self, client_manager: ClientManager) -> set[str]:
+        """Names of the sites the SuperLink lists as online (``all()`` asks it again)."""
+        return {self.site_name(int(proxy.node_id)) for proxy in client_manager.all().values()}
 
     def _wait_for_sites(self, client_manager: ClientManager, round_: int) -> None:
         minimum, timeout = self.config.federation.min_sites, self.config.federation.round_timeout

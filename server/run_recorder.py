@@ -189,9 +189,19 @@ def _number(value: float) -> float | None:
     return None if math.isnan(value) else value
 
 
+def round_refusals(card: dict) -> dict[str, dict]:
+    """The refusals of a model card's own round (the card carries every site's latest one)."""
+    return {name: r for name, r in card.get("refusals", {}).items() if r["round"] == card["round"]}
+
+
+def round_sites(card: dict) -> set[str]:
+    """The sites that took part in a model card's round: those that trained it and those that refused it."""
+    return set(card.get("sites_this_round", [])) | set(round_refusals(card))
+
+
 def _audit_record(card: dict) -> dict:
     return {"event": "round", "round": card["round"], "model_sha256": card["checkpoint_sha256"],
             "sites": card["sites_this_round"], "privacy": card["privacy"],
-            "refusals": {name: r for name, r in card["refusals"].items() if r["round"] == card["round"]},
+            "refusals": round_refusals(card),
             "rejected_updates": card.get("rejected_updates", {}),
             "metrics": card["metrics"]["global"], "config_sha256": card["config_sha256"]}

@@ -120,6 +120,10 @@ class FederationConfig:
     min_sites: int = check(at_least(1), 2)  # a round fails when fewer sites send an update
     fraction: float = check(lambda f: None if 0 < f <= 1 else "must be in (0, 1]", 1.0)  # sites sampled per round
     round_timeout: float = check(positive, 600.0)  # seconds to wait for the sites' replies in each phase
+    # Seconds a round waits, once min_sites are online, for the sites of the round before that are not (yet):
+    # after a server restart, a SuperNode's heartbeat retry comes up to 20 s after the SuperLink is back,
+    # and a round that starts without a site may be refused by the others (min_round_sites). 0: no wait.
+    rejoin_wait: float = check(at_least(0), 30.0)
     best_metric: Literal["auc", "accuracy", "balanced_accuracy"] = "auc"  # which checkpoint is `best`
     max_update_norm: float = check(positive, 10.0)  # L2 norm bound of one site's update, checked at both ends
     wire_log: bool = False  # write wire.jsonl: the structure of every reply the sites sent (audits, tests)

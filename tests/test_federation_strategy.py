@@ -1,6 +1,7 @@
 """server.federation_strategy around real Flower strategies, with fake sites (no network, no processes):
 what it reads from the sites' reply vectors, plain and as SecAgg+ hands them over."""
 
+import threading
 import time
 
 import numpy as np
@@ -78,21 +79,21 @@ class FakeRecorder:
 
 
 def _config(strategy: str = "fedavg", min_sites: int = 2, timeout: float = 1.0, max_norm: float = 1000.0,
-            mu: float = 0.01, secure: bool = False) -> ServerConfig:
+            mu: float = 0.01, secure: bool = False, rejoin_wait: float = 0.0) -> ServerConfig:
     return ServerConfig(classes=CLASSES, positive_class="adenocarcinoma",
                         federation=FederationConfig(rounds=5, min_sites=min_sites, round_timeout=timeout,
-                                                    max_update_norm=max_norm),
+                                                    max_update_norm=max_norm, rejoin_wait=rejoin_wait),
                         strategy=StrategyConfig(name=strategy, proximal_mu=mu),
                         secure_aggregation=SecureAggregationConfig(enabled=secure, max_weight=SCALE,
                                                                    clipping_range=100.0))
 
 
-def _strategy(config: ServerConfig, first_round: int = 1, on_sampled=None, optimizer=None):
+def _strategy(config: ServerConfig, first_round: int = 1, on_sampled=None, optimizer=None, rejoining=()):
     recorder = FakeRecorder()
     strategy = FederationStrategy(config, build_strategy(config), recorder, SHAPES, [a.copy() for a in GLOBAL],
                                   first_round=first_round, plan_for=lambda r: round_plan(config, "fed-1", r),
                                   site_name=lambda node_id: f"site-{node_id}", on_sampled=on_sampled,
-                                  optimizer=optimizer)
+                                  optimizer=optimizer, rejoining=rejoining)
     return strategy, recorder
 
 
@@ -292,3 +293,72 @@ def test_too_few_sites_online_fails_after_the_round_timeout():
     assert message.startswith("round 2 cannot start: 1 site(s) online after waiting 1 s, federation.min_sites is 2")
     assert "fedpath-server resume" in message
     assert strategy.evaluate(2, strategy.initialize_parameters(SimpleClientManager())) is None
+
+
+def _register_later(manager: SimpleClientManager, proxy: ClientProxy, delay: float) -> threading.Thread:
+    """A site whose SuperNode is listed online ``delay`` seconds from now (its heartbeat after a restart)."""
+    thread = threading.Timer(delay, manager.register, args=(proxy,))
+    thread.start()
+    return thread
+
+
+def test_a_resumed_run_waits_for_the_sites_of_its_last_round_before_sampling(caplog):
+    # site-3 took part in the checkpoint's round; after the restart it is listed online 0.5 s after the others
+    strategy, _ = _strategy(_config(min_sites=2, rejoin_wait=20.0), first_round=3,
+                            rejoining={"site-1", "site-2", "site-3"})
+    manager = SimpleClientManager()
+    for node in (1, 2):
+        manager.register(FakeProxy(node))
+    late = _register_later(manager, FakeProxy(3), 0.5)
+    start = time.monotonic()
+    with caplog.at_level("INFO", logger="fedpath.server"):
+        instructions = strategy.configure_fit(1, strategy.initialize_parameters(manager), manager)
+    late.join()
+    assert sorted(p.node_id for p, _ in instructions) == [1, 2, 3]  # sampled with site-3, not before it came
+    assert 0.5 <= time.monotonic() - start < 10
+    assert "round 3: waiting up to 20 s (federation.rejoin_wait) for site-3 of the last round" in caplog.text
+
+
+def test_a_site_that_does_not_come_back_costs_the_round_rejoin_wait_once(caplog):
+    strategy, _ = _strategy(_config(min_sites=2, rejoin_wait=0.6), first_round=3,
+                            rejoining={"site-1", "site-2", "site-3"})
+    manager = SimpleClientManager()
+    proxies = [FakeProxy(node) for node in (1, 2)]
+    for proxy in proxies:
+        manager.register(proxy)
+    start = time.monotonic()
+    with caplog.at_level("INFO", logger="fedpath.server"):
+        instructions = strategy.configure_fit(1, strategy.initialize_parameters(manager), manager)
+    assert time.monotonic() - start >= 0.6
+    assert sorted(p.node_id for p, _ in instructions) == [1, 2]
+    assert "round 3: starts without site-3: not online within federation.rejoin_wait (0.6 s)" in caplog.text
+    # the next round expects the sites of this one: site-3 is no longer waited for
+    strategy.aggregate_fit(1, [(p, _fit_res(_update(0.1), 5)) for p in proxies], [])
+    start = time.monotonic()
+    assert len(strategy.configure_fit(2, strategy.initialize_parameters(manager), manager)) == 2
+    assert time.monotonic() - start < 0.5
+
+
+def test_within_a_run_a_site_of_the_last_round_that_went_offline_is_waited_for():
+    strategy, _ = _strategy(_config(min_sites=2, rejoin_wait=20.0))
+    manager = SimpleClientManager()
+    proxies = [FakeProxy(node) for node in (1, 2, 3)]
+    for proxy in proxies:
+        manager.register(proxy)
+    strategy.configure_fit(1, strategy.initialize_parameters(manager), manager)
+    strategy.aggregate_fit(1, [(p, _fit_res(_update(0.1), 5)) for p in proxies], [])
+    manager.unregister(proxies[2])  # its SuperNode lost the connection between the rounds
+    late = _register_later(manager, proxies[2], 0.5)
+    instructions = strategy.configure_fit(2, strategy.initialize_parameters(manager), manager)
+    late.join()
+    assert sorted(p.node_id for p, _ in instructions) == [1, 2, 3]
+
+
+def test_rejoin_wait_zero_samples_whoever_is_online():
+    strategy, _ = _strategy(_config(min_sites=2, rejoin_wait=0.0), rejoining={"site-1", "site-2", "site-3"})
+    manager = SimpleClientManager()
+    for node in (1, 2):
+        manager.register(FakeProxy(node))
+    start = time.monotonic()
+    assert len(strategy.configure_fit(1, strategy.initialize_parameters(manager), manager)) == 2
+    assert time.monotonic() - start < 0.5

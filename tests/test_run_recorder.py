@@ -12,7 +12,7 @@ from server.app import initial_model
 from server.audit import AuditLog, verify
 from server.round_metrics import SiteRound
 from server.run_folder import RunFolder
-from server.run_recorder import CARD_FORMAT, RunRecorder
+from server.run_recorder import CARD_FORMAT, RunRecorder, round_sites
 from shared.checkpoints import load_checkpoint
 from shared.refusals import REFUSALS
 
@@ -167,6 +167,18 @@ def test_resume_returns_the_latest_checkpoint_and_rebuilds_the_rounds(tmp_path):
     recorder.close_model(3, EVALUATIONS[1])
     assert [e["round"] for e in json.loads((folder.path / "metrics.json").read_text())] == [0, 1, 2, 3]
     assert verify(folder.audit_log) == 4
+
+
+def test_a_resumed_run_knows_which_sites_took_part_in_the_last_round(tmp_path):
+    # the resumed run's first round waits a while for these (federation.rejoin_wait)
+    folder = _folder(tmp_path)
+    models = _two_rounds(folder)
+    recorder, _ = _recorder(RunFolder.open(folder.path))
+    assert round_sites(recorder.resume().card) == {"a", "b"}  # a trained round 2, b refused it
+    recorder.save_model(3, models[2], {"a": _site(2.5)})  # b's refusal of round 2 stays on the card
+    assert load_checkpoint(folder.path / "checkpoints" / "round-0003.npz").card["refusals"]["b"]["round"] == 2
+    assert round_sites(load_checkpoint(folder.path / "checkpoints" / "round-0003.npz").card) == {"a"}
+    assert round_sites(load_checkpoint(folder.path / "checkpoints" / "round-0000.npz").card) == set()
 
 
 def test_a_model_saved_but_not_yet_scored_is_scored_after_a_resume(tmp_path):

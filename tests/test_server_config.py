@@ -51,6 +51,7 @@ def test_defaults_and_paths_beside_server_yaml(tmp_path):
     assert config.results_dir == base / "runs"
     assert (config.federation.rounds, config.federation.min_sites, config.federation.fraction) == (5, 2, 1.0)
     assert config.federation.round_timeout == 600.0 and config.federation.best_metric == "auc"
+    assert config.federation.rejoin_wait == 30.0
     assert config.strategy.name == "fedavg" and config.strategy.proximal_mu == 0.01
     assert config.model == ModelConfig()
     assert (config.training.epochs, config.training.batch_size, config.training.sequence_length) == (1, 16, 8)
@@ -125,6 +126,7 @@ def test_settings_are_read(tmp_path):
      "server.yaml:3: superlink.pull_hold_s: must be in 0-20 (seconds) (got 30)"),
     (CLASSES + "strategy:\n  name: fedsgd\n", "strategy.name: must be one of 'fedavg', 'fedprox', 'median'"),
     (CLASSES + "federation:\n  fraction: 0\n", "federation.fraction: must be in (0, 1] (got 0)"),
+    (CLASSES + "federation:\n  rejoin_wait: -1\n", "server.yaml:3: federation.rejoin_wait: must be >= 0 (got -1)"),
 ])
 def test_refusals_name_the_problem(tmp_path, text, message):
     assert message in _refused(tmp_path, text)
