@@ -254,14 +254,17 @@ class FederationStrategy(Strategy):
         missing = self.rejoining - self._online(client_manager)
         if not missing or wait <= 0:
             return
-        log.info("round %d: waiting up to %g s (federation.rejoin_wait) for %s of the last round to be online",
-                 round_, wait, ", ".join(sorted(missing)))
+        waiting = (f"round {round_} waits up to {wait:g} s (federation.rejoin_wait) for {', '.join(sorted(missing))} "
+                   "of the last round to be online")
+        log.warning("%s", waiting)  # a warning: the run's log (`flwr log`) keeps fedpath's warnings, not its info
+        self.recorder.note_waiting(waiting)  # and `fedpath-server status` shows it meanwhile
         deadline = time.monotonic() + wait
         while missing and time.monotonic() < deadline:
             time.sleep(min(REJOIN_POLL_S, max(0.0, deadline - time.monotonic())))
             missing = self.rejoining - self._online(client_manager)
+        self.recorder.note_waiting(None)
         if missing:
-            log.warning("round %d: starts without %s: not online within federation.rejoin_wait (%g s)", round_,
+            log.warning("round %d starts without %s: not online within federation.rejoin_wait (%g s)", round_,
                         ", ".join(sorted(missing)), wait)
 
     def _online(self, client_manager: ClientManager) -> set[str]:

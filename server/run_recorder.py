@@ -87,6 +87,10 @@ class RunRecorder:
             write_reports(self.folder.path, self.rounds)
         return self.latest
 
+    def note_waiting(self, waiting: str | None) -> None:
+        """What the run waits for before a round (shown by `fedpath-server status`); None: nothing."""
+        self.folder.write_status(waiting=waiting)
+
     def save_model(self, round_: int, arrays: list[np.ndarray], sites: dict[str, SiteRound],
                    timing: dict[str, float] | None = None, patients: float = 0.0) -> None:
         """Checkpoint the model that round ``round_`` produced, with an open card (metrics to come)."""

@@ -36,6 +36,8 @@ def status_report(config: ServerConfig, control: FlowerControl) -> str:
                      f"{run_ids[-1] if run_ids else '-'} {flower.get('status', '')}")
         if status.get("state") == "failed":
             lines.append(f"    failed: {status.get('message')}")
+        elif status.get("state") == "running" and status.get("waiting"):
+            lines.append(f"    waiting: {status['waiting']}")
         for name, site in sorted(status.get("sites", {}).items()):
             epsilon = site.get("epsilon")
             text = f"    {name:<28} ε {'n/a' if epsilon is None else f'{epsilon:.3f}'}"

@@ -69,7 +69,10 @@ LAYOUT = CountLayout(2, 10, 1)
 
 class FakeRecorder:
     def __init__(self) -> None:
-        self.saved, self.closed = [], []
+        self.saved, self.closed, self.waiting = [], [], []
+
+    def note_waiting(self, waiting):
+        self.waiting.append(waiting)
 
     def save_model(self, round_, arrays, sites, timing=None, patients=0.0):
         self.saved.append((round_, [a.copy() for a in arrays], dict(sites), timing, patients))
@@ -304,8 +307,8 @@ def _register_later(manager: SimpleClientManager, proxy: ClientProxy, delay: flo
 
 def test_a_resumed_run_waits_for_the_sites_of_its_last_round_before_sampling(caplog):
     # site-3 took part in the checkpoint's round; after the restart it is listed online 0.5 s after the others
-    strategy, _ = _strategy(_config(min_sites=2, rejoin_wait=20.0), first_round=3,
-                            rejoining={"site-1", "site-2", "site-3"})
+    strategy, recorder = _strategy(_config(min_sites=2, rejoin_wait=20.0), first_round=3,
+                                   rejoining={"site-1", "site-2", "site-3"})
     manager = SimpleClientManager()
     for node in (1, 2):
         manager.register(FakeProxy(node))
@@ -316,7 +319,9 @@ def test_a_resumed_run_waits_for_the_sites_of_its_last_round_before_sampling(cap
     late.join()
     assert sorted(p.node_id for p, _ in instructions) == [1, 2, 3]  # sampled with site-3, not before it came
     assert 0.5 <= time.monotonic() - start < 10
-    assert "round 3: waiting up to 20 s (federation.rejoin_wait) for site-3 of the last round" in caplog.text
+    message = "round 3 waits up to 20 s (federation.rejoin_wait) for site-3 of the last round to be online"
+    assert message in caplog.text
+    assert recorder.waiting == [message, None]  # shown by `fedpath-server status` while it waits
 
 
 def test_a_site_that_does_not_come_back_costs_the_round_rejoin_wait_once(caplog):
@@ -331,7 +336,7 @@ def test_a_site_that_does_not_come_back_costs_the_round_rejoin_wait_once(caplog)
         instructions = strategy.configure_fit(1, strategy.initialize_parameters(manager), manager)
     assert time.monotonic() - start >= 0.6
     assert sorted(p.node_id for p, _ in instructions) == [1, 2]
-    assert "round 3: starts without site-3: not online within federation.rejoin_wait (0.6 s)" in caplog.text
+    assert "round 3 starts without site-3: not online within federation.rejoin_wait (0.6 s)" in caplog.text
     # the next round expects the sites of this one: site-3 is no longer waited for
     strategy.aggregate_fit(1, [(p, _fit_res(_update(0.1), 5)) for p in proxies], [])
     start = time.monotonic()
