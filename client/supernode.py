@@ -125,6 +125,7 @@ def supernode_command(config: SiteConfig, site_yaml: Path, insecure: bool) -> li
 
 RETRY_MAX_S = 60.0
 STABLE_S = 300.0  # a SuperNode that ran this long was connected: back off from the start again
+OWN_EXIT_S = 6.0  # how long a stopping child may take to exit by itself (Flower forces its own exit after 5 s)
 RUNNER_READY_S = 180.0  # the runner imports Flower, the ClientApp, torch and Opacus first: seconds, more when busy
 
 
@@ -249,6 +250,11 @@ class Child:
     def stop(self, timeout: float = 15.0) -> None:
         if self.process is None or self.process.poll() is not None:
             return
+        try:  # a stop signals the whole group: the child got it too, and a second SIGTERM would cut short its
+            self.process.wait(timeout=OWN_EXIT_S)  # exit (Flower's SuperNode signs off at the SuperLink)
+            return
+        except subprocess.TimeoutExpired:
+            pass  # the signal reached only the supervisor (or the child is stuck)
         self.process.terminate()
         try:
             self.process.wait(timeout=timeout)

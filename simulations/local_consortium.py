@@ -133,6 +133,10 @@ class LocalConsortium:
         for started in starts:
             started.result()
 
+    def stop_site(self, index: int) -> None:
+        """Stop a site as `fedpath-site stop` does: its SuperNode signs off, and the SuperLink lists it offline."""
+        stop(Path(load_site_config(self.site_yamls[index]).state_dir) / "supernode.pid")
+
     def kill_site(self, index: int) -> None:
         """SIGKILL a SuperNode and its ClientApp processes: a hospital machine that dies."""
         _kill(Path(load_site_config(self.site_yamls[index]).state_dir) / "supernode.pid")
@@ -150,8 +154,8 @@ class LocalConsortium:
         return submit_and_follow(self.control, folder)
 
     def close(self) -> None:
-        for path in self.site_yamls:
-            stop(Path(load_site_config(path).state_dir) / "supernode.pid")
+        for index in range(len(self.site_yamls)):
+            self.stop_site(index)
         stop_server(StatePaths(self.config))
 
     def __enter__(self) -> "LocalConsortium":

@@ -39,17 +39,23 @@ def wait_for_model(folder: RunFolder, round_: int, timeout: float = RUN_TIMEOUT)
     pytest.fail(f"round {round_} not done within {timeout} s; status {folder.status()}")
 
 
-def wait_for_site_log(site_yaml: Path, text: str, timeout: float = RUN_TIMEOUT) -> None:
-    """Return as soon as the site's log (``state/supernode.log``) holds ``text``, e.g. its task runner's
-    "round 2 train/collect_masked_vectors: running the ClientApp". Looked for every 0.05 s, reading only
-    what was added: a kill triggered by it must come before the stage's reply, which follows after the
-    site's training and its SuperNode's 0.5 s reply poll."""
+def site_log_size(site_yaml: Path) -> int:
+    """How many bytes the site's log holds now (``wait_for_site_log(since=...)`` looks only after them)."""
     log_file = load_site_config(site_yaml).state_dir / "supernode.log"
-    deadline, offset = time.monotonic() + timeout, 0
+    return log_file.stat().st_size if log_file.exists() else 0
+
+
+def wait_for_site_log(site_yaml: Path, text: str, timeout: float = RUN_TIMEOUT, since: int = 0) -> None:
+    """Return as soon as the site's log (``state/supernode.log``), after its first ``since`` bytes, holds
+    ``text``, e.g. its task runner's "round 2 train/collect_masked_vectors: running the ClientApp". Looked
+    for every 0.05 s, reading only what was added: a kill triggered by it must come before the stage's
+    reply, which follows after the site's training and its SuperNode's 0.5 s reply poll."""
+    log_file = load_site_config(site_yaml).state_dir / "supernode.log"
+    deadline, offset = time.monotonic() + timeout, since
     while time.monotonic() < deadline:
         if log_file.exists():
             with log_file.open("rb") as handle:
-                handle.seek(max(0, offset - len(text.encode())))  # a line split between two looks
+                handle.seek(max(since, offset - len(text.encode())))  # a line split between two looks
                 added = handle.read().decode(errors="replace")
                 offset = handle.tell()
             if text in added:
