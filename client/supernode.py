@@ -247,11 +247,13 @@ class Child:
             self.process = subprocess.Popen(self.command, stdout=log_handle, stderr=subprocess.STDOUT, env=env)
         self.started = time.monotonic()
 
-    def stop(self, timeout: float = 15.0) -> None:
+    def stop(self, own_exit: float = 0.0, timeout: float = 15.0) -> None:
+        """Stop the child: give it ``own_exit`` seconds to exit by itself first (it got the same signal as the
+        supervisor), then SIGTERM, then SIGKILL after ``timeout``."""
         if self.process is None or self.process.poll() is not None:
             return
-        try:  # a stop signals the whole group: the child got it too, and a second SIGTERM would cut short its
-            self.process.wait(timeout=OWN_EXIT_S)  # exit (Flower's SuperNode signs off at the SuperLink)
+        try:  # a second SIGTERM would cut its own exit short (Flower's SuperNode signs off at the SuperLink)
+            self.process.wait(timeout=own_exit)
             return
         except subprocess.TimeoutExpired:
             pass  # the signal reached only the supervisor (or the child is stuck)
@@ -291,9 +293,9 @@ def supervise(children: list[Child], env: dict[str, str], log_file: Path, name: 
                     child.delay = min(2 * child.delay, RETRY_MAX_S)
                 time.sleep(0.5)
             return signals.exit_code()
-        finally:
+        finally:  # a stop signals the unit's process group: on a signal the children got it too
             for child in children:
-                child.stop()
+                child.stop(own_exit=OWN_EXIT_S if signals.received else 0.0)
 
 
 def main(argv: list[str] | None = None) -> int:

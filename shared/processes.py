@@ -89,8 +89,9 @@ def stop_pid(pid: int, timeout: float = 15.0) -> bool:
     was_running = is_alive(pid)
     family = descendants(pid)
     # One SIGTERM each: the group's members get the group's, the others (in sessions of their own) their own.
-    # Flower's processes take a SIGTERM as a graceful exit and reset the handler, so a second one kills them
-    # before they finish it: a SuperNode then never signed off at the SuperLink (2 stops of 3, 2026-12-04).
+    # Flower's processes take a SIGTERM as a graceful exit and reset the handler: a second one that comes after
+    # the first was handled kills them before they finish it (a SuperNode then does not sign off at the
+    # SuperLink; the site supervisor's own second SIGTERM did that in 2 stops of 3, client/supernode.py).
     signal_each([p for p in family if _group_of(p) != pid], signal.SIGTERM)
     _signal_group(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout

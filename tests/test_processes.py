@@ -68,35 +68,3 @@ def test_stopping_a_process_stops_its_descendants_in_sessions_of_their_own(tmp_p
             except ProcessLookupError:
                 pass
 
-
-GRACEFUL_CHILD = """
-import pathlib, signal, sys, time
-def graceful(signum, frame):  # as Flower's processes do: a second SIGTERM would end the exit's work
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    time.sleep(1.0)  # e.g. a SuperNode signing off at the SuperLink
-    pathlib.Path(sys.argv[1]).write_text("signed off")
-    sys.exit(0)
-signal.signal(signal.SIGTERM, graceful)
-pathlib.Path(sys.argv[2]).write_text("ready")
-time.sleep(120)
-"""
-WAITING_LEADER = """
-import signal, subprocess, sys, time
-child = subprocess.Popen([sys.executable, "-c", sys.argv[1], *sys.argv[2:]])
-signal.signal(signal.SIGTERM, lambda *_: sys.exit(child.wait()))  # like the site's supervisor: waits for it
-child.wait()
-"""
-
-
-def test_stopping_a_group_sends_each_member_one_sigterm_so_its_graceful_exit_completes(tmp_path):
-    """A member of the leader's group got the group's SIGTERM and a second one of its own: the second
-    killed Flower's SuperNode during its graceful exit, before it signed off (2 of 3 stops)."""
-    done, ready = tmp_path / "done", tmp_path / "ready"
-    leader = subprocess.Popen([sys.executable, "-c", WAITING_LEADER, GRACEFUL_CHILD, str(done), str(ready)],
-                              start_new_session=True)
-    deadline = time.monotonic() + 30
-    while not ready.exists():
-        assert time.monotonic() < deadline, "the child did not start"
-        time.sleep(0.05)
-    assert stop_pid(leader.pid)
-    assert done.read_text() == "signed off"

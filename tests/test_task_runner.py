@@ -276,6 +276,39 @@ def test_the_supervisor_stops_its_children_on_a_signal_even_when_more_follow(tmp
             process.wait()
 
 
+GRACEFUL_CHILD = """
+import pathlib, signal, sys, time
+def graceful(signum, frame):  # as Flower's processes do: the handler is reset, a second SIGTERM kills
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    time.sleep(1.0)  # a SuperNode signing off at the SuperLink
+    pathlib.Path(sys.argv[1]).write_text("signed off")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, graceful)
+pathlib.Path(sys.argv[2]).write_text("ready")
+time.sleep(120)
+"""
+
+
+def test_fedpath_site_stop_lets_a_child_finish_its_graceful_exit(tmp_path):
+    """`fedpath-site stop` (``stop_pid`` on the supervisor's group) gives each process one SIGTERM: a second
+    one, from the stop's own signal to every descendant or from the supervisor's, killed Flower's SuperNode
+    during its graceful exit, before it signed off at the SuperLink (2 stops of 3 in a trial)."""
+    from shared.processes import stop_pid
+
+    done, ready = tmp_path / "done", tmp_path / "ready"
+    child = [sys.executable, "-c", GRACEFUL_CHILD, str(done), str(ready)]
+    code = ("import sys; from pathlib import Path; from client.supernode import Child, supervise; "
+            f"sys.exit(supervise([Child('the SuperNode', {child!r}, 'x')], {{}}, "
+            f"Path({str(tmp_path / 'site.log')!r}), 'hospital-a'))")
+    supervisor = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        assert time.monotonic() < deadline and supervisor.poll() is None, "the child never started"
+        time.sleep(0.05)
+    assert stop_pid(supervisor.pid)  # (it reaps the supervisor: its exit code is not ours to read)
+    assert done.read_text() == "signed off"
+
+
 def test_a_reply_that_cannot_be_described_leaves_as_a_recorded_code(tmp_path, installed_fab):
     """The egress log records what leaves; what it cannot describe does not leave."""
     from flwr.app import Array, ArrayRecord
