@@ -67,4 +67,3 @@ def test_stopping_a_process_stops_its_descendants_in_sessions_of_their_own(tmp_p
                 os.kill(pid, 9)
             except ProcessLookupError:
                 pass
-
