@@ -251,8 +251,10 @@ class FederationStrategy(Strategy):
         sampled before then runs without that site, and the others may refuse a round that small
         (``min_round_sites``, refusal 9), which failed the resumed run."""
         wait = self.config.federation.rejoin_wait
+        if wait <= 0 or not self.rejoining:
+            return
         missing = self.rejoining - self._online(client_manager)
-        if not missing or wait <= 0:
+        if not missing:
             return
         waiting = (f"round {round_} waits up to {wait:g} s (federation.rejoin_wait) for {', '.join(sorted(missing))} "
                    "of the last round to be online")

@@ -18,6 +18,7 @@ from client.private_training import PrivateRound
 from client.sequence_data import PatientSequences, load_split
 from client.site_config import load_site_config
 from server.run_folder import RunFolder
+from server.site_registry import SiteRegistry
 from server.superlink import StatePaths
 from shared.model import SequenceHead
 from shared.run_config import PrivacyConfig, TrainingConfig
@@ -91,6 +92,11 @@ def exhaust_budget(site_yaml: Path, federation_id: str, rounds: int) -> None:
     for earlier in range(rounds + 1):
         session.ledger.record_segment(session.plan.evaluation_segment, f"earlier-{earlier}-evaluation",
                                       kind="evaluation")
+
+
+def site_node(consortium: LocalConsortium, site: str) -> int:
+    """The node id the consortium registered ``site`` under."""
+    return int(SiteRegistry(StatePaths(consortium.config).registry).entries()[site]["node_id"])
 
 
 def online_nodes(consortium: LocalConsortium) -> set[int]:

@@ -24,8 +24,6 @@ from client.site_config import load_site_config
 from server.audit import verify
 from server.run_control import follow_run, submit_and_follow
 from server.run_folder import RunFolder
-from server.site_registry import SiteRegistry
-from server.superlink import StatePaths
 from simulations.local_consortium import LocalConsortium
 from tests.conftest import copy_hospitals
 from tests.consortium_runs import (
@@ -33,6 +31,7 @@ from tests.consortium_runs import (
     TRAINING,
     accept_two_site_rounds,
     online_nodes,
+    site_node,
     trained_sites,
     wait_for_model,
     wait_for_site_log,
@@ -68,7 +67,7 @@ def test_site_killed_during_secure_aggregation_and_rejoins(prepared_hospitals, t
 
         # the restarted site is refused while the SuperLink still holds its old session; its supervisor
         # retries until the SuperLink takes it back, under the node id it always had
-        node_id = SiteRegistry(StatePaths(consortium.config).registry).entries()["site-2"]["node_id"]
+        node_id = site_node(consortium, "site-2")
         deadline = time.monotonic() + REJOIN_S
         while node_id not in online_nodes(consortium):
             assert time.monotonic() < deadline, f"site-2 not back within {REJOIN_S} s: " + \

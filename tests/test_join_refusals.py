@@ -16,11 +16,10 @@ from client.site_config import load_site_config
 from client.supernode import start_supernode
 from server.certificates import init_consortium
 from server.registration import add_site, remove_site
-from server.site_registry import SiteRegistry
 from server.superlink import StatePaths
 from shared.site_keys import keygen
 from simulations.local_consortium import LocalConsortium
-from tests.consortium_runs import online_nodes, wait_for_site_log
+from tests.consortium_runs import online_nodes, site_node, wait_for_site_log
 
 pytestmark = pytest.mark.slow(seconds=180)  # in CI, three processes on two cores
 
@@ -100,7 +99,7 @@ def test_unregistered_untrusting_and_revoked_sites(tmp_path):
         assert set(_proxied(consortium, "register-node")) == {("400", "-")}  # the proxy's TLS port refused it
 
         # only the registered site joined; revoking it cuts it off
-        node_id = int(SiteRegistry(StatePaths(consortium.config).registry).entries()[registered.name]["node_id"])
+        node_id = site_node(consortium, registered.name)
         deadline = time.monotonic() + 60
         while not online_nodes(consortium) and time.monotonic() < deadline:
             time.sleep(0.5)

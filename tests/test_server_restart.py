@@ -24,7 +24,6 @@ from server.audit import verify
 from server.cli import main as server_main
 from server.run_control import submit_and_follow
 from server.run_folder import RunFolder
-from server.site_registry import SiteRegistry
 from server.superlink import StatePaths
 from shared.checkpoints import load_checkpoint
 from shared.processes import descendants, is_alive, running_pid
@@ -37,6 +36,7 @@ from tests.consortium_runs import (
     exhaust_budget,
     online_nodes,
     site_log_size,
+    site_node,
     trained_sites,
     wait_for_model,
     wait_for_site_log,
@@ -48,11 +48,6 @@ pytestmark = pytest.mark.slow(seconds=370)  # in CI, three processes on two core
 def _serverapps(superlink: int) -> list[int]:
     """The ServerApp processes below the SuperLink ``superlink``."""
     return [pid for pid in descendants(superlink) if "flwr-serverapp" in command_line(pid)]
-
-
-def _site_node(consortium: LocalConsortium, site: str) -> int:
-    """The node id the consortium registered ``site`` under."""
-    return SiteRegistry(StatePaths(consortium.config).registry).entries()[site]["node_id"]
 
 
 def _wait_for_status(folder: RunFolder, key: str, running: Future, timeout: float = RUN_TIMEOUT) -> str:
@@ -98,7 +93,7 @@ def test_server_killed_and_resumed_with_a_refusing_site(prepared_hospitals, tmp_
         # heartbeat retry came late was missing that way (2026-12-04); here site-3 is stopped once it reconnected.
         wait_for_site_log(sites[2], "Connection successful after", since=logged)  # Flower's words after a retry
         consortium.stop_site(2)  # as `fedpath-site stop`: its SuperNode signs off, listed offline at once
-        assert _site_node(consortium, "site-3") not in online_nodes(consortium)
+        assert site_node(consortium, "site-3") not in online_nodes(consortium)
         with ThreadPoolExecutor(max_workers=1) as pool:
             resumed = pool.submit(consortium.resume, folder)
             waiting = _wait_for_status(folder, "waiting", resumed)
