@@ -125,6 +125,12 @@ def supernode_command(config: SiteConfig, site_yaml: Path, insecure: bool) -> li
 
 RETRY_MAX_S = 60.0
 STABLE_S = 300.0  # a SuperNode that ran this long was connected: back off from the start again
+SESSION_HOLD_S, SESSION_RETRY_S = 75.0, 10.0
+"""After a crash the SuperLink refuses the site's key until its old session expires, two missed heartbeats
+later (Flower's 30 s interval, a patience of 2: at most about 60 s). In the first ``SESSION_HOLD_S`` of
+failures a child is retried at most ``SESSION_RETRY_S`` apart, so a restarted site is back within seconds of
+that expiry instead of up to 30 s after it (the back-off was at 32 s by then); a key refused for good (revoked)
+is then asked at most every ``RETRY_MAX_S``, each retry a new SuperNode process."""
 OWN_EXIT_S = 6.0  # how long a stopping child may take to exit by itself (Flower forces its own exit after 5 s)
 RUNNER_READY_S = 180.0  # the runner imports Flower, the ClientApp, torch and Opacus first: seconds, more when busy
 
@@ -241,6 +247,19 @@ class Child:
     started: float = 0.0
     delay: float = 2.0
     restart_at: float = field(default=0.0)
+    failing_since: float | None = None  # the first exit of the current series of failures
+
+    def schedule_restart(self, now: float) -> float:
+        """The child exited at ``now``: set when it starts again; the delay. Backs off from 2 s, doubling up
+        to ``SESSION_RETRY_S`` within ``SESSION_HOLD_S`` of the series' first failure and up to ``RETRY_MAX_S``
+        after; a child that had run ``STABLE_S`` starts a new series."""
+        if self.failing_since is None or now - self.started > STABLE_S:
+            self.delay, self.failing_since = 2.0, now
+        delay = self.delay
+        self.restart_at = now + delay
+        longest = SESSION_RETRY_S if self.restart_at - self.failing_since < SESSION_HOLD_S else RETRY_MAX_S
+        self.delay = min(2 * delay, longest)
+        return delay
 
     def start(self, env: dict[str, str], log_file: Path) -> None:
         with open(log_file, "ab") as log_handle:  # no new session: the children stay in the supervisor's group
@@ -266,8 +285,9 @@ class Child:
 
 
 def supervise(children: list[Child], env: dict[str, str], log_file: Path, name: str) -> int:
-    """Keep ``children`` running: start each, restart it after it exits (backing off 2 s to
-    ``RETRY_MAX_S``, from 2 s again once it had run ``STABLE_S``), stop them all on Ctrl-C or
+    """Keep ``children`` running: start each, restart it after it exits (``Child.schedule_restart``:
+    from 2 s, every 10 s at most while a crashed site's old session may still be held, later up to
+    ``RETRY_MAX_S``), stop them all on Ctrl-C or
     SIGTERM (exit code 130 or 143). Returns when a child with ``ends_all_on_success`` exits with
     code 0. A signal is acted on between two polls, so no poll or stop is cut in half."""
     with stop_signals(deferred=True) as signals:
@@ -285,12 +305,9 @@ def supervise(children: list[Child], env: dict[str, str], log_file: Path, name: 
                     child.process = None
                     if code == 0 and child.ends_all_on_success:
                         return 0
-                    if now - child.started > STABLE_S:
-                        child.delay = 2.0
+                    delay = child.schedule_restart(now)
                     print(f"{time.strftime('%H:%M:%S')} {name}: {child.name} exited with code {code}: "
-                          f"{child.exit_reason}. Retrying in {child.delay:.0f} s; see {log_file}", flush=True)
-                    child.restart_at = now + child.delay
-                    child.delay = min(2 * child.delay, RETRY_MAX_S)
+                          f"{child.exit_reason}. Retrying in {delay:.0f} s; see {log_file}", flush=True)
                 time.sleep(0.5)
             return signals.exit_code()
         finally:  # a stop signals the unit's process group: on a signal the children got it too

@@ -242,6 +242,23 @@ def test_supervisor_restarts_a_child_that_exits_and_stops_with_the_supernode(tmp
         capsys.readouterr().out
 
 
+def test_a_refused_site_is_retried_every_10_s_while_its_old_session_may_be_held_then_less_often():
+    """After a crash the SuperLink refuses the site's key for up to about 60 s (two missed 30-s heartbeats):
+    the supervisor asks every 10 s at most in that time, so the site is back within seconds of the expiry;
+    a key refused for good is then asked ever less often, up to once a minute."""
+    child, now, delays = Child("the SuperNode", [], "refused"), 0.0, []
+    for _ in range(12):
+        child.started, now = now, now + 3.0  # each SuperNode runs about 3 s before it is refused
+        delays.append(child.schedule_restart(now))
+        assert child.restart_at == now + delays[-1]
+        now = child.restart_at
+    assert delays == [2, 4, 8, 10, 10, 10, 10, 10, 20, 40, 60, 60]
+    assert sum(delays[:8]) + 3 * 8 >= 75  # the 10 s steps cover the SuperLink's hold of the old session
+    child.started, now = now, now + 301.0  # a SuperNode that ran 5 minutes was connected: a new series
+    assert child.schedule_restart(now) == 2
+
+
+@pytest.mark.slow(seconds=8)  # each waits 6 s for the children's own exit: handed out early, beside busy tests
 @pytest.mark.parametrize("signals, expected", [(["SIGTERM"], 143), (["SIGINT"], 130),
                                                 (["SIGTERM", "SIGTERM", "SIGINT"], 143)])
 def test_the_supervisor_stops_its_children_on_a_signal_even_when_more_follow(tmp_path, signals, expected):
