@@ -260,6 +260,10 @@ class FlowerControl:
     def submit(self, run_dir: Path) -> int:
         from server.app import RUN_DIR_KEY
 
+        return self.submit_app(f"{RUN_DIR_KEY}='{run_dir}'")
+
+    def submit_app(self, run_config: str, *options: str) -> int:
+        """`flwr run` of fedpath's app with this run config (and further ``flwr run`` options); the run id."""
         if not (APP_DIR / "pyproject.toml").is_file():
             raise FlowerError(f"{APP_DIR} holds no pyproject.toml: install fedpath from its repository "
                               "(`pip install -e .`) so the app can be sent to the SuperLink")
@@ -269,7 +273,7 @@ class FlowerControl:
         # 50,000, 4 s of CPU); a copy of the app's own files builds the same bundle (shared/app_bundle.py).
         with tempfile.TemporaryDirectory(prefix="app-", dir=self.paths.dir) as staged:
             app = stage_app(APP_DIR, Path(staged) / APP_DIR.name)
-            out = self._json(["run", str(app), CONNECTION, "--run-config", f"{RUN_DIR_KEY}='{run_dir}'"])
+            out = self._json(["run", str(app), CONNECTION, "--run-config", run_config, *options])
         return int(out["run-id"])
 
     def runs(self) -> list[dict]:

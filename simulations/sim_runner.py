@@ -29,7 +29,7 @@ from server.app import REPRODUCIBLE_NOISE_KEY, RUN_DIR_KEY
 from server.run_control import submit_and_follow
 from server.run_folder import RunFolder
 from server.server_config import ServerConfig
-from server.superlink import APP_DIR, CONNECTION, FlowerControl, StatePaths
+from server.superlink import FlowerControl, StatePaths
 from shared.atomic_files import atomic_write_json
 from shared.errors import UserError
 from shared.metrics import to_jsonable
@@ -63,9 +63,7 @@ class SimulationControl(FlowerControl):
         if self.sim.reproducible_noise:
             run_config += f" {REPRODUCIBLE_NOISE_KEY}='true'"
         run_config += "".join(f" {key}='{value}'" for key, value in self.extra_run_config.items())
-        out = self._json(["run", str(APP_DIR), CONNECTION, "--run-config", run_config,
-                          "--federation-config", " ".join(federation)])
-        return int(out["run-id"])
+        return self.submit_app(run_config, "--federation-config", " ".join(federation))
 
 
 def run_simulation(config: SimConfig, layout: SimLayout, out: Path) -> Path:

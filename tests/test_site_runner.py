@@ -39,7 +39,7 @@ from server.cli import main as server_main
 from server.run_control import follow_run, submit_and_follow
 from server.run_folder import RunFolder
 from server.superlink import APP_DIR, CONNECTION, StatePaths
-from shared.app_bundle import installed_app_dir, installed_digest
+from shared.app_bundle import installed_app_dir, installed_digest, stage_app
 from shared.checkpoints import load_checkpoint
 from shared.processes import descendants, executable, flower_env
 from shared.site_keys import keygen
@@ -246,8 +246,9 @@ def test_outsider_with_the_ca_certificate_is_refused_while_sites_train_through_t
     (home / "config.toml").write_text(f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
                                       f'address = "127.0.0.1:{consortium.port}"\nroot-certificates = "{ca}"\n')
     keygen(outsider, "intruder")
+    app = stage_app(APP_DIR, outsider / "app")  # the app's own files: `flwr run` on the repository walks its .venv
     for command, route in FLWR_ROUTES.items():
-        args = command.replace("KEY", str(outsider / "intruder.pub")).replace("APP", str(APP_DIR)).split()
+        args = command.replace("KEY", str(outsider / "intruder.pub")).replace("APP", str(app)).split()
         answer = _outsider_flwr(home, *args)
         assert answer["success"] is False, (args, answer)
         assert f"404 Not Found' for url 'https://127.0.0.1:{consortium.port}/v1/control/{route}'" in \
