@@ -437,6 +437,7 @@ def _post(port: int, path: str, body: bytes, signature: str = "signed", timeout:
         connection.close()
 
 
+@pytest.mark.slow(seconds=9)  # mostly waiting on the relay process: handed out early, beside busy tests
 def test_the_relay_process_holds_a_pull_and_passes_the_site_request_unchanged(relay):
     port, upstream = relay(messages_after=4)
     request = PullMessagesRequest(node=Node(node_id=42)).SerializeToString()
@@ -457,6 +458,7 @@ def test_the_relay_process_passes_refusals_at_once_and_only_its_four_routes(rela
     assert _post(port, PULL, b"x" * (65 * 1024))[0] == 413
 
 
+@pytest.mark.slow(seconds=9)  # mostly waiting on the relay process: handed out early, beside busy tests
 def test_the_relay_process_stops_asking_when_the_site_hangs_up(relay):
     port, upstream = relay(messages_after=10_000, hold_s=20)
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
