@@ -125,12 +125,14 @@ def supernode_command(config: SiteConfig, site_yaml: Path, insecure: bool) -> li
 
 RETRY_MAX_S = 60.0
 STABLE_S = 300.0  # a SuperNode that ran this long was connected: back off from the start again
-SESSION_HOLD_S, SESSION_RETRY_S = 75.0, 10.0
-"""After a crash the SuperLink refuses the site's key until its old session expires, two missed heartbeats
-later (Flower's 30 s interval, a patience of 2: at most about 60 s). In the first ``SESSION_HOLD_S`` of
-failures a child is retried at most ``SESSION_RETRY_S`` apart, so a restarted site is back within seconds of
-that expiry instead of up to 30 s after it (the back-off was at 32 s by then); a key refused for good (revoked)
-is then asked at most every ``RETRY_MAX_S``, each retry a new SuperNode process."""
+# After a crash the SuperLink refuses the site's key until its old session expires, 60 s after its last heartbeat
+# (Flower sends one about every 24 s). Within SESSION_HOLD_S of the first failure of a
+# series a child is retried at most SESSION_RETRY_S apart, so a restarted site is back within seconds of that
+# expiry instead of up to 30 s after it (the back-off was at 32 s by then); a key refused for good (revoked) is
+# then asked at most every RETRY_MAX_S, each retry a new SuperNode process.
+SESSION_HOLD_S = 75.0
+SESSION_RETRY_S = 10.0
+ACCEPTED_S = 30.0  # a SuperNode that ran this long was accepted (a refused one exits within seconds)
 OWN_EXIT_S = 6.0  # how long a stopping child may take to exit by itself (Flower forces its own exit after 5 s)
 RUNNER_READY_S = 180.0  # the runner imports Flower, the ClientApp, torch and Opacus first: seconds, more when busy
 
@@ -252,9 +254,14 @@ class Child:
     def schedule_restart(self, now: float) -> float:
         """The child exited at ``now``: set when it starts again; the delay. Backs off from 2 s, doubling up
         to ``SESSION_RETRY_S`` within ``SESSION_HOLD_S`` of the series' first failure and up to ``RETRY_MAX_S``
-        after; a child that had run ``STABLE_S`` starts a new series."""
-        if self.failing_since is None or now - self.started > STABLE_S:
+        after. A child that had run ``STABLE_S`` starts a new series from 2 s; one that had run ``ACCEPTED_S``
+        was connected, so its old session may be held again: a new series, at most ``SESSION_RETRY_S`` apart
+        (not from 2 s: a child that keeps failing after a minute is not restarted every few seconds)."""
+        ran = now - self.started
+        if self.failing_since is None or ran > STABLE_S:
             self.delay, self.failing_since = 2.0, now
+        elif ran > ACCEPTED_S:
+            self.delay, self.failing_since = min(self.delay, SESSION_RETRY_S), now
         delay = self.delay
         self.restart_at = now + delay
         longest = SESSION_RETRY_S if self.restart_at - self.failing_since < SESSION_HOLD_S else RETRY_MAX_S
@@ -286,7 +293,7 @@ class Child:
 
 def supervise(children: list[Child], env: dict[str, str], log_file: Path, name: str) -> int:
     """Keep ``children`` running: start each, restart it after it exits (``Child.schedule_restart``:
-    from 2 s, every 10 s at most while a crashed site's old session may still be held, later up to
+    from 2 s, every 10 s at most while a crashed site's old session may still be held, then up to
     ``RETRY_MAX_S``), stop them all on Ctrl-C or
     SIGTERM (exit code 130 or 143). Returns when a child with ``ends_all_on_success`` exits with
     code 0. A signal is acted on between two polls, so no poll or stop is cut in half."""

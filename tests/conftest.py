@@ -15,9 +15,10 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // int(os.environ.get("
 
 
 def pytest_collection_modifyitems(items):
-    """The longest tests first, each file's order kept. `make test` hands whole files to pytest-xdist's
-    processes in collection order (``--no-loadscope-reorder``); a five-minute consortium file handed out
-    last would run alone at the end. Slow files state what they took in CI: ``slow(seconds=...)``."""
+    """The longest tests first (tests of equal cost keep their order). `make test` hands whole files to
+    pytest-xdist's processes in the order of their first test (``--no-loadscope-reorder``); a five-minute
+    consortium file handed out last would run alone at the end. Slow tests state what they took in CI:
+    ``slow(seconds=...)``; one slow test hands its whole file out early."""
     def cost(item) -> float:
         marker = item.get_closest_marker("slow")
         return marker.kwargs.get("seconds", 60) if marker else 0

@@ -21,6 +21,7 @@ from server.run_folder import RunFolder
 from server.site_registry import SiteRegistry
 from server.superlink import StatePaths
 from shared.model import SequenceHead
+from shared.processes import tail
 from shared.run_config import PrivacyConfig, TrainingConfig
 from simulations.local_consortium import LocalConsortium
 
@@ -62,7 +63,8 @@ def wait_for_site_log(site_yaml: Path, text: str, timeout: float = RUN_TIMEOUT, 
             if text in added:
                 return
         time.sleep(0.05)
-    pytest.fail(f"{site_yaml.parent.name}'s log did not say {text!r} within {timeout} s")
+    pytest.fail(f"{site_yaml.parent.name}'s log did not say {text!r} within {timeout} s; its last lines:\n"
+                f"{tail(log_file, 30)}")
 
 
 def trained_sites(rounds: list[dict], round_: int) -> set[str]:
