@@ -46,7 +46,7 @@ COLLECT = "collect_masked_vectors"
 # The kill must land while the site trains for its masked vector: its runner hands the reply to its SuperNode
 # (and writes it to the egress log as sent) the moment training ends. One epoch on two patients took a few
 # milliseconds on an idle fast machine, less than noticing the log line and killing (tens of ms): the reply
-# was handed over, though never pushed. 50 epochs take about 0.5 s there (more under load, as the kill does),
+# was handed over, though never pushed. 50 epochs took under a second there (more under load, as the kill does),
 # at a learning rate 50 times smaller: the update stays within federation.max_update_norm.
 KILL_WINDOW_EPOCHS = 50
 
