@@ -123,7 +123,11 @@ SUPERSEDED_CHECK_S = 1.0
 answered or given up (a stopped run, a failed pull), so a later task means the missing objects will never
 come. After a server restart this lets the resumed run's first task start at once instead of after
 ``PULL_INPUT_S``."""
-WAIT_MAX_S = 10.0  # longest pause while the SuperNode is unreachable or refuses
+WAIT_MAX_S = 2.0
+"""Longest pause while the SuperNode is unreachable (a refused loopback connection per ask): after a crash its
+supervisor restarts a refused SuperNode every 10 s at most (``client/supernode.py``), and the runner, at 10 s
+before, noticed it back up to 10 s later, so the site's first task waited."""
+REFUSED_RETRY_S = 10.0  # pause after the SuperNode refused the runner's secret (each refusal is logged)
 
 
 def refusal(message: Message, code: int) -> Message:
@@ -274,7 +278,7 @@ class TaskRunner:
                     self.secret = self.secret_reader()
                     acquirer.close()
                     acquirer = self._acquire_client()
-                time.sleep(WAIT_MAX_S)
+                time.sleep(REFUSED_RETRY_S)
                 continue
             if waiting:
                 log.info("connected to the SuperNode's Runtime API at %s", self.address)
