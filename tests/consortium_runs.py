@@ -50,8 +50,9 @@ def site_log_size(site_yaml: Path) -> int:
 def wait_for_site_log(site_yaml: Path, text: str, timeout: float = RUN_TIMEOUT, since: int = 0) -> None:
     """Return as soon as the site's log (``state/supernode.log``), after its first ``since`` bytes, holds
     ``text``, e.g. its task runner's "round 2 train/collect_masked_vectors: running the ClientApp". Looked
-    for every 0.05 s, reading only what was added: a kill triggered by it must come before the stage's
-    reply, which follows after the site's training and its SuperNode's 0.5 s reply poll."""
+    for every 0.05 s, reading only what was added. A kill triggered by it must land before the runner hands
+    its reply to the SuperNode, the moment the stage's work ends: the stage must take longer than the look
+    and the kill (tests/test_federation_integration.py: KILL_WINDOW_EPOCHS)."""
     log_file = load_site_config(site_yaml).state_dir / "supernode.log"
     deadline, offset = time.monotonic() + timeout, since
     while time.monotonic() < deadline:

@@ -54,8 +54,8 @@ def _wait_for_status(folder: RunFolder, key: str, running: Future, timeout: floa
     """The run's status ``key`` as soon as it is set, while ``running`` (its ``resume``) is not done."""
     deadline = time.monotonic() + timeout
     while not running.done() and time.monotonic() < deadline:
-        if folder.status().get(key):
-            return folder.status()[key]
+        if value := folder.status().get(key):
+            return value
         time.sleep(0.1)
     pytest.fail(f"the run's status never said {key!r} (resume: {running.result() if running.done() else 'running'}); "
                 f"status {folder.status()}")
