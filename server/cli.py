@@ -198,10 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     start = with_config(add_command(commands, "start", _start,
                                     "start the SuperLink on 127.0.0.1:loopback_port (SQLite state, log file, "
-                                    "offline-safe) and its nginx proxy on the sites' port, which passes only the "
-                                    "Fleet API; Ctrl-C stops both"))
-    start.add_argument("--detach", action="store_true", help="run both in the background with pid files")
-    with_config(add_command(commands, "stop", _stop, "stop the SuperLink and its proxy started with --detach"),
+                                    "offline-safe), its pull relay, and its nginx proxy on the sites' port, which "
+                                    "passes only the Fleet API; Ctrl-C stops all three"))
+    start.add_argument("--detach", action="store_true", help="run all three in the background with pid files")
+    with_config(add_command(commands, "stop", _stop,
+                            "stop the SuperLink, its pull relay and its proxy started with --detach"),
                 insecure=False)
     run = with_config(add_command(commands, "run", _run,
                                   "submit a federated run, print a line per round, exit 1 unless it completes"))
@@ -251,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--mpp", type=float, help="µm/px of the tiles, recorded in the metadata")
     pretrain.add_argument("--workers", type=int, default=1, help="tile-reading processes (default 1)")
     pretrain.add_argument("--device", default="auto",
-                          help="auto (the first CUDA GPU, else the CPU), cpu, cuda, cuda:N or mps (default auto)")
+                          help="auto (the first CUDA GPU, else Apple MPS, else the CPU), cpu, cuda, cuda:N or mps "
+                               "(default auto)")
     pretrain.add_argument("--projection", type=int, default=128,
                           help="size of the projection fitted on the frozen trunk for model.frozen_projection "
                                "(default 128, model.projection's default; 0: none)")
