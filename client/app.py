@@ -37,7 +37,13 @@ from flwr.client import ClientApp, NumPyClient
 from flwr.common.constant import PARTITION_ID_KEY
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
-from client.secure_round import SiteSigner, UnsafeRound, is_survivors_request, secure_stage
+from client.secure_round import (
+    SiteSigner,
+    UnsafeRound,
+    is_survivors_request,
+    secure_stage,
+    training_for_a_masked_sum,
+)
 from shared.errors import UserError
 from shared.refusals import REFUSAL_ERROR_BASE, InvalidFederationId, refusal_text
 
@@ -75,6 +81,9 @@ class SiteClient(NumPyClient):
         except InvalidFederationId as exc:  # checked before anything at the site is touched
             raise SiteRefusal(10, str(exc)) from None
         reply = federated_round.fit(site_config(self.site_yaml), plan, parameters, noise_seed=self._noise_seed(plan))
+        if reply.refused is not None and training_for_a_masked_sum():
+            # Not a masked vector of zeros: it would count this site among the summed (secure_round.py).
+            raise SiteRefusal(reply.refused, "sits this SecAgg+ round out: answers with the code, not a masked vector")
         return reply.arrays, reply.examples, reply.metrics
 
     def evaluate(self, parameters: list[np.ndarray], config: dict) -> tuple[float, int, dict]:

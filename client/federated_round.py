@@ -48,6 +48,7 @@ class Reply:
     arrays: list[np.ndarray]
     examples: int  # the plaintext weight: the same constant for every site (RoundPlan.weight_scale)
     metrics: dict[str, float]  # only the disclosed values
+    refused: int | None = None  # the refusal code when the site sits the round out (sent only if disclosed)
 
 
 class Refusal(Exception):
@@ -162,7 +163,7 @@ def fit(config: SiteConfig, plan: RoundPlan, received: list[np.ndarray], noise_s
             log.info("round %d: trained on %d patients, ε spent %s", plan.round, patients, spent)
         else:  # the run's last exchange only scores the final model
             log.info("round %d: scored the final model (no training), ε spent %s", plan.round, spent)
-    return Reply(arrays, plan.weight_scale, disclosed(config, numbers))
+    return Reply(arrays, plan.weight_scale, disclosed(config, numbers), refused=record.get("refused"))
 
 
 def disclosed(config: SiteConfig, numbers: dict[str, float | None]) -> dict[str, float]:

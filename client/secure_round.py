@@ -9,11 +9,15 @@ docs/security.md, section 2):
 - every stage: a strict-majority threshold, at least ``min_round_sites`` sites, one round at a time
   (run and group of the setup);
 - **full pairing**: this site is masked with every site of its share-keys list, never a subset;
+- **only sites that trained are summed**: a site that sits the round out (``client/federated_round.py``:
+  its budget, a plan it refuses) answers the collect stage with its refusal code, never with a masked
+  zero vector, so it is not among the survivors, and a round needs ``min_round_sites`` survivors;
 - with a consortium **roster** (site.yaml ``federation.roster``): every site's keys are signed by a
   different member hospital, every partner signed the same list of sites and keys, and shares are
-  revealed only for the one set of survivors this site signed and a strict majority signed too
-  (``shared/signed_secagg.py``). Without a roster only the first two hold, and the site's log says
-  so at every round.
+  revealed only for the one set of survivors this site signed and every survivor signed too, each
+  having trained on the same plan and model as this site (``shared/signed_secagg.py``). Without a
+  roster only the first three hold, on the server's word about who the survivors are, and the site's
+  log says so at every round.
 
 Failures raise :class:`UnsafeRound`; the ClientApp answers it with refusal 9 and no text.
 """
@@ -21,6 +25,8 @@ Failures raise :class:`UnsafeRound`; the ClientApp answers it with refusal 9 and
 from __future__ import annotations
 
 import logging
+import re
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -40,6 +46,7 @@ from shared.signed_secagg import (
     SURVIVORS_STAGE,
     VIEW_SIGNATURE,
     Roster,
+    instructions_digest,
     key_statement,
     load_signing_key,
     sign,
@@ -59,8 +66,25 @@ GROUPS = "fedpath-secaggplus-groups"
 repeats one; a server that restarts a round would get fresh keys and another view signed."""
 
 
+PER_SITE_RECORDS = (RECORD_KEY_CONFIGS, RECORD)
+"""The collect-stage records that differ from site to site (Flower's shares and source list, fedpath's
+signatures); every other record (the plan, the model) is the same for every site of an honest round."""
+
+ROUND_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+_COLLECTING: ContextVar[bool] = ContextVar("fedpath_secagg_collecting", default=False)
+
+
 class UnsafeRound(Exception):
     """A SecAgg+ stage the site refuses (refusal 9); the message is for the site's log only."""
+
+
+def training_for_a_masked_sum() -> bool:
+    """True while Flower's mod runs this site's training for a SecAgg+ collect stage. A site that sits
+    such a round out must answer with its refusal code, not with a masked vector of zeros: that vector
+    would count the site among those summed, and a server that makes every other site sit out (or a
+    round in which they do) would read one site's update as the "sum"."""
+    return _COLLECTING.get()
 
 
 @dataclass(frozen=True)
@@ -117,7 +141,11 @@ def secure_stage(msg: Message, context: Context, call_next, min_round_sites: int
         return answer_survivors(msg, context, min_round_sites, signer)
     stage = msg.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE)
     state = check_stage(msg, context, min_round_sites, signer)
-    reply = secaggplus_mod(msg, context, call_next)
+    collecting = _COLLECTING.set(stage == Stage.COLLECT_MASKED_VECTORS)
+    try:
+        reply = secaggplus_mod(msg, context, call_next)
+    finally:
+        _COLLECTING.reset(collecting)
     if not reply.has_error():  # commit only what Flower's mod accepted too
         sign_reply(stage, reply, state, signer)
         context.state.config_records[STATE] = state
@@ -140,6 +168,7 @@ def check_stage(msg: Message, context: Context, min_round_sites: int, signer: Si
         _check_share_keys(msg, configs, state, min_round_sites, signer)
     elif stage == Stage.COLLECT_MASKED_VECTORS:
         _check_pairing(configs, state, signer, msg)
+        state["instructions"] = instructions_digest(msg.content, PER_SITE_RECORDS)
     elif stage == Stage.UNMASK:
         _check_unmask(configs, state, min_round_sites, signer, msg)
     return state
@@ -182,13 +211,16 @@ def answer_survivors(msg: Message, context: Context, min_round_sites: int, signe
     state["survivors"] = survivors
     record = ConfigRecord()
     if signer is not None:
-        record[SURVIVORS_SIGNATURE] = sign(signer.key, survivors_statement(int(state["run"]), str(state["group"]),
-                                                                           state["view"], survivors))
+        record[SURVIVORS_SIGNATURE] = sign(signer.key, survivors_statement(
+            int(state["run"]), str(state["group"]), state["view"], survivors, state["instructions"]))
     context.state.config_records[STATE] = state
     return Message(RecordDict({RECORD: record}), reply_to=msg)
 
 
 def _check_setup(msg: Message, configs, context: Context, min_round_sites: int) -> ConfigRecord:
+    if not ROUND_ID.fullmatch(msg.metadata.group_id):  # kept in the context for the whole run (GROUPS)
+        raise UnsafeRound(f"a round id of {len(msg.metadata.group_id)} characters that are not all letters, digits, "
+                          "'.', '_' or '-' (Flower's are round numbers)")
     sites, threshold = int(configs.get(Key.SAMPLE_NUMBER, 0)), int(configs.get(Key.THRESHOLD, 0))
     shares = int(configs.get(Key.SHARE_NUMBER, 0))
     if sites < min_round_sites:
@@ -295,12 +327,14 @@ def _check_unmask(configs, state: ConfigRecord, min_round_sites: int, signer: Si
         raise UnsafeRound("the unmask request's dropped sites are not the rest of this round's sites")
     if signer is None:
         return
-    statement = survivors_statement(int(state["run"]), str(state["group"]), state["view"], sorted(active))
+    statement = survivors_statement(int(state["run"]), str(state["group"]), state["view"], sorted(active),
+                                    state["instructions"])
     signatures = msg.content.config_records.get(RECORD) or {}
-    agreeing = sum(1 for node in state["partners"]
-                   if isinstance(signatures.get(str(node)), bytes)
-                   and verifies(_member_of(state, signer, int(node)), signatures[str(node)], statement))
-    needed = max(int(state["threshold"]), strict_majority(len(state["partners"])))
-    if agreeing < needed:
-        raise UnsafeRound(f"{agreeing} sites signed these survivors; shares are revealed only when {needed} "
-                          "(a strict majority of the round) did")
+    # Every survivor, not a majority: with a majority, sites the server showed other instructions (a learning
+    # rate of 1e-30) would reveal the shares that unmask the one site that trained, as a "sum".
+    unsigned = sorted(node for node in active
+                      if not (isinstance(signatures.get(str(node)), bytes)
+                              and verifies(_member_of(state, signer, node), signatures[str(node)], statement)))
+    if unsigned:
+        raise UnsafeRound(f"survivors {unsigned} did not sign these survivors after training on the plan and model "
+                          "this site trained on; shares are revealed only when every survivor did")

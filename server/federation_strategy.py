@@ -46,7 +46,7 @@ from server.server_config import ServerConfig, ServerOptimizerConfig
 from server.server_optimizer import ServerOptimizer
 from shared.errors import UserError
 from shared.parameters import ParameterMismatch, pack, update_problem
-from shared.refusals import BUDGET_REFUSAL, refusal_code, refusal_text
+from shared.refusals import BUDGET_REFUSAL, UNSAFE_ROUND_REFUSAL, refusal_code, refusal_text
 from shared.round_plan import RoundPlan
 from shared.round_sums import CountLayout, RoundSums, decode_sum
 
@@ -223,10 +223,15 @@ class FederationStrategy(Strategy):
         if "fit_done" not in self.clock:  # SecAgg+ halted before unmasking: this round's replies never came
             refusals = "; ".join(f"{name} refused: {refusal_text(site.refused)} (code {site.refused})"
                                  for name, site in sorted(self.sites.items()) if site.refused)
+            codes = {site.refused for site in self.sites.values() if site.refused}
+            sat_out = (" A site that sits a SecAgg+ round out is not in the sum, and the sites that trained refuse a "
+                       "sum of fewer sites than their federation.min_round_sites (code 9)."
+                       if UNSAFE_ROUND_REFUSAL in codes and codes - {UNSAFE_ROUND_REFUSAL} else "")
             raise FederationError(
                 f"round {round_} failed: secure aggregation stopped before the sum could be unmasked (fewer sites "
                 "than the round's reconstruction threshold completed its stages, or sites refused its settings)"
-                + (f": {refusals}" if refusals else "") + ". See the run's log and `fedpath-server status`.")
+                + (f": {refusals}" if refusals else "") + "." + sat_out
+                + " See the run's log and `fedpath-server status`.")
         return []  # evaluation rides in the next training exchange, inside the masked sum
 
     def aggregate_evaluate(self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]],

@@ -118,8 +118,9 @@ class DropTolerantSecAggPlus(SecAggPlusWorkflow):
         return ok
 
     def unmask_stage(self, grid, context, state) -> bool:
-        """First fedpath's survivors exchange (every survivor signs the one set the server will sum;
-        the sites reveal shares only for a set a strict majority signed), then Flower's unmasking.
+        """First fedpath's survivors exchange (every survivor signs the one set the server will sum and
+        what it trained on; the sites reveal shares only for a set every survivor signed with the plan
+        and model they trained on), then Flower's unmasking.
         When no site signed its keys (no site has a roster) nobody would sign or check survivors
         either, and the exchange is skipped: it costs a round trip (seconds with real SuperNodes)."""
         if not self.relay.keys:

@@ -19,8 +19,8 @@ REFUSALS = {
     7: "the site's trunk weights are not the ones the federation pinned (model.trunk_sha256)",
     8: "the site requires secure aggregation but the server sent a plain training message",
     9: "the SecAgg+ round is unsafe for this site (threshold below a strict majority, fewer sites than its minimum, "
-       "paired with only some sites, keys, list of sites or survivors not signed by the consortium's members, or "
-       "inconsistent unmask lists)",
+       "also fewer that trained, paired with only some sites, keys, list of sites or survivors not signed by the "
+       "consortium's members or by a survivor given another plan or model, or inconsistent unmask lists)",
     10: "the server's federation_id is not a valid name (letters, digits, '.', '_', '-'; at most 64)",
     11: "the site's lifetime privacy budget (over all federations on its data) would be exceeded",
     12: "the submitted app bundle is not on this site's allow-list: the site runs only its approved fedpath version",
@@ -28,12 +28,15 @@ REFUSALS = {
     14: "the reply did not pass the site's egress policy (fields outside its `disclose:` list)",
     15: "the server asked for reproducible (replayable) DP noise, which only a simulation may use",
 }
-"""Why a site sat a round out or refused a message. In a training reply the code travels as the
-numeric metric ``refused``; a message the site refuses outright is answered with a Flower error
-whose code is ``REFUSAL_ERROR_BASE + code`` and whose reason is empty (no text leaves a site)."""
+"""Why a site sat a round out or refused a message. In a plain training reply the code travels as the
+numeric metric ``refused``; a message the site refuses outright, and a SecAgg+ round it sits out, are
+answered with a Flower error whose code is ``REFUSAL_ERROR_BASE + code`` and whose reason is empty (no
+text leaves a site)."""
 
 BUDGET_REFUSAL = 1
 """The site's budget for this federation has no room for the round (e.g. a round redone after a crash)."""
+UNSAFE_ROUND_REFUSAL = 9
+"""A SecAgg+ stage the site refuses (``client/secure_round.py``)."""
 
 REFUSAL_ERROR_BASE = 1000
 """Flower error codes at or above this are fedpath refusal codes (``code - REFUSAL_ERROR_BASE``)."""

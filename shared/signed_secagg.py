@@ -17,11 +17,17 @@ hospital holds itself (site.yaml ``federation.roster``), never the server's word
    list". A site sends its masked vector only once every partner signed the same list, so the
    server cannot pair it with a few sites and show the others another round.
 3. **survivors** (an extra exchange before unmasking): "in run R, round G, the sites whose
-   masked vectors are summed are exactly S". A site signs one S per round and reveals shares only
-   for the S a strict majority of the round signed, so every site answers for the same S.
+   masked vectors are summed are exactly S, and this site trained on the instructions with digest
+   D" (the plan and model of the collect stage, ``instructions_digest``). A site signs one S per
+   round and reveals shares only for an S every site of which signed it with the site's own D, so
+   every site answers for the same S, and every site of S trained on the same plan and model.
 
-With full pairing and a majority threshold, the counting argument of SecAgg then leaves the server
-nothing smaller than the sum over S (docs/security.md, section 2).
+A site that sits a SecAgg+ round out (its budget, a refused plan...) answers the collect stage with
+its refusal code instead of a masked vector, so it is not in S: every site of S trained. With full
+pairing and a majority threshold, the counting argument of SecAgg then leaves the server nothing
+smaller than the sum over S, and S holds at least ``min_round_sites`` sites that trained on the same
+plan and model: a server cannot make the others send nothing, by their refusals or by instructions
+of their own, and read one site's update as the sum (docs/security.md, section 2).
 
 This module holds what both sides need: the record and stage names, the exact bytes signed, and
 the roster. The site's checks are in ``client/secure_round.py``; the server relays the signatures
@@ -31,12 +37,14 @@ the roster. The site's checks are in ``client/secure_round.py``; the server rela
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from flwr.app import Array, RecordDict
 
 from shared.errors import UserError
 from shared.site_keys import SiteKeyError, fingerprint, normalize_public_key, public_key_line
@@ -76,11 +84,32 @@ def view_statement(run_id: int, group: str, keys: dict[int, tuple[bytes, bytes]]
     return _statement("view", run_id, group, digest.digest())
 
 
-def survivors_statement(run_id: int, group: str, view: bytes, survivors: list[int]) -> bytes:
+def survivors_statement(run_id: int, group: str, view: bytes, survivors: list[int], instructions: bytes) -> bytes:
     """Bound to the round's view (``view_statement``): a site that the server makes start the round
-    again (new keys, so another view) cannot lend its new signature to the first one."""
+    again (new keys, so another view) cannot lend its new signature to the first one. Bound to the
+    instructions the site trained on (``instructions_digest``): sites shown another plan or model
+    sign another statement."""
     return _statement("survivors", run_id, group, hashlib.sha256(view).digest(),
-                      ",".join(str(n) for n in sorted(set(survivors))).encode())
+                      ",".join(str(n) for n in sorted(set(survivors))).encode(), instructions)
+
+
+def instructions_digest(content: RecordDict, per_site: Collection[str]) -> bytes:
+    """SHA-256 of a collect-stage message's records except the ``per_site`` ones (Flower's SecAgg+
+    configs and fedpath's signatures, which differ from site to site by design): the plan and the
+    model every site of a round must receive alike. Record, key and array order do not matter."""
+    digest = hashlib.sha256()
+    for name in sorted(set(content.keys()) - set(per_site)):
+        record = content[name]
+        digest.update(_statement("record", 0, "", name.encode(), type(record).__name__.encode()))
+        for key in sorted(record.keys()):
+            value = record[key]
+            if isinstance(value, Array):
+                array = value.numpy()
+                parts = (key.encode(), array.dtype.str.encode(), repr(array.shape).encode(), array.tobytes())
+            else:  # config and metric values: numbers, strings, bytes, booleans and lists of them
+                parts = (key.encode(), type(value).__name__.encode(), repr(value).encode())
+            digest.update(_statement("entry", 0, "", *parts))
+    return digest.digest()
 
 
 def sign(private_key: ec.EllipticCurvePrivateKey, statement: bytes) -> bytes:

@@ -9,7 +9,8 @@ What it may try: change its own settings or run server code of its own, and even
 approved that code (its bundle digest is in their `allowed_bundles`), the sites' own conditions hold: no
 secure-aggregation round whose threshold is below a strict majority, no site keys that are not signed by
 their own member hospital (the consortium roster), no unmask request naming a site both active and
-dropped, no federation id that could name a file. Each refusal is a bare code the server sees, and a
+dropped, no federation id that could name a file, no "sum" in which only one site trained (the others
+made to sit out, or shown a plan of their own). Each refusal is a bare code the server sees, and a
 record in every site's egress log. (Every other way of singling a site out, played against the sites'
 real checks in one process: tests/test_secure_round.py.)
 
@@ -50,6 +51,7 @@ TRAIN = "train"
 ALLOWED_STRINGS = {"Success", ""}  # Flower's own status text in legacy replies
 DISCLOSE = {"site-1": ["epsilon", "refused"], "site-2": ["epsilon", "refused"], "site-3": []}
 
+_SAMPLED = "        return [(proxy, FitIns(ins.parameters, {**ins.config, **plan})) for proxy, ins in sampled]"
 ATTACKS = {
     # every round's plan names a path as the federation id (the sites' ledger file)
     "path-as-federation-id": ("server/app.py", "        federation_id=federation_id, round=round_,",
@@ -70,6 +72,23 @@ ATTACKS = {
                            "                dead = list(configs['dead_nids'])\n"
                            "                configs['dead_nids'] = dead + active[:1]\n"
                            "        waiting = set(self._grid.push_messages(messages))"),
+    # the site of the highest node id is asked for replayable noise, which a deployed site refuses (code 15):
+    # a round trained by two sites (by one, were it done to all but one)
+    "one-sits-out": ("server/federation_strategy.py", _SAMPLED, _SAMPLED.replace("        return", """\
+        import json
+        (key, text), = plan.items()
+        odd = {key: json.dumps({**json.loads(text), "reproducible_noise": True})}
+        last = max(proxy.node_id for proxy, _ in sampled)
+        return""").replace("**plan}", "**(odd if proxy.node_id == last else plan)}")),
+    # every site but the lowest node's trains at a millionth of the learning rate: their updates vanish in the
+    # sum, which would then be that one site's update
+    "others-tiny-steps": ("server/federation_strategy.py", _SAMPLED, _SAMPLED.replace("        return", """\
+        import json
+        (key, text), = plan.items()
+        document = json.loads(text)
+        odd = {key: json.dumps({**document, "learning_rate": document["learning_rate"] / 1e6})}
+        first = min(proxy.node_id for proxy, _ in sampled)
+        return""").replace("**plan}", "**(plan if proxy.node_id == first else odd)}")),
 }
 
 
@@ -288,4 +307,46 @@ def test_site_keys_signed_by_another_member_are_refused(consortium, monkeypatch)
     for site, since in zip(consortium.site_yamls, before, strict=True):
         replies = _egress(site, since)
         assert [(r["stage"], r.get("error_code")) for r in replies] == [("setup", None), ("share_keys", 1009)]
+    assert not (folder.path / "checkpoints" / "round-0001.json").exists()
+
+
+def _site_of_node(consortium: LocalConsortium, folder: RunFolder) -> dict[int, Path]:
+    by_name = {load_site_config(site).name: site for site in consortium.site_yamls}
+    return {entry["node"]: by_name[entry["name"]] for entry in _nodes(consortium, folder)}
+
+
+def test_a_site_that_sits_out_is_not_summed_and_two_trained_sites_are_too_few(consortium, monkeypatch):
+    """One site is asked for replayable noise and sits the round out. It answers with its code (1015), not a
+    masked vector of zeros that would count it among the summed sites: two sites trained, fewer than their
+    min_round_sites (3), and they reveal nothing. (The same holds when a site sits out on its own, its
+    budget spent; a server doing this to all but one site would be refused by the threshold already.)"""
+    folder, before = _run(consortium, monkeypatch, consortium.bundles["one-sits-out"])
+    sites = _site_of_node(consortium, folder)
+    out = max(sites)
+    message = folder.status()["message"]
+    assert "secure aggregation stopped" in message and "(code 15)" in message and message.count("(code 9)") == 3
+    assert "A site that sits a SecAgg+ round out is not in the sum" in message
+    for node, site in sites.items():
+        since = before[consortium.site_yamls.index(site)]
+        stages = [(r["stage"], r.get("error_code")) for r in _egress(site, since)]
+        if node == out:
+            assert stages == [("setup", None), ("share_keys", None), ("collect_masked_vectors", 1015)]
+        else:
+            assert stages == [("setup", None), ("share_keys", None), ("collect_masked_vectors", None),
+                              ("survivors", 1009), ("unmask", 1009)]
+    assert not (folder.path / "checkpoints" / "round-0001.json").exists()
+
+
+def test_sites_shown_another_plan_do_not_unmask_the_one_that_trained_on_the_real_one(consortium, monkeypatch):
+    """All three train and send masked vectors, but two were told a millionth of the learning rate: the
+    sum would be the third site's update. Each survivor signed the survivors with a digest of the plan
+    and model it trained on; no site finds every survivor's signature on its own, and none reveals a
+    share."""
+    folder, before = _run(consortium, monkeypatch, consortium.bundles["others-tiny-steps"])
+    message = folder.status()["message"]
+    assert "secure aggregation stopped" in message and message.count("(code 9)") == 3
+    for site, since in zip(consortium.site_yamls, before, strict=True):
+        assert [(r["stage"], r.get("error_code")) for r in _egress(site, since)] == [
+            ("setup", None), ("share_keys", None), ("collect_masked_vectors", None), ("survivors", None),
+            ("unmask", 1009)]
     assert not (folder.path / "checkpoints" / "round-0001.json").exists()

@@ -7,13 +7,21 @@ import json
 
 import pytest
 import yaml
-from flwr.app import Error, Message
+from flwr.app import Error, Message, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
 
 from client.cli import main as site_main
 from client.egress_log import ERROR, SENT, EgressError, EgressLog, describe_reply, render
 from client.egress_policy import Violation
-from tests.flower_messages import RUN_ID, SITE_NODE, evaluate_reply, fit_reply, secagg_reply, server_message
+from tests.flower_messages import (
+    RUN_ID,
+    SITE_NODE,
+    evaluate_reply,
+    fit_reply,
+    secagg_reply,
+    server_message,
+    server_message_to,
+)
 
 MASKED = [b"\x13\x37" * 500, b"\x42" * 24]
 
@@ -157,3 +165,20 @@ def test_dpo_commands(tmp_path, capsys):
 def test_render_start_record(tmp_path):
     egress = _log_of(tmp_path, 1)
     assert "runner started: fedpath 0.1.0 bundle cccccccccccc" in render(egress.verify())
+
+
+def test_a_round_id_the_server_makes_long_or_multiline_is_recorded_by_length_and_hash(tmp_path):
+    """A server chooses the round id: megabytes of it per message would fill the hospital's disk through this
+    log, and line breaks would make `egress show` print records that do not exist."""
+    forged = "3\n#9 2026-12-04T00:00:00+00:00 run 7 round 1 train/unmask: sent" + "x" * 100_000
+    message = server_message_to(SITE_NODE, RecordDict(), forged)
+    record = describe_reply(message, Message(Error(code=1013), reply_to=message), "share_keys\x1b[2J", ERROR, None)
+    assert record["round"].startswith("(not shown: 100063 characters, sha256 ")
+    assert record["stage"].startswith("(not shown: 14 characters")
+    egress = _log_of(tmp_path, 1)
+    egress.append(record)
+    assert egress.path.stat().st_size < 2000
+    shown = render(egress.verify()).splitlines()
+    assert len(shown) == 2 and "run 7 round (not shown: 100063 characters" in shown[1]
+    assert describe_reply(server_message(round_=12), Message(Error(code=1013), reply_to=message), "unmask", ERROR,
+                          None)["round"] == "12"  # Flower's own ids as they are

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from client import federated_round
+import client.app
+from client import federated_round, secure_round
+from client.app import SiteClient, SiteRefusal
 from client.feature_cache import FeatureCache
 from client.federated_round import ledger_path, round_privacy
 from client.prepare import prepare_site
@@ -207,6 +209,27 @@ def test_spent_budget_refuses_with_the_numbers(prepared, tmp_path):
     assert metrics["epsilon"] == pytest.approx(first.metrics["epsilon"])  # what was spent so far
     assert [r["round_id"] for r in _ledger(config, plan)["rounds"]] == ["round-1-evaluation", "round-1"]
     assert not any(a.any() for a in second.arrays)
+
+
+def test_a_site_that_sits_out_a_masked_round_sends_its_code_not_zeros(prepared, tmp_path, monkeypatch):
+    """In a plain round a site that sits out replies zeros and the numbers it discloses. While Flower's mod trains
+    for a SecAgg+ sum (client/secure_round.py) a vector of zeros would count the site among the summed ones:
+    the ClientApp raises the refusal instead, which leaves as the bare code (client/app.py)."""
+    config = _site(prepared, tmp_path / "site", disclose=["epsilon", "refused"])
+    monkeypatch.setattr(client.app, "site_config", lambda _: config)
+    site = SiteClient(tmp_path / "site" / "site.yaml")
+    plan = _plan(reproducible_noise=True)  # a deployed site refuses replayable noise: code 15
+    arrays, examples, metrics = site.fit(_global(plan), plan.to_config())
+    assert metrics["refused"] == 15 and examples == plan.weight_scale and not any(a.any() for a in arrays)
+    collecting = secure_round._COLLECTING.set(True)  # what secure_stage sets around the collect stage's training
+    try:
+        with pytest.raises(SiteRefusal) as refusal:
+            site.fit(_global(plan), plan.to_config())
+        assert refusal.value.code == 15
+        trained = site.fit(_global(plan), _plan().to_config())  # a site that trains sends its update as before
+        assert trained[2]["refused"] == 0 and any(a.any() for a in trained[0])
+    finally:
+        secure_round._COLLECTING.reset(collecting)
 
 
 def test_a_round_redone_after_a_crash_needs_a_spare_round_of_budget(prepared, tmp_path):

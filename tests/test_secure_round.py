@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
-from client.secure_round import STATE, SiteSigner, UnsafeRound, secure_stage
+from client.secure_round import STATE, SiteSigner, UnsafeRound, secure_stage, training_for_a_masked_sum
 from server.secure_aggregation import SignatureRelay
 from shared import signed_secagg as signed
 from shared.signed_secagg import Roster, RosterError, key_statement, sign
@@ -48,25 +49,45 @@ def signers(tmp_path_factory):
     return {node: SiteSigner.for_site(roster, path) for node, (path, _) in keys.items()}
 
 
+class SitsOut(Exception):
+    """What client/app.py's SiteClient raises when a site sits a masked round out (a refusal code leaves)."""
+
+
 class Site:
-    def __init__(self, node: int, signer: SiteSigner | None):
-        self.node, self.signer = node, signer
+    def __init__(self, node: int, signer: SiteSigner | None, sits_out: bool = False):
+        self.node, self.signer, self.sits_out = node, signer, sits_out
         self.context = Context(run_id=RUN_ID, node_id=node, node_config={}, state=RecordDict(), run_config={})
         self.refusal: str | None = None
+        self.trained_for_a_masked_sum: list[bool] = []
+
+    def train(self, message: Message, _context) -> Message:
+        self.trained_for_a_masked_sum.append(training_for_a_masked_sum())
+        if self.sits_out and training_for_a_masked_sum():
+            raise SitsOut
+        return fit_reply(message, {}, examples=1, arrays=True)
 
     def handle(self, message: Message) -> Message | None:
         if self.refusal is not None:
             return None
         try:
-            return secure_stage(message, self.context, lambda m, _: fit_reply(m, {}, examples=1, arrays=True),
-                                MIN_SITES, self.signer)
+            return secure_stage(message, self.context, self.train, MIN_SITES, self.signer)
         except UnsafeRound as refusal:
             self.refusal = str(refusal)
             return None
+        except SitsOut:
+            self.refusal = "sat out"
+            return None
 
 
-def _stage(node: int, configs: dict) -> Message:
-    return server_message_to(node, RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(configs)}), GROUP)
+def _stage(node: int, configs: dict, instructions: dict | None = None) -> Message:
+    return server_message_to(node, RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(configs), **(instructions or {})}),
+                             GROUP)
+
+
+def _instructions() -> dict:
+    """What the collect stage carries besides SecAgg+'s configs (Flower's legacy names): the plan, the model."""
+    return {"fitins.config": ConfigRecord({"fedpath-plan": '{"learning_rate": 0.001, "round": 1}'}),
+            "fitins.parameters": ArrayRecord({"0": Array(np.linspace(0, 1, 6, dtype=np.float32))})}
 
 
 class Server:
@@ -101,7 +122,9 @@ class Server:
                     forwarded[target][1].append(ciphertext)
         masked = self.exchange(Stage.COLLECT_MASKED_VECTORS, [
             _stage(n, {Key.STAGE: Stage.COLLECT_MASKED_VECTORS, Key.SOURCE_LIST: sources,
-                       Key.CIPHERTEXT_LIST: ciphertexts}) for n, (sources, ciphertexts) in forwarded.items()])
+                       Key.CIPHERTEXT_LIST: ciphertexts}, _instructions())
+            for n, (sources, ciphertexts) in forwarded.items()])
+        self.survivors = sorted(masked)
         survivors = sorted(masked)
         request = {signed.STAGE_KEY: signed.SURVIVORS_STAGE, signed.SURVIVORS_KEY: survivors}
         self.exchange(signed.SURVIVORS_STAGE, [
@@ -111,8 +134,8 @@ class Server:
                        Key.DEAD_NODE_ID_LIST: sorted(set(shared) - set(survivors))}) for n in survivors])
 
 
-def _sites(signers, roster: bool = True) -> dict[int, Site]:
-    return {node: Site(node, signers[node] if roster else None) for node in NODES}
+def _sites(signers, roster: bool = True, sitting_out: tuple[int, ...] = ()) -> dict[int, Site]:
+    return {node: Site(node, signers[node] if roster else None, node in sitting_out) for node in NODES}
 
 
 def _configs(message: Message) -> ConfigRecord:
@@ -227,7 +250,64 @@ def test_survivors_signed_by_a_minority_are_not_unmasked(signers):
     sites = _sites(signers)
     unmasked = Server(sites, tamper).run()
     assert 11 not in unmasked and 12 not in unmasked
-    assert "2 sites signed these survivors" in sites[11].refusal
+    assert "survivors [13] did not sign these survivors" in sites[11].refusal
+
+
+@pytest.mark.parametrize("record", ["fitins.config", "fitins.parameters"])
+def test_sites_shown_another_plan_or_model_reveal_nothing_for_the_site_that_trained_on_the_real_one(signers,
+                                                                                                   record):
+    """Four sites train at a millionth of the learning rate (or on another model), the victim on the real
+    plan: the "sum" would be the victim's update. With a majority rule the four would reveal the shares that
+    unmask it; each survivor signed a digest of what it trained on, and every site needs every survivor's
+    signature on its own."""
+    def tamper(stage, messages):
+        for message in messages:
+            if stage == Stage.COLLECT_MASKED_VECTORS and message.metadata.dst_node_id != VICTIM:
+                if record == "fitins.config":
+                    message.content.config_records[record]["fedpath-plan"] = '{"learning_rate": 1e-09, "round": 1}'
+                else:
+                    message.content.array_records[record]["0"] = Array(np.zeros(6, dtype=np.float32))
+        return messages
+
+    sites = _sites(signers)
+    server = Server(sites, tamper)
+    assert server.run() == {}
+    assert server.survivors == NODES  # all five trained and sent their masked vectors
+    assert "survivors [12, 13, 14, 15] did not sign" in sites[VICTIM].refusal
+    assert all("survivors [11] did not sign" in sites[n].refusal for n in NODES if n != VICTIM)
+
+
+def test_the_digest_of_what_a_site_trained_on_ignores_the_per_site_records_and_the_order():
+    one = RecordDict({**_instructions(), RECORD_KEY_CONFIGS: ConfigRecord({Key.SOURCE_LIST: [1, 2]})})
+    other = RecordDict({"fitins.parameters": _instructions()["fitins.parameters"],
+                        "fitins.config": _instructions()["fitins.config"],
+                        RECORD_KEY_CONFIGS: ConfigRecord({Key.SOURCE_LIST: [3]}),
+                        signed.RECORD: ConfigRecord({"x": b"y"})})
+    per_site = (RECORD_KEY_CONFIGS, signed.RECORD)
+    assert signed.instructions_digest(one, per_site) == signed.instructions_digest(other, per_site)
+    other.array_records["fitins.parameters"]["0"] = Array(np.linspace(0, 1, 6, dtype=np.float64))
+    assert signed.instructions_digest(one, per_site) != signed.instructions_digest(other, per_site)  # dtype too
+
+
+def test_a_site_that_sits_out_answers_no_masked_vector_and_is_not_summed(signers):
+    """Sites 14 and 15 sit the round out (their budgets): they send their code, not masked zeros, so the
+    sum is over the three that trained, and only the collect stage's training is for a masked sum."""
+    sites = _sites(signers, sitting_out=(14, 15))
+    server = Server(sites)
+    unmasked = server.run()
+    assert server.survivors == [11, 12, 13] and sorted(unmasked) == [11, 12, 13]
+    assert _configs(unmasked[VICTIM])[Key.NODE_ID_LIST]  # shares revealed: of 14 and 15's keys, as dropped sites
+    assert sites[14].refusal == sites[15].refusal == "sat out"
+    assert sites[VICTIM].trained_for_a_masked_sum == [True] and not training_for_a_masked_sum()
+
+
+def test_too_few_sites_that_trained_reveal_nothing(signers):
+    """Three of five sit out: a "sum" of two sites' updates, below every site's min_round_sites (3)."""
+    sites = _sites(signers, sitting_out=(13, 14, 15))
+    server = Server(sites)
+    assert server.run() == {}
+    assert server.survivors == [11, 12]
+    assert all("a sum of 2 sites; this site requires at least 3" in sites[n].refusal for n in (11, 12))
 
 
 def test_a_site_signs_one_set_of_survivors_per_round(signers):
@@ -289,3 +369,13 @@ def test_a_stage_flower_refuses_leaves_the_sites_record_unchanged(signers):
     with pytest.raises(ValueError, match="Abort secure aggregation"):  # Flower's, after the site's checks passed
         secure_stage(message, sites[VICTIM].context, lambda m, _: fit_reply(m, {}), MIN_SITES, signers[VICTIM])
     assert dict(sites[VICTIM].context.state.config_records[STATE].items()) == before
+
+
+@pytest.mark.parametrize("group", ["1" * 65, "3\nround 4"])
+def test_a_round_id_that_is_not_a_short_plain_name_is_refused_at_setup(signers, group):
+    """The site keeps every round id of a run in its context (one setup per round): a server must not grow it
+    by megabytes per message."""
+    site = Site(VICTIM, signers[VICTIM])
+    setup = server_message_to(VICTIM, RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({Key.STAGE: Stage.SETUP,
+                                                                                   **SETUP})}), group)
+    assert site.handle(setup) is None and f"a round id of {len(group)} characters" in site.refusal
