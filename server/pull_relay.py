@@ -26,6 +26,13 @@ there yet. A push is read whole before it is passed on (its session and object i
 array in Flower's message), so the relay holds up to ``superlink.max_request_mb`` per push in flight;
 nginx refuses anything larger from its Content-Length alone.
 
+A site holds one pull for messages at a time: its newer pull ends the older one, which gets the empty
+answer at its next look (within ``IDLE_STEP_S``), as a hold that ran out. Flower's SuperNode pulls one
+at a time anyway; without this, one registered key could keep hundreds of pulls held, each asked about
+again and again, and load the SuperLink with ten times the work of the requests themselves. A pull
+counts as the site's only once the SuperLink has answered it "nothing yet", i.e. accepted its
+signature: someone who merely names a site's public key cannot end that site's hold.
+
 It may do only what the site's own request says: the same signed headers (Flower's node
 authentication signs a timestamp the SuperLink accepts for 5 minutes) and the same body, checked
 by the SuperLink at every ask. Any other answer (a refusal, an error) is passed on at once. The
@@ -56,6 +63,7 @@ from flwr.proto.message_pb2 import (  # pylint: disable=no-name-in-module
     PushObjectRequest,
     PushObjectResponse,
 )
+from flwr.supercore.constant import FLEET_HTTP_PUBLIC_KEY_HEADER as FLEET_KEY_HEADER  # "flwr-public-key"
 from google.protobuf.message import DecodeError
 
 from server.relay_signals import Announcements, PushTracker, read_wake_file
@@ -118,6 +126,30 @@ def object_step(waited_s: float) -> float:
     return 0.05
 
 
+class Holders:
+    """Which held pull is each site's current one (by the public key its request is signed with)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._current: dict[str, object] = {}
+
+    def claim(self, site: str) -> object:
+        """This pull is now the site's current one; an older one is not any more."""
+        token = object()
+        with self._lock:
+            self._current[site] = token
+        return token
+
+    def is_current(self, site: str, token: object) -> bool:
+        with self._lock:
+            return self._current.get(site) is token
+
+    def release(self, site: str, token: object) -> None:
+        with self._lock:
+            if self._current.get(site) is token:
+                del self._current[site]
+
+
 @dataclass(frozen=True)
 class HeldRoute:
     """A Fleet pull whose "not yet" answer the relay keeps asking about instead of passing on.
@@ -133,6 +165,7 @@ class HeldRoute:
         announced_step_s: the step while the ServerApp announces its pushes (one came within
             ``ACTIVE_S``; ``server/relay_signals.py``), a fallback should one be lost (None:
             announcements only wake).
+        one_per_site: a site's newer held request ends its older one (``Holders``).
     """
 
     not_yet: Callable[[Answer], bool]
@@ -141,13 +174,14 @@ class HeldRoute:
     wakes_others: bool = False
     idle_step_s: float | None = None
     announced_step_s: float | None = None
+    one_per_site: bool = False
 
 
 MESSAGES = "/v1/fleet/pull-messages"
 HELD_ROUTES = {
     # Flower's SuperNode sleeps 3 s after an empty pull.
     MESSAGES: HeldRoute(no_message, message_step, wakes_others=True, idle_step_s=IDLE_STEP_S,
-                        announced_step_s=ANNOUNCED_STEP_S),
+                        announced_step_s=ANNOUNCED_STEP_S, one_per_site=True),
     # A message is announced before the ServerApp has pushed its arrays; a SuperNode that asks too
     # early backs off 1 s, then 2 s (flwr/supercore/inflatable/inflatable_utils.py: pull_objects).
     "/v1/fleet/pull-object": HeldRoute(object_not_ready, object_step, longest_s=OBJECT_HOLD_S),
@@ -305,6 +339,7 @@ class RelayServer(http.server.ThreadingHTTPServer):
         self.socket = listening
         self.upstream, self.hold_s, self.max_push_bytes = upstream, hold_s, max_push_bytes
         self.wakeups = {path: Wakeup() for path in HELD_ROUTES}
+        self.holders = {path: Holders() for path, route in HELD_ROUTES.items() if route.one_per_site}
         self.pushes = PushTracker(lambda: None)  # ``main`` connects it to the wake port
         self.push_connections = WarmConnections(upstream, PUSH_TIMEOUT_S)
 
@@ -357,11 +392,27 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _held(self, route: HeldRoute, body: bytes, headers: dict[str, str]) -> Answer:
         connection = self.server.upstream.connect()
+        holders = self.server.holders.get(self.path)
+        site = next((value for name, value in headers.items() if name.lower() == FLEET_KEY_HEADER), None)
+        claimed: object | None = None
+
+        def ask() -> Answer:
+            nonlocal claimed
+            answer = _ask_keeping(connection, self.path, body, headers)[0]
+            # "not yet" means the SuperLink accepted the site's signature: only then is this its pull
+            if claimed is None and holders is not None and site and route.not_yet(answer):
+                claimed = holders.claim(site)
+            return answer
+
+        def still_wanted() -> bool:
+            return self._client_connected() and (claimed is None or holders.is_current(site, claimed))
+
         try:
-            return hold(lambda: _ask_keeping(connection, self.path, body, headers)[0], route, self.server.hold_s,
-                        self._client_connected, self.server.wakeups[self.path])
+            return hold(ask, route, self.server.hold_s, still_wanted, self.server.wakeups[self.path])
         finally:
             connection.close()
+            if claimed is not None:
+                holders.release(site, claimed)
 
     def _passed(self, body: bytes, headers: dict[str, str]) -> Answer:
         """A push, passed on once; the tracker learns which reply objects are still to come."""

@@ -425,12 +425,13 @@ def relay(tmp_path):
         upstream.server_close()
 
 
-def _post(port: int, path: str, body: bytes, signature: str = "signed", timeout: float = 30):
+def _post(port: int, path: str, body: bytes, signature: str = "signed", timeout: float = 30, key: str | None = None):
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         connection.request("POST", path, body=body, headers={"Content-Type": "application/protobuf",
                                                                "flwr-signature": signature,
-                                                               "flwr-timestamp": "2026-12-03T15:00:00"})
+                                                               "flwr-timestamp": "2026-12-03T15:00:00",
+                                                               **({"flwr-public-key": key} if key else {})})
         response = connection.getresponse()
         return response.status, response.read()
     finally:
@@ -474,6 +475,35 @@ def test_the_relay_process_stops_asking_when_the_site_hangs_up(relay):
     settled = len(upstream.asks)
     time.sleep(2.0)
     assert len(upstream.asks) == settled
+
+
+@pytest.mark.slow(seconds=9)  # mostly waiting on the relay process: handed out early, beside busy tests
+def test_a_sites_newer_pull_ends_its_older_one_and_naming_its_key_does_not(relay):
+    """One held pull per site key: otherwise one registered key could keep hundreds held, each asked about
+    again and again. A pull counts only once the SuperLink accepted its signature, so a stranger who names a
+    site's public key cannot end that site's hold."""
+    port, upstream = relay(messages_after=10_000, hold_s=20)
+    request = PullMessagesRequest(node=Node(node_id=42)).SerializeToString()
+    answers: dict[str, tuple[int, bytes]] = {}
+
+    def pull(name: str, key: str) -> threading.Thread:
+        thread = threading.Thread(target=lambda: answers.__setitem__(name, _post(port, PULL, request, key=key)),
+                                  daemon=True)
+        thread.start()
+        return thread
+
+    older = pull("older", "site-a")
+    deadline = time.monotonic() + 10
+    while len(upstream.asks) < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _post(port, PULL, request, signature="forged", key="site-a")[0] == 401  # refused at once
+    other = pull("other", "site-b")  # another site's pull is its own
+    older.join(timeout=3)
+    assert older.is_alive()  # still held: the stranger's pull never counted
+    newer = pull("newer", "site-a")
+    older.join(timeout=10)
+    assert not older.is_alive() and answers["older"] == (200, EMPTY)  # ended with "nothing yet"
+    assert newer.is_alive() and other.is_alive()
 
 
 def test_the_relay_process_delivers_an_announced_message_at_once_and_asks_little_meanwhile(relay, tmp_path):
