@@ -45,7 +45,7 @@ from client.secure_round import (
     training_for_a_masked_sum,
 )
 from shared.errors import UserError
-from shared.refusals import REFUSAL_ERROR_BASE, InvalidFederationId, refusal_text
+from shared.refusals import REFUSAL_ERROR_BASE, UNDISCLOSED_SIT_OUT, InvalidFederationId, refusal_text
 
 SITE_CONFIG_KEY = "site-config"
 """Node config key with the absolute path of the site's site.yaml (set by `fedpath-site start`)."""
@@ -80,10 +80,14 @@ class SiteClient(NumPyClient):
             plan = RoundPlan.from_config(config)
         except InvalidFederationId as exc:  # checked before anything at the site is touched
             raise SiteRefusal(10, str(exc)) from None
-        reply = federated_round.fit(site_config(self.site_yaml), plan, parameters, noise_seed=self._noise_seed(plan))
+        config = site_config(self.site_yaml)
+        reply = federated_round.fit(config, plan, parameters, noise_seed=self._noise_seed(plan))
         if reply.refused is not None and training_for_a_masked_sum():
             # Not a masked vector of zeros: it would count this site among the summed (secure_round.py).
-            raise SiteRefusal(reply.refused, "sits this SecAgg+ round out: answers with the code, not a masked vector")
+            # The reason leaves only if the hospital discloses it, as in a plain round's `refused`.
+            code = reply.refused if "refused" in config.disclose else UNDISCLOSED_SIT_OUT
+            raise SiteRefusal(code, f"sits this SecAgg+ round out (code {reply.refused}): answers with code {code}, "
+                                    "not a masked vector")
         return reply.arrays, reply.examples, reply.metrics
 
     def evaluate(self, parameters: list[np.ndarray], config: dict) -> tuple[float, int, dict]:

@@ -48,7 +48,7 @@ class Reply:
     arrays: list[np.ndarray]
     examples: int  # the plaintext weight: the same constant for every site (RoundPlan.weight_scale)
     metrics: dict[str, float]  # only the disclosed values
-    refused: int | None = None  # the refusal code when the site sits the round out (sent only if disclosed)
+    refused: int | None = None  # why the site sits the round out (its metric `refused` only if disclosed)
 
 
 class Refusal(Exception):

@@ -27,6 +27,7 @@ REFUSALS = {
     13: "the site could not handle the message (details in the site's own log)",
     14: "the reply did not pass the site's egress policy (fields outside its `disclose:` list)",
     15: "the server asked for reproducible (replayable) DP noise, which only a simulation may use",
+    16: "the site sits this SecAgg+ round out; it does not disclose why (`refused` is not in its `disclose:` list)",
 }
 """Why a site sat a round out or refused a message. In a plain training reply the code travels as the
 numeric metric ``refused``; a message the site refuses outright, and a SecAgg+ round it sits out, are
@@ -37,6 +38,9 @@ BUDGET_REFUSAL = 1
 """The site's budget for this federation has no room for the round (e.g. a round redone after a crash)."""
 UNSAFE_ROUND_REFUSAL = 9
 """A SecAgg+ stage the site refuses (``client/secure_round.py``)."""
+UNDISCLOSED_SIT_OUT = 16
+"""A site that sits a SecAgg+ round out answers with an error code instead of a masked vector; when it
+does not disclose ``refused``, with this one rather than its reason."""
 
 REFUSAL_ERROR_BASE = 1000
 """Flower error codes at or above this are fedpath refusal codes (``code - REFUSAL_ERROR_BASE``)."""

@@ -216,7 +216,8 @@ def test_a_site_that_sits_out_a_masked_round_sends_its_code_not_zeros(prepared, 
     for a SecAgg+ sum (client/secure_round.py) a vector of zeros would count the site among the summed ones:
     the ClientApp raises the refusal instead, which leaves as the bare code (client/app.py)."""
     config = _site(prepared, tmp_path / "site", disclose=["epsilon", "refused"])
-    monkeypatch.setattr(client.app, "site_config", lambda _: config)
+    silent = _site(prepared, tmp_path / "silent", disclose=[])
+    monkeypatch.setattr(client.app, "site_config", lambda path: silent if path.parent.name == "silent" else config)
     site = SiteClient(tmp_path / "site" / "site.yaml")
     plan = _plan(reproducible_noise=True)  # a deployed site refuses replayable noise: code 15
     arrays, examples, metrics = site.fit(_global(plan), plan.to_config())
@@ -226,6 +227,9 @@ def test_a_site_that_sits_out_a_masked_round_sends_its_code_not_zeros(prepared, 
         with pytest.raises(SiteRefusal) as refusal:
             site.fit(_global(plan), plan.to_config())
         assert refusal.value.code == 15
+        with pytest.raises(SiteRefusal) as refusal:  # a site that does not disclose `refused`: the code says only that
+            SiteClient(tmp_path / "silent" / "site.yaml").fit(_global(plan), plan.to_config())
+        assert refusal.value.code == 16
         trained = site.fit(_global(plan), _plan().to_config())  # a site that trains sends its update as before
         assert trained[2]["refused"] == 0 and any(a.any() for a in trained[0])
     finally:
