@@ -44,6 +44,7 @@ from client.secure_round import (
     secure_stage,
     training_for_a_masked_sum,
 )
+from client.server_labels import server_label
 from shared.errors import UserError
 from shared.refusals import REFUSAL_ERROR_BASE, UNDISCLOSED_SIT_OUT, InvalidFederationId, refusal_text
 
@@ -151,10 +152,12 @@ def no_text_leaves(msg: Message, context: Context, call_next) -> Message:
     try:
         reply = call_next(msg, context)
     except SiteRefusal as refusal:
-        log.warning("refused a %s message of run %s: %s", msg.metadata.message_type, msg.metadata.run_id, refusal)
+        log.warning("refused a %s message of run %s: %s", server_label(msg.metadata.message_type), msg.metadata.run_id,
+                    refusal)
         return Message(Error(code=REFUSAL_ERROR_BASE + refusal.code), reply_to=msg)
     except Exception:  # noqa: BLE001 - nothing may leave as text; the site's log keeps the traceback
-        log.exception("could not handle a %s message of run %s", msg.metadata.message_type, msg.metadata.run_id)
+        log.exception("could not handle a %s message of run %s", server_label(msg.metadata.message_type),
+                      msg.metadata.run_id)
         return Message(Error(code=REFUSAL_ERROR_BASE + 13), reply_to=msg)
     if reply.has_error() and reply.error.reason:
         log.warning("an error reply carried text; sent without it: %s", reply.error.reason)

@@ -8,7 +8,7 @@ fedpath version, which bundles are allowed, which numbers the site discloses).
 
 A reply's record holds its time, Flower run id, round (Flower's group id), message type and
 SecAgg+ stage (each as the server chose it when short and plain, otherwise by length and hash:
-``server_label``), what happened (``sent``, ``refused``, ``error``, ``withheld``), the content digest
+``client/server_labels.py``), what happened (``sent``, ``refused``, ``error``, ``withheld``), the content digest
 of the app bundle of the run, and the reply's structure: every record and key; arrays as dtype,
 shape and byte size; numbers in metric records (and in Flower's legacy metrics records) as their
 values, since these are the values the site discloses; bytes as their length and sha256 (never
@@ -29,7 +29,6 @@ import hashlib
 import json
 import logging
 import math
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from typing import Any
 from flwr.app import Message
 
 from client.egress_policy import ALLOWED_STATUS_TEXTS, LEGACY_METRIC_CARRIERS, LEGACY_STATUS_RECORDS, value_kind
+from client.server_labels import server_label
 from shared.atomic_files import atomic_write_json
 from shared.hash_chain import ChainError, HashChain
 from shared.refusals import refusal_code, refusal_text
@@ -85,20 +85,6 @@ def describe_reply(message: Message, reply: Message, stage: str | None, outcome:
     if violation is not None:
         record["violation"] = {"rule": violation.rule, "field": violation.field}
     return record
-
-
-PLAIN_LABEL = re.compile(r"[A-Za-z0-9._:/-]{0,64}")
-
-
-def server_label(value: str | None) -> str | None:
-    """A name the server chose (round id, message type, SecAgg+ stage) as it came when short and plain
-    (Flower's are: "3", "train", "share_keys"); otherwise only its length and hash. A server must not
-    fill the hospital's disk through the egress log (megabytes of round id per message), nor write lines
-    that ``egress show`` would print as records of their own (newlines, terminal escapes)."""
-    if value is None or PLAIN_LABEL.fullmatch(value):
-        return value
-    digest = hashlib.sha256(value.encode("utf-8", errors="replace")).hexdigest()[:16]
-    return f"(not shown: {len(value)} characters, sha256 {digest})"
 
 
 def describe_content(reply: Message) -> dict[str, dict[str, Any]]:

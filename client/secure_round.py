@@ -35,6 +35,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
+from client.server_labels import server_label
 from shared.refusals import strict_majority
 from shared.signed_secagg import (
     KEY_SIGNATURE,
@@ -49,6 +50,7 @@ from shared.signed_secagg import (
     instructions_digest,
     key_statement,
     load_signing_key,
+    settings_statement,
     sign,
     survivors_statement,
     verifies,
@@ -65,10 +67,6 @@ GROUPS = "fedpath-secaggplus-groups"
 """The rounds (Flower group ids) this site has set up in the run: each once. Flower's workflow never
 repeats one; a server that restarts a round would get fresh keys and another view signed."""
 
-
-PER_SITE_RECORDS = (RECORD_KEY_CONFIGS, RECORD)
-"""The collect-stage records that differ from site to site (Flower's shares and source list, fedpath's
-signatures); every other record (the plan, the model) is the same for every site of an honest round."""
 
 ROUND_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
@@ -141,6 +139,8 @@ def secure_stage(msg: Message, context: Context, call_next, min_round_sites: int
         return answer_survivors(msg, context, min_round_sites, signer)
     stage = msg.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE)
     state = check_stage(msg, context, min_round_sites, signer)
+    if stage == Stage.COLLECT_MASKED_VECTORS:  # noted before training: a try that fails is not retried either
+        context.state.config_records[STATE]["collect_tried"] = True
     collecting = _COLLECTING.set(stage == Stage.COLLECT_MASKED_VECTORS)
     try:
         reply = secaggplus_mod(msg, context, call_next)
@@ -167,8 +167,11 @@ def check_stage(msg: Message, context: Context, min_round_sites: int, signer: Si
     if stage == Stage.SHARE_KEYS:
         _check_share_keys(msg, configs, state, min_round_sites, signer)
     elif stage == Stage.COLLECT_MASKED_VECTORS:
+        if state.get("collect_tried"):  # each try trains and may spend privacy, even one that ends in a refusal
+            raise UnsafeRound(f"a second collect stage in round {state['group']}: a site trains once a round")
         _check_pairing(configs, state, signer, msg)
-        state["instructions"] = instructions_digest(msg.content, PER_SITE_RECORDS)
+        state["instructions"] = instructions_digest(msg.content)
+        state["collect_tried"] = True
     elif stage == Stage.UNMASK:
         _check_unmask(configs, state, min_round_sites, signer, msg)
     return state
@@ -235,20 +238,22 @@ def _check_setup(msg: Message, configs, context: Context, min_round_sites: int) 
     if groups is not None and msg.metadata.group_id in groups["groups"]:
         raise UnsafeRound(f"a second setup of round {msg.metadata.group_id!r}: each round is set up once")
     return ConfigRecord({"run": msg.metadata.run_id, "group": msg.metadata.group_id,
-                         "node": msg.metadata.dst_node_id, "sites": sites, "threshold": threshold})
+                         "node": msg.metadata.dst_node_id, "sites": sites, "threshold": threshold,
+                         "settings": settings_statement(configs, Key.STAGE)})
 
 
 def _round_state(msg: Message, context: Context, stage: str) -> ConfigRecord:
     """A copy of the site's round record, for this stage's message of the same run, round and node."""
+    name = server_label(stage) if isinstance(stage, str) else type(stage).__name__  # for the site's log
     state = context.state.config_records.get(STATE)
     if state is None:
-        raise UnsafeRound(f"SecAgg+ stage {stage!r} without a setup stage")
+        raise UnsafeRound(f"SecAgg+ stage {name!r} without a setup stage")
     state = ConfigRecord(dict(state.items()))
     if msg.metadata.dst_node_id != int(state["node"]):
-        raise UnsafeRound(f"stage {stage!r} addressed to node {msg.metadata.dst_node_id}, not this site's")
+        raise UnsafeRound(f"stage {name!r} addressed to node {msg.metadata.dst_node_id}, not this site's")
     if (msg.metadata.run_id, msg.metadata.group_id) != (int(state["run"]), str(state["group"])):
-        raise UnsafeRound(f"stage {stage!r} of round {msg.metadata.group_id!r} while round {state['group']!r} "
-                          "is under way")
+        raise UnsafeRound(f"stage {name!r} of round {server_label(msg.metadata.group_id)!r} while round "
+                          f"{state['group']!r} is under way")
     return state
 
 
@@ -259,7 +264,7 @@ def _check_share_keys(msg: Message, configs, state: ConfigRecord, min_round_site
         raise UnsafeRound(f"public keys of {len(keys)} sites in a round announced with {state['sites']}; this "
                           f"site requires at least {min_round_sites} (federation.min_round_sites)")
     state["partners"] = sorted(keys)
-    state["view"] = view_statement(int(state["run"]), str(state["group"]), keys)
+    state["view"] = view_statement(int(state["run"]), str(state["group"]), keys, state["settings"])
     if signer is None:
         log.warning("SecAgg+ round %s: no consortium roster (federation.roster): the other sites' keys are taken "
                     "on the server's word", state["group"])

@@ -85,6 +85,7 @@ from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
 from client.egress_log import ERROR, REFUSED, SENT, WITHHELD, EgressLog, describe_reply
 from client.egress_policy import EgressPolicy, Violation, secagg_stage
+from client.server_labels import server_label
 from client.site_config import SiteConfig, load_site_config
 from client.supernode import read_superexec_secret, runtime_address
 from shared.app_bundle import BundleError, bundle_digest, installed_bundle_info, normalise_digest
@@ -470,9 +471,10 @@ def _auth_hint(status: int) -> str:
 
 
 def _what(message: Message, stage: str | None) -> str:
+    """How the site's log names a message (the server's names only when short and plain)."""
     metadata = message.metadata
-    kind = metadata.message_type + (f"/{stage}" if stage else "")
-    return f"run {metadata.run_id} round {metadata.group_id or '-'} {kind}"
+    kind = server_label(metadata.message_type) + (f"/{server_label(stage)}" if stage else "")
+    return f"run {metadata.run_id} round {server_label(metadata.group_id) or '-'} {kind}"
 
 
 WARM_CACHE_BYTES = 4 << 30

@@ -46,7 +46,9 @@ class SignatureRelay:
     An observer of every exchange (``TimeoutGrid``) and a transformer of every outgoing message:
     setup replies give each node's key signature, share-keys replies its signature of the round's
     list of sites, survivors replies its signature of the survivors; they go out with the
-    share-keys, collect and unmask messages. It forges nothing and checks nothing: the sites do.
+    share-keys, collect and unmask messages. It forges nothing and checks nothing for the sites (they
+    check for themselves); it only names the survivors whose signature of the survivors will stop the
+    unmasking (``unverified_survivors``).
     """
 
     def __init__(self) -> None:
@@ -54,6 +56,10 @@ class SignatureRelay:
         self.views: dict[int, bytes] = {}
         self.survivors: dict[int, bytes] = {}
         self.group = ""
+        self.run_id = 0
+        self.settings = b""  # what the round's setup told the sites (signed.settings_statement)
+        self.round_keys: dict[int, tuple[bytes, bytes]] = {}  # the share-keys list the sites were shown
+        self.instructions: dict[int, bytes] = {}  # node -> digest of the collect stage it was sent
 
     def observe(self, replies: list[Message]) -> None:
         for reply in replies:
@@ -73,17 +79,36 @@ class SignatureRelay:
             configs = message.content.config_records.get(RECORD_KEY_CONFIGS)
             stage = configs.get(Key.STAGE) if configs is not None else None
             if stage == Stage.SETUP:  # a new round: nothing signed yet
-                self.keys, self.views, self.survivors = {}, {}, {}
-                self.group = message.metadata.group_id
+                self.keys, self.views, self.survivors, self.instructions = {}, {}, {}, {}
+                self.group, self.run_id = message.metadata.group_id, message.metadata.run_id
+                self.settings = signed.settings_statement(configs, Key.STAGE)
             elif stage == Stage.SHARE_KEYS:
                 nodes = [int(node) for node in configs.keys() if node != Key.STAGE]
+                self.round_keys = {int(node): (value[0], value[1]) for node, value in configs.items()
+                                   if node != Key.STAGE}
                 self._add(message, {str(n): self.keys[n] for n in nodes if n in self.keys})
             elif stage == Stage.COLLECT_MASKED_VECTORS:
                 sources = [int(node) for node in configs.get(Key.SOURCE_LIST, [])]
+                self.instructions[message.metadata.dst_node_id] = signed.instructions_digest(message.content)
                 self._add(message, {str(n): self.views[n] for n in sources if n in self.views})
             elif stage == Stage.UNMASK:
                 self._add(message, {str(n): signature for n, signature in self.survivors.items()})
         return messages
+
+    def unverified_survivors(self, survivors: list[int]) -> list[int]:
+        """The survivors whose signature of ``survivors`` is missing or does not verify with the key their
+        member hospital signed their SecAgg+ keys with, against the statement the others signed: every
+        site then refuses to unmask (code 9), and only the server can say who stopped the round."""
+        view = signed.view_statement(self.run_id, self.group, self.round_keys, self.settings)
+        unverified = []
+        for node in survivors:
+            statement = signed.survivors_statement(self.run_id, self.group, view, survivors,
+                                                   self.instructions.get(node, b""))
+            key = signed.signer_key(self.keys[node][1]) if node in self.keys else None
+            signature = self.survivors.get(node)
+            if key is None or signature is None or not signed.verifies(key, signature, statement):
+                unverified.append(node)
+        return unverified
 
     @staticmethod
     def _add(message: Message, entries: dict) -> None:
@@ -130,6 +155,12 @@ class DropTolerantSecAggPlus(SecAggPlusWorkflow):
         grid.send_and_receive([Message(RecordDict({signed.RECORD: ConfigRecord(request)}), dst_node_id=node,
                                        message_type=MessageType.TRAIN, group_id=self.relay.group)
                                for node in survivors], timeout=self.timeout)
+        if len(set(self.relay.instructions.get(node) for node in survivors)) > 1:
+            log.error("round %s: the sites were sent different plans or models in the collect stage; each site "
+                      "refuses to unmask a sum of sites that trained on others (code 9)", self.relay.group)
+        elif unverified := self.relay.unverified_survivors(survivors):
+            log.error("round %s: node(s) %s sent no valid signature of the survivors, so every site refuses to "
+                      "unmask (code 9); `fedpath-server sites` names the nodes", self.relay.group, unverified)
         return super().unmask_stage(grid, context, state)
 
 

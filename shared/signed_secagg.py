@@ -14,8 +14,11 @@ hospital holds itself (site.yaml ``federation.roster``), never the server's word
    accepts a share-keys list only if every entry is signed by a different roster member, so the
    server cannot add sites of its own.
 2. **view** (share-keys reply): "in run R, round G, the round's sites and keys are exactly this
-   list". A site sends its masked vector only once every partner signed the same list, so the
-   server cannot pair it with a few sites and show the others another round.
+   list, and its SecAgg+ settings these" (the setup's sample size, shares, threshold, clipping,
+   quantisation and modulus ranges, maximum weight: ``settings_statement``). A site sends its masked
+   vector only once every partner signed the same list and settings, so the server cannot pair it
+   with a few sites, show the others another round, or quantise the others' updates to nothing
+   (a maximum weight of 1e12 for every site but one scales theirs to zero).
 3. **survivors** (an extra exchange before unmasking): "in run R, round G, the sites whose
    masked vectors are summed are exactly S, and this site trained on the instructions with digest
    D" (the plan and model of the collect stage, ``instructions_digest``). A site signs one S per
@@ -37,14 +40,15 @@ the roster. The site's checks are in ``client/secure_round.py``; the server rela
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from flwr.app import Array, RecordDict
+from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from shared.errors import UserError
 from shared.site_keys import SiteKeyError, fingerprint, normalize_public_key, public_key_line
@@ -75,13 +79,21 @@ def key_statement(run_id: int, group: str, node_id: int, pk1: bytes, pk2: bytes)
     return _statement("keys", run_id, group, str(node_id).encode(), pk1, pk2)
 
 
-def view_statement(run_id: int, group: str, keys: dict[int, tuple[bytes, bytes]]) -> bytes:
-    """The round's sites and their keys, in node order (the same bytes at every site that got the same list)."""
+def view_statement(run_id: int, group: str, keys: dict[int, tuple[bytes, bytes]], settings: bytes) -> bytes:
+    """The round's sites and their keys, in node order, and its SecAgg+ settings (``settings_statement``):
+    the same bytes at every site that got the same list and settings."""
     digest = hashlib.sha256()
     for node_id in sorted(keys):
         pk1, pk2 = keys[node_id]
         digest.update(_statement("entry", run_id, group, str(node_id).encode(), pk1, pk2))
-    return _statement("view", run_id, group, digest.digest())
+    return _statement("view", run_id, group, digest.digest(), hashlib.sha256(settings).digest())
+
+
+def settings_statement(setup: Mapping[str, object], stage_key: str) -> bytes:
+    """Every value of a SecAgg+ setup message but its stage, by key: what Flower's mod masks and quantises
+    with, taken from each site's own setup message and compared with no other site's."""
+    return b"".join(_statement("setting", 0, "", key.encode(), type(setup[key]).__name__.encode(),
+                               repr(setup[key]).encode()) for key in sorted(setup) if key != stage_key)
 
 
 def survivors_statement(run_id: int, group: str, view: bytes, survivors: list[int], instructions: bytes) -> bytes:
@@ -93,15 +105,22 @@ def survivors_statement(run_id: int, group: str, view: bytes, survivors: list[in
                       ",".join(str(n) for n in sorted(set(survivors))).encode(), instructions)
 
 
-def instructions_digest(content: RecordDict, per_site: Collection[str]) -> bytes:
-    """SHA-256 of a collect-stage message's records except the ``per_site`` ones (Flower's SecAgg+
-    configs and fedpath's signatures, which differ from site to site by design): the plan and the
-    model every site of a round must receive alike. Record, key and array order do not matter."""
+PER_SITE_RECORDS = (RECORD_KEY_CONFIGS, RECORD)
+"""The collect-stage records that differ from site to site by design (Flower's shares and source list,
+fedpath's signatures); every other record (the plan, the model) is the same for every site of a round."""
+
+
+def instructions_digest(content: RecordDict, per_site: Collection[str] = PER_SITE_RECORDS) -> bytes:
+    """SHA-256 of a collect-stage message's records except the ``per_site`` ones: the plan and the model
+    every site of a round must receive alike. Records are taken by name and config entries by
+    key; the arrays of a record in their order, which is the order training reads them in (Flower
+    turns an array record into a list of arrays), so the same arrays in another order are another
+    model."""
     digest = hashlib.sha256()
     for name in sorted(set(content.keys()) - set(per_site)):
         record = content[name]
         digest.update(_statement("record", 0, "", name.encode(), type(record).__name__.encode()))
-        for key in sorted(record.keys()):
+        for key in (list(record.keys()) if isinstance(record, ArrayRecord) else sorted(record.keys())):
             value = record[key]
             if isinstance(value, Array):
                 array = value.numpy()
@@ -122,6 +141,15 @@ def verifies(public_key: ec.EllipticCurvePublicKey, signature: bytes, statement:
     except (InvalidSignature, ValueError, TypeError):
         return False
     return True
+
+
+def signer_key(line: bytes) -> ec.EllipticCurvePublicKey | None:
+    """The public key of a signer's OpenSSH line as sent; None if it is not one."""
+    try:
+        key = serialization.load_ssh_public_key(bytes(line))
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        return None
+    return key if isinstance(key, ec.EllipticCurvePublicKey) else None
 
 
 class RosterError(UserError):

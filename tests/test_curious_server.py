@@ -72,6 +72,18 @@ ATTACKS = {
                            "                dead = list(configs['dead_nids'])\n"
                            "                configs['dead_nids'] = dead + active[:1]\n"
                            "        waiting = set(self._grid.push_messages(messages))"),
+    # at setup, tell every site but the lowest node's a maximum weight of 1e12: Flower's mod scales their
+    # updates to zero before masking, and the sum would be that one site's update (Flower's workflow gives
+    # every site the same setup record: the attack gives the others a copy of their own)
+    "others-weightless": ("server/grid_timeout.py", "        waiting = set(self._grid.push_messages(messages))", """\
+        from flwr.app import ConfigRecord, RecordDict
+        nodes = [message.metadata.dst_node_id for message in messages]
+        for message in messages:
+            configs = message.content.config_records.get('secaggplus_configs')
+            if configs is not None and configs.get('stage') == 'setup' and message.metadata.dst_node_id != min(nodes):
+                weightless = ConfigRecord({**dict(configs.items()), 'max_weight': 1e12})
+                message.content = RecordDict({'secaggplus_configs': weightless})
+        waiting = set(self._grid.push_messages(messages))"""),
     # the site of the highest node id is asked for replayable noise, which a deployed site refuses (code 15):
     # a round trained by two sites (by one, were it done to all but one)
     "one-sits-out": ("server/federation_strategy.py", _SAMPLED, _SAMPLED.replace("        return", """\
@@ -175,6 +187,8 @@ def test_a_curious_server_reads_only_the_masked_sum_and_the_disclosed_numbers(co
     assert all(0 < p["epsilon"] <= 8.0 + 1e-6 for p in latest.card["privacy"].values())
     status = secure.status()
     assert status["state"] == "finished" and status["round"] == 1 and status["evaluated_round"] == 1
+    server_log = _server_log(secure)  # the server's own check of the survivors' signatures agrees with the sites'
+    assert "[ROUND 1]" in server_log and "no valid signature" not in server_log and "different plans" not in server_log
     assert verify(secure.audit_log, status["audit_last_hash"]) == 2
     secure.audit_log.write_text(secure.audit_log.read_text().replace('"round":1', '"round":7', 1))
     with pytest.raises(AuditError, match="line 2"):
@@ -230,6 +244,10 @@ def test_a_curious_server_reads_only_the_masked_sum_and_the_disclosed_numbers(co
                 disclosed = set(DISCLOSE[names[message["node"]]])
                 assert set(record) - {"num_examples"} <= disclosed, (record_name, record)
                 assert all(kind in ("int", "float") for kind in record.values()), record
+
+
+def _server_log(folder: RunFolder) -> str:
+    return "".join(path.read_text() for path in folder.path.glob("flower-run-*.log"))
 
 
 def _nodes(consortium: LocalConsortium, folder: RunFolder) -> list[dict]:
@@ -345,10 +363,24 @@ def test_sites_shown_another_plan_do_not_unmask_the_one_that_trained_on_the_real
     and model it trained on; no site finds every survivor's signature on its own, and none reveals a
     share."""
     folder, before = _run(consortium, monkeypatch, consortium.bundles["others-tiny-steps"])
+    assert "the sites were sent different plans or models" in _server_log(folder)  # the server's log says why
     message = folder.status()["message"]
     assert "secure aggregation stopped" in message and message.count("(code 9)") == 3
     for site, since in zip(consortium.site_yamls, before, strict=True):
         assert [(r["stage"], r.get("error_code")) for r in _egress(site, since)] == [
             ("setup", None), ("share_keys", None), ("collect_masked_vectors", None), ("survivors", None),
             ("unmask", 1009)]
+    assert not (folder.path / "checkpoints" / "round-0001.json").exists()
+
+
+def test_sites_given_other_secagg_settings_send_no_masked_vector(consortium, monkeypatch):
+    """Two sites are told a maximum weight of 1e12 at setup (their updates would be quantised to nothing):
+    the settings are part of the view every site signs, so no site finds its partners' signatures on its
+    own view, and none sends its masked vector."""
+    folder, before = _run(consortium, monkeypatch, consortium.bundles["others-weightless"])
+    message = folder.status()["message"]
+    assert "secure aggregation stopped" in message and message.count("(code 9)") == 3
+    for site, since in zip(consortium.site_yamls, before, strict=True):
+        assert [(r["stage"], r.get("error_code")) for r in _egress(site, since)] == [
+            ("setup", None), ("share_keys", None), ("collect_masked_vectors", 1009)]
     assert not (folder.path / "checkpoints" / "round-0001.json").exists()

@@ -504,6 +504,16 @@ def test_a_sites_newer_pull_ends_its_older_one_and_naming_its_key_does_not(relay
     older.join(timeout=10)
     assert not older.is_alive() and answers["older"] == (200, EMPTY)  # ended with "nothing yet"
     assert newer.is_alive() and other.is_alive()
+    # the key, not the header's text: "AQI=" and "AQJ=" are the same two bytes (base64's unused bits)
+    asked = len(upstream.asks)
+    first = pull("first", "AQI=")
+    deadline = time.monotonic() + 10
+    while len(upstream.asks) == asked and time.monotonic() < deadline:  # held (claimed right after its first ask)
+        time.sleep(0.05)
+    time.sleep(0.2)
+    second = pull("second", "AQJ=")
+    first.join(timeout=10)
+    assert not first.is_alive() and answers["first"] == (200, EMPTY) and second.is_alive()
 
 
 def test_the_relay_process_delivers_an_announced_message_at_once_and_asks_little_meanwhile(relay, tmp_path):

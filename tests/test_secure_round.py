@@ -105,6 +105,11 @@ class Server:
         self.relay.observe(list(replies.values()))
         return replies
 
+    def collect_message(self, node: int) -> Message:
+        sources, ciphertexts = self.forwarded[node]
+        return _stage(node, {Key.STAGE: Stage.COLLECT_MASKED_VECTORS, Key.SOURCE_LIST: sources,
+                             Key.CIPHERTEXT_LIST: ciphertexts}, _instructions())
+
     def run(self) -> dict[int, Message]:
         nodes = sorted(self.sites)
         keys = self.exchange(Stage.SETUP, [_stage(n, {Key.STAGE: Stage.SETUP, **SETUP}) for n in nodes])
@@ -120,10 +125,8 @@ class Server:
                 if target in forwarded:
                     forwarded[target][0].append(source)
                     forwarded[target][1].append(ciphertext)
-        masked = self.exchange(Stage.COLLECT_MASKED_VECTORS, [
-            _stage(n, {Key.STAGE: Stage.COLLECT_MASKED_VECTORS, Key.SOURCE_LIST: sources,
-                       Key.CIPHERTEXT_LIST: ciphertexts}, _instructions())
-            for n, (sources, ciphertexts) in forwarded.items()])
+        self.forwarded = forwarded
+        masked = self.exchange(Stage.COLLECT_MASKED_VECTORS, [self.collect_message(n) for n in forwarded])
         self.survivors = sorted(masked)
         survivors = sorted(masked)
         request = {signed.STAGE_KEY: signed.SURVIVORS_STAGE, signed.SURVIVORS_KEY: survivors}
@@ -277,7 +280,7 @@ def test_sites_shown_another_plan_or_model_reveal_nothing_for_the_site_that_trai
     assert all("survivors [11] did not sign" in sites[n].refusal for n in NODES if n != VICTIM)
 
 
-def test_the_digest_of_what_a_site_trained_on_ignores_the_per_site_records_and_the_order():
+def test_the_digest_of_what_a_site_trained_on_ignores_the_per_site_records_but_not_the_arrays_order():
     one = RecordDict({**_instructions(), RECORD_KEY_CONFIGS: ConfigRecord({Key.SOURCE_LIST: [1, 2]})})
     other = RecordDict({"fitins.parameters": _instructions()["fitins.parameters"],
                         "fitins.config": _instructions()["fitins.config"],
@@ -287,6 +290,40 @@ def test_the_digest_of_what_a_site_trained_on_ignores_the_per_site_records_and_t
     assert signed.instructions_digest(one, per_site) == signed.instructions_digest(other, per_site)
     other.array_records["fitins.parameters"]["0"] = Array(np.linspace(0, 1, 6, dtype=np.float64))
     assert signed.instructions_digest(one, per_site) != signed.instructions_digest(other, per_site)  # dtype too
+    # training reads a record's arrays in their order: the same arrays in another order are another model
+    a, b = Array(np.zeros(2, dtype=np.float32)), Array(np.ones(3, dtype=np.float32))
+    ordered = RecordDict({"fitins.parameters": ArrayRecord({"0": a, "1": b})})
+    swapped = RecordDict({"fitins.parameters": ArrayRecord({"1": b, "0": a})})
+    assert signed.instructions_digest(ordered, per_site) != signed.instructions_digest(swapped, per_site)
+
+
+def test_sites_given_other_secagg_settings_send_no_masked_vector(signers):
+    """Flower's mod quantises with the maximum weight of each site's own setup message: the others told 1e12
+    scale their updates to zero, and the sum would be the victim's. The settings are part of the signed view,
+    so no partner's view signature verifies at any site, and none sends its masked vector."""
+    def tamper(stage, messages):
+        for message in messages:
+            if stage == Stage.SETUP and message.metadata.dst_node_id != VICTIM:
+                _configs(message)[Key.MAX_WEIGHT] = 1e12
+        return messages
+
+    sites = _sites(signers)
+    server = Server(sites, tamper)
+    assert server.run() == {} and server.survivors == []
+    assert all("did not sign the list of sites and keys" in site.refusal for site in sites.values())
+
+
+def test_a_site_trains_once_a_round_even_after_sitting_out(signers):
+    """A server that resends the collect stage would make a site train (and spend privacy) again in the same
+    round; a site that sat out is not moved on by Flower's mod, so the site counts the tries itself."""
+    sites = _sites(signers, sitting_out=(15,))
+    server = Server(sites)
+    server.run()
+    assert sites[15].refusal == "sat out"
+    sites[15].refusal = None
+    assert sites[15].handle(server.collect_message(15)) is None
+    assert "a second collect stage in round 3" in sites[15].refusal
+    assert sites[15].trained_for_a_masked_sum == [True]  # trained (and sat out) once
 
 
 def test_a_site_that_sits_out_answers_no_masked_vector_and_is_not_summed(signers):
@@ -379,3 +416,15 @@ def test_a_round_id_that_is_not_a_short_plain_name_is_refused_at_setup(signers, 
     setup = server_message_to(VICTIM, RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({Key.STAGE: Stage.SETUP,
                                                                                    **SETUP})}), group)
     assert site.handle(setup) is None and f"a round id of {len(group)} characters" in site.refusal
+
+
+def test_the_server_names_the_survivor_whose_signature_stops_the_unmasking(signers):
+    """Every survivor must sign the survivors, so one hospital that signs something else stops the round; the
+    sites only see that a signature is missing, the server (which relays them) names whose it is."""
+    sites = _sites(signers)
+    server = Server(sites)
+    assert sorted(server.run()) == NODES
+    assert server.relay.unverified_survivors(server.survivors) == []  # the server's statement is the sites'
+    server.relay.survivors[13] = sign(signers[13].key, b"another statement")
+    del server.relay.survivors[14]
+    assert server.relay.unverified_survivors(server.survivors) == [13, 14]
