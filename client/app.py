@@ -44,9 +44,9 @@ from client.secure_round import (
     secure_stage,
     training_for_a_masked_sum,
 )
-from client.server_labels import server_label
 from shared.errors import UserError
 from shared.refusals import REFUSAL_ERROR_BASE, UNDISCLOSED_SIT_OUT, InvalidFederationId, refusal_text
+from shared.server_labels import server_label
 
 SITE_CONFIG_KEY = "site-config"
 """Node config key with the absolute path of the site's site.yaml (set by `fedpath-site start`)."""
@@ -199,7 +199,8 @@ def secure_aggregation(msg: Message, context: Context, call_next) -> Message:
     except (UnsafeRound, UserError) as exc:  # an unusable roster or key: no round without the checks it asks for
         raise SiteRefusal(9, str(exc)) from None
     try:
-        return secure_stage(msg, context, call_next, config.federation.min_round_sites, signer)
+        return secure_stage(msg, context, call_next, config.federation.min_round_sites, signer,
+                            collects=config.state_dir / "secagg")
     except UnsafeRound as exc:  # (failures of the training below keep their own codes)
         raise SiteRefusal(9, str(exc)) from None
 

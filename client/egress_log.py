@@ -8,7 +8,7 @@ fedpath version, which bundles are allowed, which numbers the site discloses).
 
 A reply's record holds its time, Flower run id, round (Flower's group id), message type and
 SecAgg+ stage (each as the server chose it when short and plain, otherwise by length and hash:
-``client/server_labels.py``), what happened (``sent``, ``refused``, ``error``, ``withheld``), the content digest
+``shared/server_labels.py``), what happened (``sent``, ``refused``, ``error``, ``withheld``), the content digest
 of the app bundle of the run, and the reply's structure: every record and key; arrays as dtype,
 shape and byte size; numbers in metric records (and in Flower's legacy metrics records) as their
 values, since these are the values the site discloses; bytes as their length and sha256 (never
@@ -36,10 +36,10 @@ from typing import Any
 from flwr.app import Message
 
 from client.egress_policy import ALLOWED_STATUS_TEXTS, LEGACY_METRIC_CARRIERS, LEGACY_STATUS_RECORDS, value_kind
-from client.server_labels import server_label
 from shared.atomic_files import atomic_write_json
 from shared.hash_chain import ChainError, HashChain
 from shared.refusals import refusal_code, refusal_text
+from shared.server_labels import server_label
 
 log = logging.getLogger("fedpath.egress")
 

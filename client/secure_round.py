@@ -25,6 +25,7 @@ Failures raise :class:`UnsafeRound`; the ClientApp answers it with refusal 9 and
 from __future__ import annotations
 
 import logging
+import os
 import re
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -35,8 +36,8 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
-from client.server_labels import server_label
 from shared.refusals import strict_majority
+from shared.server_labels import server_label
 from shared.signed_secagg import (
     KEY_SIGNATURE,
     RECORD,
@@ -69,6 +70,7 @@ repeats one; a server that restarts a round would get fresh keys and another vie
 
 
 ROUND_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+NODE_ID = re.compile(r"[0-9]{1,20}")
 
 _COLLECTING: ContextVar[bool] = ContextVar("fedpath_secagg_collecting", default=False)
 
@@ -123,8 +125,24 @@ def is_survivors_request(msg: Message) -> bool:
     return record is not None and record.get(STAGE_KEY) == SURVIVORS_STAGE
 
 
+def note_collect(folder: Path, run: int, group: str) -> None:
+    """Write down, durably, that this site trains for round ``group`` of run ``run``; UnsafeRound if it did
+    before. The run's context says so too, but the task runner hands the context back to the SuperNode only
+    after the reply: should that fail, a resent collect stage would find the context of before, with the same
+    masks, and a second masked vector under them would give away the difference of the two updates."""
+    folder.mkdir(parents=True, exist_ok=True)
+    line = f"{group}\n"
+    with open(folder / f"run-{int(run)}.collects", "a+", encoding="ascii") as handle:
+        handle.seek(0)
+        if line in handle.readlines():
+            raise UnsafeRound(f"a second collect stage in round {group}: this site trained for it before")
+        handle.write(line)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
 def secure_stage(msg: Message, context: Context, call_next, min_round_sites: int,
-                 signer: SiteSigner | None) -> Message:
+                 signer: SiteSigner | None, collects: Path | None = None) -> Message:
     """One SecAgg+ stage (or fedpath's survivors exchange) at the site: check it, let Flower's mod
     answer it (the collect stage trains through ``call_next``), sign the reply. Raises UnsafeRound.
 
@@ -134,12 +152,15 @@ def secure_stage(msg: Message, context: Context, call_next, min_round_sites: int
         call_next: the rest of the ClientApp (training), for the collect stage.
         min_round_sites: site.yaml ``federation.min_round_sites``.
         signer: the roster and this site's key (``SiteSigner.for_site``), or None without a roster.
+        collects: where the site notes each round it trained for (``note_collect``; None: the context only).
     """
     if is_survivors_request(msg):
         return answer_survivors(msg, context, min_round_sites, signer)
     stage = msg.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE)
     state = check_stage(msg, context, min_round_sites, signer)
     if stage == Stage.COLLECT_MASKED_VECTORS:  # noted before training: a try that fails is not retried either
+        if collects is not None:
+            note_collect(collects, int(state["run"]), str(state["group"]))
         context.state.config_records[STATE]["collect_tried"] = True
     collecting = _COLLECTING.set(stage == Stage.COLLECT_MASKED_VECTORS)
     try:
@@ -161,6 +182,9 @@ def check_stage(msg: Message, context: Context, min_round_sites: int, signer: Si
     Returns the site's round record as it will be if the stage succeeds (the context is not touched)."""
     configs = msg.content.config_records[RECORD_KEY_CONFIGS]
     stage = configs.get(Key.STAGE)
+    if stage not in (Stage.SETUP, Stage.SHARE_KEYS, Stage.COLLECT_MASKED_VECTORS, Stage.UNMASK):
+        name = server_label(stage) if isinstance(stage, str) else type(stage).__name__
+        raise UnsafeRound(f"an unknown SecAgg+ stage {name!r}")  # before Flower's mod writes it into its error
     if stage == Stage.SETUP:
         return _check_setup(msg, configs, context, min_round_sites)
     state = _round_state(msg, context, stage)
@@ -259,6 +283,9 @@ def _round_state(msg: Message, context: Context, stage: str) -> ConfigRecord:
 
 def _check_share_keys(msg: Message, configs, state: ConfigRecord, min_round_sites: int,
                       signer: SiteSigner | None) -> None:
+    nodes = [node for node in configs.keys() if node != Key.STAGE]
+    if not all(NODE_ID.fullmatch(node) for node in nodes):
+        raise UnsafeRound("a share-keys list whose keys are not all node ids")
     keys = {int(node): (value[0], value[1]) for node, value in configs.items() if node != Key.STAGE}
     if not min_round_sites <= len(keys) <= int(state["sites"]):
         raise UnsafeRound(f"public keys of {len(keys)} sites in a round announced with {state['sites']}; this "

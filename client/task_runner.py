@@ -85,13 +85,13 @@ from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
 from client.egress_log import ERROR, REFUSED, SENT, WITHHELD, EgressLog, describe_reply
 from client.egress_policy import EgressPolicy, Violation, secagg_stage
-from client.server_labels import server_label
 from client.site_config import SiteConfig, load_site_config
 from client.supernode import read_superexec_secret, runtime_address
 from shared.app_bundle import BundleError, bundle_digest, installed_bundle_info, normalise_digest
 from shared.errors import UserError
 from shared.polling import quarter_step
 from shared.refusals import REFUSAL_ERROR_BASE
+from shared.server_labels import server_label
 
 log = logging.getLogger("fedpath.runner")
 

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 from shared.model import ModelConfig
 from shared.refusals import InvalidFederationId, federation_id_problem
+from shared.server_labels import server_label
 from shared.yaml_config import at_least, check, parse_config, positive
 
 PLAN_KEY = "fedpath-plan"
@@ -63,7 +64,8 @@ class RoundPlan:
         document = json.loads(str(config[PLAN_KEY]))
         federation_id = document.get("federation_id") if isinstance(document, dict) else None
         if federation_id_problem(federation_id):
-            raise InvalidFederationId(f"round plan from the server: federation_id {federation_id!r} "
+            shown = server_label(federation_id) if isinstance(federation_id, str) else type(federation_id).__name__
+            raise InvalidFederationId(f"round plan from the server: federation_id {shown!r} "
                                       f"{federation_id_problem(federation_id)}")
         return parse_config(cls, document, "round plan from the server")
 

@@ -483,6 +483,7 @@ def test_a_sites_newer_pull_ends_its_older_one_and_naming_its_key_does_not(relay
     again and again. A pull counts only once the SuperLink accepted its signature, so a stranger who names a
     site's public key cannot end that site's hold."""
     port, upstream = relay(messages_after=10_000, hold_s=20)
+    site_a, site_b = "c2l0ZS1h", "c2l0ZS1i"  # base64, as Flower sends a site's public key
     request = PullMessagesRequest(node=Node(node_id=42)).SerializeToString()
     answers: dict[str, tuple[int, bytes]] = {}
 
@@ -492,19 +493,20 @@ def test_a_sites_newer_pull_ends_its_older_one_and_naming_its_key_does_not(relay
         thread.start()
         return thread
 
-    older = pull("older", "site-a")
+    older = pull("older", site_a)
     deadline = time.monotonic() + 10
     while len(upstream.asks) < 1 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert _post(port, PULL, request, signature="forged", key="site-a")[0] == 401  # refused at once
-    other = pull("other", "site-b")  # another site's pull is its own
+    assert _post(port, PULL, request, signature="forged", key=site_a)[0] == 401  # refused at once
+    other = pull("other", site_b)  # another site's pull is its own
     older.join(timeout=3)
     assert older.is_alive()  # still held: the stranger's pull never counted
-    newer = pull("newer", "site-a")
+    newer = pull("newer", site_a)
     older.join(timeout=10)
     assert not older.is_alive() and answers["older"] == (200, EMPTY)  # ended with "nothing yet"
     assert newer.is_alive() and other.is_alive()
-    # the key, not the header's text: "AQI=" and "AQJ=" are the same two bytes (base64's unused bits)
+    # the key, not the header's text: "AQI=", "AQJ=" and "AQI=\t" are the same two bytes (base64's unused bits,
+    # blanks the SuperLink strips)
     asked = len(upstream.asks)
     first = pull("first", "AQI=")
     deadline = time.monotonic() + 10
@@ -514,6 +516,12 @@ def test_a_sites_newer_pull_ends_its_older_one_and_naming_its_key_does_not(relay
     second = pull("second", "AQJ=")
     first.join(timeout=10)
     assert not first.is_alive() and answers["first"] == (200, EMPTY) and second.is_alive()
+    third = pull("third", "AQI=\t")
+    second.join(timeout=10)
+    assert not second.is_alive() and answers["second"] == (200, EMPTY) and third.is_alive()
+    # a key header that is not base64 cannot be told apart from others: asked once, not held
+    asked = len(upstream.asks)
+    assert _post(port, PULL, request, key="not base64!") == (200, EMPTY) and len(upstream.asks) == asked + 1
 
 
 def test_the_relay_process_delivers_an_announced_message_at_once_and_asks_little_meanwhile(relay, tmp_path):

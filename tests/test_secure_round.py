@@ -10,6 +10,7 @@ tests/test_curious_server.py.)
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -54,8 +55,8 @@ class SitsOut(Exception):
 
 
 class Site:
-    def __init__(self, node: int, signer: SiteSigner | None, sits_out: bool = False):
-        self.node, self.signer, self.sits_out = node, signer, sits_out
+    def __init__(self, node: int, signer: SiteSigner | None, sits_out: bool = False, collects: Path | None = None):
+        self.node, self.signer, self.sits_out, self.collects = node, signer, sits_out, collects
         self.context = Context(run_id=RUN_ID, node_id=node, node_config={}, state=RecordDict(), run_config={})
         self.refusal: str | None = None
         self.trained_for_a_masked_sum: list[bool] = []
@@ -70,7 +71,7 @@ class Site:
         if self.refusal is not None:
             return None
         try:
-            return secure_stage(message, self.context, self.train, MIN_SITES, self.signer)
+            return secure_stage(message, self.context, self.train, MIN_SITES, self.signer, self.collects)
         except UnsafeRound as refusal:
             self.refusal = str(refusal)
             return None
@@ -428,3 +429,46 @@ def test_the_server_names_the_survivor_whose_signature_stops_the_unmasking(signe
     server.relay.survivors[13] = sign(signers[13].key, b"another statement")
     del server.relay.survivors[14]
     assert server.relay.unverified_survivors(server.survivors) == [13, 14]
+
+
+def test_a_site_notes_on_disk_each_round_it_trained_for(signers, tmp_path):
+    """The run's context goes back to the SuperNode only after the reply; had that failed, a resent collect
+    stage would find the context of before (the same masks) and a second masked vector would give away the
+    difference of two updates. The site notes each round on disk before training, and refuses a second."""
+    sites = _sites(signers)
+    sites[VICTIM].collects = tmp_path / "secagg"
+    saved = {}
+
+    def keep_context(stage, messages):
+        if stage == Stage.COLLECT_MASKED_VECTORS:  # the victim's context as the SuperNode would still hold it
+            saved["context"] = copy.deepcopy(sites[VICTIM].context)
+        return messages
+
+    server = Server(sites, keep_context)
+    assert sorted(server.run()) == NODES
+    assert (tmp_path / "secagg" / f"run-{RUN_ID}.collects").read_text() == f"{GROUP}\n"
+    sites[VICTIM].context = saved["context"]  # the context of before the collect stage came back
+    (resent,) = server.relay.attach([server.collect_message(VICTIM)])  # with the partners' view signatures
+    assert sites[VICTIM].handle(resent) is None
+    assert "this site trained for it before" in sites[VICTIM].refusal
+    assert sites[VICTIM].trained_for_a_masked_sum == [True]
+
+
+@pytest.mark.parametrize("stage", ["x\n2026-12-05 INFO fedpath.site: forged line", 7])
+def test_an_unknown_stage_is_refused_before_flowers_mod_and_named_plainly(signers, stage):
+    site = Site(VICTIM, signers[VICTIM])
+    assert site.handle(_stage(VICTIM, {Key.STAGE: stage})) is None
+    assert "unknown SecAgg+ stage" in site.refusal and "\n" not in site.refusal
+
+
+def test_a_share_keys_list_with_keys_that_are_not_node_ids_is_refused(signers):
+    def tamper(stage, messages):
+        for message in messages:
+            if stage == Stage.SHARE_KEYS and message.metadata.dst_node_id == VICTIM:
+                configs = _configs(message)
+                configs["12\nforged"] = configs[str(12)]
+        return messages
+
+    sites = _sites(signers)
+    Server(sites, tamper).run()
+    assert sites[VICTIM].refusal == "a share-keys list whose keys are not all node ids"
