@@ -64,7 +64,9 @@ class RoundPlan:
         document = json.loads(str(config[PLAN_KEY]))
         federation_id = document.get("federation_id") if isinstance(document, dict) else None
         if federation_id_problem(federation_id):
-            shown = server_label(federation_id) if isinstance(federation_id, str) else type(federation_id).__name__
+            shown = server_label(federation_id) if isinstance(federation_id, str) else \
+                federation_id if federation_id is None or isinstance(federation_id, (bool, int, float)) else \
+                type(federation_id).__name__  # never the server's text at length
             raise InvalidFederationId(f"round plan from the server: federation_id {shown!r} "
                                       f"{federation_id_problem(federation_id)}")
         return parse_config(cls, document, "round plan from the server")

@@ -297,7 +297,10 @@ def test_a_path_as_federation_id_is_refused_before_any_file_is_touched(consortiu
         refused = [r for r in replies if r.get("error_code")]
         assert [(r["stage"], r["error_code"]) for r in refused] == [("collect_masked_vectors", 1010)]
         new = sorted(set(p for p in state.rglob("*") if p.is_file()) - set(files))
-        assert not new, new  # no ledger, no round record: only the logs that were there grew
+        # no ledger, no round record: only the logs that were there grew, and the note that the site took the
+        # round's collect stage (named by Flower's run number, before the plan is read: client/secure_round.py)
+        note = Path("secagg") / f"run-{folder.run_info()['flower_runs'][-1]}.collects"
+        assert [p.relative_to(state) for p in new] == [note], new
         assert not (state / "x.json").exists() and not (state.parent / "x.json").exists()
 
 
