@@ -47,8 +47,8 @@ class SignatureRelay:
     setup replies give each node's key signature, share-keys replies its signature of the round's
     list of sites, survivors replies its signature of the survivors; they go out with the
     share-keys, collect and unmask messages. It forges nothing and checks nothing for the sites (they
-    check for themselves); it only names the survivors whose signature of the survivors will stop the
-    unmasking (``unverified_survivors``).
+    check for themselves); when the unmasking fails it names the survivors whose signature of the
+    survivors stopped it (``unverified_survivors``).
     """
 
     def __init__(self) -> None:
@@ -59,7 +59,7 @@ class SignatureRelay:
         self.run_id = 0
         self.settings = b""  # what the round's setup told the sites (signed.settings_statement)
         self.round_keys: dict[int, tuple[bytes, bytes]] = {}  # the share-keys list the sites were shown
-        self.instructions: dict[int, bytes] = {}  # node -> digest of the collect stage it was sent
+        self.collected: dict[int, RecordDict] = {}  # node -> the collect stage's content it was sent (Flower's own)
 
     def observe(self, replies: list[Message]) -> None:
         for reply in replies:
@@ -79,7 +79,7 @@ class SignatureRelay:
             configs = message.content.config_records.get(RECORD_KEY_CONFIGS)
             stage = configs.get(Key.STAGE) if configs is not None else None
             if stage == Stage.SETUP:  # a new round: nothing signed yet
-                self.keys, self.views, self.survivors, self.instructions = {}, {}, {}, {}
+                self.keys, self.views, self.survivors, self.collected = {}, {}, {}, {}
                 self.group, self.run_id = message.metadata.group_id, message.metadata.run_id
                 self.settings = signed.settings_statement(configs, Key.STAGE)
             elif stage == Stage.SHARE_KEYS:
@@ -89,21 +89,25 @@ class SignatureRelay:
                 self._add(message, {str(n): self.keys[n] for n in nodes if n in self.keys})
             elif stage == Stage.COLLECT_MASKED_VECTORS:
                 sources = [int(node) for node in configs.get(Key.SOURCE_LIST, [])]
-                self.instructions[message.metadata.dst_node_id] = signed.instructions_digest(message.content)
+                self.collected[message.metadata.dst_node_id] = message.content  # hashed only if the round fails
                 self._add(message, {str(n): self.views[n] for n in sources if n in self.views})
             elif stage == Stage.UNMASK:
                 self._add(message, {str(n): signature for n, signature in self.survivors.items()})
         return messages
 
-    def unverified_survivors(self, survivors: list[int]) -> list[int]:
+    def instructions(self, survivors: list[int]) -> dict[int, bytes]:
+        """The digest of what each survivor was sent in the collect stage (``signed.instructions_digest``)."""
+        return {node: signed.instructions_digest(self.collected[node]) if node in self.collected else b""
+                for node in survivors}
+
+    def unverified_survivors(self, survivors: list[int], instructions: dict[int, bytes]) -> list[int]:
         """The survivors whose signature of ``survivors`` is missing or does not verify with the key their
         member hospital signed their SecAgg+ keys with, against the statement the others signed: every
         site then refuses to unmask (code 9), and only the server can say who stopped the round."""
         view = signed.view_statement(self.run_id, self.group, self.round_keys, self.settings)
         unverified = []
         for node in survivors:
-            statement = signed.survivors_statement(self.run_id, self.group, view, survivors,
-                                                   self.instructions.get(node, b""))
+            statement = signed.survivors_statement(self.run_id, self.group, view, survivors, instructions[node])
             key = signed.signer_key(self.keys[node][1]) if node in self.keys else None
             signature = self.survivors.get(node)
             if key is None or signature is None or not signed.verifies(key, signature, statement):
@@ -155,13 +159,19 @@ class DropTolerantSecAggPlus(SecAggPlusWorkflow):
         grid.send_and_receive([Message(RecordDict({signed.RECORD: ConfigRecord(request)}), dst_node_id=node,
                                        message_type=MessageType.TRAIN, group_id=self.relay.group)
                                for node in survivors], timeout=self.timeout)
-        if len(set(self.relay.instructions.get(node) for node in survivors)) > 1:
+        unmasked = super().unmask_stage(grid, context, state)
+        if not unmasked:  # say who stopped it; hashing every site's model is for a failed round only
+            self._name_who_stopped(survivors)
+        return unmasked
+
+    def _name_who_stopped(self, survivors: list[int]) -> None:
+        instructions = self.relay.instructions(survivors)
+        if len(set(instructions.values())) > 1:
             log.error("round %s: the sites were sent different plans or models in the collect stage; each site "
                       "refuses to unmask a sum of sites that trained on others (code 9)", self.relay.group)
-        elif unverified := self.relay.unverified_survivors(survivors):
+        elif unverified := self.relay.unverified_survivors(survivors, instructions):
             log.error("round %s: node(s) %s sent no valid signature of the survivors, so every site refuses to "
                       "unmask (code 9); `fedpath-server sites` names the nodes", self.relay.group, unverified)
-        return super().unmask_stage(grid, context, state)
 
 
 def fit_workflow(config: ServerConfig) -> DropTolerantSecAggPlus | None:

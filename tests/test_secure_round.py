@@ -425,10 +425,11 @@ def test_the_server_names_the_survivor_whose_signature_stops_the_unmasking(signe
     sites = _sites(signers)
     server = Server(sites)
     assert sorted(server.run()) == NODES
-    assert server.relay.unverified_survivors(server.survivors) == []  # the server's statement is the sites'
+    sent = server.relay.instructions(server.survivors)  # what each survivor was sent, hashed as the sites hash it
+    assert server.relay.unverified_survivors(server.survivors, sent) == []  # the server's statement is the sites'
     server.relay.survivors[13] = sign(signers[13].key, b"another statement")
     del server.relay.survivors[14]
-    assert server.relay.unverified_survivors(server.survivors) == [13, 14]
+    assert server.relay.unverified_survivors(server.survivors, sent) == [13, 14]
 
 
 def test_a_site_notes_on_disk_each_round_it_trained_for(signers, tmp_path):
