@@ -127,9 +127,11 @@ def is_survivors_request(msg: Message) -> bool:
 
 def note_collect(folder: Path, run: int, group: str) -> None:
     """Write down, durably, that this site trains for round ``group`` of run ``run``; UnsafeRound if it did
-    before. The run's context says so too, but the task runner hands the context back to the SuperNode only
-    after the reply: should that fail, a resent collect stage would find the context of before, with the same
-    masks, and a second masked vector under them would give away the difference of the two updates."""
+    before, also when that try ended in a refusal (Flower's mod does not move on after one, and each try
+    trains and may spend privacy). On disk, not in the run's context: the task runner hands the context back
+    to the SuperNode only after the reply, and should that fail, a resent collect stage would find the
+    context of before, with the same masks, and a second masked vector under them would give away the
+    difference of the two updates."""
     folder.mkdir(parents=True, exist_ok=True)
     line = f"{group}\n"
     with open(folder / f"run-{int(run)}.collects", "a+", encoding="ascii") as handle:
@@ -142,7 +144,7 @@ def note_collect(folder: Path, run: int, group: str) -> None:
 
 
 def secure_stage(msg: Message, context: Context, call_next, min_round_sites: int,
-                 signer: SiteSigner | None, collects: Path | None = None) -> Message:
+                 signer: SiteSigner | None, collects: Path) -> Message:
     """One SecAgg+ stage (or fedpath's survivors exchange) at the site: check it, let Flower's mod
     answer it (the collect stage trains through ``call_next``), sign the reply. Raises UnsafeRound.
 
@@ -152,16 +154,14 @@ def secure_stage(msg: Message, context: Context, call_next, min_round_sites: int
         call_next: the rest of the ClientApp (training), for the collect stage.
         min_round_sites: site.yaml ``federation.min_round_sites``.
         signer: the roster and this site's key (``SiteSigner.for_site``), or None without a roster.
-        collects: where the site notes each round it trained for (``note_collect``; None: the context only).
+        collects: the folder where the site notes each round it trained for (``note_collect``).
     """
     if is_survivors_request(msg):
         return answer_survivors(msg, context, min_round_sites, signer)
     stage = msg.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE)
     state = check_stage(msg, context, min_round_sites, signer)
     if stage == Stage.COLLECT_MASKED_VECTORS:  # noted before training: a try that fails is not retried either
-        if collects is not None:
-            note_collect(collects, int(state["run"]), str(state["group"]))
-        context.state.config_records[STATE]["collect_tried"] = True
+        note_collect(collects, int(state["run"]), str(state["group"]))
     collecting = _COLLECTING.set(stage == Stage.COLLECT_MASKED_VECTORS)
     try:
         reply = secaggplus_mod(msg, context, call_next)
@@ -191,11 +191,8 @@ def check_stage(msg: Message, context: Context, min_round_sites: int, signer: Si
     if stage == Stage.SHARE_KEYS:
         _check_share_keys(msg, configs, state, min_round_sites, signer)
     elif stage == Stage.COLLECT_MASKED_VECTORS:
-        if state.get("collect_tried"):  # each try trains and may spend privacy, even one that ends in a refusal
-            raise UnsafeRound(f"a second collect stage in round {state['group']}: a site trains once a round")
         _check_pairing(configs, state, signer, msg)
         state["instructions"] = instructions_digest(msg.content)
-        state["collect_tried"] = True
     elif stage == Stage.UNMASK:
         _check_unmask(configs, state, min_round_sites, signer, msg)
     return state

@@ -11,6 +11,7 @@ tests/test_curious_server.py.)
 from __future__ import annotations
 
 import copy
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +57,8 @@ class SitsOut(Exception):
 
 class Site:
     def __init__(self, node: int, signer: SiteSigner | None, sits_out: bool = False, collects: Path | None = None):
-        self.node, self.signer, self.sits_out, self.collects = node, signer, sits_out, collects
+        self.node, self.signer, self.sits_out = node, signer, sits_out
+        self.collects = collects or Path(tempfile.mkdtemp(prefix=f"secagg-{node}-"))  # where it notes its rounds
         self.context = Context(run_id=RUN_ID, node_id=node, node_config={}, state=RecordDict(), run_config={})
         self.refusal: str | None = None
         self.trained_for_a_masked_sum: list[bool] = []
@@ -322,7 +324,8 @@ def test_a_site_trains_once_a_round_even_after_sitting_out(signers):
     server.run()
     assert sites[15].refusal == "sat out"
     sites[15].refusal = None
-    assert sites[15].handle(server.collect_message(15)) is None
+    (resent,) = server.relay.attach([server.collect_message(15)])  # with the partners' view signatures
+    assert sites[15].handle(resent) is None
     assert "a second collect stage in round 3" in sites[15].refusal
     assert sites[15].trained_for_a_masked_sum == [True]  # trained (and sat out) once
 
@@ -405,7 +408,8 @@ def test_a_stage_flower_refuses_leaves_the_sites_record_unchanged(signers):
     message = _stage(VICTIM, configs)
     message.content.config_records[signed.RECORD] = ConfigRecord(signatures)
     with pytest.raises(ValueError, match="Abort secure aggregation"):  # Flower's, after the site's checks passed
-        secure_stage(message, sites[VICTIM].context, lambda m, _: fit_reply(m, {}), MIN_SITES, signers[VICTIM])
+        secure_stage(message, sites[VICTIM].context, lambda m, _: fit_reply(m, {}), MIN_SITES, signers[VICTIM],
+                     sites[VICTIM].collects)
     assert dict(sites[VICTIM].context.state.config_records[STATE].items()) == before
 
 
