@@ -137,14 +137,8 @@ def run(quick: bool) -> dict:
         # round time without the relay / with it, same run, same sites
         "relay_speedup": round(plain_direct["round_s"] / plain["round_s"], 3),
         "relay_secagg_speedup": round(secure_direct["round_s"] / secure["round_s"], 3),
-        "trained_epochs": TRAINED_EPOCHS,
-        **{f"trained_{key}": plain_trained[key] for key in ("round_s", "site_train_s_max", "overhead_s")},
-        **{f"trained_secagg_{key}": secure_trained[key] for key in ("round_s", "site_train_s_max", "overhead_s")},
-        "trained_secagg_ratio": round(secure_trained["round_s"] / plain_trained["round_s"], 3),
-        "longer_epochs": LONGER_EPOCHS,
-        **{f"longer_{key}": plain_longer[key] for key in ("round_s", "site_train_s_max", "overhead_s")},
-        **{f"longer_secagg_{key}": secure_longer[key] for key in ("round_s", "site_train_s_max", "overhead_s")},
-        "longer_secagg_ratio": round(secure_longer["round_s"] / plain_longer["round_s"], 3),
+        **_training_keys("trained", TRAINED_EPOCHS, plain_trained, secure_trained),
+        **_training_keys("longer", LONGER_EPOCHS, plain_longer, secure_longer),
         "by_training": by_training,
         "evaluate_phase": "none: the sites score the received model inside the training exchange",
         # A ClientApp process imports only Flower; evaluation adds torch, training adds Opacus. Before
@@ -155,6 +149,14 @@ def run(quick: bool) -> dict:
             "import client.app, client.federated_round, opacus, torchvision.models"),
         "fit_imports_s": _import_seconds("import client.app, client.federated_round, client.private_training"),
     }
+
+
+def _training_keys(prefix: str, epochs: int, plain: dict, secure: dict) -> dict:
+    """``{prefix}_epochs``, both arms' round, slowest training and overhead, and ``{prefix}_secagg_ratio``."""
+    keys = ("round_s", "site_train_s_max", "overhead_s")
+    return {f"{prefix}_epochs": epochs, **{f"{prefix}_{key}": plain[key] for key in keys},
+            **{f"{prefix}_secagg_{key}": secure[key] for key in keys},
+            f"{prefix}_secagg_ratio": round(secure["round_s"] / plain["round_s"], 3)}
 
 
 def _pair(epochs: int, plain: dict, secure: dict) -> dict:
