@@ -362,8 +362,8 @@ class TaskRunner:
 
     def _note_push_failure(self) -> None:
         try:
-            records = self.egress.chain.records()
-            self.egress.append({"event": "push-failed", "record": records[-1]["index"] if records else None})
+            last = self.egress.chain.last_record()
+            self.egress.append({"event": "push-failed", "record": last["index"] if last else None})
         except Exception:  # noqa: BLE001 - already logged above; the egress log's own failure is logged here
             log.exception("cannot note the failed push in the egress log")
 

@@ -7,9 +7,9 @@ editing, removing, reordering or inserting a record breaks the chain at a line :
 names. Removing records from the end leaves a valid chain, so the server also stores the latest
 hash in the run's ``status.json`` and passes it back as ``expected_last_hash``.
 
-One server process writes the log. Every append re-reads and re-verifies the whole file (a
-few hundred short lines: milliseconds), so an append after a restart chains onto what is
-really on disk and never onto a history that was tampered with in between.
+One server process writes the log. Its first append verifies the whole file, so an append after
+a restart chains onto what is really on disk and never onto a history that was tampered with in
+between; later appends of the same process read back only the last line (``shared/hash_chain.py``).
 """
 
 from __future__ import annotations

@@ -172,3 +172,56 @@ def test_append_after_a_stripped_final_newline_starts_a_new_line(tmp_path):
     third = AuditLog(path).append({"event": "resume"})
     assert len(_lines(path)) == 3
     assert verify(path, expected_last_hash=third["hash"]) == 3
+
+
+def test_a_warm_log_reads_back_only_its_last_line_and_notices_every_change_to_it(tmp_path, monkeypatch):
+    """After its first full read, an append of the same log object chains onto the last line alone (a site's
+    egress log grows for years); any change to the file's end sends it back to reading everything."""
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path)
+    written = [log.append(_round_record(rnd)) for rnd in range(3)]
+    full_reads = []
+    read_chain = AuditLog._read_chain
+    monkeypatch.setattr(AuditLog, "_read_chain", lambda self: full_reads.append(1) or read_chain(self))
+    fourth = log.append(_round_record(3))
+    assert full_reads == [] and fourth["index"] == 3 and fourth["prev_hash"] == written[-1]["hash"]
+    assert log.last_hash() == fourth["hash"] and full_reads == []
+
+    # Someone else appends a record with a correct chain: the size changed, so the whole file is read again.
+    other = AuditLog(path).append({"event": "other"})
+    fifth = log.append(_round_record(4))
+    assert len(full_reads) == 2 and fifth["prev_hash"] == other["hash"] and fifth["index"] == 5
+
+    # The last line rewritten in place, same size: its hash no longer matches, the full read names it.
+    lines = _lines(path)
+    lines[-1] = lines[-1].replace('"round":4', '"round":7')
+    _write_lines(path, lines)
+    before = path.read_bytes()
+    with pytest.raises(AuditError, match="line 6: the record was edited"):
+        log.append({"event": "round"})
+    assert path.read_bytes() == before
+
+    # The file replaced by a shorter, consistent history (a new file: another inode): chained onto what is there.
+    restarted = tmp_path / "restarted.jsonl"
+    AuditLog(restarted).append({"event": "first"})
+    restarted.replace(path)
+    after = log.append({"event": "after"})
+    assert after["index"] == 1 and verify(path, expected_last_hash=after["hash"]) == 2
+
+
+def test_an_edit_before_the_last_line_is_caught_by_verification_not_by_a_warm_append(tmp_path):
+    """What the warm append gives up (documented in shared/hash_chain.py): an earlier line edited in place to
+    the same size is found by the next verification, and the record appended after it does not hide it."""
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path)
+    for rnd in range(3):
+        log.append(_round_record(rnd))
+    lines = _lines(path)
+    lines[1] = lines[1].replace('"round":1', '"round":9')
+    with open(path, "r+b") as handle:  # in place: same inode and size
+        handle.write("".join(line + "\n" for line in lines).encode("utf-8"))
+    fourth = log.append(_round_record(3))
+    with pytest.raises(AuditError, match="line 2: the record was edited"):
+        verify(path, expected_last_hash=fourth["hash"])
+    with pytest.raises(AuditError, match="line 2"):
+        AuditLog(path).append({"event": "restart"})  # a restarted writer reads everything
