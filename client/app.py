@@ -41,6 +41,7 @@ from client.secure_round import (
     SiteSigner,
     UnsafeRound,
     is_survivors_request,
+    may_release_evaluation,
     secure_stage,
     training_for_a_masked_sum,
 )
@@ -82,8 +83,10 @@ class SiteClient(NumPyClient):
         except InvalidFederationId as exc:  # checked before anything at the site is touched
             raise SiteRefusal(10, str(exc)) from None
         config = site_config(self.site_yaml)
-        reply = federated_round.fit(config, plan, parameters, noise_seed=self._noise_seed(plan))
-        if reply.refused is not None and training_for_a_masked_sum():
+        masked = training_for_a_masked_sum()
+        reply = federated_round.fit(config, plan, parameters, noise_seed=self._noise_seed(plan),
+                                    masked_evaluation=may_release_evaluation() if masked else None)
+        if reply.refused is not None and masked:
             # Not a masked vector of zeros: it would count this site among the summed (secure_round.py).
             # The reason leaves only if the hospital discloses it, as in a plain round's `refused`.
             code = reply.refused if "refused" in config.disclose else UNDISCLOSED_SIT_OUT
@@ -107,6 +110,20 @@ def site_config(site_yaml: Path):
     from client.site_config import load_site_config
 
     return load_site_config(site_yaml)
+
+
+def offers_evaluation(config) -> bool:
+    """Whether this site can release evaluation counts in a SecAgg+ round it is setting up: it allows it
+    (``privacy.release_evaluation``) and its feature cache holds validation slides."""
+    if not config.privacy.release_evaluation:
+        return False
+    from client.feature_cache import CacheError, FeatureCache  # the setup stage only, never torch
+
+    try:
+        index = FeatureCache(config.features.cache_dir).read_index()
+    except CacheError:  # no cache: the site refuses to train anyway (code 5)
+        return False
+    return any(item.get("split") == "val" for item in index.items.values())
 
 
 def simulated_site_name(partition_id: int) -> str:
@@ -200,7 +217,7 @@ def secure_aggregation(msg: Message, context: Context, call_next) -> Message:
         raise SiteRefusal(9, str(exc)) from None
     try:
         return secure_stage(msg, context, call_next, config.federation.min_round_sites, signer,
-                            collects=config.state_dir / "secagg")
+                            collects=config.state_dir / "secagg", offers_evaluation=lambda: offers_evaluation(config))
     except UnsafeRound as exc:  # (failures of the training below keep their own codes)
         raise SiteRefusal(9, str(exc)) from None
 

@@ -126,6 +126,8 @@ def _status_value(value: Any) -> Any:
 
 def _shape(value: Any) -> Any:
     kind = value_kind(value)
+    if kind == "bool":  # a yes/no the site states in plain form (its SecAgg+ offer of evaluation counts)
+        return value
     if kind == "bytes":
         return {"bytes": len(value), "sha256": hashlib.sha256(value).hexdigest()}
     if kind.startswith("list["):

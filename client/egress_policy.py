@@ -76,8 +76,10 @@ SECAGG_RECORD = RECORD_KEY_CONFIGS
 
 SIGNED_REPLY_KEYS: dict[str, dict[str, str]] = {
     # shared/signed_secagg.py: the site's signature of its keys and the public key it signs with, of
-    # the round's list of sites, of the survivors (fedpath's own stage; no signature without a roster).
-    Stage.SETUP: {signed_secagg.KEY_SIGNATURE: "bytes", signed_secagg.SIGNER: "bytes"},
+    # the round's list of sites, of the survivors (fedpath's own stage; no signature without a roster);
+    # at setup also whether the site offers its evaluation counts this round (with or without a roster).
+    Stage.SETUP: {signed_secagg.KEY_SIGNATURE: "bytes", signed_secagg.SIGNER: "bytes",
+                  signed_secagg.EVALUATION_OFFER: "bool"},
     Stage.SHARE_KEYS: {signed_secagg.VIEW_SIGNATURE: "bytes"},
     Stage.COLLECT_MASKED_VECTORS: {},
     Stage.UNMASK: {},

@@ -69,7 +69,8 @@ def round_privacy(config: SiteConfig, plan: RoundPlan) -> PrivacyConfig:
                    planned_rounds=plan.planned_rounds)
 
 
-def fit(config: SiteConfig, plan: RoundPlan, received: list[np.ndarray], noise_seed: int | None = None) -> Reply:
+def fit(config: SiteConfig, plan: RoundPlan, received: list[np.ndarray], noise_seed: int | None = None,
+        masked_evaluation: bool | None = None) -> Reply:
     """Score the received global model (when the plan asks), train it for one round, and build the reply.
 
     Args:
@@ -79,6 +80,11 @@ def fit(config: SiteConfig, plan: RoundPlan, received: list[np.ndarray], noise_s
             them (one vector, ``shared/parameters.pack``) or one array per tensor.
         noise_seed: only for a simulated site of a simulation that asked for reproducible noise;
             a deployed site always draws its noise from the operating system.
+        masked_evaluation: None in a plain round (the site releases its evaluation counts as
+            ``privacy.release_evaluation`` says). In a SecAgg+ round (``client/secure_round.py``): True when
+            every site of the round offered its counts at setup, this one included, so it releases them or
+            sits out (refusal 17; zeros would leave the others' sum to fewer sites); False when not every
+            site did, so none releases.
 
     Returns:
         Reply: the reply arrays (``shared/round_sums.py``), the constant plaintext weight, and the
@@ -87,7 +93,8 @@ def fit(config: SiteConfig, plan: RoundPlan, received: list[np.ndarray], noise_s
     start = time.perf_counter()
     privacy = round_privacy(config, plan)
     layout = CountLayout.for_federation(plan.classes, plan.positive_class, plan.evaluation_bins)
-    releases_evaluation = plan.evaluate and config.privacy.release_evaluation
+    releases_evaluation = plan.evaluate and (config.privacy.release_evaluation if masked_evaluation is None
+                                             else masked_evaluation)
     record: dict = {"round": plan.round, "train": plan.train, "evaluate": releases_evaluation}
     counts = np.zeros(layout.size)
     update = _no_update(plan, received)
@@ -102,6 +109,8 @@ def fit(config: SiteConfig, plan: RoundPlan, received: list[np.ndarray], noise_s
                                   device=None if device.type == "cpu" else device)
         if not train:  # also for the last, evaluation-only exchange: the noise plan is made from the training set
             raise Refusal(5, "no prepared training slides")
+        if releases_evaluation and masked_evaluation and not (config.privacy.release_evaluation and val):
+            raise Refusal(17, "it has no validation slides now, or privacy.release_evaluation is off")
         head, received = _global_head(plan, received, config.features.backbone_weights)
         head = head.to(device)
         update = _no_update(plan, received)  # its tensors now (the wire vector before)

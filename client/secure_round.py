@@ -12,11 +12,15 @@ docs/security.md, section 2):
 - **only sites that trained are summed**: a site that sits the round out (``client/federated_round.py``:
   its budget, a plan it refuses) answers the collect stage with its refusal code, never with a masked
   zero vector, so it is not among the survivors, and a round needs ``min_round_sites`` survivors;
+- **evaluation counts only from every site or from none**: each site says at setup whether it offers
+  its evaluation counts (``privacy.release_evaluation`` and validation slides), and releases them
+  only when every site of the round's view offered (``may_release_evaluation``); otherwise a site that
+  sends zero counts would leave the others' "sum" of counts to fewer sites, or one;
 - with a consortium **roster** (site.yaml ``federation.roster``): every site's keys are signed by a
   different member hospital, every partner signed the same list of sites and keys, and shares are
   revealed only for the one set of survivors this site signed and every survivor signed too, each
   having trained on the same plan and model as this site (``shared/signed_secagg.py``). Without a
-  roster only the first three hold, on the server's word about who the survivors are, and the site's
+  roster only the first four hold, on the server's word about who the survivors are and who offered, and the site's
   log says so at every round.
 
 Failures raise :class:`UnsafeRound`; the ClientApp answers it with refusal 9 and no text.
@@ -27,6 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import lru_cache
@@ -39,7 +44,9 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from shared.refusals import strict_majority
 from shared.server_labels import server_label
 from shared.signed_secagg import (
+    EVALUATION_OFFER,
     KEY_SIGNATURE,
+    OFFERS,
     RECORD,
     SIGNER,
     STAGE_KEY,
@@ -72,7 +79,15 @@ repeats one; a server that restarts a round would get fresh keys and another vie
 ROUND_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 NODE_ID = re.compile(r"[0-9]{1,20}")
 
-_COLLECTING: ContextVar[bool] = ContextVar("fedpath_secagg_collecting", default=False)
+
+@dataclass(frozen=True)
+class MaskedSum:
+    """What the training of a SecAgg+ collect stage is told about the sum its reply joins."""
+
+    every_site_offered: bool  # every site of the round's signed view offered its evaluation counts
+
+
+_MASKED_SUM: ContextVar[MaskedSum | None] = ContextVar("fedpath_masked_sum", default=None)
 
 
 class UnsafeRound(Exception):
@@ -84,7 +99,15 @@ def training_for_a_masked_sum() -> bool:
     such a round out must answer with its refusal code, not with a masked vector of zeros: that vector
     would count the site among those summed, and a server that makes every other site sit out (or a
     round in which they do) would read one site's update as the "sum"."""
-    return _COLLECTING.get()
+    return _MASKED_SUM.get() is not None
+
+
+def may_release_evaluation() -> bool:
+    """Whether this site's training may put its evaluation counts into its reply: always in a plain round
+    (the server sees each reply anyway); in a SecAgg+ collect stage only when every site of the round
+    offered its counts at setup, so that the counts are summed over the same sites as the update."""
+    masked = _MASKED_SUM.get()
+    return masked is None or masked.every_site_offered
 
 
 @dataclass(frozen=True)
@@ -144,7 +167,7 @@ def note_collect(folder: Path, run: int, group: str) -> None:
 
 
 def secure_stage(msg: Message, context: Context, call_next, min_round_sites: int,
-                 signer: SiteSigner | None, collects: Path) -> Message:
+                 signer: SiteSigner | None, collects: Path, offers_evaluation: Callable[[], bool]) -> Message:
     """One SecAgg+ stage (or fedpath's survivors exchange) at the site: check it, let Flower's mod
     answer it (the collect stage trains through ``call_next``), sign the reply. Raises UnsafeRound.
 
@@ -155,18 +178,22 @@ def secure_stage(msg: Message, context: Context, call_next, min_round_sites: int
         min_round_sites: site.yaml ``federation.min_round_sites``.
         signer: the roster and this site's key (``SiteSigner.for_site``), or None without a roster.
         collects: the folder where the site notes each round it trained for (``note_collect``).
+        offers_evaluation: asked at the setup stage only: whether this site can release its evaluation
+            counts this round (it allows it and has validation slides).
     """
     if is_survivors_request(msg):
         return answer_survivors(msg, context, min_round_sites, signer)
     stage = msg.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE)
-    state = check_stage(msg, context, min_round_sites, signer)
+    state = check_stage(msg, context, min_round_sites, signer, offers_evaluation)
+    masked = None
     if stage == Stage.COLLECT_MASKED_VECTORS:  # noted before training: a try that fails is not retried either
         note_collect(collects, int(state["run"]), str(state["group"]))
-    collecting = _COLLECTING.set(stage == Stage.COLLECT_MASKED_VECTORS)
+        masked = MaskedSum(every_site_offered=set(state["offers"]) == set(state["partners"]))
+    collecting = _MASKED_SUM.set(masked)
     try:
         reply = secaggplus_mod(msg, context, call_next)
     finally:
-        _COLLECTING.reset(collecting)
+        _MASKED_SUM.reset(collecting)
     if not reply.has_error():  # commit only what Flower's mod accepted too
         sign_reply(stage, reply, state, signer)
         context.state.config_records[STATE] = state
@@ -177,16 +204,20 @@ def secure_stage(msg: Message, context: Context, call_next, min_round_sites: int
     return reply
 
 
-def check_stage(msg: Message, context: Context, min_round_sites: int, signer: SiteSigner | None) -> ConfigRecord:
+def check_stage(msg: Message, context: Context, min_round_sites: int, signer: SiteSigner | None,
+                offers_evaluation: Callable[[], bool] = lambda: False) -> ConfigRecord:
     """Checks one incoming SecAgg+ stage message; raises UnsafeRound when the site must refuse it.
-    Returns the site's round record as it will be if the stage succeeds (the context is not touched)."""
+    Returns the site's round record as it will be if the stage succeeds (the context is not touched).
+    ``offers_evaluation`` is asked at the setup stage (``secure_stage``)."""
     configs = msg.content.config_records[RECORD_KEY_CONFIGS]
     stage = configs.get(Key.STAGE)
     if stage not in (Stage.SETUP, Stage.SHARE_KEYS, Stage.COLLECT_MASKED_VECTORS, Stage.UNMASK):
         name = server_label(stage) if isinstance(stage, str) else type(stage).__name__
         raise UnsafeRound(f"an unknown SecAgg+ stage {name!r}")  # before Flower's mod writes it into its error
     if stage == Stage.SETUP:
-        return _check_setup(msg, configs, context, min_round_sites)
+        state = _check_setup(msg, configs, context, min_round_sites)
+        state["offered"] = bool(offers_evaluation())
+        return state
     state = _round_state(msg, context, stage)
     if stage == Stage.SHARE_KEYS:
         _check_share_keys(msg, configs, state, min_round_sites, signer)
@@ -202,15 +233,17 @@ def sign_reply(stage: str, reply: Message, state: ConfigRecord, signer: SiteSign
     """After Flower's mod answered ``stage``: note it in ``state`` and add this site's signed statement."""
     if stage == Stage.COLLECT_MASKED_VECTORS:
         state["masked"] = True
+    if stage == Stage.SETUP:  # the offer goes out with or without a roster (then on the server's word)
+        reply.content.config_records[RECORD] = ConfigRecord({EVALUATION_OFFER: bool(state["offered"])})
     if signer is None:
         return
     run, group = int(state["run"]), str(state["group"])
     if stage == Stage.SETUP:
         configs = reply.content.config_records[RECORD_KEY_CONFIGS]
         statement = key_statement(run, group, int(state["node"]), configs[Key.PUBLIC_KEY_1],
-                                  configs[Key.PUBLIC_KEY_2])
-        reply.content.config_records[RECORD] = ConfigRecord({KEY_SIGNATURE: sign(signer.key, statement),
-                                                             SIGNER: signer.public})
+                                  configs[Key.PUBLIC_KEY_2], bool(state["offered"]))
+        reply.content.config_records[RECORD].update({KEY_SIGNATURE: sign(signer.key, statement),
+                                                     SIGNER: signer.public})
     elif stage == Stage.SHARE_KEYS:
         reply.content.config_records[RECORD] = ConfigRecord({VIEW_SIGNATURE: sign(signer.key, state["view"])})
 
@@ -287,13 +320,20 @@ def _check_share_keys(msg: Message, configs, state: ConfigRecord, min_round_site
     if not min_round_sites <= len(keys) <= int(state["sites"]):
         raise UnsafeRound(f"public keys of {len(keys)} sites in a round announced with {state['sites']}; this "
                           f"site requires at least {min_round_sites} (federation.min_round_sites)")
+    signatures = msg.content.config_records.get(RECORD) or {}
+    offers = _offers(signatures.get(OFFERS, []), keys)
+    if (int(state["node"]) in offers) != bool(state["offered"]):
+        raise UnsafeRound("the share-keys list misstates whether this site offered its evaluation counts")
     state["partners"] = sorted(keys)
-    state["view"] = view_statement(int(state["run"]), str(state["group"]), keys, state["settings"])
+    state["offers"] = offers
+    state["view"] = view_statement(int(state["run"]), str(state["group"]), keys, state["settings"], offers)
+    if set(offers) != set(keys):
+        log.info("SecAgg+ round %s: %d of the %d sites offer their evaluation counts; this site releases none of "
+                 "its own this round", state["group"], len(offers), len(keys))
     if signer is None:
         log.warning("SecAgg+ round %s: no consortium roster (federation.roster): the other sites' keys are taken "
                     "on the server's word", state["group"])
         return
-    signatures = msg.content.config_records.get(RECORD) or {}
     signers: list[bytes] = []
     for node, (pk1, pk2) in sorted(keys.items()):
         entry = signatures.get(str(node))
@@ -308,10 +348,20 @@ def _check_share_keys(msg: Message, configs, state: ConfigRecord, min_round_site
                               "of two nodes")
         if node == int(state["node"]) and member != signer.public:
             raise UnsafeRound("this site's own keys come signed by another member")
-        if not verifies(public, signature, key_statement(int(state["run"]), str(state["group"]), node, pk1, pk2)):
+        if not verifies(public, signature, key_statement(int(state["run"]), str(state["group"]), node, pk1, pk2,
+                                                         node in offers)):
             raise UnsafeRound(f"node {node}'s key signature does not verify")
         signers.append(member)
     state["signers"] = signers
+
+
+def _offers(value: object, keys: dict[int, tuple[bytes, bytes]]) -> list[int]:
+    """The share-keys message's list of nodes that offered their evaluation counts: distinct sites of the list."""
+    if not (isinstance(value, list) and all(isinstance(n, int) and not isinstance(n, bool) for n in value)):
+        raise UnsafeRound("a share-keys list whose evaluation offers are not a list of node ids")
+    if len(set(value)) != len(value) or not set(value) <= set(keys):
+        raise UnsafeRound("evaluation offers of nodes that are not sites of this round, or twice")
+    return sorted(value)
 
 
 def _member_of(state: ConfigRecord, signer: SiteSigner, node: int):

@@ -81,7 +81,8 @@ def run_federation(grid, context: Context, folder: RunFolder) -> None:
         list(latest.arrays.values()), first_round=done + 1,
         plan_for=lambda round_: round_plan(config, folder.federation_id, round_, reproducible),
         site_name=registry.name_for, on_sampled=None if workflow is None else workflow.round_size,
-        optimizer=optimizer, rejoining=round_sites(latest.card))
+        optimizer=optimizer, rejoining=round_sites(latest.card),
+        counts_released=(lambda: True) if workflow is None else workflow.relay.every_site_offered)
     legacy = LegacyContext(context, config=FlowerServerConfig(num_rounds=exchanges,
                                                               round_timeout=config.federation.round_timeout),
                            strategy=strategy)

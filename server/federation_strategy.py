@@ -80,14 +80,19 @@ class FederationStrategy(Strategy):
             already restored for ``first_round``; None: add the update (FedAvg).
         rejoining: names of the sites that took part in the round before ``first_round`` (a resumed run:
             the last checkpoint's); the first round waits ``federation.rejoin_wait`` for them to be online.
+        counts_released: asked when a round's sum is in: whether the sites released their evaluation counts
+            into it. Under SecAgg+ they do only when every site of the round offered them
+            (``SignatureRelay.every_site_offered``); otherwise the zero counts are no score, and the model is
+            recorded as not scored.
     """
 
     def __init__(self, config: ServerConfig, inner: Strategy, recorder: RunRecorder,
                  shapes: list[tuple[str, tuple[int, ...]]], global_arrays: list[np.ndarray], first_round: int,
                  plan_for: Callable[[int], RoundPlan], site_name: Callable[[int], str],
                  on_sampled: Callable[[int], None] | None = None, optimizer: ServerOptimizer | None = None,
-                 rejoining: Iterable[str] = ()) -> None:
+                 rejoining: Iterable[str] = (), counts_released: Callable[[], bool] = lambda: True) -> None:
         self.config, self.inner, self.recorder = config, inner, recorder
+        self.counts_released = counts_released
         self.shapes, self.global_arrays = shapes, global_arrays
         self.tensor_shapes = [tuple(shape) for _, shape in shapes]
         self.offset = first_round - 1
@@ -163,7 +168,7 @@ class FederationStrategy(Strategy):
             if problem:
                 raise FederationError(f"round {round_} failed: the aggregated update is unusable: {problem}")
         evaluation = sums.evaluation.metrics(self.config.classes, self.config.positive_class) \
-            if sums is not None and plan.evaluate else None
+            if sums is not None and plan.evaluate and self.counts_released() else None
         self.recorder.close_model(round_ - 1, evaluation)
         if plan.train:
             self.global_arrays = self.optimizer.apply(self.global_arrays, sums.update)

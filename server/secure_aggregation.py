@@ -22,7 +22,9 @@ survivors (``shared/signed_secagg.py``), and refuse a stage whose statements do 
 against their roster (``client/secure_round.py``). This workflow only relays them: the
 ``SignatureRelay`` collects each site's signature from its reply and hands them to the next
 stage's messages, and before unmasking one extra exchange asks every survivor to sign the set of
-survivors. The server holds no key that could make any of these signatures.
+survivors. The server holds no key that could make any of these signatures. It relays each site's
+offer of its evaluation counts the same way (signed with the site's keys): sites release their
+counts only in a round every site of which offered them, and the run's log says when one did not.
 """
 
 from __future__ import annotations
@@ -44,8 +46,9 @@ class SignatureRelay:
     """Carries the sites' signed statements from their replies to the next stage's messages.
 
     An observer of every exchange (``TimeoutGrid``) and a transformer of every outgoing message:
-    setup replies give each node's key signature, share-keys replies its signature of the round's
-    list of sites, survivors replies its signature of the survivors; they go out with the
+    setup replies give each node's key signature and its offer of its evaluation counts, share-keys
+    replies its signature of the round's list of sites, survivors replies its signature of the
+    survivors; they go out with the
     share-keys, collect and unmask messages. It forges nothing and checks nothing for the sites (they
     check for themselves); when the unmasking fails it names the survivors whose signature of the
     survivors stopped it (``unverified_survivors``).
@@ -53,6 +56,7 @@ class SignatureRelay:
 
     def __init__(self) -> None:
         self.keys: dict[int, list[bytes]] = {}
+        self.offers: set[int] = set()  # nodes whose setup reply offered their evaluation counts
         self.views: dict[int, bytes] = {}
         self.survivors: dict[int, bytes] = {}
         self.group = ""
@@ -67,6 +71,8 @@ class SignatureRelay:
             if record is None:
                 continue
             node = reply.metadata.src_node_id
+            if record.get(signed.EVALUATION_OFFER) is True:
+                self.offers.add(node)
             if isinstance(record.get(signed.KEY_SIGNATURE), bytes) and isinstance(record.get(signed.SIGNER), bytes):
                 self.keys[node] = [record[signed.KEY_SIGNATURE], record[signed.SIGNER]]
             if isinstance(record.get(signed.VIEW_SIGNATURE), bytes):
@@ -80,13 +86,15 @@ class SignatureRelay:
             stage = configs.get(Key.STAGE) if configs is not None else None
             if stage == Stage.SETUP:  # a new round: nothing signed yet
                 self.keys, self.views, self.survivors, self.collected = {}, {}, {}, {}
+                self.offers, self.round_keys = set(), {}
                 self.group, self.run_id = message.metadata.group_id, message.metadata.run_id
                 self.settings = signed.settings_statement(configs, Key.STAGE)
             elif stage == Stage.SHARE_KEYS:
                 nodes = [int(node) for node in configs.keys() if node != Key.STAGE]
                 self.round_keys = {int(node): (value[0], value[1]) for node, value in configs.items()
                                    if node != Key.STAGE}
-                self._add(message, {str(n): self.keys[n] for n in nodes if n in self.keys})
+                self._add(message, {**{str(n): self.keys[n] for n in nodes if n in self.keys},
+                                    signed.OFFERS: sorted(self.offers & set(nodes))})
             elif stage == Stage.COLLECT_MASKED_VECTORS:
                 sources = [int(node) for node in configs.get(Key.SOURCE_LIST, [])]
                 self.collected[message.metadata.dst_node_id] = message.content  # hashed only if the round fails
@@ -94,6 +102,11 @@ class SignatureRelay:
             elif stage == Stage.UNMASK:
                 self._add(message, {str(n): signature for n, signature in self.survivors.items()})
         return messages
+
+    def every_site_offered(self) -> bool:
+        """Whether every site of the current round offered its evaluation counts, so that the sites released
+        them into the sum (``client/secure_round.py``); when not, the sum's counts are zeros, not a score."""
+        return bool(self.round_keys) and set(self.round_keys) <= self.offers
 
     def instructions(self, survivors: list[int]) -> dict[int, bytes]:
         """The digest of what each survivor was sent in the collect stage (``signed.instructions_digest``)."""
@@ -104,7 +117,8 @@ class SignatureRelay:
         """The survivors whose signature of ``survivors`` is missing or does not verify with the key their
         member hospital signed their SecAgg+ keys with, against the statement the others signed: every
         site then refuses to unmask (code 9), and only the server can say who stopped the round."""
-        view = signed.view_statement(self.run_id, self.group, self.round_keys, self.settings)
+        view = signed.view_statement(self.run_id, self.group, self.round_keys, self.settings,
+                                     self.offers & set(self.round_keys))
         unverified = []
         for node in survivors:
             statement = signed.survivors_statement(self.run_id, self.group, view, survivors, instructions[node])
@@ -144,6 +158,12 @@ class DropTolerantSecAggPlus(SecAggPlusWorkflow):
     def share_keys_stage(self, grid, context, state) -> bool:
         ok = super().share_keys_stage(grid, context, state)
         state.sampled_node_ids = set(state.active_node_ids)
+        silent = sorted(set(self.relay.round_keys) - self.relay.offers)
+        if silent:
+            log.warning("round %s: node(s) %s offer no evaluation counts (privacy.release_evaluation: false, or no "
+                        "validation slides), so no site releases its own this round: the counts are summed over "
+                        "the same sites as the update or not at all; the round's evaluation metrics stay empty",
+                        self.relay.group, silent)
         return ok
 
     def unmask_stage(self, grid, context, state) -> bool:

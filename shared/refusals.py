@@ -28,6 +28,8 @@ REFUSALS = {
     14: "the reply did not pass the site's egress policy (fields outside its `disclose:` list)",
     15: "the server asked for reproducible (replayable) DP noise, which only a simulation may use",
     16: "the site sits this SecAgg+ round out; it does not disclose why (`refused` is not in its `disclose:` list)",
+    17: "the site offered its evaluation counts at this SecAgg+ round's setup but cannot release them now "
+        "(its validation slides or privacy.release_evaluation changed during the round)",
 }
 """Why a site sat a round out or refused a message. In a plain training reply the code travels as the
 numeric metric ``refused``; a message the site refuses outright, and a SecAgg+ round it sits out, are

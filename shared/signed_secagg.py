@@ -10,20 +10,27 @@ made with the hospital's own P-384 key (the one its SuperNode authenticates with
 by every other site against the consortium's **roster**, the member hospitals' public keys each
 hospital holds itself (site.yaml ``federation.roster``), never the server's word:
 
-1. **keys** (setup reply): "in run R, round G, node N's SecAgg+ keys are pk1, pk2". A site
-   accepts a share-keys list only if every entry is signed by a different roster member, so the
-   server cannot add sites of its own.
+1. **keys** (setup reply): "in run R, round G, node N's SecAgg+ keys are pk1, pk2, and it offers
+   (or does not offer) its evaluation counts". A site accepts a share-keys list only if every
+   entry is signed by a different roster member, so the server cannot add sites of its own.
 2. **view** (share-keys reply): "in run R, round G, the round's sites and keys are exactly this
-   list, and its SecAgg+ settings these" (the setup's sample size, shares, threshold, clipping,
-   quantisation and modulus ranges, maximum weight: ``settings_statement``). A site sends its masked
-   vector only once every partner signed the same list and settings, so the server cannot pair it
-   with a few sites, show the others another round, or quantise the others' updates to nothing
-   (a maximum weight of 1e12 for every site but one scales theirs to zero).
+   list, these of them offer their evaluation counts, and its SecAgg+ settings are these" (the
+   setup's sample size, shares, threshold, clipping, quantisation and modulus ranges, maximum
+   weight: ``settings_statement``). A site sends its masked vector only once every partner signed
+   the same list, offers and settings, so the server cannot pair it with a few sites, show the
+   others another round, or quantise the others' updates to nothing (a maximum weight of 1e12 for
+   every site but one scales theirs to zero).
 3. **survivors** (an extra exchange before unmasking): "in run R, round G, the sites whose
    masked vectors are summed are exactly S, and this site trained on the instructions with digest
    D" (the plan and model of the collect stage, ``instructions_digest``). A site signs one S per
    round and reveals shares only for an S every site of which signed it with the site's own D, so
    every site answers for the same S, and every site of S trained on the same plan and model.
+
+**Evaluation counts** ride in the masked vector beside the update. A site that does not release its
+own (``privacy.release_evaluation: false``, no validation slides) sends zeros there, so with mixed
+settings the "sum" of the counts could be one site's own. Each site therefore says at setup, signed
+with its keys, whether it offers its counts, and releases them only when every site of the round
+offered (the view): the counts are summed over the same sites as the update, or nobody's leave.
 
 A site that sits a SecAgg+ round out (its budget, a refused plan...) answers the collect stage with
 its refusal code instead of a masked vector, so it is not in S: every site of S trained. With full
@@ -60,6 +67,10 @@ STAGE_KEY = "stage"
 SURVIVORS_STAGE = "survivors"
 """fedpath's own exchange between SecAgg+'s collect and unmask stages (the server asks, each site signs)."""
 SURVIVORS_KEY = "survivors"
+EVALUATION_OFFER = "evaluation_offer"
+"""In a site's setup reply: whether it offers its evaluation counts this round (signed with its keys)."""
+OFFERS = "evaluation_offers"
+"""In the share-keys message: the nodes whose setup reply offered their evaluation counts (the server relays)."""
 
 # What a site's reply adds in ``RECORD`` (reviewed in client/egress_policy.py like everything that leaves).
 KEY_SIGNATURE, SIGNER, VIEW_SIGNATURE, SURVIVORS_SIGNATURE = "key_signature", "signer", "view_signature", \
@@ -75,18 +86,20 @@ def _statement(kind: str, run_id: int, group: str, *parts: bytes) -> bytes:
     return b"".join(len(part).to_bytes(4, "big") + part for part in out)
 
 
-def key_statement(run_id: int, group: str, node_id: int, pk1: bytes, pk2: bytes) -> bytes:
-    return _statement("keys", run_id, group, str(node_id).encode(), pk1, pk2)
+def key_statement(run_id: int, group: str, node_id: int, pk1: bytes, pk2: bytes, offers_evaluation: bool) -> bytes:
+    return _statement("keys", run_id, group, str(node_id).encode(), pk1, pk2, b"1" if offers_evaluation else b"0")
 
 
-def view_statement(run_id: int, group: str, keys: dict[int, tuple[bytes, bytes]], settings: bytes) -> bytes:
-    """The round's sites and their keys, in node order, and its SecAgg+ settings (``settings_statement``):
-    the same bytes at every site that got the same list and settings."""
+def view_statement(run_id: int, group: str, keys: dict[int, tuple[bytes, bytes]], settings: bytes,
+                   offers: Collection[int]) -> bytes:
+    """The round's sites and their keys, in node order, those that offer their evaluation counts, and its
+    SecAgg+ settings (``settings_statement``): the same bytes at every site that got the same of all three."""
     digest = hashlib.sha256()
     for node_id in sorted(keys):
         pk1, pk2 = keys[node_id]
         digest.update(_statement("entry", run_id, group, str(node_id).encode(), pk1, pk2))
-    return _statement("view", run_id, group, digest.digest(), hashlib.sha256(settings).digest())
+    return _statement("view", run_id, group, digest.digest(), hashlib.sha256(settings).digest(),
+                      ",".join(str(n) for n in sorted(set(offers))).encode())
 
 
 def settings_statement(setup: Mapping[str, object], stage_key: str) -> bytes:

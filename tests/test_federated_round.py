@@ -195,6 +195,31 @@ def test_evaluation_only_and_no_evaluation(prepared, tmp_path, caplog):
     assert _ledger(quiet, plan)["plan"]["evaluations"] == 0
 
 
+def test_in_a_masked_sum_evaluation_counts_leave_from_every_site_or_from_none(prepared, tmp_path):
+    """Under SecAgg+ the counts are summed with the update: a site releases them only when every site of the
+    round offered theirs (masked_evaluation True), and one that offered but cannot release them sits out
+    (code 17) rather than send zeros that would leave the others' sum of counts to fewer sites."""
+    plan = _plan()
+    received = _global(plan)
+    withheld_site = _site(prepared, tmp_path / "withheld")
+    withheld = federated_round.fit(withheld_site, plan, received, masked_evaluation=False)
+    assert withheld.metrics["refused"] == 0 and not _read(withheld, plan).evaluation.vector().any()
+    assert any(np.abs(u).max() > 0 for u in _read(withheld, plan).update)  # it trained all the same
+    assert [r["kind"] for r in _ledger(withheld_site, plan)["rounds"]] == ["training"]  # no release, nothing spent
+    [record] = read_rounds(withheld_site, plan.federation_id)
+    assert record["evaluate"] is False and "val" not in record
+
+    released_site = _site(prepared, tmp_path / "released")
+    released = federated_round.fit(released_site, plan, received, masked_evaluation=True)
+    assert _read(released, plan).evaluation.vector().any()
+    assert [r["kind"] for r in _ledger(released_site, plan)["rounds"]] == ["evaluation", "training"]
+
+    # offered at setup, then release_evaluation switched off before the collect stage: sits out, zeros nowhere
+    switched = _site(prepared, tmp_path / "switched", privacy={"release_evaluation": False})
+    _assert_refused(federated_round.fit(switched, plan, received, masked_evaluation=True), plan, received, 17)
+    assert not (Path(switched.state_dir) / "ledgers").exists() or not _ledger(switched, plan)["rounds"]
+
+
 def test_spent_budget_refuses_with_the_numbers(prepared, tmp_path):
     config = _site(prepared, tmp_path / "site", disclose=["epsilon", "refused", "would_spend", "budget_epsilon"])
     plan = _plan(planned_rounds=1, evaluations=2)
@@ -222,7 +247,8 @@ def test_a_site_that_sits_out_a_masked_round_sends_its_code_not_zeros(prepared, 
     plan = _plan(reproducible_noise=True)  # a deployed site refuses replayable noise: code 15
     arrays, examples, metrics = site.fit(_global(plan), plan.to_config())
     assert metrics["refused"] == 15 and examples == plan.weight_scale and not any(a.any() for a in arrays)
-    collecting = secure_round._COLLECTING.set(True)  # what secure_stage sets around the collect stage's training
+    # what secure_stage sets around the collect stage's training
+    collecting = secure_round._MASKED_SUM.set(secure_round.MaskedSum(every_site_offered=True))
     try:
         with pytest.raises(SiteRefusal) as refusal:
             site.fit(_global(plan), plan.to_config())
@@ -233,7 +259,7 @@ def test_a_site_that_sits_out_a_masked_round_sends_its_code_not_zeros(prepared, 
         trained = site.fit(_global(plan), _plan().to_config())  # a site that trains sends its update as before
         assert trained[2]["refused"] == 0 and any(a.any() for a in trained[0])
     finally:
-        secure_round._COLLECTING.reset(collecting)
+        secure_round._MASKED_SUM.reset(collecting)
 
 
 def test_a_round_redone_after_a_crash_needs_a_spare_round_of_budget(prepared, tmp_path):

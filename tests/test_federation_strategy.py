@@ -91,12 +91,13 @@ def _config(strategy: str = "fedavg", min_sites: int = 2, timeout: float = 1.0, 
                                                                    clipping_range=100.0))
 
 
-def _strategy(config: ServerConfig, first_round: int = 1, on_sampled=None, optimizer=None, rejoining=()):
+def _strategy(config: ServerConfig, first_round: int = 1, on_sampled=None, optimizer=None, rejoining=(),
+              counts_released=lambda: True):
     recorder = FakeRecorder()
     strategy = FederationStrategy(config, build_strategy(config), recorder, SHAPES, [a.copy() for a in GLOBAL],
                                   first_round=first_round, plan_for=lambda r: round_plan(config, "fed-1", r),
                                   site_name=lambda node_id: f"site-{node_id}", on_sampled=on_sampled,
-                                  optimizer=optimizer, rejoining=rejoining)
+                                  optimizer=optimizer, rejoining=rejoining, counts_released=counts_released)
     return strategy, recorder
 
 
@@ -247,6 +248,21 @@ def test_the_last_exchange_only_scores_the_final_model():
     np.testing.assert_array_equal(_model(parameters)[0], GLOBAL[0])
     assert recorder.saved == [] and recorder.closed[0][0] == 5
     assert recorder.closed[0][1]["accuracy"] == pytest.approx(0.75, abs=1e-4)
+
+
+def test_a_secagg_round_whose_sites_released_no_counts_records_the_model_as_not_scored():
+    """Under SecAgg+ the sites release their counts only when every site offered them; when one did not, the
+    sum's counts are zeros, which the server must not record as a score (accuracy nan, 0 patients)."""
+    released = [True]
+    strategy, recorder = _strategy(_config(secure=True), counts_released=lambda: released[0])
+    results = [(FakeProxy(1), _fit_res(_update(1.0), 2)), (FakeProxy(2), _fit_res(_update(1.0), 2))]
+    released[0] = False
+    parameters, _ = strategy.aggregate_fit(1, _as_secagg(results), [])
+    np.testing.assert_allclose(_model(parameters)[0], GLOBAL[0] + 1.0, atol=1e-5)  # the update is summed as ever
+    assert recorder.closed == [(0, None)]
+    released[0] = True
+    strategy.aggregate_fit(2, _as_secagg(results), [])
+    assert recorder.closed[1][0] == 1 and recorder.closed[1][1] is not None
 
 
 def test_configure_fit_sends_the_plan_tells_the_round_size_and_continues_round_numbers():

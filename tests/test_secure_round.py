@@ -21,7 +21,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
-from client.secure_round import STATE, SiteSigner, UnsafeRound, secure_stage, training_for_a_masked_sum
+from client.secure_round import (
+    STATE,
+    SiteSigner,
+    UnsafeRound,
+    may_release_evaluation,
+    secure_stage,
+    training_for_a_masked_sum,
+)
 from server.secure_aggregation import SignatureRelay
 from shared import signed_secagg as signed
 from shared.signed_secagg import Roster, RosterError, key_statement, sign
@@ -56,15 +63,18 @@ class SitsOut(Exception):
 
 
 class Site:
-    def __init__(self, node: int, signer: SiteSigner | None, sits_out: bool = False, collects: Path | None = None):
-        self.node, self.signer, self.sits_out = node, signer, sits_out
+    def __init__(self, node: int, signer: SiteSigner | None, sits_out: bool = False, collects: Path | None = None,
+                 offers: bool = True):
+        self.node, self.signer, self.sits_out, self.offers = node, signer, sits_out, offers
         self.collects = collects or Path(tempfile.mkdtemp(prefix=f"secagg-{node}-"))  # where it notes its rounds
         self.context = Context(run_id=RUN_ID, node_id=node, node_config={}, state=RecordDict(), run_config={})
         self.refusal: str | None = None
         self.trained_for_a_masked_sum: list[bool] = []
+        self.may_release: list[bool] = []  # what its training was told about its evaluation counts
 
     def train(self, message: Message, _context) -> Message:
         self.trained_for_a_masked_sum.append(training_for_a_masked_sum())
+        self.may_release.append(may_release_evaluation())
         if self.sits_out and training_for_a_masked_sum():
             raise SitsOut
         return fit_reply(message, {}, examples=1, arrays=True)
@@ -73,7 +83,8 @@ class Site:
         if self.refusal is not None:
             return None
         try:
-            return secure_stage(message, self.context, self.train, MIN_SITES, self.signer, self.collects)
+            return secure_stage(message, self.context, self.train, MIN_SITES, self.signer, self.collects,
+                                offers_evaluation=lambda: self.offers)
         except UnsafeRound as refusal:
             self.refusal = str(refusal)
             return None
@@ -157,6 +168,12 @@ def test_an_honest_round_passes_every_stage_and_reveals_shares(signers):
     assert sorted(shares[Key.NODE_ID_LIST]) == NODES and len(shares[Key.SHARE_LIST]) == 5
 
 
+def _rename_offer(message: Message, old: int, new: int) -> None:
+    """The share-keys message's evaluation offers, with node ``old`` renamed ``new`` (as a tampering server would)."""
+    record = message.content.config_records[signed.RECORD]
+    record[signed.OFFERS] = sorted(new if node == old else node for node in record[signed.OFFERS])
+
+
 def _victim_refusal(signers, stage: str, change) -> str | None:
     """Run a round in which the server applies ``change`` to the victim's message of ``stage``."""
     def tamper(current, messages):
@@ -179,8 +196,9 @@ def test_a_site_the_server_invents_is_refused(signers):
         configs = _configs(message)
         pk1, pk2 = configs.pop(str(15))
         configs["99"] = [pk1, pk2]
-        statement = key_statement(RUN_ID, GROUP, 99, pk1, pk2)
+        statement = key_statement(RUN_ID, GROUP, 99, pk1, pk2, True)
         message.content.config_records[signed.RECORD]["99"] = [sign(fake_key, statement), fake_public]
+        _rename_offer(message, 15, 99)
 
     assert "not on the consortium roster" in _victim_refusal(signers, Stage.SHARE_KEYS, invent)
 
@@ -190,6 +208,7 @@ def test_a_member_signature_reused_for_another_node_is_refused(signers):
     def move(message):
         configs, signatures = _configs(message), message.content.config_records[signed.RECORD]
         configs["99"], signatures["99"] = configs.pop(str(15)), signatures.pop(str(15))
+        _rename_offer(message, 15, 99)
 
     assert "signature does not verify" in _victim_refusal(signers, Stage.SHARE_KEYS, move)
 
@@ -211,6 +230,8 @@ def test_a_different_list_of_sites_for_one_site_is_refused(signers):
         for message in messages:
             if stage == Stage.SHARE_KEYS and message.metadata.dst_node_id == VICTIM:
                 del _configs(message)[str(15)], message.content.config_records[signed.RECORD][str(15)]
+                offers = message.content.config_records[signed.RECORD]
+                offers[signed.OFFERS] = [node for node in offers[signed.OFFERS] if node != 15]
             if stage == Stage.COLLECT_MASKED_VECTORS and message.metadata.dst_node_id == VICTIM:
                 configs = _configs(message)
                 keep = [i for i, source in enumerate(configs[Key.SOURCE_LIST]) if source != 15]
@@ -406,10 +427,10 @@ def test_a_stage_flower_refuses_leaves_the_sites_record_unchanged(signers):
         configs[str(node)] = server.public[node]
         signatures[str(node)] = server.relay.keys[node]
     message = _stage(VICTIM, configs)
-    message.content.config_records[signed.RECORD] = ConfigRecord(signatures)
+    message.content.config_records[signed.RECORD] = ConfigRecord({**signatures, signed.OFFERS: [11, 12, 13]})
     with pytest.raises(ValueError, match="Abort secure aggregation"):  # Flower's, after the site's checks passed
         secure_stage(message, sites[VICTIM].context, lambda m, _: fit_reply(m, {}), MIN_SITES, signers[VICTIM],
-                     sites[VICTIM].collects)
+                     sites[VICTIM].collects, offers_evaluation=lambda: True)
     assert dict(sites[VICTIM].context.state.config_records[STATE].items()) == before
 
 
@@ -477,3 +498,58 @@ def test_a_share_keys_list_with_keys_that_are_not_node_ids_is_refused(signers):
     sites = _sites(signers)
     Server(sites, tamper).run()
     assert sites[VICTIM].refusal == "a share-keys list whose keys are not all node ids"
+
+
+@pytest.mark.parametrize("roster", [True, False])
+def test_evaluation_counts_are_released_only_when_every_site_offered_them(signers, roster):
+    """A site without validation slides (or with privacy.release_evaluation: false) sends zero counts; the
+    others' "sum" of counts would then be over fewer sites than the update's, one site's own at worst.
+    Each site offers or not at setup; training is told to release only when every site of the round offered."""
+    everyone = _sites(signers, roster)
+    Server(everyone).run()
+    assert [s.refusal for s in everyone.values()] == [None] * 5
+    assert all(s.may_release == [True] for s in everyone.values())
+
+    sites = _sites(signers, roster)
+    sites[15].offers = False  # one hospital keeps its counts (or has no validation slides)
+    server = Server(sites)
+    assert sorted(server.run()) == NODES  # the round goes on: the update is summed as before
+    assert all(s.may_release == [False] for s in sites.values())  # nobody releases counts this round
+    assert server.relay.offers == {11, 12, 13, 14}
+    if roster:  # the server's own reading of the signed view agrees with the sites'
+        assert server.relay.unverified_survivors(server.survivors, server.relay.instructions(server.survivors)) == []
+
+
+def test_a_server_that_claims_a_site_offered_its_counts_is_refused(signers):
+    """Node 15 did not offer; the server tells the victim that every site did, so that the victim releases its
+    counts into a sum where 15 adds zeros. 15's keys come signed with its offer, so the claim does not verify."""
+    def claim(message):
+        record = message.content.config_records[signed.RECORD]
+        record[signed.OFFERS] = sorted({*record[signed.OFFERS], 15})
+
+    def tamper(stage, messages):
+        for message in messages:
+            if stage == Stage.SHARE_KEYS and message.metadata.dst_node_id == VICTIM:
+                claim(message)
+        return messages
+
+    sites = _sites(signers)
+    sites[15].offers = False
+    Server(sites, tamper).run()
+    assert "node 15's key signature does not verify" in sites[VICTIM].refusal
+    assert sites[VICTIM].may_release == []  # it never trained
+
+
+def test_a_site_whose_own_offer_is_misstated_refuses_even_without_a_roster(signers):
+    """Without a roster the offers are the server's word, but a site knows its own: told that it did not offer,
+    it would release nothing while the others do, or the other way round."""
+    def deny(stage, messages):
+        for message in messages:
+            if stage == Stage.SHARE_KEYS and message.metadata.dst_node_id == VICTIM:
+                record = message.content.config_records[signed.RECORD]
+                record[signed.OFFERS] = [node for node in record[signed.OFFERS] if node != VICTIM]
+        return messages
+
+    sites = _sites(signers, roster=False)
+    Server(sites, deny).run()
+    assert "misstates whether this site offered its evaluation counts" in sites[VICTIM].refusal
