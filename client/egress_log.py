@@ -12,8 +12,8 @@ SecAgg+ stage (each as the server chose it when short and plain, otherwise by le
 of the app bundle of the run, and the reply's structure: every record and key; arrays as dtype,
 shape and byte size; numbers in metric records (and in Flower's legacy metrics records) as their
 values, since these are the values the site discloses; bytes as their length and sha256 (never
-the masked contents); lists as length and element type; an error reply's code. Nothing else of
-the reply is written.
+the masked contents); lists as length and element type; booleans (a SecAgg+ setup's offer of
+evaluation counts) as their values; an error reply's code. Nothing else of the reply is written.
 
 The file is hash-chained (``shared/hash_chain.py``): ``fedpath-site egress verify`` finds an edited,
 removed, inserted or reordered record by its line, and truncation by comparing with

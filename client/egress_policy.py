@@ -17,7 +17,8 @@ The rules (each a small table below, so they are easy to read and to adjust):
     mod clears them and sends the masked vector as bytes in a config record);
 (d) config records only as the SecAgg+ protocol produces them in the stage being answered
     (``SECAGG_REPLY_KEYS``: known keys, bytes, ints and lists of them), the site's signed
-    statements of that stage (``SIGNED_REPLY_KEYS``, ``shared/signed_secagg.py``), plus Flower's
+    statements of that stage and, at setup, its yes/no offer of evaluation counts
+    (``SIGNED_REPLY_KEYS``, ``shared/signed_secagg.py``), plus Flower's
     legacy status record (``LEGACY_STATUS_RECORDS``) and the legacy metric carriers of (b);
 (e) an error reply carries a code and no reason text.
 

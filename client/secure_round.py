@@ -20,8 +20,10 @@ docs/security.md, section 2):
   different member hospital, every partner signed the same list of sites and keys, and shares are
   revealed only for the one set of survivors this site signed and every survivor signed too, each
   having trained on the same plan and model as this site (``shared/signed_secagg.py``). Without a
-  roster only the first four hold, on the server's word about who the survivors are and who offered, and the site's
-  log says so at every round.
+  roster only the first three hold, on the server's word about who the survivors are, and so does who
+  offered its evaluation counts (each site checks only its own offer: a server can show each site a
+  list of offers of its own and read one site's counts, as it can read one site's update then); the
+  site's log says so at every round.
 
 Failures raise :class:`UnsafeRound`; the ClientApp answers it with refusal 9 and no text.
 """
@@ -222,6 +224,8 @@ def check_stage(msg: Message, context: Context, min_round_sites: int, signer: Si
     if stage == Stage.SHARE_KEYS:
         _check_share_keys(msg, configs, state, min_round_sites, signer)
     elif stage == Stage.COLLECT_MASKED_VECTORS:
+        if "partners" not in state or "offers" not in state:  # before note_collect spends the round
+            raise UnsafeRound("a collect stage before this site took the round's share-keys stage")
         _check_pairing(configs, state, signer, msg)
         state["instructions"] = instructions_digest(msg.content)
     elif stage == Stage.UNMASK:

@@ -1,7 +1,7 @@
 """What crossed the wire from the sites, for an auditor: one JSON line per reply the ServerApp
 received (round, node, message type, an error reply's code and reason text verbatim, and for every
-record: arrays as dtype and shape, numbers as their type, strings verbatim, bytes as length and
-sha256). No array values are written.
+record: arrays as dtype and shape, numbers as their type, strings and booleans verbatim, bytes as
+length and sha256). No array values are written.
 
 On with ``federation.wire_log: true``; the tests read it to check that sites send nothing but
 one vector of the model's values (or SecAgg+ protocol material) and numbers.
@@ -46,6 +46,8 @@ def _value(value):
         return {"bytes": len(value), "sha256": hashlib.sha256(value).hexdigest()}
     if isinstance(value, str):
         return {"str": value}
+    if isinstance(value, bool):  # a site's SecAgg+ offer of its evaluation counts: what it told the server
+        return value
     return type(value).__name__
 
 

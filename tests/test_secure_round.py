@@ -540,6 +540,34 @@ def test_a_server_that_claims_a_site_offered_its_counts_is_refused(signers):
     assert sites[VICTIM].may_release == []  # it never trained
 
 
+def test_a_server_that_hides_a_sites_offer_is_refused(signers):
+    """The other direction: node 15 offered; the server tells the victim it did not (so that the victim
+    withholds its counts while the others release theirs). 15's key signature covers its offer."""
+    def hide(stage, messages):
+        for message in messages:
+            if stage == Stage.SHARE_KEYS and message.metadata.dst_node_id == VICTIM:
+                record = message.content.config_records[signed.RECORD]
+                record[signed.OFFERS] = [node for node in record[signed.OFFERS] if node != 15]
+        return messages
+
+    sites = _sites(signers)
+    Server(sites, hide).run()
+    assert "node 15's key signature does not verify" in sites[VICTIM].refusal
+    assert sites[VICTIM].may_release == []
+
+
+def test_a_collect_stage_before_the_share_keys_stage_is_refused_before_the_round_is_noted(signers, tmp_path):
+    """A server that skips key sharing for one site: refused as unsafe, and the round is not noted as trained
+    for (no partners, no offers: nothing to check a masked vector against)."""
+    site = Site(VICTIM, signers[VICTIM], collects=tmp_path / "secagg")
+    site.handle(_stage(VICTIM, {Key.STAGE: Stage.SETUP, **SETUP}))
+    assert site.refusal is None
+    site.handle(_stage(VICTIM, {Key.STAGE: Stage.COLLECT_MASKED_VECTORS, Key.SOURCE_LIST: [],
+                                Key.CIPHERTEXT_LIST: []}, _instructions()))
+    assert "before this site took the round's share-keys stage" in site.refusal
+    assert not (tmp_path / "secagg").exists() and site.may_release == []
+
+
 def test_a_site_whose_own_offer_is_misstated_refuses_even_without_a_roster(signers):
     """Without a roster the offers are the server's word, but a site knows its own: told that it did not offer,
     it would release nothing while the others do, or the other way round."""
