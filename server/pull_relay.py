@@ -24,7 +24,12 @@ passes the sites' two push routes on, once each and unchanged (``PASSED_ROUTES``
 ServerApp when no reply is still arriving, so that it never pulls a reply whose arrays are not all
 there yet. A push is read whole before it is passed on (its session and object ids come after the
 array in Flower's message), so the relay holds up to ``superlink.max_request_mb`` per push in flight;
-nginx refuses anything larger from its Content-Length alone.
+nginx refuses anything larger from its Content-Length alone. It holds at most ``PUSHES_IN_FLIGHT``
+times that at once (``PushRoom``): a push that finds no room waits, its body unread, until one is
+passed on (and is refused with 503 after ``PUSH_TIMEOUT_S``). Anyone who reaches the proxy can start
+a push (the SuperLink checks its signature only once the relay passes it on), so without the cap a
+few hundred pushes of declared maximum size, sent slowly, would fill the server host's memory. Real
+pushes are Flower's chunks of at most 5 MB, which never wait for one another under the cap.
 
 A site holds one pull for messages at a time: its newer pull ends the older one, which gets the empty
 answer at its next look (within ``IDLE_STEP_S``), as a hold that ran out. Flower's SuperNode pulls one
@@ -75,6 +80,7 @@ from shared.polling import quarter_step
 MAX_BODY = 64 * 1024  # a pull request is a node id and a few message or object ids
 UPSTREAM_TIMEOUT_S = 30.0
 PUSH_TIMEOUT_S = 300.0  # as nginx allows a push: the SuperLink may take long to store a large array
+PUSHES_IN_FLIGHT = 4  # push bodies of the largest size held at once (PushRoom)
 OBJECT_HOLD_S = 5.0  # an announced object is normally pushed within a second
 ACTIVE_S = 60.0  # a route that delivered something this recently is in use: ask often
 IDLE_STEP_S = 2.0  # otherwise (no run, or between runs): each ask costs the SuperLink ~10 ms of CPU
@@ -344,6 +350,28 @@ class _Connection(http.client.HTTPConnection):
             self.sock = self._upstream.context.wrap_socket(self.sock, server_hostname=self._upstream.tls_name)
 
 
+class PushRoom:
+    """The bytes of push bodies the relay may hold at once: taken (by Content-Length) before a body is read,
+    given back once it has been passed on."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used = limit, 0
+        self._changed = threading.Condition()
+
+    def take(self, size: int, timeout: float) -> bool:
+        """Wait until ``size`` bytes fit, at most ``timeout`` seconds; False if they never did."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: self.used + size <= self.limit, timeout):
+                return False
+            self.used += size
+            return True
+
+    def give_back(self, size: int) -> None:
+        with self._changed:
+            self.used -= size
+            self._changed.notify_all()
+
+
 class RelayServer(http.server.ThreadingHTTPServer):
     daemon_threads = True  # a held request never delays the relay's own exit
 
@@ -352,6 +380,7 @@ class RelayServer(http.server.ThreadingHTTPServer):
         self.socket.close()
         self.socket = listening
         self.upstream, self.hold_s, self.max_push_bytes = upstream, hold_s, max_push_bytes
+        self.push_room = PushRoom(PUSHES_IN_FLIGHT * max_push_bytes)
         self.wakeups = {path: Wakeup() for path in HELD_ROUTES}
         self.holders = {path: Holders() for path, route in HELD_ROUTES.items() if route.one_per_site}
         self.pushes = PushTracker(lambda: None)  # ``main`` connects it to the wake port
@@ -379,6 +408,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if not 0 <= length <= limit:
             self._refuse(413, f"a request on this route is at most {limit} bytes")
             return
+        if route is not None:
+            self._answer(route, length)
+            return
+        if not self.server.push_room.take(length, PUSH_TIMEOUT_S):
+            self.close_connection = True  # its body was never read
+            self._refuse(503, "the relay holds as many pushes as it may; push again")
+            return
+        try:
+            self._answer(route, length)
+        finally:
+            self.server.push_room.give_back(length)
+
+    def _answer(self, route: HeldRoute | None, length: int) -> None:
         body = self.rfile.read(length)
         if len(body) != length:  # the site hung up mid-request: never pass on part of a body as a whole
             self.close_connection = True

@@ -30,7 +30,9 @@ from server.pull_relay import (
     OBJECT_HOLD_S,
     PUSH_MESSAGES,
     PUSH_OBJECT,
+    PUSHES_IN_FLIGHT,
     Answer,
+    PushRoom,
     Wakeup,
     WarmConnections,
     bind_listener,
@@ -567,6 +569,46 @@ def test_the_relay_passes_pushes_on_unchanged_and_tells_the_serverapp_when_the_r
     assert [signature for _, _, signature, _ in upstream.asks] == ["signed"] * 3 + ["forged"]  # as sent
     assert len(set(upstream.peers)) == 1  # pushes seconds apart share one warm connection to the SuperLink
     link.close()
+
+
+def test_the_push_room_waits_for_room_and_gives_up_after_its_timeout():
+    room = PushRoom(10)
+    assert room.take(6, 0) and room.take(4, 0) and room.used == 10
+    assert not room.take(1, 0.05)  # full: waits, then gives up
+    taken = []
+    waiting = threading.Thread(target=lambda: taken.append(room.take(5, 10)))
+    waiting.start()
+    room.give_back(6)
+    waiting.join(10)
+    assert taken == [True] and room.used == 9
+
+
+@pytest.mark.slow(seconds=9)  # mostly waiting on the relay process: handed out early, beside busy tests
+def test_pushes_held_at_once_are_capped_and_the_next_one_waits_unread(relay):
+    """Anyone who reaches the proxy can start a push (the SuperLink checks its signature later). Four pushes
+    that declare the largest size (64 MB here) and send slowly fill the relay's room; a fifth waits, its
+    body unread, and is passed on once one of the four hangs up. Without the cap a few hundred such pushes
+    would fill the server host's memory."""
+    port, upstream = relay(messages_after=0)
+    header = (f"POST {PUSH_OBJECT} HTTP/1.1\r\nHost: x\r\nflwr-signature: signed\r\n"
+              f"Content-Length: {64 * 1024 * 1024}\r\n\r\n").encode()
+    slow = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(PUSHES_IN_FLIGHT)]
+    try:
+        for raw in slow:
+            raw.sendall(header + b"x" * 1000)
+        time.sleep(2)  # the relay reads their headers (milliseconds) and takes their room
+        answers = []
+        pusher = threading.Thread(target=lambda: answers.append(_post(port, PUSH_OBJECT, _pushed_object("o1", "s"))))
+        pusher.start()
+        pusher.join(3)
+        assert pusher.is_alive() and upstream.asks == []  # waiting, nothing passed on
+        slow.pop(0).close()  # one slow push hangs up: its room is given back
+        pusher.join(30)
+        assert answers and answers[0][0] == 200
+        assert [path for path, *_ in upstream.asks] == [PUSH_OBJECT]  # the fifth push, and none of the slow ones
+    finally:
+        for raw in slow:
+            raw.close()
 
 
 def test_relay_log_names_the_upstream(relay, tmp_path):
