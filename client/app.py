@@ -47,7 +47,7 @@ from client.secure_round import (
 )
 from shared.errors import UserError
 from shared.refusals import REFUSAL_ERROR_BASE, UNDISCLOSED_SIT_OUT, InvalidFederationId, refusal_text
-from shared.server_labels import server_label
+from shared.server_labels import log_text, server_label
 
 SITE_CONFIG_KEY = "site-config"
 """Node config key with the absolute path of the site's site.yaml (set by `fedpath-site start`)."""
@@ -178,7 +178,7 @@ def no_text_leaves(msg: Message, context: Context, call_next) -> Message:
                       msg.metadata.run_id)
         return Message(Error(code=REFUSAL_ERROR_BASE + 13), reply_to=msg)
     if reply.has_error() and reply.error.reason:
-        log.warning("an error reply carried text; sent without it: %s", reply.error.reason)
+        log.warning("an error reply carried text; sent without it: %s", log_text(reply.error.reason))
         return Message(Error(code=reply.error.code), reply_to=msg)
     return reply
 

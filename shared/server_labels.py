@@ -4,6 +4,8 @@ Flower's own are short and plain ("3", "train", "share_keys"), but a server may 
 round id with every message, or line breaks and terminal escapes. Written as they came, they would
 fill the hospital's disk through its egress log and its log, and make ``fedpath-site egress show``
 print records that do not exist. So they are written as they came only when short and plain.
+Longer texts that may carry them (a library's error reason) go into the site's log escaped and cut
+(``log_text``).
 """
 
 from __future__ import annotations
@@ -21,3 +23,13 @@ def server_label(value: str | None) -> str | None:
         return value
     digest = hashlib.sha256(value.encode("utf-8", errors="replace")).hexdigest()[:16]
     return f"(not shown: {len(value)} characters, sha256 {digest})"
+
+
+LOG_TEXT_LIMIT = 300
+
+
+def log_text(value: str, limit: int = LOG_TEXT_LIMIT) -> str:
+    """``value`` for one line of the site's log: line breaks and escapes shown as escapes, cut after
+    ``limit`` characters with the full length named, so it can neither forge lines nor fill the disk."""
+    shown = value[:limit].encode("unicode_escape").decode("ascii")
+    return shown if len(value) <= limit else f"{shown}... ({len(value)} characters)"

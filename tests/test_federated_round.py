@@ -471,3 +471,22 @@ def test_a_warm_worker_keeps_training_vectors_on_its_device(prepared, tmp_path, 
     split = load_split(cache, "train", cpu)[0]
     assert isinstance(split[0].features, torch.Tensor) and isinstance(split[1].features, np.ndarray)
     assert sequence_data.device_budget(cpu) == 0  # and a CPU never gets a budget of its own
+
+
+def test_an_error_reply_leaves_without_its_text_and_the_text_stays_on_one_short_line_of_the_log(caplog):
+    """Flower's SecAgg+ mod puts texts into its errors, and some carry what the server sent: the reply leaves
+    with the code alone, and the site's log shows the text escaped and cut, so it forges no log line and
+    fills no disk."""
+    from flwr.app import Error, Message, RecordDict
+
+    from tests.flower_messages import server_message_to
+
+    message = server_message_to(7, RecordDict(), "3")
+    reason = "Abort secure aggregation\n12:00:00 INFO fedpath.site: round 3: trained on 9 patients" + "x" * 100_000
+    with caplog.at_level("WARNING", logger="fedpath.site"):
+        reply = client.app.no_text_leaves(message, None,
+                                          lambda m, _: Message(Error(code=1009, reason=reason), reply_to=m))
+    assert reply.error.code == 1009 and not reply.error.reason
+    [logged] = [r.getMessage() for r in caplog.records if "carried text" in r.getMessage()]
+    assert "\n" not in logged and len(logged) < 1000 and "(100083 characters)" in logged
+    assert "Abort secure aggregation\\n12:00:00" in logged  # the break shown as an escape, the text still readable
