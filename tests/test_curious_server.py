@@ -246,36 +246,6 @@ def test_a_curious_server_reads_only_the_masked_sum_and_the_disclosed_numbers(co
                 assert all(kind in ("int", "float") for kind in record.values()), record
 
 
-def test_one_site_that_keeps_its_evaluation_counts_keeps_every_sites_counts_unreleased(consortium):
-    """site-3 sets privacy.release_evaluation: false, so its part of the counts is zeros: the other two sites'
-    counts would be a "sum" of two, below their min_round_sites. No site releases counts; the update is summed
-    as before, the server says which node offered none, and the model is recorded as not scored."""
-    site_3 = consortium.site_yamls[2]
-    original = site_3.read_text()
-    document = yaml.safe_load(original)
-    document.setdefault("privacy", {})["release_evaluation"] = False
-    site_3.write_text(yaml.safe_dump(document))
-    try:
-        code, folder = _honest_run(consortium, secure=True)
-    finally:
-        site_3.write_text(original)
-    assert code == 0, folder.status()
-    rounds = json.loads((folder.path / "metrics.json").read_text())
-    assert {name for name, site in rounds[1]["sites"].items() if site["trained"]} == {"site-1", "site-2", "site-3"}
-    assert [r["global"]["evaluated"] for r in rounds] == [False, False]
-    assert "offer no evaluation counts" in _server_log(folder)
-    for site in consortium.site_yamls:  # trained, released nothing, spent nothing on evaluation
-        config = load_site_config(site)
-        assert [r["evaluate"] for r in read_rounds(config, folder.federation_id)] == [False, False]
-        ledger = json.loads((config.state_dir / "ledgers" / f"{folder.federation_id}.json").read_text())
-        assert [r["round_id"] for r in ledger["rounds"]] == ["round-1"]
-    run = folder.run_info()["flower_runs"][-1]
-    offers = {str(site.parent.name): {r["content"]["configs"]["fedpath-secagg"]["evaluation_offer"]
-                                      for r in _egress(site, 0) if r.get("stage") == "setup" and r.get("run") == run}
-              for site in consortium.site_yamls}
-    assert list(offers.values()) == [{True}, {True}, {False}], offers  # each site's egress log shows what it offered
-
-
 def _server_log(folder: RunFolder) -> str:
     return "".join(path.read_text() for path in folder.path.glob("flower-run-*.log"))
 

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from flwr.proto.fleet_pb2 import PullMessagesRequest  # pylint: disable=no-name-in-module
 from flwr.proto.message_pb2 import PushObjectRequest  # pylint: disable=no-name-in-module
 from flwr.proto.node_pb2 import Node  # pylint: disable=no-name-in-module
@@ -121,18 +122,31 @@ def test_runner_serves_a_secure_run_and_survives_an_exception(consortium):
         assert f", {share} torch thread(s);" in (load_site_config(site).state_dir / "supernode.log").read_text()
     # Site 3's ClientApp reads site.yaml for every message; its runner read it at start. A broken
     # file makes the ClientApp raise in every stage that trains or evaluates.
-    broken = sites[2]
-    original = broken.read_text()
+    broken, quiet = sites[2], sites[1]
+    original, quiet_original = broken.read_text(), quiet.read_text()
     broken.write_text(original + "\nfederation: [not yaml\n")
+    # Site 2 keeps its evaluation counts: zeros in its masked vector would leave site 1's counts as the "sum"
+    quiet_document = yaml.safe_load(quiet_original)
+    quiet_document.setdefault("privacy", {})["release_evaluation"] = False
+    quiet.write_text(yaml.safe_dump(quiet_document))
     try:
         folder = RunFolder.create(consortium.server_yaml)
         assert submit_and_follow(consortium.control, folder, timeout=300) == 0, folder.status()
     finally:
         broken.write_text(original)  # close() reads every site.yaml to find the pid files
+        quiet.write_text(quiet_original)
     # no runner was restarted: the exception did not end site 3's
     assert [_runner_pid(site) for site in sites] == pids
     rounds = json.loads((folder.path / "metrics.json").read_text())
     assert {name for name, site in rounds[1]["sites"].items() if site["trained"]} == {"site-1", "site-2"}
+    # so no site released counts: the update was summed as ever, the model is recorded as not scored
+    assert [r["global"]["evaluated"] for r in rounds] == [False, False]
+    server_log = "".join(path.read_text() for path in folder.path.glob("flower-run-*.log"))
+    assert "offer no evaluation counts" in server_log
+    for site in sites[:2]:  # trained, released nothing, spent nothing on evaluation
+        config = load_site_config(site)
+        ledger = json.loads((config.state_dir / "ledgers" / f"{folder.federation_id}.json").read_text())
+        assert [r["round_id"] for r in ledger["rounds"]] == ["round-1"]
     card = load_checkpoint(folder.path / "checkpoints" / "round-0001.npz").card
     wire = _wire_by_node(folder)
     assert not any(entry.get("error_reason") for entries in wire.values() for entry in entries)
@@ -159,6 +173,9 @@ def test_runner_serves_a_secure_run_and_survives_an_exception(consortium):
             assert update["content"]["configs"]["fitres.metrics"]["epsilon"] == \
                 pytest.approx(card["privacy"][f"site-{index + 1}"]["epsilon"])
             assert update["content"]["metrics"]["fitres.num_examples"]["num_examples"] == 1000  # the same for all
+            offers = [r["content"]["configs"]["fedpath-secagg"]["evaluation_offer"] for r in replies
+                      if r["stage"] == "setup"]
+            assert offers == [index == 0] * 2  # what each site told the server at setup, in its own log
         else:  # the broken site.yaml fails the first stage of each exchange: a code, no text, and it is out
             assert [(r["stage"], r["outcome"], r.get("error_code")) for r in replies] == \
                 [("setup", SENT, 1013)] * 2
