@@ -9,7 +9,8 @@ hash in the run's ``status.json`` and passes it back as ``expected_last_hash``.
 
 One server process writes the log. Its first append verifies the whole file, so an append after
 a restart chains onto what is really on disk and never onto a history that was tampered with in
-between; later appends of the same process read back only the last line (``shared/hash_chain.py``).
+between; later appends of the same process read back only the last line while the file is as it left it
+(``shared/hash_chain.py``).
 """
 
 from __future__ import annotations

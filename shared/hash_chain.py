@@ -14,16 +14,15 @@ server in the run's ``status.json``, a site in ``egress.head``) and passes it ba
 One process writes a log. Its first append (or read) reads and verifies the whole file, so an
 append after a restart chains onto what is really on disk and never onto a history that was
 tampered with in between. Later appends of the same :class:`HashChain` read only the last line
-back: they chain on when the file is the one this object last saw end (same inode and size) and
-its last line still hashes to the record it saw there, and read the whole file again otherwise.
-A site's egress log gets a record per message for years, and re-reading all of it made each
-append cost time in proportion to the log (about 20 ms at 1,000 records, seconds at 100,000:
-``python -m benchmarks chain_append``). An edit of an earlier line that keeps the file's size
-and inode is then found by the next full verification (``fedpath-site egress verify``, a restart),
-not by the append; the chain links every record to the one before, so a record appended after
-such an edit does not make it pass. There is no secret in the chain: someone who can rewrite the
-whole file and the place that keeps the last hash can forge a history; copy the last hash
-elsewhere to prevent that.
+back, when the file is exactly as this object last saw it (device, inode, size, modification and
+change times: any write since changes the change time, which a user cannot set back) and the
+line still hashes to the record it saw there; otherwise they read and verify the whole file
+again, which must still hold that record at its place (a log truncated or replaced while in use
+is refused, not chained onto). A site's egress log gets a record per message for years, and
+re-reading all of it made each append cost time in proportion to the log (about 20 ms at 1,000
+records, seconds at 100,000: ``python -m benchmarks chain_append``). There is no secret in the
+chain: someone who can rewrite the whole file and the place that keeps the last hash can forge a
+history; copy the last hash elsewhere to prevent that.
 """
 
 from __future__ import annotations
@@ -74,10 +73,15 @@ def canonical_json(document: dict[str, Any]) -> str:
 class _Tail:
     """Where this object last saw the file end: enough to chain on without reading it all again."""
 
-    inode: int
-    size: int
+    version: tuple[int, ...]  # device, inode, size, mtime and ctime: any write since changes one of them
     offset: int  # where the last record's line starts
+    index: int
     hash: str
+
+
+def _version(stat: os.stat_result) -> tuple[int, ...]:
+    # ctime cannot be set back by a user who edits the file: an edit in place of the same size shows here
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
 
 
 class HashChain:
@@ -113,20 +117,27 @@ class HashChain:
             "prev_hash": last["hash"] if last else GENESIS_HASH,
         }
         full["hash"] = record_hash(full)
-        self._write_line(canonical_json(full), full["hash"])
+        self._write_line(canonical_json(full), full["index"], full["hash"])
         return full
 
     def records(self) -> list[dict[str, Any]]:
         """Every record, after verifying the chain (``self.error`` if broken)."""
-        if not self.path.exists():
-            self._tail = None
-            return []
-        return self._read_chain()
+        return self._read_chain() if self.path.exists() else []
 
     def last_record(self) -> dict[str, Any] | None:
-        """The last record (None while the log is empty): read back alone when the file still ends where
-        this object last saw it end, otherwise after reading and verifying the whole file."""
-        return self._known_last_record() or next(reversed(self.records()), None)
+        """The last record (None while the log is empty): read back alone when the file is as this object
+        last saw it, otherwise after reading and verifying the whole file, which must still hold the record
+        this object last saw at its place (``self.error`` if not: the log was truncated or replaced)."""
+        known = self._known_last_record()
+        if known is not None:
+            return known
+        seen = self._tail
+        records = self.records()
+        if seen is not None and (len(records) <= seen.index or records[seen.index]["hash"] != seen.hash):
+            raise self.error(f"{self.label} {self.path} no longer holds, at line {seen.index + 1}, the record this "
+                             f"process wrote or read last (hash {seen.hash}): it was truncated or replaced while in "
+                             "use, and nothing is chained onto it.")
+        return records[-1] if records else None
 
     def last_hash(self) -> str | None:
         """The hash of the last record; None while the log is empty."""
@@ -159,8 +170,7 @@ class HashChain:
             return None
         try:
             with open(self.path, "rb") as handle:
-                stat = os.fstat(handle.fileno())
-                if (stat.st_ino, stat.st_size) != (tail.inode, tail.size):
+                if _version(os.fstat(handle.fileno())) != tail.version:
                     return None
                 handle.seek(tail.offset)
                 record = json.loads(handle.read().decode("utf-8"))
@@ -170,7 +180,7 @@ class HashChain:
             return None
         return record
 
-    def _write_line(self, line: str, written_hash: str) -> None:
+    def _write_line(self, line: str, written_index: int, written_hash: str) -> None:
         created = not self.path.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "ab") as handle:
@@ -182,7 +192,7 @@ class HashChain:
             handle.write((line + "\n").encode("utf-8"))
             handle.flush()
             os.fsync(handle.fileno())
-            self._tail = _Tail(os.fstat(handle.fileno()).st_ino, handle.tell(), offset, written_hash)
+            self._tail = _Tail(_version(os.fstat(handle.fileno())), offset, written_index, written_hash)
         if created:  # the new directory entry must survive a power cut too
             directory = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
             try:
@@ -192,11 +202,10 @@ class HashChain:
 
     def _read_chain(self) -> list[dict[str, Any]]:
         """Parse and verify every line; raise at the first one that breaks the chain."""
-        self._tail = None
         try:
             with open(self.path, "rb") as handle:
+                version = _version(os.fstat(handle.fileno()))
                 data = handle.read()
-                inode = os.fstat(handle.fileno()).st_ino
         except OSError as error:
             raise self.error(f"cannot read {self.label} {self.path}: {error}") from error
         lines = data.split(b"\n")
@@ -207,9 +216,11 @@ class HashChain:
             record = self._parse_line(number, raw, is_last=number == len(lines))
             self._check_link(number, record, records[-1] if records else None)
             records.append(record)
-        if records:  # the whole file verified: later appends may chain on its last line alone
+        if records:  # the whole file verified: later appends may chain on its last line alone (a read that
+            # fails keeps what this object saw before, so that a log replaced meanwhile is still noticed)
             offset = len(data) - len(lines[-1]) - (1 if data.endswith(b"\n") else 0)
-            self._tail = _Tail(inode, len(data), offset, records[-1]["hash"])
+            if version[2] == len(data):  # not written to while read: the next append may trust this end
+                self._tail = _Tail(version, offset, len(records) - 1, records[-1]["hash"])
         return records
 
     def _parse_line(self, number: int, raw: bytes, is_last: bool) -> dict[str, Any]:
