@@ -24,12 +24,13 @@ passes the sites' two push routes on, once each and unchanged (``PASSED_ROUTES``
 ServerApp when no reply is still arriving, so that it never pulls a reply whose arrays are not all
 there yet. A push is read whole before it is passed on (its session and object ids come after the
 array in Flower's message), so the relay holds up to ``superlink.max_request_mb`` per push in flight;
-nginx refuses anything larger from its Content-Length alone. It holds at most ``PUSHES_IN_FLIGHT``
-times that at once (``PushRoom``): a push that finds no room waits, its body unread, until one is
-passed on (and is refused with 503 after ``PUSH_TIMEOUT_S``). Anyone who reaches the proxy can start
-a push (the SuperLink checks its signature only once the relay passes it on), so without the cap a
-few hundred pushes of declared maximum size, sent slowly, would fill the server host's memory. Real
-pushes are Flower's chunks of at most 5 MB, which never wait for one another under the cap.
+nginx refuses anything larger from its Content-Length alone. Since the SuperLink checks a push's
+signature only once the relay passes it on, the relay first checks Flower's node authentication
+headers itself (``PushGate``): a key of the consortium registry, a fresh timestamp, its signature.
+Anyone else's push is refused (401) before its body is read, and a registered site has at most
+``PUSHES_PER_SITE`` bodies read at once. Otherwise anyone who reaches the proxy could fill the
+server host's memory with pushes of the largest size, or, with a cap for all, hold every site's
+pushes back with four slow ones.
 
 A site holds one pull for messages at a time: its newer pull ends the older one, which gets the empty
 answer at its next look (within ``IDLE_STEP_S``), as a hold that ran out. Flower's SuperNode pulls one
@@ -63,24 +64,34 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from flwr.common.constant import SYSTEM_TIME_TOLERANCE, TIMESTAMP_HEADER, TIMESTAMP_TOLERANCE
 from flwr.proto.fleet_pb2 import PullMessagesResponse, PushMessagesResponse  # pylint: disable=no-name-in-module
 from flwr.proto.message_pb2 import (  # pylint: disable=no-name-in-module
     PullObjectResponse,
     PushObjectRequest,
     PushObjectResponse,
 )
-from flwr.supercore.constant import FLEET_HTTP_PUBLIC_KEY_HEADER as FLEET_KEY_HEADER  # "flwr-public-key"
+from flwr.supercore.constant import (
+    FLEET_HTTP_PUBLIC_KEY_HEADER as FLEET_KEY_HEADER,  # "flwr-public-key"
+    FLEET_HTTP_SIGNATURE_HEADER as FLEET_SIGNATURE_HEADER,
+)
 from google.protobuf.message import DecodeError
 
 from server.relay_signals import Announcements, PushTracker, read_wake_file
+from server.site_registry import RegistryError, SiteRegistry
 from shared.polling import quarter_step
+from shared.site_keys import public_key_line
 
 MAX_BODY = 64 * 1024  # a pull request is a node id and a few message or object ids
 UPSTREAM_TIMEOUT_S = 30.0
 PUSH_TIMEOUT_S = 300.0  # as nginx allows a push: the SuperLink may take long to store a large array
-PUSHES_IN_FLIGHT = 4  # push bodies of the largest size held at once (PushRoom)
+PUSHES_PER_SITE = 2  # push bodies of one site read at once (PushGate); its SuperNode pushes one at a time
 OBJECT_HOLD_S = 5.0  # an announced object is normally pushed within a second
 ACTIVE_S = 60.0  # a route that delivered something this recently is in use: ask often
 IDLE_STEP_S = 2.0  # otherwise (no run, or between runs): each ask costs the SuperLink ~10 ms of CPU
@@ -350,37 +361,87 @@ class _Connection(http.client.HTTPConnection):
             self.sock = self._upstream.context.wrap_socket(self.sock, server_hostname=self._upstream.tls_name)
 
 
-class PushRoom:
-    """The bytes of push bodies the relay may hold at once: taken (by Content-Length) before a body is read,
-    given back once it has been passed on."""
+class PushGate:
+    """Whose push bodies the relay reads into memory, and how many of each site's at once.
 
-    def __init__(self, limit: int) -> None:
-        self.limit, self.used = limit, 0
+    The same checks as the SuperLink's node authentication, before the body is read: the public key is
+    one of the consortium registry (``state_dir/sites.json``, read again when it changes), the timestamp
+    is within the SuperLink's window and the key signed it. The SuperLink still checks everything (and
+    that the key is the node's the request names) when the relay passes the push on.
+
+    Args:
+        registry: the consortium registry of the sites and their public keys.
+        per_site: how many of one site's pushes are read at once; more wait, unread.
+    """
+
+    def __init__(self, registry: Path, per_site: int = PUSHES_PER_SITE) -> None:
+        self.registry, self.per_site = Path(registry), per_site
+        self._members: frozenset[str] = frozenset()
+        self._version: tuple[int, int] | None = None
+        self._in_flight: dict[str, int] = {}
         self._changed = threading.Condition()
 
-    def take(self, size: int, timeout: float) -> bool:
-        """Wait until ``size`` bytes fit, at most ``timeout`` seconds; False if they never did."""
+    def site(self, headers) -> str | None:
+        """The registered key (its OpenSSH line) that signed these request headers in time; None otherwise."""
+        try:
+            public = base64.b64decode(headers.get(FLEET_KEY_HEADER, "").strip(" \t"), validate=True)
+            signature = base64.b64decode(headers.get(FLEET_SIGNATURE_HEADER, ""), validate=True)
+            timestamp = headers.get(TIMESTAMP_HEADER, "")
+            age = (datetime.now(timezone.utc) - datetime.fromisoformat(timestamp)).total_seconds()
+            if not -SYSTEM_TIME_TOLERANCE < age < TIMESTAMP_TOLERANCE + SYSTEM_TIME_TOLERANCE:
+                return None
+            key = serialization.load_pem_public_key(public)
+            key.verify(signature, timestamp.encode("ascii"), ec.ECDSA(hashes.SHA256()))
+            line = public_key_line(key)
+        except (ValueError, TypeError, AttributeError, binascii.Error, InvalidSignature, UnsupportedAlgorithm):
+            return None
+        return line if line in self._registered() else None
+
+    def take(self, site: str, timeout: float) -> bool:
+        """Wait until ``site`` has fewer than ``per_site`` pushes being read, at most ``timeout`` seconds."""
         with self._changed:
-            if not self._changed.wait_for(lambda: self.used + size <= self.limit, timeout):
+            if not self._changed.wait_for(lambda: self._in_flight.get(site, 0) < self.per_site, timeout):
                 return False
-            self.used += size
+            self._in_flight[site] = self._in_flight.get(site, 0) + 1
             return True
 
-    def give_back(self, size: int) -> None:
+    def give_back(self, site: str) -> None:
         with self._changed:
-            self.used -= size
+            self._in_flight[site] -= 1
+            if not self._in_flight[site]:
+                del self._in_flight[site]
             self._changed.notify_all()
+
+    def _registered(self) -> frozenset[str]:
+        with self._changed:
+            try:
+                stat = self.registry.stat()
+                version = (stat.st_mtime_ns, stat.st_size)
+            except OSError:  # no site registered yet
+                self._members, self._version = frozenset(), None
+                return self._members
+            if version != self._version:
+                try:
+                    entries = SiteRegistry(self.registry).entries()
+                    self._members = frozenset(str(entry.get("public_key", "")) for entry in entries.values())
+                except (RegistryError, AttributeError) as exc:
+                    sys.stderr.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} the registry is unreadable, no push "
+                                     f"passes: {exc}\n")
+                    self._members = frozenset()
+                self._version = version
+            return self._members
 
 
 class RelayServer(http.server.ThreadingHTTPServer):
     daemon_threads = True  # a held request never delays the relay's own exit
 
-    def __init__(self, listening: socket.socket, upstream: Upstream, hold_s: float, max_push_bytes: int) -> None:
+    def __init__(self, listening: socket.socket, upstream: Upstream, hold_s: float, max_push_bytes: int,
+                 registry: Path) -> None:
         super().__init__(listening.getsockname()[:2], _Handler, bind_and_activate=False)
         self.socket.close()
         self.socket = listening
         self.upstream, self.hold_s, self.max_push_bytes = upstream, hold_s, max_push_bytes
-        self.push_room = PushRoom(PUSHES_IN_FLIGHT * max_push_bytes)
+        self.push_gate = PushGate(registry)
         self.wakeups = {path: Wakeup() for path in HELD_ROUTES}
         self.holders = {path: Holders() for path, route in HELD_ROUTES.items() if route.one_per_site}
         self.pushes = PushTracker(lambda: None)  # ``main`` connects it to the wake port
@@ -411,14 +472,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if route is not None:
             self._answer(route, length)
             return
-        if not self.server.push_room.take(length, PUSH_TIMEOUT_S):
-            self.close_connection = True  # its body was never read
-            self._refuse(503, "the relay holds as many pushes as it may; push again")
+        site = self.server.push_gate.site(self.headers)
+        if site is None:  # the body is never read: the connection cannot carry another request
+            self.close_connection = True
+            self._refuse(401, "a push passes only from a registered site's key, signed in time")
+            return
+        if not self.server.push_gate.take(site, PUSH_TIMEOUT_S):
+            self.close_connection = True
+            self._refuse(503, f"this site has {PUSHES_PER_SITE} pushes under way; push again")
             return
         try:
             self._answer(route, length)
         finally:
-            self.server.push_room.give_back(length)
+            self.server.push_gate.give_back(site)
 
     def _answer(self, route: HeldRoute | None, length: int) -> None:
         body = self.rfile.read(length)
@@ -552,13 +618,15 @@ def bind_listener(host: str) -> socket.socket:
 
 
 def relay_command(listener: socket.socket, upstream: tuple[str, int], tls: tuple[Path, str] | None,
-                  hold_s: float, max_push_mb: int, wake: tuple[socket.socket, Path] | None = None) -> list[str]:
+                  hold_s: float, max_push_mb: int, registry: Path,
+                  wake: tuple[socket.socket, Path] | None = None) -> list[str]:
     """The relay's command line; ``tls`` is (the CA file, the name the SuperLink's certificate must
     carry), None when the SuperLink runs without TLS (``--insecure``); ``max_push_mb`` the largest push
-    it passes on (the proxy's limit); ``wake`` the wake port and the file that holds its token."""
+    it passes on (the proxy's limit); ``registry`` the consortium registry (whose keys may push);
+    ``wake`` the wake port and the file that holds its token."""
     command = [sys.executable, "-m", "server.pull_relay", "--listen-fd", str(listener.fileno()),
                "--upstream", f"{upstream[0]}:{upstream[1]}", "--hold", f"{hold_s:g}",
-               "--max-push-mb", str(max_push_mb)]
+               "--max-push-mb", str(max_push_mb), "--registry", str(registry)]
     if wake is not None:
         command += ["--wake-fd", str(wake[0].fileno()), "--wake-file", str(wake[1])]
     return command + (["--ca", str(tls[0]), "--tls-name", tls[1]] if tls is not None else ["--insecure"])
@@ -573,6 +641,8 @@ def main(argv: list[str] | None = None) -> int:
                         "its messages")
     parser.add_argument("--wake-file", type=Path, help="the wake port's file (its token), with --wake-fd")
     parser.add_argument("--max-push-mb", type=int, required=True, help="largest push request passed on, MB")
+    parser.add_argument("--registry", type=Path, required=True, help="the consortium registry (sites.json): "
+                        "pushes pass only from its keys")
     parser.add_argument("--tls-name", help="the name the SuperLink's certificate must carry (with --ca)")
     tls = parser.add_mutually_exclusive_group(required=True)
     tls.add_argument("--ca", type=Path, help="the consortium CA the SuperLink's certificate is checked against")
@@ -582,7 +652,7 @@ def main(argv: list[str] | None = None) -> int:
     upstream = Upstream(host, int(port)) if args.insecure else \
         Upstream(host, int(port), ssl.create_default_context(cafile=str(args.ca)), args.tls_name)
     listening = socket.socket(fileno=args.listen_fd)
-    with RelayServer(listening, upstream, args.hold, args.max_push_mb * 1024 * 1024) as relay:
+    with RelayServer(listening, upstream, args.hold, args.max_push_mb * 1024 * 1024, args.registry) as relay:
         announced = ""
         found = read_wake_file(args.wake_file) if args.wake_fd is not None and args.wake_file else None
         if found is not None:

@@ -9,15 +9,20 @@ through the relay) and benchmarks/round_overhead.py.
 
 from __future__ import annotations
 
+import base64
 import http.client
 import http.server
+import json
 import socket
 import subprocess
 import threading
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.proto.fleet_pb2 import PullMessagesRequest, PullMessagesResponse, PushMessagesResponse, Reconnect
 from flwr.proto.message_pb2 import Message, PullObjectResponse, PushObjectRequest, PushObjectResponse
 from flwr.proto.node_pb2 import Node
@@ -30,9 +35,9 @@ from server.pull_relay import (
     OBJECT_HOLD_S,
     PUSH_MESSAGES,
     PUSH_OBJECT,
-    PUSHES_IN_FLIGHT,
+    PUSHES_PER_SITE,
     Answer,
-    PushRoom,
+    PushGate,
     Wakeup,
     WarmConnections,
     bind_listener,
@@ -51,6 +56,7 @@ from server.relay_signals import (
     write_wake_file,
 )
 from shared.processes import stop_pid
+from shared.site_keys import public_key_line
 
 EMPTY = PullMessagesResponse().SerializeToString()
 A_MESSAGE = PullMessagesResponse(messages_list=[Message()]).SerializeToString()
@@ -383,7 +389,7 @@ class _StandInHandler(http.server.BaseHTTPRequestHandler):
         self.server.keys.append(headers.get("flwr-public-key"))
         self.server.asked_at.append(time.monotonic())  # one clock for every process of this machine
         self.server.peers.append(self.client_address)  # which connection of the relay's
-        if self.headers.get("flwr-signature") != "signed":
+        if self.headers.get("flwr-signature") in (None, "forged"):  # a real signature or the pull tests' "signed"
             self.send_response(401)
             payload = b""
         else:
@@ -412,9 +418,10 @@ def relay(tmp_path):
         upstream = _StandIn(messages_after, first_message)
         threading.Thread(target=upstream.serve_forever, daemon=True).start()
         listener, wake, wake_file = bind_listener("127.0.0.1"), bind_wake_port(), tmp_path / "pull_relay.wake"
+        registry = _registry(tmp_path / "sites.json", SITE_KEY)
         with listener, wake, (tmp_path / "relay.log").open("ab") as log:
             write_wake_file(wake_file, wake)
-            command = relay_command(listener, upstream.server_address, None, hold_s, 64, (wake, wake_file))
+            command = relay_command(listener, upstream.server_address, None, hold_s, 64, registry, (wake, wake_file))
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                        pass_fds=(listener.fileno(), wake.fileno()), start_new_session=True)
             port = listener.getsockname()[1]
@@ -428,13 +435,34 @@ def relay(tmp_path):
         upstream.server_close()
 
 
-def _post(port: int, path: str, body: bytes, signature: str = "signed", timeout: float = 30, key: str | None = None):
+SITE_KEY = ec.generate_private_key(ec.SECP384R1())
+"""A registered site's key: pushes pass the relay only with its signature (``PushGate``)."""
+
+
+def _registry(path: Path, *keys: ec.EllipticCurvePrivateKey) -> Path:
+    sites = {f"site-{i}": {"node_id": i, "public_key": public_key_line(key.public_key())} for i, key in enumerate(keys)}
+    path.write_text(json.dumps({"sites": sites}))
+    return path
+
+
+def _signed(key: ec.EllipticCurvePrivateKey, at: datetime | None = None, signed: str | None = None) -> dict[str, str]:
+    """Flower's node authentication headers (as its SuperNode's interceptor makes them): the key, a timestamp,
+    the key's signature of ``signed`` (the timestamp itself unless a test forges another)."""
+    timestamp = (at or datetime.now(timezone.utc)).isoformat()
+    pem = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    signature = key.sign((signed or timestamp).encode("ascii"), ec.ECDSA(hashes.SHA256()))
+    return {"flwr-public-key": base64.b64encode(pem).decode(), "flwr-timestamp": timestamp,
+            "flwr-signature": base64.b64encode(signature).decode()}
+
+
+def _post(port: int, path: str, body: bytes, signature: str = "signed", timeout: float = 30, key: str | None = None,
+          signed_by: ec.EllipticCurvePrivateKey | None = None):
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    auth = _signed(signed_by) if signed_by is not None else {"flwr-signature": signature,
+                                                             "flwr-timestamp": "2026-12-03T15:00:00",
+                                                             **({"flwr-public-key": key} if key else {})}
     try:
-        connection.request("POST", path, body=body, headers={"Content-Type": "application/protobuf",
-                                                               "flwr-signature": signature,
-                                                               "flwr-timestamp": "2026-12-03T15:00:00",
-                                                               **({"flwr-public-key": key} if key else {})})
+        connection.request("POST", path, body=body, headers={"Content-Type": "application/protobuf", **auth})
         response = connection.getresponse()
         return response.status, response.read()
     finally:
@@ -553,59 +581,94 @@ def test_the_relay_passes_pushes_on_unchanged_and_tells_the_serverapp_when_the_r
     link = RelayLink(tmp_path / "pull_relay.wake")
     assert link.announce()  # the ServerApp pushed a stage's messages; the relay now knows where it listens
     push = b"a site's reply: message and object tree"
-    status, body = _post(port, PUSH_MESSAGES, push)
+    status, body = _post(port, PUSH_MESSAGES, push, signed_by=SITE_KEY)
     assert (status, body) == (200, _pushed_messages(["o1", "o2"], "session-1"))  # the SuperLink's answer, as is
     assert not link.wait_for_replies(0.5)  # listed to the ServerApp, but its two objects are still to come
     first = _pushed_object("o1", "session-1")
-    assert _post(port, PUSH_OBJECT, first)[0] == 200
+    assert _post(port, PUSH_OBJECT, first, signed_by=SITE_KEY)[0] == 200
     assert not link.wait_for_replies(0.5)
     big = PushObjectRequest(object_id="o2", session_id="session-1", object_content=b"\x01" * 3_000_000)
-    assert _post(port, PUSH_OBJECT, big.SerializeToString())[0] == 200  # an array chunk of a few MB
+    assert _post(port, PUSH_OBJECT, big.SerializeToString(), signed_by=SITE_KEY)[0] == 200  # an array chunk
     assert link.wait_for_replies(10)  # complete: the ServerApp pulls it now, every object there
-    assert _post(port, PUSH_MESSAGES, push, signature="forged")[0] == 401  # a stranger's push: refused...
+    stranger = ec.generate_private_key(ec.SECP384R1())
+    assert _post(port, PUSH_MESSAGES, push, signed_by=stranger)[0] == 401  # a stranger's push: refused by the relay...
+    assert _post(port, PUSH_MESSAGES, push, signature="forged")[0] == 401  # ...and one with no key at all
     assert not link.wait_for_replies(0.5)  # ...and it completes nothing
-    assert [(path, body) for path, body, *_ in upstream.asks] == [
-        (PUSH_MESSAGES, push), (PUSH_OBJECT, first), (PUSH_OBJECT, big.SerializeToString()), (PUSH_MESSAGES, push)]
-    assert [signature for _, _, signature, _ in upstream.asks] == ["signed"] * 3 + ["forged"]  # as sent
+    assert [(path, body) for path, body, *_ in upstream.asks] == [  # the strangers' pushes never reached it
+        (PUSH_MESSAGES, push), (PUSH_OBJECT, first), (PUSH_OBJECT, big.SerializeToString())]
+    public = base64.b64encode(SITE_KEY.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)).decode()
+    assert upstream.keys == [public] * 3  # the site's own headers, passed on as sent
     assert len(set(upstream.peers)) == 1  # pushes seconds apart share one warm connection to the SuperLink
     link.close()
 
 
-def test_the_push_room_waits_for_room_and_gives_up_after_its_timeout():
-    room = PushRoom(10)
-    assert room.take(6, 0) and room.take(4, 0) and room.used == 10
-    assert not room.take(1, 0.05)  # full: waits, then gives up
+def test_the_push_gate_lets_only_a_registered_key_with_a_fresh_signature_through(tmp_path):
+    """The SuperLink's own node authentication, checked before a push's body is read."""
+    other = ec.generate_private_key(ec.SECP384R1())
+    registry = _registry(tmp_path / "sites.json", SITE_KEY)
+    gate = PushGate(registry)
+    line = public_key_line(SITE_KEY.public_key())
+    assert gate.site(_signed(SITE_KEY)) == line
+    assert gate.site(_signed(other)) is None  # a valid signature, but not a consortium member's key
+    assert gate.site(_signed(SITE_KEY, at=datetime.now(timezone.utc) - timedelta(minutes=6))) is None  # stale
+    assert gate.site(_signed(SITE_KEY, at=datetime.now(timezone.utc) + timedelta(minutes=1))) is None  # future
+    assert gate.site(_signed(SITE_KEY, signed="2026-12-03T15:00:00+00:00")) is None  # signed another timestamp
+    assert gate.site({**_signed(SITE_KEY), "flwr-signature": "bm90IGEgc2lnbmF0dXJl"}) is None
+    assert gate.site({"flwr-public-key": "%%%", "flwr-timestamp": "x", "flwr-signature": ""}) is None
+    assert gate.site({}) is None
+    time.sleep(0.01)  # a new modification time for the registry
+    _registry(registry, other)  # the consortium removed the site and added another: read again
+    assert gate.site(_signed(SITE_KEY)) is None and gate.site(_signed(other)) is not None
+    registry.unlink()
+    assert gate.site(_signed(other)) is None  # no registry: nobody pushes
+
+
+def test_the_push_gate_reads_a_few_pushes_of_one_site_at_once():
+    gate = PushGate(Path("unused"), per_site=2)
+    assert gate.take("a", 0) and gate.take("a", 0)
+    assert not gate.take("a", 0.05) and gate.take("b", 0)  # a's third waits; b has its own
     taken = []
-    waiting = threading.Thread(target=lambda: taken.append(room.take(5, 10)))
+    waiting = threading.Thread(target=lambda: taken.append(gate.take("a", 10)))
     waiting.start()
-    room.give_back(6)
+    gate.give_back("a")
     waiting.join(10)
-    assert taken == [True] and room.used == 9
+    assert taken == [True]
 
 
 @pytest.mark.slow(seconds=9)  # mostly waiting on the relay process: handed out early, beside busy tests
-def test_pushes_held_at_once_are_capped_and_the_next_one_waits_unread(relay):
-    """Anyone who reaches the proxy can start a push (the SuperLink checks its signature later). Four pushes
-    that declare the largest size (64 MB here) and send slowly fill the relay's room; a fifth waits, its
-    body unread, and is passed on once one of the four hangs up. Without the cap a few hundred such pushes
-    would fill the server host's memory."""
+def test_a_strangers_push_is_refused_before_its_body_is_read_and_a_site_has_few_read_at_once(relay):
+    """Anyone who reaches the proxy can start a push, and the SuperLink checks its signature only once the relay
+    passes it on. Without the gate, pushes declaring the largest size (64 MB here), sent slowly, would fill
+    the server host's memory, or, under one cap for all, hold every site's pushes back."""
     port, upstream = relay(messages_after=0)
-    header = (f"POST {PUSH_OBJECT} HTTP/1.1\r\nHost: x\r\nflwr-signature: signed\r\n"
-              f"Content-Length: {64 * 1024 * 1024}\r\n\r\n").encode()
-    slow = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(PUSHES_IN_FLIGHT)]
+    stranger = ec.generate_private_key(ec.SECP384R1())
+
+    def start_push(key: ec.EllipticCurvePrivateKey) -> socket.socket:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        headers = "".join(f"{name}: {value}\r\n" for name, value in _signed(key).items())
+        raw.sendall(f"POST {PUSH_OBJECT} HTTP/1.1\r\nHost: x\r\n{headers}Content-Length: {64 * 1024 * 1024}"
+                    "\r\n\r\n".encode() + b"x" * 1000)
+        return raw
+
+    refused = start_push(stranger)
     try:
-        for raw in slow:
-            raw.sendall(header + b"x" * 1000)
-        time.sleep(2)  # the relay reads their headers (milliseconds) and takes their room
+        assert refused.recv(4096).startswith(b"HTTP/1.1 401")  # at once, with 64 MB still to come
+    finally:
+        refused.close()
+    slow = [start_push(SITE_KEY) for _ in range(PUSHES_PER_SITE)]  # the site's own pushes, stalled
+    try:
+        time.sleep(2)  # the relay reads their headers (milliseconds) and starts reading their bodies
         answers = []
-        pusher = threading.Thread(target=lambda: answers.append(_post(port, PUSH_OBJECT, _pushed_object("o1", "s"))))
+        pusher = threading.Thread(target=lambda: answers.append(
+            _post(port, PUSH_OBJECT, _pushed_object("o1", "s"), signed_by=SITE_KEY)))
         pusher.start()
         pusher.join(3)
-        assert pusher.is_alive() and upstream.asks == []  # waiting, nothing passed on
-        slow.pop(0).close()  # one slow push hangs up: its room is given back
+        assert pusher.is_alive() and upstream.asks == []  # its third waits, unread
+        slow.pop(0).close()  # one stalled push hangs up
         pusher.join(30)
         assert answers and answers[0][0] == 200
-        assert [path for path, *_ in upstream.asks] == [PUSH_OBJECT]  # the fifth push, and none of the slow ones
+        assert [path for path, *_ in upstream.asks] == [PUSH_OBJECT]  # the third push, none of the stalled ones
     finally:
         for raw in slow:
             raw.close()
