@@ -138,7 +138,10 @@ def nginx_config(superlink: SuperLinkConfig, files: ProxyFiles, tls: ConsortiumF
             proxy_ssl_protocols TLSv1.2 TLSv1.3;
             proxy_ssl_session_reuse on;
 """
-    locations = _location("/v1/fleet/", f"{scheme}://fedpath_superlink", upstream_tls)
+    # With the relay, only its two push routes carry large bodies (models); every other Fleet request is a few
+    # ids, and Flower's SuperLink reads a body whole before it checks who sent it.
+    small = 1 if relay_port is not None else superlink.max_request_mb
+    locations = _location("/v1/fleet/", f"{scheme}://fedpath_superlink", upstream_tls, max_body_mb=small)
     relay_upstream = ""
     if relay_port is not None:
         relay_upstream = f"""
@@ -148,9 +151,10 @@ def nginx_config(superlink: SuperLinkConfig, files: ProxyFiles, tls: ConsortiumF
         keepalive_timeout 60s;
     }}
 """
-        held = [_location(f"= {path}", "http://fedpath_pull_relay", read_timeout_s=int(superlink.pull_hold_s) + 60)
-                for path in HELD_ROUTES]
-        passed = [_location(f"= {path}", "http://fedpath_pull_relay") for path in PASSED_ROUTES]
+        held = [_location(f"= {path}", "http://fedpath_pull_relay", read_timeout_s=int(superlink.pull_hold_s) + 60,
+                          max_body_mb=1) for path in HELD_ROUTES]
+        passed = [_location(f"= {path}", "http://fedpath_pull_relay", max_body_mb=superlink.max_request_mb)
+                  for path in PASSED_ROUTES]
         locations = "\n".join([*held, *passed, locations])
     user = ("# Started as root: the master reads the keys and opens the logs, the worker drops to nginx's\n"
             "# unprivileged default user (nobody). It writes no file: bodies stream, responses stay in memory.\n"
@@ -216,8 +220,9 @@ http {{
 """
 
 
-def _location(match: str, target: str, upstream_tls: str = "", read_timeout_s: int = 300) -> str:
-    """One proxied location: the Fleet route check, POST only, and how bodies and headers pass."""
+def _location(match: str, target: str, upstream_tls: str = "", read_timeout_s: int = 300,
+              max_body_mb: int = 1) -> str:
+    """One proxied location: the Fleet route check, POST only, the largest body, how bodies and headers pass."""
     return f"""        location {match} {{
             if ($fedpath_fleet_route = 0) {{
                 return 404;
@@ -225,6 +230,7 @@ def _location(match: str, target: str, upstream_tls: str = "", read_timeout_s: i
             limit_except POST {{
                 deny all;
             }}
+            client_max_body_size {max_body_mb}m;
             proxy_pass {target};
             proxy_http_version 1.1;
             proxy_set_header Connection "";

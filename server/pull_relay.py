@@ -91,7 +91,8 @@ from shared.site_keys import public_key_line
 MAX_BODY = 64 * 1024  # a pull request is a node id and a few message or object ids
 UPSTREAM_TIMEOUT_S = 30.0
 PUSH_TIMEOUT_S = 300.0  # as nginx allows a push: the SuperLink may take long to store a large array
-PUSHES_PER_SITE = 2  # push bodies of one site read at once (PushGate); its SuperNode pushes one at a time
+PUSHES_PER_SITE = 2  # push bodies of one site read at once (PushGate): Flower's SuperNode pushes on 2 threads
+DISCARD_BYTES, DISCARD_S = 16 * 1024 * 1024, 5.0  # of a refused push's body, read into nothing before answering
 OBJECT_HOLD_S = 5.0  # an announced object is normally pushed within a second
 ACTIVE_S = 60.0  # a route that delivered something this recently is in use: ask often
 IDLE_STEP_S = 2.0  # otherwise (no run, or between runs): each ask costs the SuperLink ~10 ms of CPU
@@ -376,26 +377,34 @@ class PushGate:
 
     def __init__(self, registry: Path, per_site: int = PUSHES_PER_SITE) -> None:
         self.registry, self.per_site = Path(registry), per_site
-        self._members: frozenset[str] = frozenset()
-        self._version: tuple[int, int] | None = None
+        self._members: frozenset[str] | None = None  # None: the registry cannot be read
+        self._version: tuple[int, ...] | None = None
         self._in_flight: dict[str, int] = {}
         self._changed = threading.Condition()
 
-    def site(self, headers) -> str | None:
-        """The registered key (its OpenSSH line) that signed these request headers in time; None otherwise."""
+    def site(self, headers) -> str | int:
+        """The registered key (its OpenSSH line) that signed these request headers in time, or the status
+        to refuse the push with: 401 for anyone else (as the SuperLink would answer), 503 while the registry
+        cannot be read (Flower's SuperNode stops itself on a 401 and retries a 503)."""
         try:
             public = base64.b64decode(headers.get(FLEET_KEY_HEADER, "").strip(" \t"), validate=True)
             signature = base64.b64decode(headers.get(FLEET_SIGNATURE_HEADER, ""), validate=True)
             timestamp = headers.get(TIMESTAMP_HEADER, "")
             age = (datetime.now(timezone.utc) - datetime.fromisoformat(timestamp)).total_seconds()
-            if not -SYSTEM_TIME_TOLERANCE < age < TIMESTAMP_TOLERANCE + SYSTEM_TIME_TOLERANCE:
-                return None
             key = serialization.load_pem_public_key(public)
-            key.verify(signature, timestamp.encode("ascii"), ec.ECDSA(hashes.SHA256()))
             line = public_key_line(key)
-        except (ValueError, TypeError, AttributeError, binascii.Error, InvalidSignature, UnsupportedAlgorithm):
-            return None
-        return line if line in self._registered() else None
+        except (ValueError, TypeError, AttributeError, binascii.Error, UnsupportedAlgorithm):
+            return 401
+        members = self._registered()
+        if members is None:
+            return 503
+        if line not in members or not -SYSTEM_TIME_TOLERANCE < age < TIMESTAMP_TOLERANCE + SYSTEM_TIME_TOLERANCE:
+            return 401  # membership first: a stranger's own key and signature cost no signature check
+        try:
+            key.verify(signature, timestamp.encode("ascii"), ec.ECDSA(hashes.SHA256()))
+        except (InvalidSignature, TypeError, ValueError):
+            return 401
+        return line
 
     def take(self, site: str, timeout: float) -> bool:
         """Wait until ``site`` has fewer than ``per_site`` pushes being read, at most ``timeout`` seconds."""
@@ -412,36 +421,42 @@ class PushGate:
                 del self._in_flight[site]
             self._changed.notify_all()
 
-    def _registered(self) -> frozenset[str]:
+    def _registered(self) -> frozenset[str] | None:
+        """The registry's public key lines, read again when the file changes; None while it cannot be read."""
         with self._changed:
             try:
                 stat = self.registry.stat()
-                version = (stat.st_mtime_ns, stat.st_size)
-            except OSError:  # no site registered yet
-                self._members, self._version = frozenset(), None
-                return self._members
-            if version != self._version:
+                version = (stat.st_dev, stat.st_ino, stat.st_mtime_ns, stat.st_size)
+            except OSError as exc:
+                version, error = None, exc
+            else:
+                if version == self._version:
+                    return self._members
                 try:
                     entries = SiteRegistry(self.registry).entries()
-                    self._members = frozenset(str(entry.get("public_key", "")) for entry in entries.values())
-                except (RegistryError, AttributeError) as exc:
-                    sys.stderr.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} the registry is unreadable, no push "
-                                     f"passes: {exc}\n")
-                    self._members = frozenset()
-                self._version = version
-            return self._members
+                    self._members = frozenset(str(entry["public_key"]) for entry in entries.values())
+                    self._version = version
+                    return self._members
+                except (RegistryError, KeyError, TypeError, ValueError, AttributeError) as exc:
+                    error = exc
+            if self._version != ("unreadable", str(error)):  # said once, not at every push
+                sys.stderr.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} cannot read the registry {self.registry}: "
+                                 f"every push is answered 503 (retried) until it can ({error})\n")
+                sys.stderr.flush()
+            self._members, self._version = None, ("unreadable", str(error))
+            return None
 
 
 class RelayServer(http.server.ThreadingHTTPServer):
     daemon_threads = True  # a held request never delays the relay's own exit
 
     def __init__(self, listening: socket.socket, upstream: Upstream, hold_s: float, max_push_bytes: int,
-                 registry: Path) -> None:
+                 registry: Path | None) -> None:
         super().__init__(listening.getsockname()[:2], _Handler, bind_and_activate=False)
         self.socket.close()
         self.socket = listening
         self.upstream, self.hold_s, self.max_push_bytes = upstream, hold_s, max_push_bytes
-        self.push_gate = PushGate(registry)
+        self.push_gate = None if registry is None else PushGate(registry)
         self.wakeups = {path: Wakeup() for path in HELD_ROUTES}
         self.holders = {path: Holders() for path, route in HELD_ROUTES.items() if route.one_per_site}
         self.pushes = PushTracker(lambda: None)  # ``main`` connects it to the wake port
@@ -472,19 +487,36 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if route is not None:
             self._answer(route, length)
             return
-        site = self.server.push_gate.site(self.headers)
-        if site is None:  # the body is never read: the connection cannot carry another request
-            self.close_connection = True
-            self._refuse(401, "a push passes only from a registered site's key, signed in time")
+        gate = self.server.push_gate
+        if gate is None:  # --insecure: no node authentication anywhere, nothing to check here either
+            self._answer(route, length)
             return
-        if not self.server.push_gate.take(site, PUSH_TIMEOUT_S):
-            self.close_connection = True
-            self._refuse(503, f"this site has {PUSHES_PER_SITE} pushes under way; push again")
+        site = gate.site(self.headers)
+        if isinstance(site, int):
+            self._discard_body(length)
+            self._refuse(site, "a push passes only from a registered site's key, signed in time" if site == 401
+                         else "the relay cannot read the consortium registry; push again")
+            return
+        if not gate.take(site, PUSH_TIMEOUT_S):
+            self._discard_body(length)
+            self._refuse(503, f"this site has {gate.per_site} pushes under way; push again")
             return
         try:
             self._answer(route, length)
         finally:
-            self.server.push_gate.give_back(site)
+            gate.give_back(site)
+
+    def _discard_body(self, length: int) -> None:
+        """Read a refused push's body into nothing, a little of it (``DISCARD_BYTES``, ``DISCARD_S``), so that
+        the proxy, which streams bodies on, gets the refusal rather than a reset; then the connection ends."""
+        self.close_connection = True
+        self.connection.settimeout(DISCARD_S)
+        left, deadline = min(length, DISCARD_BYTES), time.monotonic() + DISCARD_S
+        try:
+            while left > 0 and time.monotonic() < deadline and (chunk := self.rfile.read1(min(left, 64 * 1024))):
+                left -= len(chunk)
+        except OSError:
+            pass
 
     def _answer(self, route: HeldRoute | None, length: int) -> None:
         body = self.rfile.read(length)
@@ -618,15 +650,16 @@ def bind_listener(host: str) -> socket.socket:
 
 
 def relay_command(listener: socket.socket, upstream: tuple[str, int], tls: tuple[Path, str] | None,
-                  hold_s: float, max_push_mb: int, registry: Path,
+                  hold_s: float, max_push_mb: int, registry: Path | None,
                   wake: tuple[socket.socket, Path] | None = None) -> list[str]:
     """The relay's command line; ``tls`` is (the CA file, the name the SuperLink's certificate must
     carry), None when the SuperLink runs without TLS (``--insecure``); ``max_push_mb`` the largest push
-    it passes on (the proxy's limit); ``registry`` the consortium registry (whose keys may push);
+    it passes on (the proxy's limit); ``registry`` the consortium registry (whose keys may push; None when
+    the SuperLink runs without node authentication, ``--insecure``);
     ``wake`` the wake port and the file that holds its token."""
     command = [sys.executable, "-m", "server.pull_relay", "--listen-fd", str(listener.fileno()),
                "--upstream", f"{upstream[0]}:{upstream[1]}", "--hold", f"{hold_s:g}",
-               "--max-push-mb", str(max_push_mb), "--registry", str(registry)]
+               "--max-push-mb", str(max_push_mb)] + (["--registry", str(registry)] if registry is not None else [])
     if wake is not None:
         command += ["--wake-fd", str(wake[0].fileno()), "--wake-file", str(wake[1])]
     return command + (["--ca", str(tls[0]), "--tls-name", tls[1]] if tls is not None else ["--insecure"])
@@ -641,8 +674,8 @@ def main(argv: list[str] | None = None) -> int:
                         "its messages")
     parser.add_argument("--wake-file", type=Path, help="the wake port's file (its token), with --wake-fd")
     parser.add_argument("--max-push-mb", type=int, required=True, help="largest push request passed on, MB")
-    parser.add_argument("--registry", type=Path, required=True, help="the consortium registry (sites.json): "
-                        "pushes pass only from its keys")
+    parser.add_argument("--registry", type=Path, help="the consortium registry (sites.json): pushes pass only "
+                        "from its keys; without it (a SuperLink without node authentication) every push passes")
     parser.add_argument("--tls-name", help="the name the SuperLink's certificate must carry (with --ca)")
     tls = parser.add_mutually_exclusive_group(required=True)
     tls.add_argument("--ca", type=Path, help="the consortium CA the SuperLink's certificate is checked against")

@@ -216,7 +216,8 @@ def _start_all(config: ServerConfig, paths: StatePaths, files: ConsortiumFiles |
             tls = None if files is None else (files.ca_cert, UPSTREAM_NAME)
             write_wake_file(paths.relay_wake, relay.wake)  # first: the relay reads its token there
             command = relay_command(relay.listener, (LOOPBACK, superlink.loopback), tls, superlink.pull_hold_s,
-                                    superlink.max_request_mb, paths.registry, (relay.wake, paths.relay_wake))
+                                    superlink.max_request_mb, None if files is None else paths.registry,
+                                    (relay.wake, paths.relay_wake))
             processes.append(("the pull relay", start(command, paths.relay_log, paths.relay_pid,
                                                       flower_env(), "the pull relay", pass_fds=relay.fds())))
         processes.append(("the proxy", start_proxy(superlink, paths.proxy, files, nginx)))

@@ -54,6 +54,13 @@ def test_with_the_relay_only_the_two_pulls_and_two_pushes_go_to_it_and_the_same_
     relayed = {block.split(" {")[0]: block for block in locations if "proxy_pass http://fedpath_pull_relay;" in block}
     assert sorted(relayed) == ["= /v1/fleet/pull-messages", "= /v1/fleet/pull-object",
                                "= /v1/fleet/push-messages", "= /v1/fleet/push-object"]
+    # only the relay's two push routes take large bodies; every other Fleet request is a few ids, and the
+    # SuperLink reads a body whole before it checks who sent it
+    limits = {block.split(" {")[0]: block.split("client_max_body_size ")[1].split(";")[0] for block in locations
+              if "proxy_pass" in block}
+    assert limits == {"= /v1/fleet/pull-messages": "1m", "= /v1/fleet/pull-object": "1m",
+                      "= /v1/fleet/push-messages": f"{config.superlink.max_request_mb}m",
+                      "= /v1/fleet/push-object": f"{config.superlink.max_request_mb}m", "/v1/fleet/": "1m"}
     for block in relayed.values():  # the raw-URI check and POST only, as for every Fleet route
         assert "if ($fedpath_fleet_route = 0) {\n                return 404;" in block
         assert "limit_except POST {\n                deny all;" in block

@@ -418,7 +418,7 @@ def relay(tmp_path):
         upstream = _StandIn(messages_after, first_message)
         threading.Thread(target=upstream.serve_forever, daemon=True).start()
         listener, wake, wake_file = bind_listener("127.0.0.1"), bind_wake_port(), tmp_path / "pull_relay.wake"
-        registry = _registry(tmp_path / "sites.json", SITE_KEY)
+        registry = _registry(tmp_path / "sites.json", SITE_KEY, OTHER_SITE_KEY)
         with listener, wake, (tmp_path / "relay.log").open("ab") as log:
             write_wake_file(wake_file, wake)
             command = relay_command(listener, upstream.server_address, None, hold_s, 64, registry, (wake, wake_file))
@@ -435,8 +435,8 @@ def relay(tmp_path):
         upstream.server_close()
 
 
-SITE_KEY = ec.generate_private_key(ec.SECP384R1())
-"""A registered site's key: pushes pass the relay only with its signature (``PushGate``)."""
+SITE_KEY, OTHER_SITE_KEY = ec.generate_private_key(ec.SECP384R1()), ec.generate_private_key(ec.SECP384R1())
+"""Registered sites' keys: pushes pass the relay only with such a signature (``PushGate``)."""
 
 
 def _registry(path: Path, *keys: ec.EllipticCurvePrivateKey) -> Path:
@@ -604,24 +604,28 @@ def test_the_relay_passes_pushes_on_unchanged_and_tells_the_serverapp_when_the_r
 
 
 def test_the_push_gate_lets_only_a_registered_key_with_a_fresh_signature_through(tmp_path):
-    """The SuperLink's own node authentication, checked before a push's body is read."""
+    """The SuperLink's own node authentication, checked before a push's body is read: 401 for anyone else, as
+    the SuperLink would answer; 503 (which a SuperNode retries, where a 401 stops it) while the registry
+    cannot be read."""
     other = ec.generate_private_key(ec.SECP384R1())
     registry = _registry(tmp_path / "sites.json", SITE_KEY)
     gate = PushGate(registry)
     line = public_key_line(SITE_KEY.public_key())
     assert gate.site(_signed(SITE_KEY)) == line
-    assert gate.site(_signed(other)) is None  # a valid signature, but not a consortium member's key
-    assert gate.site(_signed(SITE_KEY, at=datetime.now(timezone.utc) - timedelta(minutes=6))) is None  # stale
-    assert gate.site(_signed(SITE_KEY, at=datetime.now(timezone.utc) + timedelta(minutes=1))) is None  # future
-    assert gate.site(_signed(SITE_KEY, signed="2026-12-03T15:00:00+00:00")) is None  # signed another timestamp
-    assert gate.site({**_signed(SITE_KEY), "flwr-signature": "bm90IGEgc2lnbmF0dXJl"}) is None
-    assert gate.site({"flwr-public-key": "%%%", "flwr-timestamp": "x", "flwr-signature": ""}) is None
-    assert gate.site({}) is None
-    time.sleep(0.01)  # a new modification time for the registry
-    _registry(registry, other)  # the consortium removed the site and added another: read again
-    assert gate.site(_signed(SITE_KEY)) is None and gate.site(_signed(other)) is not None
+    assert gate.site(_signed(other)) == 401  # a valid signature, but not a consortium member's key
+    assert gate.site(_signed(SITE_KEY, at=datetime.now(timezone.utc) - timedelta(minutes=6))) == 401  # stale
+    assert gate.site(_signed(SITE_KEY, at=datetime.now(timezone.utc) + timedelta(minutes=1))) == 401  # future
+    assert gate.site(_signed(SITE_KEY, signed="2026-12-03T15:00:00+00:00")) == 401  # signed another timestamp
+    assert gate.site({**_signed(SITE_KEY), "flwr-signature": "bm90IGEgc2lnbmF0dXJl"}) == 401
+    assert gate.site({"flwr-public-key": "%%%", "flwr-timestamp": "x", "flwr-signature": ""}) == 401
+    assert gate.site({}) == 401
+    # the consortium removed the site and added another (written as the registry writes it: a new file)
+    _registry(tmp_path / "next.json", other).replace(registry)
+    assert gate.site(_signed(SITE_KEY)) == 401 and gate.site(_signed(other)) == public_key_line(other.public_key())
+    registry.write_text('{"sites": 5}')  # broken by hand
+    assert gate.site(_signed(other)) == 503
     registry.unlink()
-    assert gate.site(_signed(other)) is None  # no registry: nobody pushes
+    assert gate.site(_signed(other)) == 503
 
 
 def test_the_push_gate_reads_a_few_pushes_of_one_site_at_once():
@@ -665,10 +669,12 @@ def test_a_strangers_push_is_refused_before_its_body_is_read_and_a_site_has_few_
         pusher.start()
         pusher.join(3)
         assert pusher.is_alive() and upstream.asks == []  # its third waits, unread
+        # another site's push is not held back by the first site's
+        assert _post(port, PUSH_OBJECT, _pushed_object("o2", "t"), signed_by=OTHER_SITE_KEY)[0] == 200
         slow.pop(0).close()  # one stalled push hangs up
         pusher.join(30)
         assert answers and answers[0][0] == 200
-        assert [path for path, *_ in upstream.asks] == [PUSH_OBJECT]  # the third push, none of the stalled ones
+        assert [body for _, body, *_ in upstream.asks] == [_pushed_object("o2", "t"), _pushed_object("o1", "s")]
     finally:
         for raw in slow:
             raw.close()

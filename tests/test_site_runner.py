@@ -276,8 +276,10 @@ def test_outsider_with_the_ca_certificate_is_refused_while_sites_train_through_t
     # the same requests on the loopback port reach the SuperLink: the refusals above are the proxy's
     assert raw_request(consortium.loopback_port, "GET", "/openapi.json", ca) == 200
     assert raw_request(consortium.loopback_port, "POST", "/v1/control/list-runs", ca) == 200
-    # a Fleet route does reach the SuperLink, whose node authentication still refuses a stranger,
-    # also with a body well above the proxy's 1 MB buffer (it streams, nothing spooled to disk)
+    # a stranger's push is refused by Flower's node authentication, checked by the pull relay before it
+    # reads the body (and by the SuperLink behind it), also with a body well above the proxy's 1 MB buffer
+    # (it streams, nothing spooled to disk); the relay reads a refused body into nothing, so the answer is
+    # its 401, not a reset the proxy would report as 502
     big = PushObjectRequest(object_content=os.urandom(5 << 20)).SerializeToString()
     assert raw_request(consortium.port, "POST", "/v1/fleet/push-object", ca, body=big) == 401
     # a body above superlink.max_request_mb (64 MB) is refused from its Content-Length alone
