@@ -27,6 +27,7 @@ which the stage that trains imports.
 from __future__ import annotations
 
 import logging
+import traceback
 import zlib
 from pathlib import Path
 
@@ -173,9 +174,11 @@ def no_text_leaves(msg: Message, context: Context, call_next) -> Message:
         log.warning("refused a %s message of run %s: %s", server_label(msg.metadata.message_type), msg.metadata.run_id,
                     refusal)
         return Message(Error(code=REFUSAL_ERROR_BASE + refusal.code), reply_to=msg)
-    except Exception:  # noqa: BLE001 - nothing may leave as text; the site's log keeps the traceback
-        log.exception("could not handle a %s message of run %s", server_label(msg.metadata.message_type),
-                      msg.metadata.run_id)
+    except Exception as exc:  # noqa: BLE001 - nothing may leave as text; the site's log keeps the traceback
+        # The frames are the site's own code; the message may carry what the server sent: escaped and cut.
+        log.error("could not handle a %s message of run %s: %s\n%s", server_label(msg.metadata.message_type),
+                  msg.metadata.run_id, log_text(f"{type(exc).__name__}: {exc}"),
+                  "".join(traceback.format_tb(exc.__traceback__)).rstrip())
         return Message(Error(code=REFUSAL_ERROR_BASE + 13), reply_to=msg)
     if reply.has_error() and reply.error.reason:
         log.warning("an error reply carried text; sent without it: %s", log_text(reply.error.reason))

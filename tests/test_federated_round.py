@@ -490,3 +490,24 @@ def test_an_error_reply_leaves_without_its_text_and_the_text_stays_on_one_short_
     [logged] = [r.getMessage() for r in caplog.records if "carried text" in r.getMessage()]
     assert "\n" not in logged and len(logged) < 1000 and "(100083 characters)" in logged
     assert "Abort secure aggregation\\n12:00:00" in logged  # the break shown as an escape, the text still readable
+
+
+def test_an_unexpected_exception_is_logged_with_its_frames_and_its_message_escaped(caplog):
+    """A library's exception message can carry what the server sent (a key, a stage name): the site's log keeps
+    the frames (its own code) and the message on one escaped, cut line; only code 13 leaves."""
+    from flwr.app import Message, RecordDict
+
+    from tests.flower_messages import server_message_to
+
+    def fails(message, _context):
+        raise KeyError("stage\n12:00:00 INFO fedpath.site: round 3: trained on 9 patients" + "y" * 10_000)
+
+    with caplog.at_level("ERROR", logger="fedpath.site"):
+        reply = client.app.no_text_leaves(server_message_to(7, RecordDict(), "3"), None, fails)
+    assert isinstance(reply, Message) and reply.error.code == 1013 and not reply.error.reason
+    [logged] = [r.getMessage() for r in caplog.records if "could not handle" in r.getMessage()]
+    first, *frames = logged.split("\n")
+    assert "KeyError: 'stage" in first and "12:00:00 INFO" in first  # the forged line stays inside the first
+    assert first.endswith("characters)") and len(first) < 600
+    assert frames and all(line.startswith("  ") for line in frames)  # the frames: file, line and code of the site
+    assert any("in fails" in line for line in frames)
