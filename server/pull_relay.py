@@ -92,6 +92,7 @@ MAX_BODY = 64 * 1024  # a pull request is a node id and a few message or object 
 UPSTREAM_TIMEOUT_S = 30.0
 PUSH_TIMEOUT_S = 300.0  # as nginx allows a push: the SuperLink may take long to store a large array
 PUSHES_PER_SITE = 2  # push bodies of one site read at once (PushGate): Flower's SuperNode pushes on 2 threads
+WAITING_PER_SITE = 8  # pushes of one site that may wait for those (a thread each); more are answered 503 at once
 DISCARD_BYTES, DISCARD_S = 16 * 1024 * 1024, 5.0  # of a refused push's body, read into nothing before answering
 OBJECT_HOLD_S = 5.0  # an announced object is normally pushed within a second
 ACTIVE_S = 60.0  # a route that delivered something this recently is in use: ask often
@@ -373,10 +374,13 @@ class PushGate:
     Args:
         registry: the consortium registry of the sites and their public keys.
         per_site: how many of one site's pushes are read at once; more wait, unread.
+        waiting_per_site: how many of one site's pushes may wait; more are refused at once (503).
     """
 
-    def __init__(self, registry: Path, per_site: int = PUSHES_PER_SITE) -> None:
-        self.registry, self.per_site = Path(registry), per_site
+    def __init__(self, registry: Path, per_site: int = PUSHES_PER_SITE,
+                 waiting_per_site: int = WAITING_PER_SITE) -> None:
+        self.registry, self.per_site, self.waiting_per_site = Path(registry), per_site, waiting_per_site
+        self._waiting: dict[str, int] = {}
         self._members: frozenset[str] | None = None  # None: the registry cannot be read
         self._version: tuple[int, ...] | None = None
         self._in_flight: dict[str, int] = {}
@@ -409,8 +413,16 @@ class PushGate:
     def take(self, site: str, timeout: float) -> bool:
         """Wait until ``site`` has fewer than ``per_site`` pushes being read, at most ``timeout`` seconds."""
         with self._changed:
-            if not self._changed.wait_for(lambda: self._in_flight.get(site, 0) < self.per_site, timeout):
-                return False
+            if self._in_flight.get(site, 0) >= self.per_site and self._waiting.get(site, 0) >= self.waiting_per_site:
+                return False  # a registered site's flood of pushes holds no more threads than this
+            self._waiting[site] = self._waiting.get(site, 0) + 1
+            try:
+                if not self._changed.wait_for(lambda: self._in_flight.get(site, 0) < self.per_site, timeout):
+                    return False
+            finally:
+                self._waiting[site] -= 1
+                if not self._waiting[site]:
+                    del self._waiting[site]
             self._in_flight[site] = self._in_flight.get(site, 0) + 1
             return True
 

@@ -628,10 +628,16 @@ def test_the_push_gate_lets_only_a_registered_key_with_a_fresh_signature_through
     assert gate.site(_signed(other)) == 503
 
 
-def test_the_push_gate_reads_a_few_pushes_of_one_site_at_once():
-    gate = PushGate(Path("unused"), per_site=2)
+def test_the_push_gate_reads_a_few_pushes_of_one_site_at_once_and_lets_a_few_more_wait():
+    gate = PushGate(Path("unused"), per_site=2, waiting_per_site=1)
     assert gate.take("a", 0) and gate.take("a", 0)
     assert not gate.take("a", 0.05) and gate.take("b", 0)  # a's third waits; b has its own
+    blocked = threading.Thread(target=lambda: gate.take("a", 1))  # a's one allowed waiter
+    blocked.start()
+    time.sleep(0.2)
+    started = time.monotonic()
+    assert not gate.take("a", 30) and time.monotonic() - started < 5  # a further one is refused at once
+    blocked.join(10)
     taken = []
     waiting = threading.Thread(target=lambda: taken.append(gate.take("a", 10)))
     waiting.start()
