@@ -148,15 +148,20 @@ def object_step(waited_s: float) -> float:
     return 0.05
 
 
-def site_of(header: str) -> str | None:
-    """The site a pull is signed for: its public key as bytes, hashed; None if the header is not base64.
-    Not the header's text: base64 of a key whose length is not a multiple of 3 has unused bits, and the
-    SuperLink strips surrounding blanks, so several texts name the same key (and the SuperLink accepts
-    each)."""
+def key_bytes(header: str) -> bytes | None:
+    """The public key a request names in its key header, as the SuperLink reads it: surrounding blanks
+    stripped, strict base64; None if it is not. Not the header's text: base64 of a key whose length is not
+    a multiple of 3 has unused bits, so several texts name the same key (and the SuperLink accepts each)."""
     try:
-        return hashlib.sha256(base64.b64decode(header.strip(" \t"), validate=True)).hexdigest()
+        return base64.b64decode(header.strip(" \t"), validate=True)
     except (binascii.Error, ValueError):
         return None
+
+
+def site_of(header: str) -> str | None:
+    """The site a pull is signed for: its public key as bytes (``key_bytes``), hashed; None if there is none."""
+    key = key_bytes(header)
+    return None if key is None else hashlib.sha256(key).hexdigest()
 
 
 class Holders:
@@ -390,8 +395,10 @@ class PushGate:
         """The registered key (its OpenSSH line) that signed these request headers in time, or the status
         to refuse the push with: 401 for anyone else (as the SuperLink would answer), 503 while the registry
         cannot be read (Flower's SuperNode stops itself on a 401 and retries a 503)."""
+        public = key_bytes(headers.get(FLEET_KEY_HEADER, ""))
+        if public is None:
+            return 401
         try:
-            public = base64.b64decode(headers.get(FLEET_KEY_HEADER, "").strip(" \t"), validate=True)
             signature = base64.b64decode(headers.get(FLEET_SIGNATURE_HEADER, ""), validate=True)
             timestamp = headers.get(TIMESTAMP_HEADER, "")
             age = (datetime.now(timezone.utc) - datetime.fromisoformat(timestamp)).total_seconds()
