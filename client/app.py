@@ -27,7 +27,6 @@ which the stage that trains imports.
 from __future__ import annotations
 
 import logging
-import traceback
 import zlib
 from pathlib import Path
 
@@ -48,7 +47,7 @@ from client.secure_round import (
 )
 from shared.errors import UserError
 from shared.refusals import REFUSAL_ERROR_BASE, UNDISCLOSED_SIT_OUT, InvalidFederationId, refusal_text
-from shared.server_labels import log_text, server_label
+from shared.server_labels import exception_text, log_text, server_label
 
 SITE_CONFIG_KEY = "site-config"
 """Node config key with the absolute path of the site's site.yaml (set by `fedpath-site start`)."""
@@ -175,10 +174,10 @@ def no_text_leaves(msg: Message, context: Context, call_next) -> Message:
                     refusal)
         return Message(Error(code=REFUSAL_ERROR_BASE + refusal.code), reply_to=msg)
     except Exception as exc:  # noqa: BLE001 - nothing may leave as text; the site's log keeps the traceback
-        # The frames are the site's own code; the message may carry what the server sent: escaped and cut.
-        log.error("could not handle a %s message of run %s: %s\n%s", server_label(msg.metadata.message_type),
-                  msg.metadata.run_id, log_text(f"{type(exc).__name__}: {exc}"),
-                  "".join(traceback.format_tb(exc.__traceback__)).rstrip())
+        # The frames are the site's own code; the messages (its own, its causes') may carry what the server
+        # sent: escaped and cut.
+        log.error("could not handle a %s message of run %s: %s", server_label(msg.metadata.message_type),
+                  msg.metadata.run_id, exception_text(exc))
         return Message(Error(code=REFUSAL_ERROR_BASE + 13), reply_to=msg)
     if reply.has_error() and reply.error.reason:
         log.warning("an error reply carried text; sent without it: %s", log_text(reply.error.reason))

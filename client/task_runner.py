@@ -91,7 +91,7 @@ from shared.app_bundle import BundleError, bundle_digest, installed_bundle_info,
 from shared.errors import UserError
 from shared.polling import quarter_step
 from shared.refusals import REFUSAL_ERROR_BASE
-from shared.server_labels import server_label
+from shared.server_labels import EscapingFormatter, server_label
 
 log = logging.getLogger("fedpath.runner")
 
@@ -526,6 +526,16 @@ def build_runner(config: SiteConfig, secret: bytes | None) -> TaskRunner:
                       secret_reader=lambda: read_superexec_secret(config))
 
 
+def configure_site_log() -> None:
+    """The runner's log (the SuperNode's log file): INFO and up, exceptions escaped (``EscapingFormatter``)."""
+    logging.basicConfig(level=logging.INFO)
+    formatter = EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for handler in logging.getLogger().handlers:  # Flower sets its own logger to DEBUG: keep the site log readable
+        handler.setLevel(logging.INFO)
+        handler.setFormatter(formatter)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request otherwise
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m client.task_runner SITE_YAML``: started by `fedpath-site start` beside the SuperNode.
 
@@ -535,11 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m client.task_runner", description=__doc__.split("\n")[0])
     parser.add_argument("site_yaml", help="the site's site.yaml")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    for handler in logging.getLogger().handlers:  # Flower sets its own logger to DEBUG: keep the site log readable
-        handler.setLevel(logging.INFO)
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request otherwise
+    configure_site_log()
     try:
         config = load_site_config(args.site_yaml)
         runner = build_runner(config, read_superexec_secret(config))

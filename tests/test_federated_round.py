@@ -511,3 +511,61 @@ def test_an_unexpected_exception_is_logged_with_its_frames_and_its_message_escap
     assert first.endswith("characters)") and len(first) < 600
     assert frames and all(line.startswith("  ") for line in frames)  # the frames: file, line and code of the site
     assert any("in fails" in line for line in frames)
+
+
+def test_the_exceptions_an_unexpected_one_came_from_are_logged_escaped_too(caplog):
+    """A library that wraps an error (``raise ... from``, or a new one while handling it) keeps what the server sent
+    in the cause: every link of the chain is in the site's log, each message escaped and cut, a loop ends."""
+    from flwr.app import RecordDict
+
+    from tests.flower_messages import server_message_to
+
+    forged = "\n12:00:00 INFO fedpath.site: round 3: trained on 9 patients"
+
+    def fails(message, _context):
+        try:
+            try:
+                raise KeyError("inner" + forged + "z" * 10_000)
+            except KeyError:
+                raise ValueError("middle" + forged)  # noqa: B904 - raised while handling: __context__
+        except ValueError as middle:
+            outer = RuntimeError("outer")
+            middle.__cause__ = outer  # a loop back to the top must not hang the log call
+            raise outer from middle
+
+    with caplog.at_level("ERROR", logger="fedpath.site"):
+        reply = client.app.no_text_leaves(server_message_to(7, RecordDict(), "3"), None, fails)
+    assert reply.error.code == 1013 and not reply.error.reason
+    [logged] = [r.getMessage() for r in caplog.records if "could not handle" in r.getMessage()]
+    assert "RuntimeError: outer" in logged and "ValueError: middle\\n12:00:00" in logged
+    assert "KeyError: 'inner\\n12:00:00" not in logged  # the loop to outer ended the chain before the context
+    assert logged.count("RuntimeError: outer") == 1 and logged.count("which came from") == 1
+    assert not any(line.startswith("12:00:00") for line in logged.split("\n"))  # no forged line
+
+
+def test_an_exception_chain_is_followed_through_context_and_cut_when_long():
+    from shared.server_labels import CHAINED_EXCEPTIONS, exception_text
+
+    def chain(depth):
+        try:
+            if depth == 0:
+                raise RuntimeError("root\nforged" + "x" * 1_000)
+            chain(depth - 1)
+        except Exception as exc:
+            if depth % 2:
+                raise ValueError(f"level {depth}") from exc  # __cause__
+            raise ValueError(f"level {depth}")  # noqa: B904 - __context__ only, as a library might
+
+    try:
+        chain(2)
+    except ValueError as exc:
+        text = exception_text(exc)
+    assert [line.split(":")[0] for line in text.split("\n") if not line.startswith(" ")] == [
+        "ValueError", "ValueError", "ValueError", "RuntimeError"]
+    [root] = [line for line in text.split("\n") if line.startswith("RuntimeError")]
+    assert root.startswith("RuntimeError: root\\nforged") and root.endswith("(1025 characters)")
+    try:
+        chain(CHAINED_EXCEPTIONS + 2)
+    except ValueError as exc:
+        text = exception_text(exc)
+    assert text.count("which came from") == CHAINED_EXCEPTIONS - 1 and text.endswith("not shown)")

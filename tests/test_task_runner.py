@@ -128,6 +128,19 @@ def test_an_exception_leaves_as_a_code_only_and_the_runner_goes_on(tmp_path, ins
     assert runner.answer(_evaluate(), site_context(), installed_fab).outcome == SENT
 
 
+def test_the_runner_log_writes_exceptions_escaped_so_none_forges_a_line():
+    # In a fresh interpreter: the runner's own logging set-up, as `python -m client.task_runner` makes it.
+    script = ("import logging; from client.task_runner import configure_site_log; configure_site_log()\n"
+              "try:\n    raise KeyError('stage\\n12:00:00 INFO fedpath.runner: task 9: sent')\n"
+              "except KeyError:\n    logging.getLogger('fedpath.runner').exception('task 8: failed')\n")
+    lines = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                           timeout=60).stderr.splitlines()
+    assert lines[0].endswith("ERROR fedpath.runner: task 8: failed") and len(lines[0]) < 60
+    assert lines[1] == "KeyError: 'stage\\\\n12:00:00 INFO fedpath.runner: task 9: sent'"
+    assert not any(line.startswith("12:00:00") for line in lines)  # the forged line stays inside the message
+    assert lines[2].startswith('  File "<string>"')
+
+
 def test_a_reply_that_fails_the_policy_is_withheld(tmp_path, installed_fab, caplog):
     app = ToyClientApp(reply=lambda m: evaluate_reply(m, {"epsilon": 1.0, "slide": "S-17"}))
     answer = _runner(tmp_path, app, installed_fab).answer(_evaluate(), site_context(), installed_fab)
