@@ -24,10 +24,12 @@ import pytest
 from server.certificates import init_consortium
 from server.run_folder import RunFolder
 from server.run_recorder import RunRecorder
+from server.server_config import load_server_config
 from server.site_registry import SiteRegistry
 from server.superlink import StatePaths
 from shared.processes import descendants, free_port, kill_leftovers, port_open
 from tests.conftest import FEDERATION_CLASSES, disclosed_site, record_round
+from tests.consortium_runs import raw_request
 
 pytestmark = pytest.mark.slow(seconds=60)
 
@@ -186,11 +188,28 @@ def test_the_page_shows_every_round_each_sites_epsilon_and_follows_the_run(conso
 
 
 def test_a_run_name_is_never_a_path(dashboard, consortium):
+    """A real run folder lies beside the results folder: a name that reached the file system as a path would
+    open it. Each attack goes out byte for byte (no client-side normalisation) and is refused; the run's own
+    name, asked the same way, is served."""
     import httpx
 
-    for name in ("..", "../server.yaml", "..%2F..%2Fetc%2Fpasswd", "nonexistent"):
-        response = httpx.get(f"{dashboard}api/runs/{name}", timeout=10)
-        assert response.status_code == 404, name
+    from server.dashboard import DashboardData
+
+    root, folder = consortium[0], consortium[1]
+    stolen = root / "stolen"
+    if not stolen.exists():
+        shutil.copytree(folder.path, stolen)
+    assert folder.path.parent != root and (stolen / "run.json").is_file()
+    port = int(dashboard.rsplit(":", 1)[1].strip("/"))
+    assert raw_request(port, "GET", f"/api/runs/{folder.path.name}", None) == 200
+    for path in ("/api/runs/..", "/api/runs/%2E%2E", "/api/runs/..%2Fstolen", "/api/runs/%2E%2E%2Fstolen",
+                 "/api/runs/../stolen", "/api/runs/..%5Cstolen", "/api/runs/nonexistent"):
+        assert raw_request(port, "GET", path, None) == 404, path
+    data = DashboardData(load_server_config(root / "server.yaml"), None)
+    assert data.run(folder.path.name)["name"] == folder.path.name
+    for name in ("..", "../stolen", f"../{folder.path.parent.name}/{folder.path.name}", str(stolen)):
+        with pytest.raises(KeyError):
+            data.run(name)
     assert httpx.post(f"{dashboard}api/state", timeout=10).status_code == 405  # read-only
 
 
