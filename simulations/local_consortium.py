@@ -146,12 +146,15 @@ class LocalConsortium:
         for _, pid_file in StatePaths(self.config).pid_files():
             _kill(pid_file)
 
-    def run(self, follow: bool = True) -> tuple[int, RunFolder]:
+    def run(self, follow: bool = True, timeout: float | None = None) -> tuple[int, RunFolder]:
+        """Start a run of ``server_yaml`` in a new run folder; with ``follow``, wait for its outcome (at
+        most ``timeout`` seconds, then FlowerError; the run goes on)."""
         folder = RunFolder.create(self.server_yaml)
-        return submit_and_follow(self.control, folder, follow=follow), folder
+        return submit_and_follow(self.control, folder, follow=follow, timeout=timeout), folder
 
-    def resume(self, folder: RunFolder) -> int:
-        return submit_and_follow(self.control, folder)
+    def resume(self, folder: RunFolder, timeout: float | None = None) -> int:
+        """Resume ``folder``'s run and wait for its outcome, at most ``timeout`` seconds."""
+        return submit_and_follow(self.control, folder, timeout=timeout)
 
     def close(self) -> None:
         for index in range(len(self.site_yamls)):

@@ -84,7 +84,7 @@ def test_site_killed_during_secure_aggregation_and_rejoins(prepared_hospitals, t
         document = yaml.safe_load(consortium.server_yaml.read_text())
         document["federation"]["rounds"] = 1
         consortium.server_yaml.write_text(yaml.safe_dump(document))
-        code, again = consortium.run()
+        code, again = consortium.run(timeout=RUN_TIMEOUT)
         assert code == 0, again.status()
 
     # it died after sending its key shares and before its masked vector: the others' shares unmasked the sum

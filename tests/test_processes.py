@@ -51,19 +51,21 @@ def test_stopping_a_process_stops_its_descendants_in_sessions_of_their_own(tmp_p
     parent = ("import subprocess, sys, time; "
               f"subprocess.Popen([sys.executable, '-c', {child!r}], start_new_session=True); time.sleep(120)")
     leader = subprocess.Popen([sys.executable, "-c", parent], start_new_session=True)
-    deadline = time.monotonic() + 30
-    while not pids.exists() or not pids.read_text().endswith("\n"):
-        assert time.monotonic() < deadline, "the tree did not start"
-        time.sleep(0.1)
-    tree = descendants(leader.pid)
-    assert len(tree) == 2 and int(pids.read_text()) in tree
-    assert os.getsid(tree[0]) != os.getsid(leader.pid)  # the child runs in a session of its own
+    tree: list[int] = []
     try:
+        deadline = time.monotonic() + 30
+        while not pids.exists() or not pids.read_text().endswith("\n"):
+            assert time.monotonic() < deadline, "the tree did not start"
+            time.sleep(0.1)
+        tree = descendants(leader.pid)
+        assert len(tree) == 2 and int(pids.read_text()) in tree
+        assert os.getsid(tree[0]) != os.getsid(leader.pid)  # the child runs in a session of its own
         assert stop_pid(leader.pid, timeout=10)
         assert not any(is_alive(pid) for pid in [leader.pid, *tree])
-    finally:
-        for pid in [leader.pid, *tree]:
+    finally:  # whatever failed above: the whole tree, as far as it started
+        for pid in [*{*tree, *descendants(leader.pid)}, leader.pid]:
             try:
                 os.kill(pid, 9)
             except ProcessLookupError:
                 pass
+        leader.wait(timeout=30)

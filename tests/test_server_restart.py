@@ -100,7 +100,7 @@ def test_server_killed_and_resumed_with_a_refusing_site(prepared_hospitals, tmp_
         consortium.stop_site(2)  # as `fedpath-site stop`: its SuperNode signs off, listed offline at once
         assert site_node(consortium, "site-3") not in online_nodes(consortium)
         with ThreadPoolExecutor(max_workers=1) as pool:
-            resumed = pool.submit(consortium.resume, folder)
+            resumed = pool.submit(consortium.resume, folder, RUN_TIMEOUT)  # bounded also when an assert fails
             waiting = _wait_for_status(folder, "waiting", resumed)
             assert waiting.startswith("round 2 waits up to 120 s (federation.rejoin_wait) for site-3 of the last")
             assert server_main(["status", "--config", str(consortium.server_yaml)]) == 0

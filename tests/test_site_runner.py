@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -42,7 +43,7 @@ from server.run_folder import RunFolder
 from server.superlink import APP_DIR, CONNECTION, StatePaths
 from shared.app_bundle import installed_app_dir, installed_digest, stage_app
 from shared.checkpoints import load_checkpoint
-from shared.processes import descendants, executable, flower_env
+from shared.processes import descendants, executable, flower_env, kill_leftovers, signal_each
 from shared.site_keys import keygen
 from simulations.local_consortium import LocalConsortium
 from tests.conftest import copy_hospitals
@@ -407,12 +408,16 @@ def test_start_runs_supernode_and_runner_as_one_unit_that_stop_ends(tmp_path, ca
     site = _site_without_server(tmp_path / "lonely")
     state = load_site_config(site).state_dir
     assert site_main(["start", "--config", str(site), "--insecure", "--detach"]) == 0
-    assert "SuperNode and task runner started" in capsys.readouterr().out  # returned once the runner was ready
     supervisor = int((state / "supernode.pid").read_text())
     members = {pid: _cmdline(pid) for pid in _group(supervisor)}
-    assert any(b"flower-supernode" in c and b"--isolation\x00process" in c for c in members.values()), members
-    assert any(b"client.task_runner" in c for c in members.values()), members
-    assert (state / "superexec.secret").stat().st_mode & 0o777 == 0o600
-    assert site_main(["stop", "--config", str(site)]) == 0
-    assert _all_gone(list(members)), "a process of the site outlived `fedpath-site stop`"
+    try:
+        assert "SuperNode and task runner started" in capsys.readouterr().out  # returned once the runner was ready
+        assert any(b"flower-supernode" in c and b"--isolation\x00process" in c for c in members.values()), members
+        assert any(b"client.task_runner" in c for c in members.values()), members
+        assert (state / "superexec.secret").stat().st_mode & 0o777 == 0o600
+        assert site_main(["stop", "--config", str(site)]) == 0
+        assert _all_gone(list(members)), "a process of the site outlived `fedpath-site stop`"
+    finally:
+        signal_each(list(members), signal.SIGTERM)  # a failed check above leaves no site running
+        kill_leftovers(list(members))
 

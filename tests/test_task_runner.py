@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import signal
 import stat
 import subprocess
 import sys
@@ -247,10 +249,9 @@ def test_supervisor_restarts_a_child_that_exits_and_stops_with_the_supernode(tmp
     counter, log_file = tmp_path / "starts", tmp_path / "site.log"
     flaky = [sys.executable, "-c", f"open({str(counter)!r}, 'a').write('x'); raise SystemExit(3)"]
     supernode = [sys.executable, "-c", "import time; time.sleep(3.5)"]  # exits 0: the unit ends
-    started = time.monotonic()
     code = supervise([Child("the SuperNode", supernode, "refused", ends_all_on_success=True),
                       Child("the task runner", flaky, "the lines above say why")], {}, log_file, "hospital-a")
-    assert code == 0 and time.monotonic() - started < 12
+    assert code == 0  # the SuperNode's exit ended the unit (a supervisor that did not stop: the suite's timeout)
     assert counter.read_text() == "xx"  # started, exited, restarted 2 s later; the next try would be 4 s after that
     assert "hospital-a: the task runner exited with code 3: the lines above say why. Retrying in 2 s" in \
         capsys.readouterr().out
@@ -294,9 +295,6 @@ def test_a_refused_site_is_retried_every_10_s_while_its_old_session_may_be_held_
 def test_the_supervisor_stops_its_children_on_a_signal_even_when_more_follow(tmp_path, signals, expected):
     """`fedpath-site stop` (SIGTERM), Ctrl-C, or a service manager that repeats its signal: the
     children are stopped whole and the code says which signal came first."""
-    import os
-    import signal
-
     from shared.processes import is_alive
 
     pid_file = tmp_path / "child.pid"
@@ -318,9 +316,7 @@ def test_the_supervisor_stops_its_children_on_a_signal_even_when_more_follow(tmp
         assert process.wait(timeout=60) == expected
         assert not is_alive(child_pid)
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        _kill_group(process)
 
 
 GRACEFUL_CHILD = """
@@ -348,12 +344,15 @@ def test_fedpath_site_stop_lets_a_child_finish_its_graceful_exit(tmp_path):
             f"sys.exit(supervise([Child('the SuperNode', {child!r}, 'x')], {{}}, "
             f"Path({str(tmp_path / 'site.log')!r}), 'hospital-a'))")
     supervisor = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
-    deadline = time.monotonic() + 60
-    while not ready.exists():
-        assert time.monotonic() < deadline and supervisor.poll() is None, "the child never started"
-        time.sleep(0.05)
-    assert stop_pid(supervisor.pid)  # (it reaps the supervisor: its exit code is not ours to read)
-    assert done.read_text() == "signed off"
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert time.monotonic() < deadline and supervisor.poll() is None, "the child never started"
+            time.sleep(0.05)
+        assert stop_pid(supervisor.pid)  # (it reaps the supervisor: its exit code is not ours to read)
+        assert done.read_text() == "signed off"
+    finally:
+        _kill_group(supervisor)
 
 
 def test_a_reply_that_cannot_be_described_leaves_as_a_recorded_code(tmp_path, installed_fab):
@@ -373,6 +372,16 @@ def test_a_reply_that_cannot_be_described_leaves_as_a_recorded_code(tmp_path, in
     assert answer.outcome == ERROR and answer.reply.error.code == 1013
     (record,) = runner.egress.verify()
     assert record["outcome"] == ERROR and record["error_code"] == 1013
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    """SIGKILL what a test started in a session of its own, unless it ended already (then only reap it)."""
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait(timeout=30)
 
 
 def _stand_in_supervisor(tmp_path, script: str) -> tuple:
@@ -405,14 +414,20 @@ def test_detached_start_stops_the_unit_when_the_runner_cannot_start(tmp_path):
     script = f"import time; open({str(tmp_path / 'state' / 'supernode.log')!r}, 'a').write({line!r}); time.sleep(30)"
     (tmp_path / "state").mkdir()
     config, supervisor, log_file = _stand_in_supervisor(tmp_path, script)
-    (config.state_dir / "supernode.pid").write_text(f"{supervisor.pid}\n")
-    with pytest.raises(SiteStartError, match="the task runner of h exited, so the site was stopped again"):
-        wait_for_runner(config, supervisor, log_file, 0, 0, timeout=20)
-    assert supervisor.poll() is not None and not (config.state_dir / "supernode.pid").exists()
+    try:
+        (config.state_dir / "supernode.pid").write_text(f"{supervisor.pid}\n")
+        with pytest.raises(SiteStartError, match="the task runner of h exited, so the site was stopped again"):
+            wait_for_runner(config, supervisor, log_file, 0, 0, timeout=20)
+        assert supervisor.poll() is not None and not (config.state_dir / "supernode.pid").exists()
+    finally:
+        _kill_group(supervisor)
     config, supervisor, log_file = _stand_in_supervisor(tmp_path / "slow", "import time; time.sleep(30)")
-    with pytest.raises(SiteStartError, match="did not start within 1 s"):
-        wait_for_runner(config, supervisor, log_file, 0, 0, timeout=1)
-    assert supervisor.poll() is not None
+    try:
+        with pytest.raises(SiteStartError, match="did not start within 1 s"):
+            wait_for_runner(config, supervisor, log_file, 0, 0, timeout=1)
+        assert supervisor.poll() is not None
+    finally:
+        _kill_group(supervisor)
 
 
 def test_a_started_runner_has_torch_and_opacus_before_its_first_task(tmp_path):
