@@ -1,8 +1,6 @@
 """server.federation_strategy around real Flower strategies, with fake sites (no network, no processes):
 what it reads from the sites' reply vectors, plain and as SecAgg+ hands them over."""
 
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -304,63 +302,82 @@ def test_too_few_sites_online_fails_after_the_round_timeout():
     strategy, _ = _strategy(_config(min_sites=2, timeout=1.0), first_round=2)
     manager = SimpleClientManager()
     manager.register(FakeProxy(1))
-    start = time.monotonic()
-    with pytest.raises(FederationError) as error:
+    with pytest.raises(FederationError) as error:  # (Flower's own wait_for, bounded by the 1 s timeout)
         strategy.configure_fit(1, strategy.initialize_parameters(manager), manager)
-    assert time.monotonic() - start < 5
     message = str(error.value)
     assert message.startswith("round 2 cannot start: 1 site(s) online after waiting 1 s, federation.min_sites is 2")
     assert "fedpath-server resume" in message
     assert strategy.evaluate(2, strategy.initialize_parameters(SimpleClientManager())) is None
 
 
-def _register_later(manager: SimpleClientManager, proxy: ClientProxy, delay: float) -> threading.Thread:
-    """A site whose SuperNode is listed online ``delay`` seconds from now (its heartbeat after a restart)."""
-    thread = threading.Timer(delay, manager.register, args=(proxy,))
-    thread.start()
-    return thread
+class FakeClock:
+    """The strategy's clock, advanced by its own sleeps: a site listed online at a virtual moment, and how long
+    the strategy waited, without real time in the test."""
+
+    def __init__(self, arrivals: list[tuple[float, SimpleClientManager, ClientProxy]] = ()) -> None:
+        self.start = self.now = 1000.0
+        self.arrivals = sorted(arrivals, key=lambda a: a[0])
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        assert seconds >= 0
+        self.now += seconds
+        while self.arrivals and self.arrivals[0][0] <= self.waited:
+            _, manager, proxy = self.arrivals.pop(0)
+            manager.register(proxy)  # its heartbeat after a restart
+
+    @property
+    def waited(self) -> float:
+        return self.now - self.start
 
 
-def test_a_resumed_run_waits_for_the_sites_of_its_last_round_before_sampling(caplog):
+@pytest.fixture
+def clock(monkeypatch):
+    import server.federation_strategy
+
+    fake = FakeClock()
+    monkeypatch.setattr(server.federation_strategy, "time", fake)
+    return fake
+
+
+def test_a_resumed_run_waits_for_the_sites_of_its_last_round_before_sampling(caplog, clock):
     # site-3 took part in the checkpoint's round; after the restart it is listed online 0.5 s after the others
     strategy, recorder = _strategy(_config(min_sites=2, rejoin_wait=20.0), first_round=3,
                                    rejoining={"site-1", "site-2", "site-3"})
     manager = SimpleClientManager()
     for node in (1, 2):
         manager.register(FakeProxy(node))
-    late = _register_later(manager, FakeProxy(3), 0.5)
-    start = time.monotonic()
+    clock.arrivals = [(0.5, manager, FakeProxy(3))]
     with caplog.at_level("INFO", logger="fedpath.server"):
         instructions = strategy.configure_fit(1, strategy.initialize_parameters(manager), manager)
-    late.join()
     assert sorted(p.node_id for p, _ in instructions) == [1, 2, 3]  # sampled with site-3, not before it came
-    assert 0.5 <= time.monotonic() - start < 10
+    assert 0.5 <= clock.waited <= 1.0  # until it came (asked every REJOIN_POLL_S), not the whole 20 s
     message = "round 3 waits up to 20 s (federation.rejoin_wait) for site-3 of the last round to be online"
     assert message in caplog.text
     assert recorder.waiting == [message, None]  # shown by `fedpath-server status` while it waits
 
 
-def test_a_site_that_does_not_come_back_costs_the_round_rejoin_wait_once(caplog):
+def test_a_site_that_does_not_come_back_costs_the_round_rejoin_wait_once(caplog, clock):
     strategy, _ = _strategy(_config(min_sites=2, rejoin_wait=0.6), first_round=3,
                             rejoining={"site-1", "site-2", "site-3"})
     manager = SimpleClientManager()
     proxies = [FakeProxy(node) for node in (1, 2)]
     for proxy in proxies:
         manager.register(proxy)
-    start = time.monotonic()
     with caplog.at_level("INFO", logger="fedpath.server"):
         instructions = strategy.configure_fit(1, strategy.initialize_parameters(manager), manager)
-    assert time.monotonic() - start >= 0.6
+    assert clock.waited == pytest.approx(0.6)  # the whole rejoin_wait, no more
     assert sorted(p.node_id for p, _ in instructions) == [1, 2]
     assert "round 3 starts without site-3: not online within federation.rejoin_wait (0.6 s)" in caplog.text
     # the next round expects the sites of this one: site-3 is no longer waited for
     strategy.aggregate_fit(1, [(p, _fit_res(_update(0.1), 5)) for p in proxies], [])
-    start = time.monotonic()
     assert len(strategy.configure_fit(2, strategy.initialize_parameters(manager), manager)) == 2
-    assert time.monotonic() - start < 0.5
+    assert clock.waited == pytest.approx(0.6)
 
 
-def test_within_a_run_a_site_of_the_last_round_that_went_offline_is_waited_for():
+def test_within_a_run_a_site_of_the_last_round_that_went_offline_is_waited_for(clock):
     strategy, _ = _strategy(_config(min_sites=2, rejoin_wait=20.0))
     manager = SimpleClientManager()
     proxies = [FakeProxy(node) for node in (1, 2, 3)]
@@ -369,17 +386,16 @@ def test_within_a_run_a_site_of_the_last_round_that_went_offline_is_waited_for()
     strategy.configure_fit(1, strategy.initialize_parameters(manager), manager)
     strategy.aggregate_fit(1, [(p, _fit_res(_update(0.1), 5)) for p in proxies], [])
     manager.unregister(proxies[2])  # its SuperNode lost the connection between the rounds
-    late = _register_later(manager, proxies[2], 0.5)
+    clock.arrivals = [(clock.waited + 0.5, manager, proxies[2])]
     instructions = strategy.configure_fit(2, strategy.initialize_parameters(manager), manager)
-    late.join()
     assert sorted(p.node_id for p, _ in instructions) == [1, 2, 3]
+    assert 0.5 <= clock.waited <= 1.0
 
 
-def test_rejoin_wait_zero_samples_whoever_is_online():
+def test_rejoin_wait_zero_samples_whoever_is_online(clock):
     strategy, _ = _strategy(_config(min_sites=2, rejoin_wait=0.0), rejoining={"site-1", "site-2", "site-3"})
     manager = SimpleClientManager()
     for node in (1, 2):
         manager.register(FakeProxy(node))
-    start = time.monotonic()
     assert len(strategy.configure_fit(1, strategy.initialize_parameters(manager), manager)) == 2
-    assert time.monotonic() - start < 0.5
+    assert clock.waited == 0

@@ -355,10 +355,9 @@ def test_a_message_for_one_site_wakes_every_held_site():
     """The server sends a round's messages to all sites together: the first held pull that finds
     its message makes the others ask at once instead of after their step."""
     wakeup = Wakeup()
-    woke = threading.Event()
-    waiter = threading.Thread(target=lambda: (wakeup.wait(60, wakeup.generation), woke.set()), daemon=True)
+    woke, since = threading.Event(), wakeup.generation  # read first: a wake-up before the wait still counts
+    waiter = threading.Thread(target=lambda: (wakeup.wait(60, since), woke.set()), daemon=True)
     waiter.start()
-    time.sleep(0.2)
     answer = hold(lambda: _answer(A_MESSAGE), HELD_ROUTES[PULL], 10.0, lambda: True, wakeup=wakeup)
     assert answer.body == A_MESSAGE
     assert woke.wait(10), "the held request was not woken"
@@ -631,18 +630,19 @@ def test_the_push_gate_lets_only_a_registered_key_with_a_fresh_signature_through
 def test_the_push_gate_reads_a_few_pushes_of_one_site_at_once_and_lets_a_few_more_wait():
     gate = PushGate(Path("unused"), per_site=2, waiting_per_site=1)
     assert gate.take("a", 0) and gate.take("a", 0)
-    assert not gate.take("a", 0.05) and gate.take("b", 0)  # a's third waits; b has its own
-    blocked = threading.Thread(target=lambda: gate.take("a", 1))  # a's one allowed waiter
-    blocked.start()
-    time.sleep(0.2)
-    started = time.monotonic()
-    assert not gate.take("a", 30) and time.monotonic() - started < 5  # a further one is refused at once
-    blocked.join(10)
+    assert not gate.take("a", 0) and gate.take("b", 0)  # a's third does not get in; b has its own
     taken = []
-    waiting = threading.Thread(target=lambda: taken.append(gate.take("a", 10)))
-    waiting.start()
-    gate.give_back("a")
-    waiting.join(10)
+    blocked = threading.Thread(target=lambda: taken.append(gate.take("a", 60)))  # a's one allowed waiter
+    blocked.start()
+    deadline = time.monotonic() + 10
+    while gate._waiting.get("a") != 1:  # noqa: SLF001 - the test reads the gate's own count of waiters
+        assert time.monotonic() < deadline and blocked.is_alive(), "the waiter never waited"
+        time.sleep(0.01)
+    # a further one is refused at once: had it waited its 60 s, the waiter's 60 s would have run out too
+    assert not gate.take("a", 60)
+    assert blocked.is_alive() and taken == []
+    gate.give_back("a")  # one of a's two is read: the waiter's turn
+    blocked.join(10)
     assert taken == [True]
 
 
