@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fedpath-installed
 DEMO   ?= demo
 
-.PHONY: install nginx turbojpeg browser demo lint test bench clean-demo
+.PHONY: install nginx turbojpeg browser ssh-keygen demo lint test bench clean-demo
 
 # torch/torchvision first, with exact pins: pip takes them from this kind of machine's disk;
 # left to the resolver, they would pull several GB from the network.
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP) nginx turbojpeg browser
+install: $(STAMP) nginx turbojpeg browser ssh-keygen
 
 # Debian packages fedpath or its tests need, installed when we are root and they are missing. Not being
 # able to is a message, not a failure: the command or test that needs one says so clearly (tests fail,
@@ -49,6 +49,11 @@ turbojpeg:
 # downloads nothing when given both paths).
 browser:
 	$(call os_package,[ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ],chromium chromium-driver,tests/test_dashboard.py drives the dashboard with them)
+
+# tests/test_site_keys.py checks fedpath's key fingerprints against OpenSSH's own (what an admin compares
+# on the phone with the hospital).
+ssh-keygen:
+	$(call os_package,command -v ssh-keygen >/dev/null 2>&1,openssh-client,tests/test_site_keys.py compares fingerprints with ssh-keygen)
 
 demo: install
 	$(VENV)/bin/fedpath-sim demo --out $(DEMO)

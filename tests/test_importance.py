@@ -105,5 +105,5 @@ def test_explaining_a_scanner_size_slide_adds_little_memory():
     # Was +0.35-0.9 GB (a new gathered tensor per 1,024-sequence chunk fragmented glibc's heap), which took
     # predict of an 80,000 x 60,000 px slide past 2 GB; 0.06 GB with one buffer and 256-sequence chunks.
     added = int(subprocess.run([sys.executable, "-c", EXPLAIN_PEAK], capture_output=True, text=True, check=True,
-                               cwd=os.getcwd()).stdout)
+                               cwd=os.getcwd(), timeout=600).stdout)
     assert added < 0.2e9

@@ -220,7 +220,7 @@ def test_memory_does_not_grow_with_the_slide(tmp_path):
     def peak_kb(width: int, height: int) -> dict[str, int]:
         done = subprocess.run([sys.executable, str(tmp_path / "peak.py"), str(tmp_path / f"{width}.tif"),
                                str(width), str(height)], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).resolve().parents[1])
+                              cwd=Path(__file__).resolve().parents[1], timeout=600)
         return json.loads(done.stdout.strip().splitlines()[-1])
 
     small, large = peak_kb(2000, 1500), peak_kb(10000, 7500)

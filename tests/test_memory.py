@@ -31,7 +31,7 @@ print(freed, rss(), released)
 @pytest.mark.skipif(_TRIM is None, reason="the C library here has no malloc_trim (not glibc)")
 def test_freed_heap_blocks_leave_the_resident_set():
     out = subprocess.run([sys.executable, "-c", FRAGMENTED], capture_output=True, text=True, check=True,
-                         cwd=os.getcwd()).stdout.split()
+                         cwd=os.getcwd(), timeout=600).stdout.split()
     freed, trimmed, released = int(out[0]), int(out[1]), out[2]
     assert released == "True"
     assert freed - trimmed > 300e6  # the 400 MB of freed blocks, give or take the allocator's own

@@ -65,4 +65,4 @@ def test_the_whole_tree_stands_still_while_paused_and_goes_on_after_even_when_th
     finally:
         signal_each(descendants(parent.pid), signal.SIGKILL)
         parent.kill()
-        parent.wait()
+        parent.wait(timeout=60)

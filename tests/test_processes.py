@@ -37,7 +37,7 @@ def test_zombie_of_another_parent_has_exited():
         assert is_alive(parent.pid)
     finally:
         parent.kill()
-        parent.wait()
+        parent.wait(timeout=60)
 
 
 def test_stopping_a_process_stops_its_descendants_in_sessions_of_their_own(tmp_path):

@@ -406,7 +406,7 @@ def test_detached_start_waits_for_the_runner(tmp_path):
         assert supervisor.poll() is None  # ready: the unit keeps running
     finally:
         supervisor.kill()
-        supervisor.wait()
+        supervisor.wait(timeout=60)
 
 
 def test_detached_start_stops_the_unit_when_the_runner_cannot_start(tmp_path):
@@ -438,7 +438,8 @@ def test_a_started_runner_has_torch_and_opacus_before_its_first_task(tmp_path):
               "from client.task_runner import build_runner; "
               f"build_runner(load_site_config({str(tmp_path / 'site.yaml')!r}), None); "
               "print(*sorted(m for m in ('torch', 'opacus') if m in sys.modules))")
-    loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                            timeout=600).stdout.split()
     assert loaded == ["opacus", "torch"]
     (record,) = EgressLog(load_site_config(tmp_path / "site.yaml").state_dir).verify()
     assert record["event"] == "start"

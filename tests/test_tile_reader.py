@@ -126,5 +126,5 @@ def test_every_dataset_the_product_sends_a_reader_unpickles_without_torch(tmp_pa
     probe = "import pickle, sys; pickle.load(sys.stdin.buffer); print('torch' in sys.modules)"
     for dataset in datasets:
         out = subprocess.run([sys.executable, "-c", probe], input=pickle.dumps(dataset), capture_output=True,
-                             check=True).stdout.decode().strip()
+                             check=True, timeout=600).stdout.decode().strip()
         assert out == "False", type(dataset).__name__
