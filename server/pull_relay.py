@@ -95,9 +95,12 @@ PUSHES_PER_SITE = 2  # push bodies of one site read at once (PushGate): Flower's
 WAITING_PER_SITE = 8  # pushes of one site that may wait for those (a thread each); more are answered 503 at once
 DISCARD_BYTES, DISCARD_S = 16 * 1024 * 1024, 5.0  # of a refused push's body, read into nothing before answering
 OBJECT_HOLD_S = 5.0  # an announced object is normally pushed within a second
+OBJECT_HOLDS_PER_SITE = 2  # held object pulls of one site at once (Flower's SuperNode pulls two at a time)
 ACTIVE_S = 60.0  # a route that delivered something this recently is in use: ask often
 IDLE_STEP_S = 2.0  # otherwise (no run, or between runs): each ask costs the SuperLink ~10 ms of CPU
 ANNOUNCED_STEP_S = 2.0  # while the ServerApp announces its messages: a fallback, should one be lost
+# Node authentication: the relay reads the first of a repeated header and would pass on the last.
+SIGNED_HEADERS = (FLEET_KEY_HEADER, FLEET_SIGNATURE_HEADER, TIMESTAMP_HEADER)
 # Per connection, not end to end: never passed on (RFC 9110 7.6.1); Date and Server are the relay's own.
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
                         "upgrade", "content-length", "date", "server", "host"})
@@ -165,27 +168,35 @@ def site_of(header: str) -> str | None:
 
 
 class Holders:
-    """Which held pull is each site's current one (by the public key its request is signed with)."""
+    """Which held requests of a route are each site's current ones (by the public key its request is signed
+    with): the ``per_site`` newest. A newer one ends the oldest, which then asks no more; so one key cannot
+    keep hundreds held, each asked about every step, whatever it opens."""
 
-    def __init__(self) -> None:
+    def __init__(self, per_site: int = 1) -> None:
+        self.per_site = per_site
         self._lock = threading.Lock()
-        self._current: dict[str, object] = {}
+        self._current: dict[str, list[object]] = {}
 
     def claim(self, site: str) -> object:
-        """This pull is now the site's current one; an older one is not any more."""
+        """This request is now one of the site's current ones; its oldest beyond ``per_site`` is not any more."""
         token = object()
         with self._lock:
-            self._current[site] = token
+            current = self._current.setdefault(site, [])
+            current.append(token)
+            del current[:-self.per_site]
         return token
 
     def is_current(self, site: str, token: object) -> bool:
         with self._lock:
-            return self._current.get(site) is token
+            return token in self._current.get(site, ())
 
     def release(self, site: str, token: object) -> None:
         with self._lock:
-            if self._current.get(site) is token:
-                del self._current[site]
+            current = self._current.get(site, [])
+            if token in current:
+                current.remove(token)
+            if not current:
+                self._current.pop(site, None)
 
 
 @dataclass(frozen=True)
@@ -203,7 +214,8 @@ class HeldRoute:
         announced_step_s: the step while the ServerApp announces its pushes (one came within
             ``ACTIVE_S``; ``server/relay_signals.py``), a fallback should one be lost (None:
             announcements only wake).
-        one_per_site: a site's newer held request ends its older one (``Holders``).
+        held_per_site: at most this many requests of one site are held; a newer one ends its oldest
+            (``Holders``; None: no limit).
     """
 
     not_yet: Callable[[Answer], bool]
@@ -212,17 +224,20 @@ class HeldRoute:
     wakes_others: bool = False
     idle_step_s: float | None = None
     announced_step_s: float | None = None
-    one_per_site: bool = False
+    held_per_site: int | None = None
 
 
 MESSAGES = "/v1/fleet/pull-messages"
 HELD_ROUTES = {
     # Flower's SuperNode sleeps 3 s after an empty pull.
     MESSAGES: HeldRoute(no_message, message_step, wakes_others=True, idle_step_s=IDLE_STEP_S,
-                        announced_step_s=ANNOUNCED_STEP_S, one_per_site=True),
+                        announced_step_s=ANNOUNCED_STEP_S, held_per_site=1),
     # A message is announced before the ServerApp has pushed its arrays; a SuperNode that asks too
     # early backs off 1 s, then 2 s (flwr/supercore/inflatable/inflatable_utils.py: pull_objects).
-    "/v1/fleet/pull-object": HeldRoute(object_not_ready, object_step, longest_s=OBJECT_HOLD_S),
+    # Flower's SuperNode pulls two objects at once (FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PULLS); a site that opens
+    # more, for objects its own reply named and never sent, gets no more than two asked about every 0.05 s.
+    "/v1/fleet/pull-object": HeldRoute(object_not_ready, object_step, longest_s=OBJECT_HOLD_S,
+                                       held_per_site=OBJECT_HOLDS_PER_SITE),
 }
 
 
@@ -477,7 +492,8 @@ class RelayServer(http.server.ThreadingHTTPServer):
         self.upstream, self.hold_s, self.max_push_bytes = upstream, hold_s, max_push_bytes
         self.push_gate = None if registry is None else PushGate(registry)
         self.wakeups = {path: Wakeup() for path in HELD_ROUTES}
-        self.holders = {path: Holders() for path, route in HELD_ROUTES.items() if route.one_per_site}
+        self.holders = {path: Holders(route.held_per_site) for path, route in HELD_ROUTES.items()
+                        if route.held_per_site}
         self.pushes = PushTracker(lambda: None)  # ``main`` connects it to the wake port
         self.push_connections = WarmConnections(upstream, PUSH_TIMEOUT_S)
 
@@ -502,6 +518,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         limit = MAX_BODY if route is not None else self.server.max_push_bytes
         if not 0 <= length <= limit:
             self._refuse(413, f"a request on this route is at most {limit} bytes")
+            return
+        repeated = [name for name in SIGNED_HEADERS if len(self.headers.get_all(name, ())) > 1]
+        if repeated:  # checked here one way, read by the SuperLink another: never passed on
+            self._discard_body(length)
+            self._refuse(400, f"{', '.join(repeated)} may be sent once")
             return
         if route is not None:
             self._answer(route, length)

@@ -24,7 +24,13 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.proto.fleet_pb2 import PullMessagesRequest, PullMessagesResponse, PushMessagesResponse, Reconnect
-from flwr.proto.message_pb2 import Message, PullObjectResponse, PushObjectRequest, PushObjectResponse
+from flwr.proto.message_pb2 import (
+    Message,
+    PullObjectRequest,
+    PullObjectResponse,
+    PushObjectRequest,
+    PushObjectResponse,
+)
 from flwr.proto.node_pb2 import Node
 
 from server.pull_relay import (
@@ -60,7 +66,7 @@ from shared.site_keys import public_key_line
 
 EMPTY = PullMessagesResponse().SerializeToString()
 A_MESSAGE = PullMessagesResponse(messages_list=[Message()]).SerializeToString()
-PULL = "/v1/fleet/pull-messages"
+PULL, PULL_OBJECT = "/v1/fleet/pull-messages", "/v1/fleet/pull-object"
 
 
 def _answer(body: bytes, status: int = 200) -> Answer:
@@ -345,7 +351,7 @@ def test_an_announced_object_is_waited_for_but_a_missing_one_is_not():
     missing = PullObjectResponse(object_found=False).SerializeToString()
     assert object_not_ready(_answer(not_yet)) and not object_not_ready(_answer(ready))
     assert not object_not_ready(_answer(missing))  # Flower reports it as an error: no reason to wait
-    answer, asked, waits = _hold([not_yet] * 3 + [ready], route="/v1/fleet/pull-object")
+    answer, asked, waits = _hold([not_yet] * 3 + [ready], route=PULL_OBJECT)
     assert answer.body == ready and len(asked) == 4 and waits == [0.05] * 3
     answer, asked, waits = _hold([not_yet], hold_s=10.0, route="/v1/fleet/pull-object")
     assert sum(waits) <= OBJECT_HOLD_S and answer.body == not_yet  # held 5 s at most, whatever hold_s says
@@ -399,6 +405,8 @@ class _StandInHandler(http.server.BaseHTTPRequestHandler):
                 payload = _pushed_messages(["o1", "o2"], "session-1")
             elif self.path == PUSH_OBJECT:
                 payload = PushObjectResponse(stored=True).SerializeToString()
+            elif self.path == PULL_OBJECT:  # named by a pushed reply, never sent: "not yet" for good
+                payload = PullObjectResponse(object_found=True, object_available=False).SerializeToString()
         self.send_header("Content-Type", "application/protobuf")
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
@@ -684,6 +692,45 @@ def test_a_strangers_push_is_refused_before_its_body_is_read_and_a_site_has_few_
     finally:
         for raw in slow:
             raw.close()
+
+
+def test_a_repeated_authentication_header_is_refused_not_passed_on(relay):
+    """The gate reads the first of a repeated header, the relay would pass on the last: a registered site's
+    headers first and another key's after them would let that key's push through unchecked."""
+    port, upstream = relay(messages_after=0)
+    other = ec.generate_private_key(ec.SECP384R1())  # a node the SuperLink may know, the registry not
+    for path in (PUSH_OBJECT, PULL):
+        for repeated in (_signed(other), {"flwr-public-key": _signed(other)["flwr-public-key"]}):
+            lines = [*_signed(SITE_KEY).items(), *repeated.items()]
+            body = _pushed_object("o1", "s")
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+                headers = "".join(f"{name}: {value}\r\n" for name, value in lines)
+                raw.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\n{headers}Content-Length: {len(body)}\r\n\r\n"
+                            .encode() + body)
+                assert raw.recv(4096).startswith(b"HTTP/1.1 400"), (path, list(repeated))
+    assert upstream.asks == []  # none of them reached the SuperLink
+    assert _post(port, PUSH_OBJECT, _pushed_object("o1", "s"), signed_by=SITE_KEY)[0] == 200  # once each: passed
+
+
+@pytest.mark.slow(seconds=8)  # mostly waiting out the relay's 5 s object hold
+def test_a_site_gets_at_most_two_object_pulls_held_however_many_it_opens(relay):
+    """A site can name objects in its reply that it never sends; each pull of one is "not yet" for good, and a
+    held pull asks the SuperLink every 0.05 s for 5 s. Held without a limit, 20 such pulls would be some
+    2,000 asks, each an authenticated request to the SuperLink."""
+    port, upstream = relay(messages_after=0)
+    request = PullObjectRequest(node=Node(node_id=42), run_id=1, object_id="never-sent").SerializeToString()
+    answers = []
+    pulls = [threading.Thread(target=lambda: answers.append(_post(port, PULL_OBJECT, request, signed_by=SITE_KEY)))
+             for _ in range(20)]
+    for pull in pulls:
+        pull.start()
+    for pull in pulls:
+        pull.join(60)
+    not_yet = PullObjectResponse(object_found=True, object_available=False).SerializeToString()
+    assert answers == [(200, not_yet)] * 20  # each site request answered "not yet", as the SuperLink says
+    asks = sum(1 for path, *_ in upstream.asks if path == PULL_OBJECT)
+    # two held through the whole hold (about 100 asks each), the others ended by a newer one after a step or two
+    assert 20 <= asks <= 2 * (OBJECT_HOLD_S / 0.05 + 2) + 20 * 4, asks
 
 
 def test_relay_log_names_the_upstream(relay, tmp_path):
