@@ -28,9 +28,9 @@ from typing import Any
 
 from server.audit import AuditError, AuditLog, verify
 from server.registration import site_rows
-from server.run_folder import RunFolder
+from server.run_folder import RunFolder, RunFolderError
 from server.server_config import ServerConfig
-from server.site_registry import SiteRegistry
+from server.site_registry import RegistryError, SiteRegistry
 from server.superlink import FlowerControl, FlowerError, StatePaths
 from shared.errors import UserError
 from shared.metrics import is_number
@@ -68,8 +68,13 @@ class DashboardData:
     def overview(self) -> dict:
         runs = []
         for name, path in self.folders().items():
-            folder = RunFolder.open(path)
-            status, info = folder.status(), folder.run_info()
+            try:
+                folder = RunFolder.open(path)
+                status, info = folder.status(), folder.run_info()
+            except (RunFolderError, OSError, ValueError) as exc:  # one broken folder hides no other run
+                runs.append({"name": name, "state": "unreadable", "round": 0, "total_rounds": None,
+                             "best_round": None, "updated": None, "message": str(exc)})
+                continue
             runs.append({"name": name, "state": status.get("state", "?"), "round": status.get("round", 0),
                          "total_rounds": info.get("total_rounds"), "best_round": status.get("best_round"),
                          "updated": status.get("updated"), "message": status.get("message")})
@@ -91,9 +96,13 @@ class DashboardData:
                 found["superlink"]["reachable"] = True
                 found["removed_keys"] = removed
                 found["sites"] = [{**asdict(row), "node_id": str(row.node_id)} for row in rows]
-            except FlowerError as exc:  # the registry alone: who may join, not who is online
+            except (FlowerError, RegistryError) as exc:  # the registry alone: who may join, not who is online
                 found["superlink"]["error"] = str(exc)
-                entries = SiteRegistry(StatePaths(self.config).registry).entries()
+                try:
+                    entries = SiteRegistry(StatePaths(self.config).registry).entries()
+                except RegistryError as error:
+                    found["superlink"]["error"] = f"{found['superlink']['error']}; {error}"
+                    entries = {}
                 found["sites"] = [{"name": name, "node_id": str(e["node_id"]), "status": "?",
                                    "fingerprint": e["fingerprint"], "registered": e["registered"], "flag": ""}
                                   for name, e in sorted(entries.items())]
@@ -168,14 +177,36 @@ def _audit(folder: RunFolder, status: dict) -> dict:
         return {"intact": False, "records": None, "error": str(exc)}
 
 
-def create_app(data: DashboardData):
-    """The FastAPI app: the page, Plotly's bundle, and two JSON routes. GET only."""
+def host_name(header: str) -> str:
+    """The name in a Host header, without its port ("[::1]:8050" -> "::1")."""
+    if header.startswith("["):
+        return header[1:].split("]", 1)[0]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def create_app(data: DashboardData, allowed_hosts: frozenset[str] | None = None):
+    """The FastAPI app: the page, Plotly's bundle, and two JSON routes. GET only.
+
+    Args:
+        data: what the page shows.
+        allowed_hosts: the only names a request's Host header may give (None: any). On loopback, a web
+            page the admin opens elsewhere could otherwise rebind its own name to 127.0.0.1 and read the
+            JSON routes from the admin's browser (DNS rebinding); over HTTPS the certificate stops that.
+    """
     import plotly
-    from fastapi import FastAPI, HTTPException
-    from fastapi.responses import FileResponse, HTMLResponse
+    from fastapi import FastAPI, HTTPException, Request
+    from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse
 
     bundle = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
     app = FastAPI(title="fedpath dashboard", docs_url=None, redoc_url=None, openapi_url=None)
+
+    if allowed_hosts is not None:
+        @app.middleware("http")
+        async def this_host_only(request: Request, call_next):
+            if host_name(request.headers.get("host", "")).lower() not in allowed_hosts:
+                return PlainTextResponse("this dashboard answers only to " + ", ".join(sorted(allowed_hosts)),
+                                         status_code=400)
+            return await call_next(request)
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:
@@ -224,7 +255,7 @@ def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8050, insec
         if host in WILDCARD_HOSTS:
             print(f"dashboard: listening on every interface ({host}), HTTPS")
     control = FlowerControl(config, insecure=insecure) if superlink else None
-    app = create_app(DashboardData(config, control))
+    app = create_app(DashboardData(config, control), frozenset(LOOPBACK) if host in LOOPBACK else None)
     scheme = "https" if tls else "http"
     print(f"dashboard of {config.name}: {scheme}://{host}:{port}/  (read-only; Ctrl-C stops it)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", **tls)

@@ -44,13 +44,23 @@ def add_site(config: ServerConfig, control: FlowerControl, name: str, public_key
 
 
 def remove_site(config: ServerConfig, control: FlowerControl, name: str) -> int:
-    entry = SiteRegistry(StatePaths(config).registry).remove(name)
+    """Cut ``name``'s SuperNode off at the SuperLink, then drop it from the registry; its node id.
+
+    In this order: a SuperLink that cannot unregister the key (down, slow, its connection settings
+    unreadable) leaves the registry as it was, so the still valid key stays named and the admin can
+    run the command again; the other order lost the node id while the key still connected. Flower's
+    own "node N not found" (removed already) counts as done.
+    """
+    registry = SiteRegistry(StatePaths(config).registry)
+    node_id = int(registry.entry(name)["node_id"])
     try:
-        control.unregister(entry["node_id"])
+        control.unregister(node_id)
     except FlowerError as exc:
-        if "not found" not in str(exc).lower():
-            raise
-    return int(entry["node_id"])
+        if f"node {node_id} not found" not in str(exc).lower():
+            raise FlowerError(f"{name} (node {node_id}) is still registered: the SuperLink did not unregister "
+                              f"its key ({exc}); nothing was changed, run remove-site again") from None
+    registry.remove(name)
+    return node_id
 
 
 @dataclass(frozen=True)

@@ -9,34 +9,62 @@ leave a site. Unknown ids are shown as ``node-<id>``.
 from __future__ import annotations
 
 import json
+import logging
 from datetime import datetime, timezone
 from pathlib import Path
 
 from shared.atomic_files import atomic_write_json
 from shared.errors import UserError
 
+log = logging.getLogger("fedpath.server")
+
 
 class RegistryError(UserError):
     pass
 
 
+ENTRY_FIELDS = {"node_id": int, "public_key": str, "fingerprint": str, "registered": str}
+
+
 class SiteRegistry:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self._last_names: dict[int, str] | None = None  # the last names read whole (``name_for``)
 
     def entries(self) -> dict[str, dict]:
+        """Every registered site by name. Raises RegistryError, saying what is wrong where, for a file
+        that cannot be read or is not a registry (a hand edit, a disk fault)."""
         if not self.path.is_file():
             return {}
         try:
-            return dict(json.loads(self.path.read_text()).get("sites", {}))
+            document = json.loads(self.path.read_text())
         except (OSError, ValueError) as exc:
             raise RegistryError(f"{self.path}: unreadable site registry ({exc})") from None
+        sites = document.get("sites", {}) if isinstance(document, dict) else None
+        if not isinstance(sites, dict):
+            raise RegistryError(f"{self.path}: not a site registry: expected {{\"sites\": {{NAME: {{...}}}}}}")
+        for name, entry in sites.items():
+            for field, kind in ENTRY_FIELDS.items():
+                value = entry.get(field) if isinstance(entry, dict) else None
+                if not isinstance(value, kind) or isinstance(value, bool):
+                    raise RegistryError(f"{self.path}: sites.{name}.{field}: expected {kind.__name__}, "
+                                        f"found {type(value).__name__ if value is not None else 'nothing'}")
+        return dict(sites)
 
     def names(self) -> dict[int, str]:
-        return {int(entry["node_id"]): name for name, entry in self.entries().items()}
+        return {entry["node_id"]: name for name, entry in self.entries().items()}
 
     def name_for(self, node_id: int) -> str:
-        return self.names().get(int(node_id), f"node-{node_id}")
+        """The registered name of ``node_id``, else ``node-<id>``. A registry broken while a run reads it
+        (a hand edit, a disk fault) names nodes as last read whole, with a warning, rather than failing
+        the run; broken from the start, RegistryError."""
+        try:
+            self._last_names = self.names()
+        except RegistryError as exc:
+            if self._last_names is None:
+                raise
+            log.warning("%s; naming sites as last read", exc)
+        return self._last_names.get(int(node_id), f"node-{node_id}")
 
     def check_new(self, name: str, public_key: str) -> None:
         """Refuse a name or a key that is already registered, before the SuperLink is asked."""
@@ -53,12 +81,17 @@ class SiteRegistry:
                          "registered": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         self._write(entries)
 
-    def remove(self, name: str) -> dict:
+    def entry(self, name: str) -> dict:
         entries = self.entries()
         if name not in entries:
             known = ", ".join(sorted(entries)) or "none"
             raise RegistryError(f"no registered site named '{name}' (registered: {known})")
-        entry = entries.pop(name)
+        return entries[name]
+
+    def remove(self, name: str) -> dict:
+        entry = self.entry(name)
+        entries = self.entries()
+        entries.pop(name)
         self._write(entries)
         return entry
 

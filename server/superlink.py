@@ -28,6 +28,7 @@ from server.fleet_proxy import UPSTREAM_NAME, Nginx, ProxyFiles, prepare_proxy, 
 from server.pull_relay import bind_listener, relay_command
 from server.relay_signals import bind_wake_port, write_wake_file
 from server.server_config import LOOPBACK, ServerConfig
+from shared.atomic_files import atomic_write_bytes
 from shared.errors import UserError
 from shared.processes import (
     executable,
@@ -254,8 +255,13 @@ class FlowerControl:
         address = config.superlink.loopback_address
         self.paths.flwr_home.mkdir(parents=True, exist_ok=True)
         security = "insecure = true" if insecure else f'root-certificates = "{self.paths.certs.ca_cert}"'
-        (self.paths.flwr_home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{address}"\n{security}\n')
+        settings = (f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{address}"\n'
+                    f'{security}\n').encode()
+        toml = self.paths.flwr_home / "config.toml"
+        # Every admin command makes one, while the dashboard's and others' `flwr` may be reading the file:
+        # replaced whole and only when it changes, never seen half written.
+        if not toml.is_file() or toml.read_bytes() != settings:
+            atomic_write_bytes(toml, settings)
         self.env = flower_env(self.paths.flwr_home)
 
     def submit(self, run_dir: Path) -> int:

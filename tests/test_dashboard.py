@@ -213,6 +213,34 @@ def test_a_run_name_is_never_a_path(dashboard, consortium):
     assert httpx.post(f"{dashboard}api/state", timeout=10).status_code == 405  # read-only
 
 
+def test_on_loopback_only_a_loopback_host_name_is_answered(dashboard):
+    """DNS rebinding: a page the admin opens elsewhere rebinds its own name to 127.0.0.1 and reads the JSON
+    routes from the admin's browser, with its own name in the Host header."""
+    port = int(dashboard.rsplit(":", 1)[1].strip("/"))
+    for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example", "localhost.evil.example:1"):
+        assert raw_request(port, "GET", "/api/state", None, headers={"Host": host}) == 400, host
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost", f"[::1]:{port}"):
+        assert raw_request(port, "GET", "/api/state", None, headers={"Host": host}) == 200, host
+
+
+def test_a_broken_run_folder_or_registry_hides_nothing_else(consortium, tmp_path):
+    from server.dashboard import DashboardData
+
+    root, folder = consortium[0], consortium[1]
+    (tmp_path / "server.yaml").write_text((root / "server.yaml").read_text())
+    config = load_server_config(tmp_path / "server.yaml")
+    shutil.copytree(folder.path, config.results_dir / folder.path.name)
+    (config.results_dir / "0-broken").mkdir()
+    (config.results_dir / "0-broken" / "run.json").write_text("{}")  # config.json and status.json missing
+    registry = StatePaths(config).registry
+    registry.parent.mkdir(parents=True, exist_ok=True)
+    registry.write_text("[]")  # a hand edit gone wrong
+    overview = DashboardData(config, None).overview()
+    states = {run["name"]: run["state"] for run in overview["runs"]}
+    assert states[folder.path.name] in ("running", "finished") and states["0-broken"] == "unreadable"
+    assert overview["sites"] == [] and "not a site registry" in overview["superlink"]["error"]
+
+
 def test_another_address_is_served_over_https_with_the_consortium_certificate_or_not_at_all(consortium):
     import httpx
 

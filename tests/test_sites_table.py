@@ -74,3 +74,68 @@ def test_an_unreachable_superlink_is_an_error_not_an_empty_list(tmp_path):
 def test_no_node_and_no_site(tmp_path):
     assert sites_table(_config(tmp_path, {}), FakeControl([])) == (
         "no sites registered; `fedpath-server add-site NAME SITE.pub --config server.yaml`", 0)
+
+
+class UnregisteringControl:
+    """The SuperLink's side of `remove-site`: unregisters, or fails with Flower's words."""
+
+    def __init__(self, error: str | None = None) -> None:
+        self.error, self.unregistered = error, []
+
+    def unregister(self, node_id: int) -> None:
+        if self.error is not None:
+            raise FlowerError(self.error)
+        self.unregistered.append(node_id)
+
+
+def test_remove_site_cuts_the_key_off_at_the_superlink_before_it_leaves_the_registry(tmp_path):
+    from server.registration import remove_site
+
+    config = _config(tmp_path, {"hospital-a": 11, "hospital-b": 12})
+    registry = SiteRegistry(StatePaths(config).registry)
+    control = UnregisteringControl()
+    assert remove_site(config, control, "hospital-a") == 11
+    assert control.unregistered == [11] and set(registry.entries()) == {"hospital-b"}
+    # removed at the SuperLink already (an earlier try whose registry write failed): Flower's "not found" is done
+    control = UnregisteringControl("`flwr supernode` failed: Node 12 not found for flwr_aid=sys_noauth.")
+    assert remove_site(config, control, "hospital-b") == 12 and registry.entries() == {}
+
+
+@pytest.mark.parametrize("error", [
+    "`flwr supernode unregister` did not answer within 120 s",
+    "`flwr supernode` failed: SuperLink connection 'fedpath' not found in the Flower configuration file",
+    "`flwr supernode` failed: Node 99 not found for flwr_aid=sys_noauth.",  # another node's words
+])
+def test_a_key_the_superlink_did_not_unregister_stays_in_the_registry(tmp_path, error):
+    """The key still connects: its name and node id stay, and the admin is told to run the command again."""
+    from server.registration import remove_site
+
+    config = _config(tmp_path, {"hospital-a": 11})
+    with pytest.raises(FlowerError, match=r"hospital-a \(node 11\) is still registered: .* run remove-site again"):
+        remove_site(config, UnregisteringControl(error), "hospital-a")
+    assert SiteRegistry(StatePaths(config).registry).entries()["hospital-a"]["node_id"] == 11
+
+
+@pytest.mark.parametrize("text, said", [
+    ("[]", "not a site registry"), ("null", "not a site registry"), ('{"sites": ["ab"]}', "not a site registry"),
+    ('{"sites": {"a": {}}}', "sites.a.node_id: expected int, found nothing"),
+    ('{"sites": {"a": {"node_id": "7", "public_key": "k", "fingerprint": "f", "registered": "r"}}}',
+     "sites.a.node_id: expected int, found str"),
+    ('{"sites": {"a": {"node_id": 7, "public_key": 3, "fingerprint": "f", "registered": "r"}}}',
+     "sites.a.public_key: expected str, found int"),
+    ("{not json", "unreadable site registry"),
+])
+def test_a_broken_registry_is_one_clear_error_and_a_run_keeps_the_names_it_read(tmp_path, text, said, caplog):
+    from server.site_registry import RegistryError
+
+    registry = SiteRegistry(tmp_path / "sites.json")
+    registry.add("hospital-a", 11, "key-a", "SHA256:a")
+    assert registry.name_for(11) == "hospital-a" and registry.name_for(12) == "node-12"
+    registry.path.write_text(text)  # a hand edit, a disk fault, while the run reads it
+    with pytest.raises(RegistryError, match=said):
+        registry.entries()
+    with caplog.at_level("WARNING", logger="fedpath.server"):
+        assert registry.name_for(11) == "hospital-a"  # as last read whole, not a failed run
+    assert said in caplog.text
+    with pytest.raises(RegistryError, match=said):  # broken before anything was read: said, not guessed
+        SiteRegistry(registry.path).name_for(11)
