@@ -124,7 +124,8 @@ def fit(config: SiteConfig, plan: RoundPlan, received: list[np.ndarray], noise_s
             session = PrivateRound(head, dataset, training, privacy, ledger_path(config, plan),
                                    evaluations=plan.evaluations if config.privacy.release_evaluation else 0,
                                    evaluation_share=plan.privacy.evaluation_share, noise_seed=noise_seed,
-                                   lifetime_delta=config.privacy.delta)
+                                   lifetime_delta=config.privacy.delta,
+                                   settings={"weight_scale": plan.weight_scale})
             round_id = f"round-{plan.round}"
             if session.ledger is not None:  # a retried round spends again, under its own id
                 round_id = session.ledger.unused_round_id(round_id)

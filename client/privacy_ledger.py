@@ -228,7 +228,7 @@ class PrivacyLedger:
         self._check_lifetime(self._rounds, segments)
 
     def plan(self, sample_rate: float, steps_per_round: int, planned_rounds: int, *, evaluations: int = 0,
-             evaluation_share: float = 0.0) -> ReleasePlan:
+             evaluation_share: float = 0.0, settings: dict[str, Any] | None = None) -> ReleasePlan:
         """The noise with which ``planned_rounds`` rounds of ``steps_per_round`` DP-SGD steps at
         ``sample_rate`` plus ``evaluations`` evaluation releases spend the whole budget (within
         PLAN_TOLERANCE, never above); the releases together spend ``evaluation_share`` of ε.
@@ -237,6 +237,13 @@ class PrivacyLedger:
         with the same plan return it unchanged, so every round adds the same noise. A different plan
         is refused: σ is fixed once rounds have spent privacy under it. With a lifetime ε, a plan
         whose whole spending would exceed it (with every other federation's) is refused.
+
+        Args:
+            settings: what the federation chose that the plan was made under (batch size, epochs,
+                the plaintext weight), stored with it and compared first: a change is refused
+                whatever the site's data. Compared only through the sample rate and steps, which
+                depend on the number of patients, a refusal would tell the server how many there
+                are (a batch size b is accepted in place of b0 exactly when ceil(N/b) = ceil(N/b0)).
         """
         _segment(1.0, sample_rate, steps_per_round)  # validates the rate and the steps
         if not (isinstance(planned_rounds, int) and planned_rounds >= 1):
@@ -249,7 +256,16 @@ class PrivacyLedger:
         request = {"sample_rate": float(sample_rate), "steps_per_round": steps_per_round,
                    "planned_rounds": planned_rounds, "evaluations": evaluations,
                    "evaluation_share": float(evaluation_share) if evaluations else 0.0}
+        settings = None if settings is None else json.loads(json.dumps(settings))  # as the file will hold it
         if self._plan is not None:
+            pinned = self._plan.get("settings")
+            if settings is not None and pinned is not None and pinned != settings:
+                changed = sorted(key for key in {*pinned, *settings} if pinned.get(key) != settings.get(key))
+                was = {key: pinned.get(key) for key in changed}
+                now = {key: settings.get(key) for key in changed}
+                raise LedgerError(
+                    f"{self.path}: the federation changed {', '.join(changed)} (planned with {was}, now {now}). "
+                    "σ and the plan are fixed for the whole federation once planned; start a new federation.")
             stored = {key: self._plan.get(key, 0 if key == "evaluations" else 0.0) for key in request}
             if stored != request:
                 raise LedgerError(
@@ -277,7 +293,8 @@ class PrivacyLedger:
         plan = ReleasePlan(sigma, float(sample_rate), steps_per_round, planned_rounds, evaluations,
                            request["evaluation_share"], evaluation_noise)
         self._check_lifetime([], plan.reserved([]))
-        self._commit({**request, "noise_multiplier": sigma, "evaluation_noise": evaluation_noise}, self._rounds)
+        self._commit({**request, "noise_multiplier": sigma, "evaluation_noise": evaluation_noise,
+                      **({"settings": settings} if settings is not None else {})}, self._rounds)
         return plan
 
     def noise_for_plan(self, sample_rate: float, steps_per_round: int, planned_rounds: int) -> float:

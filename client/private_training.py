@@ -79,13 +79,16 @@ class PrivateRound:
         evaluations: evaluation releases the plan must also pay for (0: training only).
         evaluation_share: the part of ε the ``evaluations`` releases spend together.
         noise_seed: only for a simulation that asked for reproducible noise; None draws from the OS.
+        settings: what else the federation chose that the noise plan is pinned to (the plaintext
+            weight), beside the batch size and epochs; a later change is refused (``PrivacyLedger.plan``).
         lifetime_delta: the δ at which ``privacy.lifetime_epsilon`` is checked over all federations (the
             site's own δ; None: ``privacy.delta``).
     """
 
     def __init__(self, head: nn.Module, dataset: Dataset, training: TrainingConfig, privacy: PrivacyConfig,
                  ledger_path: Path, evaluations: int = 0, evaluation_share: float = 0.0,
-                 noise_seed: int | None = None, lifetime_delta: float | None = None) -> None:
+                 noise_seed: int | None = None, lifetime_delta: float | None = None,
+                 settings: dict | None = None) -> None:
         self.head, self.dataset, self.training, self.privacy = head, dataset, training, privacy
         self.generator = private_generator(module_device(head), noise_seed)
         self.loader: DataLoader = DataLoader(dataset, batch_size=training.batch_size, shuffle=True,
@@ -101,7 +104,9 @@ class PrivateRound:
                                         lifetime_epsilon=privacy.lifetime_epsilon, lifetime_delta=lifetime_delta)
             self.plan = self.ledger.plan(1 / len(self.loader), len(self.loader) * training.epochs,
                                          privacy.planned_rounds, evaluations=evaluations,
-                                         evaluation_share=evaluation_share)
+                                         evaluation_share=evaluation_share,
+                                         settings={"batch_size": training.batch_size, "epochs": training.epochs,
+                                                   **(settings or {})})
 
     @property
     def sample_rate(self) -> float | None:

@@ -315,8 +315,26 @@ def test_an_update_failing_the_outgoing_checks_is_withheld(prepared, tmp_path):
     reply = federated_round.fit(config, plan, received)
     _assert_refused(reply, plan, received, 6)
     assert [r["round_id"] for r in _ledger(config, plan)["rounds"]][-1] == "round-1"  # privacy was spent
-    heavy = federated_round.fit(config, _plan(round=2, weight_scale=1, secagg_clipping_range=1.0), received)
-    _assert_refused(heavy, _plan(weight_scale=1), received, 6)  # 2 patients > max_weight 1
+    heavy = _plan(federation_id="fed-heavy", weight_scale=1, secagg_clipping_range=1.0)
+    _assert_refused(federated_round.fit(config, heavy, received), heavy, received, 6)  # 2 patients > max_weight 1
+
+
+def test_a_changed_setting_is_refused_whatever_the_number_of_patients(prepared, tmp_path):
+    """A curious server's probe: this site's 2 training patients make one batch at batch size 2 and at 3, so
+    a plan checked only through its sample rate and steps accepted 3 and would have refused 1, telling the
+    server that the site has at most 3 patients, and a weight S changed each round did the same through
+    refusal 6. Every change of what the federation chose is now refused before anything is touched."""
+    config, plan = _site(prepared, tmp_path / "site"), _plan()
+    received = _global(plan)
+    assert federated_round.fit(config, plan, received).metrics["refused"] == 0
+    recorded = _ledger(config, plan)["rounds"]
+    for change in ({"batch_size": 3}, {"batch_size": 1}, {"epochs": 2}, {"weight_scale": 51},
+                   {"weight_scale": 1, "secagg_clipping_range": 1.0}):
+        probe = replace(plan, round=2, **change)
+        _assert_refused(federated_round.fit(config, probe, received), probe, received, 2)
+    assert _ledger(config, plan)["rounds"] == recorded  # refused before any release: nothing spent
+    assert _ledger(config, plan)["plan"]["settings"] == {"batch_size": 2, "epochs": 1, "weight_scale": 50}
+    assert federated_round.fit(config, replace(plan, round=2), received).metrics["refused"] == 0  # unchanged
 
 
 def test_site_without_dp_refuses_when_the_federation_requires_it(prepared, tmp_path):

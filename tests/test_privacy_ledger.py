@@ -263,3 +263,24 @@ def test_engine_misuse_is_refused(tmp_path):
     used.accountant.step(noise_multiplier=1.0, sample_rate=Q)
     with pytest.raises(LedgerError, match="already holds steps"):
         ledger.attach(used)
+
+
+def test_the_settings_a_plan_was_made_under_are_pinned_whatever_the_derived_rate(tmp_path):
+    """Two sites of 40 and 41 patients at batch 16 plan the same derived rate and steps (3 batches); a server that
+    moves the batch size to 20 changes 41's plan (3 batches) as little as 40's (2): each is refused the same way,
+    so the refusal says nothing of either count."""
+    budget = PrivacyBudget(8.0, DELTA)
+    for patients, path in ((40, tmp_path / "a.json"), (41, tmp_path / "b.json")):
+        batches = -(-patients // 16)
+        PrivacyLedger(path, budget).plan(1 / batches, batches, 4, settings={"batch_size": 16, "epochs": 1})
+        moved = -(-patients // 20)
+        with pytest.raises(LedgerError, match=r"changed batch_size \(planned with \{'batch_size': 16\}"):
+            PrivacyLedger(path, budget).plan(1 / moved, moved, 4, settings={"batch_size": 20, "epochs": 1})
+        assert PrivacyLedger(path, budget).plan(1 / batches, batches, 4, settings={"batch_size": 16, "epochs": 1})
+    # a ledger planned before settings were pinned keeps working on its derived values alone
+    old = tmp_path / "old.json"
+    PrivacyLedger(old, budget).plan(Q, STEPS, 4)
+    assert "settings" not in json.loads(old.read_text())["plan"]
+    assert PrivacyLedger(old, budget).plan(Q, STEPS, 4, settings={"batch_size": 16})
+    with pytest.raises(LedgerError, match="holds the noise plan"):
+        PrivacyLedger(old, budget).plan(Q, STEPS + 1, 4, settings={"batch_size": 16})
