@@ -64,8 +64,9 @@ class SitsOut(Exception):
 
 class Site:
     def __init__(self, node: int, signer: SiteSigner | None, sits_out: bool = False, collects: Path | None = None,
-                 offers: bool = True):
+                 offers: bool = True, min_sites: int = MIN_SITES):
         self.node, self.signer, self.sits_out, self.offers = node, signer, sits_out, offers
+        self.min_sites = min_sites  # site.yaml federation.min_round_sites
         self.collects = collects or Path(tempfile.mkdtemp(prefix=f"secagg-{node}-"))  # where it notes its rounds
         self.context = Context(run_id=RUN_ID, node_id=node, node_config={}, state=RecordDict(), run_config={})
         self.refusal: str | None = None
@@ -83,7 +84,7 @@ class Site:
         if self.refusal is not None:
             return None
         try:
-            return secure_stage(message, self.context, self.train, MIN_SITES, self.signer, self.collects,
+            return secure_stage(message, self.context, self.train, self.min_sites, self.signer, self.collects,
                                 offers_evaluation=lambda: self.offers)
         except UnsafeRound as refusal:
             self.refusal = str(refusal)
@@ -370,6 +371,27 @@ def test_too_few_sites_that_trained_reveal_nothing(signers):
     assert server.run() == {}
     assert server.survivors == [11, 12]
     assert all("a sum of 2 sites; this site requires at least 3" in sites[n].refusal for n in (11, 12))
+
+
+@pytest.mark.parametrize("victim_min_sites, exposed", [(3, True), (4, False)])
+def test_two_colluding_sites_and_the_server_need_a_round_the_victim_allows_to_end_with_three(signers,
+                                                                                            victim_min_sites, exposed):
+    """The server reports the honest 14 and 15 as dropped after key sharing and sums only 11 with the colluders
+    12 and 13, who subtract their own vectors from the sum. Only the victim's own min_round_sites stops it:
+    at 3 (the default) it unmasks a sum of three, at 4 (c + 2 for c = 2 colluders) it refuses."""
+    def tamper(stage, messages):
+        if stage == Stage.COLLECT_MASKED_VECTORS:  # 14 and 15 never get their collect message: "dropped"
+            return [m for m in messages if m.metadata.dst_node_id in (11, 12, 13)]
+        return messages
+
+    sites = _sites(signers)
+    sites[11].min_sites = victim_min_sites
+    server = Server(sites, tamper)
+    unmasked = server.run()
+    assert server.survivors == [11, 12, 13]
+    assert (11 in unmasked) is exposed  # its shares of the colluders' masks, which remove them from the sum
+    if not exposed:
+        assert "a sum of 3 sites; this site requires at least 4" in sites[11].refusal
 
 
 def test_a_site_signs_one_set_of_survivors_per_round(signers):
