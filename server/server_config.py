@@ -14,7 +14,15 @@ from typing import Literal
 from shared.encoder import WeightsError, check_pinned
 from shared.model import ModelConfig
 from shared.refusals import strict_majority
-from shared.round_plan import PrivacyTarget
+from shared.round_plan import (
+    BATCH_SIZE,
+    EPOCHS,
+    ROUNDS,
+    SEQUENCE_LENGTH,
+    WEIGHT_SCALE,
+    PrivacyTarget,
+    evaluation_bins_rule,
+)
 from shared.yaml_config import ConfigError, SettingError, at_least, check, load_config, positive, tcp_port
 
 StrategyName = Literal["fedavg", "fedprox", "median", "trimmed_mean", "krum"]
@@ -103,7 +111,7 @@ class SecureAggregationConfig:
     allow_weak_threshold: bool = False  # accept a reconstruction_threshold below a strict majority (logged loudly)
     clipping_range: float = check(positive, 1.0)  # |update value| allowed; sites refuse rather than be clipped
     quantization_range: int = check(lambda q: None if 1024 <= q <= 2**26 else "must be in [1024, 2**26]", 2**26)
-    max_weight: int = check(at_least(1), 1000)  # most patients one site may train on (precision depends on it)
+    max_weight: int = check(WEIGHT_SCALE, 1000)  # most patients one site may train on (precision depends on it)
 
     def threshold_for(self, sites: int) -> int:
         """The reconstruction threshold of a round with ``sites`` sampled sites."""
@@ -116,7 +124,7 @@ class SecureAggregationConfig:
 
 @dataclass(frozen=True)
 class FederationConfig:
-    rounds: int = check(at_least(1), 5)
+    rounds: int = check(ROUNDS, 5)
     min_sites: int = check(at_least(1), 2)  # a round fails when fewer sites send an update
     fraction: float = check(lambda f: None if 0 < f <= 1 else "must be in (0, 1]", 1.0)  # sites sampled per round
     round_timeout: float = check(positive, 600.0)  # seconds to wait for the sites' replies in each phase
@@ -130,7 +138,7 @@ class FederationConfig:
     # Sites score the model they receive every this many rounds (and the final model always); each
     # evaluation is a private release charged to every site's ledger.
     evaluate_every: int = check(at_least(1), 1)
-    evaluation_bins: int = check(lambda b: None if b >= 2 and b % 2 == 0 else "must be an even number >= 2", 10)
+    evaluation_bins: int = check(evaluation_bins_rule, 10)
     # Rounds of every site's privacy budget kept for rounds redone after a server crash. A redone round trains
     # and scores again, so it spends again; a site whose budget was planned for exactly `rounds` refuses it
     # (and every later round). Each spare round raises the noise as one more planned round does.
@@ -141,10 +149,10 @@ class FederationConfig:
 class LocalTraining:
     """What every site does with the global model in one round."""
 
-    epochs: int = check(at_least(1), 1)
-    batch_size: int = check(at_least(1), 16)  # expected patients per DP-SGD step
+    epochs: int = check(EPOCHS, 1)
+    batch_size: int = check(BATCH_SIZE, 16)  # expected patients per DP-SGD step
     learning_rate: float = check(positive, 1e-3)
-    sequence_length: int = check(at_least(1), 8)
+    sequence_length: int = check(SEQUENCE_LENGTH, 8)
     seed: int = 0  # initial global model and the sites' sampling
 
 

@@ -13,7 +13,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from shared.yaml_config import at_least, check
+from shared.yaml_config import between, check
 
 INCEPTION = "inception_v3"  # the default backbone, the mission's model
 TIMM_PREFIX = "timm:"  # timm:NAME, a model of the timm package (shared/timm_encoder.py)
@@ -50,8 +50,9 @@ Core = Literal["rnn", "lstm", "gru", "mean"]
 class ModelConfig:
     core: Core = "rnn"  # simple RNN scored best in the reference study; "mean" is InceptionV3 alone
     mode: Literal["tiles", "grid"] = "tiles"
-    projection: int = check(at_least(1), 128)  # 2048 -> projection before the core: cheap under DP
-    hidden: int = check(at_least(1), 128)
+    # 2048 -> projection before the core: cheap under DP. Bounded like every size a server may ask of a site.
+    projection: int = check(between(1, 65_536), 128)
+    hidden: int = check(between(1, 65_536), 128)
     trainable: Literal["head", "last_block"] = "head"
     # The projection from the pinned trunk file, frozen and never sent (only the core and classifier train
     # under DP); needs a trunk from `fedpath-server pretrain-encoder`. false: the projection trains (any trunk).

@@ -13,9 +13,27 @@ from dataclasses import asdict, dataclass, field
 from shared.model import ModelConfig
 from shared.refusals import InvalidFederationId, federation_id_problem
 from shared.server_labels import server_label
-from shared.yaml_config import at_least, check, parse_config, positive
+from shared.yaml_config import at_least, between, check, parse_config, positive
 
 PLAN_KEY = "fedpath-plan"
+
+# What a server may ask of a site, bounded: the machine is the hospital's, its task runner serves one
+# message at a time, and a plan of 10^12 epochs or a 2^40-bin histogram would hold it or fail only
+# after allocating. server.yaml is checked against the same bounds, so an honest server never meets them.
+EPOCHS = between(1, 1_000)
+BATCH_SIZE = between(1, 1_000_000)
+SEQUENCE_LENGTH = between(1, 100_000)
+ROUNDS = between(1, 100_000)
+EVALUATIONS = between(0, 1_000_000)
+WEIGHT_SCALE = between(1, 1_000_000_000)
+
+
+def evaluation_bins_rule(bins: int) -> str | None:
+    return None if 2 <= bins <= 1_000 and bins % 2 == 0 else "must be an even number from 2 to 1,000"
+
+
+def clipping_range_rule(value: float | None) -> str | None:
+    return positive(value) if value is not None else None
 
 
 @dataclass(frozen=True)
@@ -34,24 +52,24 @@ class PrivacyTarget:
 class RoundPlan:
     federation_id: str = check(federation_id_problem)  # the run folder's name: names the site's ledger file
     round: int = check(at_least(1), 1)
-    planned_rounds: int = check(at_least(1), 1)  # rounds the privacy budget must last
+    planned_rounds: int = check(ROUNDS, 1)  # rounds the privacy budget must last
     classes: tuple[str, ...] = ()
     positive_class: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
-    sequence_length: int = check(at_least(1), 8)
-    epochs: int = check(at_least(1), 1)
-    batch_size: int = check(at_least(1), 16)
+    sequence_length: int = check(SEQUENCE_LENGTH, 8)
+    epochs: int = check(EPOCHS, 1)
+    batch_size: int = check(BATCH_SIZE, 16)
     learning_rate: float = check(positive, 1e-3)
-    proximal_mu: float = check(at_least(0), 0.0)  # FedProx; 0 is plain FedAvg local training
+    proximal_mu: float = check(between(0, 1_000_000), 0.0)  # FedProx; 0 is plain FedAvg local training
     seed: int = 0
     privacy: PrivacyTarget = field(default_factory=PrivacyTarget)
     max_update_norm: float = check(positive, 10.0)  # L2 bound of the update a site may send
-    secagg_clipping_range: float | None = None  # SecAgg+ on: every update value must lie within ± this
-    weight_scale: int = check(at_least(1), 1000)  # S: reply values are x / S (and every reply's plaintext weight)
+    secagg_clipping_range: float | None = check(clipping_range_rule, None)  # SecAgg+: update values within ± this
+    weight_scale: int = check(WEIGHT_SCALE, 1000)  # S: reply values are x / S (and every reply's plaintext weight)
     train: bool = True  # False: the run's last exchange, which only evaluates the final model
     evaluate: bool = True  # score the received model on the validation patients before training
-    evaluations: int = check(at_least(0), 2)  # evaluation releases the whole run makes (the ledger plans for them)
-    evaluation_bins: int = check(lambda b: None if b >= 2 and b % 2 == 0 else "must be an even number >= 2", 10)
+    evaluations: int = check(EVALUATIONS, 2)  # evaluation releases the whole run makes (the ledger plans for them)
+    evaluation_bins: int = check(evaluation_bins_rule, 10)
     reproducible_noise: bool = False  # simulations only: DP noise seeded from `seed` (deployed sites refuse, code 15)
 
     def to_config(self) -> dict[str, str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -43,7 +44,7 @@ def check(rule: Check, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any
 
 # Small reusable rules.
 def positive(value: float) -> str | None:
-    return None if value > 0 else "must be > 0"
+    return None if value > 0 and math.isfinite(value) else "must be a finite number > 0"
 
 
 def fraction(value: float) -> str | None:
@@ -56,6 +57,10 @@ def tcp_port(value: int) -> str | None:
 
 def at_least(minimum: float) -> Check:
     return lambda value: None if value >= minimum else f"must be >= {minimum}"
+
+
+def between(minimum: float, maximum: float) -> Check:
+    return lambda value: None if minimum <= value <= maximum else f"must be between {minimum:,} and {maximum:,}"
 
 
 def _compose_with_lines(text: str, source: str) -> tuple[Any, dict[tuple[str, ...], int]]:

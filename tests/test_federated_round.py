@@ -282,6 +282,20 @@ def test_a_round_redone_after_a_crash_needs_a_spare_round_of_budget(prepared, tm
         assert final.metrics["refused"] == 0
 
 
+def test_a_round_redone_mid_run_without_a_spare_round_takes_the_last_rounds_room(prepared, tmp_path):
+    """The server died in round 1 of 2 and resumes with round 1 again: the redo still fits the budget and
+    trains under its own id; the budget then has no room for round 2, which is refused (code 1). The site
+    never spends more than its plan, whichever round the budget runs out on."""
+    config = _site(prepared, tmp_path / "site")
+    plan = _plan(planned_rounds=2, evaluations=3)
+    received = _global(plan)
+    assert federated_round.fit(config, plan, received).metrics["refused"] == 0
+    assert federated_round.fit(config, plan, received).metrics["refused"] == 0  # the redo of round 1
+    assert federated_round.fit(config, replace(plan, round=2), received).metrics["refused"] == 1
+    training = [r["round_id"] for r in _ledger(config, plan)["rounds"] if r["kind"] == "training"]
+    assert training == ["round-1", "round-1-retry1"]
+
+
 def test_a_lifetime_budget_refuses_a_new_federation_before_training(prepared, tmp_path):
     config = _site(prepared, tmp_path / "site", privacy={"lifetime_epsilon": 10.0})
     plan = _plan()

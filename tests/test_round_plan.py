@@ -53,17 +53,46 @@ def test_plan_defaults_round_trip_and_other_config_keys_are_ignored():
     assert back.positive_class is None and back.proximal_mu == 0.0 and back.privacy.required is True
 
 
+@pytest.mark.parametrize("change, said", [
+    ({"epochs": 10**12}, "epochs: must be between 1 and 1,000"),
+    ({"batch_size": 0}, "batch_size: must be between 1 and 1,000,000"),
+    ({"sequence_length": 10**9}, "sequence_length: must be between 1 and 100,000"),
+    ({"evaluation_bins": 2**40}, "evaluation_bins: must be an even number from 2 to 1,000"),
+    ({"evaluations": 10**9}, "evaluations: must be between 0 and 1,000,000"),
+    ({"weight_scale": 10**12}, "weight_scale: must be between 1 and 1,000,000,000"),
+    ({"learning_rate": float("inf")}, "learning_rate: must be a finite number > 0"),
+    ({"secagg_clipping_range": float("nan")}, "secagg_clipping_range: must be a finite number > 0"),
+    ({"secagg_clipping_range": -1.0}, "secagg_clipping_range: must be a finite number > 0"),
+    ({"model": ModelConfig(projection=10**7)}, "model.projection: must be between 1 and 65,536"),
+])
+def test_a_plan_asking_more_of_the_site_than_any_honest_server_would_is_refused(change, said):
+    """The site's machine is the hospital's: a server cannot make it train for ever, allocate a 2^40-bin
+    histogram or clip against NaN (JSON carries Infinity and NaN, and json.loads reads them)."""
+    config = _plan(**change).to_config()
+    with pytest.raises(ConfigError, match=said.replace("(", r"\(").replace(")", r"\)")):
+        RoundPlan.from_config(config)
+
+
+def test_the_servers_own_config_has_the_sites_bounds(tmp_path):
+    from server.server_config import load_server_config
+
+    path = tmp_path / "server.yaml"
+    path.write_text("classes: [a, b]\ntraining: {epochs: 5000}\n")
+    with pytest.raises(ConfigError, match="training.epochs: must be between 1 and 1,000"):
+        load_server_config(path)
+
+
 def test_plan_missing_from_the_config_is_refused_with_a_clear_message():
     with pytest.raises(ValueError, match=f"carries no '{PLAN_KEY}': is the server a fedpath server"):
         RoundPlan.from_config({"proximal_mu": 0.1})
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("epochs", 0, "epochs: must be >= 1 (got 0)"),
+    ("epochs", 0, "epochs: must be between 1 and 1,000 (got 0)"),
     ("round", 0, "round: must be >= 1 (got 0)"),
-    ("batch_size", -2, "batch_size: must be >= 1 (got -2)"),
-    ("learning_rate", 0.0, "learning_rate: must be > 0"),
-    ("proximal_mu", -0.1, "proximal_mu: must be >= 0"),
+    ("batch_size", -2, "batch_size: must be between 1 and 1,000,000 (got -2)"),
+    ("learning_rate", 0.0, "learning_rate: must be a finite number > 0"),
+    ("proximal_mu", -0.1, "proximal_mu: must be between 0 and 1,000,000"),
     ("epochs", "two", "epochs: expected an integer, got 'two'"),
 ])
 def test_invalid_plan_values_are_refused_naming_the_key(key, value, message):

@@ -103,7 +103,7 @@ def test_settings_are_read(tmp_path):
     (CLASSES + "secure_aggregation:\n  reconstruction_threshold: 0\n",
      "must be 'majority' or a number of sites >= 1"),
     (CLASSES + "secure_aggregation:\n  clipping_range: 0.001\n", "secure_aggregation.clipping_range is so small"),
-    (CLASSES + "federation:\n  max_update_norm: 0\n", "federation.max_update_norm: must be > 0 (got 0)"),
+    (CLASSES + "federation:\n  max_update_norm: 0\n", "federation.max_update_norm: must be a finite number > 0 (got 0)"),
     (CLASSES + "strategy:\n  name: trimmed_mean\n  trim_beta: 0.5\n",
      "strategy.trim_beta: must be in [0, 0.5) (got 0.5)"),
     (CLASSES + "federaton:\n  rounds: 3\n",
@@ -140,7 +140,7 @@ def test_krum_with_enough_sites_is_accepted(tmp_path):
 
 def test_all_problems_are_reported_at_once(tmp_path):
     message = _refused(tmp_path, CLASSES + "superlink:\n  port: 0\nfederation:\n  rounds: 0\n")
-    assert "superlink.port" in message and "federation.rounds: must be >= 1 (got 0)" in message
+    assert "superlink.port" in message and "federation.rounds: must be between 1 and 100,000 (got 0)" in message
 
 
 def test_missing_file_is_refused(tmp_path):
