@@ -43,6 +43,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
+from shared.file_memo import file_version
 from shared.refusals import strict_majority
 from shared.server_labels import server_label
 from shared.signed_secagg import (
@@ -126,15 +127,21 @@ class SiteSigner:
         Read again when the roster file changes (the task runner lives for weeks)."""
         if roster is None:
             return None
-        try:
-            version = Path(roster).stat().st_mtime_ns
-        except OSError:
-            version = None  # Roster.load says what is wrong with the path
-        return _signer(Path(roster), None if auth_key is None else Path(auth_key), version)
+        key = None if auth_key is None else Path(auth_key)
+        # Both files: a roster or a key replaced within one timestamp tick, or edited in place, is read again.
+        versions = tuple(_version_of(path) for path in (Path(roster), key))
+        return _signer(Path(roster), key, versions)
+
+
+def _version_of(path: Path | None) -> tuple[int, ...] | None:
+    try:
+        return None if path is None else file_version(path.stat())
+    except OSError:
+        return None  # Roster.load and load_signing_key say what is wrong with the path
 
 
 @lru_cache(maxsize=8)
-def _signer(roster_path: Path, auth_key: Path | None, version: int | None) -> SiteSigner:
+def _signer(roster_path: Path, auth_key: Path | None, versions: tuple) -> SiteSigner:
     roster = Roster.load(roster_path)
     if auth_key is None:
         raise UnsafeRound(f"{roster_path}: a roster needs this site's key (federation.auth_key) to sign with")

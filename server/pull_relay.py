@@ -85,6 +85,7 @@ from google.protobuf.message import DecodeError
 
 from server.relay_signals import Announcements, PushTracker, read_wake_file
 from server.site_registry import RegistryError, SiteRegistry
+from shared.file_memo import file_version
 from shared.polling import quarter_step
 from shared.site_keys import public_key_line
 
@@ -460,7 +461,7 @@ class PushGate:
         with self._changed:
             try:
                 stat = self.registry.stat()
-                version = (stat.st_dev, stat.st_ino, stat.st_mtime_ns, stat.st_size)
+                version = file_version(stat)
             except OSError as exc:
                 version, error = None, exc
             else:

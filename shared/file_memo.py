@@ -6,8 +6,9 @@ process. Without this memory each round would hash the trunk file again for the 
 set again, although none of them changed since the round before. With it, a round after the first
 reads only the cache index (to see what ``prepare`` changed) and the files that are new.
 
-A file is the same while its identity and stat are: device, inode, size and modification time in
-nanoseconds (git's index trusts the same). ``prepare`` and ``pretrain-encoder`` write files atomically
+A file is the same while its ``file_version`` is: device, inode, size, modification and change time
+in nanoseconds (git's index trusts the same; the change time also moves on an in-place edit whose
+modification time was set back). ``prepare`` and ``pretrain-encoder`` write files atomically
 (a new inode), so anything they rewrite is read again. Entries are bounded in bytes and the least
 recently used go first, so a site whose cache is larger than the bound still runs, reading what
 does not fit as before.
@@ -23,6 +24,13 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_MAX_BYTES = 256 << 20
+
+
+def file_version(stat: os.stat_result) -> tuple[int, ...]:
+    """What changes whenever a file is written or replaced: device, inode, size, mtime and ctime (ns).
+    Every "read again when the file changes" of fedpath (this memo, the hash-chained logs, the
+    roster and key a site signs with, the registry the relay checks pushes against) compares these."""
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
 
 
 class FileMemo:
@@ -46,8 +54,7 @@ class FileMemo:
         """``compute(path)``, or the value it gave for the same unchanged file before (``kind`` keeps
         different values of one file apart). Errors of ``stat`` or ``compute`` propagate: nothing is
         kept for a file that could not be read."""
-        stat = os.stat(path)
-        key = (kind, os.path.abspath(path), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        key = (kind, os.path.abspath(path), *file_version(os.stat(path)))
         with self._lock:
             if key in self._entries:
                 self._entries.move_to_end(key)

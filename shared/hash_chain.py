@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import UserError
+from shared.file_memo import file_version
 from shared.metrics import to_jsonable
 
 GENESIS_HASH = "0" * 64
@@ -77,11 +78,6 @@ class _Tail:
     offset: int  # where the last record's line starts
     index: int
     hash: str
-
-
-def _version(stat: os.stat_result) -> tuple[int, ...]:
-    # ctime cannot be set back by a user who edits the file: an edit in place of the same size shows here
-    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
 
 
 class HashChain:
@@ -170,7 +166,7 @@ class HashChain:
             return None
         try:
             with open(self.path, "rb") as handle:
-                if _version(os.fstat(handle.fileno())) != tail.version:
+                if file_version(os.fstat(handle.fileno())) != tail.version:
                     return None
                 handle.seek(tail.offset)
                 record = json.loads(handle.read().decode("utf-8"))
@@ -192,7 +188,7 @@ class HashChain:
             handle.write((line + "\n").encode("utf-8"))
             handle.flush()
             os.fsync(handle.fileno())
-            self._tail = _Tail(_version(os.fstat(handle.fileno())), offset, written_index, written_hash)
+            self._tail = _Tail(file_version(os.fstat(handle.fileno())), offset, written_index, written_hash)
         if created:  # the new directory entry must survive a power cut too
             directory = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
             try:
@@ -204,7 +200,7 @@ class HashChain:
         """Parse and verify every line; raise at the first one that breaks the chain."""
         try:
             with open(self.path, "rb") as handle:
-                version = _version(os.fstat(handle.fileno()))
+                version = file_version(os.fstat(handle.fileno()))
                 data = handle.read()
         except OSError as error:
             raise self.error(f"cannot read {self.label} {self.path}: {error}") from error

@@ -426,6 +426,35 @@ def test_a_site_whose_own_key_is_not_on_the_roster_cannot_start(tmp_path, signer
         SiteSigner.for_site(roster, path)
 
 
+def test_a_roster_or_key_changed_within_one_timestamp_is_read_again(tmp_path, signers):
+    """The task runner lives for weeks: a roster from which a member was removed must count from the next round,
+    also when the edit kept the file's size and modification time (set back, or within one timestamp tick),
+    and a replaced signing key must sign from then on."""
+    import os
+
+    members = [s.public.decode() for s in signers.values()]
+    path, own = _key_file(tmp_path, "own")
+    roster = tmp_path / "roster.pub"
+    roster.write_text("".join(f"{line} m{i}\n" for i, line in enumerate(members[:3])) + f"{own}\n")
+    first = SiteSigner.for_site(roster, path)
+    assert len(first.roster.members) == 4 and SiteSigner.for_site(roster, path) is first  # unchanged: kept
+    stat = roster.stat()
+    with roster.open("r+") as handle:  # member m0 swapped for m3, in place: same size, same mtime
+        handle.write(f"{members[3]} m0\n")
+    os.utime(roster, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert roster.stat().st_size == stat.st_size and roster.stat().st_mtime_ns == stat.st_mtime_ns
+    second = SiteSigner.for_site(roster, path)
+    assert members[3] in second.roster.members and members[0] not in second.roster.members
+    replacement, line = _key_file(tmp_path, "replacement")
+    with roster.open("a") as handle:  # the new key is a member too; from here on the roster stays as it is
+        handle.write(f"{line}\n")
+    assert SiteSigner.for_site(roster, path).public.decode() == own.rsplit(" ", 1)[0]
+    key_stat = path.stat()
+    os.replace(replacement, path)  # the site's key pair replaced, same file name and modification time
+    os.utime(path, ns=(key_stat.st_atime_ns, key_stat.st_mtime_ns))
+    assert SiteSigner.for_site(roster, path).public.decode() == line.rsplit(" ", 1)[0]
+
+
 def test_a_round_is_set_up_once(signers):
     """Restarting a round (a second setup with the same group) would give fresh keys and another view to
     sign; the site refuses it."""
