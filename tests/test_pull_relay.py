@@ -447,7 +447,8 @@ SITE_KEY, OTHER_SITE_KEY = ec.generate_private_key(ec.SECP384R1()), ec.generate_
 
 
 def _registry(path: Path, *keys: ec.EllipticCurvePrivateKey) -> Path:
-    sites = {f"site-{i}": {"node_id": i, "public_key": public_key_line(key.public_key())} for i, key in enumerate(keys)}
+    sites = {f"site-{i}": {"node_id": i, "public_key": public_key_line(key.public_key()), "fingerprint": f"SHA256:{i}",
+                           "registered": "2026-12-05T00:00:00+00:00"} for i, key in enumerate(keys)}
     path.write_text(json.dumps({"sites": sites}))
     return path
 
