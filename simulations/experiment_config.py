@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Literal
 
 from shared.yaml_config import ConfigError, check, load_config
-from simulations.sim_config import SimConfig, load_sim_config
+from simulations.sim_config import SimConfig, load_sim_config, resolve_paths
 
 Strategy = Literal["fedavg", "fedprox"]
 BASELINES = ("centralised", "local")
@@ -159,10 +159,8 @@ def load_experiment_config(path: str | Path) -> ExperimentConfig:
     folder = path.resolve().parent
     if config.base_file is not None:
         base = load_sim_config(config.base_file)
-    else:  # as load_sim_config does: the feature store defaults to cache/ beside the file
-        sim = config.sim.simulation
-        base = config.sim if sim.features.cache_dir is not None else replace(
-            config.sim, simulation=replace(sim, features=replace(sim.features, cache_dir=folder / "cache")))
+    else:  # as load_sim_config does: weights and the feature store (default cache/) from this file's folder
+        base = resolve_paths(config.sim, folder)
     config = replace(config, base_file=None, base=base,
                      out_dir=config.out_dir or folder / "experiments" / _slug(config.name))
     return check_cells(config, str(path))

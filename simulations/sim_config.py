@@ -189,17 +189,18 @@ class SimConfig:
 
 def parse_sim_config(document: dict, source: str = "<dict>", base_dir: Path | None = None) -> SimConfig:
     """A SimConfig from already-parsed YAML (e.g. an experiment's variant); relative paths from ``base_dir``."""
-    return _resolved(parse_config(SimConfig, document, source, base_dir), base_dir)
+    return resolve_paths(parse_config(SimConfig, document, source, base_dir), base_dir)
 
 
 def load_sim_config(path: str | Path) -> SimConfig:
     """Load and validate sim.yaml; relative paths are taken from its folder (the feature store
     defaults to ``cache/`` there, so every run and experiment of one sim.yaml reuses it)."""
-    return _resolved(load_config(SimConfig, path), Path(path).resolve().parent)
+    return resolve_paths(load_config(SimConfig, path), Path(path).resolve().parent)
 
 
-def _resolved(config: SimConfig, base_dir: Path | None) -> SimConfig:
-    """Backbone weights and the feature store relative to sim.yaml's folder, as site.yaml does."""
+def resolve_paths(config: SimConfig, base_dir: Path | None) -> SimConfig:
+    """Backbone weights and the feature store relative to ``base_dir`` (sim.yaml's folder, or an experiment
+    file's for a simulation written inside it), as site.yaml does."""
     sim = config.simulation
     if base_dir is None:
         return config

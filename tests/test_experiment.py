@@ -47,6 +47,18 @@ def test_grid_expansion_and_names(tmp_path):
     assert (off.privacy.required, off.simulation.site_privacy.enabled, off.strategy.name) == (False, False, "fedavg")
 
 
+def test_an_inline_base_takes_relative_paths_from_the_experiment_files_folder(tmp_path, monkeypatch):
+    """As a sim.yaml of its own would: the trunk weights as well as the feature store (the weights stayed
+    relative to wherever the command ran)."""
+    base = {**BASE, "simulation": {**BASE["simulation"], "features": {"backbone_weights": "weights/trunk.pth"}}}
+    (tmp_path / "study").mkdir()
+    path = _write(tmp_path / "study", {"name": "w", "base": base})
+    monkeypatch.chdir(tmp_path)  # elsewhere than the file
+    features = load_experiment_config(path).sim.simulation.features
+    assert features.backbone_weights == str(tmp_path / "study" / "weights" / "trunk.pth")
+    assert features.cache_dir == tmp_path / "study" / "cache"
+
+
 def test_empty_axes_take_the_base_values(tmp_path):
     base = {**BASE, "simulation": {**BASE["simulation"], "partition": {"scheme": "iid"}}}
     (tmp_path / "sim.yaml").write_text(yaml.safe_dump(base))
