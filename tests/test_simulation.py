@@ -59,6 +59,8 @@ def test_config_errors_name_the_key():
             "class_map": [{"name": "adenoma", "labels": ["T"]}, {"name": "carcinoma", "labels": ["AC"]}]}}})
     with pytest.raises(ConfigError, match="scheme"):
         parse_sim_config({"classes": FEDERATION_CLASSES, "simulation": {"partition": {"scheme": "random"}}})
+    with pytest.raises(ConfigError, match="model.trainable: last_block is not simulated yet"):
+        parse_sim_config({"classes": FEDERATION_CLASSES, "model": {"trainable": "last_block"}})
     config = parse_sim_config({"classes": FEDERATION_CLASSES})
     assert config.secure_aggregation.enabled is False  # simulation default
     assert config.server_config(Path("runs")).classes == tuple(FEDERATION_CLASSES)
