@@ -149,11 +149,11 @@ class SimConfig:
     simulation: SimulationSection = field(default_factory=SimulationSection)
 
     def __post_init__(self) -> None:
-        self.server_config(Path("runs"))  # the server's own cross-field rules
-        sim = self.simulation
         if self.model.trainable == "last_block":  # said here, at load, not after a whole run's training
             raise ValueError("model.trainable: last_block is not simulated yet (the simulation's test cache holds "
                              "tile vectors, not the block's inputs); use it with real sites")
+        self.server_config(Path("runs"))  # the server's own cross-field rules
+        sim = self.simulation
         if self.federation.min_sites > sim.sites:
             raise ValueError(f"federation.min_sites ({self.federation.min_sites}) exceeds simulation.sites "
                              f"({sim.sites}): no round could start")
