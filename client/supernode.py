@@ -30,7 +30,16 @@ from client.egress_log import EGRESS_FILE
 from client.site_config import SiteConfig
 from shared.atomic_files import atomic_write_bytes
 from shared.errors import UserError
-from shared.processes import executable, flower_env, running_pid, start, stop_pid, stop_signals, tail
+from shared.processes import (
+    executable,
+    flower_env,
+    running_pid,
+    start,
+    stop_pid,
+    stop_signals,
+    tail,
+    write_pid,
+)
 
 log = logging.getLogger("fedpath.site")
 
@@ -222,7 +231,7 @@ def start_supernode(config: SiteConfig, site_yaml: Path, insecure: bool, detach:
     pid = running_pid(pid_file)
     if pid is not None and pid != os.getpid():
         raise SiteStartError(f"the SuperNode of {config.name} is already running (pid {pid}, {pid_file})")
-    pid_file.write_text(f"{os.getpid()}\n")
+    write_pid(pid_file, os.getpid())
     try:
         write_superexec_secret(config)
         children = [

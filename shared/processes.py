@@ -61,7 +61,7 @@ def start(command: Sequence[str], log_file: Path, pid_file: Path, env: dict[str,
     with open(log_file, "ab") as log:
         process = subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT, env=env,
                                    start_new_session=True, pass_fds=tuple(pass_fds))
-    pid_file.write_text(f"{process.pid}\n")
+    write_pid(pid_file, process.pid)
     if ready_port is None:
         return process
     deadline = time.monotonic() + ready_timeout
@@ -246,9 +246,36 @@ def tail(path: Path, lines: int = 15) -> str:
 
 
 def _read_pid(pid_file: Path) -> int | None:
+    """The pid ``pid_file`` names, unless another process has that pid now: the file also holds the
+    process's start time (``/proc/PID/stat``), so after a crash or a reboot a reused pid is neither
+    reported as running (refusing a start) nor signalled by a stop."""
     try:
-        return int(pid_file.read_text().strip())
-    except (FileNotFoundError, ValueError):
+        fields = pid_file.read_text().split()
+        pid, started = int(fields[0]), int(fields[1]) if len(fields) > 1 else None
+    except (FileNotFoundError, ValueError, IndexError):
+        return None
+    if started is not None and is_alive(pid):
+        now = start_time(pid)
+        if now is not None and now != started:
+            return None
+    return pid
+
+
+def write_pid(pid_file: Path, pid: int) -> None:
+    """``pid`` and its start time, as ``_read_pid`` checks them."""
+    pid_file.write_text(f"{pid} {start_time(pid) or ''}".rstrip() + "\n")
+
+
+def recorded_pid(pid_file: Path) -> int | None:
+    """The process ``pid_file`` names, if it is still that process (alive or not); None otherwise."""
+    return _read_pid(pid_file)
+
+
+def start_time(pid: int) -> int | None:
+    """When ``pid`` started, in clock ticks since boot (field 22 of ``/proc/PID/stat``); None without it."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
         return None
 
 
@@ -288,5 +315,5 @@ def _signal_group(pid: int, signum: int) -> None:
     except PermissionError:
         try:
             os.kill(pid, signum)
-        except ProcessLookupError:
+        except (ProcessLookupError, PermissionError):  # not ours to signal: another user's process
             pass

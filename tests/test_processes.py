@@ -69,3 +69,30 @@ def test_stopping_a_process_stops_its_descendants_in_sessions_of_their_own(tmp_p
             except ProcessLookupError:
                 pass
         leader.wait(timeout=30)
+
+
+def test_a_pid_file_whose_pid_another_process_has_now_is_neither_running_nor_stopped(tmp_path):
+    """After a crash or a reboot the pid in a pid file may belong to another process (the admin's shell, when
+    fedpath runs as that user or as root): `start` must not refuse for it and `stop` must not kill its group."""
+    from shared.processes import recorded_pid, running_pid, start, stop, write_pid
+
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+    try:
+        pid_file = tmp_path / "superlink.pid"
+        write_pid(pid_file, bystander.pid)
+        assert running_pid(pid_file) == bystander.pid == recorded_pid(pid_file)  # the process it names: running
+        fields = pid_file.read_text().split()
+        pid_file.write_text(f"{fields[0]} {int(fields[1]) - 1}\n")  # the same pid, started at another time
+        assert running_pid(pid_file) is None and recorded_pid(pid_file) is None
+        assert stop(pid_file) is None and is_alive(bystander.pid)  # not signalled; the stale file is removed
+        assert not pid_file.exists()
+        pid_file.write_text(f"{fields[0]} {int(fields[1]) - 1}\n")
+        process = start([sys.executable, "-c", "import time; time.sleep(120)"], tmp_path / "x.log", pid_file, {},
+                        "the SuperLink")  # not refused as "already running"; the bystander's group left alone
+        assert is_alive(bystander.pid) and recorded_pid(pid_file) == process.pid
+        stop(pid_file)
+        pid_file.write_text(f"{bystander.pid}\n")  # a pid file of an older version (no start time): trusted
+        assert running_pid(pid_file) == bystander.pid
+    finally:
+        bystander.kill()
+        bystander.wait(timeout=30)

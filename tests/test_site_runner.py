@@ -43,7 +43,7 @@ from server.run_folder import RunFolder
 from server.superlink import APP_DIR, CONNECTION, StatePaths
 from shared.app_bundle import installed_app_dir, installed_digest, stage_app
 from shared.checkpoints import load_checkpoint
-from shared.processes import descendants, executable, flower_env, kill_leftovers, signal_each
+from shared.processes import descendants, executable, flower_env, kill_leftovers, recorded_pid, signal_each
 from shared.site_keys import keygen
 from simulations.local_consortium import LocalConsortium
 from tests.conftest import copy_hospitals
@@ -59,8 +59,8 @@ def _runner_pid(site_yaml: Path) -> int:
     state = load_site_config(site_yaml).state_dir
     deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
-        supervisor = (state / "supernode.pid").read_text().strip() if (state / "supernode.pid").exists() else ""
-        runners = [pid for pid in (descendants(int(supervisor)) if supervisor else [])
+        supervisor = recorded_pid(state / "supernode.pid")
+        runners = [pid for pid in (descendants(supervisor) if supervisor else [])
                    if b"client.task_runner" in _cmdline(pid)]
         starts = [r for r in _records(state) if r.get("event") == "start"]
         if runners and starts and starts[-1]["pid"] in runners:
@@ -408,7 +408,7 @@ def test_start_runs_supernode_and_runner_as_one_unit_that_stop_ends(tmp_path, ca
     site = _site_without_server(tmp_path / "lonely")
     state = load_site_config(site).state_dir
     assert site_main(["start", "--config", str(site), "--insecure", "--detach"]) == 0
-    supervisor = int((state / "supernode.pid").read_text())
+    supervisor = recorded_pid(state / "supernode.pid")
     members = {pid: _cmdline(pid) for pid in _group(supervisor)}
     try:
         assert "SuperNode and task runner started" in capsys.readouterr().out  # returned once the runner was ready
