@@ -7,6 +7,8 @@ are refused here rather than failing in round 3.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -31,13 +33,28 @@ StrategyName = Literal["fedavg", "fedprox", "median", "trimmed_mean", "krum"]
 LOOPBACK = "127.0.0.1"
 
 
+def host_rule(host: str) -> str | None:
+    """An IP address or a host name (it goes into nginx's ``listen``): nothing that could end the directive."""
+    if host == "":
+        return None
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    if re.fullmatch(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*",
+                    host):
+        return None
+    return "must be an IP address or a host name"
+
+
 @dataclass(frozen=True)
 class SuperLinkConfig:
     """Where the consortium server listens. Two ports: the sites' port (``host:port``) is the
     proxy, which passes only the Fleet API; the SuperLink itself, with its unauthenticated Control
     and Runtime APIs, listens on ``127.0.0.1:loopback_port`` and is reached from this host only."""
 
-    host: str = LOOPBACK  # interface of the sites' port; 0.0.0.0 for hospitals on other machines
+    host: str = check(host_rule, LOOPBACK)  # interface of the sites' port; 0.0.0.0 for hospitals on other machines
     port: int = check(tcp_port, 9092)  # the sites' port: the proxy, Fleet API only
     loopback_port: int | None = check(tcp_port, None)  # the SuperLink on 127.0.0.1 (admin commands); default port + 1
     public_address: str | None = None  # host:port `add-site` tells hospitals to connect to; default host:port

@@ -160,7 +160,7 @@ def _preflight(config: ServerConfig, paths: StatePaths,
     """Refuse before anything starts: a second start, a port taken, a missing or refusing nginx.
     Binds the pull relay's two ports (free ones, chosen by the system) when the relay is on."""
     superlink = config.superlink
-    paths.dir.mkdir(parents=True, exist_ok=True)
+    paths.dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # state.db, logs: the server's user only
     _refuse_second_start(paths)
     for host, port, setting in ((superlink.host, superlink.port, "port"),
                                 (LOOPBACK, superlink.loopback, "loopback_port")):

@@ -103,6 +103,8 @@ def test_settings_are_read(tmp_path):
     (CLASSES + "secure_aggregation:\n  reconstruction_threshold: 0\n",
      "must be 'majority' or a number of sites >= 1"),
     (CLASSES + "secure_aggregation:\n  clipping_range: 0.001\n", "secure_aggregation.clipping_range is so small"),
+    (CLASSES + "superlink:\n  host: '127.0.0.1; listen 80'\n",  # it goes into nginx's listen directive
+     "superlink.host: must be an IP address or a host name"),
     (CLASSES + "federation:\n  max_update_norm: 0\n",
      "federation.max_update_norm: must be a finite number > 0 (got 0)"),
     (CLASSES + "strategy:\n  name: trimmed_mean\n  trim_beta: 0.5\n",
