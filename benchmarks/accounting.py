@@ -140,8 +140,7 @@ def _long_history(rounds: int) -> dict:
         for index in range(rounds):
             ledger.record_round(*training, round_id=f"round-{index}")
             ledger.record_round(*evaluation, round_id=f"round-{index}-evaluation")
-        privacy_ledger._epsilon_cached.cache_clear()  # a new process: nothing memoised
-        privacy_ledger._rdp_per_step.cache_clear()
+        privacy_ledger.clear_accounting_cache()  # a new process: nothing memoised
         start = time.perf_counter()
         epsilon = ledger.record_round(*training, round_id=f"round-{rounds}")
         ledger_s = time.perf_counter() - start

@@ -203,20 +203,10 @@ class PrivacyLedger:
         """ε after the last recorded round, as recorded (no accountant needed: cheap to ask)."""
         return float(self._rounds[-1]["epsilon_after"]) if self._rounds else 0.0
 
-    def projected_epsilon(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
-        """ε the site would have spent after one more round with these settings."""
-        return self._projected([_segment(noise_multiplier, sample_rate, steps)])
-
-    def check_round(
-        self, noise_multiplier: float, sample_rate: float, steps: int, *, round_id: int | str | None = None
-    ) -> None:
-        """Raise before training if the round would exceed the budget (BudgetExceeded) or if
-        ``round_id`` is already recorded (LedgerError), so no data is touched in vain."""
-        self.check_segments([(noise_multiplier, sample_rate, steps)], round_id=round_id)
-
     def check_segments(self, segments: list[Segment], *, round_id: int | str | None = None) -> None:
-        """:meth:`check_round` for several releases at once (an evaluation release and a training
-        round): refused if together they would exceed the federation's budget or the lifetime ε."""
+        """Raise before training if these releases (an evaluation release, a training round) would
+        together take the site past its budget (BudgetExceeded) or the lifetime ε, or if ``round_id``
+        is already recorded (LedgerError), so no data is touched in vain."""
         if round_id is not None:
             self._refuse_duplicate(round_id)
         segments = [_segment(*segment) for segment in segments]
@@ -296,10 +286,6 @@ class PrivacyLedger:
         self._commit({**request, "noise_multiplier": sigma, "evaluation_noise": evaluation_noise,
                       **({"settings": settings} if settings is not None else {})}, self._rounds)
         return plan
-
-    def noise_for_plan(self, sample_rate: float, steps_per_round: int, planned_rounds: int) -> float:
-        """σ of a plan without evaluation releases (see :meth:`plan`)."""
-        return self.plan(sample_rate, steps_per_round, planned_rounds).noise_multiplier
 
     def record_round(self, noise_multiplier: float, sample_rate: float, steps: int, round_id: int | str) -> float:
         """Add a trained round to the file and return the total ε spent.
@@ -591,6 +577,12 @@ def _new_segments(base: list[Segment], history: list[Segment]) -> list[Segment]:
 def _plan_of(plan: dict[str, Any]) -> ReleasePlan:
     return ReleasePlan(plan["noise_multiplier"], plan["sample_rate"], plan["steps_per_round"], plan["planned_rounds"],
                        plan.get("evaluations", 0), plan.get("evaluation_share", 0.0), plan.get("evaluation_noise"))
+
+
+def clear_accounting_cache() -> None:
+    """Forget every ε and Rényi curve this process computed (a benchmark timing a fresh process)."""
+    _epsilon_cached.cache_clear()
+    _rdp_per_step.cache_clear()
 
 
 @functools.lru_cache(maxsize=256)

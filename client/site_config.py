@@ -8,7 +8,7 @@ from typing import Literal
 
 from shared.app_bundle import digest_problem
 from shared.model_config import INCEPTION, ModelConfig, backbone_rule, batch_size_rule, device_rule
-from shared.run_config import PrivacyConfig, TrainingConfig
+from shared.run_config import DISCLOSABLE, PrivacyConfig, TrainingConfig
 from shared.yaml_config import ConfigError, at_least, check, fraction, load_config, positive, tcp_port
 
 
@@ -137,5 +137,3 @@ def load_site_config(path: str | Path) -> SiteConfig:
 
 
 BUILTIN_WEIGHTS = ("random", "imagenet")
-DISCLOSABLE = ("epsilon", "delta", "refused", "would_spend", "budget_epsilon", "noise_multiplier", "train_seconds")
-"""Per-site numbers a hospital may list in `disclose:` (each a plain number in its training reply)."""

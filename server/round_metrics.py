@@ -13,9 +13,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-EVAL_KEYS = ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "auc")
-SITE_KEYS = ("epsilon", "delta", "would_spend", "budget_epsilon", "noise_multiplier", "train_seconds")
-"""Per-site numbers a hospital may disclose (besides its refusal code)."""
+from shared.run_config import DISCLOSABLE
+
+SITE_KEYS = tuple(key for key in DISCLOSABLE if key != "refused")
+"""Per-site numbers a hospital may disclose, besides its refusal code (``SiteRound.refused``)."""
 
 
 @dataclass

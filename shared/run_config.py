@@ -8,6 +8,10 @@ from typing import Literal
 
 from shared.yaml_config import at_least, check, positive
 
+DISCLOSABLE = ("epsilon", "delta", "refused", "would_spend", "budget_epsilon", "noise_multiplier", "train_seconds")
+"""Per-site numbers a hospital may list in `disclose:`, each a plain number beside its masked vector:
+the site's config checks its list against these, the server reads no other."""
+
 
 @dataclass(frozen=True)
 class TrainingConfig:

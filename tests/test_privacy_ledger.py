@@ -73,38 +73,38 @@ def test_alternating_training_and_evaluation_cost_no_more_each_round(tmp_path):
 
 
 @pytest.mark.parametrize("kind, rounds", [("rdp", 20), ("prv", 4)])
-def test_noise_for_plan_spends_the_budget_over_the_planned_rounds(tmp_path, kind, rounds):
+def test_the_plan_spends_the_budget_over_the_planned_rounds(tmp_path, kind, rounds):
     budget = PrivacyBudget(8.0, DELTA, kind)
     path = tmp_path / "ledger.json"
-    sigma = PrivacyLedger(path, budget).noise_for_plan(Q, STEPS, rounds)
+    sigma = PrivacyLedger(path, budget).plan(Q, STEPS, rounds).noise_multiplier
     ledger = PrivacyLedger(path, budget)
-    assert ledger.noise_for_plan(Q, STEPS, rounds) == sigma  # stored, not searched again
+    assert ledger.plan(Q, STEPS, rounds).noise_multiplier == sigma  # stored, not searched again
     for rnd in range(rounds):
-        ledger.check_round(sigma, Q, STEPS, round_id=rnd)
+        ledger.check_segments([(sigma, Q, STEPS)], round_id=rnd)
         epsilon = ledger.record_round(sigma, Q, STEPS, round_id=rnd)
     assert epsilon <= budget.epsilon
     assert epsilon == pytest.approx(budget.epsilon, rel=0.01)
     with pytest.raises(BudgetExceeded):
-        ledger.check_round(sigma, Q, STEPS)
+        ledger.check_segments([(sigma, Q, STEPS)])
     with pytest.raises(LedgerError, match=r"holds the noise plan .* this round asks for"):
-        PrivacyLedger(path, budget).noise_for_plan(Q, STEPS, rounds + 5)
+        PrivacyLedger(path, budget).plan(Q, STEPS, rounds + 5)
 
 
 def test_plan_after_unplanned_rounds_is_refused(tmp_path):
     ledger = PrivacyLedger(tmp_path / "ledger.json", PrivacyBudget(8.0, DELTA))
     ledger.record_round(1.0, Q, STEPS, round_id=1)
     with pytest.raises(LedgerError, match="made without a noise plan"):
-        ledger.noise_for_plan(Q, STEPS, 10)
+        ledger.plan(Q, STEPS, 10)
 
 
 def test_round_beyond_the_budget_is_refused_and_not_recorded(tmp_path):
     path = tmp_path / "ledger.json"
     ledger = PrivacyLedger(path, PrivacyBudget(3.5, DELTA))
     spent = ledger.record_round(1.0, Q, STEPS, round_id=1)
-    would = ledger.projected_epsilon(1.0, Q, STEPS)
-    assert spent < 3.5 < would
     with pytest.raises(BudgetExceeded) as before:
-        ledger.check_round(1.0, Q, STEPS)
+        ledger.check_segments([(1.0, Q, STEPS)])
+    would = before.value.would_spend  # as one accountant that saw both rounds' steps counts it:
+    assert spent < 3.5 < would == pytest.approx(_single_accountant_epsilon("rdp", [(1.0, Q, STEPS)] * 2), rel=1e-6)
     message = str(before.value)
     assert f"spent so far {spent:.4f}" in message and f"would be {would:.4f}" in message
     assert "budget ε=3.5" in message and str(path) in message and "Do not train" in message
@@ -124,7 +124,7 @@ def test_duplicate_round_id_is_refused(tmp_path):
         with pytest.raises(LedgerError, match=r"round .*3.* is already recorded in .*ledger.json.*retry1"):
             PrivacyLedger(path, ledger.budget).record_round(1.0, Q, STEPS, round_id=again)
     with pytest.raises(LedgerError, match="already recorded"):
-        ledger.check_round(1.0, Q, STEPS, round_id=3)
+        ledger.check_segments([(1.0, Q, STEPS)], round_id=3)
     assert path.read_text() == file_before
     assert ledger.record_round(1.0, Q, STEPS, round_id="3-retry1") > 0
 
@@ -207,9 +207,9 @@ def test_invalid_arguments(tmp_path):
         PrivacyBudget(8.0, 0.0)
     ledger = PrivacyLedger(tmp_path / "ledger.json", PrivacyBudget(8.0, DELTA))
     with pytest.raises(ValueError, match="σ = 0 means no privacy"):
-        ledger.check_round(0.0, Q, STEPS)
+        ledger.check_segments([(0.0, Q, STEPS)])
     with pytest.raises(ValueError, match="1 / len"):
-        ledger.projected_epsilon(1.0, 16, STEPS)
+        ledger.check_segments([(1.0, 16, STEPS)])
     with pytest.raises(ValueError, match="steps must be a positive integer"):
         ledger.record_round(1.0, Q, 2.5, round_id=1)
     assert not (tmp_path / "ledger.json").exists()
@@ -239,8 +239,8 @@ def test_training_with_an_attached_engine_records_its_steps(tmp_path):
     sample_rate = 1 / len(loader)
     for rnd in range(3):
         ledger = PrivacyLedger(path, budget)
-        sigma = ledger.noise_for_plan(sample_rate, len(loader), planned_rounds=10)
-        ledger.check_round(sigma, sample_rate, len(loader), round_id=rnd)
+        sigma = ledger.plan(sample_rate, len(loader), planned_rounds=10).noise_multiplier
+        ledger.check_segments([(sigma, sample_rate, len(loader))], round_id=rnd)
         engine = PrivacyEngine(accountant="rdp")
         ledger.attach(engine)
         _train_one_round(engine, sigma, loader)
