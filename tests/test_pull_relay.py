@@ -41,9 +41,7 @@ from server.pull_relay import (
     OBJECT_HOLD_S,
     PUSH_MESSAGES,
     PUSH_OBJECT,
-    PUSHES_PER_SITE,
     Answer,
-    PushGate,
     Wakeup,
     WarmConnections,
     bind_listener,
@@ -53,6 +51,7 @@ from server.pull_relay import (
     object_not_ready,
     relay_command,
 )
+from server.push_gate import PUSHES_PER_SITE, PushGate
 from server.relay_signals import (
     STALE_PUSH_S,
     Announcements,
