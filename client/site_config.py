@@ -9,7 +9,7 @@ from typing import Literal
 from shared.app_bundle import digest_problem
 from shared.model_config import INCEPTION, ModelConfig, backbone_rule, batch_size_rule, device_rule
 from shared.run_config import DISCLOSABLE, PrivacyConfig, TrainingConfig
-from shared.yaml_config import ConfigError, at_least, check, fraction, load_config, positive, tcp_port
+from shared.yaml_config import ConfigError, SettingError, at_least, check, fraction, load_config, positive, tcp_port
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class DataConfig:
         if (self.manifest is None) == (self.tile_folder is None):
             raise ValueError("data: set exactly one of 'manifest' (slides) or 'tile_folder' (tiles)")
         if len(set(self.labels)) != len(self.labels):
-            raise ValueError("data.labels: class names must be unique")
+            raise SettingError("labels", "class names must be unique")
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ class SiteConfig:
     def __post_init__(self) -> None:
         unknown = sorted(set(self.disclose) - set(DISCLOSABLE))
         if unknown:
-            raise ValueError(f"disclose: {unknown} cannot be disclosed; choose from {list(DISCLOSABLE)}")
+            raise SettingError("disclose", f"{unknown} cannot be disclosed; choose from {list(DISCLOSABLE)}")
 
 
 def _first_problem(values, rule) -> str | None:

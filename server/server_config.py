@@ -192,39 +192,43 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
-            raise ValueError(f"classes: need at least two distinct class names, got {list(self.classes)}")
+            raise SettingError("classes", f"need at least two distinct class names, got {list(self.classes)}")
         if self.positive_class is not None and self.positive_class not in self.classes:
-            raise ValueError(f"positive_class '{self.positive_class}' is not one of classes {list(self.classes)}")
+            raise SettingError("positive_class", f"'{self.positive_class}' is not one of classes {list(self.classes)}")
         if self.model.trainable == "last_block" and self.model.trunk_sha256 is None:
-            raise ValueError("model.trainable: last_block needs model.trunk_sha256: the sites' cached block inputs "
-                             "and the global block must come from one trunk")
+            raise SettingError("model.trainable", "last_block needs model.trunk_sha256: the sites' cached block "
+                                                  "inputs and the global block must come from one trunk")
         if self.model.frozen_projection and self.model.trunk_sha256 is None:
-            raise ValueError("model.frozen_projection needs model.trunk_sha256: every site reads the projection from "
-                             "its trunk file, and only a pinned file makes it the same projection everywhere")
+            raise SettingError("model.frozen_projection", "needs model.trunk_sha256: every site reads the projection "
+                                                          "from its trunk file, and only a pinned file makes it the "
+                                                          "same projection everywhere")
         strategy, secagg = self.strategy, self.secure_aggregation
         if secagg.enabled and strategy.name in ("median", "trimmed_mean", "krum"):
-            raise ValueError(f"strategy {strategy.name} needs every site's update, but secure_aggregation shows the "
-                             "server only their sum: use fedavg/fedprox, or set secure_aggregation.enabled: false")
+            raise SettingError("strategy.name", f"{strategy.name} needs every site's update, but secure_aggregation "
+                                                "shows the server only their sum: use fedavg/fedprox, or set "
+                                                "secure_aggregation.enabled: false")
         if secagg.enabled and self.federation.min_sites < 2:
-            raise ValueError("federation.min_sites must be at least 2 with secure_aggregation (a sum of one site's "
-                             "reply is that reply)")
+            raise SettingError("federation.min_sites", "must be at least 2 with secure_aggregation (a sum of one "
+                                                       "site's reply is that reply)")
         threshold = secagg.reconstruction_threshold
         if secagg.enabled and threshold != "majority":
             if threshold < strict_majority(self.federation.min_sites) and not secagg.allow_weak_threshold:
-                raise ValueError(f"secure_aggregation.reconstruction_threshold {threshold} is below a strict majority "
-                                 f"of federation.min_sites ({self.federation.min_sites}): fewer colluding sites could "
-                                 "unmask one site's reply. Use 'majority' (the default); sites refuse weaker rounds "
-                                 "anyway. allow_weak_threshold: true overrides this check (logged every round)")
+                raise SettingError(
+                    "secure_aggregation.reconstruction_threshold",
+                    f"{threshold} is below a strict majority of federation.min_sites ({self.federation.min_sites}): "
+                    "fewer colluding sites could unmask one site's reply. Use 'majority' (the default); sites refuse "
+                    "weaker rounds anyway. allow_weak_threshold: true overrides this check (logged every round)")
             if self.federation.min_sites < threshold:
-                raise ValueError(f"federation.min_sites ({self.federation.min_sites}) is below "
-                                 f"secure_aggregation.reconstruction_threshold ({threshold}): a round with that few "
-                                 "sites could never unmask its sum")
+                raise SettingError("federation.min_sites",
+                                   f"{self.federation.min_sites} is below secure_aggregation.reconstruction_threshold "
+                                   f"({threshold}): a round with that few sites could never unmask its sum")
         if secagg.enabled and secagg.clipping_range < self.federation.max_update_norm / 1e3:
-            raise ValueError("secure_aggregation.clipping_range is so small that most updates allowed by "
-                             "federation.max_update_norm would be refused")
+            raise SettingError("secure_aggregation.clipping_range", "so small that most updates allowed by "
+                                                                    "federation.max_update_norm would be refused")
         if strategy.name == "krum" and self.federation.min_sites < 2 * strategy.krum_malicious + 3:
-            raise ValueError(f"strategy krum with krum_malicious={strategy.krum_malicious} needs federation.min_sites "
-                             f">= {2 * strategy.krum_malicious + 3} (Krum scores each update against n - f - 2 others)")
+            raise SettingError("federation.min_sites",
+                               f"must be >= {2 * strategy.krum_malicious + 3} for strategy krum with krum_malicious="
+                               f"{strategy.krum_malicious} (Krum scores each update against n - f - 2 others)")
 
     def as_dict(self) -> dict:
         return asdict(self)

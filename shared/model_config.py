@@ -13,7 +13,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from shared.yaml_config import between, check
+from shared.yaml_config import SettingError, between, check
 
 INCEPTION = "inception_v3"  # the default backbone, the mission's model
 TIMM_PREFIX = "timm:"  # timm:NAME, a model of the timm package (shared/timm_encoder.py)
@@ -66,7 +66,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.trainable == "last_block" and self.mode != "tiles":
-            raise ValueError("model.trainable: last_block works in mode 'tiles' (a grid sequence is one tile's map)")
+            raise SettingError("trainable", "last_block works in mode 'tiles' (a grid sequence is one tile's map)")
         if self.backbone != INCEPTION:
             used = [name for name, on in (("mode: grid", self.mode == "grid"),
                                           ("trainable: last_block", self.trainable == "last_block"),

@@ -30,7 +30,8 @@ class ConfigError(UserError, ValueError):
 
 class SettingError(ValueError):
     """A cross-field rule (``__post_init__``) broken by one setting: reported at that setting's
-    line rather than its section's. ``key`` is the field's name within the dataclass."""
+    line rather than its section's. ``key`` is the setting's path within the dataclass, dotted for
+    a nested one ("federation.min_sites"); the message follows the key, so it does not repeat it."""
 
     def __init__(self, key: str, message: str) -> None:
         super().__init__(message)
@@ -151,7 +152,7 @@ class _Reader:
         try:
             return cls(**kwargs)
         except SettingError as exc:
-            self.error(path + (exc.key,), str(exc))
+            self.error(path + tuple(exc.key.split(".")), str(exc))
             return None
         except (ValueError, TypeError) as exc:  # cross-field rules in __post_init__
             self.error(path, str(exc))

@@ -150,26 +150,28 @@ class SimConfig:
 
     def __post_init__(self) -> None:
         if self.model.trainable == "last_block":  # said here, at load, not after a whole run's training
-            raise ValueError("model.trainable: last_block is not simulated yet (the simulation's test cache holds "
-                             "tile vectors, not the block's inputs); use it with real sites")
+            raise SettingError("model.trainable", "last_block is not simulated yet (the simulation's test cache "
+                                                  "holds tile vectors, not the block's inputs); use it with real sites")
         self.server_config(Path("runs"))  # the server's own cross-field rules
         sim = self.simulation
         if self.federation.min_sites > sim.sites:
-            raise ValueError(f"federation.min_sites ({self.federation.min_sites}) exceeds simulation.sites "
-                             f"({sim.sites}): no round could start")
+            raise SettingError("federation.min_sites", f"{self.federation.min_sites} exceeds simulation.sites "
+                                                       f"({sim.sites}): no round could start")
         if self.privacy.required and not sim.site_privacy.enabled:
-            raise ValueError("privacy.required is true but simulation.site_privacy.enabled is false: every site "
-                             "would refuse to train; set privacy.required: false to simulate without DP")
+            raise SettingError("privacy.required", "is true but simulation.site_privacy.enabled is false: every "
+                                                   "site would refuse to train; set privacy.required: false to "
+                                                   "simulate without DP")
         if sim.features.backbone != self.model.backbone:
-            raise ValueError(f"simulation.features.backbone ({sim.features.backbone}) and model.backbone "
-                             f"({self.model.backbone}) must name the same trunk: the model reads its vectors")
+            raise SettingError("simulation.features.backbone", f"{sim.features.backbone} and model.backbone "
+                                                               f"({self.model.backbone}) must name the same trunk: "
+                                                               "the model reads its vectors")
         names = [entry.name for entry in sim.data.class_map]
         if names and sorted(names) != sorted(self.classes):
-            raise ValueError(f"simulation.data.class_map must name each of the classes {list(self.classes)} once, "
-                             f"got {names}")
+            raise SettingError("simulation.data.class_map", f"must name each of the classes {list(self.classes)} "
+                                                            f"once, got {names}")
         sources = [label for entry in sim.data.class_map for label in entry.labels]
         if len(set(sources)) != len(sources) or not all(entry.labels for entry in sim.data.class_map):
-            raise ValueError("simulation.data.class_map: each class needs its own, non-empty list of labels")
+            raise SettingError("simulation.data.class_map", "each class needs its own, non-empty list of labels")
 
     def source_labels(self) -> dict[str, tuple[str, ...]]:
         """Model class -> the labels (manifest) or folders (tiles) that make it up, in model order."""

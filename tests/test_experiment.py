@@ -103,7 +103,7 @@ def test_saved_rounds_and_epsilon_spent(tmp_path):
     ({"base": BASE, "grid": {"alpha": [0.5, -1]}}, "grid.alpha: every value must be > 0"),
     ({"base": BASE, "grid": {"seeds": []}}, "grid.seeds: needs at least one value"),
     ({"base": BASE, "grid": {"epsilon": [8, 8]}}, "grid.epsilon: lists a value twice"),
-    ({"base": BASE, "grid": {"sites": [1, 3]}}, "grid cell fedavg_dp-eps8_sites1_seed0: federation.min_sites (2) "
+    ({"base": BASE, "grid": {"sites": [1, 3]}}, "grid cell fedavg_dp-eps8_sites1_seed0: federation.min_sites: 2 "
                                                  "exceeds simulation.sites (1)"),
     ({"base": BASE, "grdi": {}}, "grdi: unknown setting (did you mean 'grid'?)"),
     ({"base": {**BASE, "simulation": {"sites": 0}}}, "base.simulation.sites: must be >= 1"),

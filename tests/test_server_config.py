@@ -85,24 +85,28 @@ def test_settings_are_read(tmp_path):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("classes: [adenoma]\n", "classes: need at least two distinct class names, got ['adenoma']"),
+    ("classes: [adenoma]\n", "server.yaml:1: classes: need at least two distinct class names, got ['adenoma']"),
     ("classes: [adenoma, adenoma]\n", "classes: need at least two distinct class names, got ['adenoma', 'adenoma']"),
     (CLASSES + "positive_class: carcinoma\n",
-     "positive_class 'carcinoma' is not one of classes ['adenoma', 'adenocarcinoma']"),
-    (CLASSES + "model:\n  trainable: last_block\n", "model.trainable: last_block needs model.trunk_sha256"),
+     "server.yaml:2: positive_class: 'carcinoma' is not one of classes ['adenoma', 'adenocarcinoma']"),
+    (CLASSES + "model:\n  trainable: last_block\n",
+     "server.yaml:3: model.trainable: last_block needs model.trunk_sha256"),
     (CLASSES + NO_SECAGG + "strategy:\n  name: krum\n  krum_malicious: 1\nfederation:\n  min_sites: 4\n",
-     "strategy krum with krum_malicious=1 needs federation.min_sites >= 5"),
+     "server.yaml:8: federation.min_sites: must be >= 5 for strategy krum with krum_malicious=1"),
     (CLASSES + NO_SECAGG + "strategy:\n  name: krum\n",
-     "strategy krum with krum_malicious=0 needs federation.min_sites >= 3"),
+     "federation.min_sites: must be >= 3 for strategy krum with krum_malicious=0"),
     (CLASSES + "strategy:\n  name: median\n",
-     "strategy median needs every site's update, but secure_aggregation shows the server only their sum"),
+     "server.yaml:3: strategy.name: median needs every site's update, but secure_aggregation shows the server "
+     "only their sum"),
     (CLASSES + "federation:\n  min_sites: 1\n",
-     "federation.min_sites must be at least 2 with secure_aggregation"),
+     "server.yaml:3: federation.min_sites: must be at least 2 with secure_aggregation"),
     (CLASSES + "federation:\n  min_sites: 4\nsecure_aggregation:\n  reconstruction_threshold: 2\n",
-     "reconstruction_threshold 2 is below a strict majority of federation.min_sites (4)"),
+     "server.yaml:5: secure_aggregation.reconstruction_threshold: 2 is below a strict majority of "
+     "federation.min_sites (4)"),
     (CLASSES + "secure_aggregation:\n  reconstruction_threshold: 0\n",
      "must be 'majority' or a number of sites >= 1"),
-    (CLASSES + "secure_aggregation:\n  clipping_range: 0.001\n", "secure_aggregation.clipping_range is so small"),
+    (CLASSES + "secure_aggregation:\n  clipping_range: 0.001\n",
+     "server.yaml:3: secure_aggregation.clipping_range: so small"),
     (CLASSES + "superlink:\n  host: '127.0.0.1; listen 80'\n",  # it goes into nginx's listen directive
      "superlink.host: must be an IP address or a host name"),
     (CLASSES + "federation:\n  max_update_norm: 0\n",

@@ -47,6 +47,15 @@ def test_missing_required_and_cross_field_rule(tmp_path):
     assert "set exactly one of 'manifest'" in message
 
 
+def test_a_cross_field_rule_names_the_line_of_the_setting_it_is_about(tmp_path):
+    path = write(tmp_path, "name: a\ndata:\n  manifest: m.csv\n  labels: [x, y, x]\ndisclose: [epsilon, loss]\n")
+    message = str(pytest.raises(ConfigError, load_site_config, path).value)
+    assert f"{path}:4: data.labels: class names must be unique" in message
+    path = write(tmp_path, "name: a\ndata: {manifest: m.csv}\ndisclose: [epsilon, loss]\n")
+    message = str(pytest.raises(ConfigError, load_site_config, path).value)
+    assert f"{path}:3: disclose: ['loss'] cannot be disclosed" in message
+
+
 def test_yaml_syntax_error_has_line(tmp_path):
     path = write(tmp_path, "name: a\ndata:\n  manifest: [m.csv\n")
     message = str(pytest.raises(ConfigError, load_site_config, path).value)
