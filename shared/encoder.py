@@ -138,20 +138,24 @@ def read_weights(path: Path) -> dict:
     return state
 
 
-def _load_local(trunk: nn.Module, path: Path) -> None:
-    state = read_weights(path)
-    cleaned = {}
-    for key, value in state.items():
+def load_trunk_state(trunk: nn.Module, path: Path, what: str, ignore: tuple[str, ...] = ()) -> None:
+    """``path``'s weights into ``trunk``, without the wrappers' key prefixes (``WRAPPER_PREFIXES``); keys
+    starting with one of ``ignore`` (a classifier the trunk has not) are left out. WeightsError, naming
+    ``what`` the file should hold, when a key is missing or left over."""
+    state = {}
+    for key, value in read_weights(path).items():
         for prefix in WRAPPER_PREFIXES:
             key = key.removeprefix(prefix)
-        if not key.startswith(_DROPPED_PREFIXES):
-            cleaned[key] = value
-    missing, unexpected = trunk.load_state_dict(cleaned, strict=False)
+        state[key] = value
+    missing, unexpected = trunk.load_state_dict(state, strict=False)
+    unexpected = [key for key in unexpected if not key.startswith(ignore)] if ignore else unexpected
     if missing or unexpected:
-        raise WeightsError(
-            f"{path}: does not hold InceptionV3 trunk weights "
-            f"(missing {len(missing)} keys, e.g. {missing[:3]}; unexpected {len(unexpected)}, e.g. {unexpected[:3]})"
-        )
+        raise WeightsError(f"{path}: does not hold {what} (missing {len(missing)} keys, e.g. {missing[:3]}; "
+                           f"unexpected {len(unexpected)}, e.g. {unexpected[:3]})")
+
+
+def _load_local(trunk: nn.Module, path: Path) -> None:
+    load_trunk_state(trunk, path, "InceptionV3 trunk weights", ignore=_DROPPED_PREFIXES)
 
 
 def build_encoder(backbone: str, weights: str | Path = "random") -> nn.Module:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from shared.encoder import RANDOM_SEED, WRAPPER_PREFIXES, WeightsError, read_weights
+from shared.encoder import RANDOM_SEED, WeightsError, load_trunk_state
 
 
 def _timm():
@@ -78,17 +78,8 @@ class TimmEncoder(nn.Module):
 
 
 def _load(trunk: nn.Module, name: str, path: Path) -> None:
-    state = {}
-    for key, value in read_weights(path).items():
-        for prefix in WRAPPER_PREFIXES:
-            key = key.removeprefix(prefix)
-        state[key] = value
-    missing, unexpected = trunk.load_state_dict(state, strict=False)
-    classifier = trunk.pretrained_cfg.get("classifier") or "head"
-    unexpected = [key for key in unexpected if not key.startswith(f"{classifier}.")]  # its classifier: not the trunk
-    if missing or unexpected:
-        raise WeightsError(f"{path}: does not hold timm {name} weights (missing {len(missing)} keys, e.g. "
-                           f"{missing[:3]}; unexpected {len(unexpected)}, e.g. {unexpected[:3]})")
+    classifier = trunk.pretrained_cfg.get("classifier") or "head"  # its classifier: not the trunk
+    load_trunk_state(trunk, path, f"timm {name} weights", ignore=(f"{classifier}.",))
 
 
 @functools.cache
