@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from client.slides import ReadPlan, SlideError, open_slide, plan_for_slide, read_tile, thumbnail
 from client.sources import Item
 from client.tile_reader import Tiles
 from client.tiling import TileGrid, tile_grid
 from client.tissue import tissue_mask
+from shared.image_tiles import read_image_tile
 
 if TYPE_CHECKING:  # a reader process imports this module: site_config would bring torch with it
     from client.site_config import TilingConfig
@@ -104,13 +104,9 @@ class ImageTiles:
     def __getitem__(self, index: int) -> np.ndarray:
         path = self.files[index]
         try:
-            with Image.open(path) as image:
-                rgb = image.convert("RGB")
-        except (OSError, UnidentifiedImageError) as exc:
-            raise SlideError(path, f"cannot read image tile: {exc}") from None
-        if rgb.size != (self.tile_size, self.tile_size):
-            rgb = rgb.resize((self.tile_size, self.tile_size), Image.BILINEAR)
-        return np.asarray(rgb)
+            return read_image_tile(path, self.tile_size)
+        except ValueError as exc:
+            raise SlideError(path, str(exc)) from None
 
 
 class TimedTiles:

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -34,6 +33,7 @@ from shared.devices import module_device, resolve_device
 from shared.encoder import FEATURE_DIM, PROJECTION_PREFIX, TileEncoder, read_weights, weights_id
 from shared.errors import UserError
 from shared.he_stains import compose, concentrations, stain_matrix
+from shared.image_tiles import read_image_tile
 from shared.metrics import classification_metrics, to_jsonable
 from shared.model import unit_scale
 from shared.model_config import device_rule
@@ -146,13 +146,9 @@ class TileImages(Dataset):
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         path, label = self.tiles[index]
         try:
-            with Image.open(path) as image:
-                rgb = image.convert("RGB")
-        except (OSError, UnidentifiedImageError) as exc:
-            raise PretrainError(f"{path}: cannot read image tile: {exc}") from None
-        if rgb.size != (self.tile_size, self.tile_size):
-            rgb = rgb.resize((self.tile_size, self.tile_size), Image.BILINEAR)
-        tile = np.asarray(rgb)
+            tile = read_image_tile(path, self.tile_size)
+        except ValueError as exc:
+            raise PretrainError(f"{path}: {exc}") from None
         if self.amount is not None:  # seeded per tile and epoch: a resumed run sees the same augmentations
             tile = augment(tile, np.random.default_rng((self.seed, self.epoch, index)), self.amount)
         return tile, label

@@ -14,7 +14,6 @@ pages, and resolutions in pixels per centimeter. JPEG tiles need the ``imagecode
 
 from __future__ import annotations
 
-import ctypes
 import multiprocessing
 import os
 from collections import deque
@@ -28,6 +27,7 @@ import tifffile
 from PIL import Image
 
 from shared.atomic_files import atomic_write
+from shared.memory import keep_freed_memory
 
 MIN_LEVEL_SIZE = 512
 """Reduced levels are added until the long side is at most this many pixels."""
@@ -196,22 +196,7 @@ _WORKER_RENDER: RenderTile | None = None
 def _install(render_tile: RenderTile) -> None:
     global _WORKER_RENDER
     _WORKER_RENDER = render_tile
-    _keep_freed_memory()
-
-
-def _keep_freed_memory() -> None:
-    """Have glibc keep freed blocks for reuse. By default it returns blocks above 128 KB (a tile's
-    float arrays) to the system and faults them in afresh for the next tile: 18 % of the CPU time of
-    a streamed slide (9000 x 8000 px: 19.6 s of CPU against 16.0, 756,000 page faults against
-    42,000, same peak RSS; measured). Only in worker processes: they are ours. Elsewhere than glibc,
-    nothing to do."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
-    libc.mallopt(m_mmap_threshold, 64 << 20)
-    libc.mallopt(m_trim_threshold, 256 << 20)
+    keep_freed_memory()  # worker processes: they are ours
 
 
 def _tile_in_worker(level: int, x: int, y: int, width: int, height: int, tile: int, quality: int) -> bytes:
