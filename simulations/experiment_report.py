@@ -26,7 +26,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from shared.atomic_files import atomic_write, atomic_write_bytes, atomic_write_json
-from shared.metrics import to_jsonable
+from shared.metrics import is_number, to_jsonable
 
 METRICS = ("accuracy", "auc", "sensitivity", "specificity", "balanced_accuracy", "loss", "epsilon")
 """Final test-set metrics of a row, in the order of the CSV and the tables."""
@@ -84,7 +84,7 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def mean_std(values: Iterable[Any]) -> tuple[float, float, int]:
     """Mean and sample standard deviation (0 for one value) of the defined values; nan when none is."""
-    defined = [float(v) for v in values if _number(v)]
+    defined = [float(v) for v in values if is_number(v)]
     if not defined:
         return math.nan, math.nan, 0
     std = float(np.std(defined, ddof=1)) if len(defined) > 1 else 0.0
@@ -173,7 +173,7 @@ def against_figure(rows: list[dict[str, Any]], axis: str, axis_label: str) -> Fi
     references: dict[tuple, list[dict]] = defaultdict(list)
     for row in rows:
         key = _line_key(row, axis)
-        if _number(row.get(axis)):
+        if is_number(row.get(axis)):
             lines[key][float(row[axis])].append(row)
         elif axis == "epsilon_target" and not row.get("dp"):
             references[key].append(row)
@@ -256,13 +256,6 @@ def _plain(value: Any) -> str:
     if value is None:
         return "—"
     return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def _number(value: Any) -> bool:
-    try:
-        return not isinstance(value, bool) and math.isfinite(value)
-    except TypeError:
-        return False
 
 
 def _nan(value: Any) -> bool:

@@ -45,10 +45,9 @@ from scipy import ndimage
 from scipy.special import ndtri
 
 from simulations.tissue_rendering import (
-    LABELS,
     SlideSpec,
     Stain,
-    checked_region,
+    checked_slide,
     gaussian_blur,
     smooth_noise,
     stained,
@@ -508,11 +507,7 @@ class ProceduralSlide:
             cancer_region: ``(x0, y0, x1, y1)`` as fractions of width and height: adenoma outside,
                 adenocarcinoma (always tissue) inside; the label must then be ``"adenocarcinoma"``.
         """
-        if label not in LABELS:
-            raise ValueError(f"label must be one of {LABELS}, got {label!r}")
-        region = checked_region(cancer_region) if cancer_region is not None else None
-        if region is not None and label != "adenocarcinoma":
-            raise ValueError("a slide with a cancer_region must be labelled 'adenocarcinoma'")
+        region = checked_slide(label, cancer_region)
         self.label, self.spec, self.stain = label, spec, stain
         self.layout = tissue_layout(rng, spec.width, spec.height)
         seed = int(rng.integers(0, 2**62))

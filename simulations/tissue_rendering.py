@@ -102,11 +102,7 @@ def render_tissue(label: str, spec: SlideSpec, stain: Stain, rng: np.random.Gene
             an adenoma everywhere but in that rectangle, which holds adenocarcinoma. The label must
             then be ``"adenocarcinoma"``.
     """
-    if label not in LABELS:
-        raise ValueError(f"label must be one of {LABELS}, got {label!r}")
-    region = checked_region(cancer_region) if cancer_region is not None else None
-    if region is not None and label != "adenocarcinoma":
-        raise ValueError("a slide with a cancer_region must be labelled 'adenocarcinoma'")
+    region = checked_slide(label, cancer_region)
     width, height = spec.width, spec.height
     scale = 0.5 / spec.mpp  # structure sizes below are in pixels at 0.5 µm/px
 
@@ -150,6 +146,17 @@ def stained(haematoxylin: np.ndarray, eosin: np.ndarray, stain: Stain) -> np.nda
     strengths = np.array([stain.h_scale, stain.e_scale, 0.0], dtype=np.float32)
     amounts = np.stack([haematoxylin, eosin, np.zeros_like(eosin)], axis=-1)
     return compose(amounts.reshape(-1, 3) * strengths, matrix, (*eosin.shape, 3), stain.background)
+
+
+def checked_slide(label: str, cancer_region: Sequence[float] | None) -> CancerRegion | None:
+    """The slide's cancer region, checked with its label (ValueError saying what is wrong otherwise): a
+    label of ``LABELS``, and a region only on an adenocarcinoma slide."""
+    if label not in LABELS:
+        raise ValueError(f"label must be one of {LABELS}, got {label!r}")
+    region = checked_region(cancer_region) if cancer_region is not None else None
+    if region is not None and label != "adenocarcinoma":
+        raise ValueError("a slide with a cancer_region must be labelled 'adenocarcinoma'")
+    return region
 
 
 def checked_region(region: Sequence[float]) -> CancerRegion:
