@@ -129,7 +129,11 @@ def run(quick: bool, trunk_plan: TrunkPlan | None = None) -> dict:
     goals["fedavg_dp3_sensitivity_specificity"] = {
         "limit": GOAL_DP3_SENS_SPEC, "met": min(results["fedavg_dp3"]["sensitivity"],
                                                 results["fedavg_dp3"]["specificity"]) >= GOAL_DP3_SENS_SPEC}
-    goals["fedavg_std"] = {"limit": GOAL_STD_FEDAVG, "met": results["fedavg"]["accuracy_std"] <= GOAL_STD_FEDAVG}
+    # a spread needs seeds: with one (--quick) there is none to judge, and 0 <= limit would always pass
+    goals["fedavg_std"] = {"limit": GOAL_STD_FEDAVG, "met": None if len(seeds) < 3 else
+                           results["fedavg"]["accuracy_std"] <= GOAL_STD_FEDAVG,
+                           **({"why_not_judged": f"{len(seeds)} seed(s); a spread needs at least 3"}
+                              if len(seeds) < 3 else {})}
     return {"tile_size": trunk.plan.settings.tile_size, "group_size": GROUP_SIZE, "sites": sites, "alpha": 0.5,
             "rounds": rounds, "local_epochs": epochs, "epoch_budget": rounds * epochs, "seeds": list(seeds),
             "settings": DEFAULTS, "test_items": test_items,

@@ -15,7 +15,8 @@ from server.certificates import init_consortium
 from server.cli import main as server_main
 from server.fleet_proxy import FLEET_ROUTE, ProxyError, ProxyFiles, nginx_config, prepare_proxy
 from server.server_config import load_server_config
-from shared.processes import connect_host
+from server.superlink import StatePaths, stop_server
+from shared.processes import connect_host, free_port
 
 
 def _config(tmp_path: Path, **superlink):
@@ -108,13 +109,16 @@ def test_a_config_nginx_refuses_is_a_clear_error(tmp_path, nginx):
 
 def test_start_without_nginx_exits_2_saying_how_to_install_it(tmp_path, monkeypatch, capsys):
     config_path = tmp_path / "server.yaml"
-    config_path.write_text(yaml.safe_dump({"classes": ["a", "b"], "superlink": {"port": 9500}}))
+    config_path.write_text(yaml.safe_dump({"classes": ["a", "b"], "superlink": {"port": free_port()}}))
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     monkeypatch.setattr(fleet_proxy, "SEARCH_PATH", ())
-    assert server_main(["start", "--config", str(config_path), "--insecure"]) == 2
-    error = capsys.readouterr().err
-    assert "nginx is not installed" in error and "apt-get install nginx-light" in error
-    assert not (tmp_path / "state" / "superlink.pid").exists()  # nothing was started
+    try:  # detached: a start that went ahead regardless returns, and is stopped below
+        assert server_main(["start", "--config", str(config_path), "--insecure", "--detach"]) == 2
+        error = capsys.readouterr().err
+        assert "nginx is not installed" in error and "apt-get install nginx-light" in error
+        assert not (tmp_path / "state" / "superlink.pid").exists()  # nothing was started
+    finally:
+        stop_server(StatePaths(load_server_config(config_path)))
 
 
 def test_connect_host_reaches_a_wildcard_bind_on_loopback():

@@ -61,6 +61,9 @@ def test_a_tile_that_changes_nothing_gets_nothing():
     slide = SlideFeatures("s", "p", 0, np.tile(vector, (8, 1)).astype(np.float32))
     explanation = explain_slide(head, slide, length=4)
     np.testing.assert_allclose(explanation.importance, explanation.importance[0], rtol=1e-5)
+    margin = explanation.probabilities[explanation.explained] - 1 / len(explanation.probabilities)
+    assert abs(margin) > 1e-3  # a slide the head does not score at chance: shares that are not all zero
+    assert explanation.importance.sum() == pytest.approx(margin, abs=1e-5)
 
 
 def test_sampled_orders_approximate_the_exact_values(monkeypatch):

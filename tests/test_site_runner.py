@@ -116,10 +116,10 @@ def test_runner_serves_a_secure_run_and_survives_an_exception(consortium):
     sites = consortium.site_yamls
     pids = [_runner_pid(site) for site in sites]
     before = {site: len(_replies(site)) for site in sites}
-    # three sites on one machine: each was given its share of the cores, and its runner's torch uses it
+    # three sites on one machine: each was given its share of the cores, and its runner's torch uses it (the
+    # runner's own report of torch.get_num_threads(), not the setting written for it)
     share = max(1, (os.cpu_count() or 1) // 3)
     for site in sites:
-        assert load_site_config(site).features.threads == share
         assert f", {share} torch thread(s);" in (load_site_config(site).state_dir / "supernode.log").read_text()
     # Site 3's ClientApp reads site.yaml for every message; its runner read it at start. A broken
     # file makes the ClientApp raise in every stage that trains or evaluates.
@@ -201,12 +201,18 @@ def test_a_bundle_with_other_client_code_is_refused_everywhere(consortium, tmp_p
     logs = {site: len((config.state_dir / "supernode.log").read_text())
             for site, config in zip(sites, configs, strict=True)}
     ledgers = _ledgers(configs)
-    caches = [config.features.cache_dir for config in configs]
-    accessed = _age_access_times(caches)
-    monkeypatch.setattr(server.superlink, "APP_DIR", attack)  # FlowerControl.submit runs `flwr run APP_DIR`
-    folder = RunFolder.create(consortium.server_yaml)
-    assert submit_and_follow(consortium.control, folder, timeout=240) != 0
-    assert folder.status().get("state") != "finished"
+    caches = list(dict.fromkeys(config.features.cache_dir for config in configs))
+    # The caches moved away for the attack's run: any read of one (the warm worker's memory looks at the file
+    # first) fails the stage with code 13 instead of the bundle refusal 1012, whatever the file system records.
+    away = [cache.rename(cache.with_name(cache.name + ".away")) for cache in caches]
+    try:
+        monkeypatch.setattr(server.superlink, "APP_DIR", attack)  # FlowerControl.submit runs `flwr run APP_DIR`
+        folder = RunFolder.create(consortium.server_yaml)
+        assert submit_and_follow(consortium.control, folder, timeout=240) != 0
+        assert folder.status().get("state") != "finished"
+    finally:
+        for cache, moved in zip(caches, away, strict=True):
+            moved.rename(cache)
 
     for site, config in zip(sites, configs, strict=True):
         replies = _replies(site)[before[site]:]
@@ -215,9 +221,7 @@ def test_a_bundle_with_other_client_code_is_refused_everywhere(consortium, tmp_p
         assert not (config.state_dir / "ledgers" / f"{folder.federation_id}.json").exists()
         log = (config.state_dir / "supernode.log").read_text()[logs[site]:]
         assert "refused (code 1012)" in log and "running the ClientApp" not in log
-    assert _ledgers(configs) == ledgers  # no ledger written or changed: nothing trained
-    if accessed is not None:  # this file system records reads
-        assert _access_times(caches) == accessed, "a site read its feature cache"
+    assert _ledgers(configs) == ledgers  # no ledger written or changed: nothing trained, no cache read (1012 above)
     wire = [entry for entries in _wire_by_node(folder).values() for entry in entries]
     assert wire and all(entry["error_code"] == 1012 and not entry["error_reason"] for entry in wire)
 
@@ -337,30 +341,6 @@ def test_outsider_with_the_ca_certificate_is_refused_while_sites_train_through_t
 def _ledgers(configs) -> dict[str, tuple[float, bytes]]:
     return {str(p): (p.stat().st_mtime, p.read_bytes()) for config in configs
             for p in sorted((config.state_dir / "ledgers").glob("*.json"))}
-
-
-def _age_access_times(folders: list[Path]) -> dict[str, float] | None:
-    """Set every cache file's access time before its modification time, so a read would move it
-    (relatime); None if this file system does not record reads."""
-    probe = folders[0] / ".atime-probe"
-    probe.write_bytes(b"x")
-    os.utime(probe, (time.time() - 3600, time.time()))
-    before = probe.stat().st_atime
-    probe.read_bytes()
-    recorded = probe.stat().st_atime != before
-    probe.unlink()
-    if not recorded:
-        return None
-    for folder in folders:
-        for path in folder.rglob("*"):
-            if path.is_file():
-                stat = path.stat()
-                os.utime(path, (stat.st_mtime - 3600, stat.st_mtime))
-    return _access_times(folders)
-
-
-def _access_times(folders: list[Path]) -> dict[str, float]:
-    return {str(p): p.stat().st_atime for folder in folders for p in folder.rglob("*") if p.is_file()}
 
 
 def _site_without_server(root: Path) -> Path:
