@@ -56,6 +56,7 @@ class DashboardData:
     def __init__(self, config: ServerConfig, control: FlowerControl | None) -> None:
         self.config, self.control = config, control
         self._sites: tuple[float, dict] | None = None
+        self._refreshing = False
         self._lock = threading.Lock()
 
     def folders(self) -> dict[str, Path]:
@@ -82,31 +83,43 @@ class DashboardData:
 
     def sites(self) -> dict:
         """The sites table, asked from the SuperLink at most every ``SITES_TTL_S`` seconds. Node ids go out as
-        text: they are 64-bit, and JavaScript's numbers keep 53 bits."""
+        text: they are 64-bit, and JavaScript's numbers keep 53 bits. One request asks at a time, outside the
+        lock (a `flwr` call may take up to its 120 s timeout); the others meanwhile get the table of before."""
         with self._lock:
-            if self._sites is not None and time.monotonic() - self._sites[0] < SITES_TTL_S:
-                return self._sites[1]
-            found: dict = {"superlink": {"address": self.config.superlink.loopback_address, "reachable": False,
-                                         "error": None}}
-            try:
-                if self.control is None:
-                    raise FlowerError("not asked (--no-superlink)")
-                rows, removed = site_rows(self.config, self.control)
-                found["superlink"]["reachable"] = True
-                found["removed_keys"] = removed
-                found["sites"] = [{**asdict(row), "node_id": str(row.node_id)} for row in rows]
-            except (FlowerError, RegistryError) as exc:  # the registry alone: who may join, not who is online
-                found["superlink"]["error"] = str(exc)
-                try:
-                    entries = SiteRegistry(StatePaths(self.config).registry).entries()
-                except RegistryError as error:
-                    found["superlink"]["error"] = f"{found['superlink']['error']}; {error}"
-                    entries = {}
-                found["sites"] = [{"name": name, "node_id": str(e["node_id"]), "status": "?",
-                                   "fingerprint": e["fingerprint"], "registered": e["registered"], "flag": ""}
-                                  for name, e in sorted(entries.items())]
-            self._sites = (time.monotonic(), found)
+            cached = self._sites
+            if cached is not None and (time.monotonic() - cached[0] < SITES_TTL_S or self._refreshing):
+                return cached[1]
+            self._refreshing = True
+        try:
+            found = self._ask_sites()
+            with self._lock:
+                self._sites = (time.monotonic(), found)
             return found
+        finally:
+            with self._lock:
+                self._refreshing = False
+
+    def _ask_sites(self) -> dict:
+        found: dict = {"superlink": {"address": self.config.superlink.loopback_address, "reachable": False,
+                                     "error": None}}
+        try:
+            if self.control is None:
+                raise FlowerError("not asked (--no-superlink)")
+            rows, removed = site_rows(self.config, self.control)
+            found["superlink"]["reachable"] = True
+            found["removed_keys"] = removed
+            found["sites"] = [{**asdict(row), "node_id": str(row.node_id)} for row in rows]
+        except (FlowerError, RegistryError) as exc:  # the registry alone: who may join, not who is online
+            found["superlink"]["error"] = str(exc)
+            try:
+                entries = SiteRegistry(StatePaths(self.config).registry).entries()
+            except RegistryError as error:
+                found["superlink"]["error"] = f"{found['superlink']['error']}; {error}"
+                entries = {}
+            found["sites"] = [{"name": name, "node_id": str(e["node_id"]), "status": "?",
+                               "fingerprint": e["fingerprint"], "registered": e["registered"], "flag": ""}
+                              for name, e in sorted(entries.items())]
+        return found
 
     def run(self, name: str) -> dict:
         """One run: its status, every round, ε per site against the budget, refusals, the audit chain.

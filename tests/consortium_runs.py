@@ -18,6 +18,7 @@ from client.private_training import PrivateRound
 from client.sequence_data import PatientSequences, load_split
 from client.site_config import load_site_config
 from server.run_folder import RunFolder
+from server.server_config import SecureAggregationConfig
 from server.site_registry import SiteRegistry
 from server.superlink import StatePaths
 from shared.model import SequenceHead
@@ -89,7 +90,8 @@ def exhaust_budget(site_yaml: Path, federation_id: str, rounds: int) -> None:
     privacy = PrivacyConfig(epsilon=8.0, delta=1e-5, planned_rounds=rounds)
     session = PrivateRound(SequenceHead(2, "rnn", projection=8, hidden=4), PatientSequences(train, 4),
                            TrainingConfig(**TRAINING), privacy, config.state_dir / "ledgers" / f"{federation_id}.json",
-                           evaluations=rounds + 1, evaluation_share=0.25)
+                           evaluations=rounds + 1, evaluation_share=0.25,
+                           settings={"weight_scale": SecureAggregationConfig().max_weight})  # the server's default
     for earlier in range(rounds):
         session.ledger.record_segment(session.plan.training_segment, f"earlier-{earlier}")
     for earlier in range(rounds + 1):

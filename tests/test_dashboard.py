@@ -241,6 +241,39 @@ def test_a_broken_run_folder_or_registry_hides_nothing_else(consortium, tmp_path
     assert overview["sites"] == [] and "not a site registry" in overview["superlink"]["error"]
 
 
+def test_a_slow_superlink_holds_back_no_other_request(consortium, monkeypatch):
+    """A `flwr` call may take up to 120 s: while one request asks, the others get the table of before."""
+    import threading
+
+    import server.dashboard
+    from server.dashboard import DashboardData
+
+    class SlowControl:
+        def __init__(self) -> None:
+            self.release, self.asking, self.calls = threading.Event(), threading.Event(), 0
+
+        def nodes(self) -> list[dict]:
+            self.calls += 1
+            if self.calls > 1:  # the second look: the SuperLink is slow now
+                self.asking.set()
+                assert self.release.wait(60)
+            return [{"node-id": str(10**18), "status": "online", "created-at": "2026-12-05 04:00:00Z"}]
+
+    control = SlowControl()
+    data = DashboardData(load_server_config(consortium[0] / "server.yaml"), control)
+    first = data.sites()
+    monkeypatch.setattr(server.dashboard, "SITES_TTL_S", 0.0)  # every request wants a fresh table
+    asking = threading.Thread(target=data.sites)
+    asking.start()
+    try:
+        assert control.asking.wait(30)
+        assert data.sites() is first  # answered at once, from before, while the other request waits on flwr
+    finally:
+        control.release.set()
+        asking.join(30)
+    assert control.calls == 2 and data.sites() is not first
+
+
 def test_another_address_is_served_over_https_with_the_consortium_certificate_or_not_at_all(consortium):
     import httpx
 
