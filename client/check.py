@@ -57,6 +57,13 @@ class CheckReport:
 
 
 def check_site(config: SiteConfig) -> CheckReport:
+    """`fedpath-site check`: everything wrong with the site's manifest or tile folder, before anything is read
+    at length: every item opened and tiled (a thumbnail, not its pixels), duplicates by content, items
+    without tissue, patients in more than one split, classes without training items (warnings).
+
+    Args:
+        config: the site's site.yaml, loaded.
+    """
     report = CheckReport(config.name)
     items, problems = load_items(config.data)
     report.classes = class_names(config.data, items)

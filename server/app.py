@@ -44,6 +44,13 @@ app = ServerApp()
 
 @app.main()
 def main(grid, context: Context) -> None:
+    """The ServerApp's entry point, run by the SuperLink for a submitted run: the run folder named in the run
+    config (``run-dir``) gets ``running``, then ``finished`` or ``failed`` with the reason, whatever happens.
+
+    Args:
+        grid: Flower's grid (the SuperLink's side of the sites).
+        context: the run's context; its run config names the run folder.
+    """
     folder = RunFolder.open(Path(str(context.run_config[RUN_DIR_KEY])))
     try:
         run_federation(grid, context, folder)
@@ -54,6 +61,15 @@ def main(grid, context: Context) -> None:
 
 
 def run_federation(grid, context: Context, folder: RunFolder) -> None:
+    """The run's rounds from its last checkpoint on (a new run starts from the initial model, round 0), then
+    the exchange that scores the final model: Flower's legacy workflow with the federation strategy, under
+    SecAgg+ when the consortium turns it on.
+
+    Args:
+        grid: Flower's grid.
+        context: the run's context (``reproducible-noise`` for simulations).
+        folder: the run folder: its config, checkpoints, status and audit log.
+    """
     config = folder.config()
     total = config.federation.rounds
     folder.write_status(state="running", message="starting", total_rounds=total)
@@ -114,6 +130,16 @@ def evaluated(config: ServerConfig, round_: int) -> bool:
 
 
 def round_plan(config: ServerConfig, federation_id: str, round_: int, reproducible_noise: bool = False) -> RoundPlan:
+    """What every site is asked in fedpath round ``round_`` of federation ``federation_id`` (the round after the
+    last one, ``rounds + 1``, only scores the final model). The same for every round but its number and whether
+    it trains and scores, so the sites' noise plans, pinned to it, hold for the whole run.
+
+    Args:
+        config: the consortium's server.yaml, loaded.
+        federation_id: the run folder's name (names each site's ledger).
+        round_: fedpath's round number, from 1.
+        reproducible_noise: simulations only: the sites seed their DP noise from the plan's seed.
+    """
     training, secagg, rounds = config.training, config.secure_aggregation, config.federation.rounds
     spare = config.federation.spare_rounds  # the sites' budgets also last this many redone rounds
     return RoundPlan(

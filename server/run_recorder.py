@@ -47,6 +47,16 @@ curves from them."""
 
 
 class RunRecorder:
+    """Everything a run leaves in its folder, written as the rounds close: a checkpoint and model card per
+    round, ``metrics.json``, ``status.json`` and the audit log; and where a resumed run starts (``resume``).
+
+    Args:
+        folder: the run folder.
+        config: the consortium's server.yaml, loaded.
+        names: the model's tensor names, in the wire order.
+        reproducible_noise: recorded in the model cards (a simulation asked for seeded noise).
+    """
+
     def __init__(self, folder: RunFolder, config: ServerConfig, names: list[str],
                  reproducible_noise: bool = False) -> None:
         self.folder, self.config, self.names = folder, config, names

@@ -134,6 +134,14 @@ class SignatureRelay:
 
 
 class DropTolerantSecAggPlus(SecAggPlusWorkflow):
+    """Flower's SecAgg+ workflow as this module's docstring describes: a strict-majority threshold per round,
+    sites lost before sharing dropped from the sampled set, signed statements relayed, the survivors exchange.
+
+    Args:
+        settings: the consortium's ``secure_aggregation`` section.
+        timeout: seconds each stage waits for the sites' replies (``federation.round_timeout``).
+    """
+
     def __init__(self, settings: SecureAggregationConfig, timeout: float) -> None:
         super().__init__(num_shares=1.0, reconstruction_threshold=settings.threshold_for(2),
                          max_weight=float(settings.max_weight), clipping_range=settings.clipping_range,

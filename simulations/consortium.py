@@ -29,9 +29,21 @@ def write_site_config(manifest: Path, tile_size: int, backbone_weights: str = "r
 def make_consortium(out: Path, sites: int, slides_per_site: int, seed: int, size: int | tuple[int, int],
                     tile_size: int, progress: bool = True, backbone_weights: str = "random",
                     privacy: dict | None = None, mpp: float = 0.5, vary_size: bool = True) -> list[Path]:
-    """Generate slides for ``sites`` hospitals and a site.yaml for each (trunk: ``backbone_weights``,
-    ``privacy`` section); returns the site.yaml paths. ``size``: a square side or (width, height) in
-    pixels at level 0, at ``mpp`` µm/px, jittered ±25 % per slide with ``vary_size``."""
+    """Generate slides for ``sites`` hospitals and a site.yaml for each; returns the site.yaml paths.
+
+    Args:
+        out: the folder for the hospitals (one sub-folder each).
+        sites: how many hospitals.
+        slides_per_site: slides per hospital.
+        seed: the only source of randomness: the same seed gives the same slides, byte for byte.
+        size: a square side or (width, height) in pixels at level 0.
+        tile_size: the sites' tile size (site.yaml ``tiling.tile_size``).
+        progress: a progress bar while the slides are written.
+        backbone_weights: the sites' trunk (site.yaml ``features.backbone_weights``).
+        privacy: the sites' ``privacy`` section (None: the defaults).
+        mpp: µm per pixel at level 0.
+        vary_size: jitter each slide's size by ±25 %.
+    """
     width, height = (size, size) if isinstance(size, int) else size
     spec = SlideSpec(width=width, height=height, mpp=mpp)
     manifests = make_site_slides(out, sites, slides_per_site, seed, spec, progress=progress, vary_size=vary_size)

@@ -37,6 +37,17 @@ KILL_WAIT_S = 10.0  # longest wait for SIGKILLed processes to be gone
 
 @dataclass
 class LocalConsortium:
+    """A real consortium on this machine for the demo, tests and benchmarks: CA and certificates, the SuperLink
+    behind its proxy and relay on free 127.0.0.1 ports, and one SuperNode with its task runner per site, each
+    started, stopped and killed by PID. A context manager: leaving it stops everything it started.
+
+    Args:
+        root: where the server's folder goes (server.yaml, certificates, state).
+        site_yamls: the hospitals, prepared (their keys are made and registered here).
+        tls: TLS and node authentication (False: ``--insecure``, for quick local runs).
+        server_settings: sections merged into the generated server.yaml (federation, training, ...).
+    """
+
     root: Path
     site_yamls: list[Path]
     tls: bool = True
