@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-import time
 import warnings
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +24,9 @@ import torch
 from opacus.layers import DPGRU, DPLSTM, DPRNN
 from torch import nn
 
-from client.private_training import train_round
-from client.sequence_data import PatientSequences, SlideFeatures
+from benchmarks._training_speed import sequences_per_second
+from client.sequence_data import SlideFeatures
 from shared.model import SequenceHead
-from shared.run_config import PrivacyConfig, TrainingConfig
 
 SEQ_LEN, BATCH_SIZE = 8, 16
 STOCK = {"rnn": DPRNN, "gru": DPGRU, "lstm": DPLSTM}
@@ -57,12 +54,7 @@ def _median_seq_per_s(kind: str, setting: str, slides: list[SlideFeatures], epoc
     head = SequenceHead(2, kind)
     if setting == "stock":
         head.core = _StockCore(kind, 128)
-    times = [time.perf_counter()]
-    training = TrainingConfig(epochs=epochs, batch_size=BATCH_SIZE)
-    privacy = replace(PrivacyConfig(planned_rounds=1000), enabled=setting != "nondp")
-    train_round(head, PatientSequences(slides, SEQ_LEN), training, privacy, ledger, "1", progress=False,
-                on_epoch=lambda *_: times.append(time.perf_counter()))
-    return len(slides) / float(np.median(np.diff(times[1:]))) if epochs > 1 else len(slides) / (times[1] - times[0])
+    return sequences_per_second(head, slides, SEQ_LEN, epochs, BATCH_SIZE, setting != "nondp", ledger)
 
 
 def run(quick: bool) -> dict:

@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import logging
 import tempfile
-import time
 import warnings
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from client.private_training import train_round
-from client.sequence_data import PatientSequences, SlideFeatures
+from benchmarks._training_speed import sequences_per_second
+from client.sequence_data import SlideFeatures
 from shared.model import ModelConfig, build_trainable
-from shared.run_config import PrivacyConfig, TrainingConfig
 
 SEQ_LEN, BATCH_SIZE = 8, 16
 TIMED_EPOCHS = 3  # after one untimed epoch that includes the set-up
@@ -45,12 +42,7 @@ def _median_seq_per_s(trainable: str, dp: bool, slides: list[SlideFeatures], led
     if trainable == "last_block":
         for weight in model.block.parameters():  # a block of sensible scale; its trained values do not matter
             torch.nn.init.normal_(weight, std=0.01)
-    times = [time.perf_counter()]
-    privacy = replace(PrivacyConfig(planned_rounds=1000), enabled=dp)
-    training = TrainingConfig(epochs=TIMED_EPOCHS + 1, batch_size=BATCH_SIZE)
-    train_round(model, PatientSequences(slides, SEQ_LEN), training, privacy, ledger, "1", progress=False,
-                on_epoch=lambda *_: times.append(time.perf_counter()))
-    return len(slides) / float(np.median(np.diff(times[1:])))  # times[0] -> times[1]: set-up and epoch 1
+    return sequences_per_second(model, slides, SEQ_LEN, TIMED_EPOCHS + 1, BATCH_SIZE, dp, ledger)
 
 
 def run(quick: bool) -> dict:
