@@ -69,6 +69,8 @@ def _allow_plain_rounds_and_disclose_time(sites: list[Path]) -> None:
 # Until 2026-12-04 16:00 it was 30 epochs, and the "14 s" those took was mostly three sites' torch threads
 # spinning on two cores (0.9-1.6 s with one each).
 TRAINED_EPOCHS = 300
+GOAL_SECAGG_RATIO = 1.3  # a SecAgg+ round at most this many times a plain one (issue 15)
+GOAL_OVERHEAD_S = 5.0  # a plain round's time beyond the slowest site's training
 # Three times as long: where the 1.3 goal falls, measured (2026-12-04 it was extrapolated to about 21 s of round).
 LONGER_EPOCHS = 900
 PLOT = Path(__file__).resolve().parent / "results" / "round_overhead.png"
@@ -139,8 +141,8 @@ def run(quick: bool) -> dict:
         # masked vectors as 64-bit integers
         **{f"secagg_{key}": value for key, value in secure.items() if key != "trainable_param_bytes"},
         "secagg_ratio": round(secure["round_s"] / plain["round_s"], 3),
-        "secagg_goal_met": secure["round_s"] / plain["round_s"] <= 1.3,
-        "overhead_goal_met": plain["overhead_s"] <= 5.0,
+        "secagg_goal_met": secure["round_s"] / plain["round_s"] <= GOAL_SECAGG_RATIO,
+        "overhead_goal_met": plain["overhead_s"] <= GOAL_OVERHEAD_S,
         # the ratio by checkpoint times (the file system's clock, not the ServerApp's): a check on the one above
         "secagg_ratio_outside": (round(secure["round_s_outside"] / plain["round_s_outside"], 3)
                                  if secure["round_s_outside"] and plain["round_s_outside"] else None),
@@ -198,13 +200,14 @@ def _plot(by_training: list[dict], path: Path) -> None:
     times, ratios = figure.subplots(1, 2)
     times.plot(x, [pair["plain_round_s"] for pair in by_training], "o-", label="plain FedAvg")
     times.plot(x, [pair["secagg_round_s"] for pair in by_training], "s-", label="SecAgg+")
-    times.plot(x, [1.3 * pair["plain_round_s"] for pair in by_training], ":", color="gray", label="1.3 x plain (goal)")
+    times.plot(x, [GOAL_SECAGG_RATIO * pair["plain_round_s"] for pair in by_training], ":", color="gray",
+               label=f"{GOAL_SECAGG_RATIO} x plain (goal)")
     times.set_ylabel("round, s (mean of the run's rounds)")
     times.legend()
     ratios.plot(x, [pair["secagg_ratio"] for pair in by_training], "s-", color="C1", label="measured")
     ratios.plot(x, [pair["secagg_ratio_equal_training"] for pair in by_training], "x--", color="C2",
                 label="derived: plain arm's training + each arm's overhead")
-    ratios.axhline(1.3, linestyle=":", color="gray", label="goal 1.3")
+    ratios.axhline(GOAL_SECAGG_RATIO, linestyle=":", color="gray", label=f"goal {GOAL_SECAGG_RATIO}")
     ratios.legend(fontsize="small")
     for pair, at in zip(by_training, x, strict=True):
         ratios.annotate(f"{pair['secagg_ratio']:.2f}", (at, pair["secagg_ratio"]), textcoords="offset points",

@@ -171,7 +171,7 @@ def no_text_leaves(msg: Message, context: Context, call_next) -> Message:
         reply = call_next(msg, context)
     except SiteRefusal as refusal:
         log.warning("refused a %s message of run %s: %s", server_label(msg.metadata.message_type), msg.metadata.run_id,
-                    refusal)
+                    log_text(str(refusal)))  # a refusal may quote what the server sent
         return Message(Error(code=REFUSAL_ERROR_BASE + refusal.code), reply_to=msg)
     except Exception as exc:  # noqa: BLE001 - nothing may leave as text; the site's log keeps the traceback
         # The frames are the site's own code; the messages (its own, its causes') may carry what the server

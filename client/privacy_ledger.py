@@ -257,6 +257,10 @@ class PrivacyLedger:
                     f"{self.path}: the federation changed {', '.join(changed)} (planned with {was}, now {now}). "
                     "σ and the plan are fixed for the whole federation once planned; start a new federation.")
             stored = {key: self._plan.get(key, 0 if key == "evaluations" else 0.0) for key in request}
+            if settings is not None and pinned is None and stored == request:
+                # planned before settings were pinned: pinned from now on (until now a changed batch size that
+                # left the rate and steps alone was accepted, and the answer said something about N)
+                self._commit({**self._plan, "settings": settings}, self._rounds)
             if stored != request:
                 raise LedgerError(
                     f"{self.path} holds the noise plan {stored} (σ={self._plan['noise_multiplier']:.6g}), "

@@ -91,7 +91,7 @@ from shared.app_bundle import BundleError, bundle_digest, installed_bundle_info,
 from shared.errors import UserError
 from shared.polling import quarter_step
 from shared.refusals import REFUSAL_ERROR_BASE
-from shared.server_labels import EscapingFormatter, server_label
+from shared.server_labels import EscapingFormatter, log_text, server_label
 
 log = logging.getLogger("fedpath.runner")
 
@@ -160,7 +160,8 @@ class BundleApproval:
             try:
                 digest: str | None = bundle_digest(fab.content)
             except BundleError as error:
-                log.warning("the run's bundle (%d bytes, sha256 %s) cannot be read: %s", len(fab.content), key, error)
+                log.warning("the run's bundle (%d bytes, sha256 %s) cannot be read: %s", len(fab.content), key,
+                            log_text(str(error)))  # it names files the server packed: escaped and cut
                 digest = None
             if len(self._digests) >= self.CACHED:
                 self._digests.pop(next(iter(self._digests)))

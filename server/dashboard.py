@@ -56,7 +56,7 @@ class DashboardData:
     def __init__(self, config: ServerConfig, control: FlowerControl | None) -> None:
         self.config, self.control = config, control
         self._sites: tuple[float, dict] | None = None
-        self._refreshing = False
+        self._asking: object | None = None  # the request asking the SuperLink now, if any
         self._lock = threading.Lock()
 
     def folders(self) -> dict[str, Path]:
@@ -84,12 +84,14 @@ class DashboardData:
     def sites(self) -> dict:
         """The sites table, asked from the SuperLink at most every ``SITES_TTL_S`` seconds. Node ids go out as
         text: they are 64-bit, and JavaScript's numbers keep 53 bits. One request asks at a time, outside the
-        lock (a `flwr` call may take up to its 120 s timeout); the others meanwhile get the table of before."""
+        lock (a `flwr` call may take up to its 120 s timeout); the others meanwhile get the table of before,
+        or, before the first answer, the registry alone."""
         with self._lock:
             cached = self._sites
-            if cached is not None and (time.monotonic() - cached[0] < SITES_TTL_S or self._refreshing):
-                return cached[1]
-            self._refreshing = True
+            fresh = cached is not None and time.monotonic() - cached[0] < SITES_TTL_S
+            if fresh or self._asking is not None:
+                return cached[1] if cached is not None else self._registry_only("asking the SuperLink")
+            token = self._asking = object()
         try:
             found = self._ask_sites()
             with self._lock:
@@ -97,28 +99,30 @@ class DashboardData:
             return found
         finally:
             with self._lock:
-                self._refreshing = False
+                if self._asking is token:
+                    self._asking = None
 
     def _ask_sites(self) -> dict:
-        found: dict = {"superlink": {"address": self.config.superlink.loopback_address, "reachable": False,
-                                     "error": None}}
         try:
             if self.control is None:
                 raise FlowerError("not asked (--no-superlink)")
             rows, removed = site_rows(self.config, self.control)
-            found["superlink"]["reachable"] = True
-            found["removed_keys"] = removed
-            found["sites"] = [{**asdict(row), "node_id": str(row.node_id)} for row in rows]
         except (FlowerError, RegistryError) as exc:  # the registry alone: who may join, not who is online
-            found["superlink"]["error"] = str(exc)
-            try:
-                entries = SiteRegistry(StatePaths(self.config).registry).entries()
-            except RegistryError as error:
-                found["superlink"]["error"] = f"{found['superlink']['error']}; {error}"
-                entries = {}
-            found["sites"] = [{"name": name, "node_id": str(e["node_id"]), "status": "?",
-                               "fingerprint": e["fingerprint"], "registered": e["registered"], "flag": ""}
-                              for name, e in sorted(entries.items())]
+            return self._registry_only(str(exc))
+        return {"superlink": {"address": self.config.superlink.loopback_address, "reachable": True, "error": None},
+                "removed_keys": removed, "sites": [{**asdict(row), "node_id": str(row.node_id)} for row in rows]}
+
+    def _registry_only(self, why: str) -> dict:
+        found: dict = {"superlink": {"address": self.config.superlink.loopback_address, "reachable": False,
+                                     "error": why}}
+        try:
+            entries = SiteRegistry(StatePaths(self.config).registry).entries()
+        except RegistryError as error:
+            found["superlink"]["error"] = f"{why}; {error}"
+            entries = {}
+        found["sites"] = [{"name": name, "node_id": str(e["node_id"]), "status": "?",
+                           "fingerprint": e["fingerprint"], "registered": e["registered"], "flag": ""}
+                          for name, e in sorted(entries.items())]
         return found
 
     def run(self, name: str) -> dict:

@@ -115,6 +115,11 @@ class PushGate:
             self._in_flight[site] = self._in_flight.get(site, 0) + 1
             return True
 
+    def waiting(self, site: str) -> int:
+        """How many of ``site``'s pushes wait now, unread (the relay's log and tests)."""
+        with self._changed:
+            return self._waiting.get(site, 0)
+
     def give_back(self, site: str) -> None:
         with self._changed:
             self._in_flight[site] -= 1

@@ -49,14 +49,14 @@ def remove_site(config: ServerConfig, control: FlowerControl, name: str) -> int:
     In this order: a SuperLink that cannot unregister the key (down, slow, its connection settings
     unreadable) leaves the registry as it was, so the still valid key stays named and the admin can
     run the command again; the other order lost the node id while the key still connected. Flower's
-    own "node N not found" (removed already) counts as done.
+    own "Node ID not found" (code 24: removed already; the request names only this node) counts as done.
     """
     registry = SiteRegistry(StatePaths(config).registry)
     node_id = int(registry.entry(name)["node_id"])
     try:
         control.unregister(node_id)
     except FlowerError as exc:
-        if f"node {node_id} not found" not in str(exc).lower():
+        if "node id not found" not in str(exc).lower():  # Flower's words for this node removed already
             raise FlowerError(f"{name} (node {node_id}) is still registered: the SuperLink did not unregister "
                               f"its key ({exc}); nothing was changed, run remove-site again") from None
     registry.remove(name)

@@ -106,11 +106,14 @@ def config_sha256(document: dict) -> str:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        document = json.loads(path.read_text())
     except FileNotFoundError:
         raise RunFolderError(f"{path}: missing") from None
     except (OSError, ValueError) as exc:
         raise RunFolderError(f"{path}: unreadable ({exc})") from None
+    if not isinstance(document, dict):
+        raise RunFolderError(f"{path}: expected a JSON object, found {type(document).__name__}")
+    return document
 
 
 def _now() -> str:

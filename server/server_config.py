@@ -19,13 +19,13 @@ from shared.refusals import strict_majority
 from shared.round_plan import (
     BATCH_SIZE,
     EPOCHS,
-    ROUNDS,
+    PROXIMAL_MU,
     SEQUENCE_LENGTH,
     WEIGHT_SCALE,
     PrivacyTarget,
     evaluation_bins_rule,
 )
-from shared.yaml_config import ConfigError, SettingError, at_least, check, load_config, positive, tcp_port
+from shared.yaml_config import ConfigError, SettingError, at_least, between, check, load_config, positive, tcp_port
 
 StrategyName = Literal["fedavg", "fedprox", "median", "trimmed_mean", "krum"]
 
@@ -37,13 +37,15 @@ def host_rule(host: str) -> str | None:
     """An IP address or a host name (it goes into nginx's ``listen``): nothing that could end the directive."""
     if host == "":
         return None
+    if "%" in host:
+        return "must not name an IPv6 zone (%): nginx listens on an address"
     try:
         ipaddress.ip_address(host)
         return None
     except ValueError:
         pass
-    if re.fullmatch(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*",
-                    host):
+    label = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    if re.fullmatch(rf"(?=.{{1,253}}$){label}(\.{label})*", host):
         return None
     return "must be an IP address or a host name"
 
@@ -104,7 +106,7 @@ class ServerOptimizerConfig:
 class StrategyConfig:
     name: StrategyName = "fedavg"  # fedavg weights sites by their number of patients
     server_optimizer: ServerOptimizerConfig = field(default_factory=ServerOptimizerConfig)
-    proximal_mu: float = check(at_least(0), 0.01)  # fedprox: pull towards the global model
+    proximal_mu: float = check(PROXIMAL_MU, 0.01)  # fedprox: pull towards the global model
     trim_beta: float = check(lambda b: None if 0 <= b < 0.5 else "must be in [0, 0.5)", 0.2)  # trimmed_mean
     krum_malicious: int = check(at_least(0), 0)  # krum: sites assumed to be malicious
     krum_keep: int = check(at_least(0), 0)  # krum: average the best k (0: pick one, plain Krum)
@@ -141,7 +143,7 @@ class SecureAggregationConfig:
 
 @dataclass(frozen=True)
 class FederationConfig:
-    rounds: int = check(ROUNDS, 5)
+    rounds: int = check(between(1, 99_000), 5)  # plus spare_rounds: within the plan's ROUNDS
     min_sites: int = check(at_least(1), 2)  # a round fails when fewer sites send an update
     fraction: float = check(lambda f: None if 0 < f <= 1 else "must be in (0, 1]", 1.0)  # sites sampled per round
     round_timeout: float = check(positive, 600.0)  # seconds to wait for the sites' replies in each phase
@@ -159,7 +161,7 @@ class FederationConfig:
     # Rounds of every site's privacy budget kept for rounds redone after a server crash. A redone round trains
     # and scores again, so it spends again; a site whose budget was planned for exactly `rounds` refuses it
     # (and every later round). Each spare round raises the noise as one more planned round does.
-    spare_rounds: int = check(at_least(0), 0)
+    spare_rounds: int = check(between(0, 1_000), 0)
 
 
 @dataclass(frozen=True)

@@ -96,5 +96,5 @@ class SiteRegistry:
         return entry
 
     def _write(self, entries: dict[str, dict]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # the state folder: the server's user only
         atomic_write_json(self.path, {"sites": entries})

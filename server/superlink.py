@@ -253,6 +253,7 @@ class FlowerControl:
         self.paths = StatePaths(config)
         # The SuperLink itself, never the sites' port: the proxy passes only the Fleet API.
         address = config.superlink.loopback_address
+        self.paths.dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # as `start` makes it: the server's user only
         self.paths.flwr_home.mkdir(parents=True, exist_ok=True)
         security = "insecure = true" if insecure else f'root-certificates = "{self.paths.certs.ca_cert}"'
         settings = (f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{address}"\n'

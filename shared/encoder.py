@@ -139,9 +139,17 @@ def read_weights(path: Path) -> dict:
 
 
 def load_trunk_state(trunk: nn.Module, path: Path, what: str, ignore: tuple[str, ...] = ()) -> None:
-    """``path``'s weights into ``trunk``, without the wrappers' key prefixes (``WRAPPER_PREFIXES``); keys
-    starting with one of ``ignore`` (a classifier the trunk has not) are left out. WeightsError, naming
-    ``what`` the file should hold, when a key is missing or left over."""
+    """``path``'s weights into ``trunk``, without the wrappers' key prefixes (``WRAPPER_PREFIXES``).
+
+    Args:
+        trunk: the module to load into.
+        path: a PyTorch weights file (a state dict, possibly wrapped).
+        what: what the file should hold, for the error ("InceptionV3 trunk weights").
+        ignore: key prefixes of the file that are not the trunk's (a classifier): neither loaded nor an error.
+
+    Raises:
+        WeightsError: a key of the trunk is missing from the file, or the file holds one the trunk has not.
+    """
     state = {}
     for key, value in read_weights(path).items():
         for prefix in WRAPPER_PREFIXES:

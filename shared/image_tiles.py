@@ -17,6 +17,10 @@ from PIL import Image, UnidentifiedImageError
 def read_image_tile(path: Path, size: int) -> np.ndarray:
     """``path`` as uint8 RGB of ``size`` x ``size`` pixels (bilinear when its size differs).
 
+    Args:
+        path: an image file PIL reads (PNG, JPEG, TIFF).
+        size: the tile side in pixels.
+
     Raises:
         ValueError: the file cannot be read as an image; the message says why (each caller names the file
             in its own error type).

@@ -21,9 +21,10 @@ PLAN_KEY = "fedpath-plan"
 # message at a time, and a plan of 10^12 epochs or a 2^40-bin histogram would hold it or fail only
 # after allocating. server.yaml is checked against the same bounds, so an honest server never meets them.
 EPOCHS = between(1, 1_000)
+PROXIMAL_MU = between(0, 1_000_000)
 BATCH_SIZE = between(1, 1_000_000)
 SEQUENCE_LENGTH = between(1, 100_000)
-ROUNDS = between(1, 100_000)
+ROUNDS = between(1, 100_000)  # server.yaml: rounds up to 100,000 - 1,000, plus spare_rounds up to 1,000
 EVALUATIONS = between(0, 1_000_000)
 WEIGHT_SCALE = between(1, 1_000_000_000)
 
@@ -60,7 +61,7 @@ class RoundPlan:
     epochs: int = check(EPOCHS, 1)
     batch_size: int = check(BATCH_SIZE, 16)
     learning_rate: float = check(positive, 1e-3)
-    proximal_mu: float = check(between(0, 1_000_000), 0.0)  # FedProx; 0 is plain FedAvg local training
+    proximal_mu: float = check(PROXIMAL_MU, 0.0)  # FedProx; 0 is plain FedAvg local training
     seed: int = 0
     privacy: PrivacyTarget = field(default_factory=PrivacyTarget)
     max_update_norm: float = check(positive, 10.0)  # L2 bound of the update a site may send

@@ -31,11 +31,12 @@ class ConfigError(UserError, ValueError):
 class SettingError(ValueError):
     """A cross-field rule (``__post_init__``) broken by one setting: reported at that setting's
     line rather than its section's. ``key`` is the setting's path within the dataclass, dotted for
-    a nested one ("federation.min_sites"); the message follows the key, so it does not repeat it."""
+    a nested one ("federation.min_sites"); ``message`` follows the key, so it does not repeat it.
+    Raised outside a config file (a dataclass built in code), ``str()`` names the key too."""
 
     def __init__(self, key: str, message: str) -> None:
-        super().__init__(message)
-        self.key = key
+        super().__init__(f"{key}: {message}")
+        self.key, self.message = key, message
 
 
 def check(rule: Check, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
@@ -45,7 +46,10 @@ def check(rule: Check, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any
 
 # Small reusable rules.
 def positive(value: float) -> str | None:
-    return None if value > 0 and math.isfinite(value) else "must be a finite number > 0"
+    try:
+        return None if value > 0 and math.isfinite(value) else "must be a finite number > 0"
+    except OverflowError:  # an int too large for a float
+        return "must be a finite number > 0"
 
 
 def fraction(value: float) -> str | None:
@@ -152,7 +156,7 @@ class _Reader:
         try:
             return cls(**kwargs)
         except SettingError as exc:
-            self.error(path + tuple(exc.key.split(".")), str(exc))
+            self.error(path + tuple(exc.key.split(".")), exc.message)
             return None
         except (ValueError, TypeError) as exc:  # cross-field rules in __post_init__
             self.error(path, str(exc))
@@ -198,7 +202,11 @@ class _Reader:
                 return raw
         elif hint is float:
             if isinstance(raw, (int, float)) and not isinstance(raw, bool):
-                return float(raw)
+                try:
+                    return float(raw)
+                except OverflowError:  # an integer of hundreds of digits (JSON and YAML allow them)
+                    self.error(path, f"must be a finite number, got an integer of {len(str(raw))} digits")
+                    return _INVALID
         elif hint is str:
             if isinstance(raw, (str, int, float)) and not isinstance(raw, bool):
                 return str(raw)

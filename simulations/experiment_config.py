@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from shared.yaml_config import ConfigError, SettingError, check, load_config
+from shared.yaml_config import ConfigError, check, load_config
 from simulations.sim_config import SimConfig, load_sim_config, resolve_paths
 
 Strategy = Literal["fedavg", "fedprox"]
@@ -172,9 +172,7 @@ def check_cells(config: ExperimentConfig, source: str) -> ExperimentConfig:
     for cell in config.cells():
         try:
             cell_config(config.sim, cell)
-        except SettingError as exc:  # a cell is no file: its setting by name
-            problems.append(f"{source}: grid cell {cell.name}: {exc.key}: {exc}")
-        except ValueError as exc:
+        except ValueError as exc:  # a SettingError names its setting (a cell is no file, it has no lines)
             problems.append(f"{source}: grid cell {cell.name}: {exc}")
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))

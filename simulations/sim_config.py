@@ -204,8 +204,12 @@ def load_sim_config(path: str | Path) -> SimConfig:
 
 
 def resolve_paths(config: SimConfig, base_dir: Path | None) -> SimConfig:
-    """Backbone weights and the feature store relative to ``base_dir`` (sim.yaml's folder, or an experiment
-    file's for a simulation written inside it), as site.yaml does."""
+    """``config`` with its backbone weights and feature store relative to ``base_dir``, as site.yaml does.
+
+    Args:
+        config: a simulation config as parsed.
+        base_dir: sim.yaml's folder, or an experiment file's for a simulation written inside it (None: as is).
+    """
     sim = config.simulation
     if base_dir is None:
         return config

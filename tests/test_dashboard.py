@@ -90,6 +90,11 @@ def _start(root: Path, host: str = "127.0.0.1") -> tuple[subprocess.Popen, int]:
     return process, port
 
 
+def _port(url: str) -> int:
+    """The port of the dashboard fixture's URL (http://127.0.0.1:PORT/)."""
+    return int(url.rsplit(":", 1)[1].strip("/"))
+
+
 def _stop(process: subprocess.Popen) -> None:
     process.send_signal(signal.SIGTERM)
     try:
@@ -200,7 +205,7 @@ def test_a_run_name_is_never_a_path(dashboard, consortium):
     if not stolen.exists():
         shutil.copytree(folder.path, stolen)
     assert folder.path.parent != root and (stolen / "run.json").is_file()
-    port = int(dashboard.rsplit(":", 1)[1].strip("/"))
+    port = _port(dashboard)
     assert raw_request(port, "GET", f"/api/runs/{folder.path.name}", None) == 200
     for path in ("/api/runs/..", "/api/runs/%2E%2E", "/api/runs/..%2Fstolen", "/api/runs/%2E%2E%2Fstolen",
                  "/api/runs/../stolen", "/api/runs/..%5Cstolen", "/api/runs/nonexistent"):
@@ -216,7 +221,7 @@ def test_a_run_name_is_never_a_path(dashboard, consortium):
 def test_on_loopback_only_a_loopback_host_name_is_answered(dashboard):
     """DNS rebinding: a page the admin opens elsewhere rebinds its own name to 127.0.0.1 and reads the JSON
     routes from the admin's browser, with its own name in the Host header."""
-    port = int(dashboard.rsplit(":", 1)[1].strip("/"))
+    port = _port(dashboard)
     for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example", "localhost.evil.example:1"):
         assert raw_request(port, "GET", "/api/state", None, headers={"Host": host}) == 400, host
     for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost", f"[::1]:{port}"):
@@ -232,17 +237,21 @@ def test_a_broken_run_folder_or_registry_hides_nothing_else(consortium, tmp_path
     shutil.copytree(folder.path, config.results_dir / folder.path.name)
     (config.results_dir / "0-broken").mkdir()
     (config.results_dir / "0-broken" / "run.json").write_text("{}")  # config.json and status.json missing
+    shutil.copytree(folder.path, config.results_dir / "0-not-an-object")
+    (config.results_dir / "0-not-an-object" / "status.json").write_text("[]")  # valid JSON, not a status
     registry = StatePaths(config).registry
     registry.parent.mkdir(parents=True, exist_ok=True)
     registry.write_text("[]")  # a hand edit gone wrong
     overview = DashboardData(config, None).overview()
     states = {run["name"]: run["state"] for run in overview["runs"]}
     assert states[folder.path.name] in ("running", "finished") and states["0-broken"] == "unreadable"
+    assert states["0-not-an-object"] == "unreadable"
     assert overview["sites"] == [] and "not a site registry" in overview["superlink"]["error"]
 
 
 def test_a_slow_superlink_holds_back_no_other_request(consortium, monkeypatch):
-    """A `flwr` call may take up to 120 s: while one request asks, the others get the table of before."""
+    """A `flwr` call may take up to 120 s: while one request asks, the others get the table of before, or before
+    the first answer the registry alone; never a second `flwr` call (each would hold a server thread)."""
     import threading
 
     import server.dashboard
@@ -254,24 +263,32 @@ def test_a_slow_superlink_holds_back_no_other_request(consortium, monkeypatch):
 
         def nodes(self) -> list[dict]:
             self.calls += 1
-            if self.calls > 1:  # the second look: the SuperLink is slow now
-                self.asking.set()
-                assert self.release.wait(60)
+            self.asking.set()
+            assert self.release.wait(60)
             return [{"node-id": str(10**18), "status": "online", "created-at": "2026-12-05 04:00:00Z"}]
+
+    def ask_meanwhile(data: DashboardData, control: SlowControl) -> dict:
+        control.asking.clear()
+        control.release.clear()
+        asking = threading.Thread(target=data.sites)
+        asking.start()
+        try:
+            assert control.asking.wait(30)
+            return data.sites()  # while the other request waits on flwr
+        finally:
+            control.release.set()
+            asking.join(30)
 
     control = SlowControl()
     data = DashboardData(load_server_config(consortium[0] / "server.yaml"), control)
+    placeholder = ask_meanwhile(data, control)
+    assert control.calls == 1 and placeholder["superlink"]["error"] == "asking the SuperLink"
+    assert [row["name"] for row in placeholder["sites"]] == list(SITES)  # the registry, at once
     first = data.sites()
+    assert first["superlink"]["reachable"] and control.calls == 1  # the answer the first request got, cached
     monkeypatch.setattr(server.dashboard, "SITES_TTL_S", 0.0)  # every request wants a fresh table
-    asking = threading.Thread(target=data.sites)
-    asking.start()
-    try:
-        assert control.asking.wait(30)
-        assert data.sites() is first  # answered at once, from before, while the other request waits on flwr
-    finally:
-        control.release.set()
-        asking.join(30)
-    assert control.calls == 2 and data.sites() is not first
+    assert ask_meanwhile(data, control) is first and control.calls == 2  # the table of before, at once
+    assert data.sites() is not first and control.calls == 3
 
 
 def test_another_address_is_served_over_https_with_the_consortium_certificate_or_not_at_all(consortium):

@@ -89,8 +89,10 @@ def test_a_pid_file_whose_pid_another_process_has_now_is_neither_running_nor_sto
         pid_file.write_text(f"{fields[0]} {int(fields[1]) - 1}\n")
         process = start([sys.executable, "-c", "import time; time.sleep(120)"], tmp_path / "x.log", pid_file, {},
                         "the SuperLink")  # not refused as "already running"; the bystander's group left alone
-        assert is_alive(bystander.pid) and recorded_pid(pid_file) == process.pid
-        stop(pid_file)
+        try:
+            assert is_alive(bystander.pid) and recorded_pid(pid_file) == process.pid
+        finally:
+            assert stop(pid_file) == process.pid
         pid_file.write_text(f"{bystander.pid}\n")  # a pid file of an older version (no start time): trusted
         assert running_pid(pid_file) == bystander.pid
     finally:

@@ -1,6 +1,7 @@
 """shared.round_plan (the server's instruction as JSON) and shared.parameters (the wire format)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -61,6 +62,7 @@ def test_plan_defaults_round_trip_and_other_config_keys_are_ignored():
     ({"evaluations": 10**9}, "evaluations: must be between 0 and 1,000,000"),
     ({"weight_scale": 10**12}, "weight_scale: must be between 1 and 1,000,000,000"),
     ({"learning_rate": float("inf")}, "learning_rate: must be a finite number > 0"),
+    ({"learning_rate": 10**400}, "learning_rate: must be a finite number, got an integer of 401 digits"),
     ({"secagg_clipping_range": float("nan")}, "secagg_clipping_range: must be a finite number > 0"),
     ({"secagg_clipping_range": -1.0}, "secagg_clipping_range: must be a finite number > 0"),
     ({"model": ModelConfig(projection=10**7)}, "model.projection: must be between 1 and 65,536"),
@@ -242,3 +244,41 @@ def test_update_problem_names_what_is_wrong():
     assert "update L2 norm 1.225 exceeds the bound 1.2" in update_problem(expected, good, max_norm=1.2)
     assert "largest update value 0.5 is outside secure aggregation's range ±0.25" in update_problem(
         expected, good, max_norm=10.0, value_range=0.25)
+
+
+@pytest.mark.parametrize("extreme", [
+    {},  # the defaults
+    {"federation": {"rounds": 99_000, "spare_rounds": 1_000}, "training": {"epochs": 1_000, "batch_size": 1_000_000,
+                                                                          "sequence_length": 100_000},
+     "strategy": {"name": "fedprox", "proximal_mu": 1_000_000}, "secure_aggregation": {"max_weight": 10**9},
+     "model": {"projection": 65_536, "hidden": 65_536}},
+])
+def test_every_plan_a_valid_server_yaml_makes_is_one_the_sites_accept(tmp_path, extreme):
+    """The server's bounds and the sites' are one: a plan built from any server.yaml that loads (here its largest
+    values and the defaults, and the examples in configs/) parses at the site, in its first and last exchange."""
+    import yaml
+
+    from server.app import round_plan
+    from server.server_config import load_server_config
+
+    path = tmp_path / "server.yaml"
+    path.write_text(yaml.safe_dump({"classes": ["a", "b"], **extreme}))
+    examples = sorted((Path(__file__).resolve().parents[1] / "configs").glob("server*.yaml"))
+    assert examples
+    for config in [load_server_config(path), *map(load_server_config, examples)]:
+        for round_ in (1, config.federation.rounds + 1):
+            plan = round_plan(config, "20260101-000000", round_)
+            assert RoundPlan.from_config(plan.to_config()) == plan
+
+
+def test_a_server_yaml_beyond_the_sites_bounds_is_refused_when_it_loads(tmp_path):
+    from server.server_config import load_server_config
+
+    path = tmp_path / "server.yaml"
+    for text, said in (("federation: {rounds: 99000, spare_rounds: 1001}", "federation.spare_rounds: must be between"),
+                       ("federation: {rounds: 99001}", "federation.rounds: must be between 1 and 99,000"),
+                       ("strategy: {name: fedprox, proximal_mu: 2000000}", "strategy.proximal_mu: must be between"),
+                       ("strategy: {name: fedprox, proximal_mu: .inf}", "strategy.proximal_mu: must be between")):
+        path.write_text(f"classes: [a, b]\n{text}\n")
+        with pytest.raises(ConfigError, match=said):
+            load_server_config(path)

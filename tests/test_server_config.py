@@ -147,7 +147,7 @@ def test_krum_with_enough_sites_is_accepted(tmp_path):
 
 def test_all_problems_are_reported_at_once(tmp_path):
     message = _refused(tmp_path, CLASSES + "superlink:\n  port: 0\nfederation:\n  rounds: 0\n")
-    assert "superlink.port" in message and "federation.rounds: must be between 1 and 100,000 (got 0)" in message
+    assert "superlink.port" in message and "federation.rounds: must be between 1 and 99,000 (got 0)" in message
 
 
 def test_missing_file_is_refused(tmp_path):
@@ -206,7 +206,7 @@ def test_round_plan_carries_the_config(tmp_path):
     plans = [round_plan(spare, "f", r) for r in (1, 4, 5)]
     assert [(p.planned_rounds, p.evaluations, p.train, p.evaluate) for p in plans] == [
         (5, 6, True, True), (5, 6, True, True), (5, 6, False, True)]
-    with pytest.raises(ConfigError, match=r"server.yaml:3: federation.spare_rounds: must be >= 0"):
+    with pytest.raises(ConfigError, match=r"server.yaml:3: federation.spare_rounds: must be between 0 and 1,000"):
         _load(tmp_path, CLASSES + "federation:\n  spare_rounds: -1\n")
 
 

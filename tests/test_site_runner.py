@@ -43,7 +43,7 @@ from server.run_folder import RunFolder
 from server.superlink import APP_DIR, CONNECTION, StatePaths
 from shared.app_bundle import installed_app_dir, installed_digest, stage_app
 from shared.checkpoints import load_checkpoint
-from shared.processes import descendants, executable, flower_env, kill_leftovers, recorded_pid, signal_each
+from shared.processes import descendants, executable, flower_env, recorded_pid, signal_each
 from shared.site_keys import keygen
 from simulations.local_consortium import LocalConsortium
 from tests.conftest import copy_hospitals
@@ -204,14 +204,16 @@ def test_a_bundle_with_other_client_code_is_refused_everywhere(consortium, tmp_p
     caches = list(dict.fromkeys(config.features.cache_dir for config in configs))
     # The caches moved away for the attack's run: any read of one (the warm worker's memory looks at the file
     # first) fails the stage with code 13 instead of the bundle refusal 1012, whatever the file system records.
-    away = [cache.rename(cache.with_name(cache.name + ".away")) for cache in caches]
+    away: list[tuple[Path, Path]] = []
     try:
+        for cache in caches:
+            away.append((cache, cache.rename(cache.with_name(cache.name + ".away"))))
         monkeypatch.setattr(server.superlink, "APP_DIR", attack)  # FlowerControl.submit runs `flwr run APP_DIR`
         folder = RunFolder.create(consortium.server_yaml)
         assert submit_and_follow(consortium.control, folder, timeout=240) != 0
         assert folder.status().get("state") != "finished"
     finally:
-        for cache, moved in zip(caches, away, strict=True):
+        for cache, moved in away:
             moved.rename(cache)
 
     for site, config in zip(sites, configs, strict=True):
@@ -343,6 +345,11 @@ def _ledgers(configs) -> dict[str, tuple[float, bytes]]:
             for p in sorted((config.state_dir / "ledgers").glob("*.json"))}
 
 
+def _same_process(pid: int, cmdline: bytes) -> bool:
+    """Whether ``pid`` still runs the command it ran when the test recorded it (not a pid used again since)."""
+    return bool(cmdline) and _cmdline(pid) == cmdline
+
+
 def _site_without_server(root: Path) -> Path:
     """A site pointed at a SuperLink that is not there: its SuperNode serves the Runtime API while it
     keeps retrying the connection, which is all the start and stop need."""
@@ -388,16 +395,18 @@ def test_start_runs_supernode_and_runner_as_one_unit_that_stop_ends(tmp_path, ca
     site = _site_without_server(tmp_path / "lonely")
     state = load_site_config(site).state_dir
     assert site_main(["start", "--config", str(site), "--insecure", "--detach"]) == 0
-    supervisor = recorded_pid(state / "supernode.pid")
-    members = {pid: _cmdline(pid) for pid in _group(supervisor)}
+    members: dict[int, bytes] = {}
     try:
+        supervisor = recorded_pid(state / "supernode.pid")
+        members = {pid: _cmdline(pid) for pid in _group(supervisor)}
         assert "SuperNode and task runner started" in capsys.readouterr().out  # returned once the runner was ready
         assert any(b"flower-supernode" in c and b"--isolation\x00process" in c for c in members.values()), members
         assert any(b"client.task_runner" in c for c in members.values()), members
         assert (state / "superexec.secret").stat().st_mode & 0o777 == 0o600
         assert site_main(["stop", "--config", str(site)]) == 0
         assert _all_gone(list(members)), "a process of the site outlived `fedpath-site stop`"
-    finally:
-        signal_each(list(members), signal.SIGTERM)  # a failed check above leaves no site running
-        kill_leftovers(list(members))
+    finally:  # a failed check above leaves no site running (and signals no pid once they are all gone)
+        if not _all_gone(list(members), timeout=0):
+            site_main(["stop", "--config", str(site)])
+            signal_each([pid for pid in members if _same_process(pid, members[pid])], signal.SIGKILL)
 

@@ -97,14 +97,15 @@ def test_remove_site_cuts_the_key_off_at_the_superlink_before_it_leaves_the_regi
     assert remove_site(config, control, "hospital-a") == 11
     assert control.unregistered == [11] and set(registry.entries()) == {"hospital-b"}
     # removed at the SuperLink already (an earlier try whose registry write failed): Flower's "not found" is done
-    control = UnregisteringControl("`flwr supernode` failed: Node 12 not found for flwr_aid=sys_noauth.")
+    # Flower's own words (the public message of ApiErrorCode.NODE_NOT_FOUND, as `flwr` prints it: no node id)
+    control = UnregisteringControl("`flwr supernode` failed: [code: 24] Node ID not found for account.")
     assert remove_site(config, control, "hospital-b") == 12 and registry.entries() == {}
 
 
 @pytest.mark.parametrize("error", [
     "`flwr supernode unregister` did not answer within 120 s",
     "`flwr supernode` failed: SuperLink connection 'fedpath' not found in the Flower configuration file",
-    "`flwr supernode` failed: Node 99 not found for flwr_aid=sys_noauth.",  # another node's words
+    "`flwr supernode` failed: [code: 3] Invalid node id.",
 ])
 def test_a_key_the_superlink_did_not_unregister_stays_in_the_registry(tmp_path, error):
     """The key still connects: its name and node id stay, and the admin is told to run the command again."""
