@@ -277,10 +277,15 @@ def test_the_settings_a_plan_was_made_under_are_pinned_whatever_the_derived_rate
         with pytest.raises(LedgerError, match=r"changed batch_size \(planned with \{'batch_size': 16\}"):
             PrivacyLedger(path, budget).plan(1 / moved, moved, 4, settings={"batch_size": 20, "epochs": 1})
         assert PrivacyLedger(path, budget).plan(1 / batches, batches, 4, settings={"batch_size": 16, "epochs": 1})
-    # a ledger planned before settings were pinned keeps working on its derived values alone
+    # a ledger planned before settings were pinned: its next matching round pins them, and from then on a changed
+    # setting is refused whatever the derived values say
     old = tmp_path / "old.json"
     PrivacyLedger(old, budget).plan(Q, STEPS, 4)
     assert "settings" not in json.loads(old.read_text())["plan"]
-    assert PrivacyLedger(old, budget).plan(Q, STEPS, 4, settings={"batch_size": 16})
-    with pytest.raises(LedgerError, match="holds the noise plan"):
+    with pytest.raises(LedgerError, match="holds the noise plan"):  # a derived change: refused as before, nothing pinned
         PrivacyLedger(old, budget).plan(Q, STEPS + 1, 4, settings={"batch_size": 16})
+    assert "settings" not in json.loads(old.read_text())["plan"]
+    assert PrivacyLedger(old, budget).plan(Q, STEPS, 4, settings={"batch_size": 16})
+    assert json.loads(old.read_text())["plan"]["settings"] == {"batch_size": 16}
+    with pytest.raises(LedgerError, match=r"changed batch_size"):
+        PrivacyLedger(old, budget).plan(Q, STEPS, 4, settings={"batch_size": 20})
