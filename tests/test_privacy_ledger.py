@@ -282,7 +282,7 @@ def test_the_settings_a_plan_was_made_under_are_pinned_whatever_the_derived_rate
     old = tmp_path / "old.json"
     PrivacyLedger(old, budget).plan(Q, STEPS, 4)
     assert "settings" not in json.loads(old.read_text())["plan"]
-    with pytest.raises(LedgerError, match="holds the noise plan"):  # a derived change: refused as before, nothing pinned
+    with pytest.raises(LedgerError, match="holds the noise plan"):  # a derived change: refused, nothing pinned
         PrivacyLedger(old, budget).plan(Q, STEPS + 1, 4, settings={"batch_size": 16})
     assert "settings" not in json.loads(old.read_text())["plan"]
     assert PrivacyLedger(old, budget).plan(Q, STEPS, 4, settings={"batch_size": 16})
