@@ -12,7 +12,9 @@ The rules (each a small table below, so they are easy to read and to adjust):
 (b) metric values are plain numbers (int or float, no lists, no booleans), under keys from the
     site's ``disclose:`` list plus Flower's legacy bookkeeping keys the protocol needs
     (``BOOKKEEPING_METRICS``); Flower's legacy ClientApp puts the metrics dict into a *config*
-    record (``LEGACY_METRIC_CARRIERS``), which is held to the same rule;
+    record (``LEGACY_METRIC_CARRIERS``), which is held to the same rule; a training reply's plaintext
+    weight (``num_examples``) is the plan's constant S, the same for every site (``plan_weight``): a
+    patient count there would leave unmasked;
 (c) array records are empty when the site requires secure aggregation (under SecAgg+ Flower's
     mod clears them and sends the masked vector as bytes in a config record);
 (d) config records only as the SecAgg+ protocol produces them in the stage being answered
@@ -28,6 +30,7 @@ like any other change to what leaves a hospital.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +39,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from client.secure_round import is_survivors_request
 from shared import signed_secagg
+from shared.round_plan import PLAN_KEY
 
 # --- (a) strings -----------------------------------------------------------------------------
 ALLOWED_STATUS_TEXTS = frozenset({"Success"})
@@ -52,6 +56,9 @@ BOOKKEEPING_METRICS: dict[str, frozenset[str]] = {
     "evaluateres.loss": frozenset({"loss"}),
 }
 """Metric record name -> keys Flower's legacy protocol needs there besides the disclosed ones."""
+
+TRAINING_WEIGHT = "fitres.num_examples"
+"""Where a training reply carries its plaintext weight: the plan's S (``RoundPlan.weight_scale``)."""
 
 LEGACY_METRIC_CARRIERS = frozenset({"fitres.metrics", "evaluateres.metrics"})
 """Config records in which Flower's legacy replies carry the ClientApp's metrics dict (a config
@@ -118,13 +125,15 @@ class EgressPolicy:
         """The policy of a ``SiteConfig``."""
         return cls(frozenset(config.disclose), config.federation.require_secure_aggregation)
 
-    def check(self, reply: Message, stage: str | None) -> Violation | None:
+    def check(self, reply: Message, stage: str | None, weight: int | None = None) -> Violation | None:
         """The first violation in ``reply``, or None if it may leave.
 
         Args:
             reply: the message about to leave.
             stage: the SecAgg+ stage of the message it answers (None outside SecAgg+): only
                 that stage's keys may appear in the SecAgg+ record.
+            weight: the plaintext weight S of the plan the message carried (``plan_weight``; None: no
+                plan, nothing to compare with).
         """
         if reply.has_error():
             return self._check_error(reply)
@@ -138,6 +147,9 @@ class EgressPolicy:
         for name, record in content.metric_records.items():
             if problem := self._check_metrics(f"metrics:{name}", record, BOOKKEEPING_METRICS.get(name, frozenset())):
                 return problem
+            if name == TRAINING_WEIGHT and weight is not None and record.get("num_examples") != weight:
+                return Violation("b", f"metrics:{name}/num_examples", "a plaintext weight other than the plan's "
+                                 "constant S: a site's patient count leaves only inside the masked vector")
         for name, record in content.config_records.items():
             where = f"configs:{name}"
             if name in LEGACY_METRIC_CARRIERS:
@@ -226,6 +238,19 @@ def value_kind(value: Any) -> str:
         kinds = {value_kind(item) for item in value}
         return f"list[{kinds.pop() if len(kinds) == 1 else 'mixed' if kinds else ''}]"
     return type(value).__name__
+
+
+def plan_weight(message: Message) -> int | None:
+    """The plaintext weight S of the round plan an incoming training message carries (Flower's legacy
+    ``fitins.config`` record), or None without a readable one. Read before the ClientApp runs."""
+    if message.has_error() or not message.has_content():
+        return None
+    config = message.content.config_records.get("fitins.config")
+    try:
+        weight = json.loads(str(config[PLAN_KEY])).get("weight_scale") if config is not None else None
+    except (KeyError, ValueError, AttributeError):
+        return None
+    return weight if isinstance(weight, int) and not isinstance(weight, bool) else None
 
 
 def secagg_stage(message: Message) -> str | None:

@@ -84,7 +84,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
 from client.egress_log import ERROR, REFUSED, SENT, WITHHELD, EgressLog, describe_reply
-from client.egress_policy import EgressPolicy, Violation, secagg_stage
+from client.egress_policy import EgressPolicy, Violation, plan_weight, secagg_stage
 from client.site_config import SiteConfig, load_site_config
 from client.supernode import read_superexec_secret, runtime_address
 from shared.app_bundle import BundleError, bundle_digest, installed_bundle_info, normalise_digest
@@ -210,6 +210,7 @@ class TaskRunner:
         stage, bundle = None, None
         try:
             stage = secagg_stage(message)  # before the ClientApp runs: Flower's SecAgg+ mod pops it
+            weight = plan_weight(message)
             bundle = self.approval.digest(fab)
             what = _what(message, stage)
             if not self.approval.allows(bundle):
@@ -221,7 +222,7 @@ class TaskRunner:
             reply = self.app(message=message, context=context)
             if not isinstance(reply, Message) or reply.metadata.reply_to_message_id != message.metadata.message_id:
                 raise TypeError(f"the ClientApp returned {type(reply).__name__}, not a reply to the message")
-            violation = self.policy.check(reply, stage)
+            violation = self.policy.check(reply, stage, weight)
             if violation is not None:
                 log.error("%s: the ClientApp's reply failed the egress policy and was withheld (code %d): %s",
                           what, POLICY_FAILED, violation)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
-from shared.model import ModelConfig
+from shared.model_config import ModelConfig
 from shared.refusals import InvalidFederationId, federation_id_problem
 from shared.server_labels import server_label
 from shared.yaml_config import at_least, between, check, parse_config, positive

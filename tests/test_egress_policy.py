@@ -7,7 +7,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
 
-from client.egress_policy import SECAGG_REPLY_KEYS, EgressPolicy, secagg_stage, value_kind
+from client.egress_policy import SECAGG_REPLY_KEYS, EgressPolicy, plan_weight, secagg_stage, value_kind
 from tests.flower_messages import evaluate_reply, fit_reply, secagg_reply, server_message
 
 STRICT = EgressPolicy(disclose=frozenset({"epsilon", "refused"}), require_secure_aggregation=True)
@@ -21,8 +21,9 @@ STAGE_VALUES = {
 }
 
 
-def _found(policy: EgressPolicy, reply: Message, stage: str | None = None) -> tuple[str, str] | None:
-    violation = policy.check(reply, stage)
+def _found(policy: EgressPolicy, reply: Message, stage: str | None = None,
+           weight: int | None = None) -> tuple[str, str] | None:
+    violation = policy.check(reply, stage, weight)
     return None if violation is None else (violation.rule, violation.field)
 
 
@@ -70,6 +71,30 @@ def test_b_only_disclosed_keys_and_flowers_bookkeeping():
     extra = {"counts": MetricRecord({"num_examples": 3})}
     assert _found(STRICT, fit_reply(message, {"epsilon": 1.0}, extra=extra)) == ("b", "metrics:counts/num_examples")
     assert _found(STRICT, fit_reply(message, {"epsilon": 1.0}, extra={"mine": MetricRecord({"epsilon": 1.0})})) is None
+
+
+def test_b_the_plaintext_weight_is_the_plans_constant_s():
+    """A regression that put the site's patient count where Flower's protocol carries the plaintext weight would
+    send it unmasked beside the masked vector: the weight must be the plan's S, the same for every site."""
+    from shared.round_plan import RoundPlan
+
+    plan = RoundPlan(federation_id="fed-1", classes=("a", "b"), weight_scale=50)
+    message = server_message(RecordDict({"fitins.config": ConfigRecord(plan.to_config())}),
+                             stage=Stage.COLLECT_MASKED_VECTORS)
+    weight = plan_weight(message)
+    assert weight == 50
+    values = STAGE_VALUES[Stage.COLLECT_MASKED_VECTORS]
+    sent = secagg_reply(message, values, fit_reply(message, {"epsilon": 1.0}, examples=50))
+    assert _found(STRICT, sent, Stage.COLLECT_MASKED_VECTORS, weight) is None
+    leaked = secagg_reply(message, values, fit_reply(message, {"epsilon": 1.0}, examples=12))  # 12 patients
+    assert _found(STRICT, leaked, Stage.COLLECT_MASKED_VECTORS, weight) == ("b", "metrics:fitres.num_examples/"
+                                                                            "num_examples")
+    assert _found(PLAIN, fit_reply(server_message(), {"epsilon": 1.0}, examples=12, arrays=True), None, 50) == (
+        "b", "metrics:fitres.num_examples/num_examples")  # plain rounds too
+    # no readable plan: nothing to compare with (the ClientApp refuses such a message anyway)
+    for content in (RecordDict(), RecordDict({"fitins.config": ConfigRecord({"fedpath-plan": "{"})}),
+                    RecordDict({"fitins.config": ConfigRecord({"fedpath-plan": '{"weight_scale": true}'})})):
+        assert plan_weight(server_message(content)) is None
 
 
 def test_b_metrics_are_plain_numbers():

@@ -152,6 +152,19 @@ def test_a_reply_that_fails_the_policy_is_withheld(tmp_path, installed_fab, capl
     assert "rule (a) at configs:evaluateres.metrics/slide" in caplog.text and "S-17" not in caplog.text
 
 
+def test_a_reply_whose_plaintext_weight_is_not_the_plans_s_is_withheld(tmp_path, installed_fab):
+    """The runner reads the plan's S from the message before the ClientApp runs and holds the reply to it."""
+    from shared.round_plan import RoundPlan
+
+    plan = RoundPlan(federation_id="fed-1", classes=("a", "b"), weight_scale=50).to_config()
+    message = server_message(RecordDict({"fitins.config": ConfigRecord(plan)}), message_type="evaluate")
+    for examples, outcome in ((12, WITHHELD), (50, SENT)):  # a patient count there, then the plan's S
+        app = ToyClientApp(reply=lambda m, n=examples: fit_reply(m, {"epsilon": 1.0}, examples=n))
+        answer = _runner(tmp_path / str(examples), app, installed_fab).answer(message, site_context(), installed_fab)
+        assert answer.outcome == outcome, examples
+    assert answer.reply.content.metric_records["fitres.num_examples"]["num_examples"] == 50
+
+
 def test_a_reply_to_another_message_is_an_error(tmp_path, installed_fab):
     other = server_message(RecordDict({"x": ConfigRecord({"a": 1})}), message_type="evaluate", round_=9)
     other.metadata.__dict__["_message_id"] = "not-the-one"  # as the SuperNode numbers messages
