@@ -376,6 +376,7 @@ class _StandIn(http.server.ThreadingHTTPServer):
     """Answers pull-messages with "no message" until ``messages_after`` asks, then with one."""
 
     daemon_threads = True
+    request_queue_size = 64  # the relay opens a connection per held pull: 20 at once overflowed socketserver's 5
 
     def __init__(self, messages_after: int, first_message: bool = False) -> None:
         super().__init__(("127.0.0.1", 0), _StandInHandler)
