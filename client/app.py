@@ -45,6 +45,7 @@ from client.secure_round import (
     secure_stage,
     training_for_a_masked_sum,
 )
+from shared.cli import LOG_DATEFMT, LOG_FORMAT
 from shared.errors import UserError
 from shared.refusals import REFUSAL_ERROR_BASE, UNDISCLOSED_SIT_OUT, InvalidFederationId, refusal_text
 from shared.server_labels import exception_text, log_text, server_label
@@ -57,7 +58,7 @@ SIMULATED_NODE_ID_FILE = "node-id"
 SIMULATION_TRAVEL_KEY = "simulation-travel"
 """Run config key of a ``data: travel`` simulation: the Ray namespace holding its virtual hospitals."""
 
-logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, datefmt=LOG_DATEFMT)
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request otherwise
 log = logging.getLogger("fedpath.site")
 

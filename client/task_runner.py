@@ -88,6 +88,7 @@ from client.egress_policy import EgressPolicy, Violation, plan_weight, secagg_st
 from client.site_config import SiteConfig, load_site_config
 from client.supernode import read_superexec_secret, runtime_address
 from shared.app_bundle import BundleError, bundle_digest, installed_bundle_info, normalise_digest
+from shared.cli import LOG_DATEFMT, LOG_FORMAT
 from shared.errors import UserError
 from shared.polling import quarter_step
 from shared.refusals import REFUSAL_ERROR_BASE
@@ -531,7 +532,7 @@ def build_runner(config: SiteConfig, secret: bytes | None) -> TaskRunner:
 def configure_site_log() -> None:
     """The runner's log (the SuperNode's log file): INFO and up, exceptions escaped (``EscapingFormatter``)."""
     logging.basicConfig(level=logging.INFO)
-    formatter = EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    formatter = EscapingFormatter(LOG_FORMAT, datefmt=LOG_DATEFMT)
     for handler in logging.getLogger().handlers:  # Flower sets its own logger to DEBUG: keep the site log readable
         handler.setLevel(logging.INFO)
         handler.setFormatter(formatter)

@@ -82,19 +82,22 @@ class SiteRegistry:
         self._write(entries)
 
     def entry(self, name: str) -> dict:
-        entries = self.entries()
-        if name not in entries:
-            known = ", ".join(sorted(entries)) or "none"
-            raise RegistryError(f"no registered site named '{name}' (registered: {known})")
-        return entries[name]
+        return _named(self.entries(), name)
 
     def remove(self, name: str) -> dict:
-        entry = self.entry(name)
         entries = self.entries()
-        entries.pop(name)
+        entry = _named(entries, name)
+        del entries[name]
         self._write(entries)
         return entry
 
     def _write(self, entries: dict[str, dict]) -> None:
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # the state folder: the server's user only
         atomic_write_json(self.path, {"sites": entries})
+
+
+def _named(entries: dict[str, dict], name: str) -> dict:
+    if name not in entries:
+        known = ", ".join(sorted(entries)) or "none"
+        raise RegistryError(f"no registered site named '{name}' (registered: {known})")
+    return entries[name]

@@ -10,13 +10,15 @@ from typing import Callable, Sequence
 from shared.errors import UserError
 
 Handler = Callable[[argparse.Namespace], int]
+LOG_FORMAT, LOG_DATEFMT = "%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"
+"""Every fedpath process's log lines (the commands, the site's task runner and ClientApp)."""
 
 
 def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, call the chosen sub-command's handler, map user errors to exit code 2."""
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+                        format=LOG_FORMAT, datefmt=LOG_DATEFMT)
     handler: Handler | None = getattr(args, "handler", None)
     if handler is None:
         parser.print_help()
