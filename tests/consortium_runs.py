@@ -48,22 +48,23 @@ def site_log_size(site_yaml: Path) -> int:
     return log_file.stat().st_size if log_file.exists() else 0
 
 
-def wait_for_site_log(site_yaml: Path, text: str, timeout: float = RUN_TIMEOUT, since: int = 0) -> None:
+def wait_for_site_log(site_yaml: Path, text: str, timeout: float = RUN_TIMEOUT, since: int = 0) -> int:
     """Return as soon as the site's log (``state/supernode.log``), after its first ``since`` bytes, holds
-    ``text``, e.g. its task runner's "round 2 train/collect_masked_vectors: running the ClientApp". Looked
-    for every 0.05 s, reading only what was added. A kill triggered by it must land before the runner hands
-    its reply to the SuperNode, the moment the stage's work ends: the stage must take longer than the look
-    and the kill (tests/test_federation_integration.py: KILL_WINDOW_EPOCHS)."""
+    ``text``, e.g. its task runner's "round 2 train/share_keys: running the ClientApp"; the value is the
+    offset just after the text, so that a next wait (``since=``) looks only at what the site logged later.
+    Looked for every 0.05 s, reading only what was added."""
     log_file = load_site_config(site_yaml).state_dir / "supernode.log"
+    wanted = text.encode()
     deadline, offset = time.monotonic() + timeout, since
     while time.monotonic() < deadline:
         if log_file.exists():
             with log_file.open("rb") as handle:
-                handle.seek(max(since, offset - len(text.encode())))  # a line split between two looks
-                added = handle.read().decode(errors="replace")
-                offset = handle.tell()
-            if text in added:
-                return
+                start = max(since, offset - len(wanted))  # a line split between two looks
+                handle.seek(start)
+                added = handle.read()
+                offset = start + len(added)
+            if (found := added.find(wanted)) >= 0:
+                return start + found + len(wanted)
         time.sleep(0.05)
     pytest.fail(f"{site_yaml.parent.name}'s log did not say {text!r} within {timeout} s; its last lines:\n"
                 f"{tail(log_file, 30)}")

@@ -1,9 +1,9 @@
 """A site dies on a real consortium on 127.0.0.1: SuperLink and SuperNodes as processes, TLS with
 generated certificates, generated slides read through OpenSlide, Opacus DP at every site.
 
-The site dies after key sharing: its SuperNode and task runner are killed the moment its runner starts
-round 2's collect_masked_vectors stage (its own log says so), so the server holds its key shares and
-must remove its pairwise masks from the sum with the survivors' shares (SecAgg+'s dropout recovery).
+The site dies after key sharing: its SuperNode and task runner are killed the moment its SuperNode says it
+has pushed round 2's share_keys reply (its own log says so), so the server holds its key shares and must
+remove its pairwise masks from the sum with the survivors' shares (SecAgg+'s dropout recovery).
 The site comes back while the run goes on (refused at first: the SuperLink still holds its old
 session for up to a minute), and trains in the next run. The test starts its processes through
 ``LocalConsortium`` (free ports, pid files) and stops every one of them, by PID, when it ends; every
@@ -42,12 +42,14 @@ pytestmark = pytest.mark.slow(seconds=480)  # in CI, three processes on two core
 # The SuperLink keeps a node online until 60 s after its last heartbeat (sent about every 24 s): a restarted
 # site is refused until then, and its supervisor retries every 10 s at most meanwhile.
 REJOIN_S = 180
-COLLECT = "collect_masked_vectors"
-# The kill must land while the site trains for its masked vector: its runner hands the reply to its SuperNode
-# (and writes it to the egress log as sent) the moment training ends. One epoch on two patients took a few
-# milliseconds on an idle fast machine, less than noticing the log line and killing (tens of ms): the reply
-# was handed over, though never pushed. 50 epochs took under a second there (more under load, as the kill does),
-# at a learning rate 50 times smaller: the update stays within federation.max_update_norm.
+# The kill must land before the site hands its masked vector to its SuperNode (its runner writes the reply to
+# the egress log as sent then). Until 2026-12-05 it was triggered by the runner's "running the ClientApp" for
+# the collect stage, so the window was the training alone, and one epoch on two patients took a few
+# milliseconds, less than noticing the log line and killing. Now it is triggered by the SuperNode's "Sent
+# successfully" after the share_keys reply: the window also holds the other sites' share_keys replies, the
+# server's next push and the SuperNode's next pull (0.5 s or more), and the training of 50 epochs (under a
+# second on an idle fast machine), at a learning rate 50 times smaller (the update stays within
+# federation.max_update_norm).
 KILL_WINDOW_EPOCHS = 50
 
 
@@ -67,8 +69,10 @@ def test_site_killed_during_secure_aggregation_and_rejoins(prepared_hospitals, t
         folder = RunFolder.create(consortium.server_yaml)
         submit_and_follow(consortium.control, folder, follow=False)
         assert wait_for_model(folder, 1)["sites_this_round"] == ["site-1", "site-2", "site-3"]
-        # a hospital machine dies in round 2 after key sharing, while it trains for its masked vector
-        wait_for_site_log(sites[1], f"round 2 train/{COLLECT}: running the ClientApp")
+        # a hospital machine dies in round 2 right after its key shares reached the SuperLink (Flower's SuperNode
+        # logs "Sent successfully" once a reply's objects are pushed), before its masked vector
+        shares = wait_for_site_log(sites[1], "round 2 train/share_keys: running the ClientApp")
+        wait_for_site_log(sites[1], "Sent successfully", since=shares)
         consortium.kill_site(1)
         logged = site_log_size(sites[1])
         consortium.start_site(1)  # and comes back (same key, same node id)
