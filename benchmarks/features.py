@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -47,8 +48,10 @@ def _fedpath(encoder: TileEncoder, tiles: torch.Tensor, batch_size: int) -> floa
     return len(tiles) / (time.perf_counter() - start)
 
 
-def _cache_rerun(folder: Path, slides: int) -> dict:
-    config = load_site_config(make_consortium(folder, 1, slides, seed=1, size=2048, tile_size=299, progress=False)[0])
+def _cache_rerun(folder: Path, slides: int, device: str) -> dict:
+    [site_yaml] = make_consortium(folder, 1, slides, seed=1, size=2048, tile_size=299, progress=False)
+    config = load_site_config(site_yaml)
+    config = replace(config, features=replace(config.features, device=device))  # the benchmark's, not the site's auto
     first = prepare_site(config, progress=False)
     second = prepare_site(config, progress=False)
     assert second.new_tiles == 0, "second prepare recomputed tiles"
@@ -72,7 +75,7 @@ def run(quick: bool, device: str = "cpu") -> dict:
     baseline = _torchvision(plain, tiles, batch_size, where)
     ours = _fedpath(tuned, tiles, batch_size)
     with tempfile.TemporaryDirectory() as tmp:
-        cache = _cache_rerun(Path(tmp), slides)
+        cache = _cache_rerun(Path(tmp), slides, str(where))
     return {"device": str(where), "tile_size": 299, "tiles": n_tiles, "batch_size": batch_size,
             "threads": torch.get_num_threads(),
             "baseline": "torchvision InceptionV3, NCHW float32, no_grad, same batch",
