@@ -26,7 +26,13 @@ import numpy as np
 import torch
 
 from client.feature_cache import CacheError, FeatureCache
-from client.privacy_ledger import BudgetExceeded, LedgerError, LifetimeBudgetExceeded, PrivacyLedger
+from client.privacy_ledger import (
+    EVALUATION_SUFFIX,
+    BudgetExceeded,
+    LedgerError,
+    LifetimeBudgetExceeded,
+    PrivacyLedger,
+)
 from client.sequence_data import PatientSequences, SlideFeatures, load_split, predict_slides
 from client.site_config import SiteConfig
 from client.site_rounds import keep_reply, record_round
@@ -133,7 +139,7 @@ def fit(config: SiteConfig, plan: RoundPlan, received: list[np.ndarray], noise_s
             if val:
                 exact = _evaluate(head, val, plan, layout)
                 record["val"] = exact.pop("local")
-                counts = session.release(exact["counts"].vector(), layout.sensitivity, f"{round_id}-evaluation")
+                counts = session.release(exact["counts"].vector(), layout.sensitivity, f"{round_id}{EVALUATION_SUFFIX}")
             if plan.train:
                 result = session.train(round_id, progress=False, proximal_mu=plan.proximal_mu)
                 update = subtract(list(model_arrays(head).values()), received)

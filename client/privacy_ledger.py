@@ -65,6 +65,8 @@ ACCOUNTANTS = ("rdp", "prv")
 """Opacus accountants by name (Opacus' own ``mechanism()`` names, for ``create_accountant``)."""
 KINDS = ("training", "evaluation")
 """What a recorded segment was: DP-SGD steps, or one evaluation release (Gaussian mechanism)."""
+EVALUATION_SUFFIX = "-evaluation"
+"""A round's evaluation release is recorded as ``round-N-evaluation``, before its training ``round-N``."""
 BUDGET_SLACK = 1e-6
 """A round may spend up to ε·(1 + BUDGET_SLACK): float noise must not refuse the last planned round."""
 PLAN_TOLERANCE = 1e-3
@@ -437,11 +439,12 @@ class PrivacyLedger:
         return epsilon
 
     def unused_round_id(self, round_id: str) -> str:
-        """``round_id``, or ``round_id-retryN`` when a crashed attempt already recorded it:
-        a retried round trains again, so it spends privacy again under its own id."""
+        """``round_id``, or ``round_id-retryN`` when a crashed attempt already recorded it or its
+        evaluation release (``round_id-evaluation``, recorded before the training): a retried round
+        trains again, so it spends privacy again under its own id."""
         recorded = {str(entry["round_id"]) for entry in self._rounds}
         candidate, attempt = round_id, 0
-        while candidate in recorded:
+        while candidate in recorded or f"{candidate}{EVALUATION_SUFFIX}" in recorded:
             attempt += 1
             candidate = f"{round_id}-retry{attempt}"
         return candidate

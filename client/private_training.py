@@ -67,6 +67,12 @@ def private_generator(device: torch.device | str = "cpu", seed: int | None = Non
     return generator
 
 
+def release_dtype(device: torch.device) -> torch.dtype:
+    """float64 noise for the released numbers, float32 on Apple's GPU (MPS has no float64): the
+    noise's scale is a handful of counts, far above float32's resolution either way."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 class PrivateRound:
     """One round of private work at a site: planned noise, optional evaluation release, training.
 
@@ -130,8 +136,9 @@ class PrivateRound:
             return values
         if self.plan.evaluation_noise is None:
             raise ValueError("this round's plan has no evaluation releases (evaluations=0)")
+        device = self.generator.device
         noise = torch.normal(0.0, self.plan.evaluation_noise * sensitivity, size=values.shape,
-                             generator=self.generator, device=self.generator.device, dtype=torch.float64)
+                             generator=self.generator, device=device, dtype=release_dtype(device))
         self.ledger.record_segment(self.plan.evaluation_segment, release_id, kind="evaluation")
         return values + noise.cpu().numpy()
 

@@ -55,6 +55,7 @@ def evaluate(head, slides, classes, length: int, positive_class: str | None) -> 
 
 def train_local(config: SiteConfig, progress: bool = True) -> LocalRun:
     """Train on this site alone; returns the run folder and what was written there."""
+    device = resolve_device(config.features.device)  # a GPU named but absent is said before any file is read
     backbone = check_pinned(config.features.backbone_weights, config.model.trunk_sha256, config.features.backbone)
     cache = FeatureCache(config.features.cache_dir)
     index = cache.read_index()
@@ -71,7 +72,7 @@ def train_local(config: SiteConfig, progress: bool = True) -> LocalRun:
     use_threads(config.features.threads)
     torch.manual_seed(config.training.seed)
     head = build_trainable(config.model, len(classes), config.features.backbone_weights,
-                           trunk=config.features.backbone_weights).to(resolve_device(config.features.device))
+                           trunk=config.features.backbone_weights).to(device)
     dataset = PatientSequences(train, config.sequences.length, config.training.seed)
     history: list[dict] = []
 

@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from client.cli import main
@@ -184,6 +185,26 @@ def test_a_last_block_checkpoint_runs_its_own_block(trained, tmp_path):
     assert doc["features"] == "computed"  # the cached vectors never went through a fine-tuned block
     evaluated = predict_slides(trained["head"], [trained["slides"][1]], LENGTH)[0]
     assert doc["probabilities"]["adenocarcinoma"] == pytest.approx(float(evaluated[1]), abs=1e-3)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_a_gpu_the_site_names_but_lacks_is_refused_before_any_slide_or_folder(trained, tmp_path, capsys):
+    site = tmp_path / "site.yaml"
+    document = yaml.safe_load(trained["site"].read_text())
+    document["features"] = {**document.get("features", {}), "device": "cuda:0"}
+    document["data"]["manifest"] = str(trained["root"] / "manifest.csv")  # the same prepared slides and cache
+    site.write_text(yaml.safe_dump(document))
+    config = load_site_config(site)
+    runs = config.training.out_dir
+    before = sorted(runs.iterdir()) if runs.exists() else []
+    code = main(["predict", "--model", str(trained["checkpoint"]), "--out", str(tmp_path / "out"), "--config",
+                 str(site), "--no-progress", str(trained["query"])])
+    assert code == 2
+    assert "features.device: cuda:0, but torch sees no CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert main(["train-local", "--config", str(site), "--no-progress"]) == 2
+    assert "features.device: cuda:0, but torch sees no CUDA GPU" in capsys.readouterr().err
+    assert (sorted(runs.iterdir()) if runs.exists() else []) == before  # no run folder begun
 
 
 def test_heatmap_tints_only_the_tiles():

@@ -129,6 +129,19 @@ def test_duplicate_round_id_is_refused(tmp_path):
     assert ledger.record_round(1.0, Q, STEPS, round_id="3-retry1") > 0
 
 
+def test_a_round_that_died_after_its_evaluation_release_is_retried_under_its_own_id(tmp_path):
+    """A round records its evaluation release before its training; a crash between the two must not make
+    the retry reuse the id, whose evaluation release is taken (that refused every retry: refusal 2)."""
+    ledger = PrivacyLedger(tmp_path / "ledger.json", PrivacyBudget(50.0, DELTA))
+    ledger.record_round(3.0, 1.0, 1, round_id="round-1-evaluation")  # then the site died
+    again = PrivacyLedger(tmp_path / "ledger.json", ledger.budget)
+    assert again.unused_round_id("round-1") == "round-1-retry1"
+    again.record_round(3.0, 1.0, 1, round_id="round-1-retry1-evaluation")
+    again.record_round(1.0, Q, STEPS, round_id="round-1-retry1")
+    assert again.unused_round_id("round-1") == "round-1-retry2"
+    assert again.unused_round_id("round-2") == "round-2"
+
+
 def test_file_is_valid_json_after_every_record_and_no_temporaries_remain(tmp_path):
     path = tmp_path / "sub" / "ledger.json"
     ledger = PrivacyLedger(path, PrivacyBudget(50.0, DELTA))
