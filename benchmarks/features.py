@@ -10,6 +10,7 @@ second `prepare` of the same generated site against the first. ``--device cuda``
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 import time
 from dataclasses import replace
@@ -23,6 +24,9 @@ from client.site_config import load_site_config
 from shared.devices import resolve_device
 from shared.encoder import TileEncoder
 from simulations.consortium import make_consortium
+
+REPEATS = 3
+"""Passes of each extractor over the same tiles, alternating; the figures are their medians."""
 
 
 def _synchronize(device: torch.device) -> None:
@@ -72,12 +76,21 @@ def run(quick: bool, device: str = "cpu") -> dict:
     tuned = load_encoder("random", device=where)
     _torchvision(plain, tiles[:batch_size], batch_size, where)  # warm-up both paths
     _fedpath(tuned, tiles[:batch_size], batch_size)
-    baseline = _torchvision(plain, tiles, batch_size, where)
-    ours = _fedpath(tuned, tiles, batch_size)
+    # Alternating repetitions, compared by their medians: one pass of each, one after the other, read the
+    # machine's drift as a difference (0.66 and 2.16 in two runs ten minutes apart beside other work).
+    baselines, ours = [], []
+    for _ in range(REPEATS):
+        baselines.append(_torchvision(plain, tiles, batch_size, where))
+        ours.append(_fedpath(tuned, tiles, batch_size))
+    baseline, fedpath = statistics.median(baselines), statistics.median(ours)
     with tempfile.TemporaryDirectory() as tmp:
         cache = _cache_rerun(Path(tmp), slides, str(where))
     return {"device": str(where), "tile_size": 299, "tiles": n_tiles, "batch_size": batch_size,
             "threads": torch.get_num_threads(),
             "baseline": "torchvision InceptionV3, NCHW float32, no_grad, same batch",
-            "torchvision_tiles_per_s": round(baseline, 2), "fedpath_tiles_per_s": round(ours, 2),
-            "speedup": round(ours / baseline, 3), **cache}
+            "repeats": REPEATS, "torchvision_tiles_per_s_each": [round(r, 2) for r in baselines],
+            "fedpath_tiles_per_s_each": [round(r, 2) for r in ours],
+            "torchvision_tiles_per_s": round(baseline, 2), "fedpath_tiles_per_s": round(fedpath, 2),
+            "speedup": round(fedpath / baseline, 3), "speedup_each": [round(f / b, 3) for f, b in zip(ours, baselines,
+                                                                                                    strict=True)],
+            **cache}
