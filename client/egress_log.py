@@ -13,7 +13,9 @@ of the app bundle of the run, and the reply's structure: every record and key; a
 shape and byte size; numbers in metric records (and in Flower's legacy metrics records) as their
 values, since these are the values the site discloses; bytes as their length and sha256 (never
 the masked contents); lists as length and element type; booleans (a SecAgg+ setup's offer of
-evaluation counts) as their values; an error reply's code. Nothing else of the reply is written.
+evaluation counts) as their values; an error reply's code. Nothing else of the reply is written. A
+reply that carried a training update also names its federation (``trained``): the task runner
+compares that count with the federation's privacy ledger (``client/ledger_guard.py``).
 
 The file is hash-chained (``shared/hash_chain.py``): ``fedpath-site egress verify`` finds an edited,
 removed, inserted or reordered record by its line, and truncation by comparing with
@@ -50,7 +52,8 @@ LABEL = "egress log"
 SENT, REFUSED, ERROR, WITHHELD = "sent", "refused", "error", "withheld"
 OUTCOMES = {
     SENT: "the ClientApp's reply, checked by the egress policy",
-    REFUSED: "refused: the run's app bundle is not allowed here",
+    REFUSED: "refused before the ClientApp ran: the run's app bundle is not allowed here, or the federation's "
+             "privacy ledger is behind this log (code 18, client/ledger_guard.py)",
     ERROR: "an error while handling the message (details only in the site's log)",
     WITHHELD: "the ClientApp's reply failed the egress policy and was replaced by an error",
 }
@@ -250,6 +253,8 @@ def _render(record: dict[str, Any]) -> str:
         line += f" code {code} ({meaning})"
     if record.get("violation"):
         line += f" [policy rule ({record['violation']['rule']}) at {record['violation']['field']}]"
+    if record.get("trained"):
+        line += f" [a training update of federation {record['trained']}]"
     if record.get("content"):
         line += " " + _render_content(record["content"])
     return line

@@ -39,6 +39,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from client.secure_round import is_survivors_request
 from shared import signed_secagg
+from shared.refusals import federation_id_problem
 from shared.round_plan import PLAN_KEY
 
 # --- (a) strings -----------------------------------------------------------------------------
@@ -240,17 +241,31 @@ def value_kind(value: Any) -> str:
     return type(value).__name__
 
 
-def plan_weight(message: Message) -> int | None:
-    """The plaintext weight S of the round plan an incoming training message carries (Flower's legacy
-    ``fitins.config`` record), or None without a readable one. Read before the ClientApp runs."""
+def plan_document(message: Message) -> dict[str, Any] | None:
+    """The round plan an incoming training message carries (Flower's legacy ``fitins.config`` record),
+    as the server wrote it and not yet checked, or None without a readable one."""
     if message.has_error() or not message.has_content():
         return None
     config = message.content.config_records.get("fitins.config")
     try:
-        weight = json.loads(str(config[PLAN_KEY])).get("weight_scale") if config is not None else None
-    except (KeyError, ValueError, AttributeError):
+        document = json.loads(str(config[PLAN_KEY])) if config is not None else None
+    except (KeyError, ValueError):
         return None
+    return document if isinstance(document, dict) else None
+
+
+def plan_weight(message: Message) -> int | None:
+    """The plaintext weight S of the round plan an incoming training message carries, or None without a
+    readable one. Read before the ClientApp runs."""
+    weight = (plan_document(message) or {}).get("weight_scale")
     return weight if isinstance(weight, int) and not isinstance(weight, bool) else None
+
+
+def plan_federation(message: Message) -> str | None:
+    """The federation id of the round plan an incoming message carries, or None without a valid one
+    (the ClientApp then refuses, code 10). Read before the ClientApp runs."""
+    federation = (plan_document(message) or {}).get("federation_id")
+    return federation if federation_id_problem(federation) is None else None
 
 
 def secagg_stage(message: Message) -> str | None:

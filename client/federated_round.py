@@ -32,6 +32,7 @@ from client.privacy_ledger import (
     LedgerError,
     LifetimeBudgetExceeded,
     PrivacyLedger,
+    federation_ledger,
 )
 from client.sequence_data import PatientSequences, SlideFeatures, load_split, predict_slides
 from client.site_config import SiteConfig
@@ -65,7 +66,7 @@ class Refusal(Exception):
 
 def ledger_path(config: SiteConfig, plan: RoundPlan) -> Path:
     # federation_id was validated when the plan was parsed: a plain file name, never a path.
-    return Path(config.state_dir) / "ledgers" / f"{plan.federation_id}.json"
+    return federation_ledger(config.state_dir, plan.federation_id)
 
 
 def round_privacy(config: SiteConfig, plan: RoundPlan) -> PrivacyConfig:

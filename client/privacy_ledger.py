@@ -164,6 +164,30 @@ class ReleasePlan:
         return out
 
 
+LEDGERS_DIR = "ledgers"
+"""The site's ledgers, one ``<federation_id>.json`` each, in its ``state_dir``."""
+
+
+def federation_ledger(state_dir: Path, federation_id: str) -> Path:
+    """The ledger file of a federation (its id is validated before: a plain file name, never a path)."""
+    return Path(state_dir) / LEDGERS_DIR / f"{federation_id}.json"
+
+
+def recorded_trainings(path: Path) -> int | None:
+    """How many training rounds the ledger at ``path`` records, read without its budget (0: no file
+    there); None when it is not a readable ledger (the ClientApp's own ledger then refuses, code 2)."""
+    try:
+        document = json.loads(Path(path).read_text(encoding="utf-8"))
+        if not isinstance(document, dict) or document.get("format") != FORMAT:
+            return None
+        _, rounds = PrivacyLedger._parse_structure(document)
+    except FileNotFoundError:
+        return 0
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return None
+    return sum(1 for entry in rounds if entry.get("kind", "training") == "training")
+
+
 class PrivacyLedger:
     """The site's privacy spending across rounds and process restarts, stored in one JSON file.
 

@@ -84,7 +84,9 @@ from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
 from client.egress_log import ERROR, REFUSED, SENT, WITHHELD, EgressLog, describe_reply
-from client.egress_policy import EgressPolicy, Violation, plan_weight, secagg_stage
+from client.egress_policy import EgressPolicy, Violation, plan_federation, plan_weight, secagg_stage
+from client.ledger_guard import LEDGER_BEHIND, TRAINED_KEY, LedgerBehind, LedgerGuard
+from client.privacy_ledger import LEDGERS_DIR
 from client.site_config import SiteConfig, load_site_config
 from client.supernode import read_superexec_secret, runtime_address
 from shared.app_bundle import BundleError, bundle_digest, installed_bundle_info, normalise_digest
@@ -182,6 +184,7 @@ class Answer:
     stage: str | None  # SecAgg+ stage of the message answered
     bundle: str | None  # content digest of the run's bundle
     violation: Violation | None = None
+    trained: str | None = None  # the federation, when the reply carries a training update (client/ledger_guard.py)
 
 
 class TaskRunner:
@@ -199,8 +202,8 @@ class TaskRunner:
 
     def __init__(self, app: Callable[..., Message], approval: BundleApproval, policy: EgressPolicy,
                  egress: EgressLog, address: str, secret: bytes | None,
-                 secret_reader: Callable[[], bytes] | None = None) -> None:
-        self.app, self.approval, self.policy, self.egress = app, approval, policy, egress
+                 secret_reader: Callable[[], bytes] | None = None, guard: LedgerGuard | None = None) -> None:
+        self.app, self.approval, self.policy, self.egress, self.guard = app, approval, policy, egress, guard
         self.address, self.secret, self.secret_reader = address, secret, secret_reader
         self._later: tuple[str, int] | None = None  # (token, task id) acquired while a task waited
 
@@ -219,6 +222,12 @@ class TaskRunner:
                             "(%s) nor in federation.allowed_bundles; nothing ran", what, BUNDLE_NOT_ALLOWED,
                             f"sha256:{bundle}" if bundle else "(unreadable)", self.approval.installed)
                 return Answer(refusal(message, BUNDLE_NOT_ALLOWED), REFUSED, stage, bundle)
+            federation = plan_federation(message) if self.guard is not None else None
+            try:
+                trainings = self.guard.before(federation) if federation is not None else None
+            except LedgerBehind as behind:
+                log.error("%s: refused (code %d): %s", what, LEDGER_BEHIND, behind)
+                return Answer(refusal(message, REFUSAL_ERROR_BASE + LEDGER_BEHIND), REFUSED, stage, bundle)
             log.info("%s: running the ClientApp", what)
             reply = self.app(message=message, context=context)
             if not isinstance(reply, Message) or reply.metadata.reply_to_message_id != message.metadata.message_id:
@@ -228,7 +237,13 @@ class TaskRunner:
                 log.error("%s: the ClientApp's reply failed the egress policy and was withheld (code %d): %s",
                           what, POLICY_FAILED, violation)
                 return Answer(refusal(message, POLICY_FAILED), WITHHELD, stage, bundle, violation)
-            return Answer(reply, SENT, stage, bundle)
+            try:
+                trained = federation if federation is not None and self.guard.trained(federation, trainings) else None
+            except LedgerBehind as behind:
+                log.error("%s: the reply is withheld (code %d): %s", what, LEDGER_BEHIND, behind)
+                return Answer(refusal(message, REFUSAL_ERROR_BASE + LEDGER_BEHIND), WITHHELD, stage, bundle,
+                              Violation("ledger", f"{LEDGERS_DIR}/{federation}.json", str(behind)))
+            return Answer(reply, SENT, stage, bundle, trained=trained)
         except (Exception, SystemExit):  # SystemExit: a library calling sys.exit must not end the runner
             log.exception("%s: failed; answering with code %d and no text (the details stay in this log)",
                           _what(message, stage), HANDLING_FAILED)
@@ -241,6 +256,8 @@ class TaskRunner:
         try:
             entry = describe_reply(message, answer.reply, answer.stage, answer.outcome, answer.bundle,
                                    answer.violation)
+            if answer.trained is not None:
+                entry[TRAINED_KEY] = answer.trained
         except Exception:  # noqa: BLE001 - what cannot be described does not leave
             log.exception("%s: the reply cannot be described for the egress log; answering with code %d instead",
                           _what(message, answer.stage), HANDLING_FAILED)
@@ -248,6 +265,8 @@ class TaskRunner:
             entry = describe_reply(message, answer.reply, answer.stage, answer.outcome, answer.bundle)
         try:
             self.egress.append(entry)
+            if answer.trained is not None:
+                self.guard.note_sent(answer.trained)
             return answer
         except Exception:  # noqa: BLE001 - whatever failed, nothing unrecorded leaves but a bare code
             log.exception("CANNOT WRITE THE EGRESS LOG %s: the reply is replaced by error code %d, which leaves "
@@ -492,6 +511,8 @@ def build_runner(config: SiteConfig, secret: bytes | None) -> TaskRunner:
     the ClientApp imported; a ``start`` record written. Raises UserError with what to fix."""
     egress = EgressLog(config.state_dir)
     egress.open_for_writing()
+    # without DP there is no ledger to guard: a site that trains without it keeps none
+    guard = LedgerGuard(config.state_dir, egress.chain.records()) if config.privacy.enabled else None
     try:
         info = installed_bundle_info()
         installed, version, app_dir = info.digest, info.version, str(info.app_dir)
@@ -526,7 +547,7 @@ def build_runner(config: SiteConfig, secret: bytes | None) -> TaskRunner:
              "egress log %s", config.name, version, installed, runtime_address(config), torch.get_num_threads(),
              egress.path)
     return TaskRunner(app, approval, policy, egress, runtime_address(config), secret,
-                      secret_reader=lambda: read_superexec_secret(config))
+                      secret_reader=lambda: read_superexec_secret(config), guard=guard)
 
 
 def configure_site_log() -> None:

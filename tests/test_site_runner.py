@@ -168,6 +168,8 @@ def test_runner_serves_a_secure_run_and_survives_an_exception(consortium):
         if index < 2:  # two exchanges (train, then score the final model), five SecAgg+ stages each
             assert [(r["type"], r["stage"], r["outcome"]) for r in replies] == \
                 [("train", stage, SENT) for stage in stages] * 2
+            # the one reply that carried a training update names its federation (client/ledger_guard.py)
+            assert [r.get("trained") for r in replies] == [None, None, folder.federation_id, None, None] + [None] * 5
             update = masked[0]  # the disclosed numbers are in the site's own record, as values
             assert update["content"]["arrays"] == {"fitres.parameters": {}}
             assert set(update["content"]["configs"]["fitres.metrics"]) == {"epsilon", "refused"}
