@@ -8,15 +8,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from client.privacy_ledger import LedgerError, PrivacyBudget, PrivacyLedger
+from client.egress_log import EgressLog
+from client.ledger_guard import LedgerGuard
+from client.privacy_ledger import LedgerError, PrivacyBudget, PrivacyLedger, recorded_trainings
 from client.site_config import SiteConfig
 from client.site_rounds import federations, read_rounds
+from shared.hash_chain import ChainError
 from shared.signed_secagg import Roster, RosterError
 
 
 def status_report(config: SiteConfig, last: int = 3) -> str:
     """The site's federations, newest last, each with its ledger and its last ``last`` round records."""
-    names = federations(config)
+    try:  # the updates each federation sent (client/ledger_guard.py); a broken log is `egress verify`'s to report
+        sent = LedgerGuard(config.state_dir, EgressLog(config.state_dir).chain.records()).sent
+    except ChainError:
+        sent = None
+    names = sorted(set(federations(config)) | set(sent or ()))  # a deleted ledger's federation is still listed
     disclosed = ", ".join(config.disclose) or "nothing"
     lines = [f"{config.name}: {len(names)} federation(s); disclosed per round: {disclosed}"]
     ledger_dir = Path(config.state_dir) / "ledgers"
@@ -43,6 +50,11 @@ def status_report(config: SiteConfig, last: int = 3) -> str:
                                     f"({plan.evaluation_share:.0%} of ε)" if plan.evaluations else ""))
             except (LedgerError, OSError, ValueError, KeyError, TypeError) as exc:
                 lines.append(f"  ledger {path}: UNREADABLE ({exc}); restore it from a backup")
+        trainings = recorded_trainings(path)
+        if sent is not None and trainings is not None and trainings < sent[name]:
+            lines.append(f"  LEDGER BEHIND: {path} records {trainings} training round(s), the egress log shows "
+                         f"{sent[name]} update(s) sent: it was deleted or restored from an older copy. This "
+                         "federation's messages are refused (code 18) until the latest copy is restored")
         for record in read_rounds(config, name)[-last:]:
             lines.append("  " + _record_line(record))
     lines += _roster_lines(config)

@@ -27,6 +27,7 @@ from client import task_runner
 from client.egress_log import ERROR, REFUSED, SENT, WITHHELD, EgressLog
 from client.egress_policy import EgressPolicy
 from client.site_config import load_site_config
+from client.site_status import status_report
 from client.supernode import (
     Child,
     SiteStartError,
@@ -37,6 +38,7 @@ from client.supernode import (
 )
 from client.task_runner import BundleApproval, TaskRunner, TaskSuperseded, until_superseded
 from shared.app_bundle import bundle_digest, installed_bundle
+from tests.conftest import write_site_yaml
 from tests.flower_messages import evaluate_reply, fit_reply, server_message, site_context
 
 
@@ -215,6 +217,9 @@ def test_a_deleted_or_rolled_back_ledger_refuses_the_federation_until_restored(t
     assert [r.get("trained") for r in runner.egress.verify()] == ["fed-1", "fed-1"]
 
     ledger.unlink()  # deleted: the site restarts (a new runner reads the egress log) and round 3 comes
+    site = load_site_config(write_site_yaml(tmp_path, {"manifest": "m.csv"}, state_dir=str(state)))
+    assert "fed-1\n  LEDGER BEHIND: " in status_report(site)  # what `fedpath-site status` shows the DPO
+    assert "records 0 training round(s), the egress log shows 2 update(s) sent" in status_report(site)
     for broken in ("deleted", backups[0]):  # then an older copy restored (one training of two)
         if broken != "deleted":
             ledger.write_bytes(broken)
