@@ -72,7 +72,7 @@ from flwr.proto.message_pb2 import (  # pylint: disable=no-name-in-module
 )
 from google.protobuf.message import DecodeError
 
-from server.push_gate import FLEET_KEY_HEADER, SIGNED_HEADERS, PushGate, key_bytes
+from server.push_gate import FLEET_KEY_HEADER, SIGNED_HEADERS, PushGate, foreign_sender, key_bytes
 from server.relay_signals import Announcements, PushTracker, read_wake_file
 from shared.polling import quarter_step
 
@@ -439,6 +439,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if len(body) != length:  # the site hung up mid-request: never pass on part of a body as a whole
             self.close_connection = True
             return
+        if route is None and self.path == PUSH_MESSAGES and self.server.push_gate is not None:
+            if problem := foreign_sender(body):  # the SuperLink would store it (server/push_gate.py)
+                self.log_error("refused a push: %s", problem)
+                self._refuse(403, "a reply's sender must be the node that pushes it")
+                return
         headers = {name: value for name, value in self.headers.items() if name.lower() not in HOP_BY_HOP}
         try:
             answer = self._held(route, body, headers) if route is not None else self._passed(body, headers)

@@ -8,6 +8,12 @@ hold every site's pushes back with a few slow ones. So the relay checks Flower's
 headers itself before it reads a body: a key of the consortium registry, a fresh timestamp, the key's
 signature of it; and a registered site has at most ``PUSHES_PER_SITE`` bodies read at once.
 The SuperLink checks everything again when the relay passes the push on.
+
+One thing the SuperLink does not check (Flower 1.42): that the replies a node pushes name that node as
+their sender. It ties the request's node id to the signing key, and a reply to the message it answers
+by the reply's own ``src_node_id``; so a registered site that guessed another site's message id (a hash
+of metadata it mostly knows) could answer for it first: a refusal or an update in its name. The relay
+reads every reply push and refuses one whose replies name another sender (``foreign_sender``).
 """
 
 from __future__ import annotations
@@ -24,10 +30,12 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.common.constant import SYSTEM_TIME_TOLERANCE, TIMESTAMP_HEADER, TIMESTAMP_TOLERANCE
+from flwr.proto.fleet_pb2 import PushMessagesRequest  # pylint: disable=no-name-in-module
 from flwr.supercore.constant import (
     FLEET_HTTP_PUBLIC_KEY_HEADER as FLEET_KEY_HEADER,  # "flwr-public-key"
     FLEET_HTTP_SIGNATURE_HEADER as FLEET_SIGNATURE_HEADER,
 )
+from google.protobuf.message import DecodeError
 
 from server.site_registry import RegistryError, SiteRegistry
 from shared.file_memo import file_version
@@ -151,3 +159,15 @@ class PushGate:
                 sys.stderr.flush()
             self._members, self._version = None, ("unreadable", str(error))
             return None
+
+
+def foreign_sender(body: bytes) -> str | None:
+    """What is wrong with a reply push whose replies name another node than the one pushing them as
+    their sender, or None (also for a body that is not a push at all: the SuperLink refuses that)."""
+    try:
+        request = PushMessagesRequest.FromString(body)
+    except DecodeError:
+        return None
+    pusher = request.node.node_id
+    others = sorted({message.metadata.src_node_id for message in request.messages_list} - {pusher})
+    return f"node {pusher} pushed replies in the name of node(s) {others}" if others else None

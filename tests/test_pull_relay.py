@@ -716,6 +716,31 @@ def test_a_repeated_authentication_header_is_refused_not_passed_on(relay):
     assert _post(port, PUSH_OBJECT, _pushed_object("o1", "s"), signed_by=SITE_KEY)[0] == 200  # once each: passed
 
 
+def test_a_reply_pushed_in_another_sites_name_is_refused_not_passed_on(relay):
+    """Flower's SuperLink ties a push's node id to its signing key, and a reply to the message it answers by the
+    reply's own sender id, never the two together: a registered site that guessed another's message id could
+    answer for it. The relay refuses replies whose sender is not the pushing node."""
+    from flwr.proto.fleet_pb2 import PushMessagesRequest  # pylint: disable=no-name-in-module
+    from flwr.proto.message_pb2 import (
+        Message as MessageProto,  # pylint: disable=no-name-in-module
+        Metadata,  # pylint: disable=no-name-in-module
+    )
+    from flwr.proto.node_pb2 import Node  # pylint: disable=no-name-in-module
+
+    def push(pusher: int, *senders: int) -> bytes:
+        replies = [MessageProto(metadata=Metadata(src_node_id=sender, dst_node_id=1, reply_to_message_id="m"))
+                   for sender in senders]
+        return PushMessagesRequest(node=Node(node_id=pusher), messages_list=replies).SerializeToString()
+
+    port, upstream = relay(messages_after=0)
+    for forged in (push(7, 8), push(7, 7, 8)):  # site 7 answering as site 8, alone or beside its own reply
+        status, body = _post(port, PUSH_MESSAGES, forged, signed_by=SITE_KEY)
+        assert status == 403 and b"sender must be the node that pushes it" in body
+    assert upstream.asks == []  # none reached the SuperLink
+    assert _post(port, PUSH_MESSAGES, push(7, 7), signed_by=SITE_KEY)[0] == 200  # its own reply passes
+    assert [body for _, body, *_ in upstream.asks] == [push(7, 7)]
+
+
 @pytest.mark.slow(seconds=8)  # mostly waiting out the relay's 5 s object hold
 def test_a_site_gets_at_most_two_object_pulls_held_however_many_it_opens(relay):
     """A site can name objects in its reply that it never sends; each pull of one is "not yet" for good, and a
