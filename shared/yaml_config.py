@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -68,6 +69,10 @@ def between(minimum: float, maximum: float) -> Check:
     return lambda value: None if minimum <= value <= maximum else f"must be between {minimum:,} and {maximum:,}"
 
 
+EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+"""Numbers in exponent form that YAML 1.1 leaves as text unless they hold a dot (1e-5, 2E3)."""
+
+
 def _compose_with_lines(text: str, source: str) -> tuple[Any, dict[tuple[str, ...], int]]:
     """Parse YAML keeping the line (1-based) where every mapping key stands."""
     try:
@@ -86,6 +91,10 @@ def _compose_with_lines(text: str, source: str) -> tuple[Any, dict[tuple[str, ..
             out: dict[str, Any] = {}
             for key_node, value_node in node.value:
                 key = str(key_node.value)
+                if key in out:  # YAML would keep the last silently: a second `privacy:` could turn DP off
+                    dotted = ".".join(path + (key,))
+                    raise ConfigError(f"{source}:{key_node.start_mark.line + 1}: {dotted}: given twice (first on "
+                                      f"line {lines[path + (key,)]}); keep one and merge what both say")
                 lines[path + (key,)] = key_node.start_mark.line + 1
                 out[key] = build(value_node, path + (key,))
             return out
@@ -201,6 +210,8 @@ class _Reader:
             if isinstance(raw, int) and not isinstance(raw, bool):
                 return raw
         elif hint is float:
+            if isinstance(raw, str) and EXPONENT_NUMBER.fullmatch(raw.strip()):
+                raw = float(raw)  # YAML 1.1 reads 1e-5 (no dot) as text; everyone means the number
             if isinstance(raw, (int, float)) and not isinstance(raw, bool):
                 try:
                     return float(raw)

@@ -62,6 +62,27 @@ def test_yaml_syntax_error_has_line(tmp_path):
     assert message.startswith(f"{path}:") and "YAML syntax error" in message
 
 
+def test_a_key_given_twice_is_refused_not_silently_replaced(tmp_path):
+    """YAML keeps the last of a repeated key: a second `privacy:` block would turn DP off without a word."""
+    path = write(tmp_path, "name: a\ndata: {manifest: m.csv}\nprivacy:\n  enabled: true\n  epsilon: 4.0\n"
+                           "federation: {}\nprivacy:\n  enabled: false\n")
+    message = str(pytest.raises(ConfigError, load_site_config, path).value)
+    assert f"{path}:7: privacy: given twice (first on line 3)" in message
+    path = write(tmp_path, "name: a\ndata:\n  manifest: m.csv\n  manifest: n.csv\n")
+    assert f"{path}:4: data.manifest: given twice (first on line 3)" in str(
+        pytest.raises(ConfigError, load_site_config, path).value)
+
+
+def test_a_number_in_exponent_form_without_a_dot_is_a_number(tmp_path):
+    """YAML 1.1 reads 1e-5 as text (it wants 1.0e-5); a hospital writes what it means."""
+    text = "name: a\ndata: {manifest: m.csv}\nprivacy: {delta: 1e-5, epsilon: 8E0}\n"
+    config = load_site_config(write(tmp_path, text))
+    assert config.privacy.delta == 1e-5 and config.privacy.epsilon == 8.0
+    path = write(tmp_path, "name: a\ndata: {manifest: m.csv}\nprivacy: {delta: 1e-5x}\n")
+    message = str(pytest.raises(ConfigError, load_site_config, path).value)
+    assert "privacy.delta: expected a number, got '1e-5x'" in message
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_site_config(tmp_path / "nope.yaml")
