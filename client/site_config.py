@@ -9,6 +9,7 @@ from typing import Literal
 from shared.app_bundle import digest_problem
 from shared.model_config import INCEPTION, ModelConfig, backbone_rule, batch_size_rule, device_rule
 from shared.run_config import DISCLOSABLE, PrivacyConfig, TrainingConfig
+from shared.site_keys import site_name_problem
 from shared.yaml_config import ConfigError, SettingError, at_least, check, fraction, load_config, positive, tcp_port
 
 
@@ -62,6 +63,13 @@ class SequenceConfig:
     length: int = check(at_least(1), 8)  # tiles per sequence fed to the recurrent head
 
 
+def key_file_rule(path: Path) -> str | None:
+    """`fedpath-site keygen` writes the private key where ``auth_key`` says and the public one beside it
+    (``<name>.pub``): any other name made it write where `start` never looks."""
+    return None if path.suffix == ".key" and site_name_problem(path.stem) is None else \
+        "must name a <site>.key file (1-64 letters, digits, '-' or '_' before .key): keygen writes it and <site>.pub"
+
+
 @dataclass(frozen=True)
 class FederationSite:
     """How this site's SuperNode reaches the consortium's server."""
@@ -69,7 +77,8 @@ class FederationSite:
     server: str | None = None  # host:port of the SuperLink, from the consortium admin
     ca_cert: Path | None = None  # the consortium's ca.pem (TLS); required unless started with --insecure
     port: int = check(tcp_port, 9094)  # local
-    auth_key: Path | None = None  # this site's private key; default: state/keys/<name>.key (`fedpath-site keygen`)
+    # this site's private key; default: state/keys/<name>.key (`fedpath-site keygen` writes it and <name>.pub)
+    auth_key: Path | None = check(key_file_rule, None)
     # The site's own conditions for taking part, whatever the server asks:
     require_secure_aggregation: bool = True  # refuse plain (unmasked) training messages (refusal 8)
     min_round_sites: int = check(at_least(2), 3)  # refuse a SecAgg+ round with fewer sites (refusal 9)
@@ -88,7 +97,7 @@ class FederationSite:
 
 @dataclass(frozen=True)
 class SiteConfig:
-    name: str
+    name: str = check(site_name_problem)  # names its key files, its registry entry, its logs
     data: DataConfig
     tiling: TilingConfig = field(default_factory=TilingConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)

@@ -45,22 +45,37 @@ class SourceError(UserError, ValueError):
 def read_manifest(path: Path, labels: tuple[str, ...], val_fraction: float,
                   split_seed: int) -> tuple[list[Item], list[Problem]]:
     """Items of a manifest CSV (slide, label[, patient][, split]); paths relative to the CSV."""
+    if path.is_dir():
+        raise SourceError(f"{path}: is a folder; data.manifest names the CSV file that lists the slides")
     if not path.is_file():
         raise SourceError(f"{path}: manifest not found")
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        columns = [c.strip() for c in reader.fieldnames or []]
-        missing = [c for c in ("slide", "label") if c not in columns]
-        if missing:
-            raise SourceError(f"{path}: missing column(s) {', '.join(missing)}; found {columns or 'no header'}"
-                              " (expected slide,label[,patient][,split])")
-        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            columns = [c.strip() for c in reader.fieldnames or []]
+            missing = [c for c in ("slide", "label") if c not in columns]
+            if missing:
+                raise SourceError(f"{path}: missing column(s) {', '.join(missing)}; found {columns or 'no header'}"
+                                  " (expected slide,label[,patient][,split])")
+            # DictReader puts a row's fields beyond the header under the key None (restkey)
+            rows = [({k.strip(): (v or "").strip() for k, v in row.items() if k}, row.get(None)) for row in reader]
+    except UnicodeDecodeError:
+        raise SourceError(f"{path}:{_first_non_utf8(path)}: not UTF-8 text; save it as 'CSV UTF-8' "
+                          "(in Excel: Save As, CSV UTF-8)") from None
+    except OSError as error:
+        raise SourceError(f"{path}: cannot be read ({error.strerror or error})") from None
+    except csv.Error as error:
+        raise SourceError(f"{path}: not a readable CSV file ({error})") from None
 
     problems: list[Problem] = []
     items: list[Item] = []
     seen: dict[Path, int] = {}
-    for number, row in enumerate(rows, start=2):  # row 1 is the header
+    for number, (row, extra) in enumerate(rows, start=2):  # row 1 is the header
         where = f"{path}:{number}"
+        if extra:  # a comma inside a value ("Smith, John") shifted the fields: never guess which
+            problems.append(Problem(where, f"{len(columns) + len(extra)} fields where the header has "
+                                           f"{len(columns)}: a value holding a comma must be quoted (\"Smith, John\")"))
+            continue
         if not row.get("slide"):
             problems.append(Problem(where, "empty slide path"))
             continue
@@ -82,7 +97,21 @@ def read_manifest(path: Path, labels: tuple[str, ...], val_fraction: float,
         seen[slide] = number
         patient = row.get("patient") or row["slide"]  # without ids, every slide is its own patient
         items.append(Item(row["slide"], label, patient, split, (slide,), "slide"))
+    if not rows:
+        problems.append(Problem(str(path), "lists no slides (only its header)"))
     return assign_splits(items, val_fraction, split_seed), problems
+
+
+def _first_non_utf8(path: Path) -> str:
+    """Where a file stops being UTF-8: its line and the byte (the decoder's own error counts from the
+    start of the chunk it was given, not of the file)."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[:error.start].count(b"\n") + 1
+        return f"{line} (byte {data[error.start]:#04x})"
+    return "?"
 
 
 def read_tile_folder(root: Path, labels: tuple[str, ...], group_size: int, val_fraction: float,

@@ -24,7 +24,12 @@ from shared.errors import UserError
 KEY_TYPE = "ecdsa-sha2-nistp384"
 # A public key line is well under 1 KiB; anything far larger was picked by mistake (a slide, an archive).
 MAX_PUBLIC_KEY_BYTES = 16 * 1024
-_SITE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_SITE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def site_name_problem(name: object) -> str | None:
+    """What is wrong with a site name (it names the site's key files and its registry entry), or None."""
+    return None if isinstance(name, str) and _SITE_NAME.fullmatch(name) else "use 1 to 64 letters, digits, '-' or '_'"
 
 
 class SiteKeyError(UserError):
@@ -37,9 +42,8 @@ def keygen(out_dir: Path, name: str, force: bool = False) -> tuple[Path, Path]:
     Existing files are refused unless ``force``: a new pair would lock the site out until the
     admin registers the new public key.
     """
-    if not isinstance(name, str) or not _SITE_NAME.match(name):
-        raise SiteKeyError(f"site name {name!r}: use 1 to 64 letters, digits, '-' or '_' "
-                           "(it names the key files)")
+    if site_name_problem(name):
+        raise SiteKeyError(f"site name {name!r}: {site_name_problem(name)} (it names the key files)")
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise SiteKeyError(f"{out_dir}: exists and is not a folder")
@@ -47,7 +51,7 @@ def keygen(out_dir: Path, name: str, force: bool = False) -> tuple[Path, Path]:
     existing = [str(path) for path in (private_path, public_path) if path.exists()]
     if existing and not force:
         raise SiteKeyError(f"{', '.join(existing)}: already exist; a new key pair must be registered "
-                           "again by the consortium admin before this site can join. Pass force to replace them")
+                           "again by the consortium admin before this site can join. Pass --force to replace them")
     key = ec.generate_private_key(ec.SECP384R1())
     private_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                                     serialization.NoEncryption())

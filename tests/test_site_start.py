@@ -11,6 +11,7 @@ import yaml
 
 from client.site_config import load_site_config
 from client.supernode import SiteStartError, supernode_command
+from shared.errors import UserError
 from shared.site_keys import keygen
 
 
@@ -64,3 +65,28 @@ def test_protocol_stages_do_not_import_torch_or_opacus():
     code = "import sys, client.app; print(sorted(m for m in ('torch', 'opacus', 'torchvision') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=600).stdout
     assert out.strip() == "[]"
+
+
+def test_keygen_writes_the_key_start_looks_for_and_a_key_name_it_cannot_write_is_refused(tmp_path, capsys):
+    """`auth_key: state/keys/hosp.pem` made keygen write hosp.key and start ask for hosp.pem, for ever."""
+    from client.cli import main
+
+    (tmp_path / "ca.pem").write_text("(a CA)")
+    site = _site(tmp_path, ca_cert="ca.pem", auth_key="keys/hosp.pem")
+    assert main(["keygen", "--config", str(site)]) == 2
+    assert f"{site}:" in (err := capsys.readouterr().err) and "federation.auth_key: must name a <site>.key file" in err
+    assert not (tmp_path / "keys").exists()
+    site = _site(tmp_path, ca_cert="ca.pem", auth_key="keys/hosp.key")
+    assert main(["keygen", "--config", str(site)]) == 0
+    assert (tmp_path / "keys" / "hosp.key").is_file() and (tmp_path / "keys" / "hosp.pub").is_file()
+    command = supernode_command(load_site_config(site), site, insecure=False)
+    assert command[command.index("--auth-supernode-private-key") + 1] == str(tmp_path / "keys" / "hosp.key")
+    assert main(["keygen", "--config", str(site)]) == 2  # never over a key the admin registered
+    assert "Pass --force to replace them" in capsys.readouterr().err
+
+
+def test_a_site_name_that_cannot_name_its_files_is_refused_at_its_line(tmp_path):
+    site = _site(tmp_path)
+    site.write_text(site.read_text().replace("name: hospital-a", "name: hospital a"))
+    with pytest.raises(UserError, match=rf"{site}:\d+: name: use 1 to 64 letters, digits, '-' or '_'"):
+        load_site_config(site)

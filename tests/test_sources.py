@@ -30,6 +30,26 @@ def test_manifest_missing_column(tmp_path):
         read_manifest(manifest(tmp_path, "file,label\nx,y\n"), (), 0.2, 0)
 
 
+def test_a_comma_inside_a_value_is_a_problem_of_its_row_not_a_merged_patient(tmp_path):
+    path = manifest(tmp_path, 'slide,label,patient\na.tif,adenoma,"Smith, John"\nb.tif,adenoma,Smith, Jane\n')
+    items, problems = read_manifest(path, (), 0.0, 0)
+    assert [(it.item_id, it.patient) for it in items] == [("a.tif", "Smith, John")]  # quoted: one field
+    assert [f"{p.where}: {p.message}" for p in problems] == [
+        f'{path}:3: 4 fields where the header has 3: a value holding a comma must be quoted ("Smith, John")']
+
+
+def test_a_manifest_that_is_not_utf8_or_not_a_file_or_empty_says_so(tmp_path):
+    path = tmp_path / "manifest.csv"
+    rows = "".join(f"s{i}.tif,adenoma,p{i}\n" for i in range(2000))  # past the reader's first chunk
+    path.write_bytes(f"slide,label,patient\n{rows}a.tif,adenoma,M\u00fcller\n".encode("latin-1"))  # Excel export
+    with pytest.raises(SourceError, match=rf"{path}:2002 \(byte 0xfc\): not UTF-8 text; save it as 'CSV UTF-8'"):
+        read_manifest(path, (), 0.0, 0)
+    with pytest.raises(SourceError, match="is a folder; data.manifest names the CSV file"):
+        read_manifest(tmp_path, (), 0.0, 0)
+    items, problems = read_manifest(manifest(tmp_path, "slide,label\n"), (), 0.0, 0)
+    assert not items and [p.message for p in problems] == ["lists no slides (only its header)"]
+
+
 def test_splits_keep_patients_together_and_stratify(tmp_path):
     rows = ["slide,label,patient"]
     for i in range(20):
