@@ -25,6 +25,7 @@ import yaml
 from client.predict import predict
 from client.site_config import load_site_config
 from shared.checkpoints import save_checkpoint
+from shared.devices import resolve_device
 from shared.model import ModelConfig, build_head
 from shared.parameters import model_arrays
 from simulations.slide_generator import LABELS, SlideSpec, Stain, make_slide
@@ -58,7 +59,8 @@ def run(quick: bool, device: str = "cpu") -> dict:
     share = split["geojson_s"] / seconds
     split = {key: round(value, 4 if key == "geojson_s" else 2) for key, value in split.items()}
     tiles = sum(r.tiles for r in result.results)
-    return {"device": device, "slides": slides, "slide_px": size, "tile_size": 299, "target_mpp": 0.5, "tiles": tiles,
+    return {"device": str(resolve_device(device)), "slides": slides, "slide_px": size, "tile_size": 299,
+            "target_mpp": 0.5, "tiles": tiles,
             "threads": torch.get_num_threads(), "seconds": round(seconds, 2),
             "slides_per_min": round(60 * slides / seconds, 2), "tiles_per_s": round(tiles / seconds, 2), **split,
             "other_s": round(seconds - sum(split.values()), 2), "geojson_share": round(share, 5),

@@ -10,7 +10,7 @@ computed them; ``tests/test_devices.py`` bounds how far bfloat16 moves them (com
 torch has bfloat16 autocast too). Training the head stays in float32 on every device: DP-SGD clips and
 adds noise to gradients, and half precision would change what the noise is calibrated against.
 
-A batch that runs out of GPU memory is split in halves and retried (``shrinking_batches``), and later
+A batch that runs out of GPU memory is split in halves and retried (``ShrinkingBatches``), and later
 batches keep the smaller size, so a busy GPU slows ``prepare`` down instead of failing a slide.
 """
 
