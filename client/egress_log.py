@@ -39,7 +39,7 @@ from flwr.app import Message
 
 from client.egress_policy import ALLOWED_STATUS_TEXTS, LEGACY_METRIC_CARRIERS, LEGACY_STATUS_RECORDS, value_kind
 from shared.atomic_files import atomic_write_json
-from shared.hash_chain import ChainError, HashChain
+from shared.hash_chain import GENESIS_HASH, ChainError, HashChain
 from shared.refusals import refusal_code, refusal_text
 from shared.server_labels import server_label
 
@@ -176,11 +176,14 @@ class EgressLog:
             if records:
                 raise EgressError(f"{self.head_path} is missing but {self.path} holds {len(records)} records: records "
                                   "may have been removed from its end. " + _KEEP_ADVICE)
+            # a head before the first record: a stop between that record and its head is then "one behind"
+            # like any other, not a missing head that only the DPO can clear
+            atomic_write_json(self.head_path, {"records": 0, "last_hash": GENESIS_HASH, "time": None})
             return 0
-        hashes = [r["hash"] for r in records]
-        if records and head["last_hash"] == hashes[-1]:
+        hashes = [GENESIS_HASH] + [r["hash"] for r in records]
+        if head["last_hash"] == hashes[-1]:
             return len(records)
-        if len(records) >= 2 and head["last_hash"] == hashes[-2]:
+        if records and head["last_hash"] == hashes[-2]:
             log.warning("%s: its head file was one record behind (a stop between the two writes); moved forward",
                         self.path)
             atomic_write_json(self.head_path, {"records": len(records), "last_hash": hashes[-1],
@@ -196,6 +199,9 @@ class EgressLog:
         for attempt in range(2):  # the runner may append between reading the log and its head
             try:
                 head = self._head()
+                if head is not None and head["last_hash"] == GENESIS_HASH and not self.path.exists():
+                    records = []  # a runner started, nothing answered yet
+                    break
                 records = self.chain.verify(head["last_hash"] if head else None,
                                             expected_by=f"the head file {self.head_path}",
                                             mismatch_hint="the head file belongs to another site")

@@ -126,6 +126,16 @@ def test_head_one_record_behind_is_a_power_cut_and_is_repaired(tmp_path):
     assert len(egress.verify()) == 4
 
 
+def test_a_stop_between_the_first_record_and_its_head_is_repaired_too(tmp_path):
+    """The head is written before the first record (the empty chain's hash), so a power cut right after that
+    record leaves a head one behind, repaired at start, instead of a missing head only the DPO can clear."""
+    egress = EgressLog(tmp_path)
+    assert egress.open_for_writing() == 0 and egress.verify() == []  # a runner started, nothing answered yet
+    egress.chain.append({"event": "start"})  # ... and the machine lost power before the head moved
+    assert egress.open_for_writing() == 1
+    assert json.loads(egress.head_path.read_text())["last_hash"] == egress.verify()[0]["hash"]
+
+
 def test_missing_head_with_records_is_refused(tmp_path):
     egress = _log_of(tmp_path)
     egress.head_path.unlink()
