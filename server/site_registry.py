@@ -15,6 +15,7 @@ from pathlib import Path
 
 from shared.atomic_files import atomic_write_json
 from shared.errors import UserError
+from shared.site_keys import site_name_problem
 
 log = logging.getLogger("fedpath.server")
 
@@ -67,11 +68,15 @@ class SiteRegistry:
         return self._last_names.get(int(node_id), f"node-{node_id}")
 
     def check_new(self, name: str, public_key: str) -> None:
-        """Refuse a name or a key that is already registered, before the SuperLink is asked."""
+        """Refuse a name a site cannot have (``site_name_problem``: the site's own name names its key files),
+        or a name or a key that is already registered, before the SuperLink is asked."""
+        if problem := site_name_problem(name):
+            raise RegistryError(f"site name {name!r}: {problem}, as the hospital's own site.yaml `name:`")
         for existing, entry in self.entries().items():
             if existing == name:
                 raise RegistryError(f"a site named '{name}' is already registered (node {entry['node_id']}); "
-                                    f"`fedpath-server remove-site {name}` first to replace its key")
+                                    f"`fedpath-server remove-site {name} --config SERVER_YAML` first to replace "
+                                    "its key")
             if entry["public_key"] == public_key:
                 raise RegistryError(f"this key is already registered as site '{existing}'")
 

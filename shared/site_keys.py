@@ -67,13 +67,18 @@ def keygen(out_dir: Path, name: str, force: bool = False) -> tuple[Path, Path]:
 def read_public_key(path: Path) -> str:
     """The normalized ``ecdsa-sha2-nistp384 AAAA...`` line in ``path``, checked before registering."""
     path = Path(path)
+    if path.is_dir():
+        raise SiteKeyError(f"{path}: is a folder; expected the hospital's one-line <site>.pub file")
     if not path.is_file():
         raise SiteKeyError(f"{path}: no such public key file")
     size = path.stat().st_size
     if size > MAX_PUBLIC_KEY_BYTES:
         raise SiteKeyError(f"{path}: {size} bytes is far too large for a public key; "
                            "expected the one-line <site>.pub file")
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise SiteKeyError(f"{path}: cannot be read ({error.strerror or error})") from None
     if b"PRIVATE KEY" in data:
         raise SiteKeyError(f"{path}: this is a PRIVATE key; it must stay at the site. "
                            "Send or register the matching .pub file instead")

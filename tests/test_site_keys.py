@@ -10,6 +10,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from server.site_registry import RegistryError, SiteRegistry
 from shared.site_keys import SiteKeyError, fingerprint, keygen, read_public_key
 
 
@@ -63,11 +64,15 @@ def test_keygen_refuses_when_only_the_public_key_is_left(tmp_path):
     assert not (tmp_path / "site.key").exists()
 
 
-@pytest.mark.parametrize("name", ["", "a" * 65, "../evil", "has space", "dot.ted", "é"])
+@pytest.mark.parametrize("name", ["", "a" * 65, "../evil", "has space", "dot.ted", "é", "trailing\n"])
 def test_bad_site_names_are_refused(tmp_path, name):
     with pytest.raises(SiteKeyError, match="1 to 64 letters, digits"):
         keygen(tmp_path, name)
     assert not any(tmp_path.iterdir())
+    # the admin cannot register a name no site can have either
+    registry = SiteRegistry(tmp_path / "sites.json")
+    with pytest.raises(RegistryError, match=r"site name .*: use 1 to 64 letters, digits, '-' or '_', as the"):
+        registry.check_new(name, "ecdsa-sha2-nistp384 AAAA")
 
 
 def test_longest_site_name_is_accepted(tmp_path):
@@ -130,6 +135,8 @@ def test_read_public_key_refuses_two_keys_in_one_file(tmp_path, pair):
 def test_read_public_key_refuses_a_missing_file_and_a_huge_file(tmp_path):
     with pytest.raises(SiteKeyError, match="no such public key file"):
         read_public_key(tmp_path / "missing.pub")
+    with pytest.raises(SiteKeyError, match="is a folder; expected the hospital's one-line <site>.pub file"):
+        read_public_key(tmp_path)
     big = tmp_path / "big.pub"
     big.write_bytes(b"x" * 100_000)
     with pytest.raises(SiteKeyError, match="far too large"):
