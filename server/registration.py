@@ -124,5 +124,6 @@ def sites_table(config: ServerConfig, control: FlowerControl) -> tuple[str, int]
                      f"`FLWR_HOME={paths.flwr_home} flwr supernode unregister NODE_ID fedpath` on this host.")
     if any(row.flag == MISSING for row in flagged):
         lines.append(f"\n{MISSING}: {paths.registry} names it, but the SuperLink does not (another state.db, or "
-                     "the key was unregistered directly): `fedpath-server remove-site NAME --config SERVER_YAML`, then `add-site` again.")
+                     "the key was unregistered directly): `fedpath-server remove-site NAME --config SERVER_YAML`, "
+                     "then `add-site` again.")
     return "\n".join(lines), len(flagged)
