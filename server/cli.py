@@ -7,6 +7,7 @@ see runs and sites, resume a run after a crash, verify a run's audit log, and sh
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -58,11 +59,19 @@ def _run(args: argparse.Namespace) -> int:
     from server.run_control import submit_and_follow
     from server.run_folder import RunFolder
     from server.server_config import load_server_config
-    from server.superlink import FlowerControl
+    from server.superlink import FlowerControl, FlowerError
 
     config = load_server_config(args.config)  # validated before anything is created
     control = FlowerControl(config, insecure=args.insecure)
-    return submit_and_follow(control, RunFolder.create(Path(args.config)), follow=not args.no_follow)
+    folder = RunFolder.create(Path(args.config))
+    try:
+        return submit_and_follow(control, folder, follow=not args.no_follow)
+    except FlowerError as error:
+        if folder.run_info().get("flower_runs"):
+            raise
+        shutil.rmtree(folder.path, ignore_errors=True)  # never submitted: no run to keep a folder for
+        raise FlowerError(f"{error}\nNo run was started (its folder is removed). Is the SuperLink running? "
+                          f"`fedpath-server status --config {args.config}`") from None
 
 
 def _resume(args: argparse.Namespace) -> int:
@@ -86,8 +95,9 @@ def _status(args: argparse.Namespace) -> int:
     from server.superlink import FlowerControl
 
     config = load_server_config(args.config)
-    print(status_report(config, FlowerControl(config, insecure=args.insecure)))
-    return 0
+    report, reachable = status_report(config, FlowerControl(config, insecure=args.insecure))
+    print(report)
+    return 0 if reachable else 1
 
 
 def _dashboard(args: argparse.Namespace) -> int:

@@ -11,10 +11,13 @@ from server.site_registry import SiteRegistry
 from server.superlink import FlowerControl, FlowerError, StatePaths
 
 
-def status_report(config: ServerConfig, control: FlowerControl) -> str:
+def status_report(config: ServerConfig, control: FlowerControl) -> tuple[str, bool]:
+    """The report, and whether the SuperLink answered (`fedpath-server status` exits 1 when not, for
+    the scripts that watch it)."""
     registry = SiteRegistry(StatePaths(config).registry)
     lines: list[str] = []
     flower_runs: dict[int, dict] = {}
+    reachable = True
     try:
         nodes = [n for n in control.nodes() if n.get("status") == "online"]
         flower_runs = {int(r["run-id"]): r for r in control.runs()}
@@ -22,7 +25,9 @@ def status_report(config: ServerConfig, control: FlowerControl) -> str:
                      f"{len(nodes)} site(s) online")
         lines += [f"  {registry.name_for(int(n['node-id']))}  online since {n.get('online-at')}" for n in nodes]
     except FlowerError as exc:
-        lines.append(f"SuperLink {config.superlink.loopback_address}: not reachable ({exc})")
+        reachable = False
+        lines.append(f"SuperLink {config.superlink.loopback_address}: NOT REACHABLE; is it started "
+                     f"(`fedpath-server start --config SERVER_YAML`)? Flower said: {exc}")
     results = Path(config.results_dir)
     folders = sorted(p for p in results.iterdir() if (p / "run.json").is_file()) if results.is_dir() else []
     lines.append(f"\nruns in {results}: {len(folders)}")
@@ -48,4 +53,4 @@ def status_report(config: ServerConfig, control: FlowerControl) -> str:
                     text += (f" (spent {refusal['epsilon_spent']:.3f}, the round would make it "
                              f"{refusal['would_spend']:.3f} > {refusal['budget_epsilon']:g})")
             lines.append(text)
-    return "\n".join(lines)
+    return "\n".join(lines), reachable

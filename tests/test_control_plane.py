@@ -99,6 +99,20 @@ def test_sites_flags_a_node_registered_past_the_registry(tmp_path, nginx, capsys
         consortium.close()
 
 
+def test_with_no_superlink_run_leaves_no_run_folder_and_status_exits_1(tmp_path, capsys):
+    """A run that never reached the SuperLink used to stay listed as 'submitted' for ever; a status that could not
+    reach it exited 0, which watching scripts read as healthy."""
+    consortium = LocalConsortium(tmp_path / "consortium", [], tls=False)  # configured, nothing started
+    assert server_main(["run", "--config", str(consortium.server_yaml), "--insecure", "--no-follow"]) == 2
+    assert "No run was started (its folder is removed). Is the SuperLink running?" in capsys.readouterr().err
+    results = Path(consortium.config.results_dir)
+    assert not results.exists() or not any(results.iterdir())
+    assert server_main(["status", "--config", str(consortium.server_yaml), "--insecure"]) == 1
+    out = capsys.readouterr().out
+    assert "NOT REACHABLE; is it started (`fedpath-server start --config SERVER_YAML`)?" in out
+    assert "runs in" in out and ": 0" in out
+
+
 def test_foreground_start_runs_and_stops_its_processes_as_one_unit(tmp_path, nginx):
     """Ctrl-C, SIGTERM (also repeated while it stops them, as a service manager may), or any of its
     processes dying: the foreground `start` stops them all."""
