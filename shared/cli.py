@@ -33,6 +33,17 @@ def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) 
         return 130
 
 
+def count_option(text: str) -> int:
+    """An argparse type for a count a person types (``--last 3``): a whole number, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; give 0 or more")
+    return value
+
+
 def add_command(subparsers, name: str, handler: Handler, help: str) -> argparse.ArgumentParser:
     sub = subparsers.add_parser(name, help=help, description=help)
     sub.add_argument("-v", "--verbose", action="store_true", help="log debug details")
