@@ -10,7 +10,17 @@ from shared.app_bundle import digest_problem
 from shared.model_config import INCEPTION, ModelConfig, backbone_rule, batch_size_rule, device_rule
 from shared.run_config import DISCLOSABLE, PrivacyConfig, TrainingConfig
 from shared.site_keys import site_name_problem
-from shared.yaml_config import ConfigError, SettingError, at_least, check, fraction, load_config, positive, tcp_port
+from shared.yaml_config import (
+    ConfigError,
+    SettingError,
+    at_least,
+    check,
+    folder_rule,
+    fraction,
+    load_config,
+    positive,
+    tcp_port,
+)
 
 
 @dataclass(frozen=True)
@@ -46,7 +56,7 @@ class FeatureConfig:
     # weights file (shared/timm_encoder.py); it sets model.backbone, what the federation's model reads.
     backbone: str = check(backbone_rule, INCEPTION)
     backbone_weights: str = "random"  # "random", "imagenet" (InceptionV3), or a path to a .pth state dict
-    cache_dir: Path | None = None  # default: cache/ beside site.yaml
+    cache_dir: Path | None = check(folder_rule, None)  # default: cache/ beside site.yaml
     # Where the trunk runs and the model trains: auto (the first CUDA GPU, else Apple MPS, else the CPU),
     # cpu, cuda, cuda:N or mps. Vectors do not depend on it beyond rounding (docs/performance.md).
     device: str = check(device_rule, "auto")
@@ -106,7 +116,8 @@ class SiteConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     federation: FederationSite = field(default_factory=FederationSite)
-    state_dir: Path | None = None  # privacy ledgers, SuperNode log and pid file; default: state/ beside site.yaml
+    # privacy ledgers, egress log, SuperNode log and pid file; default: state/ beside site.yaml
+    state_dir: Path | None = check(folder_rule, None)
     # The only per-site values that leave in plain form (everything else travels inside the masked sum
     # or stays here): see DISCLOSABLE.
     disclose: tuple[str, ...] = ("epsilon", "refused")

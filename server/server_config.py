@@ -25,7 +25,17 @@ from shared.round_plan import (
     PrivacyTarget,
     evaluation_bins_rule,
 )
-from shared.yaml_config import ConfigError, SettingError, at_least, between, check, load_config, positive, tcp_port
+from shared.yaml_config import (
+    ConfigError,
+    SettingError,
+    at_least,
+    between,
+    check,
+    folder_rule,
+    load_config,
+    positive,
+    tcp_port,
+)
 
 StrategyName = Literal["fedavg", "fedprox", "median", "trimmed_mean", "krum"]
 
@@ -65,7 +75,8 @@ class SuperLinkConfig:
     # the next round reaches the site at once instead of after Flower's 3 s SuperNode sleep; 0: no relay.
     # At most 20: a SuperNode gives up on a request after 30 s.
     pull_hold_s: float = check(lambda s: None if 0 <= s <= 20 else "must be in 0-20 (seconds)", 20.0)
-    state_dir: Path | None = None  # state.db, logs, pid files, the proxy's files; default state/ beside server.yaml
+    # state.db, logs, pid files, the proxy's files; default state/ beside server.yaml
+    state_dir: Path | None = check(folder_rule, None)
     certs_dir: Path | None = None  # ca.pem, server.pem, server.key from `fedpath-server init`; default certs/
 
     def __post_init__(self) -> None:
@@ -187,7 +198,7 @@ class ServerConfig:
     training: LocalTraining = field(default_factory=LocalTraining)
     privacy: PrivacyTarget = field(default_factory=PrivacyTarget)
     secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
-    results_dir: Path | None = None  # one folder per run; default runs/ beside server.yaml
+    results_dir: Path | None = check(folder_rule, None)  # one folder per run; default runs/ beside server.yaml
     # The pinned trunk at the server (model.trainable: last_block starts the global block from it):
     # "random" or a .pth whose sha256 is model.trunk_sha256
     trunk_weights: str = "random"

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from shared.yaml_config import at_least, check, positive
+from shared.yaml_config import at_least, check, folder_rule, positive
 
 DISCLOSABLE = ("epsilon", "delta", "refused", "would_spend", "budget_epsilon", "noise_multiplier", "train_seconds")
 """Per-site numbers a hospital may list in `disclose:`, each a plain number beside its masked vector:
@@ -20,7 +20,7 @@ class TrainingConfig:
     learning_rate: float = check(positive, 1e-3)
     seed: int = 0
     positive_class: str | None = None  # binary metrics: sensitivity/specificity of this class
-    out_dir: Path | None = None  # train-local output; default: runs/local beside site.yaml
+    out_dir: Path | None = check(folder_rule, None)  # train-local output; default: runs/local beside site.yaml
 
 
 @dataclass(frozen=True)

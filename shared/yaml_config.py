@@ -61,6 +61,11 @@ def tcp_port(value: int) -> str | None:
     return None if 1 <= value <= 65535 else "must be a TCP port (1-65535)"
 
 
+def folder_rule(path: Path) -> str | None:
+    """A folder the program creates or fills: a file already there would fail it later, mid-work."""
+    return f"{path} is a file, not a folder" if path.exists() and not path.is_dir() else None
+
+
 def at_least(minimum: float) -> Check:
     return lambda value: None if value >= minimum else f"must be >= {minimum}"
 

@@ -83,6 +83,16 @@ def test_a_number_in_exponent_form_without_a_dot_is_a_number(tmp_path):
     assert "privacy.delta: expected a number, got '1e-5x'" in message
 
 
+def test_a_file_where_a_folder_goes_is_refused_at_its_line(tmp_path):
+    """`prepare` or `keygen` would otherwise fail mid-work with NotADirectoryError."""
+    (tmp_path / "notes.txt").write_text("not a folder")
+    path = write(tmp_path, "name: a\ndata: {manifest: m.csv}\nfeatures:\n  cache_dir: notes.txt\n"
+                           "state_dir: notes.txt\ntraining: {out_dir: notes.txt}\n")
+    message = str(pytest.raises(ConfigError, load_site_config, path).value)
+    for line, key in ((4, "features.cache_dir"), (5, "state_dir"), (6, "training.out_dir")):
+        assert f"{path}:{line}: {key}: {tmp_path / 'notes.txt'} is a file, not a folder" in message
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_site_config(tmp_path / "nope.yaml")
