@@ -5,6 +5,7 @@ Opens every slide (no pixels beyond a thumbnail), so it takes seconds per slide,
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
@@ -56,6 +57,10 @@ class CheckReport:
         return "\n".join(out)
 
 
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+"""What a 0-byte file or an empty folder hashes to."""
+
+
 def check_site(config: SiteConfig) -> CheckReport:
     """`fedpath-site check`: everything wrong with the site's manifest or tile folder, before anything is read
     at length: every item opened and tiled (a thumbnail, not its pixels), duplicates by content, items
@@ -76,7 +81,7 @@ def check_site(config: SiteConfig) -> CheckReport:
         tiles = 0
         try:
             digest = content_sha256(item.files)
-            if digest in by_content:
+            if digest in by_content and digest != EMPTY_SHA256:  # empty files are not copies: opening says why
                 error = f"duplicate: same content as {by_content[digest].item_id}"
             else:
                 by_content[digest] = item

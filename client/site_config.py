@@ -37,7 +37,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if (self.manifest is None) == (self.tile_folder is None):
-            raise ValueError("data: set exactly one of 'manifest' (slides) or 'tile_folder' (tiles)")
+            raise ValueError("set exactly one of 'manifest' (slides) or 'tile_folder' (tiles)")
         if len(set(self.labels)) != len(self.labels):
             raise SettingError("labels", "class names must be unique")
 

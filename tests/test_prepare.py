@@ -103,11 +103,17 @@ def test_check_reports_every_kind_of_problem(site, capsys):
         "slides/copy.tif,adenoma,p3,train\n"
         "slides/blank.tif,adenoma,p4,train\n"
         "slides/slide-003.tif,sarcoma,p5,train\n"
-        "slides/gone.tif,adenoma,p6,train\n")
+        "slides/gone.tif,adenoma,p6,train\n"
+        "slides/zero.tif,adenoma,p7,train\n"
+        "slides/zero2.tif,adenoma,p8,train\n")
+    (slides / "zero.tif").write_bytes(b"")
+    (slides / "zero2.tif").write_bytes(b"")  # two empty files are not copies of each other: each is said
     write_site_yaml(site.parent, {"manifest": "manifest.csv", "labels": ["adenoma", "adenocarcinoma"]})
     assert site_main(["check", "--config", str(site)]) == 1
     out = capsys.readouterr().out
     assert "duplicate: same content as slides/slide-001.tif" in out
+    assert "same content as slides/zero.tif" not in out
+    assert f"{slides / 'zero2.tif'}: " in out
     assert "no tissue" in out
     assert "unknown label 'sarcoma'" in out
     assert f"{slides / 'gone.tif'}: file not found" in out
