@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     about = "the site's own log of everything that left it (state_dir/egress.jsonl)"
     egress = commands.add_parser("egress", help=about, description=about)
     egress.set_defaults(handler=lambda _args: (egress.print_help(), 2)[1])
-    egress_commands = egress.add_subparsers(title="egress commands")
+    egress_commands = egress.add_subparsers(title="egress commands", dest="egress_command", required=True)
     verify = add_command(egress_commands, "verify", _egress_verify,
                          "check the egress log's hash chain (edits, removals, reordering, truncation against "
                          "egress.head); exit 2 naming the first broken line")

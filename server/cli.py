@@ -278,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("checkpoint", help="a checkpoint .npz (round-NNNN, latest or best) with its .json beside it")
     info.add_argument("--json", action="store_true", help="print the fields as JSON")
 
-    audit = commands.add_parser("audit", help="audit log commands").add_subparsers(title="audit commands")
+    audit = commands.add_parser("audit", help="audit log commands").add_subparsers(
+        title="audit commands", dest="audit_command", required=True)
     add_command(audit, "verify", _audit_verify,
                 "check a run's audit log: every record unedited, none removed, reordered or cut off"
                 ).add_argument("run_dir", help="the run folder")
