@@ -10,7 +10,7 @@ from pathlib import Path
 from client.check import check_site
 from client.prepare import prepare_site
 from client.site_config import load_site_config
-from shared.cli import add_command, count_option, run_cli
+from shared.cli import add_command, run_cli, whole_number
 from shared.metrics import format_metric
 
 
@@ -185,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "this site's federations: ε spent against each budget and the lifetime limit, the noise "
                          "plan, and the site's own numbers of the last rounds (which never leave it)")
     status.add_argument("--config", required=True, help="the site's site.yaml")
-    status.add_argument("--last", type=count_option, default=3, help="round records shown per federation (default 3)")
+    status.add_argument("--last", type=whole_number(0), default=3,
+                        help="round records shown per federation (default 3)")
     stop = add_command(commands, "stop", _stop, "stop a SuperNode (and its task runner) started with --detach")
     stop.add_argument("--config", required=True, help="the site's site.yaml")
     digest = add_command(commands, "bundle-digest", _bundle_digest,
@@ -206,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "one readable line per record: run, round, message, outcome, what the reply held (arrays as "
                        "dtype and shape, disclosed numbers as values, bytes as sizes)")
     show.add_argument("--config", required=True, help="the site's site.yaml")
-    show.add_argument("--last", type=count_option, default=0, help="only the last N records (default: all)")
+    show.add_argument("--last", type=whole_number(0), default=0, help="only the last N records (default: all)")
     return parser
 
 

@@ -32,6 +32,9 @@ from shared.errors import UserError
 # Long enough that hospitals are not re-sent a CA every year; the server certificate is the
 # part that is renewed (``renew_server_certificate``) and may never outlive the CA.
 CA_MIN_DAYS = 3650
+# 100 years: far beyond any sensible renewal, and well inside the dates X.509 and Python can hold
+# (a validity of millions of days ends past the year 9999, an OverflowError mid-way).
+MAX_DAYS = 36500
 # Certificates start a few minutes in the past so a site whose clock runs slightly behind
 # does not reject a certificate made a moment ago.
 CLOCK_SKEW = timedelta(minutes=5)
@@ -78,8 +81,8 @@ def init_consortium(out_dir: Path, name: str, sans: Sequence[str] = (), days: in
     existing = [str(path) for path in files.paths() if path.exists()]
     if existing and not force:
         raise CertificateError(f"{', '.join(existing)}: already exist; a new CA would cut off every site "
-                               "that holds the old ca.pem. Pass force to replace them, or renew only the "
-                               "server certificate")
+                               "that holds the old ca.pem. Pass --force to replace them, or renew only the "
+                               "server certificate (renew-cert)")
     now = datetime.now(timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = _ca_subject(name)
@@ -213,8 +216,9 @@ def _general_name(value: str, what: str) -> x509.GeneralName:
 
 
 def _check_days(days: int) -> None:
-    if isinstance(days, bool) or not isinstance(days, int) or days < 1:
-        raise CertificateError(f"certificate validity days={days!r}: must be a whole number of days, at least 1")
+    if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= MAX_DAYS:
+        raise CertificateError(f"certificate validity --days {days!r}: must be a whole number of days, at least 1 "
+                               f"and at most {MAX_DAYS} (100 years)")
 
 
 def _load_certificate(path: Path) -> x509.Certificate:

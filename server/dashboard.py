@@ -34,6 +34,7 @@ from server.superlink import FlowerControl, FlowerError, StatePaths
 from shared.errors import UserError
 from shared.metrics import is_number
 from shared.processes import WILDCARD_HOSTS
+from shared.yaml_config import tcp_port
 
 REFRESH_S = 5.0  # how often the page asks for news
 SITES_TTL_S = 10.0  # the SuperLink's node list is a `flwr` call (about a second): asked at most this often
@@ -260,6 +261,10 @@ def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8050, insec
     """
     import uvicorn
 
+    # Checked here: uvicorn would listen on the port modulo 65536 (70000: 4464) under the URL printed
+    # below, and port 0 on a free port that URL would not name.
+    if tcp_port(port):
+        raise DashboardError(f"--port {port}: {tcp_port(port)}")
     tls: dict = {}
     if host not in LOOPBACK:
         certs = StatePaths(config).certs

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ from shared.image_tiles import read_image_tile
 from shared.metrics import classification_metrics, to_jsonable
 from shared.model import unit_scale
 from shared.model_config import device_rule
+from shared.yaml_config import positive
 
 log = logging.getLogger("fedpath.server")
 
@@ -71,10 +73,33 @@ class PretrainSettings:
                                 "batch size >= 2 (BatchNorm trains on batch statistics)")
         if not 0 < self.val_fraction < 1:
             raise PretrainError(f"validation fraction {self.val_fraction} must be between 0 and 1 (exclusive)")
-        if self.learning_rate <= 0:
-            raise PretrainError("learning rate must be positive")
         if device_rule(self.device):
             raise PretrainError(f"device {self.device!r} {device_rule(self.device)}")
+        problem = _number_problem(self)
+        if problem:
+            raise PretrainError(problem)
+
+
+# numpy refuses a negative seed (the split); torch one above 64 bits (each epoch's shuffle: seed * 1000 + epoch).
+MAX_SEED = 2**32 - 1
+
+
+def _number_problem(settings: PretrainSettings) -> str | None:
+    """What is wrong with a numeric setting, said before any work: NaN passes ``<= 0`` (False for it) and a
+    bad one would fail only after training, once the trunk is written."""
+    if positive(settings.learning_rate):
+        return f"learning rate (--lr) {settings.learning_rate}: {positive(settings.learning_rate)}"
+    if not 0 <= settings.weight_decay < math.inf:
+        return f"weight decay {settings.weight_decay}: must be a finite number >= 0"
+    if not 0 <= settings.stain_jitter < 1:  # each stain is scaled by 1 ± it
+        return f"stain jitter {settings.stain_jitter}: must be at least 0 and below 1"
+    if not 0 <= settings.seed <= MAX_SEED:
+        return f"seed (--seed) {settings.seed}: must be between 0 and {MAX_SEED}"
+    if settings.mpp is not None and positive(settings.mpp):
+        return f"µm per pixel (--mpp) {settings.mpp}: {positive(settings.mpp)}"
+    if settings.num_workers < 0:
+        return f"tile-reading processes (--workers) {settings.num_workers}: must be >= 0 (0: read in this process)"
+    return None
 
 
 @dataclass(frozen=True)
@@ -203,6 +228,8 @@ def pretrain_encoder(tiles_dir: Path, out: Path, settings: PretrainSettings = Pr
         projection: the size of the frozen projection fitted afterwards (``attach_projection``;
             ``model.projection`` must match it); 0 fits none.
     """
+    if projection < 0:  # said now: attach_projection would fail only after training, the trunk written
+        raise PretrainError(f"projection size (--projection) {projection}: must be >= 0 (0: none)")
     out = Path(out)
     classes, tiles = find_tiles(tiles_dir)
     train_idx, val_idx = stratified_split(np.array([label for _, label in tiles]), settings.val_fraction, settings.seed)
@@ -311,6 +338,8 @@ def attach_projection(result: PretrainResult, tiles_dir: Path, settings: Pretrai
         progress: progress bars.
         epochs: passes over the vectors.
     """
+    if size < 1:
+        raise PretrainError(f"projection size (--projection) {size}: must be >= 1")
     classes, tiles = find_tiles(tiles_dir)
     train_idx, val_idx = stratified_split(np.array([label for _, label in tiles]), settings.val_fraction, settings.seed)
     encoder = TileEncoder(result.weights).eval().to(resolve_device(settings.device))

@@ -33,15 +33,19 @@ def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) 
         return 130
 
 
-def count_option(text: str) -> int:
-    """An argparse type for a count a person types (``--last 3``): a whole number, 0 or more."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative; give 0 or more")
-    return value
+def whole_number(minimum: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number, at least ``minimum`` when given (``--last -2`` or 0 hospitals
+    would do something else than asked, or fail later in a traceback that names no option)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if minimum is not None and value < minimum:
+            raise argparse.ArgumentTypeError(f"{value}: must be at least {minimum}")
+        return value
+
+    return parse
 
 
 def add_command(subparsers, name: str, handler: Handler, help: str) -> argparse.ArgumentParser:

@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from shared.cli import add_command, run_cli
+from shared.cli import add_command, run_cli, whole_number
+from shared.errors import UserError
 
 
 def _generate_sites(out: Path, args: argparse.Namespace, backbone_weights: str = "random",
@@ -19,8 +20,26 @@ def _generate_sites(out: Path, args: argparse.Namespace, backbone_weights: str =
                            vary_size=not args.fixed_size)
 
 
+def _output_folder(path: Path, what: str = "--out") -> Path:
+    """``path``, refused when it or a folder above it is a file: mkdir's traceback would name no option."""
+    blocker = next((folder for folder in (path, *path.parents) if folder.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise UserError(f"{what} {path}: {blocker} is a file, not a folder")
+    return path
+
+
 def _make_slides(args: argparse.Namespace) -> int:
-    configs = _generate_sites(Path(args.out), args)
+    from simulations.consortium import written_sites
+
+    out = _output_folder(Path(args.out))
+    # A researcher's hand-edited site.yaml or manifest is not replaced unasked (the demo and the
+    # library's make_consortium own their folders and rewrite them).
+    taken = written_sites(out, args.sites)
+    if taken and not args.force:
+        raise UserError(f"--out {out}: hospital folder(s) {', '.join(taken)} already hold a site.yaml or "
+                        "manifest.csv, which make-slides would overwrite with the slides beside them. Pass --force "
+                        "to replace them, or give another --out")
+    configs = _generate_sites(out, args)
     for config in configs:
         print(f"{config.parent.name}: {config.parent / 'manifest.csv'}  (site config: {config})")
     return 0
@@ -44,7 +63,7 @@ def _demo(args: argparse.Namespace) -> int:
     from simulations.local_consortium import LocalConsortium
     from simulations.public_tiles import make_public_tiles
 
-    out = Path(args.out).resolve()
+    out = _output_folder(Path(args.out)).resolve()
     trunk = out / "consortium" / "trunk.pth"
     print(f"the consortium fits the frozen projection on {2 * args.public_tiles} generated public tiles "
           "(the trunk stays random: no weights can be downloaded here) ...", flush=True)
@@ -75,7 +94,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _sim_out(args: argparse.Namespace) -> Path:
-    return Path(args.out) if args.out else Path(args.config).resolve().parent / "simulation"
+    if args.out:
+        return _output_folder(Path(args.out))
+    return _output_folder(Path(args.config).resolve().parent / "simulation", "output folder")
 
 
 def _split(args: argparse.Namespace) -> int:
@@ -149,6 +170,22 @@ def slide_size(text: str) -> tuple[int, int]:
     return width, height
 
 
+def site_tile_size(text: str) -> int:
+    """``--tile-size``: checked by site.yaml's own rule for ``tiling.tile_size``, so that the next
+    `fedpath-site check` accepts the site.yaml written with it."""
+    from dataclasses import fields
+
+    from client.site_config import TilingConfig
+
+    value = whole_number()(text)
+    rule = next(field for field in fields(TilingConfig) if field.name == "tile_size").metadata["check"]
+    problem = rule(value)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{value}: {problem}, as site.yaml's tiling.tile_size (the sites would "
+                                         "refuse the site.yaml)")
+    return value
+
+
 def microns_per_pixel(text: str) -> float:
     """``--mpp``: µm per pixel at level 0, positive (0.25 is 40x, 0.5 is 20x)."""
     try:
@@ -163,9 +200,10 @@ def microns_per_pixel(text: str) -> float:
 def _add_generation_options(parser: argparse.ArgumentParser, sites: int, slides: int, size: int = 2048,
                             tile_size: int = 299) -> None:
     parser.add_argument("--out", required=True, help="folder for the generated hospitals")
-    parser.add_argument("--sites", type=int, default=sites, help=f"number of hospitals (default {sites})")
-    parser.add_argument("--slides-per-site", type=int, default=slides, help=f"slides per hospital (default {slides})")
-    parser.add_argument("--seed", type=int, default=0, help="same seed, same slides (default 0)")
+    parser.add_argument("--sites", type=whole_number(1), default=sites, help=f"number of hospitals (default {sites})")
+    parser.add_argument("--slides-per-site", type=whole_number(1), default=slides,
+                        help=f"slides per hospital (default {slides})")
+    parser.add_argument("--seed", type=whole_number(0), default=0, help="same seed, same slides (default 0; >= 0)")
     parser.add_argument("--size", type=slide_size, default=(size, size), metavar="N|WxH",
                         help=f"slide size in pixels at level 0: N (square) or WxH, e.g. 80000x60000; each side "
                              f"±25%% per slide unless --fixed-size (default {size}). Slides of more pixels than "
@@ -174,8 +212,9 @@ def _add_generation_options(parser: argparse.ArgumentParser, sites: int, slides:
     parser.add_argument("--fixed-size", action="store_true", help="every slide exactly --size, not jittered")
     parser.add_argument("--mpp", type=microns_per_pixel, default=0.5,
                         help="µm per pixel at level 0 (default 0.5, 20x; 0.25 is 40x)")
-    parser.add_argument("--tile-size", type=int, default=tile_size,
-                        help=f"tile size written into each site.yaml (default {tile_size})")
+    parser.add_argument("--tile-size", type=site_tile_size, default=tile_size,
+                        help=f"tile size written into each site.yaml, at least 75 like tiling.tile_size "
+                             f"(default {tile_size})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,14 +223,16 @@ def build_parser() -> argparse.ArgumentParser:
     make = add_command(commands, "make-slides", _make_slides,
                        "write pyramidal JPEG-tiled TIFF slides, a manifest.csv and a site.yaml per hospital")
     _add_generation_options(make, sites=3, slides=6)
+    make.add_argument("--force", action="store_true",
+                      help="replace the site.yaml, manifest.csv and slides of hospitals already in --out")
     demo = add_command(commands, "demo", _demo,
                        "the local demo consortium: generate three hospitals' slides, prepare each site's feature "
                        "cache, then run a real SuperLink and three SuperNodes on 127.0.0.1 for a federated run "
                        "with DP at every site; every process is stopped at the end")
     # Many small slides: DP needs dozens of patients per hospital to learn in five rounds.
     _add_generation_options(demo, sites=3, slides=60, size=768, tile_size=96)
-    demo.add_argument("--rounds", type=int, default=5, help="federated rounds (default 5)")
-    demo.add_argument("--public-tiles", type=int, default=300,
+    demo.add_argument("--rounds", type=whole_number(1), default=5, help="federated rounds (default 5)")
+    demo.add_argument("--public-tiles", type=whole_number(2), default=300,
                       help="generated public tiles per class the projection is fitted on (default 300)")
     run = add_command(commands, "run", _run,
                       "simulate N hospitals on Flower's Simulation Engine with the deployed ServerApp and ClientApp "

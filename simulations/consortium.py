@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from simulations.slide_generator import LABELS, SlideSpec, make_site_slides
+from simulations.slide_generator import LABELS, SlideSpec, make_site_slides, site_folder
 
 
 def write_site_config(manifest: Path, tile_size: int, backbone_weights: str = "random",
@@ -24,6 +24,14 @@ def write_site_config(manifest: Path, tile_size: int, backbone_weights: str = "r
     path = site_dir / "site.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+def written_sites(out: Path, sites: int) -> list[str]:
+    """The hospital folders among the ``sites`` that ``make_consortium`` would write in ``out`` which already
+    hold a site.yaml or manifest.csv: a person may have edited them, and generating again replaces them."""
+    folders = [Path(out) / site_folder(k) for k in range(1, sites + 1)]
+    return [folder.name for folder in folders
+            if (folder / "site.yaml").exists() or (folder / "manifest.csv").exists()]
 
 
 def make_consortium(out: Path, sites: int, slides_per_site: int, seed: int, size: int | tuple[int, int],

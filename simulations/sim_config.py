@@ -114,7 +114,7 @@ class BackendConfig:
 @dataclass(frozen=True)
 class SimulationSection:
     sites: int = check(at_least(1), 3)
-    seed: int = 0  # same seed, same data, split, stains and results
+    seed: int = check(at_least(0), 0)  # same seed, same data, split, stains and results (numpy's seeds are >= 0)
     data: DataSource = field(default_factory=DataSource)
     test_fraction: float = check(lambda f: None if 0 < f < 1 else "must be between 0 and 1 (exclusive)", 0.2)
     val_fraction: float = check(lambda f: None if 0 <= f < 1 else "must be in [0, 1)", 0.2)

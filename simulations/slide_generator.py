@@ -44,7 +44,7 @@ from simulations.tissue_rendering import (
 )
 
 __all__ = ["LABELS", "MANIFEST_HEADER", "STREAMED_ABOVE", "CancerRegion", "SlideInfo", "SlideSpec", "Stain",
-           "make_site_slides", "make_slide", "render_tissue", "site_stain", "write_pyramid_tiff"]
+           "make_site_slides", "make_slide", "render_tissue", "site_folder", "site_stain", "write_pyramid_tiff"]
 
 MANIFEST_HEADER = ("slide", "label", "patient")
 
@@ -133,7 +133,7 @@ def make_site_slides(out_dir: Path, sites: int, slides_per_site: int, seed: int,
     total, done, start = sites * slides_per_site, 0, time.perf_counter()
     streamed = spec.width * spec.height > STREAMED_ABOVE  # one renderer for all slides of a run
     for k in range(1, sites + 1):
-        name = f"site-{k}"
+        name = site_folder(k)
         site_rng = np.random.default_rng([seed, k])
         stain = site_stain(site_rng)
         labels = _site_labels(site_rng, slides_per_site, (low, high))
@@ -154,6 +154,11 @@ def make_site_slides(out_dir: Path, sites: int, slides_per_site: int, seed: int,
         _write_manifest(manifest, rows)
         manifests.append(manifest)
     return manifests
+
+
+def site_folder(k: int) -> str:
+    """Hospital ``k``'s folder name (1-based) in ``make_site_slides``'s ``out_dir``."""
+    return f"site-{k}"
 
 
 def _tile_progress(name: str, start: float) -> Callable[[int, int], None]:

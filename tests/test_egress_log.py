@@ -166,7 +166,7 @@ def test_dpo_commands(tmp_path, capsys):
     assert "train/setup: error code 1013 (the site could not handle the message" in shown[1]
     with pytest.raises(SystemExit) as exited:  # --last -2 showed all but the first two
         site_main(["egress", "show", "--config", str(site), "--last", "-2"])
-    assert exited.value.code == 2 and "-2 is negative; give 0 or more" in capsys.readouterr().err
+    assert exited.value.code == 2 and "-2: must be at least 0" in capsys.readouterr().err
     _rewrite(egress.path, lambda lines: lines.__setitem__(1, lines[1].replace('"round":"1"', '"round":"9"')))
     assert site_main(["egress", "verify", "--config", str(site)]) == 2
     assert "line 2: the record was edited" in capsys.readouterr().err
