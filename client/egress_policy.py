@@ -101,7 +101,7 @@ SIGNED_REPLY_KEYS: dict[str, dict[str, str]] = {
 class Violation:
     """The first thing in a reply that breaks the policy (never the value itself: it may be private)."""
 
-    rule: str  # "a".."e", as in the module docstring
+    rule: str  # "a".."e", as in the module docstring; "ledger" from the task runner's ledger guard
     field: str  # where: "configs:fitres.metrics/train_loss"
     problem: str  # what is wrong, in words
 

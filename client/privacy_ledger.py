@@ -168,24 +168,33 @@ LEDGERS_DIR = "ledgers"
 """The site's ledgers, one ``<federation_id>.json`` each, in its ``state_dir``."""
 
 
-def federation_ledger(state_dir: Path, federation_id: str) -> Path:
+def federation_ledger(state_dir: Path | str, federation_id: str) -> Path:
     """The ledger file of a federation (its id is validated before: a plain file name, never a path)."""
     return Path(state_dir) / LEDGERS_DIR / f"{federation_id}.json"
 
 
-def recorded_trainings(path: Path) -> int | None:
-    """How many training rounds the ledger at ``path`` records, read without its budget (0: no file
-    there); None when it is not a readable ledger (the ClientApp's own ledger then refuses, code 2)."""
+def recorded_trainings(path: Path) -> list[tuple[str, str]] | None:
+    """The training rounds the ledger at ``path`` records, oldest first, as (round id, time recorded), read
+    without its budget ([]: no file there); None when it is not a readable ledger (the ClientApp's own
+    ledger then refuses, code 2). The times tell a round recorded again in an older copy from the original."""
     try:
         document = json.loads(Path(path).read_text(encoding="utf-8"))
         if not isinstance(document, dict) or document.get("format") != FORMAT:
             return None
         _, rounds = PrivacyLedger._parse_structure(document)
     except FileNotFoundError:
-        return 0
+        return []
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
         return None
-    return sum(1 for entry in rounds if entry.get("kind", "training") == "training")
+    return [(str(entry["round_id"]), str(entry["recorded_at"])) for entry in rounds
+            if entry.get("kind", "training") == "training"]
+
+
+def ledger_trainings(state_dir: Path) -> dict[str, int]:
+    """How many training rounds each readable ledger in ``state_dir`` records, by federation id."""
+    folder = Path(state_dir) / LEDGERS_DIR
+    counts = {path.stem: recorded_trainings(path) for path in sorted(folder.glob("*.json"))} if folder.is_dir() else {}
+    return {federation: len(rounds) for federation, rounds in counts.items() if rounds}
 
 
 class PrivacyLedger:

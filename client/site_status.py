@@ -6,11 +6,16 @@ the site's own numbers of the last rounds (which never left it).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from client.egress_log import EgressLog
 from client.ledger_guard import LedgerGuard
-from client.privacy_ledger import LedgerError, PrivacyBudget, PrivacyLedger, recorded_trainings
+from client.privacy_ledger import (
+    LedgerError,
+    PrivacyBudget,
+    PrivacyLedger,
+    federation_ledger,
+    recorded_trainings,
+)
 from client.site_config import SiteConfig
 from client.site_rounds import federations, read_rounds
 from shared.hash_chain import ChainError
@@ -26,10 +31,9 @@ def status_report(config: SiteConfig, last: int = 3) -> str:
     names = sorted(set(federations(config)) | set(sent or ()))  # a deleted ledger's federation is still listed
     disclosed = ", ".join(config.disclose) or "nothing"
     lines = [f"{config.name}: {len(names)} federation(s); disclosed per round: {disclosed}"]
-    ledger_dir = Path(config.state_dir) / "ledgers"
     lifetime_ledger = None
     for name in names:
-        path = ledger_dir / f"{name}.json"
+        path = federation_ledger(config.state_dir, name)
         lines.append(f"\n{name}")
         if path.is_file():
             try:
@@ -51,11 +55,11 @@ def status_report(config: SiteConfig, last: int = 3) -> str:
             except (LedgerError, OSError, ValueError, KeyError, TypeError) as exc:
                 lines.append(f"  ledger {path}: UNREADABLE ({exc}); restore it from a backup")
         trainings = recorded_trainings(path)
-        if sent is not None and trainings is not None and trainings < sent[name]:
-            lines.append(f"  LEDGER BEHIND: {path} records {trainings} training round(s), the egress log shows "
-                         f"{sent[name]} update(s) sent: it was deleted or restored from an older copy. This "
-                         "federation's messages are refused (code 18) until the latest copy is restored")
-        for record in read_rounds(config, name)[-last:]:
+        if sent is not None and trainings is not None and len(trainings) < sent[name]:
+            lines.append(f"  LEDGER BEHIND: {path} records {len(trainings)} training round(s), the egress log shows "
+                         f"{sent[name]}: it was deleted or restored from an older copy. This federation's messages "
+                         "are refused (code 18) until the latest copy is restored")
+        for record in (read_rounds(config, name)[-last:] if last else []):
             lines.append("  " + _record_line(record))
     lines += _roster_lines(config)
     if config.privacy.lifetime_epsilon is not None:

@@ -13,12 +13,15 @@ Runtime API the way Flower's SuperExec does, and for each task:
 2. checks the run's bundle: its content digest (``shared/app_bundle.py``) must be the installed
    fedpath version's or be listed in ``federation.allowed_bundles``; otherwise it answers
    ``Error(REFUSAL_ERROR_BASE + 12)`` and runs nothing. The bundle is never installed or imported;
+   a message whose federation's privacy ledger is behind the egress log (deleted, or an older copy
+   restored) is answered ``Error(REFUSAL_ERROR_BASE + 18)`` and runs nothing (``client/ledger_guard.py``);
 3. runs the locally installed ClientApp (``client.app:app``, imported once, in this process: torch
    is imported once and stays warm, and the trunk's hash, its frozen projection and the feature
    cache's entries are read once and kept while their files are unchanged, ``shared/file_memo.py``)
    with the message and context, with a task heartbeat;
 4. checks the reply with the site's egress policy (``client/egress_policy.py``); a reply that
-   fails is replaced by ``Error(REFUSAL_ERROR_BASE + 14)``;
+   fails is replaced by ``Error(REFUSAL_ERROR_BASE + 14)``, and one whose ledger was replaced while the
+   ClientApp ran by ``Error(REFUSAL_ERROR_BASE + 18)``;
 5. records what leaves in the site's egress log (``client/egress_log.py``), then pushes the reply
    and the context (SecAgg+ keeps its state there) back to the SuperNode.
 
@@ -86,7 +89,7 @@ from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 from client.egress_log import ERROR, REFUSED, SENT, WITHHELD, EgressLog, describe_reply
 from client.egress_policy import EgressPolicy, Violation, plan_federation, plan_weight, secagg_stage
 from client.ledger_guard import LEDGER_BEHIND, TRAINED_KEY, LedgerBehind, LedgerGuard
-from client.privacy_ledger import LEDGERS_DIR
+from client.privacy_ledger import federation_ledger
 from client.site_config import SiteConfig, load_site_config
 from client.supernode import read_superexec_secret, runtime_address
 from shared.app_bundle import BundleError, bundle_digest, installed_bundle_info, normalise_digest
@@ -101,6 +104,7 @@ log = logging.getLogger("fedpath.runner")
 BUNDLE_NOT_ALLOWED = REFUSAL_ERROR_BASE + 12
 HANDLING_FAILED = REFUSAL_ERROR_BASE + 13
 POLICY_FAILED = REFUSAL_ERROR_BASE + 14
+LEDGER_IS_BEHIND = REFUSAL_ERROR_BASE + LEDGER_BEHIND
 
 COMPONENT = "fedpath-task-runner"
 ACQUIRE_METHOD = "/flwr.proto.Runtime/AcquireTask"  # the one Runtime method SuperExec auth protects
@@ -184,7 +188,7 @@ class Answer:
     stage: str | None  # SecAgg+ stage of the message answered
     bundle: str | None  # content digest of the run's bundle
     violation: Violation | None = None
-    trained: str | None = None  # the federation, when the reply carries a training update (client/ledger_guard.py)
+    trained: str | None = None  # the federation whose ledger recorded a training for it (client/ledger_guard.py)
 
 
 class TaskRunner:
@@ -198,6 +202,7 @@ class TaskRunner:
         address: the SuperNode's Runtime API, host:port on loopback.
         secret: the SuperExec auth secret shared with the SuperNode (None: no authentication).
         secret_reader: re-reads the secret after the SuperNode refused it (a restarted site).
+        guard: compares each federation's ledger with the egress log (None: no check, tests only).
     """
 
     def __init__(self, app: Callable[..., Message], approval: BundleApproval, policy: EgressPolicy,
@@ -209,8 +214,9 @@ class TaskRunner:
 
     # One message: decide the reply. Never raises.
     def answer(self, message: Message, context: Context, fab: Fab) -> Answer:
-        """The reply to ``message``: a refusal for a bundle that is not allowed, else the installed
-        ClientApp's reply if it passes the egress policy; an error code for anything that fails."""
+        """The reply to ``message``: a refusal for a bundle that is not allowed or a federation whose ledger
+        is behind, else the installed ClientApp's reply if it passes the egress policy and its ledger was not
+        replaced meanwhile; an error code for anything that fails."""
         stage, bundle = None, None
         try:
             stage = secagg_stage(message)  # before the ClientApp runs: Flower's SecAgg+ mod pops it
@@ -226,8 +232,8 @@ class TaskRunner:
             try:
                 trainings = self.guard.before(federation) if federation is not None else None
             except LedgerBehind as behind:
-                log.error("%s: refused (code %d): %s", what, LEDGER_BEHIND, behind)
-                return Answer(refusal(message, REFUSAL_ERROR_BASE + LEDGER_BEHIND), REFUSED, stage, bundle)
+                log.error("%s: refused (code %d): %s", what, LEDGER_IS_BEHIND, behind)
+                return Answer(refusal(message, LEDGER_IS_BEHIND), REFUSED, stage, bundle)
             log.info("%s: running the ClientApp", what)
             reply = self.app(message=message, context=context)
             if not isinstance(reply, Message) or reply.metadata.reply_to_message_id != message.metadata.message_id:
@@ -240,9 +246,9 @@ class TaskRunner:
             try:
                 trained = federation if federation is not None and self.guard.trained(federation, trainings) else None
             except LedgerBehind as behind:
-                log.error("%s: the reply is withheld (code %d): %s", what, LEDGER_BEHIND, behind)
-                return Answer(refusal(message, REFUSAL_ERROR_BASE + LEDGER_BEHIND), WITHHELD, stage, bundle,
-                              Violation("ledger", f"{LEDGERS_DIR}/{federation}.json", str(behind)))
+                log.error("%s: the reply is withheld (code %d): %s", what, LEDGER_IS_BEHIND, behind)
+                return Answer(refusal(message, LEDGER_IS_BEHIND), WITHHELD, stage, bundle,
+                              Violation("ledger", str(federation_ledger(".", federation)), str(behind)))
             return Answer(reply, SENT, stage, bundle, trained=trained)
         except (Exception, SystemExit):  # SystemExit: a library calling sys.exit must not end the runner
             log.exception("%s: failed; answering with code %d and no text (the details stay in this log)",
@@ -511,8 +517,8 @@ def build_runner(config: SiteConfig, secret: bytes | None) -> TaskRunner:
     the ClientApp imported; a ``start`` record written. Raises UserError with what to fix."""
     egress = EgressLog(config.state_dir)
     egress.open_for_writing()
-    # without DP there is no ledger to guard: a site that trains without it keeps none
-    guard = LedgerGuard(config.state_dir, egress.chain.records()) if config.privacy.enabled else None
+    # built whatever privacy.enabled says now: the ClientApp reads site.yaml again for every message
+    guard = LedgerGuard(config.state_dir, egress.chain.records())
     try:
         info = installed_bundle_info()
         installed, version, app_dir = info.digest, info.version, str(info.app_dir)
@@ -542,7 +548,7 @@ def build_runner(config: SiteConfig, secret: bytes | None) -> TaskRunner:
     egress.append({"event": "start", "version": version, "app_digest": installed, "app_dir": app_dir,
                    "allowed_bundles": sorted(approval.allowed), "disclose": sorted(config.disclose),
                    "require_secure_aggregation": config.federation.require_secure_aggregation,
-                   "pid": os.getpid()})
+                   "pid": os.getpid(), **guard.start_fields()})
     log.info("%s: task runner for fedpath %s (bundle sha256:%s), SuperNode Runtime API %s, %d torch thread(s); "
              "egress log %s", config.name, version, installed, runtime_address(config), torch.get_num_threads(),
              egress.path)

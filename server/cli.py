@@ -69,9 +69,14 @@ def _run(args: argparse.Namespace) -> int:
     except FlowerError as error:
         if folder.run_info().get("flower_runs"):
             raise
-        shutil.rmtree(folder.path, ignore_errors=True)  # never submitted: no run to keep a folder for
-        raise FlowerError(f"{error}\nNo run was started (its folder is removed). Is the SuperLink running? "
-                          f"`fedpath-server status --config {args.config}`") from None
+        try:  # `flwr run` may also fail after the SuperLink took the run (a timeout): then the folder stays
+            control.runs()
+        except FlowerError:  # the SuperLink does not answer at all: it took no run, keep no folder for one
+            shutil.rmtree(folder.path, ignore_errors=True)
+            raise FlowerError(f"{error}\nNo run was started (its folder is removed). Is the SuperLink running? "
+                              f"`fedpath-server status --config {args.config}`") from None
+        raise FlowerError(f"{error}\nThe SuperLink answers, so it may have taken the run: {folder.path} is kept; "
+                          f"`fedpath-server status --config {args.config}` lists the Flower runs") from None
 
 
 def _resume(args: argparse.Namespace) -> int:

@@ -30,8 +30,8 @@ REFUSALS = {
     16: "the site sits this SecAgg+ round out; it does not disclose why (`refused` is not in its `disclose:` list)",
     17: "the site offered its evaluation counts at this SecAgg+ round's setup but cannot release them now "
         "(its validation slides or privacy.release_evaluation changed during the round)",
-    18: "the site's privacy ledger for this federation records fewer trainings than its egress log shows updates "
-        "sent (deleted or restored from an older copy): nothing ran, until its data-protection officer restores it",
+    18: "the site's privacy ledger for this federation is behind its egress log (deleted, restored from an older "
+        "copy, or replaced while the round ran): refused, or the reply withheld, until the latest copy is restored",
 }
 """Why a site sat a round out or refused a message. In a plain training reply the code travels as the
 numeric metric ``refused``; a message the site refuses outright, and a SecAgg+ round it sits out, are

@@ -169,12 +169,15 @@ def test_a_reply_whose_plaintext_weight_is_not_the_plans_s_is_withheld(tmp_path,
 
 class TrainingClientApp(ToyClientApp):
     """Records a training round in the federation's real privacy ledger, as the ClientApp does before its
-    update leaves, then replies with the plan's S; ``during`` runs in between (the ledger replaced)."""
+    update leaves, then replies with the plan's S. ``opening`` runs before it opens the ledger, ``during``
+    after it recorded (a ledger replaced at either moment)."""
 
-    def __init__(self, state_dir, during=None) -> None:
+    def __init__(self, state_dir, opening=None, during=None) -> None:
         from client.privacy_ledger import PrivacyBudget, PrivacyLedger, federation_ledger
 
         def train(message: Message) -> Message:
+            if opening is not None:
+                opening()
             ledger = PrivacyLedger(federation_ledger(state_dir, "fed-1"), PrivacyBudget(8.0, 1e-5))
             ledger.record_round(5.0, 0.01, 1, round_id=ledger.unused_round_id(f"round-{message.metadata.group_id}"))
             if during is not None:
@@ -191,78 +194,110 @@ def _training(round_: int) -> Message:
     return server_message(RecordDict({"fitins.config": ConfigRecord(plan)}), message_type="evaluate", round_=round_)
 
 
-def _guarded_runner(state, app, installed_fab) -> TaskRunner:
-    """A runner as build_runner makes it for a site with DP: its guard counts the egress log's updates."""
+def _started_runner(state, app, installed_fab) -> TaskRunner:
+    """A runner as build_runner starts it: its guard read from the egress log, then its start record written
+    (the first one of a log holds the ledgers' baseline)."""
     from client.ledger_guard import LedgerGuard
 
     runner = _runner(state, app, installed_fab)
     runner.guard = LedgerGuard(state, runner.egress.chain.records())
+    runner.egress.append({"event": "start", **runner.guard.start_fields()})
     return runner
+
+
+def _serve(runner: TaskRunner, round_: int, fab: Fab):
+    message = _training(round_)
+    return runner.record(message, runner.answer(message, site_context(), fab))
+
+
+def _marks(runner: TaskRunner) -> list:
+    return [r.get("trained") for r in runner.egress.verify() if r["event"] == "reply"]
 
 
 def test_a_deleted_or_rolled_back_ledger_refuses_the_federation_until_restored(tmp_path, installed_fab, caplog):
     """The attack on the site's own files: its ledger deleted, or restored from an older backup, would plan
-    the federation again from ε = 0. The egress log counts the updates that left; the runner refuses."""
+    the federation again from ε = 0. The egress log counts the trainings; the runner refuses."""
     from client.privacy_ledger import federation_ledger
 
     state = tmp_path / "state"
     ledger = federation_ledger(state, "fed-1")
     app = TrainingClientApp(state)
-    runner = _guarded_runner(state, app, installed_fab)
+    runner = _started_runner(state, app, installed_fab)
     backups = []
     for round_ in (1, 2):
-        answer = runner.record(_training(round_), runner.answer(_training(round_), site_context(), installed_fab))
+        answer = _serve(runner, round_, installed_fab)
         assert answer.outcome == SENT and answer.trained == "fed-1"
         backups.append(ledger.read_bytes())
-    assert [r.get("trained") for r in runner.egress.verify()] == ["fed-1", "fed-1"]
+    assert _marks(runner) == ["fed-1", "fed-1"]
 
     ledger.unlink()  # deleted: the site restarts (a new runner reads the egress log) and round 3 comes
     site = load_site_config(write_site_yaml(tmp_path, {"manifest": "m.csv"}, state_dir=str(state)))
     assert "fed-1\n  LEDGER BEHIND: " in status_report(site)  # what `fedpath-site status` shows the DPO
-    assert "records 0 training round(s), the egress log shows 2 update(s) sent" in status_report(site)
+    assert "records 0 training round(s), the egress log shows 2" in status_report(site)
     for broken in ("deleted", backups[0]):  # then an older copy restored (one training of two)
         if broken != "deleted":
             ledger.write_bytes(broken)
-        runner = _guarded_runner(state, app, installed_fab)
+        runner = _started_runner(state, app, installed_fab)
         calls = app.calls
-        answer = runner.record(_training(3), runner.answer(_training(3), site_context(), installed_fab))
+        answer = _serve(runner, 3, installed_fab)
         assert answer.outcome == REFUSED and answer.reply.error.code == 1018 and not answer.reply.error.reason
         assert app.calls == calls  # nothing ran
         assert ledger.exists() == (broken != "deleted")  # and nothing was planned afresh
-        assert "shows 2 update(s) sent in federation fed-1" in caplog.text
+        assert "egress log shows 2 in federation fed-1" in caplog.text
     ledger.write_bytes(backups[1])  # the latest copy restored: the federation goes on
-    answer = runner.record(_training(3), runner.answer(_training(3), site_context(), installed_fab))
+    answer = _serve(runner, 3, installed_fab)
     assert answer.outcome == SENT and answer.trained == "fed-1"
-    # a message of another federation is not held back by this one's
-    assert runner.guard.before("fed-2") == 0
+    assert runner.guard.before("fed-2") == []  # another federation is not held back by this one's
 
 
-def test_a_ledger_replaced_while_the_round_ran_withholds_the_update(tmp_path, installed_fab):
+@pytest.mark.parametrize("moment", ["opening", "during"])
+def test_a_ledger_replaced_while_the_round_ran_withholds_the_reply(tmp_path, installed_fab, moment):
+    """An older copy swapped in after the check: before the ClientApp opens the ledger (it then records its
+    training into the copy: as many trainings as before, but not the same ones) or after it recorded."""
     from client.privacy_ledger import federation_ledger
 
     state = tmp_path / "state"
     ledger = federation_ledger(state, "fed-1")
-    runner = _guarded_runner(state, TrainingClientApp(state), installed_fab)
-    runner.record(_training(1), runner.answer(_training(1), site_context(), installed_fab))
+    runner = _started_runner(state, TrainingClientApp(state), installed_fab)
+    _serve(runner, 1, installed_fab)
     copy = ledger.read_bytes()
-    runner.record(_training(2), runner.answer(_training(2), site_context(), installed_fab))
-    runner.app = TrainingClientApp(state, during=lambda: ledger.write_bytes(copy))  # one training, not three
-    answer = runner.record(_training(3), runner.answer(_training(3), site_context(), installed_fab))
+    _serve(runner, 2, installed_fab)
+    runner.app = TrainingClientApp(state, **{moment: lambda: ledger.write_bytes(copy)})
+    answer = _serve(runner, 3, installed_fab)
     assert answer.outcome == WITHHELD and answer.reply.error.code == 1018
     assert answer.violation.rule == "ledger" and answer.trained is None
-    assert [r.get("trained") for r in runner.egress.verify()] == ["fed-1", "fed-1", None]
+    assert _marks(runner) == ["fed-1", "fed-1", None]
 
 
-def test_a_reply_that_trained_nothing_is_not_counted_and_without_dp_nothing_is_guarded(tmp_path, installed_fab):
+def test_the_first_start_of_a_log_takes_the_ledgers_as_they_are(tmp_path, installed_fab):
+    """A site upgraded from a version without the guard, or whose egress log was moved away (the documented
+    way out of a broken log), still holds its ledgers: the new log's first start record copies their counts."""
+    from client.ledger_guard import BASELINE_KEY
+    from client.privacy_ledger import federation_ledger
+
     state = tmp_path / "state"
-    runner = _guarded_runner(state, ToyClientApp(reply=lambda m: fit_reply(m, {"epsilon": 1.0}, examples=50)),
-                             installed_fab)
-    answer = runner.record(_training(1), runner.answer(_training(1), site_context(), installed_fab))
-    assert answer.outcome == SENT and answer.trained is None  # its ledger recorded no training: a refusal, say
-    assert runner.guard.sent["fed-1"] == 0
-    plain = _runner(tmp_path / "plain", TrainingClientApp(tmp_path / "plain"), installed_fab)  # guard None
-    assert plain.answer(_training(1), site_context(), installed_fab).trained is None
+    ledger = federation_ledger(state, "fed-1")
+    runner = _started_runner(state, TrainingClientApp(state), installed_fab)
+    _serve(runner, 1, installed_fab)
+    _serve(runner, 2, installed_fab)
+    for path in (runner.egress.path, runner.egress.head_path):  # the DPO moves a broken log away
+        path.rename(tmp_path / path.name)
+    runner = _started_runner(state, TrainingClientApp(state), installed_fab)
+    [start] = runner.egress.verify()
+    assert start[BASELINE_KEY] == {"fed-1": 2}
+    ledger.unlink()
+    restarted = _started_runner(state, TrainingClientApp(state), installed_fab)
+    assert BASELINE_KEY not in restarted.egress.verify()[-1]  # the first start's baseline stands
+    assert _serve(restarted, 3, installed_fab).reply.error.code == 1018
 
+
+def test_a_reply_that_trained_nothing_is_not_counted(tmp_path, installed_fab):
+    state = tmp_path / "state"
+    runner = _started_runner(state, ToyClientApp(reply=lambda m: fit_reply(m, {"epsilon": 1.0}, examples=50)),
+                             installed_fab)
+    answer = _serve(runner, 1, installed_fab)
+    assert answer.outcome == SENT and answer.trained is None  # its ledger recorded no training: a refusal, say
+    assert runner.guard.sent["fed-1"] == 0 and _marks(runner) == [None]
 
 def test_a_reply_to_another_message_is_an_error(tmp_path, installed_fab):
     other = server_message(RecordDict({"x": ConfigRecord({"a": 1})}), message_type="evaluate", round_=9)
