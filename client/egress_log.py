@@ -198,6 +198,9 @@ class EgressLog:
         """Check the chain, that it ends at the head file's hash (truncation), and at
         ``expected_last_hash`` when given (a hash the DPO noted earlier); return the records.
         Raises EgressError naming the first broken line."""
+        if not self.path.exists() and not self.head_path.exists():
+            raise EgressError(f"{self.path} does not exist: the site's task runner writes it when it first starts "
+                              "(`fedpath-site start`); if it ran here before, the log was moved or deleted")
         for attempt in range(2):  # the runner may append between reading the log and its head
             try:
                 head = self._head()

@@ -136,6 +136,11 @@ def test_a_stop_between_the_first_record_and_its_head_is_repaired_too(tmp_path):
     assert json.loads(egress.head_path.read_text())["last_hash"] == egress.verify()[0]["hash"]
 
 
+def test_a_site_that_never_started_is_told_where_the_log_comes_from(tmp_path):
+    with pytest.raises(EgressError, match="does not exist: the site's task runner writes it when it first starts"):
+        EgressLog(tmp_path).verify()
+
+
 def test_missing_head_with_records_is_refused(tmp_path):
     egress = _log_of(tmp_path)
     egress.head_path.unlink()
