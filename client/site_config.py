@@ -14,6 +14,7 @@ from shared.yaml_config import (
     ConfigError,
     SettingError,
     at_least,
+    between,
     check,
     folder_rule,
     fraction,
@@ -44,7 +45,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TilingConfig:
-    target_mpp: float = check(positive, 0.5)  # µm per pixel of the tiles (0.5 is about 20x)
+    # µm per pixel of the tiles (0.5 is about 20x); no scanner resolves below 0.1, so 0.05 already upsamples
+    target_mpp: float = check(between(0.05, 100.0), 0.5)
     tile_size: int = check(at_least(75), 299)  # pixels; 299 is InceptionV3's native input
     min_tissue: float = check(fraction, 0.5)  # keep tiles with at least this tissue fraction
     mask_size: int = check(at_least(64), 2048)  # upper bound on the tissue mask's longest side (pixels)

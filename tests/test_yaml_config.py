@@ -93,6 +93,13 @@ def test_a_file_where_a_folder_goes_is_refused_at_its_line(tmp_path):
         assert f"{path}:{line}: {key}: {tmp_path / 'notes.txt'} is a file, not a folder" in message
 
 
+def test_a_tile_resolution_no_scanner_has_is_refused(tmp_path):
+    """1e-9 µm/px passed and planned 26,773 'tiles' on a 300 x 224 slide: upsampling, not tiling."""
+    path = write(tmp_path, "name: a\ndata: {manifest: m.csv}\ntiling: {target_mpp: 0.000000001}\n")
+    assert f"{path}:3: tiling.target_mpp: must be between 0.05 and 100.0" in str(
+        pytest.raises(ConfigError, load_site_config, path).value)
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_site_config(tmp_path / "nope.yaml")
