@@ -14,10 +14,10 @@ shape and byte size; numbers in metric records (and in Flower's legacy metrics r
 values, since these are the values the site discloses; bytes as their length and sha256 (never
 the masked contents); lists as length and element type; booleans (a SecAgg+ setup's offer of
 evaluation counts) as their values; an error reply's code. Nothing else of the reply is written. A
-reply to a message for which the federation's privacy ledger recorded a training also names that
-federation (``trained``; also when the reply is a refusal after training, e.g. code 6), and the first
-``start`` record of a log holds each ledger's training count then (``ledger_trainings``): the task
-runner compares them with the ledgers (``client/ledger_guard.py``).
+reply to a message for which the federation's privacy ledger recorded a release (a training round or
+an evaluation release) also names that federation (``spent``; also when the reply is a refusal after
+training, e.g. code 6), and the first ``start`` record of a log holds each ledger's release count then
+(``ledger_releases``): the task runner compares them with the ledgers (``client/ledger_guard.py``).
 
 The file is hash-chained (``shared/hash_chain.py``): ``fedpath-site egress verify`` finds an edited,
 removed, inserted or reordered record by its line, and truncation by comparing with
@@ -264,8 +264,8 @@ def _render(record: dict[str, Any]) -> str:
         line += f" code {code} ({meaning})"
     if record.get("violation"):
         line += f" [policy rule ({record['violation']['rule']}) at {record['violation']['field']}]"
-    if record.get("trained"):
-        line += f" [its ledger recorded a training in federation {record['trained']}]"
+    if record.get("spent"):
+        line += f" [its ledger recorded a release in federation {record['spent']}]"
     if record.get("content"):
         line += " " + _render_content(record["content"])
     return line

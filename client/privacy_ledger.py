@@ -173,10 +173,11 @@ def federation_ledger(state_dir: Path | str, federation_id: str) -> Path:
     return Path(state_dir) / LEDGERS_DIR / f"{federation_id}.json"
 
 
-def recorded_trainings(path: Path) -> list[tuple[str, str]] | None:
-    """The training rounds the ledger at ``path`` records, oldest first, as (round id, time recorded), read
-    without its budget ([]: no file there); None when it is not a readable ledger (the ClientApp's own
-    ledger then refuses, code 2). The times tell a round recorded again in an older copy from the original."""
+def recorded_releases(path: Path) -> list[tuple[str, str]] | None:
+    """Every release the ledger at ``path`` records (training rounds and evaluation releases), oldest
+    first, as (round id, time recorded), read without its budget ([]: no file there); None when it is not
+    a readable ledger (the ClientApp's own ledger then refuses, code 2). The times tell an entry recorded
+    again into an older copy from the original."""
     try:
         document = json.loads(Path(path).read_text(encoding="utf-8"))
         if not isinstance(document, dict) or document.get("format") != FORMAT:
@@ -186,15 +187,14 @@ def recorded_trainings(path: Path) -> list[tuple[str, str]] | None:
         return []
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
         return None
-    return [(str(entry["round_id"]), str(entry["recorded_at"])) for entry in rounds
-            if entry.get("kind", "training") == "training"]
+    return [(str(entry["round_id"]), str(entry["recorded_at"])) for entry in rounds]
 
 
-def ledger_trainings(state_dir: Path) -> dict[str, int]:
-    """How many training rounds each readable ledger in ``state_dir`` records, by federation id."""
+def ledger_releases(state_dir: Path) -> dict[str, int]:
+    """How many releases each readable ledger in ``state_dir`` records, by federation id."""
     folder = Path(state_dir) / LEDGERS_DIR
-    counts = {path.stem: recorded_trainings(path) for path in sorted(folder.glob("*.json"))} if folder.is_dir() else {}
-    return {federation: len(rounds) for federation, rounds in counts.items() if rounds}
+    counts = {path.stem: recorded_releases(path) for path in sorted(folder.glob("*.json"))} if folder.is_dir() else {}
+    return {federation: len(entries) for federation, entries in counts.items() if entries}
 
 
 class PrivacyLedger:
@@ -354,7 +354,8 @@ class PrivacyLedger:
         entry = {
             "round_id": round_id,
             "kind": kind,
-            "recorded_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            # microseconds: an entry recorded again into an older copy must not carry the original's time
+            "recorded_at": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
             "noise_multiplier": segment[0],
             "sample_rate": segment[1],
             "steps": segment[2],

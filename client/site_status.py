@@ -14,7 +14,7 @@ from client.privacy_ledger import (
     PrivacyBudget,
     PrivacyLedger,
     federation_ledger,
-    recorded_trainings,
+    recorded_releases,
 )
 from client.site_config import SiteConfig
 from client.site_rounds import federations, read_rounds
@@ -24,11 +24,12 @@ from shared.signed_secagg import Roster, RosterError
 
 def status_report(config: SiteConfig, last: int = 3) -> str:
     """The site's federations, newest last, each with its ledger and its last ``last`` round records."""
-    try:  # the updates each federation sent (client/ledger_guard.py); a broken log is `egress verify`'s to report
-        sent = LedgerGuard(config.state_dir, EgressLog(config.state_dir).chain.records()).sent
+    try:  # what each ledger must hold (client/ledger_guard.py); a broken log is `egress verify`'s to report
+        guard = LedgerGuard(config.state_dir, EgressLog(config.state_dir).chain.records())
     except ChainError:
-        sent = None
-    names = sorted(set(federations(config)) | set(sent or ()))  # a deleted ledger's federation is still listed
+        guard = None
+    # a deleted ledger's federation is still listed
+    names = sorted(set(federations(config)) | set(guard.names.values() if guard is not None else ()))
     disclosed = ", ".join(config.disclose) or "nothing"
     lines = [f"{config.name}: {len(names)} federation(s); disclosed per round: {disclosed}"]
     lifetime_ledger = None
@@ -54,11 +55,12 @@ def status_report(config: SiteConfig, last: int = 3) -> str:
                                     f"({plan.evaluation_share:.0%} of ε)" if plan.evaluations else ""))
             except (LedgerError, OSError, ValueError, KeyError, TypeError) as exc:
                 lines.append(f"  ledger {path}: UNREADABLE ({exc}); restore it from a backup")
-        trainings = recorded_trainings(path)
-        if sent is not None and trainings is not None and len(trainings) < sent[name]:
-            lines.append(f"  LEDGER BEHIND: {path} records {len(trainings)} training round(s), the egress log shows "
-                         f"{sent[name]}: it was deleted or restored from an older copy. This federation's messages "
-                         "are refused (code 18) until the latest copy is restored")
+        releases = recorded_releases(path)
+        owed = guard.owed(name) if guard is not None else 0
+        if releases is not None and len(releases) < owed:
+            lines.append(f"  LEDGER BEHIND: {path} records {len(releases)} release(s), the egress log shows {owed}: "
+                         "it was deleted or restored from an older copy. Every federation's messages are refused "
+                         "(code 18) until the latest copy is restored")
         for record in (read_rounds(config, name)[-last:] if last else []):
             lines.append("  " + _record_line(record))
     lines += _roster_lines(config)

@@ -46,6 +46,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import httpx
@@ -88,7 +89,7 @@ from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
 from client.egress_log import ERROR, REFUSED, SENT, WITHHELD, EgressLog, describe_reply
 from client.egress_policy import EgressPolicy, Violation, plan_federation, plan_weight, secagg_stage
-from client.ledger_guard import LEDGER_BEHIND, TRAINED_KEY, LedgerBehind, LedgerGuard
+from client.ledger_guard import LEDGER_BEHIND, SPENT_KEY, LedgerBehind, LedgerGuard
 from client.privacy_ledger import federation_ledger
 from client.site_config import SiteConfig, load_site_config
 from client.supernode import read_superexec_secret, runtime_address
@@ -188,7 +189,7 @@ class Answer:
     stage: str | None  # SecAgg+ stage of the message answered
     bundle: str | None  # content digest of the run's bundle
     violation: Violation | None = None
-    trained: str | None = None  # the federation whose ledger recorded a training for it (client/ledger_guard.py)
+    spent: str | None = None  # the federation whose ledger recorded a release for it (client/ledger_guard.py)
 
 
 class TaskRunner:
@@ -203,12 +204,16 @@ class TaskRunner:
         secret: the SuperExec auth secret shared with the SuperNode (None: no authentication).
         secret_reader: re-reads the secret after the SuperNode refused it (a restarted site).
         guard: compares each federation's ledger with the egress log (None: no check, tests only).
+        site_yaml: the site.yaml the ClientApp reads for every message; a message is refused once it names
+            another ``state_dir`` than the guard's (None: not checked, tests only).
     """
 
     def __init__(self, app: Callable[..., Message], approval: BundleApproval, policy: EgressPolicy,
                  egress: EgressLog, address: str, secret: bytes | None,
-                 secret_reader: Callable[[], bytes] | None = None, guard: LedgerGuard | None = None) -> None:
+                 secret_reader: Callable[[], bytes] | None = None, guard: LedgerGuard | None = None,
+                 site_yaml: Path | None = None) -> None:
         self.app, self.approval, self.policy, self.egress, self.guard = app, approval, policy, egress, guard
+        self.site_yaml = site_yaml
         self.address, self.secret, self.secret_reader = address, secret, secret_reader
         self._later: tuple[str, int] | None = None  # (token, task id) acquired while a task waited
 
@@ -230,7 +235,9 @@ class TaskRunner:
                 return Answer(refusal(message, BUNDLE_NOT_ALLOWED), REFUSED, stage, bundle)
             federation = plan_federation(message) if self.guard is not None else None
             try:
-                trainings = self.guard.before(federation) if federation is not None else None
+                if federation is not None:
+                    self._same_state_dir()
+                releases = self.guard.before(federation) if federation is not None else None
             except LedgerBehind as behind:
                 log.error("%s: refused (code %d): %s", what, LEDGER_IS_BEHIND, behind)
                 return Answer(refusal(message, LEDGER_IS_BEHIND), REFUSED, stage, bundle)
@@ -244,16 +251,26 @@ class TaskRunner:
                           what, POLICY_FAILED, violation)
                 return Answer(refusal(message, POLICY_FAILED), WITHHELD, stage, bundle, violation)
             try:
-                trained = federation if federation is not None and self.guard.trained(federation, trainings) else None
+                spent = federation if federation is not None and self.guard.spent(federation, releases) else None
             except LedgerBehind as behind:
                 log.error("%s: the reply is withheld (code %d): %s", what, LEDGER_IS_BEHIND, behind)
                 return Answer(refusal(message, LEDGER_IS_BEHIND), WITHHELD, stage, bundle,
                               Violation("ledger", str(federation_ledger(".", federation)), str(behind)))
-            return Answer(reply, SENT, stage, bundle, trained=trained)
+            return Answer(reply, SENT, stage, bundle, spent=spent)
         except (Exception, SystemExit):  # SystemExit: a library calling sys.exit must not end the runner
             log.exception("%s: failed; answering with code %d and no text (the details stay in this log)",
                           _what(message, stage), HANDLING_FAILED)
             return Answer(refusal(message, HANDLING_FAILED), ERROR, stage, bundle)
+
+    def _same_state_dir(self) -> None:
+        """Raise LedgerBehind once site.yaml names another state_dir than the runner started with: the
+        ClientApp would find no ledger there and plan afresh, and the guard would watch the old folder."""
+        if self.site_yaml is None:
+            return
+        now = Path(load_site_config(self.site_yaml).state_dir)
+        if now.resolve() != self.guard.state_dir.resolve():
+            raise LedgerBehind(f"{self.site_yaml} now names state_dir {now}, the site started with "
+                               f"{self.guard.state_dir}: restart the site (`fedpath-site stop`, `start`) to use it")
 
     def record(self, message: Message, answer: Answer) -> Answer:
         """Write ``answer`` to the egress log before it leaves. A reply that cannot be described is
@@ -262,8 +279,8 @@ class TaskRunner:
         try:
             entry = describe_reply(message, answer.reply, answer.stage, answer.outcome, answer.bundle,
                                    answer.violation)
-            if answer.trained is not None:
-                entry[TRAINED_KEY] = answer.trained
+            if answer.spent is not None:
+                entry[SPENT_KEY] = answer.spent
         except Exception:  # noqa: BLE001 - what cannot be described does not leave
             log.exception("%s: the reply cannot be described for the egress log; answering with code %d instead",
                           _what(message, answer.stage), HANDLING_FAILED)
@@ -271,8 +288,8 @@ class TaskRunner:
             entry = describe_reply(message, answer.reply, answer.stage, answer.outcome, answer.bundle)
         try:
             self.egress.append(entry)
-            if answer.trained is not None:
-                self.guard.note_sent(answer.trained)
+            if answer.spent is not None:
+                self.guard.note_sent(answer.spent)
             return answer
         except Exception:  # noqa: BLE001 - whatever failed, nothing unrecorded leaves but a bare code
             log.exception("CANNOT WRITE THE EGRESS LOG %s: the reply is replaced by error code %d, which leaves "
@@ -512,9 +529,17 @@ WARM_DEVICE_SHARE = 0.25
 is for the model, Opacus' per-sample gradients and anything else the hospital runs there)."""
 
 
-def build_runner(config: SiteConfig, secret: bytes | None) -> TaskRunner:
+def build_runner(config: SiteConfig, secret: bytes | None, site_yaml: Path | None = None) -> TaskRunner:
     """The runner of a site: its egress log opened and verified, the installed version's digest,
-    the ClientApp imported; a ``start`` record written. Raises UserError with what to fix."""
+    the ClientApp imported, its ledger guard built; a ``start`` record written. Raises UserError with
+    what to fix.
+
+    Args:
+        config: the site's configuration as read at start.
+        secret: the SuperExec auth secret shared with the SuperNode (None: no authentication).
+        site_yaml: the file ``config`` was read from: a message is refused once it names another
+            ``state_dir`` (``TaskRunner._same_state_dir``).
+    """
     egress = EgressLog(config.state_dir)
     egress.open_for_writing()
     # built whatever privacy.enabled says now: the ClientApp reads site.yaml again for every message
@@ -553,7 +578,7 @@ def build_runner(config: SiteConfig, secret: bytes | None) -> TaskRunner:
              "egress log %s", config.name, version, installed, runtime_address(config), torch.get_num_threads(),
              egress.path)
     return TaskRunner(app, approval, policy, egress, runtime_address(config), secret,
-                      secret_reader=lambda: read_superexec_secret(config), guard=guard)
+                      secret_reader=lambda: read_superexec_secret(config), guard=guard, site_yaml=site_yaml)
 
 
 def configure_site_log() -> None:
@@ -578,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_site_log()
     try:
         config = load_site_config(args.site_yaml)
-        runner = build_runner(config, read_superexec_secret(config))
+        runner = build_runner(config, read_superexec_secret(config), Path(args.site_yaml))
     except UserError as error:
         print(f"fedpath task runner: error: {error}", file=sys.stderr, flush=True)
         return 2

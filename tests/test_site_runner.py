@@ -36,6 +36,7 @@ from flwr.proto.node_pb2 import Node  # pylint: disable=no-name-in-module
 
 import server.superlink
 from client.egress_log import REFUSED, SENT, EgressLog
+from client.ledger_guard import BASELINE_KEY
 from client.site_config import load_site_config
 from server.cli import main as server_main
 from server.run_control import follow_run, submit_and_follow
@@ -168,8 +169,12 @@ def test_runner_serves_a_secure_run_and_survives_an_exception(consortium):
         if index < 2:  # two exchanges (train, then score the final model), five SecAgg+ stages each
             assert [(r["type"], r["stage"], r["outcome"]) for r in replies] == \
                 [("train", stage, SENT) for stage in stages] * 2
-            # the one reply that carried a training update names its federation (client/ledger_guard.py)
-            assert [r.get("trained") for r in replies] == [None, None, folder.federation_id, None, None] + [None] * 5
+            # build_runner wrote the guard's baseline into the log's first start record (no ledger there yet)
+            [first_start, *_] = [r for r in EgressLog(load_site_config(site).state_dir).verify()
+                                 if r["event"] == "start"]
+            assert first_start[BASELINE_KEY] == {}
+            # the one reply whose message the ledger recorded a release for names its federation (ledger guard)
+            assert [r.get("spent") for r in replies] == [None, None, folder.federation_id, None, None] + [None] * 5
             update = masked[0]  # the disclosed numbers are in the site's own record, as values
             assert update["content"]["arrays"] == {"fitres.parameters": {}}
             assert set(update["content"]["configs"]["fitres.metrics"]) == {"epsilon", "refused"}

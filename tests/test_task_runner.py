@@ -25,7 +25,7 @@ from flwr.supercore.inflatable.inflatable_utils import ObjectPullError, ObjectUn
 
 from client import task_runner
 from client.egress_log import ERROR, REFUSED, SENT, WITHHELD, EgressLog
-from client.egress_policy import EgressPolicy
+from client.egress_policy import EgressPolicy, plan_federation
 from client.site_config import load_site_config
 from client.site_status import status_report
 from client.supernode import (
@@ -172,14 +172,16 @@ class TrainingClientApp(ToyClientApp):
     update leaves, then replies with the plan's S. ``opening`` runs before it opens the ledger, ``during``
     after it recorded (a ledger replaced at either moment)."""
 
-    def __init__(self, state_dir, opening=None, during=None) -> None:
+    def __init__(self, state_dir, opening=None, during=None, kind: str = "training") -> None:
         from client.privacy_ledger import PrivacyBudget, PrivacyLedger, federation_ledger
 
         def train(message: Message) -> Message:
             if opening is not None:
                 opening()
-            ledger = PrivacyLedger(federation_ledger(state_dir, "fed-1"), PrivacyBudget(8.0, 1e-5))
-            ledger.record_round(5.0, 0.01, 1, round_id=ledger.unused_round_id(f"round-{message.metadata.group_id}"))
+            ledger = PrivacyLedger(federation_ledger(state_dir, plan_federation(message)), PrivacyBudget(8.0, 1e-5))
+            round_id = ledger.unused_round_id(f"round-{message.metadata.group_id}")
+            ledger.record_segment((5.0, 0.01, 1), round_id=round_id + ("-evaluation" if kind == "evaluation" else ""),
+                                  kind=kind)
             if during is not None:
                 during()
             return fit_reply(message, {"epsilon": 1.0}, examples=50)
@@ -187,10 +189,10 @@ class TrainingClientApp(ToyClientApp):
         super().__init__(reply=train)
 
 
-def _training(round_: int) -> Message:
+def _training(round_: int, federation: str = "fed-1") -> Message:
     from shared.round_plan import RoundPlan
 
-    plan = RoundPlan(federation_id="fed-1", classes=("a", "b"), weight_scale=50, round=round_).to_config()
+    plan = RoundPlan(federation_id=federation, classes=("a", "b"), weight_scale=50, round=round_).to_config()
     return server_message(RecordDict({"fitins.config": ConfigRecord(plan)}), message_type="evaluate", round_=round_)
 
 
@@ -205,13 +207,13 @@ def _started_runner(state, app, installed_fab) -> TaskRunner:
     return runner
 
 
-def _serve(runner: TaskRunner, round_: int, fab: Fab):
-    message = _training(round_)
+def _serve(runner: TaskRunner, round_: int, fab: Fab, federation: str = "fed-1"):
+    message = _training(round_, federation)
     return runner.record(message, runner.answer(message, site_context(), fab))
 
 
 def _marks(runner: TaskRunner) -> list:
-    return [r.get("trained") for r in runner.egress.verify() if r["event"] == "reply"]
+    return [r.get("spent") for r in runner.egress.verify() if r["event"] == "reply"]
 
 
 def test_a_deleted_or_rolled_back_ledger_refuses_the_federation_until_restored(tmp_path, installed_fab, caplog):
@@ -226,14 +228,14 @@ def test_a_deleted_or_rolled_back_ledger_refuses_the_federation_until_restored(t
     backups = []
     for round_ in (1, 2):
         answer = _serve(runner, round_, installed_fab)
-        assert answer.outcome == SENT and answer.trained == "fed-1"
+        assert answer.outcome == SENT and answer.spent == "fed-1"
         backups.append(ledger.read_bytes())
     assert _marks(runner) == ["fed-1", "fed-1"]
 
     ledger.unlink()  # deleted: the site restarts (a new runner reads the egress log) and round 3 comes
     site = load_site_config(write_site_yaml(tmp_path, {"manifest": "m.csv"}, state_dir=str(state)))
     assert "fed-1\n  LEDGER BEHIND: " in status_report(site)  # what `fedpath-site status` shows the DPO
-    assert "records 0 training round(s), the egress log shows 2" in status_report(site)
+    assert "records 0 release(s), the egress log shows 2" in status_report(site)
     for broken in ("deleted", backups[0]):  # then an older copy restored (one training of two)
         if broken != "deleted":
             ledger.write_bytes(broken)
@@ -246,7 +248,7 @@ def test_a_deleted_or_rolled_back_ledger_refuses_the_federation_until_restored(t
         assert "egress log shows 2 in federation fed-1" in caplog.text
     ledger.write_bytes(backups[1])  # the latest copy restored: the federation goes on
     answer = _serve(runner, 3, installed_fab)
-    assert answer.outcome == SENT and answer.trained == "fed-1"
+    assert answer.outcome == SENT and answer.spent == "fed-1"
     assert runner.guard.before("fed-2") == []  # another federation is not held back by this one's
 
 
@@ -265,7 +267,7 @@ def test_a_ledger_replaced_while_the_round_ran_withholds_the_reply(tmp_path, ins
     runner.app = TrainingClientApp(state, **{moment: lambda: ledger.write_bytes(copy)})
     answer = _serve(runner, 3, installed_fab)
     assert answer.outcome == WITHHELD and answer.reply.error.code == 1018
-    assert answer.violation.rule == "ledger" and answer.trained is None
+    assert answer.violation.rule == "ledger" and answer.spent is None
     assert _marks(runner) == ["fed-1", "fed-1", None]
 
 
@@ -291,12 +293,74 @@ def test_the_first_start_of_a_log_takes_the_ledgers_as_they_are(tmp_path, instal
     assert _serve(restarted, 3, installed_fab).reply.error.code == 1018
 
 
+def test_a_rollback_while_the_runner_runs_and_an_unreadable_ledger_are_refused(tmp_path, installed_fab):
+    """No restart needed: the runner counts what it marks as it goes; a ledger it cannot read once the site
+    spent in its federation is refused too (not left to the ClientApp, which would plan afresh if it could)."""
+    from client.privacy_ledger import federation_ledger
+
+    state = tmp_path / "state"
+    ledger = federation_ledger(state, "fed-1")
+    runner = _started_runner(state, TrainingClientApp(state), installed_fab)
+    _serve(runner, 1, installed_fab)
+    older = ledger.read_bytes()
+    _serve(runner, 2, installed_fab)
+    latest = ledger.read_bytes()
+    ledger.write_bytes(older)
+    assert _serve(runner, 3, installed_fab).reply.error.code == 1018
+    ledger.write_bytes(latest[:-40])  # cut short: unreadable
+    assert _serve(runner, 3, installed_fab).reply.error.code == 1018
+    ledger.write_bytes(latest)
+    assert _serve(runner, 3, installed_fab).spent == "fed-1"
+
+
+def test_a_deleted_ledger_of_one_federation_holds_every_federation_back(tmp_path, installed_fab, caplog):
+    """The lifetime limit adds up every ledger: one deleted would leave room another federation could spend."""
+    from client.privacy_ledger import federation_ledger
+
+    state = tmp_path / "state"
+    runner = _started_runner(state, TrainingClientApp(state), installed_fab)
+    _serve(runner, 1, installed_fab)
+    federation_ledger(state, "fed-1").unlink()
+    calls = runner.app.calls
+    answer = _serve(runner, 1, installed_fab, federation="fed-2")
+    assert answer.reply.error.code == 1018 and runner.app.calls == calls
+    assert "ledgers/fed-1.json records 0 release(s)" in caplog.text
+    # and a federation id differing only in case (one file on a case-insensitive file system) is the same one
+    assert runner.guard.owed("FED-1") == 1
+
+
+def test_an_evaluation_release_rolled_back_is_caught_like_a_training(tmp_path, installed_fab):
+    """The last exchange only scores the final model: its release is recorded as an evaluation, and is owed too."""
+    from client.privacy_ledger import federation_ledger
+
+    state = tmp_path / "state"
+    ledger = federation_ledger(state, "fed-1")
+    runner = _started_runner(state, TrainingClientApp(state, kind="evaluation"), installed_fab)
+    _serve(runner, 1, installed_fab)
+    older = ledger.read_bytes()
+    assert _serve(runner, 2, installed_fab).spent == "fed-1"
+    ledger.write_bytes(older)
+    assert _serve(runner, 2, installed_fab).reply.error.code == 1018
+
+
+def test_a_state_dir_changed_while_the_site_runs_is_refused(tmp_path, installed_fab, caplog):
+    """The ClientApp reads site.yaml for every message: a new state_dir would give it an empty ledger folder."""
+    state = tmp_path / "state"
+    site = write_site_yaml(tmp_path, {"manifest": "m.csv"}, state_dir=str(state))
+    runner = _started_runner(state, TrainingClientApp(state), installed_fab)
+    runner.site_yaml = site
+    assert _serve(runner, 1, installed_fab).spent == "fed-1"
+    write_site_yaml(tmp_path, {"manifest": "m.csv"}, state_dir=str(tmp_path / "fresh"))
+    assert _serve(runner, 2, installed_fab).reply.error.code == 1018
+    assert "now names state_dir" in caplog.text and "restart the site" in caplog.text
+
+
 def test_a_reply_that_trained_nothing_is_not_counted(tmp_path, installed_fab):
     state = tmp_path / "state"
     runner = _started_runner(state, ToyClientApp(reply=lambda m: fit_reply(m, {"epsilon": 1.0}, examples=50)),
                              installed_fab)
     answer = _serve(runner, 1, installed_fab)
-    assert answer.outcome == SENT and answer.trained is None  # its ledger recorded no training: a refusal, say
+    assert answer.outcome == SENT and answer.spent is None  # its ledger recorded no training: a refusal, say
     assert runner.guard.sent["fed-1"] == 0 and _marks(runner) == [None]
 
 def test_a_reply_to_another_message_is_an_error(tmp_path, installed_fab):
