@@ -252,19 +252,24 @@ def test_a_deleted_or_rolled_back_ledger_refuses_the_federation_until_restored(t
     assert runner.guard.before("fed-2") == []  # another federation is not held back by this one's
 
 
+def _served_twice(state, fab: Fab):
+    """A started runner that served rounds 1 and 2 of fed-1; its ledger, and the ledger's copy after round 1."""
+    from client.privacy_ledger import federation_ledger
+
+    ledger = federation_ledger(state, "fed-1")
+    runner = _started_runner(state, TrainingClientApp(state), fab)
+    _serve(runner, 1, fab)
+    copy = ledger.read_bytes()
+    _serve(runner, 2, fab)
+    return runner, ledger, copy
+
+
 @pytest.mark.parametrize("moment", ["opening", "during"])
 def test_a_ledger_replaced_while_the_round_ran_withholds_the_reply(tmp_path, installed_fab, moment):
     """An older copy swapped in after the check: before the ClientApp opens the ledger (it then records its
     training into the copy: as many trainings as before, but not the same ones) or after it recorded."""
-    from client.privacy_ledger import federation_ledger
-
-    state = tmp_path / "state"
-    ledger = federation_ledger(state, "fed-1")
-    runner = _started_runner(state, TrainingClientApp(state), installed_fab)
-    _serve(runner, 1, installed_fab)
-    copy = ledger.read_bytes()
-    _serve(runner, 2, installed_fab)
-    runner.app = TrainingClientApp(state, **{moment: lambda: ledger.write_bytes(copy)})
+    runner, ledger, copy = _served_twice(tmp_path / "state", installed_fab)
+    runner.app = TrainingClientApp(tmp_path / "state", **{moment: lambda: ledger.write_bytes(copy)})
     answer = _serve(runner, 3, installed_fab)
     assert answer.outcome == WITHHELD and answer.reply.error.code == 1018
     assert answer.violation.rule == "ledger" and answer.spent is None
@@ -296,14 +301,7 @@ def test_the_first_start_of_a_log_takes_the_ledgers_as_they_are(tmp_path, instal
 def test_a_rollback_while_the_runner_runs_and_an_unreadable_ledger_are_refused(tmp_path, installed_fab):
     """No restart needed: the runner counts what it marks as it goes; a ledger it cannot read once the site
     spent in its federation is refused too (not left to the ClientApp, which would plan afresh if it could)."""
-    from client.privacy_ledger import federation_ledger
-
-    state = tmp_path / "state"
-    ledger = federation_ledger(state, "fed-1")
-    runner = _started_runner(state, TrainingClientApp(state), installed_fab)
-    _serve(runner, 1, installed_fab)
-    older = ledger.read_bytes()
-    _serve(runner, 2, installed_fab)
+    runner, ledger, older = _served_twice(tmp_path / "state", installed_fab)
     latest = ledger.read_bytes()
     ledger.write_bytes(older)
     assert _serve(runner, 3, installed_fab).reply.error.code == 1018
