@@ -72,7 +72,8 @@ def read_manifest(path: Path, labels: tuple[str, ...], val_fraction: float,
     seen: dict[Path, int] = {}
     for number, (row, extra) in enumerate(rows, start=2):  # row 1 is the header
         where = f"{path}:{number}"
-        if extra:  # a comma inside a value ("Smith, John") shifted the fields: never guess which
+        if extra and any(value.strip() for value in extra):  # a comma inside a value ("Smith, John") shifted the
+            # fields: never guess which (empty trailing fields, as spreadsheets write them, are harmless)
             problems.append(Problem(where, f"{len(columns) + len(extra)} fields where the header has "
                                            f"{len(columns)}: a value holding a comma must be quoted (\"Smith, John\")"))
             continue

@@ -31,9 +31,11 @@ def test_manifest_missing_column(tmp_path):
 
 
 def test_a_comma_inside_a_value_is_a_problem_of_its_row_not_a_merged_patient(tmp_path):
-    path = manifest(tmp_path, 'slide,label,patient\na.tif,adenoma,"Smith, John"\nb.tif,adenoma,Smith, Jane\n')
+    path = manifest(tmp_path, 'slide,label,patient\na.tif,adenoma,"Smith, John"\nb.tif,adenoma,Smith, Jane\n'
+                              'c.tif,adenoma,p3,,\n')
     items, problems = read_manifest(path, (), 0.0, 0)
-    assert [(it.item_id, it.patient) for it in items] == [("a.tif", "Smith, John")]  # quoted: one field
+    # quoted: one field; empty trailing fields (a spreadsheet's) are no problem
+    assert [(it.item_id, it.patient) for it in items] == [("a.tif", "Smith, John"), ("c.tif", "p3")]
     assert [f"{p.where}: {p.message}" for p in problems] == [
         f'{path}:3: 4 fields where the header has 3: a value holding a comma must be quoted ("Smith, John")']
 
