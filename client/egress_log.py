@@ -249,9 +249,11 @@ def _render(record: dict[str, Any]) -> str:
     event = record.get("event")
     if event == "start":
         bundles = ", ".join(d[:12] for d in record.get("allowed_bundles", [])) or "none"
+        baseline = record.get("ledger_releases")
         return (f"{head} runner started: fedpath {record.get('version')} bundle {str(record.get('app_digest'))[:12]}, "
                 f"also allowed: {bundles}; discloses {record.get('disclose')}; "
-                f"secure aggregation {'required' if record.get('require_secure_aggregation') else 'optional'}")
+                f"secure aggregation {'required' if record.get('require_secure_aggregation') else 'optional'}"
+                + (f"; ledgers then: {baseline or 'none'}" if isinstance(baseline, dict) else ""))
     if event == "push-failed":
         return f"{head} the reply of record #{record.get('record')} could not be handed to the SuperNode"
     if event != "reply":

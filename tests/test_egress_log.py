@@ -183,6 +183,8 @@ def test_dpo_commands(tmp_path, capsys):
 def test_render_start_record(tmp_path):
     egress = _log_of(tmp_path, 1)
     assert "runner started: fedpath 0.1.0 bundle cccccccccccc" in render(egress.verify())
+    egress.append({"event": "start", "version": "0.1.0", "ledger_releases": {"fed-1": 3}})
+    assert render(egress.verify()[-1:]).endswith("; ledgers then: {'fed-1': 3}")  # the ledger guard's baseline
 
 
 def test_a_round_id_the_server_makes_long_or_multiline_is_recorded_by_length_and_hash(tmp_path):
