@@ -165,12 +165,13 @@ class EgressLog:
                                            "time": full["time"]})
         return full
 
-    def open_for_writing(self) -> int:
+    def open_for_writing(self) -> list[dict[str, Any]]:
         """Before the runner appends: the chain must verify and end where the head file says.
 
         A head one step behind the log is what a power cut between the two writes leaves: it
-        is moved forward with a warning. Returns the number of records. Raises EgressError for
-        anything else, so the runner never chains onto a history that was tampered with.
+        is moved forward with a warning. Returns the records (the runner's ledger guard counts
+        them: one full read at start). Raises EgressError for anything else, so the runner never
+        chains onto a history that was tampered with.
         """
         records = self.chain.records()
         head = self._head()
@@ -181,16 +182,16 @@ class EgressLog:
             # a head before the first record: a stop between that record and its head is then "one behind"
             # like any other, not a missing head that only the DPO can clear
             atomic_write_json(self.head_path, {"records": 0, "last_hash": GENESIS_HASH, "time": None})
-            return 0
+            return records
         hashes = [GENESIS_HASH] + [r["hash"] for r in records]
         if head["last_hash"] == hashes[-1]:
-            return len(records)
+            return records
         if records and head["last_hash"] == hashes[-2]:
             log.warning("%s: its head file was one record behind (a stop between the two writes); moved forward",
                         self.path)
             atomic_write_json(self.head_path, {"records": len(records), "last_hash": hashes[-1],
                                                "time": records[-1]["time"]})
-            return len(records)
+            return records
         self.verify()  # raises with the precise reason
         raise EgressError(f"{self.path} does not end where {self.head_path} says. " + _KEEP_ADVICE)
 

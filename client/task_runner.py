@@ -541,9 +541,9 @@ def build_runner(config: SiteConfig, secret: bytes | None, site_yaml: Path | Non
             ``state_dir`` (``TaskRunner._same_state_dir``).
     """
     egress = EgressLog(config.state_dir)
-    egress.open_for_writing()
+    records = egress.open_for_writing()
     # built whatever privacy.enabled says now: the ClientApp reads site.yaml again for every message
-    guard = LedgerGuard(config.state_dir, egress.chain.records())
+    guard = LedgerGuard(config.state_dir, records)
     try:
         info = installed_bundle_info()
         installed, version, app_dir = info.digest, info.version, str(info.app_dir)

@@ -85,7 +85,7 @@ def test_chain_and_head_file(tmp_path):
     records = egress.verify()
     assert len(records) == 4
     assert json.loads(egress.head_path.read_text())["last_hash"] == records[-1]["hash"]
-    assert egress.open_for_writing() == 4
+    assert len(egress.open_for_writing()) == 4
     assert len(egress.verify(expected_last_hash=records[1]["hash"])) == 4
 
 
@@ -122,7 +122,7 @@ def test_head_one_record_behind_is_a_power_cut_and_is_repaired(tmp_path):
     egress.head_path.write_text(json.dumps({"records": 3, "last_hash": behind["hash"]}))
     with pytest.raises(EgressError, match=r"ends the log at line 3, but 1 more record"):
         egress.verify()  # the DPO's check says so ...
-    assert egress.open_for_writing() == 4  # ... the runner moves the head forward, with a warning
+    assert len(egress.open_for_writing()) == 4  # ... the runner moves the head forward, with a warning
     assert len(egress.verify()) == 4
 
 
@@ -130,9 +130,9 @@ def test_a_stop_between_the_first_record_and_its_head_is_repaired_too(tmp_path):
     """The head is written before the first record (the empty chain's hash), so a power cut right after that
     record leaves a head one behind, repaired at start, instead of a missing head only the DPO can clear."""
     egress = EgressLog(tmp_path)
-    assert egress.open_for_writing() == 0 and egress.verify() == []  # a runner started, nothing answered yet
+    assert egress.open_for_writing() == [] and egress.verify() == []  # a runner started, nothing answered yet
     egress.chain.append({"event": "start"})  # ... and the machine lost power before the head moved
-    assert egress.open_for_writing() == 1
+    assert len(egress.open_for_writing()) == 1
     assert json.loads(egress.head_path.read_text())["last_hash"] == egress.verify()[0]["hash"]
 
 
